@@ -1,0 +1,48 @@
+# gentoo-binhost.py: developer tasks. `make test` is the one command CI runs.
+PYTHON ?= python3
+VENV   ?= .venv
+PY      = $(VENV)/bin/python
+DEBIAN_PACKAGES = openssh-server gnupg zstd xz-utils wget curl bash
+
+.PHONY: test check lint demo bench deps system-deps clean
+
+test: deps
+	$(PY) -m pytest tests $(PYTEST_ARGS)
+
+check: lint test
+
+# Python 3.9+ syntax, and the script must import with nothing but the standard library.
+lint: deps
+	$(VENV)/bin/vermin --no-tips --violations -t=3.9- gentoo-binhost.py tests
+	$(PY) -I -S -c 'import importlib.util, sys; \
+	    spec = importlib.util.spec_from_file_location("gentoo_binhost", "gentoo-binhost.py"); \
+	    module = importlib.util.module_from_spec(spec); sys.modules["gentoo_binhost"] = module; \
+	    spec.loader.exec_module(module)'
+
+demo: deps
+	$(PY) tests/demo.py
+
+bench: deps
+	$(PY) tests/bench/run.py
+
+deps: $(VENV)/.installed system-deps
+
+$(VENV)/.installed:
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet pytest portage==3.0.83 vermin
+	touch $@
+
+# Debian packages the integration tests drive; installed only when missing and running as root.
+system-deps:
+	@missing=; \
+	for p in $(DEBIAN_PACKAGES); do dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q 'ok installed' || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	    if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	        echo ">>> Installing$$missing"; \
+	        DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing >/dev/null || \
+	        { apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing >/dev/null; }; \
+	    else echo " * Not installing$$missing (not root or no apt-get): integration tests may skip"; fi; \
+	fi
+
+clean:
+	rm -rf $(VENV) .pytest_cache tests/__pycache__

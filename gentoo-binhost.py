@@ -1,0 +1,1269 @@
+#!/usr/bin/env python3
+"""gentoo-binhost.py: build binary packages on this machine for another Gentoo machine.
+
+The binhost is a separate Portage environment (default /binhost, a stage3) holding a copy of the
+target's configuration. Packages are built into it with the target's USE and CFLAGS, its PKGDIR
+is served over HTTP, and the target installs them with `emerge --getbinpkgonly`, run over ssh.
+
+Examples:
+    gentoo-binhost.py keygen                      # a signing key for the binhost
+    gentoo-binhost.py setup-target                # point the target's binrepos.conf at us
+    gentoo-binhost.py serve                       # serve PKGDIR (leave it running)
+    gentoo-binhost.py emerge -uDN @world          # build here, then install on the target
+    gentoo-binhost.py build '>=dev-lang/python-3.12'
+    gentoo-binhost.py --target laptop install -av app-editors/vim
+    gentoo-binhost.py --pretend emerge vim        # show every command, run none
+
+Configuration: /etc/gentoo-binhost.conf (or -c FILE, or $GENTOO_BINHOST_CONFIG); see README.md.
+Only the Python standard library is used, so this one file can be copied anywhere and run.
+"""
+
+import argparse
+import configparser
+import contextlib
+import datetime
+import difflib
+import email.utils
+import errno
+import fcntl
+import http.server
+import os
+import posixpath
+import shlex
+import shutil
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import tarfile
+import tempfile
+import threading
+import urllib.parse
+
+# ------------------------------------------------------------------------------------------------
+# Constants
+# ------------------------------------------------------------------------------------------------
+
+VERSION = "0.1.0"
+PROG = "gentoo-binhost.py"
+CONFIG_ENV = "GENTOO_BINHOST_CONFIG"
+DEFAULT_CONFIG = "/etc/gentoo-binhost.conf"
+DEFAULT_ROOT = "/binhost"
+DEFAULT_BIND = "0.0.0.0"
+DEFAULT_PORT = 8080
+DEFAULT_SSH_PORT = 22
+
+# Name of our entry in the target's /etc/portage/binrepos.conf/ directory.
+BINREPOS_NAME = "gentoo-binhost"
+# Gentoo's official binhost entry (binrepos.conf/gentoobinhost.conf in a stage3) has priority 1;
+# a higher number wins, so our packages are preferred.
+BINREPOS_PRIORITY = 10
+
+# Commands whose remaining arguments belong to emerge, untouched.
+EMERGE_PASSTHROUGH = ("build", "install", "emerge")
+# Global options that take a value (needed to find the command word before argparse runs).
+GLOBAL_OPTIONS_WITH_VALUE = ("-c", "--config", "--target", "--color")
+
+CONFIG_KEYS = {
+    "binhost": ("root", "pkgdir", "url", "bind", "port", "signing-key", "gpg-home"),
+    "target": ("host", "ssh-port", "ssh-options", "root", "path"),
+}
+
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+SSH_CONNECTION_FAILED = 255
+COMMAND_NOT_FOUND = 127
+
+# ------------------------------------------------------------------------------------------------
+# Errors
+# ------------------------------------------------------------------------------------------------
+
+
+class BinhostError(Exception):
+    """An expected failure: main() prints it as one `!!!` line and exits with exit_code."""
+
+    exit_code = EXIT_FAILURE
+
+
+class UsageError(BinhostError):
+    """Bad command line or configuration."""
+
+    exit_code = EXIT_USAGE
+
+
+# ------------------------------------------------------------------------------------------------
+# Output: the only writer to the terminal
+# ------------------------------------------------------------------------------------------------
+
+
+def color_wanted(choice, stream):
+    if choice is not None:
+        return choice
+    if os.environ.get("NO_COLOR"):
+        return False
+    if os.environ.get("NOCOLOR", "").lower() in ("yes", "true", "1"):
+        return False
+    return stream.isatty() and os.environ.get("TERM") != "dumb"
+
+
+class Output:
+    """Portage-style messages: ` * ` info and warnings, `>>>` actions, `!!!` errors."""
+
+    COLORS = {"good": "\033[32;01m", "warn": "\033[33;01m", "bad": "\033[31;01m", "reset": "\033[0m"}
+
+    def __init__(self, color=None, verbosity=1, out=None, err=None):
+        self.out = out or sys.stdout
+        self.err = err or sys.stderr
+        self.color = color_wanted(color, self.out)
+        self.verbosity = verbosity
+        self.lock = threading.Lock()
+
+    def _paint(self, kind, text):
+        if not self.color:
+            return text
+        return f"{self.COLORS[kind]}{text}{self.COLORS['reset']}"
+
+    def _write(self, stream, line):
+        with self.lock:
+            stream.write(line + "\n")
+            stream.flush()
+
+    def info(self, message):
+        if self.verbosity > 0:
+            self._write(self.out, f" {self._paint('good', '*')} {message}")
+
+    def warn(self, message):
+        self._write(self.err, f" {self._paint('warn', '*')} {message}")
+
+    def action(self, message):
+        if self.verbosity > 0:
+            self._write(self.out, f"{self._paint('good', '>>>')} {message}")
+
+    def error(self, message):
+        self._write(self.err, f"{self._paint('bad', '!!!')} {message}")
+
+    def debug(self, message):
+        if self.verbosity > 1:
+            self._write(self.err, f" {self._paint('good', '*')} {message}")
+
+    def text(self, text, always=False):
+        """Program output that is the point of the command (a key, a config entry, a command)."""
+        if self.verbosity > 0 or always:
+            with self.lock:
+                self.out.write(text if text.endswith("\n") or not text else text + "\n")
+                self.out.flush()
+
+
+def format_command(argv, env=None):
+    """The exact command line a user could paste into a shell, environment first."""
+    words = [shlex.quote(f"{key}={value}") for key, value in (env or {}).items()]
+    return " ".join(words + [shlex.quote(str(word)) for word in argv])
+
+
+def unified_diff(old, new, name):
+    lines = difflib.unified_diff(
+        (old or "").splitlines(keepends=True), new.splitlines(keepends=True),
+        fromfile=f"{name} (current)", tofile=f"{name} (new)")
+    return "".join(line if line.endswith("\n") else line + "\n" for line in lines)
+
+
+# ------------------------------------------------------------------------------------------------
+# Configuration
+# ------------------------------------------------------------------------------------------------
+
+
+class BinhostSettings:
+    def __init__(self, section, config_path):
+        self.config_path = config_path
+        self.root = os.path.abspath(section.get("root", DEFAULT_ROOT))
+        self.pkgdir = os.path.abspath(section.get("pkgdir") or os.path.join(self.root, "var/cache/binpkgs"))
+        self.bind = section.get("bind", DEFAULT_BIND)
+        self.port = parse_port(section.get("port", str(DEFAULT_PORT)), config_path, "binhost", "port")
+        url = section.get("url") or f"http://{socket.gethostname()}:{self.port}/"
+        self.url = url if url.endswith("/") else url + "/"
+        self.signing_key = section.get("signing-key", "")
+        self.gpg_home = os.path.abspath(
+            section.get("gpg-home") or os.path.join(self.root, "etc/gentoo-binhost/gnupg"))
+
+    @property
+    def verify_gpg_home(self):
+        """Public keyring Portage checks our own signatures with right after signing (read as nobody)."""
+        return self.gpg_home + "-verify"
+
+
+class TargetSettings:
+    def __init__(self, name, section, config_path):
+        self.name = name
+        self.config_path = config_path
+        self.host = section.get("host", "")
+        if not self.host:
+            raise UsageError(f"{config_path}: [target {name}] has no 'host' key: add host = user@hostname")
+        self.ssh_port = parse_port(section.get("ssh-port", str(DEFAULT_SSH_PORT)), config_path,
+                                   f"target {name}", "ssh-port")
+        try:
+            self.ssh_options = shlex.split(section.get("ssh-options", ""))
+        except ValueError as error:
+            raise UsageError(f"{config_path}: [target {name}] ssh-options: {error}") from None
+        self.root = section.get("root", "/") or "/"
+        if not self.root.startswith("/"):
+            raise UsageError(f"{config_path}: [target {name}] root = {self.root} must be an absolute path")
+        self.path = section.get("path", "")
+
+    @property
+    def portage_config_dir(self):
+        return posixpath.join(self.root, "etc/portage")
+
+    @property
+    def portage_environment(self):
+        """ROOT and PORTAGE_CONFIGROOT for the target's emerge when its root is not /."""
+        if self.root.rstrip("/") == "":
+            return {}
+        return {"ROOT": self.root, "PORTAGE_CONFIGROOT": self.root}
+
+
+def parse_port(value, config_path, section, key):
+    try:
+        port = int(value)
+    except ValueError:
+        port = -1
+    if not 0 <= port <= 65535:
+        raise UsageError(f"{config_path}: [{section}] {key} = {value} is not a port number (0-65535)")
+    return port
+
+
+class Config:
+    """The parsed configuration file: one [binhost] section and any number of [target NAME]."""
+
+    def __init__(self, path, binhost, targets):
+        self.path = path
+        self.binhost = binhost
+        self.targets = targets
+
+    def target(self, name=None):
+        if name is not None:
+            if name not in self.targets:
+                known = ", ".join(sorted(self.targets)) or "none"
+                raise UsageError(f"{self.path}: no [target {name}] section (configured targets: {known})")
+            return self.targets[name]
+        if not self.targets:
+            raise UsageError(f"{self.path}: no target configured: add a [target NAME] section with host = ...")
+        if len(self.targets) > 1:
+            raise UsageError(f"{self.path}: several targets configured ({', '.join(sorted(self.targets))}):"
+                             " choose one with --target NAME")
+        return next(iter(self.targets.values()))
+
+
+def load_config(path):
+    parser = configparser.ConfigParser(interpolation=None, default_section="gentoo-binhost-no-defaults")
+    try:
+        with open(path, encoding="utf-8") as handle:
+            parser.read_file(handle)
+    except FileNotFoundError:
+        pass
+    except PermissionError:
+        raise UsageError(f"{path}: permission denied: run as root or pass -c FILE") from None
+    except configparser.Error as error:
+        first_line = str(error).splitlines()[0]
+        raise UsageError(f"{path}: {first_line}") from None
+    binhost_section = {}
+    targets = {}
+    for section_name in parser.sections():
+        kind, _, name = section_name.partition(" ")
+        name = name.strip()
+        if kind not in CONFIG_KEYS or (kind == "target") != bool(name):
+            raise UsageError(f"{path}: unknown section [{section_name}]: use [binhost] or [target NAME]")
+        section = dict(parser.items(section_name))
+        for key in section:
+            if key not in CONFIG_KEYS[kind]:
+                raise UsageError(f"{path}: [{section_name}] unknown key '{key}'"
+                                 f" (known keys: {', '.join(CONFIG_KEYS[kind])})")
+        if kind == "binhost":
+            binhost_section = section
+        else:
+            targets[name] = section
+    target_settings = {name: TargetSettings(name, section, path) for name, section in targets.items()}
+    return Config(path, BinhostSettings(binhost_section, path), target_settings)
+
+
+def set_config_values(text, section, values):
+    """Return the INI text with `key = value` set in [section], keeping comments and layout."""
+    lines = text.splitlines()
+    header = f"[{section}]"
+    start = next((i for i, line in enumerate(lines) if line.strip() == header), None)
+    if start is None:
+        if lines and lines[-1].strip():
+            lines.append("")
+        lines.append(header)
+        lines.extend(f"{key} = {value}" for key, value in values.items())
+        return "\n".join(lines) + "\n"
+    end = next((i for i in range(start + 1, len(lines)) if lines[i].lstrip().startswith("[")), len(lines))
+    pending = dict(values)
+    for i in range(start + 1, end):
+        key = lines[i].split("=", 1)[0].strip() if "=" in lines[i] else None
+        if key in pending and not lines[i].lstrip().startswith((";", "#")):
+            lines[i] = f"{key} = {pending.pop(key)}"
+    insert_at = end
+    while insert_at > start + 1 and not lines[insert_at - 1].strip():
+        insert_at -= 1
+    lines[insert_at:insert_at] = [f"{key} = {value}" for key, value in pending.items()]
+    return "\n".join(lines) + "\n"
+
+
+# ------------------------------------------------------------------------------------------------
+# Runner: the only caller of subprocess, and the only writer of files
+# ------------------------------------------------------------------------------------------------
+
+
+class Runner:
+    """Runs commands from argv lists. Under --pretend, commands that change something are shown
+    shell-quoted with their environment and not run; read-only queries still run."""
+
+    def __init__(self, output, pretend=False):
+        self.output = output
+        self.pretend = pretend
+
+    def run(self, argv, env=None, *, changes=True, capture=False, input=None, check=True,
+            describe=None, cwd=None):
+        """Run argv with env added to ours. Returns a CompletedProcess (None under --pretend for
+        commands that change something). With check, a non-zero exit raises BinhostError."""
+        argv = [str(word) for word in argv]
+        shown = format_command(argv, env)
+        if self.pretend and changes:
+            self.output.text(shown, always=True)
+            return None
+        self.output.debug(f"Running: {shown}")
+        full_env = dict(os.environ, **env) if env else None
+        try:
+            result = subprocess.run(
+                argv, env=full_env, cwd=cwd, input=input, check=False,
+                stdout=subprocess.PIPE if capture else None,
+                stderr=subprocess.PIPE if capture else None,
+                text=isinstance(input, str) or (capture and not isinstance(input, bytes)))
+        except FileNotFoundError:
+            raise BinhostError(f"{argv[0]} not found: install it or add its directory to PATH") from None
+        except PermissionError:
+            raise BinhostError(f"{argv[0]} is not executable: check its permissions") from None
+        if check and result.returncode != 0:
+            what = describe or argv[0]
+            detail = ""
+            if capture and result.stderr:
+                detail = ": " + last_line(result.stderr)
+            raise BinhostError(f"{what} failed (exit {result.returncode}){detail}")
+        return result
+
+    def read(self, argv, env=None, input=None, check=True, describe=None):
+        """Run a read-only query and return its CompletedProcess with captured text output."""
+        return self.run(argv, env, changes=False, capture=True, input=input, check=check, describe=describe)
+
+    def write_file(self, path, content, mode=0o644, backup=True):
+        """Write content to path atomically (temp file, then rename), keeping a timestamped backup
+        of a different existing file. Returns False when the file already had this content."""
+        try:
+            with open(path, encoding="utf-8") as handle:
+                current = handle.read()
+        except FileNotFoundError:
+            current = None
+        if current == content:
+            return False
+        if self.pretend:
+            self.output.info(f"Would write {path}:")
+            self.output.text(unified_diff(current, content, path), always=True)
+            return True
+        directory = os.path.dirname(path) or "."
+        os.makedirs(directory, exist_ok=True)
+        if current is not None and backup:
+            backup_path = f"{path}.{timestamp()}.bak"
+            shutil.copy2(path, backup_path)
+            self.output.info(f"Saved the previous {path} as {backup_path}")
+        handle, temporary = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.")
+        try:
+            with os.fdopen(handle, "w", encoding="utf-8") as stream:
+                stream.write(content)
+            os.chmod(temporary, mode)
+            os.replace(temporary, path)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(temporary)
+            raise
+        return True
+
+
+def last_line(text):
+    lines = [line.strip() for line in (text or "").splitlines() if line.strip()]
+    return lines[-1] if lines else ""
+
+
+def timestamp():
+    return datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+
+
+def find_program(name, hint):
+    path = shutil.which(name)
+    if not path:
+        raise BinhostError(f"{name} not found in PATH: {hint}")
+    return path
+
+
+# ------------------------------------------------------------------------------------------------
+# Operations on the binhost
+# ------------------------------------------------------------------------------------------------
+
+
+def check_binhost_root(settings):
+    root = settings.root
+    if not os.path.isdir(root):
+        raise BinhostError(f"binhost root {root} does not exist: extract a stage3 there"
+                           f" or set root = in [binhost] of {settings.config_path}")
+    if not os.path.isdir(os.path.join(root, "etc/portage")):
+        raise BinhostError(f"binhost root {root} has no etc/portage: copy the target's /etc/portage"
+                           f" to {root}/etc/portage")
+
+
+def portage_environment(settings):
+    """Where Portage builds and what it builds with: binhost-only settings travel here, so the
+    binhost's /etc/portage can stay an exact copy of the target's."""
+    root = settings.root.rstrip("/") + "/"
+    env = {"ROOT": root, "PORTAGE_CONFIGROOT": root, "PKGDIR": settings.pkgdir}
+    if settings.signing_key:
+        env.update({
+            "FEATURES": "binpkg-signing",
+            "BINPKG_FORMAT": "gpkg",
+            "BINPKG_GPG_SIGNING_GPG_HOME": settings.gpg_home,
+            "BINPKG_GPG_SIGNING_KEY": "0x" + settings.signing_key,
+            "BINPKG_GPG_VERIFY_GPG_HOME": settings.verify_gpg_home,
+        })
+    return env
+
+
+@contextlib.contextmanager
+def build_lock(settings, output, pretend):
+    """One build per binhost at a time: a second build waits for the first."""
+    if pretend:
+        yield
+        return
+    lock_path = os.path.join(settings.root, "var/cache/gentoo-binhost/build.lock")
+    os.makedirs(os.path.dirname(lock_path), exist_ok=True)
+    with open(lock_path, "a+") as lock_file:
+        try:
+            fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock_file.seek(0)
+            holder = lock_file.read().strip() or "another process"
+            output.warn(f"Another build is running on {settings.root} ({holder}); waiting for it"
+                        f" to finish (lock {lock_path})")
+            fcntl.flock(lock_file, fcntl.LOCK_EX)
+        lock_file.seek(0)
+        lock_file.truncate()
+        lock_file.write(f"pid {os.getpid()}\n")
+        lock_file.flush()
+        try:
+            yield
+        finally:
+            lock_file.truncate(0)
+            fcntl.flock(lock_file, fcntl.LOCK_UN)
+
+
+def build_packages(settings, runner, output, emerge_args):
+    check_binhost_root(settings)
+    emerge = find_program("emerge", "build runs Portage on this host: run it on Gentoo, or put"
+                                    " Portage's bin directory in PATH")
+    if settings.signing_key:
+        ensure_verify_keyring(settings, runner, output)
+    else:
+        output.warn(f"No signing key configured: building unsigned packages, which targets refuse"
+                    f" by default. Run '{PROG} keygen' to sign.")
+    env = portage_environment(settings)
+    argv = [emerge, "--buildpkg", "--root-deps"] + list(emerge_args)
+    with build_lock(settings, output, runner.pretend):
+        output.action(f"Building in {settings.root}: {format_command(['emerge'] + argv[1:])}")
+        result = runner.run(argv, env, check=False)
+    if result is not None and result.returncode != 0:
+        raise BinhostError(f"emerge failed on the binhost (exit {result.returncode}): see its output above")
+
+
+def refresh_index(settings, runner):
+    """Rebuild PKGDIR/Packages; Portage trusts a stale index otherwise (pkgdir-index-trusted)."""
+    emaint = find_program("emaint", "put Portage's bin directory in PATH")
+    runner.run([emaint, "binhost", "--fix"], portage_environment(settings), capture=not runner.pretend,
+               describe="emaint binhost --fix")
+
+
+# ---- signing -----------------------------------------------------------------------------------
+
+
+def gpg_command(home, *args):
+    return ["gpg", "--homedir", home, "--batch", "--no-tty"] + list(args)
+
+
+def stop_gpg_agent(home, runner):
+    """Portage's keyrings must not keep agent sockets around (and tests must not leak agents)."""
+    if os.path.isdir(home) and shutil.which("gpgconf"):
+        runner.run(["gpgconf", "--homedir", home, "--kill", "all"], check=False, capture=True,
+                   changes=False)
+
+
+def secret_key_fingerprints(home, runner):
+    if not os.path.isdir(home):
+        return []
+    result = runner.read(gpg_command(home, "--with-colons", "--list-secret-keys"), check=False)
+    return colon_fingerprints(result.stdout, "sec")
+
+
+def colon_fingerprints(listing, record):
+    """Primary-key fingerprints from `gpg --with-colons` output (`fpr` follows its `sec`/`pub`)."""
+    fingerprints, expect = [], False
+    for line in listing.splitlines():
+        fields = line.split(":")
+        if fields[0] in ("sec", "pub", "ssb", "sub"):
+            expect = fields[0] == record
+        elif fields[0] == "fpr" and expect:
+            fingerprints.append(fields[9])
+            expect = False
+    return fingerprints
+
+
+def generate_signing_key(settings, runner, output, passphrase_file=None, force=False):
+    home = settings.gpg_home
+    existing = secret_key_fingerprints(home, runner)
+    if existing and not force:
+        raise BinhostError(f"a signing key already exists in {home} ({existing[0]}): keep it, or"
+                           " replace it with keygen --force (targets must then trust the new key)")
+    if runner.pretend:
+        output.info(f"Would create a signing key in {home} and record it in {settings.config_path}")
+        return None
+    parent = os.path.dirname(home)
+    os.makedirs(parent, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=".gnupg-new.", dir=parent)
+    try:
+        os.chmod(staging, 0o700)
+        passphrase = ["--passphrase-file", passphrase_file] if passphrase_file else ["--passphrase", ""]
+        user_id = f"gentoo-binhost signing key ({socket.gethostname()}) <root@{socket.gethostname()}>"
+        runner.run(gpg_command(staging, "--pinentry-mode", "loopback", *passphrase,
+                               "--quick-generate-key", user_id, "ed25519", "sign", "never"),
+                   capture=True, describe="gpg --quick-generate-key")
+        fingerprint = secret_key_fingerprints(staging, runner)[0]
+        stop_gpg_agent(staging, runner)
+        if os.path.exists(home):
+            old = f"{home}.{timestamp()}.bak"
+            os.rename(home, old)
+            output.info(f"Moved the previous key's GnuPG home to {old}")
+        os.rename(staging, home)
+    except BaseException:
+        stop_gpg_agent(staging, runner)
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    settings.signing_key = fingerprint
+    build_verify_keyring(settings, runner, output)
+    return fingerprint
+
+
+def export_public_key(settings, runner):
+    if not settings.signing_key:
+        raise UsageError(f"no signing key configured in {settings.config_path}: run '{PROG} keygen'")
+    result = runner.read(gpg_command(settings.gpg_home, "--armor", "--export", settings.signing_key),
+                         describe="gpg --export")
+    stop_gpg_agent(settings.gpg_home, runner)
+    if "BEGIN PGP PUBLIC KEY BLOCK" not in result.stdout:
+        raise BinhostError(f"signing key {settings.signing_key} is not in {settings.gpg_home}:"
+                           f" run '{PROG} keygen --force' or fix gpg-home in {settings.config_path}")
+    return result.stdout
+
+
+def build_verify_keyring(settings, runner, output):
+    """The keyring Portage verifies freshly signed packages with: it runs gpg as `nobody`, so the
+    directory must be world-readable and the key ultimately trusted (with the trustdb checked)."""
+    public_key = export_public_key(settings, runner)
+    target = settings.verify_gpg_home
+    parent = os.path.dirname(target)
+    staging = tempfile.mkdtemp(prefix=".verify-new.", dir=parent)
+    try:
+        # Public-key work needs no agent; one started here would leave sockets in the keyring.
+        runner.run(gpg_command(staging, "--no-autostart", "--import"), input=public_key, capture=True,
+                   describe="gpg --import")
+        runner.run(gpg_command(staging, "--no-autostart", "--import-ownertrust"),
+                   input=f"{settings.signing_key}:6:\n", capture=True, describe="gpg --import-ownertrust")
+        runner.run(gpg_command(staging, "--no-autostart", "--check-trustdb"), capture=True,
+                   describe="gpg --check-trustdb")
+        make_world_readable(staging)
+        if os.path.exists(target):
+            shutil.rmtree(target)
+        os.rename(staging, target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    warn_untraversable(target, output)
+
+
+def make_world_readable(directory):
+    os.chmod(directory, 0o755)
+    for entry in os.scandir(directory):
+        if entry.is_file(follow_symlinks=False):
+            os.chmod(entry.path, 0o644)
+        elif entry.is_dir(follow_symlinks=False):
+            make_world_readable(entry.path)
+
+
+def warn_untraversable(path, output):
+    """Portage reads the verify keyring as `nobody`: every parent directory must let others in."""
+    current = os.path.dirname(os.path.abspath(path))
+    while current != "/":
+        if not os.stat(current).st_mode & stat.S_IXOTH:
+            output.warn(f"{current} is not searchable by other users, so Portage (as nobody) cannot"
+                        f" read {path}: chmod o+x {current}")
+            return
+        current = os.path.dirname(current)
+
+
+def ensure_verify_keyring(settings, runner, output):
+    pubring = os.path.join(settings.verify_gpg_home, "pubring.kbx")
+    if not os.path.exists(pubring) and not runner.pretend:
+        build_verify_keyring(settings, runner, output)
+
+
+def is_signed_gpkg(path):
+    """A GPKG is signed when its tar holds `.sig` members (checked without reading the image)."""
+    try:
+        with tarfile.open(path) as archive:
+            return any(name.endswith(".sig") for name in archive.getnames())
+    except (tarfile.TarError, OSError) as error:
+        raise BinhostError(f"{path} is not a readable GPKG ({error}): remove it and rebuild") from None
+
+
+def unsigned_packages(pkgdir):
+    found = []
+    for directory, _dirs, files in os.walk(pkgdir):
+        for name in sorted(files):
+            if name.endswith(".gpkg.tar") and not is_signed_gpkg(os.path.join(directory, name)):
+                found.append(os.path.join(directory, name))
+    return sorted(found)
+
+
+def sign_packages(settings, runner, output):
+    if not settings.signing_key:
+        raise UsageError(f"no signing key configured in {settings.config_path}: run '{PROG} keygen'")
+    if not os.path.isdir(settings.pkgdir):
+        raise BinhostError(f"PKGDIR {settings.pkgdir} does not exist: build something first")
+    gpkg_sign = find_program("gpkg-sign", "it comes with Portage: put Portage's bin directory in PATH")
+    ensure_verify_keyring(settings, runner, output)
+    packages = unsigned_packages(settings.pkgdir)
+    if not packages:
+        output.info(f"Every package in {settings.pkgdir} is already signed")
+        return 0
+    env = portage_environment(settings)
+    for package in packages:
+        output.action(f"Signing {os.path.relpath(package, settings.pkgdir)}")
+        runner.run([gpkg_sign, package], env, capture=not runner.pretend, describe=f"gpkg-sign {package}")
+    refresh_index(settings, runner)
+    return len(packages)
+
+
+def sign_test_message(settings, runner, message):
+    result = runner.read(gpg_command(settings.gpg_home, "--armor", "--detach-sign",
+                                     "--local-user", settings.signing_key),
+                         input=message, describe="gpg --detach-sign")
+    stop_gpg_agent(settings.gpg_home, runner)
+    return result.stdout
+
+
+# ------------------------------------------------------------------------------------------------
+# Operations on the target (over ssh)
+# ------------------------------------------------------------------------------------------------
+
+
+class Remote:
+    """Commands on one target, each an argv quoted with shlex for the remote shell."""
+
+    def __init__(self, target, runner, output):
+        self.target = target
+        self.runner = runner
+        self.output = output
+        self._user = None
+
+    def ssh_base(self, tty=False):
+        argv = ["ssh"]
+        if tty:
+            argv.append("-t")
+        if self.target.ssh_port != DEFAULT_SSH_PORT:
+            argv += ["-p", str(self.target.ssh_port)]
+        return argv + self.target.ssh_options
+
+    @property
+    def user(self):
+        """The user ssh logs in as, as ssh itself resolves it (host string, -l, ssh_config)."""
+        if self._user is None:
+            user = self.target.host.rpartition("@")[0]
+            if not user:
+                result = self.runner.read(self.ssh_base() + ["-G", "--", self.target.host], check=False)
+                for line in result.stdout.splitlines():
+                    if line.startswith("user "):
+                        user = line.split(None, 1)[1].strip()
+            self._user = user or os.environ.get("USER", "root")
+        return self._user
+
+    def command_line(self, argv, env=None, sudo=True):
+        """One string for the remote shell: every word quoted, so `>=cat/pkg-1` stays an atom."""
+        words = []
+        if sudo and self.user != "root":
+            words.append("sudo")
+        settings = dict(env or {})
+        if settings or self.target.path:
+            words.append("env")
+            words += [shlex.quote(f"{key}={value}") for key, value in settings.items()]
+            if self.target.path:
+                # The remote shell expands "$PATH"; our part of the word stays quoted.
+                words.append(shlex.quote(f"PATH={self.target.path}:") + '"$PATH"')
+        words += [shlex.quote(str(word)) for word in argv]
+        return " ".join(words)
+
+    def ssh_argv(self, argv, env=None, tty=False):
+        return self.ssh_base(tty) + ["--", self.target.host, self.command_line(argv, env)]
+
+    def run(self, argv, env=None, *, tty=False, changes=True, capture=False, input=None, what=None):
+        """Run argv on the target; returns the CompletedProcess (None under --pretend)."""
+        result = self.runner.run(self.ssh_argv(argv, env, tty), changes=changes, capture=capture,
+                                 input=input, check=False)
+        if result is None:
+            return None
+        what = what or argv[0]
+        if result.returncode == SSH_CONNECTION_FAILED:
+            detail = f": {last_line(result.stderr)}" if capture and result.stderr else ""
+            raise BinhostError(f"cannot reach target {self.target.name} ({self.target.host}) over ssh{detail}:"
+                               f" check host, ssh-port and ssh-options in [target {self.target.name}]"
+                               f" of {self.target.config_path}")
+        if result.returncode == COMMAND_NOT_FOUND:
+            raise BinhostError(f"{argv[0] if argv[0] != 'sh' else what} not found on target"
+                               f" {self.target.name}: install it there, or set path = in"
+                               f" [target {self.target.name}] of {self.target.config_path}")
+        return result
+
+    def script(self, script, *args, changes=True, what):
+        """Run a small POSIX sh script on the target with args as $1, $2, ..."""
+        result = self.run(["sh", "-c", script, "gentoo-binhost"] + [str(arg) for arg in args],
+                          changes=changes, capture=True, what=what)
+        if result is not None and result.returncode != 0:
+            detail = last_line(result.stderr) or last_line(result.stdout)
+            raise BinhostError(f"{what} failed on target {self.target.name} (exit {result.returncode})"
+                               f"{': ' + detail if detail else ''}")
+        return result
+
+    def portage_variable(self, name):
+        result = self.run(["portageq", "envvar", name], self.target.portage_environment,
+                          changes=False, capture=True)
+        if result.returncode != 0:
+            raise BinhostError(f"portageq envvar {name} failed on target {self.target.name}:"
+                               f" {last_line(result.stderr)}")
+        return result.stdout.strip()
+
+
+def has_option(args, option):
+    return any(arg == option or arg.startswith(option + "=") for arg in args)
+
+
+def install_packages(target, runner, output, emerge_args):
+    remote = Remote(target, runner, output)
+    args = list(emerge_args)
+    if not has_option(args, "--binpkg-respect-use"):
+        # With --getbinpkgonly, Portage otherwise installs a binary built with other USE flags.
+        args.insert(0, "--binpkg-respect-use=y")
+    argv = ["emerge", "--getbinpkgonly"] + args
+    tty = sys.stdin.isatty() and sys.stdout.isatty()
+    output.action(f"Installing on {target.name} ({target.host}): {format_command(argv)}")
+    result = remote.run(argv, target.portage_environment, tty=tty)
+    if result is not None and result.returncode != 0:
+        raise BinhostError(f"emerge failed on target {target.name} (exit {result.returncode}):"
+                           " see its output above")
+
+
+PROBE_SCRIPT = r"""
+conf=$1/binrepos.conf
+if [ -e "$conf" ] && [ ! -d "$conf" ]; then echo "kind file"; exit 0; fi
+echo "kind dir"
+if [ -f "$conf/$2" ]; then echo "content"; cat "$conf/$2"; fi
+"""
+
+WRITE_FILE_SCRIPT = r"""
+set -e
+dir=$1 name=$2 content=$3 stamp=$4
+mkdir -p "$dir"
+tmp="$dir/.$name.new.$$"
+trap 'rm -f "$tmp"' EXIT
+printf '%s' "$content" > "$tmp"
+chmod 0644 "$tmp"
+if [ -f "$dir/$name" ]; then cp -p "$dir/$name" "$dir/.$name.$stamp.bak"; fi
+mv -f "$tmp" "$dir/$name"
+trap - EXIT
+"""
+
+TRUST_KEY_SCRIPT = r"""
+set -e
+home=$1 fpr=$2 key=$3
+umask 022
+mkdir -p "$home"
+printf '%s\n' "$key" | gpg --homedir "$home" --batch --no-tty --quiet --no-autostart --import
+if [ -f "$home/pass" ]; then
+    gpg --homedir "$home" --batch --no-tty --yes --pinentry-mode loopback \
+        --passphrase-file "$home/pass" --quick-lsign-key "$fpr"
+    echo "lsigned with getuto's local key"
+else
+    printf '%s:6:\n' "$fpr" | gpg --homedir "$home" --batch --no-tty --quiet --no-autostart \
+        --import-ownertrust
+    echo "imported with ultimate trust"
+fi
+gpg --homedir "$home" --batch --no-tty --check-trustdb 2>/dev/null || true
+chmod 0755 "$home"
+for f in pubring.kbx pubring.gpg trustdb.gpg; do [ -f "$home/$f" ] && chmod go+r "$home/$f"; done
+gpgconf --homedir "$home" --kill all 2>/dev/null || true
+"""
+
+# Verifies as Portage does: as `nobody` when possible, with the trustdb not rebuilt.
+CHECK_SIGNATURE_SCRIPT = r"""
+home=$1 message=$2 signature=$3
+tmp=$(mktemp -d) || exit 1
+trap 'rm -rf "$tmp"' EXIT
+printf '%s' "$message" > "$tmp/message"
+printf '%s\n' "$signature" > "$tmp/message.asc"
+chmod 0755 "$tmp"; chmod 0644 "$tmp/message" "$tmp/message.asc"
+drop=
+if [ "$(id -u)" = 0 ] && command -v setpriv >/dev/null && id nobody >/dev/null 2>&1; then
+    drop="setpriv --reuid=$(id -u nobody) --regid=$(id -g nobody) --clear-groups"
+fi
+$drop gpg --homedir "$home" --batch --no-tty --no-auto-check-trustdb --status-fd 1 \
+    --verify "$tmp/message.asc" "$tmp/message" 2>&1
+"""
+
+
+def binrepos_entry(url, verify_signature):
+    return (f"# Written by {PROG} setup-target; it rewrites this file.\n"
+            f"[{BINREPOS_NAME}]\n"
+            f"priority = {BINREPOS_PRIORITY}\n"
+            f"sync-uri = {url.replace('%', '%%')}\n"
+            f"verify-signature = {'true' if verify_signature else 'false'}\n")
+
+
+def probe_target(remote):
+    result = remote.script(PROBE_SCRIPT, remote.target.portage_config_dir, BINREPOS_NAME + ".conf",
+                           changes=False, what="reading binrepos.conf")
+    lines = result.stdout.splitlines(keepends=True)
+    kind = lines[0].split()[1] if lines else "dir"
+    content = "".join(lines[2:]) if len(lines) > 1 and lines[1].strip() == "content" else None
+    return kind, content
+
+
+def setup_target(settings, target, runner, output, verify_signature=True):
+    remote = Remote(target, runner, output)
+    config_dir = target.portage_config_dir
+    binrepos_dir = posixpath.join(config_dir, "binrepos.conf")
+    entry_path = posixpath.join(binrepos_dir, BINREPOS_NAME + ".conf")
+    kind, current = probe_target(remote)
+    if kind == "file":
+        raise BinhostError(
+            f"{target.name}:{binrepos_dir} is a file, not a directory: on the target run"
+            f" 'mv {binrepos_dir} {binrepos_dir}.old && mkdir {binrepos_dir} &&"
+            f" mv {binrepos_dir}.old {binrepos_dir}/local.conf', then setup-target again")
+    if verify_signature and not settings.signing_key:
+        raise UsageError(f"no signing key configured in {settings.config_path}: run '{PROG} keygen'"
+                         " first (or setup-target --no-verify-signature for an unsigned binhost)")
+    if not verify_signature:
+        output.warn(f"verify-signature = false: {target.name} will install packages from {settings.url}"
+                    " without checking who built them; anyone on the network path can swap them")
+    content = binrepos_entry(settings.url, verify_signature)
+    if current == content:
+        output.info(f"{target.name}:{entry_path} already points to {settings.url}")
+    else:
+        if runner.pretend:
+            output.info(f"Would write {target.name}:{entry_path}:")
+            output.text(unified_diff(current, content, entry_path), always=True)
+        output.action(f"Writing {target.name}:{entry_path} (sync-uri = {settings.url})")
+        remote.script(WRITE_FILE_SCRIPT, binrepos_dir, BINREPOS_NAME + ".conf", content, timestamp(),
+                      what=f"writing {entry_path}")
+    if verify_signature:
+        trust_signing_key(settings, remote, runner, output)
+
+
+def trust_signing_key(settings, remote, runner, output):
+    target = remote.target
+    public_key = export_public_key(settings, runner)
+    home = remote.portage_variable("BINPKG_GPG_VERIFY_GPG_HOME") or posixpath.join(
+        target.portage_config_dir, "gnupg")
+    output.action(f"Trusting signing key {settings.signing_key} in {target.name}:{home}")
+    result = remote.script(TRUST_KEY_SCRIPT, home, settings.signing_key, public_key.strip(),
+                           what="importing the signing key")
+    if result is None:
+        return
+    output.info(f"Key {last_line(result.stdout)} on {target.name}")
+    message = f"gentoo-binhost trust check {timestamp()} {settings.signing_key}\n"
+    signature = sign_test_message(settings, runner, message)
+    check = remote.run(["sh", "-c", CHECK_SIGNATURE_SCRIPT, "gentoo-binhost", home, message,
+                        signature.strip()], changes=False, capture=True, what="gpg")
+    status = check.stdout
+    if "[GNUPG:] VALIDSIG" in status and ("TRUST_ULTIMATE" in status or "TRUST_FULLY" in status):
+        output.info(f"Verified: Portage on {target.name} accepts packages signed by {settings.signing_key}")
+        return
+    reason = next((line for line in status.splitlines()
+                   if any(word in line for word in ("NO_PUBKEY", "TRUST_UNDEFINED", "TRUST_NEVER",
+                                                     "TRUST_MARGINAL", "BADSIG", "EXPKEYSIG", "ERRSIG"))),
+                  last_line(status))
+    raise BinhostError(f"target {target.name} does not accept the binhost's signature with {home}"
+                       f" ({reason}): check that the directory is readable by nobody and the key trusted")
+
+
+# ------------------------------------------------------------------------------------------------
+# HTTP server
+# ------------------------------------------------------------------------------------------------
+
+
+class BinhostRequestHandler(http.server.BaseHTTPRequestHandler):
+    """Serves regular files under PKGDIR, read-only, the way Portage's fetcher needs them."""
+
+    protocol_version = "HTTP/1.1"
+    server_version = f"gentoo-binhost/{VERSION}"
+    sys_version = ""
+    # A client that stops talking loses its thread after this many seconds.
+    timeout = 60
+
+    def do_GET(self):
+        self.serve_file(send_body=True)
+
+    def do_HEAD(self):
+        self.serve_file(send_body=False)
+
+    def resolve(self):
+        """The file a request path names, or None when it is not a regular file inside PKGDIR."""
+        raw_path = urllib.parse.urlsplit(self.path).path
+        parts = [part for part in urllib.parse.unquote(raw_path).split("/") if part]
+        if any(part.startswith(".") or "\0" in part or "\\" in part for part in parts):
+            return None
+        root = self.server.document_root
+        path = os.path.realpath(os.path.join(root, *parts))
+        if path != root and not path.startswith(root + os.sep):
+            return None
+        if os.path.isdir(path):
+            return None
+        return path
+
+    def send_plain(self, code, message):
+        body = f"{code} {message}\n".encode()
+        self.send_response(code)
+        self.send_header("Content-Type", "text/plain; charset=utf-8")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+    def serve_file(self, send_body):
+        path = self.resolve()
+        try:
+            handle = open(path, "rb") if path else None
+        except OSError:
+            handle = None
+        if handle is None:
+            # Portage falls back from Packages.gz to Packages only on a 404.
+            self.send_plain(404, "Not Found")
+            return
+        with handle:
+            info = os.fstat(handle.fileno())
+            if not stat.S_ISREG(info.st_mode):
+                self.send_plain(404, "Not Found")
+                return
+            size, mtime = info.st_size, int(info.st_mtime)
+            if self.not_modified_since(mtime):
+                self.send_response(304)
+                self.send_header("Last-Modified", email.utils.formatdate(mtime, usegmt=True))
+                self.end_headers()
+                return
+            byte_range = self.requested_range(size)
+            if byte_range == "unsatisfiable":
+                self.send_response(416)
+                self.send_header("Content-Range", f"bytes */{size}")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
+            start, end = byte_range or (0, size - 1)
+            length = max(0, end - start + 1)
+            self.send_response(206 if byte_range else 200)
+            # Never Content-Encoding for .gz: Portage would get the file decompressed.
+            self.send_header("Content-Type", content_type(path))
+            self.send_header("Content-Length", str(length))
+            self.send_header("Last-Modified", email.utils.formatdate(mtime, usegmt=True))
+            self.send_header("Accept-Ranges", "bytes")
+            if byte_range:
+                self.send_header("Content-Range", f"bytes {start}-{end}/{size}")
+            self.end_headers()
+            if send_body and length:
+                self.wfile.flush()
+                self.connection.sendfile(handle, start, length)
+
+    def not_modified_since(self, mtime):
+        header = self.headers.get("If-Modified-Since")
+        if not header or self.headers.get("Range"):
+            return False
+        try:
+            since = email.utils.parsedate_to_datetime(header)
+        except (TypeError, ValueError, IndexError):
+            return False
+        if since is None:
+            return False
+        if since.tzinfo is None:
+            since = since.replace(tzinfo=datetime.timezone.utc)
+        return mtime <= since.timestamp()
+
+    def requested_range(self, size):
+        """(start, end) for one satisfiable `bytes=` range, "unsatisfiable", or None for the whole."""
+        header = self.headers.get("Range", "")
+        unit, _, spec = header.partition("=")
+        if unit.strip() != "bytes" or "," in spec:
+            return None
+        first, dash, last = spec.strip().partition("-")
+        if not dash:
+            return None
+        try:
+            if first:
+                start = int(first)
+                end = int(last) if last else size - 1
+            else:
+                start, end = max(0, size - int(last)), size - 1
+        except ValueError:
+            return None
+        if start < 0 or start >= size or (first and last and end < start):
+            return "unsatisfiable"
+        return start, min(end, size - 1)
+
+    def log_message(self, format, *args):  # noqa: A002 - the base class's signature
+        self.server.output.text(f'{self.address_string()} - - [{self.log_date_time_string()}] {format % args}')
+
+
+def content_type(path):
+    name = os.path.basename(path)
+    if name == "Packages":
+        return "text/plain; charset=utf-8"
+    if name.endswith(".gz"):
+        return "application/gzip"
+    return "application/octet-stream"
+
+
+class BinhostServer(http.server.ThreadingHTTPServer):
+    daemon_threads = True
+    max_connections = 256
+
+    def __init__(self, address, document_root, output):
+        self.document_root = os.path.realpath(document_root)
+        self.output = output
+        self.slots = threading.BoundedSemaphore(self.max_connections)
+        super().__init__(address, BinhostRequestHandler)
+
+    def process_request(self, request, client_address):
+        # Bounding connections: accept() waits while every slot is busy.
+        self.slots.acquire()
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self.slots.release()
+            raise
+
+    def process_request_thread(self, request, client_address):
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self.slots.release()
+
+
+def make_server(bind, port, document_root, output):
+    family = socket.AF_INET6 if ":" in bind else socket.AF_INET
+    server_class = type("BinhostServerV6", (BinhostServer,), {"address_family": family})
+    try:
+        return server_class((bind, port), document_root, output)
+    except OSError as error:
+        if error.errno == errno.EADDRINUSE:
+            raise BinhostError(f"port {port} on {bind} is already in use: stop the other server or"
+                               " choose another with --port") from None
+        raise BinhostError(f"cannot listen on {bind}:{port}: {error.strerror}") from None
+
+
+class Stop(Exception):
+    """Raised in the main thread by SIGTERM to stop serving."""
+
+
+def serve(settings, output, bind, port):
+    if not os.path.isdir(settings.pkgdir):
+        raise BinhostError(f"PKGDIR {settings.pkgdir} does not exist: build packages first,"
+                           f" or set pkgdir = in [binhost] of {settings.config_path}")
+    server = make_server(bind, port, settings.pkgdir, output)
+    actual_port = server.server_address[1]
+
+    def stop(_signum, _frame):
+        raise Stop()
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    output.action(f"Serving {settings.pkgdir} on http://{bind}:{actual_port}/")
+    output.info("Targets need this entry in /etc/portage/binrepos.conf/"
+                f"{BINREPOS_NAME}.conf ('{PROG} setup-target' writes it):")
+    output.text(binrepos_entry(settings.url, bool(settings.signing_key)))
+    try:
+        server.serve_forever()
+    except (KeyboardInterrupt, Stop):
+        output.info("Stopped serving")
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        server.server_close()
+
+
+# ------------------------------------------------------------------------------------------------
+# Command line
+# ------------------------------------------------------------------------------------------------
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    def error(self, message):
+        raise UsageError(f"{message} (see '{PROG} --help')")
+
+
+def build_parser():
+    parser = ArgumentParser(
+        prog=PROG, description="Build binary packages here for another Gentoo machine and install"
+                               " them there.",
+        epilog="Everything after build, install and emerge is handed to emerge untouched.")
+    parser.add_argument("-c", "--config", metavar="FILE",
+                        help=f"configuration file (default ${CONFIG_ENV}, else {DEFAULT_CONFIG})")
+    parser.add_argument("--target", metavar="NAME", help="the [target NAME] to act on")
+    parser.add_argument("-p", "--pretend", action="store_true",
+                        help="show every command that would change something, run none")
+    parser.add_argument("-v", "--verbose", action="store_true", help="show every command run")
+    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
+    parser.add_argument("--color", choices=("y", "n"), help="colored output (default: on a terminal)")
+    parser.add_argument("-V", "--version", action="version", version=f"{PROG} {VERSION}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=ArgumentParser)
+    commands.required = True
+
+    for name, summary in (("build", "emerge --buildpkg into the binhost"),
+                          ("install", "emerge --getbinpkgonly on the target, over ssh"),
+                          ("emerge", "build, then install the same arguments")):
+        command = commands.add_parser(name, help=summary, description=summary + ".", add_help=False)
+        command.add_argument("emerge_args", nargs=argparse.REMAINDER, metavar="EMERGE ARGS")
+
+    setup = commands.add_parser("setup-target", help="make the target use this binhost",
+                                description="Write binrepos.conf/gentoo-binhost.conf on the target"
+                                            " and trust the signing key there.")
+    setup.add_argument("--no-verify-signature", dest="verify_signature", action="store_false",
+                       help="let the target install unsigned packages (not recommended)")
+
+    serve_parser = commands.add_parser("serve", help="serve PKGDIR over HTTP",
+                                       description="Serve PKGDIR over HTTP for targets.")
+    serve_parser.add_argument("--bind", metavar="ADDRESS", help=f"address to listen on (default {DEFAULT_BIND})")
+    serve_parser.add_argument("--port", type=int, metavar="PORT", help=f"port (default {DEFAULT_PORT})")
+
+    keygen = commands.add_parser("keygen", help="create the binhost's signing key",
+                                 description="Create a signing key for binary packages and record it"
+                                             " in the configuration.")
+    keygen.add_argument("--force", action="store_true", help="replace an existing key")
+    keygen.add_argument("--passphrase-file", metavar="FILE",
+                        help="protect the key with the passphrase in FILE (builds then need it)")
+    keygen.add_argument("--export", action="store_true", help="print the public key and exit")
+
+    commands.add_parser("sign", help="sign unsigned packages in PKGDIR",
+                        description="Sign the packages in PKGDIR that are not signed yet, then"
+                                    " refresh the index.")
+    return parser
+
+
+def split_passthrough(argv):
+    """Split argv at a build/install/emerge command: what follows belongs to emerge untouched."""
+    index = 0
+    while index < len(argv):
+        word = argv[index]
+        if word == "--":
+            return argv, None
+        if word.startswith("-"):
+            if word in GLOBAL_OPTIONS_WITH_VALUE:
+                index += 1
+            index += 1
+            continue
+        if word in EMERGE_PASSTHROUGH:
+            return argv[:index + 1], argv[index + 1:]
+        return argv, None
+    return argv, None
+
+
+def cmd_build(config, args, runner, output):
+    build_packages(config.binhost, runner, output, args.emerge_args)
+
+
+def cmd_install(config, args, runner, output):
+    install_packages(config.target(args.target), runner, output, args.emerge_args)
+
+
+def cmd_emerge(config, args, runner, output):
+    target = config.target(args.target)
+    build_packages(config.binhost, runner, output, args.emerge_args)
+    install_packages(target, runner, output, args.emerge_args)
+
+
+def cmd_setup_target(config, args, runner, output):
+    setup_target(config.binhost, config.target(args.target), runner, output, args.verify_signature)
+
+
+def cmd_serve(config, args, runner, output):
+    settings = config.binhost
+    serve(settings, output, args.bind or settings.bind, settings.port if args.port is None else args.port)
+
+
+def cmd_keygen(config, args, runner, output):
+    settings = config.binhost
+    if args.export:
+        output.text(export_public_key(settings, runner), always=True)
+        return
+    if args.passphrase_file and not os.path.isfile(args.passphrase_file):
+        raise UsageError(f"passphrase file {args.passphrase_file} does not exist")
+    fingerprint = generate_signing_key(settings, runner, output, args.passphrase_file, args.force)
+    try:
+        with open(config.path, encoding="utf-8") as handle:
+            text = handle.read()
+    except FileNotFoundError:
+        text = f"# {PROG} configuration; see README.md for every key.\n"
+    values = {"signing-key": fingerprint or "<new fingerprint>", "gpg-home": settings.gpg_home}
+    runner.write_file(config.path, set_config_values(text, "binhost", values))
+    if fingerprint:
+        output.info(f"Signing key {fingerprint} in {settings.gpg_home}, recorded in {config.path}")
+        output.text(fingerprint, always=True)
+        output.info(f"Next: '{PROG} setup-target' makes the target trust it;"
+                    f" '{PROG} sign' signs packages built before")
+
+
+def cmd_sign(config, args, runner, output):
+    count = sign_packages(config.binhost, runner, output)
+    if count:
+        output.info(f"Signed {count} package(s) in {config.binhost.pkgdir}")
+
+
+COMMANDS = {
+    "build": cmd_build, "install": cmd_install, "emerge": cmd_emerge,
+    "setup-target": cmd_setup_target, "serve": cmd_serve, "keygen": cmd_keygen, "sign": cmd_sign,
+}
+
+
+def main(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    output = Output(color=None)
+    try:
+        head, emerge_args = split_passthrough(argv)
+        args = build_parser().parse_args(head)
+        if emerge_args is not None:
+            args.emerge_args = emerge_args
+        output = Output(color=None if args.color is None else args.color == "y",
+                        verbosity=0 if args.quiet else 2 if args.verbose else 1)
+        config_path = args.config or os.environ.get(CONFIG_ENV) or DEFAULT_CONFIG
+        config = load_config(config_path)
+        runner = Runner(output, pretend=args.pretend)
+        COMMANDS[args.command](config, args, runner, output)
+        return EXIT_OK
+    except BinhostError as error:
+        output.error(str(error))
+        return error.exit_code
+    except KeyboardInterrupt:
+        output.error("Interrupted")
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        return EXIT_FAILURE
+
+
+if __name__ == "__main__":
+    sys.exit(main())
