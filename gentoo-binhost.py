@@ -629,27 +629,30 @@ def is_signed_gpkg(path):
         raise BinhostError(f"{path} is not a readable GPKG ({error}): remove it and rebuild") from None
 
 
+def all_packages(pkgdir):
+    return sorted(os.path.join(directory, name) for directory, _dirs, files in os.walk(pkgdir)
+                  for name in files if name.endswith(".gpkg.tar"))
+
+
 def unsigned_packages(pkgdir):
-    found = []
-    for directory, _dirs, files in os.walk(pkgdir):
-        for name in sorted(files):
-            if name.endswith(".gpkg.tar") and not is_signed_gpkg(os.path.join(directory, name)):
-                found.append(os.path.join(directory, name))
-    return sorted(found)
+    return [path for path in all_packages(pkgdir) if not is_signed_gpkg(path)]
 
 
-def sign_packages(settings, runner, output):
+def sign_packages(settings, runner, output, resign=False):
     if not settings.signing_key:
         raise UsageError(f"no signing key configured in {settings.config_path}: run '{PROG} keygen'")
     if not os.path.isdir(settings.pkgdir):
         raise BinhostError(f"PKGDIR {settings.pkgdir} does not exist: build something first")
     gpkg_sign = find_program("gpkg-sign", "it comes with Portage: put Portage's bin directory in PATH")
     ensure_verify_keyring(settings, runner, output)
-    packages = unsigned_packages(settings.pkgdir)
+    packages = all_packages(settings.pkgdir) if resign else unsigned_packages(settings.pkgdir)
     if not packages:
         output.info(f"Every package in {settings.pkgdir} is already signed")
         return 0
     env = portage_environment(settings)
+    if resign:
+        # The current signatures may be by a retired key the verify keyring no longer holds.
+        env["FEATURES"] += " binpkg-ignore-signature"
     for package in packages:
         output.action(f"Signing {os.path.relpath(package, settings.pkgdir)}")
         runner.run([gpkg_sign, package], env, capture=not runner.pretend, describe=f"gpkg-sign {package}")
@@ -832,12 +835,17 @@ $drop gpg --homedir "$home" --batch --no-tty --no-auto-check-trustdb --status-fd
 """
 
 
-def binrepos_entry(url, verify_signature):
-    return (f"# Written by {PROG} setup-target; it rewrites this file.\n"
-            f"[{BINREPOS_NAME}]\n"
-            f"priority = {BINREPOS_PRIORITY}\n"
-            f"sync-uri = {url.replace('%', '%%')}\n"
-            f"verify-signature = {'true' if verify_signature else 'false'}\n")
+def binrepos_entry(url, verify_signature, target_root="/"):
+    entry = (f"# Written by {PROG} setup-target; it rewrites this file.\n"
+             f"[{BINREPOS_NAME}]\n"
+             f"priority = {BINREPOS_PRIORITY}\n"
+             f"sync-uri = {url.replace('%', '%%')}\n"
+             f"verify-signature = {'true' if verify_signature else 'false'}\n")
+    if target_root.rstrip("/"):
+        # The download cache defaults to ${EPREFIX}/var/cache/binhost/NAME, outside ROOT.
+        location = posixpath.join(target_root, "var/cache/binhost", BINREPOS_NAME)
+        entry += f"location = {location.replace('%', '%%')}\n"
+    return entry
 
 
 def probe_target(remote):
@@ -866,7 +874,7 @@ def setup_target(settings, target, runner, output, verify_signature=True):
     if not verify_signature:
         output.warn(f"verify-signature = false: {target.name} will install packages from {settings.url}"
                     " without checking who built them; anyone on the network path can swap them")
-    content = binrepos_entry(settings.url, verify_signature)
+    content = binrepos_entry(settings.url, verify_signature, target.root)
     if current == content:
         output.info(f"{target.name}:{entry_path} already points to {settings.url}")
     else:
@@ -1159,9 +1167,11 @@ def build_parser():
                         help="protect the key with the passphrase in FILE (builds then need it)")
     keygen.add_argument("--export", action="store_true", help="print the public key and exit")
 
-    commands.add_parser("sign", help="sign unsigned packages in PKGDIR",
-                        description="Sign the packages in PKGDIR that are not signed yet, then"
-                                    " refresh the index.")
+    sign = commands.add_parser("sign", help="sign unsigned packages in PKGDIR",
+                               description="Sign the packages in PKGDIR that are not signed yet, then"
+                                           " refresh the index.")
+    sign.add_argument("--all", action="store_true",
+                      help="re-sign every package with the configured key (after keygen --force)")
     return parser
 
 
@@ -1229,7 +1239,7 @@ def cmd_keygen(config, args, runner, output):
 
 
 def cmd_sign(config, args, runner, output):
-    count = sign_packages(config.binhost, runner, output)
+    count = sign_packages(config.binhost, runner, output, resign=args.all)
     if count:
         output.info(f"Signed {count} package(s) in {config.binhost.pkgdir}")
 

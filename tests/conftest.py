@@ -1,0 +1,563 @@
+"""Shared fixtures and helpers for the gentoo-binhost.py test suite.
+
+Integration tests drive real components: Portage 3.0.83 from PyPI (installed in
+the project's .venv, a *prefix* install: EPREFIX is the venv directory), a real
+OpenSSH sshd on 127.0.0.1 and real gpg. Read /work/shared/reference/
+portage-on-debian.md (or the README) for the recipe; traps found while writing
+these fixtures that are not in those notes (all reproduced here):
+
+* PKGDIR, DISTDIR and PORTAGE_TMPDIR are NOT prefixed: `portageq envvar
+  PKGDIR` says /var/cache/binpkgs, the real machine's. Every config written
+  below sets all three inside its own root.
+* Downloaded binary packages do not go to the target's PKGDIR. A named
+  binrepos.conf entry caches them in its `location`, default
+  ${EPREFIX}/var/cache/binhost/<name>: the HOST's EPREFIX (the shared,
+  persistent venv), not ROOT. Set `location` per test (write_binrepo does).
+  The fetched index is cached at $EROOT/var/cache/edb/binhost/<host>/Packages,
+  keyed by host name WITHOUT the port. If `location` equals PKGDIR, Portage
+  injects downloads into PKGDIR as before.
+* emerge.log/emerge-fetch.log and the ebuild metadata cache (edb/dep) always
+  go to the host's <venv>/var/log and <venv>/var/cache/edb, whatever ROOT is.
+* `portageq get_repos /` fails here ("only supports <eroot>s ending in
+  '<venv>'"): portageq's <eroot> argument must be ROOT+EPREFIX. Worse, for
+  get_repos/get_repo_path/repos_config portageq forces PORTAGE_CONFIGROOT to
+  that EROOT, so it reads <ROOT><venv>/etc/portage, not <ROOT>/etc/portage,
+  and silently reports the built-in "gentoo" defaults. write_portage_config(
+  ..., eprefix=...) adds a link so both agree. `portageq envvar` is fine.
+* With the recipe's sshd_config, `scp` fails ("subsystem request failed ...
+  Connection closed"): OpenSSH 9.x scp uses SFTP, so sshd needs a
+  `Subsystem sftp` line (internal-sftp below).
+* Non-interactive ssh on this machine runs root's ~/.bashrc, so the remote
+  PATH is the login user's (pyenv, cargo...), never the venv: remote Portage
+  commands need PATH=<venv>/bin:... or absolute paths.
+* The packaged default repos.conf always adds a broken [gentoo] section; its
+  "!!! ... /var/db/repos/gentoo" warnings on stderr are expected noise.
+"""
+
+import contextlib
+import importlib.util
+import os
+import shlex
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+# ---------------------------------------------------------------------------
+# Locations and the "skip or fail" policy
+# ---------------------------------------------------------------------------
+
+TESTS_DIR = Path(__file__).resolve().parent
+PROJECT_DIR = TESTS_DIR.parent
+SCRIPT = PROJECT_DIR / "gentoo-binhost.py"
+#: The tiny ebuild repository (repo name ``binhost-test``) the tests build from.
+REPO = TESTS_DIR / "repo"
+REPO_NAME = "binhost-test"
+
+#: On CI (.ci/run) missing prerequisites are failures, not skips.
+REQUIRE_INTEGRATION = os.environ.get("GENTOO_BINHOST_REQUIRE_INTEGRATION") == "1"
+
+#: make.conf lines every Portage config in the tests needs (root, no portage
+#: user, no sandbox binaries on Debian).
+PORTAGE_FEATURES = (
+    "-sandbox -usersandbox -userpriv -usersync -ipc-sandbox "
+    "-network-sandbox -pid-sandbox -mount-sandbox"
+)
+
+
+def need(condition, reason):
+    """Skip the test unless ``condition`` holds; fail instead on CI.
+
+    Returns ``condition`` so it can be used inline.
+    """
+    if not condition:
+        if REQUIRE_INTEGRATION:
+            pytest.fail("integration prerequisite missing: " + reason, pytrace=False)
+        pytest.skip(reason)
+    return condition
+
+
+# ---------------------------------------------------------------------------
+# Process helpers
+# ---------------------------------------------------------------------------
+
+_MAX_SHOWN = 20000  # characters of stdout/stderr shown in a failure message
+
+
+def _tail(text, limit=_MAX_SHOWN):
+    if text is None:
+        return ""
+    if isinstance(text, bytes):
+        text = text.decode("utf-8", "replace")
+    if len(text) > limit:
+        return "[... %d characters cut ...]\n" % (len(text) - limit) + text[-limit:]
+    return text
+
+
+def _describe(argv, returncode, stdout, stderr, what="exit code %s"):
+    shown = " ".join(shlex.quote(str(a)) for a in argv) if not isinstance(argv, str) else argv
+    return (
+        "command failed (" + (what % returncode) + "):\n  " + shown
+        + "\n--- stdout ---\n" + _tail(stdout)
+        + "\n--- stderr ---\n" + _tail(stderr)
+    )
+
+
+def run(argv, env=None, check=True, *, cwd=None, input=None, timeout=900,
+        inherit_env=True, **kwargs):
+    """Run ``argv`` and return a CompletedProcess with text stdout/stderr.
+
+    ``env`` holds variables *added to* os.environ (values converted with str);
+    pass ``inherit_env=False`` to run with exactly ``env``. With ``check``
+    (default) a non-zero exit, like a timeout, raises AssertionError showing
+    argv, exit code, stdout and stderr.
+    """
+    argv = [str(a) for a in argv]
+    full_env = dict(os.environ) if inherit_env else {}
+    if env:
+        full_env.update({k: str(v) for k, v in env.items()})
+    try:
+        proc = subprocess.run(
+            argv, env=full_env, cwd=cwd, input=input, timeout=timeout,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            universal_newlines=True, errors="replace", **kwargs
+        )
+    except subprocess.TimeoutExpired as exc:
+        raise AssertionError(_describe(
+            argv, timeout, exc.stdout, exc.stderr, "timed out after %ss")) from None
+    if check and proc.returncode != 0:
+        raise AssertionError(_describe(argv, proc.returncode, proc.stdout, proc.stderr))
+    return proc
+
+
+def free_port():
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_for_port(port, host="127.0.0.1", timeout=15.0, proc=None):
+    """Wait until ``host:port`` accepts TCP connections.
+
+    If ``proc`` (a Popen) exits meanwhile, fail early. Returns True/False.
+    """
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            return False
+        try:
+            with socket.create_connection((host, port), timeout=0.5):
+                return True
+        except OSError:
+            time.sleep(0.05)
+    return False
+
+
+def stop_process(proc, timeout=10):
+    """Terminate a Popen we started (SIGTERM, then SIGKILL) and reap it."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=timeout)
+
+
+@contextlib.contextmanager
+def http_server(directory, port=None):
+    """Serve ``directory`` with ``python3 -m http.server`` on 127.0.0.1.
+
+    Yields the base URL ("http://127.0.0.1:PORT/"); stops the server on exit.
+    The access log (stderr) is kept in ``<directory>/../http-PORT.log`` only if
+    that parent is writable; otherwise it is discarded.
+    """
+    port = port or free_port()
+    log_path = Path(directory).resolve().parent / ("http-%d.log" % port)
+    try:
+        log = open(log_path, "w")
+    except OSError:
+        log = open(os.devnull, "w")
+    with log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "http.server", "--bind", "127.0.0.1",
+             str(port), "--directory", str(directory)],
+            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+        )
+        try:
+            if not wait_for_port(port, proc=proc):
+                raise AssertionError("http.server on port %d did not start (see %s)"
+                                     % (port, log_path))
+            yield "http://127.0.0.1:%d/" % port
+        finally:
+            stop_process(proc)
+
+
+# ---------------------------------------------------------------------------
+# Portage
+# ---------------------------------------------------------------------------
+
+def eroot(root, eprefix):
+    """EROOT = ROOT + EPREFIX as a Path: where emerge merges files for ROOT."""
+    return Path(root) / str(eprefix).lstrip("/")
+
+
+def portage_env(portage_bin, root=None, **extra):
+    """Environment additions for running Portage tools.
+
+    PATH gets ``portage_bin`` first; with ``root``, ROOT and PORTAGE_CONFIGROOT
+    are set to it (trailing slash, as Portage normalises it). ``extra`` is
+    added verbatim (values converted with str). Use as ``run(..., env=...)``.
+    """
+    env = {
+        "PATH": os.pathsep.join([str(portage_bin), os.environ.get("PATH", "/usr/bin:/bin")]),
+        "PORTAGE_USERNAME": "root",
+        "PORTAGE_GRPNAME": "root",
+    }
+    if root is not None:
+        root = str(root).rstrip("/") + "/"
+        env["ROOT"] = root
+        env["PORTAGE_CONFIGROOT"] = root
+    env.update({k: str(v) for k, v in extra.items()})
+    return env
+
+
+def _replace_symlink(link, target):
+    """Make ``link`` a symlink to ``target``; atomic, untouched if already so."""
+    link = Path(link)
+    if link.is_symlink():
+        if os.readlink(str(link)) == str(target):
+            return
+    elif link.is_dir():
+        shutil.rmtree(str(link))
+    tmp = link.with_name(".%s.tmp-%d" % (link.name, os.getpid()))
+    if tmp.is_symlink() or tmp.exists():
+        tmp.unlink()
+    tmp.symlink_to(target)
+    os.replace(str(tmp), str(link))
+
+
+def _write_file(path, text):
+    """Write ``text`` to ``path`` atomically; untouched if already equal.
+
+    Concurrent test runs share the host config in the venv: never let an
+    emerge read a half-written make.conf.
+    """
+    path = Path(path)
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(str(path))
+    elif path.is_file():
+        try:
+            if path.read_text() == text:
+                return
+        except (OSError, UnicodeDecodeError):
+            pass
+    tmp = path.with_name(".%s.tmp-%d" % (path.name, os.getpid()))
+    tmp.write_text(text)
+    os.replace(str(tmp), str(path))
+
+
+def write_portage_config(config_root, *, repo=REPO, extra_make_conf="", profile="default",
+                         eprefix=None):
+    """Write a complete Portage configuration under ``config_root/etc/portage``.
+
+    * ``make.profile`` -> ``<repo>/profiles/<profile>`` (absolute symlink)
+    * ``repos.conf/binhost-test.conf``: [DEFAULT] main-repo, [binhost-test]
+      location = repo (a directory, as on real systems; a plain file left by
+      someone else is replaced)
+    * ``make.conf``: FEATURES without sandboxes, PORTAGE_USERNAME/GRPNAME=root,
+      PORTAGE_TMPDIR=<root>/var/tmp, DISTDIR=<root>/var/cache/distfiles,
+      PKGDIR=<root>/var/cache/binpkgs, CFLAGS="-O2 -pipe", then
+      ``extra_make_conf`` (later assignments win, so it can override these).
+
+    Creates those directories. Overwrites only the files it names, so it is
+    idempotent. Returns the Path of ``config_root/etc/portage``.
+
+    With ``eprefix`` (the ``eprefix`` fixture), also links
+    ``<config_root><eprefix>/etc/portage`` -> ``config_root/etc/portage``:
+    portageq's <eroot> commands (get_repos, get_repo_path, repos_config...)
+    force PORTAGE_CONFIGROOT=<eroot> = ROOT+EPREFIX, so without the link they
+    see Portage's built-in defaults instead of this config. On a real system
+    EROOT == ROOT and no link is needed. Do not pass it for the host config.
+    """
+    config_root = Path(config_root)
+    repo = Path(repo).resolve()
+    etc = config_root / "etc" / "portage"
+    etc.mkdir(parents=True, exist_ok=True)
+
+    tmpdir = config_root / "var" / "tmp"
+    distdir = config_root / "var" / "cache" / "distfiles"
+    pkgdir = config_root / "var" / "cache" / "binpkgs"
+    for d in (tmpdir, distdir, pkgdir):
+        d.mkdir(parents=True, exist_ok=True)
+
+    _replace_symlink(etc / "make.profile", repo / "profiles" / profile)
+
+    repos_conf = etc / "repos.conf"
+    if repos_conf.is_symlink() or repos_conf.is_file():
+        repos_conf.unlink()
+    repos_conf.mkdir(exist_ok=True)
+    _write_file(
+        repos_conf / (REPO_NAME + ".conf"),
+        "[DEFAULT]\n"
+        "main-repo = %s\n"
+        "\n"
+        "[%s]\n"
+        "location = %s\n"
+        "auto-sync = no\n" % (REPO_NAME, REPO_NAME, repo)
+    )
+
+    _write_file(
+        etc / "make.conf",
+        "# Written by tests/conftest.py write_portage_config()\n"
+        'FEATURES="%s"\n'
+        'PORTAGE_USERNAME="root"\n'
+        'PORTAGE_GRPNAME="root"\n'
+        'PORTAGE_TMPDIR="%s"\n'
+        'DISTDIR="%s"\n'
+        'PKGDIR="%s"\n'
+        'CFLAGS="-O2 -pipe"\n'
+        'CXXFLAGS="${CFLAGS}"\n'
+        'CLEAN_DELAY="0"\n'
+        'EMERGE_WARNING_DELAY="0"\n'
+        % (PORTAGE_FEATURES, tmpdir, distdir, pkgdir)
+        + (extra_make_conf.rstrip("\n") + "\n" if extra_make_conf else "")
+    )
+
+    if eprefix and str(eprefix).strip("/"):
+        eroot_etc = eroot(config_root, eprefix) / "etc"
+        eroot_etc.mkdir(parents=True, exist_ok=True)
+        _replace_symlink(eroot_etc / "portage", etc.resolve())
+    return etc
+
+
+def write_binrepo(config_root, name, sync_uri, *, priority=10, verify_signature=False,
+                  location=None, extra=""):
+    """Write ``config_root/etc/portage/binrepos.conf/<name>.conf``.
+
+    ``location`` (where emerge caches downloaded packages) defaults to
+    ``config_root/var/cache/binhost/<name>``: Portage's own default is
+    ``${EPREFIX}/var/cache/binhost/<name>``, i.e. inside the shared venv here,
+    not under ROOT and not in PKGDIR. ``%`` in values must be written ``%%``.
+    Returns the Path of the file.
+    """
+    config_root = Path(config_root)
+    directory = config_root / "etc" / "portage" / "binrepos.conf"
+    if directory.is_symlink() or directory.is_file():
+        directory.unlink()
+    directory.mkdir(parents=True, exist_ok=True)
+    if location is None:
+        location = config_root / "var" / "cache" / "binhost" / name
+    path = directory / (name + ".conf")
+    _write_file(path, 
+        "[%s]\n"
+        "sync-uri = %s\n"
+        "priority = %d\n"
+        "verify-signature = %s\n"
+        "location = %s\n" % (name, sync_uri, priority,
+                              "true" if verify_signature else "false", location)
+        + (extra.rstrip("\n") + "\n" if extra else "")
+    )
+    return path
+
+
+# ---------------------------------------------------------------------------
+# Fixtures
+# ---------------------------------------------------------------------------
+
+@pytest.fixture(scope="session")
+def gb():
+    """The gentoo-binhost.py script imported as module ``gentoo_binhost``."""
+    spec = importlib.util.spec_from_file_location("gentoo_binhost", str(SCRIPT))
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["gentoo_binhost"] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        sys.modules.pop("gentoo_binhost", None)
+        raise
+    return module
+
+
+@pytest.fixture(scope="session")
+def test_repo():
+    """Path of the binhost-test ebuild repository (tests/repo). Read-only:
+    copy it (shutil.copytree) before changing anything."""
+    return REPO
+
+
+@pytest.fixture(scope="session")
+def portage_bin():
+    """Directory holding emerge, portageq, emaint, gpkg-sign, quickpkg, python."""
+    tools = ("emerge", "portageq", "emaint", "gpkg-sign")
+    candidates = [Path(sys.executable).parent]
+    which = shutil.which("emerge")
+    if which:
+        candidates.append(Path(which).parent)
+    for cand in candidates:
+        if all((cand / t).exists() for t in tools):
+            return cand
+    need(False, "Portage tools (%s) not found next to %s or on PATH; run `make deps`"
+         % (", ".join(tools), sys.executable))
+
+
+@pytest.fixture(scope="session")
+def portage_python(portage_bin):
+    """The Python interpreter that has Portage installed (the venv's)."""
+    py = portage_bin / "python"
+    return py if py.exists() else Path(sys.executable)
+
+
+@pytest.fixture(scope="session")
+def eprefix(portage_python):
+    """portage.const.EPREFIX (a str: the venv directory) as Portage reports it."""
+    proc = run([portage_python, "-c", "import portage.const; print(portage.const.EPREFIX)"])
+    value = proc.stdout.strip()
+    need(value.startswith("/"), "Portage reports no usable EPREFIX: %r" % value)
+    return value
+
+
+@pytest.fixture(scope="session")
+def host_portage(eprefix, test_repo):
+    """Configure the prefix install's own /etc/portage (<eprefix>/etc/portage).
+
+    Every ``ROOT=X PORTAGE_CONFIGROOT=X emerge`` also reads it for the "/"
+    tree. Points it at tests/repo with the same generic make.conf; idempotent.
+    Returns the Path of <eprefix>/etc/portage.
+    """
+    return write_portage_config(Path(eprefix), repo=test_repo)
+
+
+class SSHServer:
+    """A running throwaway sshd on 127.0.0.1 (see the ``sshd`` fixture)."""
+
+    def __init__(self, port, key, known_hosts, directory, log, config):
+        self.port = port
+        self.host = "root@127.0.0.1"
+        self.key = key                   # Path: client private key
+        self.known_hosts = known_hosts   # Path: contains the server host key
+        self.dir = directory             # Path: everything of this sshd
+        self.log = log                   # Path: sshd -E log
+        self.sshd_config = config        # Path
+        # Path: an ssh_config with a "Host binhost-target" alias (ssh -F FILE binhost-target)
+        self.client_config = directory / "ssh_config"
+        self.alias = "binhost-target"
+
+    @property
+    def ssh_options(self):
+        """Options (without -p) as one string for shlex.split / a shell."""
+        return " ".join(shlex.quote(a) for a in self.ssh_option_list)
+
+    @property
+    def ssh_option_list(self):
+        return [
+            "-i", str(self.key),
+            "-o", "IdentitiesOnly=yes",
+            "-o", "UserKnownHostsFile=%s" % self.known_hosts,
+            "-o", "GlobalKnownHostsFile=/dev/null",
+            "-o", "StrictHostKeyChecking=yes",
+            "-o", "BatchMode=yes",
+            "-o", "LogLevel=ERROR",
+        ]
+
+    def ssh_argv(self, *command):
+        """argv for ``ssh -p PORT OPTIONS root@127.0.0.1 -- command...``.
+
+        The remote side runs the words through a shell: quote them yourself
+        (shlex.quote) when they contain shell syntax.
+        """
+        argv = ["ssh", "-p", str(self.port)] + self.ssh_option_list + [self.host]
+        if command:
+            argv += ["--"] + [str(c) for c in command]
+        return argv
+
+    def log_text(self):
+        try:
+            return self.log.read_text(errors="replace")
+        except OSError:
+            return ""
+
+
+@pytest.fixture(scope="session")
+def sshd(tmp_path_factory):
+    """Start a real OpenSSH sshd on 127.0.0.1:<free port> for the session.
+
+    Root login with a throwaway ed25519 key only; the host key is pre-put in
+    ``known_hosts`` so clients use StrictHostKeyChecking=yes. Returns an
+    SSHServer (.port, .host, .key, .known_hosts, .ssh_options, .ssh_argv()).
+    """
+    sshd_bin = Path("/usr/sbin/sshd")
+    need(sshd_bin.exists(), "/usr/sbin/sshd missing (apt-get install openssh-server)")
+    need(shutil.which("ssh") and shutil.which("ssh-keygen"), "ssh/ssh-keygen missing")
+
+    d = tmp_path_factory.mktemp("sshd")
+    hostkey, client = d / "ssh_host_ed25519_key", d / "client_ed25519"
+    for key in (hostkey, client):
+        run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "binhost-test",
+             "-f", key])
+    authorized = d / "authorized_keys"
+    authorized.write_text((d / "client_ed25519.pub").read_text())
+    authorized.chmod(0o600)
+
+    port = free_port()
+    host_pub = (d / "ssh_host_ed25519_key.pub").read_text().split()
+    known_hosts = d / "known_hosts"
+    known_hosts.write_text("[127.0.0.1]:%d %s %s\n" % (port, host_pub[0], host_pub[1]))
+
+    log, pidfile, config = d / "sshd.log", d / "sshd.pid", d / "sshd_config"
+    config.write_text(
+        "Port %d\n"
+        "ListenAddress 127.0.0.1\n"
+        "HostKey %s\n"
+        "AuthorizedKeysFile %s\n"
+        "PidFile %s\n"
+        "PermitRootLogin prohibit-password\n"
+        "PubkeyAuthentication yes\n"
+        "PasswordAuthentication no\n"
+        "KbdInteractiveAuthentication no\n"
+        "UsePAM no\n"
+        "StrictModes no\n"
+        "UseDNS no\n"
+        "PrintMotd no\n"
+        "PrintLastLog no\n"
+        "X11Forwarding no\n"
+        "AllowTcpForwarding yes\n"
+        "MaxStartups 100:30:200\n"
+        "MaxSessions 50\n"
+        "LogLevel VERBOSE\n"
+        "Subsystem sftp internal-sftp\n"
+        % (port, hostkey, authorized, pidfile)
+    )
+    (d / "ssh_config").write_text(
+        "Host binhost-target\n"
+        "    HostName 127.0.0.1\n"
+        "    Port %d\n"
+        "    User root\n"
+        "    IdentityFile %s\n"
+        "    IdentitiesOnly yes\n"
+        "    UserKnownHostsFile %s\n"
+        "    GlobalKnownHostsFile /dev/null\n"
+        "    StrictHostKeyChecking yes\n"
+        "    BatchMode yes\n"
+        "    LogLevel ERROR\n" % (port, client, known_hosts)
+    )
+    Path("/run/sshd").mkdir(parents=True, exist_ok=True)
+    run([sshd_bin, "-t", "-f", config])
+
+    proc = subprocess.Popen(
+        [str(sshd_bin), "-D", "-f", str(config), "-E", str(log)],
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    server = SSHServer(port, client, known_hosts, d, log, config)
+    try:
+        if not wait_for_port(port, proc=proc):
+            raise AssertionError("sshd did not start; log:\n" + server.log_text())
+        run(server.ssh_argv("true"), timeout=30)
+        yield server
+    finally:
+        stop_process(proc)

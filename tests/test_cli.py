@@ -1,0 +1,259 @@
+"""Command line, configuration, quoting and error handling (no Portage needed)."""
+
+import os
+import shlex
+import stat
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from conftest import SCRIPT
+
+
+def cli(*args, env=None, config=None):
+    """Run the script as a user would; returns the CompletedProcess."""
+    argv = [sys.executable, str(SCRIPT), "--color=n"]
+    if config is not None:
+        argv += ["-c", str(config)]
+    full_env = dict(os.environ)
+    full_env.pop("GENTOO_BINHOST_CONFIG", None)
+    full_env.update(env or {})
+    return subprocess.run(argv + list(args), capture_output=True, text=True, env=full_env, timeout=60)
+
+
+def assert_one_line_error(result, code, *fragments):
+    assert result.returncode == code, (result.stdout, result.stderr)
+    errors = [line for line in result.stderr.splitlines() if line.startswith("!!!")]
+    assert len(errors) == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    for fragment in fragments:
+        assert fragment in errors[0], errors[0]
+
+
+@pytest.fixture
+def config(tmp_path):
+    root = tmp_path / "binhost"
+    (root / "etc/portage").mkdir(parents=True)
+    path = tmp_path / "gentoo-binhost.conf"
+    path.write_text(textwrap.dedent(f"""\
+        [binhost]
+        root = {root}
+        url = http://binhost.lan:8080/
+
+        [target laptop]
+        host = alice@laptop.invalid
+        ssh-port = 2222
+        ssh-options = -i /root/.ssh/binhost -o 'ConnectTimeout=5'
+        root = /mnt/gentoo
+        path = /usr/local/bin
+        """))
+    return path
+
+
+# ---- argument splitting ------------------------------------------------------------------------
+
+
+def test_everything_after_a_passthrough_command_belongs_to_emerge(gb):
+    head, tail = gb.split_passthrough(["-c", "x.conf", "--target", "t", "-p", "emerge", "-pv", "--target", "y"])
+    assert head == ["-c", "x.conf", "--target", "t", "-p", "emerge"]
+    assert tail == ["-pv", "--target", "y"]
+    assert gb.split_passthrough(["serve", "--port", "1"]) == (["serve", "--port", "1"], None)
+
+
+# ---- configuration -----------------------------------------------------------------------------
+
+
+def test_defaults_without_a_config_file(gb, tmp_path):
+    config = gb.load_config(str(tmp_path / "missing.conf"))
+    assert config.binhost.root == "/binhost"
+    assert config.binhost.pkgdir == "/binhost/var/cache/binpkgs"
+    assert config.binhost.port == 8080 and config.binhost.url.endswith(":8080/")
+
+
+def test_single_target_is_the_default(gb, config):
+    target = gb.load_config(str(config)).target()
+    assert (target.name, target.host, target.ssh_port) == ("laptop", "alice@laptop.invalid", 2222)
+    assert target.ssh_options == ["-i", "/root/.ssh/binhost", "-o", "ConnectTimeout=5"]
+    assert target.portage_environment == {"ROOT": "/mnt/gentoo", "PORTAGE_CONFIGROOT": "/mnt/gentoo"}
+
+
+def test_root_slash_sets_no_portage_environment(gb, tmp_path):
+    path = tmp_path / "c.conf"
+    path.write_text("[target a]\nhost = root@a\n")
+    assert gb.load_config(str(path)).target().portage_environment == {}
+
+
+@pytest.mark.parametrize("text, fragments", [
+    ("[binhost]\nrooot = /x\n", ["[binhost] unknown key 'rooot'"]),
+    ("[target laptop]\nssh-port = 22\n", ["[target laptop] has no 'host' key"]),
+    ("[binhost]\nport = http\n", ["[binhost] port = http is not a port number"]),
+    ("[targets laptop]\nhost = x\n", ["unknown section [targets laptop]"]),
+    ("[binhost\n", ["File contains no section headers"]),
+])
+def test_bad_configuration_is_a_one_line_usage_error(tmp_path, text, fragments):
+    path = tmp_path / "bad.conf"
+    path.write_text(text)
+    assert_one_line_error(cli("install", "foo", config=path), 2, str(path), *fragments)
+
+
+def test_unknown_target_names_the_file_and_the_known_targets(config):
+    assert_one_line_error(cli("--target", "desktop", "install", "foo", config=config), 2,
+                          str(config), "[target desktop]", "laptop")
+
+
+def test_several_targets_need_a_choice(tmp_path):
+    path = tmp_path / "two.conf"
+    path.write_text("[target a]\nhost = root@a\n[target b]\nhost = root@b\n")
+    assert_one_line_error(cli("install", "foo", config=path), 2, "--target NAME")
+
+
+def test_config_from_environment_variable(config):
+    result = cli("-p", "install", "foo", env={"GENTOO_BINHOST_CONFIG": str(config)})
+    assert result.returncode == 0, result.stderr
+    assert "alice@laptop.invalid" in result.stdout
+
+
+def test_unknown_command_is_a_usage_error():
+    assert_one_line_error(cli("frobnicate"), 2, "invalid choice")
+
+
+def test_set_config_values_keeps_comments_and_other_sections(gb):
+    text = "# mine\n[binhost]\nroot = /b  \n; note\nsigning-key = OLD\n\n[target t]\nhost = x\n"
+    updated = gb.set_config_values(text, "binhost", {"signing-key": "NEW", "gpg-home": "/g"})
+    assert updated == "# mine\n[binhost]\nroot = /b  \n; note\nsigning-key = NEW\ngpg-home = /g\n\n[target t]\nhost = x\n"
+    assert gb.set_config_values("", "binhost", {"a": "1"}) == "[binhost]\na = 1\n"
+
+
+# ---- --pretend shows exact commands and runs nothing --------------------------------------------
+
+
+def test_pretend_build_shows_the_emerge_command_with_its_environment(config, tmp_path):
+    fake_bin = tmp_path / "bin"
+    fake_bin.mkdir()
+    emerge = fake_bin / "emerge"
+    emerge.write_text("#!/bin/sh\ntouch %s/ran\n" % tmp_path)
+    emerge.chmod(0o755)
+    result = cli("-p", "build", "-uDN", ">=dev-lang/python-3.12", config=config,
+                 env={"PATH": f"{fake_bin}:{os.environ['PATH']}"})
+    assert result.returncode == 0, result.stderr
+    root = tmp_path / "binhost"
+    expected = (f"ROOT={root}/ PORTAGE_CONFIGROOT={root}/ PKGDIR={root}/var/cache/binpkgs {emerge}"
+                " --buildpkg --root-deps -uDN '>=dev-lang/python-3.12'")
+    assert expected in result.stdout.splitlines()
+    assert not (tmp_path / "ran").exists()
+
+
+def test_pretend_install_quotes_every_word_for_the_remote_shell(config):
+    result = cli("-p", "install", "-av", ">=dev-lang/python-3.12", "foo bar", config=config)
+    assert result.returncode == 0, result.stderr
+    ssh_line = next(line for line in result.stdout.splitlines() if line.startswith("ssh "))
+    argv = shlex.split(ssh_line)
+    assert argv[:8] == ["ssh", "-p", "2222", "-i", "/root/.ssh/binhost", "-o", "ConnectTimeout=5", "--"]
+    assert argv[8] == "alice@laptop.invalid"
+    remote = shlex.split(argv[9])
+    assert remote == ["sudo", "env", "ROOT=/mnt/gentoo", "PORTAGE_CONFIGROOT=/mnt/gentoo",
+                      "PATH=/usr/local/bin:$PATH", "emerge", "--getbinpkgonly",
+                      "--binpkg-respect-use=y", "-av", ">=dev-lang/python-3.12", "foo bar"]
+
+
+def test_remote_command_line_survives_a_real_shell(gb, tmp_path):
+    """The string sent over ssh, run by sh, gives emerge exactly our argv (no redirection)."""
+    fake = tmp_path / "emerge"
+    fake.write_text('#!/bin/sh\nfor a in "$@"; do printf "%s\\n" "$a"; done\n')
+    fake.chmod(0o755)
+    target = gb.TargetSettings("t", {"host": "root@h", "path": str(tmp_path)}, "c.conf")
+    remote = gb.Remote(target, gb.Runner(gb.Output(color=False)), gb.Output(color=False))
+    args = [">=dev-lang/python-3.12", "<x/y-2", "a b", "$(touch pwned)", "'q'", "*"]
+    line = remote.command_line(["emerge"] + args)
+    result = subprocess.run(["sh", "-c", line], capture_output=True, text=True, cwd=tmp_path)
+    assert result.stdout.splitlines() == args
+    assert not (tmp_path / "pwned").exists() and not (tmp_path / "=dev-lang").exists()
+
+
+def test_user_supplied_binpkg_respect_use_is_kept(config):
+    result = cli("-p", "install", "--binpkg-respect-use=n", "foo", config=config)
+    assert "--binpkg-respect-use=y" not in result.stdout
+    assert "--binpkg-respect-use=n" in result.stdout
+
+
+def test_root_login_uses_no_sudo(tmp_path):
+    path = tmp_path / "c.conf"
+    path.write_text("[target t]\nhost = root@h.invalid\n")
+    result = cli("-p", "install", "foo", config=path)
+    line = next(line for line in result.stdout.splitlines() if line.startswith("ssh "))
+    assert shlex.split(line)[-1] == "emerge --getbinpkgonly --binpkg-respect-use=y foo"
+
+
+def test_pretend_emerge_shows_build_then_install(config, tmp_path):
+    fake_bin = tmp_path / "bin"
+    fake_bin.mkdir()
+    (fake_bin / "emerge").write_text("#!/bin/sh\nexit 0\n")
+    (fake_bin / "emerge").chmod(0o755)
+    result = cli("-p", "emerge", "-v", "app-misc/hello", config=config,
+                 env={"PATH": f"{fake_bin}:{os.environ['PATH']}"})
+    commands = [line for line in result.stdout.splitlines() if not line.startswith(">>>")]
+    assert "--buildpkg --root-deps -v app-misc/hello" in commands[0]
+    assert commands[1].startswith("ssh ") and "--getbinpkgonly" in commands[1]
+
+
+# ---- expected failures are one line ---------------------------------------------------------
+
+
+def test_missing_binhost_root(tmp_path):
+    path = tmp_path / "c.conf"
+    path.write_text(f"[binhost]\nroot = {tmp_path}/nowhere\n")
+    assert_one_line_error(cli("build", "foo", config=path), 1, f"binhost root {tmp_path}/nowhere does not exist")
+
+
+def test_missing_emerge(config):
+    assert_one_line_error(cli("build", "foo", config=config, env={"PATH": "/nonexistent"}), 1,
+                          "emerge not found in PATH")
+
+
+def test_unreachable_host(tmp_path):
+    path = tmp_path / "c.conf"
+    path.write_text("[target gone]\nhost = root@127.0.0.1\nssh-port = 1\n"
+                    "ssh-options = -o BatchMode=yes -o ConnectTimeout=5\n")
+    assert_one_line_error(cli("install", "foo", config=path), 1, "cannot reach target gone",
+                          "ssh-port")
+
+
+# ---- output ----------------------------------------------------------------------------------
+
+
+def test_color_follows_flags_and_no_color(gb, monkeypatch):
+    class Terminal:
+        def isatty(self):
+            return True
+
+    monkeypatch.delenv("NO_COLOR", raising=False)
+    monkeypatch.delenv("NOCOLOR", raising=False)
+    monkeypatch.setenv("TERM", "xterm")
+    assert gb.color_wanted(None, Terminal())
+    monkeypatch.setenv("NO_COLOR", "1")
+    assert not gb.color_wanted(None, Terminal())
+    assert gb.color_wanted(True, Terminal())
+    monkeypatch.delenv("NO_COLOR")
+    monkeypatch.setenv("NOCOLOR", "yes")
+    assert not gb.color_wanted(None, Terminal())
+
+
+def test_version():
+    result = cli("-V")
+    assert result.returncode == 0 and result.stdout.startswith("gentoo-binhost.py ")
+
+
+def test_runner_write_file_is_atomic_with_backup(gb, tmp_path):
+    output = gb.Output(color=False, verbosity=0)
+    path = tmp_path / "f.conf"
+    path.write_text("old\n")
+    runner = gb.Runner(output)
+    assert runner.write_file(str(path), "new\n", mode=0o600)
+    assert path.read_text() == "new\n" and stat.S_IMODE(path.stat().st_mode) == 0o600
+    backups = list(tmp_path.glob("f.conf.*.bak"))
+    assert len(backups) == 1 and backups[0].read_text() == "old\n"
+    assert not runner.write_file(str(path), "new\n")
+    gb.Runner(output, pretend=True).write_file(str(path), "changed\n")
+    assert path.read_text() == "new\n"

@@ -1,0 +1,237 @@
+"""The whole loop through real components: real emerge builds and signs GPKGs into a binhost root,
+our `serve` serves PKGDIR, `setup-target` configures a target ROOT reached through a real sshd, and
+the target's real `emerge --getbinpkgonly` verifies and installs them. No fakes."""
+
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import threading
+from pathlib import Path
+
+import pytest
+
+from conftest import SCRIPT, eroot, free_port, run, stop_process, wait_for_port, write_portage_config
+
+
+class World:
+    """A binhost root with packages built, signed and served, plus helpers to add targets."""
+
+    def __init__(self, base, portage_bin, eprefix, sshd):
+        self.base = base
+        self.portage_bin = portage_bin
+        self.eprefix = eprefix
+        self.sshd = sshd
+        self.binhost = base / "binhost"
+        self.pkgdir = self.binhost / "var/cache/binpkgs"
+        self.port = free_port()
+        self.config = base / "gentoo-binhost.conf"
+
+    def binhost_section(self, pkgdir=None, port=None, gpg_home=None):
+        lines = [f"root = {self.binhost}", f"url = http://127.0.0.1:{port or self.port}/",
+                 "bind = 127.0.0.1", f"port = {port or self.port}"]
+        if pkgdir:
+            lines.append(f"pkgdir = {pkgdir}")
+        if gpg_home:
+            lines.append(f"gpg-home = {gpg_home}")
+        return "[binhost]\n" + "\n".join(lines) + "\n"
+
+    def cli(self, *args, config=None, check=True, timeout=600):
+        env = {"PATH": f"{self.portage_bin}:{os.environ['PATH']}", "NO_COLOR": "1"}
+        return run([sys.executable, SCRIPT, "-c", config or self.config] + list(args), env=env,
+                   check=check, timeout=timeout)
+
+    def new_target(self, name, use="loud", port=None, pkgdir=None, signing_config=None):
+        """A target ROOT with the binhost's profile and repository, and a config file for it
+        (its [binhost] section copied from signing_config, else the world's)."""
+        root = self.base / f"target-{name}"
+        write_portage_config(root, extra_make_conf=(
+            f'USE="{use}"\nBINPKG_GPG_VERIFY_GPG_HOME="{root}/etc/portage/gnupg"\n'))
+        source = Path(signing_config or self.config).read_text()
+        binhost = source.split("[target")[0]
+        if port or pkgdir:
+            extra = "".join(line + "\n" for line in binhost.splitlines()
+                            if line.startswith(("signing-key", "gpg-home")))
+            binhost = self.binhost_section(pkgdir=pkgdir, port=port) + extra
+        config = self.base / f"{name}.conf"
+        config.write_text(binhost + f"\n[target {name}]\nhost = {self.sshd.host}\n"
+                          f"ssh-port = {self.sshd.port}\nssh-options = {self.sshd.ssh_options}\n"
+                          f"root = {root}\npath = {self.portage_bin}\n")
+        return root, config
+
+    def installed(self, root, path):
+        return eroot(root, self.eprefix) / path
+
+
+@pytest.fixture(scope="session")
+def world(portage_bin, eprefix, host_portage, sshd):
+    # Portage verifies signatures as `nobody`, which cannot enter pytest's 0700 temporary dirs.
+    base = Path(tempfile.mkdtemp(prefix="gentoo-binhost-e2e-"))
+    base.chmod(0o755)
+    try:
+        yield from populate_world(World(base, portage_bin, eprefix, sshd))
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def populate_world(world):
+    write_portage_config(world.binhost, extra_make_conf='USE="loud"\n')
+    world.config.write_text(world.binhost_section())
+
+    # Built before a key exists: unsigned, with a warning; `sign` fixes that afterwards.
+    built = world.cli("build", "app-misc/hello-app", "app-misc/greet")
+    assert "No signing key configured" in built.stderr
+    packages = sorted(world.pkgdir.rglob("*.gpkg.tar"))
+    assert len(packages) == 3
+    world.cli("keygen")
+    assert "signing-key = " in world.config.read_text()
+    world.cli("sign")
+    assert all(is_signed(package) for package in packages)
+
+    server = subprocess.Popen([sys.executable, SCRIPT, "-c", world.config, "serve"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        assert wait_for_port(world.port, proc=server), server.stderr.read()
+        yield world
+    finally:
+        stop_process(server)
+
+
+def is_signed(path):
+    with tarfile.open(path) as archive:
+        return any(name.endswith(".sig") for name in archive.getnames())
+
+
+def test_signed_install_end_to_end(world):
+    root, config = world.new_target("laptop")
+    setup = world.cli("setup-target", config=config)
+    assert "accepts packages signed by" in setup.stdout
+    entry = (root / "etc/portage/binrepos.conf/gentoo-binhost.conf").read_text()
+    assert f"sync-uri = http://127.0.0.1:{world.port}/\n" in entry
+    assert "verify-signature = true\n" in entry
+    gnupg = root / "etc/portage/gnupg"
+    assert gnupg.stat().st_mode & 0o755 == 0o755
+    assert not [p.name for p in gnupg.iterdir() if p.name.startswith("S.")], "agent sockets left"
+
+    again = world.cli("setup-target", config=config)
+    assert "already points to" in again.stdout
+    assert not list((root / "etc/portage/binrepos.conf").glob(".*.bak"))
+
+    world.cli("install", ">=app-misc/hello-app-1.0", config=config)
+    assert run([world.installed(root, "usr/bin/hello-app")]).stdout == "hello-app from binhost\n"
+    assert run([world.installed(root, "usr/bin/hello")]).stdout == "hello from binhost\n"
+    # Installed from the binary package, not built on the target.
+    assert world.installed(root, "var/db/pkg/app-misc/hello-app-1.0/BINPKGMD5").is_file()
+    assert "app-misc/hello-app" in world.installed(root, "var/lib/portage/world").read_text()
+
+
+def test_emerge_builds_signed_and_installs(world):
+    root, config = world.new_target("desktop")
+    world.cli("setup-target", config=config)
+    result = world.cli("emerge", "--oneshot", "app-misc/greet", config=config)
+    assert result.stdout.index("Building in") < result.stdout.index("Installing on desktop")
+    assert world.installed(root, "usr/share/greet/use.txt").read_text() == "loud\n"
+    assert all(is_signed(package) for package in world.pkgdir.rglob("greet-*.gpkg.tar"))
+
+
+def test_use_mismatch_is_refused_not_silently_installed(world):
+    root, config = world.new_target("quiet", use="-loud")
+    world.cli("setup-target", config=config)
+    result = world.cli("install", "app-misc/greet", config=config, check=False)
+    assert result.returncode == 1
+    assert "!!! emerge failed on target quiet" in result.stderr
+    assert not world.installed(root, "usr/share/greet/use.txt").exists()
+
+
+def serve_in_thread(gb, directory):
+    server = gb.make_server("127.0.0.1", 0, str(directory), gb.Output(color=False, verbosity=0))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
+def test_tampered_package_is_refused(gb, world):
+    pkgdir = world.base / "tampered-pkgdir"
+    shutil.copytree(world.pkgdir, pkgdir)
+    package = next(pkgdir.rglob("hello-1.1-*.gpkg.tar"))
+    with tarfile.open(package) as archive:
+        image = next(member for member in archive.getmembers() if "/image.tar" in member.name
+                     and not member.name.endswith(".sig"))
+    with open(package, "r+b") as handle:
+        handle.seek(image.offset_data + image.size // 2)
+        byte = handle.read(1)
+        handle.seek(-1, os.SEEK_CUR)
+        handle.write(bytes([byte[0] ^ 0xFF]))
+    server = serve_in_thread(gb, pkgdir)
+    try:
+        root, config = world.new_target("tampered", port=server.server_address[1], pkgdir=pkgdir)
+        world.cli("setup-target", config=config)
+        result = world.cli("install", "app-misc/hello", config=config, check=False)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert result.returncode == 1, result.stdout
+    assert not world.installed(root, "usr/bin/hello").exists()
+
+
+def test_package_signed_by_another_key_is_refused(gb, world):
+    pkgdir = world.base / "other-key-pkgdir"
+    shutil.copytree(world.pkgdir, pkgdir)
+    other = world.base / "other.conf"
+    other.write_text(world.binhost_section(pkgdir=pkgdir, gpg_home=world.base / "other-gnupg"))
+    world.cli("keygen", config=other)
+    world.cli("sign", "--all", config=other)
+    server = serve_in_thread(gb, pkgdir)
+    try:
+        # The target trusts the binhost's real key only.
+        root, config = world.new_target("other-key", port=server.server_address[1], pkgdir=pkgdir)
+        world.cli("setup-target", config=config)
+        result = world.cli("install", "app-misc/hello", config=config, check=False)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert result.returncode == 1
+    assert not world.installed(root, "usr/bin/hello").exists()
+
+
+def test_keygen_twice_keeps_the_first_key(world):
+    config = world.base / "keygen.conf"
+    config.write_text(world.binhost_section(gpg_home=world.base / "keygen-gnupg"))
+    world.cli("keygen", config=config)
+    first = config.read_text()
+    fingerprint = next(line for line in first.splitlines() if line.startswith("signing-key"))
+    again = world.cli("keygen", config=config, check=False)
+    assert again.returncode == 1 and "already exists" in again.stderr
+    assert config.read_text() == first
+    exported = world.cli("keygen", "--export", config=config).stdout
+    assert "BEGIN PGP PUBLIC KEY BLOCK" in exported
+    listing = run(["gpg", "--homedir", world.base / "keygen-gnupg", "--with-colons", "--list-secret-keys"])
+    assert fingerprint.split("=")[1].strip() in listing.stdout
+
+
+def test_setup_target_pretend_changes_nothing(world):
+    root, config = world.new_target("pretend")
+    result = world.cli("-p", "setup-target", config=config)
+    assert "+sync-uri = http://127.0.0.1:" in result.stdout
+    assert any(line.startswith("ssh ") for line in result.stdout.splitlines())
+    assert not (root / "etc/portage/binrepos.conf").exists()
+    assert not (root / "etc/portage/gnupg").exists()
+
+
+def test_setup_target_leaves_a_binrepos_file_alone(world):
+    root, config = world.new_target("plainfile")
+    binrepos = root / "etc/portage/binrepos.conf"
+    binrepos.write_text("[mine]\nsync-uri = http://example.invalid/\n")
+    result = world.cli("setup-target", config=config, check=False)
+    assert result.returncode == 1
+    assert "binrepos.conf is a file, not a directory" in result.stderr
+    assert binrepos.read_text() == "[mine]\nsync-uri = http://example.invalid/\n"
+
+
+def test_unsigned_opt_out_is_loud(world):
+    root, config = world.new_target("unsigned")
+    result = world.cli("setup-target", "--no-verify-signature", config=config)
+    assert "verify-signature = false" in result.stderr
+    entry = (root / "etc/portage/binrepos.conf/gentoo-binhost.conf").read_text()
+    assert "verify-signature = false\n" in entry

@@ -1,0 +1,152 @@
+"""serve: the built-in HTTP server, exercised with real HTTP clients over 127.0.0.1."""
+
+import email.utils
+import http.client
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+SCRIPT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "gentoo-binhost.py")
+
+
+@pytest.fixture
+def pkgdir(tmp_path):
+    root = tmp_path / "pkgdir"
+    (root / "app-misc" / "hello").mkdir(parents=True)
+    (root / "Packages").write_text("VERSION: 0\nTIMESTAMP: 1\n\n")
+    (root / "app-misc" / "hello" / "hello-1.0-1.gpkg.tar").write_bytes(bytes(range(256)) * 40)
+    (root / ".secret").write_text("hidden")
+    (tmp_path / "outside").write_text("outside the pkgdir")
+    os.symlink(tmp_path / "outside", root / "escape")
+    os.symlink("/etc/passwd", root / "passwd")
+    return root
+
+
+@pytest.fixture
+def server(gb, pkgdir):
+    output = gb.Output(color=False, verbosity=0)
+    httpd = gb.make_server("127.0.0.1", 0, str(pkgdir), output)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield httpd.server_address[1]
+    httpd.shutdown()
+    httpd.server_close()
+
+
+def request(port, path, method="GET", headers=None):
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    connection.request(method, path, headers=headers or {})
+    response = connection.getresponse()
+    body = response.read()
+    connection.close()
+    return response, body
+
+
+def test_serves_files_with_exact_length_and_no_content_encoding(server, pkgdir):
+    response, body = request(server, "/app-misc/hello/hello-1.0-1.gpkg.tar")
+    assert response.status == 200
+    assert body == (pkgdir / "app-misc/hello/hello-1.0-1.gpkg.tar").read_bytes()
+    assert int(response.headers["Content-Length"]) == len(body)
+    assert response.headers["Content-Encoding"] is None
+    assert response.headers["Last-Modified"]
+
+
+def test_missing_packages_gz_is_404_not_403(server):
+    response, _ = request(server, "/Packages.gz")
+    assert response.status == 404
+
+
+@pytest.mark.parametrize("path", [
+    "/../outside", "/%2e%2e/outside", "/app-misc/%2E%2E/%2e%2e/outside", "//etc/passwd",
+    "/.secret", "/escape", "/passwd", "/app-misc", "/", "/app-misc/hello/",
+])
+def test_refuses_anything_but_regular_files_inside_pkgdir(server, path):
+    response, body = request(server, path)
+    assert response.status == 404, path
+    assert b"outside" not in body and b"root:" not in body and b"hidden" not in body
+
+
+def test_head_sends_headers_only(server, pkgdir):
+    response, body = request(server, "/Packages", method="HEAD")
+    assert response.status == 200
+    assert body == b""
+    assert int(response.headers["Content-Length"]) == (pkgdir / "Packages").stat().st_size
+
+
+def test_if_modified_since_gives_304(server, pkgdir):
+    mtime = int((pkgdir / "Packages").stat().st_mtime)
+    response, body = request(server, "/Packages",
+                             headers={"If-Modified-Since": email.utils.formatdate(mtime, usegmt=True)})
+    assert (response.status, body) == (304, b"")
+    response, _ = request(server, "/Packages",
+                          headers={"If-Modified-Since": email.utils.formatdate(mtime - 10, usegmt=True)})
+    assert response.status == 200
+
+
+def test_byte_ranges(server, pkgdir):
+    data = (pkgdir / "app-misc/hello/hello-1.0-1.gpkg.tar").read_bytes()
+    path = "/app-misc/hello/hello-1.0-1.gpkg.tar"
+    response, body = request(server, path, headers={"Range": "bytes=100-199"})
+    assert response.status == 206 and body == data[100:200]
+    assert response.headers["Content-Range"] == f"bytes 100-199/{len(data)}"
+    response, body = request(server, path, headers={"Range": "bytes=10000-"})
+    assert response.status == 206 and body == data[10000:]
+    response, body = request(server, path, headers={"Range": "bytes=-5"})
+    assert response.status == 206 and body == data[-5:]
+    response, _ = request(server, path, headers={"Range": f"bytes={len(data)}-"})
+    assert response.status == 416
+    assert response.headers["Content-Range"] == f"bytes */{len(data)}"
+
+
+def test_keep_alive_serves_several_requests_on_one_connection(server):
+    connection = http.client.HTTPConnection("127.0.0.1", server, timeout=10)
+    for _ in range(3):
+        connection.request("GET", "/Packages")
+        response = connection.getresponse()
+        assert response.status == 200 and response.read().startswith(b"VERSION")
+    connection.close()
+
+
+def test_serve_command_prints_the_binrepos_entry_and_stops_on_sigterm(tmp_path, pkgdir):
+    from conftest import free_port
+    port = free_port()
+    config = tmp_path / "binhost.conf"
+    config.write_text(f"[binhost]\nroot = {tmp_path}\npkgdir = {pkgdir}\n"
+                      f"url = http://binhost.example:{port}/\nbind = 127.0.0.1\nport = {port}\n")
+    process = subprocess.Popen([sys.executable, SCRIPT, "-c", str(config), "--color=n", "serve"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 20
+        while time.time() < deadline:
+            try:
+                response, body = request(port, "/Packages")
+                break
+            except OSError:
+                time.sleep(0.1)
+        assert response.status == 200
+    finally:
+        process.send_signal(signal.SIGTERM)
+        stdout, stderr = process.communicate(timeout=20)
+    assert process.returncode == 0, stderr
+    assert f"sync-uri = http://binhost.example:{port}/" in stdout
+    assert "[gentoo-binhost]" in stdout
+    assert '"GET /Packages HTTP/1.1" 200' in stdout
+
+
+def test_serve_refuses_a_busy_port(tmp_path, pkgdir):
+    import socket
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        config = tmp_path / "binhost.conf"
+        config.write_text(f"[binhost]\npkgdir = {pkgdir}\nbind = 127.0.0.1\nport = {port}\n")
+        result = subprocess.run([sys.executable, SCRIPT, "-c", str(config), "serve"],
+                                capture_output=True, text=True, timeout=30)
+    assert result.returncode == 1
+    assert result.stderr.startswith("!!! port") and "Traceback" not in result.stderr
