@@ -235,3 +235,29 @@ def test_unsigned_opt_out_is_loud(world):
     assert "verify-signature = false" in result.stderr
     entry = (root / "etc/portage/binrepos.conf/gentoo-binhost.conf").read_text()
     assert "verify-signature = false\n" in entry
+
+
+def test_getuto_keyring_gets_the_key_lsigned(world):
+    """A Gentoo target whose /etc/portage/gnupg is managed by getuto: an ultimately trusted local
+    key whose passphrase is in `pass`. Our key is lsigned with it, not given ultimate trust."""
+    root, config = world.new_target("getuto")
+    home = root / "etc/portage/gnupg"
+    home.mkdir(mode=0o700)
+    (home / "pass").write_text("local-secret\n")
+    gpg = ["gpg", "--homedir", home, "--batch", "--no-tty"]
+    run(gpg + ["--pinentry-mode", "loopback", "--passphrase-file", home / "pass",
+               "--quick-generate-key", "Portage local key", "ed25519", "cert,sign", "never"])
+    local = run(gpg + ["--with-colons", "--list-secret-keys"]).stdout
+    local_fpr = next(line.split(":")[9] for line in local.splitlines() if line.startswith("fpr"))
+    run(gpg + ["--import-ownertrust"], input=f"{local_fpr}:6:\n")
+
+    setup = world.cli("setup-target", config=config)
+    assert "lsigned with getuto's local key" in setup.stdout
+    assert "accepts packages signed by" in setup.stdout
+    trust = run(gpg + ["--export-ownertrust"]).stdout
+    binhost_fpr = next(line.split("=")[1].strip() for line in world.config.read_text().splitlines()
+                       if line.startswith("signing-key"))
+    assert f"{binhost_fpr}:6:" not in trust, "getuto keyrings must not get a second ultimate key"
+
+    world.cli("install", "app-misc/hello", config=config)
+    assert run([world.installed(root, "usr/bin/hello")]).stdout == "hello from binhost\n"
