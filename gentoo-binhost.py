@@ -19,6 +19,7 @@ Only the Python standard library is used, so this one file can be copied anywher
 """
 
 import argparse
+import base64
 import configparser
 import contextlib
 import datetime
@@ -26,6 +27,7 @@ import difflib
 import email.utils
 import errno
 import fcntl
+import hmac
 import http.server
 import os
 import posixpath
@@ -33,6 +35,7 @@ import shlex
 import shutil
 import signal
 import socket
+import ssl
 import stat
 import subprocess
 import sys
@@ -53,6 +56,8 @@ DEFAULT_ROOT = "/binhost"
 DEFAULT_BIND = "0.0.0.0"
 DEFAULT_PORT = 8080
 DEFAULT_SSH_PORT = 22
+# Seconds a client may stay silent before serve drops its connection.
+DEFAULT_CLIENT_TIMEOUT = 30
 
 # Name of our entry in the target's /etc/portage/binrepos.conf/ directory.
 BINREPOS_NAME = "gentoo-binhost"
@@ -66,7 +71,8 @@ EMERGE_PASSTHROUGH = ("build", "install", "emerge")
 GLOBAL_OPTIONS_WITH_VALUE = ("-c", "--config", "--target", "--color")
 
 CONFIG_KEYS = {
-    "binhost": ("root", "pkgdir", "url", "bind", "port", "signing-key", "gpg-home"),
+    "binhost": ("root", "pkgdir", "url", "bind", "port", "signing-key", "gpg-home", "tls-cert",
+                "tls-key", "auth-file", "transport", "tunnel-port", "timeout"),
     "target": ("host", "ssh-port", "ssh-options", "root", "path"),
 }
 
@@ -184,6 +190,21 @@ class BinhostSettings:
         self.signing_key = section.get("signing-key", "")
         self.gpg_home = os.path.abspath(
             section.get("gpg-home") or os.path.join(self.root, "etc/gentoo-binhost/gnupg"))
+        self.tls_cert = section.get("tls-cert", "")
+        self.tls_key = section.get("tls-key", "")
+        self.auth_file = section.get("auth-file", "")
+        self.transport = section.get("transport", "http")
+        if self.transport not in ("http", "tunnel"):
+            raise UsageError(f"{config_path}: [binhost] transport = {self.transport}: use http or tunnel")
+        self.tunnel_port = parse_port(section.get("tunnel-port", str(self.port)), config_path,
+                                      "binhost", "tunnel-port")
+        try:
+            self.client_timeout = float(section.get("timeout", DEFAULT_CLIENT_TIMEOUT))
+        except ValueError:
+            self.client_timeout = 0
+        if self.client_timeout <= 0:
+            raise UsageError(f"{config_path}: [binhost] timeout = {section.get('timeout')}:"
+                             " use a number of seconds")
 
     @property
     def verify_gpg_home(self):
@@ -350,6 +371,18 @@ class Runner:
                 detail = ": " + last_line(result.stderr)
             raise BinhostError(f"{what} failed (exit {result.returncode}){detail}")
         return result
+
+    def start(self, argv):
+        """Start a long-running helper (an ssh tunnel) in the background; None under --pretend."""
+        argv = [str(word) for word in argv]
+        if self.pretend:
+            self.output.text(format_command(argv), always=True)
+            return None
+        self.output.debug(f"Starting: {format_command(argv)}")
+        try:
+            return subprocess.Popen(argv, stdin=subprocess.DEVNULL)
+        except FileNotFoundError:
+            raise BinhostError(f"{argv[0]} not found: install it or add its directory to PATH") from None
 
     def read(self, argv, env=None, input=None, check=True, describe=None):
         """Run a read-only query and return its CompletedProcess with captured text output."""
@@ -718,13 +751,26 @@ class Remote:
         words += [shlex.quote(str(word)) for word in argv]
         return " ".join(words)
 
-    def ssh_argv(self, argv, env=None, tty=False):
-        return self.ssh_base(tty) + ["--", self.target.host, self.command_line(argv, env)]
+    def ssh_argv(self, argv, env=None, tty=False, forward=None):
+        return (self.ssh_base(tty) + self.forward_options(forward)
+                + ["--", self.target.host, self.command_line(argv, env)])
 
-    def run(self, argv, env=None, *, tty=False, changes=True, capture=False, input=None, what=None):
+    @staticmethod
+    def forward_options(forward):
+        """ssh -R: the target reaches our 127.0.0.1:LOCAL on its own 127.0.0.1:REMOTE."""
+        if forward is None:
+            return []
+        remote_port, local_port = forward
+        return ["-o", "ExitOnForwardFailure=yes", "-R", f"{remote_port}:127.0.0.1:{local_port}"]
+
+    def tunnel_argv(self, forward):
+        return self.ssh_base() + ["-N"] + self.forward_options(forward) + ["--", self.target.host]
+
+    def run(self, argv, env=None, *, tty=False, changes=True, capture=False, input=None, what=None,
+            forward=None):
         """Run argv on the target; returns the CompletedProcess (None under --pretend)."""
-        result = self.runner.run(self.ssh_argv(argv, env, tty), changes=changes, capture=capture,
-                                 input=input, check=False)
+        result = self.runner.run(self.ssh_argv(argv, env, tty, forward), changes=changes,
+                                 capture=capture, input=input, check=False)
         if result is None:
             return None
         what = what or argv[0]
@@ -762,7 +808,7 @@ def has_option(args, option):
     return any(arg == option or arg.startswith(option + "=") for arg in args)
 
 
-def install_packages(target, runner, output, emerge_args):
+def install_packages(settings, target, runner, output, emerge_args):
     remote = Remote(target, runner, output)
     args = list(emerge_args)
     if not has_option(args, "--binpkg-respect-use"):
@@ -771,7 +817,13 @@ def install_packages(target, runner, output, emerge_args):
     argv = ["emerge", "--getbinpkgonly"] + args
     tty = sys.stdin.isatty() and sys.stdout.isatty()
     output.action(f"Installing on {target.name} ({target.host}): {format_command(argv)}")
-    result = remote.run(argv, target.portage_environment, tty=tty)
+    if settings.transport == "tunnel":
+        # The target reaches a server that lives as long as this command, through this ssh session.
+        with background_server(settings, output, "127.0.0.1", 0) as server:
+            result = remote.run(argv, target.portage_environment, tty=tty,
+                                forward=(settings.tunnel_port, server.server_address[1]))
+    else:
+        result = remote.run(argv, target.portage_environment, tty=tty)
     if result is not None and result.returncode != 0:
         raise BinhostError(f"emerge failed on target {target.name} (exit {result.returncode}):"
                            " see its output above")
@@ -862,6 +914,8 @@ def setup_target(settings, target, runner, output, verify_signature=True):
     config_dir = target.portage_config_dir
     binrepos_dir = posixpath.join(config_dir, "binrepos.conf")
     entry_path = posixpath.join(binrepos_dir, BINREPOS_NAME + ".conf")
+    url = target_url(settings)
+    shown_url = target_url(settings, with_credentials=False)
     kind, current = probe_target(remote)
     if kind == "file":
         raise BinhostError(
@@ -872,16 +926,16 @@ def setup_target(settings, target, runner, output, verify_signature=True):
         raise UsageError(f"no signing key configured in {settings.config_path}: run '{PROG} keygen'"
                          " first (or setup-target --no-verify-signature for an unsigned binhost)")
     if not verify_signature:
-        output.warn(f"verify-signature = false: {target.name} will install packages from {settings.url}"
+        output.warn(f"verify-signature = false: {target.name} will install packages from {shown_url}"
                     " without checking who built them; anyone on the network path can swap them")
-    content = binrepos_entry(settings.url, verify_signature, target.root)
+    content = binrepos_entry(url, verify_signature, target.root)
     if current == content:
-        output.info(f"{target.name}:{entry_path} already points to {settings.url}")
+        output.info(f"{target.name}:{entry_path} already points to {shown_url}")
     else:
         if runner.pretend:
             output.info(f"Would write {target.name}:{entry_path}:")
             output.text(unified_diff(current, content, entry_path), always=True)
-        output.action(f"Writing {target.name}:{entry_path} (sync-uri = {settings.url})")
+        output.action(f"Writing {target.name}:{entry_path} (sync-uri = {shown_url})")
         remote.script(WRITE_FILE_SCRIPT, binrepos_dir, BINREPOS_NAME + ".conf", content, timestamp(),
                       what=f"writing {entry_path}")
     if verify_signature:
@@ -919,21 +973,108 @@ def trust_signing_key(settings, remote, runner, output):
 # HTTP server
 # ------------------------------------------------------------------------------------------------
 
+HTTP_REASONS = {200: "OK", 206: "Partial Content", 304: "Not Modified", 400: "Bad Request",
+                401: "Unauthorized", 404: "Not Found", 405: "Method Not Allowed",
+                416: "Range Not Satisfiable", 431: "Request Header Fields Too Large",
+                505: "HTTP Version Not Supported"}
+MAX_REQUEST_LINE = 8192
+MAX_HEADERS = 100
+LOOPBACK_ADDRESSES = ("127.0.0.1", "::1", "localhost")
+
+
+class HttpDate:
+    """The Date header, formatted once per second instead of once per request."""
+
+    def __init__(self):
+        self.second, self.text = None, ""
+
+    def now(self):
+        second = int(datetime.datetime.now(datetime.timezone.utc).timestamp())
+        if second != self.second:
+            self.second, self.text = second, email.utils.formatdate(second, usegmt=True)
+        return self.text
+
 
 class BinhostRequestHandler(http.server.BaseHTTPRequestHandler):
-    """Serves regular files under PKGDIR, read-only, the way Portage's fetcher needs them."""
+    """Serves regular files under PKGDIR, read-only, the way Portage's fetcher needs them.
+
+    The generic request parsing of http.server (an email.message per request) costs more than
+    sending the file; this handler reads the request line and headers itself, answers only GET
+    and HEAD, and writes each header block with one call."""
 
     protocol_version = "HTTP/1.1"
     server_version = f"gentoo-binhost/{VERSION}"
-    sys_version = ""
-    # A client that stops talking loses its thread after this many seconds.
-    timeout = 60
 
-    def do_GET(self):
-        self.serve_file(send_body=True)
+    def setup(self):
+        self.timeout = self.server.client_timeout
+        super().setup()
 
-    def do_HEAD(self):
-        self.serve_file(send_body=False)
+    def handle_one_request(self):
+        self.close_connection = True
+        try:
+            line = self.rfile.readline(MAX_REQUEST_LINE + 1)
+            if not line:
+                return
+            self.raw_requestline = line
+            self.requestline = line.decode("latin-1").rstrip("\r\n")
+            parts = self.requestline.split()
+            if len(line) > MAX_REQUEST_LINE or len(parts) != 3:
+                self.command, self.request_version = "", "HTTP/1.0"
+                self.reply_plain(400)
+                return
+            self.command, self.path, self.request_version = parts
+            self.headers = {}
+            while True:
+                header = self.rfile.readline(MAX_REQUEST_LINE + 1)
+                if header in (b"\r\n", b"\n", b""):
+                    break
+                if len(self.headers) >= MAX_HEADERS or len(header) > MAX_REQUEST_LINE:
+                    self.reply_plain(431)
+                    return
+                name, _, value = header.decode("latin-1").partition(":")
+                self.headers[name.strip().lower()] = value.strip()
+            connection = self.headers.get("connection", "").lower()
+            if self.request_version == "HTTP/1.1":
+                self.close_connection = connection == "close"
+            elif self.request_version == "HTTP/1.0":
+                self.close_connection = connection != "keep-alive"
+            else:
+                self.reply_plain(505)
+                return
+            if self.command not in ("GET", "HEAD"):
+                self.reply_plain(405, [("Allow", "GET, HEAD")])
+                self.close_connection = True
+            elif self.authorized():
+                self.serve_file()
+            else:
+                self.reply_plain(401, [("WWW-Authenticate", 'Basic realm="gentoo-binhost"')])
+        except (socket.timeout, ConnectionError, ssl.SSLError):
+            self.close_connection = True
+
+    def authorized(self):
+        accepted = self.server.authorizations
+        if not accepted:
+            return True
+        offered = self.headers.get("authorization", "").encode("latin-1", "replace")
+        # Compare with every entry, so timing does not tell which user exists.
+        return sum(hmac.compare_digest(offered, expected) for expected in accepted) > 0
+
+    def send_head(self, code, headers, length):
+        lines = [f"HTTP/1.1 {code} {HTTP_REASONS[code]}",
+                 f"Date: {self.server.http_date.now()}",
+                 f"Server: {self.server_version}"]
+        lines += [f"{name}: {value}" for name, value in headers]
+        lines.append(f"Content-Length: {length}")
+        if self.close_connection:
+            lines.append("Connection: close")
+        self.wfile.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
+        self.log_request(code, length)
+
+    def reply_plain(self, code, headers=()):
+        body = f"{code} {HTTP_REASONS[code]}\n".encode()
+        self.send_head(code, [("Content-Type", "text/plain; charset=utf-8")] + list(headers), len(body))
+        if self.command != "HEAD":
+            self.wfile.write(body)
 
     def resolve(self):
         """The file a request path names, or None when it is not a regular file inside PKGDIR."""
@@ -943,67 +1084,47 @@ class BinhostRequestHandler(http.server.BaseHTTPRequestHandler):
             return None
         root = self.server.document_root
         path = os.path.realpath(os.path.join(root, *parts))
-        if path != root and not path.startswith(root + os.sep):
-            return None
-        if os.path.isdir(path):
+        if not path.startswith(root + os.sep):
             return None
         return path
 
-    def send_plain(self, code, message):
-        body = f"{code} {message}\n".encode()
-        self.send_response(code)
-        self.send_header("Content-Type", "text/plain; charset=utf-8")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        if self.command != "HEAD":
-            self.wfile.write(body)
-
-    def serve_file(self, send_body):
+    def serve_file(self):
         path = self.resolve()
         try:
             handle = open(path, "rb") if path else None
         except OSError:
             handle = None
         if handle is None:
-            # Portage falls back from Packages.gz to Packages only on a 404.
-            self.send_plain(404, "Not Found")
+            # Portage falls back from Packages.gz to Packages only on a 404, never on a 403.
+            self.reply_plain(404)
             return
         with handle:
             info = os.fstat(handle.fileno())
             if not stat.S_ISREG(info.st_mode):
-                self.send_plain(404, "Not Found")
+                self.reply_plain(404)
                 return
             size, mtime = info.st_size, int(info.st_mtime)
+            last_modified = ("Last-Modified", email.utils.formatdate(mtime, usegmt=True))
             if self.not_modified_since(mtime):
-                self.send_response(304)
-                self.send_header("Last-Modified", email.utils.formatdate(mtime, usegmt=True))
-                self.end_headers()
+                self.send_head(304, [last_modified], 0)
                 return
             byte_range = self.requested_range(size)
             if byte_range == "unsatisfiable":
-                self.send_response(416)
-                self.send_header("Content-Range", f"bytes */{size}")
-                self.send_header("Content-Length", "0")
-                self.end_headers()
+                self.send_head(416, [("Content-Range", f"bytes */{size}")], 0)
                 return
             start, end = byte_range or (0, size - 1)
             length = max(0, end - start + 1)
-            self.send_response(206 if byte_range else 200)
-            # Never Content-Encoding for .gz: Portage would get the file decompressed.
-            self.send_header("Content-Type", content_type(path))
-            self.send_header("Content-Length", str(length))
-            self.send_header("Last-Modified", email.utils.formatdate(mtime, usegmt=True))
-            self.send_header("Accept-Ranges", "bytes")
+            # Never Content-Encoding for .gz: a client would hand Portage the decompressed file.
+            headers = [("Content-Type", content_type(path)), last_modified, ("Accept-Ranges", "bytes")]
             if byte_range:
-                self.send_header("Content-Range", f"bytes {start}-{end}/{size}")
-            self.end_headers()
-            if send_body and length:
-                self.wfile.flush()
+                headers.append(("Content-Range", f"bytes {start}-{end}/{size}"))
+            self.send_head(206 if byte_range else 200, headers, length)
+            if self.command == "GET" and length:
                 self.connection.sendfile(handle, start, length)
 
     def not_modified_since(self, mtime):
-        header = self.headers.get("If-Modified-Since")
-        if not header or self.headers.get("Range"):
+        header = self.headers.get("if-modified-since")
+        if not header or "range" in self.headers:
             return False
         try:
             since = email.utils.parsedate_to_datetime(header)
@@ -1017,8 +1138,7 @@ class BinhostRequestHandler(http.server.BaseHTTPRequestHandler):
 
     def requested_range(self, size):
         """(start, end) for one satisfiable `bytes=` range, "unsatisfiable", or None for the whole."""
-        header = self.headers.get("Range", "")
-        unit, _, spec = header.partition("=")
+        unit, _, spec = self.headers.get("range", "").partition("=")
         if unit.strip() != "bytes" or "," in spec:
             return None
         first, dash, last = spec.strip().partition("-")
@@ -1036,8 +1156,15 @@ class BinhostRequestHandler(http.server.BaseHTTPRequestHandler):
             return "unsatisfiable"
         return start, min(end, size - 1)
 
+    def log_request(self, code="-", size="-"):
+        if self.server.access_log:
+            self.server.output.text(f'{self.client_address[0]} - - [{self.log_date_time_string()}]'
+                                    f' "{self.requestline}" {code} {size}')
+
     def log_message(self, format, *args):  # noqa: A002 - the base class's signature
-        self.server.output.text(f'{self.address_string()} - - [{self.log_date_time_string()}] {format % args}')
+        """http.server's own messages (none on our request path) go to the access log too."""
+        if self.server.access_log:
+            self.server.output.text(f"{self.client_address[0]} - - {format % args}")
 
 
 def content_type(path):
@@ -1051,12 +1178,18 @@ def content_type(path):
 
 class BinhostServer(http.server.ThreadingHTTPServer):
     daemon_threads = True
-    max_connections = 256
+    request_queue_size = 128
 
-    def __init__(self, address, document_root, output):
+    def __init__(self, address, document_root, output, *, ssl_context=None, authorizations=(),
+                 client_timeout=30, max_connections=256, access_log=True):
         self.document_root = os.path.realpath(document_root)
         self.output = output
-        self.slots = threading.BoundedSemaphore(self.max_connections)
+        self.ssl_context = ssl_context
+        self.authorizations = [value.encode("latin-1") for value in authorizations]
+        self.client_timeout = client_timeout
+        self.access_log = access_log
+        self.http_date = HttpDate()
+        self.slots = threading.BoundedSemaphore(max_connections)
         super().__init__(address, BinhostRequestHandler)
 
     def process_request(self, request, client_address):
@@ -1074,12 +1207,27 @@ class BinhostServer(http.server.ThreadingHTTPServer):
         finally:
             self.slots.release()
 
+    def finish_request(self, request, client_address):
+        if self.ssl_context is None:
+            super().finish_request(request, client_address)
+            return
+        # The TLS handshake runs in the connection's thread, so a slow client cannot stall accept().
+        request.settimeout(self.client_timeout)
+        try:
+            tls = self.ssl_context.wrap_socket(request, server_side=True)
+        except (OSError, ssl.SSLError):
+            return
+        try:
+            super().finish_request(tls, client_address)
+        finally:
+            tls.close()
 
-def make_server(bind, port, document_root, output):
+
+def make_server(bind, port, document_root, output, **options):
     family = socket.AF_INET6 if ":" in bind else socket.AF_INET
     server_class = type("BinhostServerV6", (BinhostServer,), {"address_family": family})
     try:
-        return server_class((bind, port), document_root, output)
+        return server_class((bind, port), document_root, output, **options)
     except OSError as error:
         if error.errno == errno.EADDRINUSE:
             raise BinhostError(f"port {port} on {bind} is already in use: stop the other server or"
@@ -1087,32 +1235,206 @@ def make_server(bind, port, document_root, output):
         raise BinhostError(f"cannot listen on {bind}:{port}: {error.strerror}") from None
 
 
+def tls_context(settings):
+    if not settings.tls_cert:
+        return None
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        context.load_cert_chain(settings.tls_cert, settings.tls_key or None)
+    except (OSError, ssl.SSLError) as error:
+        raise UsageError(f"cannot load TLS certificate {settings.tls_cert} / key"
+                         f" {settings.tls_key or '(in the certificate file)'}: {error}") from None
+    return context
+
+
+def read_credentials(settings):
+    """user:password lines of the auth file; blank lines and # comments are skipped."""
+    if not settings.auth_file:
+        return []
+    try:
+        with open(settings.auth_file, encoding="utf-8") as handle:
+            lines = [line.strip() for line in handle]
+    except OSError as error:
+        raise UsageError(f"cannot read auth file {settings.auth_file}: {error.strerror}") from None
+    credentials = []
+    for number, line in enumerate(lines, 1):
+        if not line or line.startswith("#"):
+            continue
+        user, colon, password = line.partition(":")
+        # Portage does not percent-decode credentials in sync-uri: they must be URL-safe as they are.
+        if not colon or not user or not password or any(c in line for c in "@/ \t?#"):
+            raise UsageError(f"{settings.auth_file}:{number}: expected user:password without"
+                             " spaces, '@', '/', '?' or '#'")
+        credentials.append((user, password))
+    if not credentials:
+        raise UsageError(f"auth file {settings.auth_file} has no user:password line")
+    return credentials
+
+
+def basic_authorizations(credentials):
+    return ["Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
+            for user, password in credentials]
+
+
 class Stop(Exception):
     """Raised in the main thread by SIGTERM to stop serving."""
 
 
-def serve(settings, output, bind, port):
-    if not os.path.isdir(settings.pkgdir):
-        raise BinhostError(f"PKGDIR {settings.pkgdir} does not exist: build packages first,"
-                           f" or set pkgdir = in [binhost] of {settings.config_path}")
-    server = make_server(bind, port, settings.pkgdir, output)
-    actual_port = server.server_address[1]
-
+@contextlib.contextmanager
+def stop_on_sigterm():
     def stop(_signum, _frame):
         raise Stop()
 
     previous = signal.signal(signal.SIGTERM, stop)
-    output.action(f"Serving {settings.pkgdir} on http://{bind}:{actual_port}/")
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def start_server(settings, output, bind, port, access_log=True):
+    if not os.path.isdir(settings.pkgdir):
+        raise BinhostError(f"PKGDIR {settings.pkgdir} does not exist: build packages first,"
+                           f" or set pkgdir = in [binhost] of {settings.config_path}")
+    return make_server(bind, port, settings.pkgdir, output, ssl_context=tls_context(settings),
+                       authorizations=basic_authorizations(read_credentials(settings)),
+                       client_timeout=settings.client_timeout, access_log=access_log)
+
+
+@contextlib.contextmanager
+def background_server(settings, output, bind, port, access_log=False):
+    """A server thread for the duration of one command (transport = tunnel)."""
+    server = start_server(settings, output, bind, port, access_log)
+    thread = threading.Thread(target=server.serve_forever, name="binhost-server", daemon=True)
+    thread.start()
+    try:
+        yield server
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def serve(settings, target, runner, output, bind, port, tunnel=False):
+    if tunnel:
+        bind = "127.0.0.1"
+    elif bind not in LOOPBACK_ADDRESSES and not (settings.tls_cert and settings.auth_file):
+        missing = " and ".join(word for word, present in (("TLS", settings.tls_cert),
+                                                          ("auth", settings.auth_file)) if not present)
+        output.warn(f"Serving on {bind} without {missing}: anyone who can reach port {port} can"
+                    " download every package (signatures stop tampering, not reading). Bind to a"
+                    " private address, use --tunnel, or set tls-cert/tls-key and auth-file.")
+    scheme = "https" if settings.tls_cert else "http"
+    if runner.pretend:
+        output.info(f"Would serve {settings.pkgdir} on {scheme}://{bind}:{port}/")
+        if tunnel:
+            runner.start(Remote(target, runner, output).tunnel_argv((settings.tunnel_port, port)))
+        return
+    server = start_server(settings, output, bind, port)
+    actual_port = server.server_address[1]
+    output.action(f"Serving {settings.pkgdir} on {scheme}://{bind}:{actual_port}/")
     output.info("Targets need this entry in /etc/portage/binrepos.conf/"
                 f"{BINREPOS_NAME}.conf ('{PROG} setup-target' writes it):")
-    output.text(binrepos_entry(settings.url, bool(settings.signing_key)))
+    output.text(binrepos_entry(target_url(settings, tunnel), bool(settings.signing_key)))
+    tunnel_process = None
     try:
-        server.serve_forever()
+        with stop_on_sigterm():
+            if tunnel:
+                remote = Remote(target, runner, output)
+                tunnel_process = runner.start(remote.tunnel_argv((settings.tunnel_port, actual_port)))
+                output.action(f"Tunnel: {target.name} reaches us on http://127.0.0.1:{settings.tunnel_port}/")
+                threading.Thread(target=watch_tunnel, args=(tunnel_process, server, output),
+                                 daemon=True).start()
+            server.serve_forever()
     except (KeyboardInterrupt, Stop):
         output.info("Stopped serving")
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        if tunnel_process is not None and tunnel_process.poll() is None:
+            tunnel_process.terminate()
+            tunnel_process.wait()
         server.server_close()
+    if tunnel_process is not None and tunnel_process.returncode not in (0, -signal.SIGTERM):
+        raise BinhostError(f"the ssh tunnel to {target.name} ended (exit {tunnel_process.returncode}):"
+                           f" is port {settings.tunnel_port} free on the target?")
+
+
+def service_definition(kind, config_path, tunnel):
+    script = os.path.abspath(__file__)
+    arguments = f"-c {shlex.quote(os.path.abspath(config_path))} serve" + (" --tunnel" if tunnel else "")
+    if kind == "openrc":
+        return (f"#!/sbin/openrc-run\n"
+                f"# /etc/init.d/gentoo-binhost: serve the binhost's PKGDIR (from {PROG} serve --print-service)\n"
+                f'description="Gentoo binary package host"\n'
+                f'command="{sys.executable}"\n'
+                f'command_args="{script} --color=n {arguments}"\n'
+                f"command_background=true\n"
+                f'pidfile="/run/${{RC_SVCNAME}}.pid"\n'
+                f'output_log="/var/log/gentoo-binhost.log"\n'
+                f'error_log="/var/log/gentoo-binhost.log"\n'
+                f"\n"
+                f"depend() {{\n\tneed net\n}}\n")
+    return (f"# /etc/systemd/system/gentoo-binhost.service (from {PROG} serve --print-service)\n"
+            f"[Unit]\n"
+            f"Description=Gentoo binary package host\n"
+            f"Wants=network-online.target\n"
+            f"After=network-online.target\n"
+            f"\n"
+            f"[Service]\n"
+            f"ExecStart={sys.executable} {script} --color=n {arguments}\n"
+            f"Restart=on-failure\n"
+            f"NoNewPrivileges=yes\n"
+            f"ProtectSystem=strict\n"
+            f"ProtectHome=read-only\n"
+            f"PrivateTmp=yes\n"
+            f"\n"
+            f"[Install]\n"
+            f"WantedBy=multi-user.target\n")
+
+
+def nginx_server_block(settings, bind, port):
+    listen = f"{bind}:{port}" if bind not in ("0.0.0.0", "") else str(port)
+    lines = [f"# nginx server block for the binhost's PKGDIR (from {PROG} serve --print-nginx)",
+             "server {",
+             f"    listen {listen}{' ssl' if settings.tls_cert else ''};",
+             "    server_name _;",
+             f"    root {settings.pkgdir};",
+             "    autoindex off;",
+             "    sendfile on;",
+             "    tcp_nopush on;",
+             "    # Never gzip-encode: Portage expects Packages.gz as it is on disk.",
+             "    gzip off;",
+             "    # Dotfiles are not served; a missing file must be a 404 (never 403) for Portage.",
+             "    location ~ /\\. { return 404; }",
+             "    location / { try_files $uri =404; }"]
+    if settings.tls_cert:
+        lines += [f"    ssl_certificate {settings.tls_cert};",
+                  f"    ssl_certificate_key {settings.tls_key or settings.tls_cert};"]
+    if settings.auth_file:
+        lines += ['    auth_basic "gentoo-binhost";',
+                  "    # nginx needs hashed passwords: htpasswd -c /etc/nginx/gentoo-binhost.htpasswd USER",
+                  "    auth_basic_user_file /etc/nginx/gentoo-binhost.htpasswd;"]
+    return "\n".join(lines + ["}"]) + "\n"
+
+
+def watch_tunnel(process, server, output):
+    """Stop serving when the tunnel dies: without it no target can reach us."""
+    process.wait()
+    output.warn(f"ssh tunnel exited (exit {process.returncode})")
+    server.shutdown()
+
+
+def target_url(settings, tunnel=None, with_credentials=True):
+    """The sync-uri a target uses: through the tunnel or the configured url, with credentials."""
+    if tunnel if tunnel is not None else settings.transport == "tunnel":
+        url = f"http://127.0.0.1:{settings.tunnel_port}/"
+    else:
+        url = settings.url
+    credentials = read_credentials(settings) if with_credentials else []
+    if credentials:
+        user, password = credentials[0]
+        scheme, _, rest = url.partition("://")
+        url = f"{scheme}://{user}:{password}@{rest}"
+    return url
 
 
 # ------------------------------------------------------------------------------------------------
@@ -1158,6 +1480,18 @@ def build_parser():
                                        description="Serve PKGDIR over HTTP for targets.")
     serve_parser.add_argument("--bind", metavar="ADDRESS", help=f"address to listen on (default {DEFAULT_BIND})")
     serve_parser.add_argument("--port", type=int, metavar="PORT", help=f"port (default {DEFAULT_PORT})")
+    serve_parser.add_argument("--tls-cert", metavar="FILE", help="serve HTTPS with this certificate (PEM)")
+    serve_parser.add_argument("--tls-key", metavar="FILE", help="private key of --tls-cert (PEM)")
+    serve_parser.add_argument("--auth-file", metavar="FILE",
+                              help="require HTTP Basic auth; FILE has user:password lines")
+    serve_parser.add_argument("--timeout", type=float, metavar="SECONDS",
+                              help=f"drop a silent client after SECONDS (default {DEFAULT_CLIENT_TIMEOUT})")
+    serve_parser.add_argument("--tunnel", action="store_true",
+                              help="listen on 127.0.0.1 only and reach the target through ssh -R")
+    serve_parser.add_argument("--print-service", choices=("openrc", "systemd"),
+                              help="print an init script or unit for a permanent server, and exit")
+    serve_parser.add_argument("--print-nginx", action="store_true",
+                              help="print an nginx server block serving PKGDIR, and exit")
 
     keygen = commands.add_parser("keygen", help="create the binhost's signing key",
                                  description="Create a signing key for binary packages and record it"
@@ -1198,13 +1532,13 @@ def cmd_build(config, args, runner, output):
 
 
 def cmd_install(config, args, runner, output):
-    install_packages(config.target(args.target), runner, output, args.emerge_args)
+    install_packages(config.binhost, config.target(args.target), runner, output, args.emerge_args)
 
 
 def cmd_emerge(config, args, runner, output):
     target = config.target(args.target)
     build_packages(config.binhost, runner, output, args.emerge_args)
-    install_packages(target, runner, output, args.emerge_args)
+    install_packages(config.binhost, target, runner, output, args.emerge_args)
 
 
 def cmd_setup_target(config, args, runner, output):
@@ -1213,7 +1547,26 @@ def cmd_setup_target(config, args, runner, output):
 
 def cmd_serve(config, args, runner, output):
     settings = config.binhost
-    serve(settings, output, args.bind or settings.bind, settings.port if args.port is None else args.port)
+    for option in ("tls_cert", "tls_key", "auth_file"):
+        if getattr(args, option):
+            setattr(settings, option, os.path.abspath(getattr(args, option)))
+    if args.timeout is not None:
+        if args.timeout <= 0:
+            raise UsageError("--timeout needs a positive number of seconds")
+        settings.client_timeout = args.timeout
+    if args.tls_key and not settings.tls_cert:
+        raise UsageError("--tls-key needs --tls-cert")
+    bind = args.bind or settings.bind
+    port = settings.port if args.port is None else args.port
+    if args.print_service:
+        output.text(service_definition(args.print_service, config.path, args.tunnel), always=True)
+        return
+    if args.print_nginx:
+        output.text(nginx_server_block(settings, bind, port), always=True)
+        return
+    tunnel = args.tunnel or settings.transport == "tunnel"
+    target = config.target(args.target) if tunnel else None
+    serve(settings, target, runner, output, bind, port, tunnel)
 
 
 def cmd_keygen(config, args, runner, output):

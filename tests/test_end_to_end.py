@@ -4,6 +4,7 @@ the target's real `emerge --getbinpkgonly` verifies and installs them. No fakes.
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tarfile
@@ -43,7 +44,7 @@ class World:
         return run([sys.executable, SCRIPT, "-c", config or self.config] + list(args), env=env,
                    check=check, timeout=timeout)
 
-    def new_target(self, name, use="loud", port=None, pkgdir=None, signing_config=None):
+    def new_target(self, name, use="loud", port=None, pkgdir=None, signing_config=None, extra_binhost=""):
         """A target ROOT with the binhost's profile and repository, and a config file for it
         (its [binhost] section copied from signing_config, else the world's)."""
         root = self.base / f"target-{name}"
@@ -55,6 +56,7 @@ class World:
             extra = "".join(line + "\n" for line in binhost.splitlines()
                             if line.startswith(("signing-key", "gpg-home")))
             binhost = self.binhost_section(pkgdir=pkgdir, port=port) + extra
+        binhost = binhost.rstrip("\n") + "\n" + extra_binhost
         config = self.base / f"{name}.conf"
         config.write_text(binhost + f"\n[target {name}]\nhost = {self.sshd.host}\n"
                           f"ssh-port = {self.sshd.port}\nssh-options = {self.sshd.ssh_options}\n"
@@ -261,3 +263,53 @@ def test_getuto_keyring_gets_the_key_lsigned(world):
 
     world.cli("install", "app-misc/hello", config=config)
     assert run([world.installed(root, "usr/bin/hello")]).stdout == "hello from binhost\n"
+
+
+def test_install_with_basic_auth_through_portage(gb, world):
+    auth = world.base / "auth"
+    auth.write_text("portage:pass%word\n")
+    server = gb.make_server("127.0.0.1", 0, str(world.pkgdir), gb.Output(color=False, verbosity=0),
+                            authorizations=gb.basic_authorizations([("portage", "pass%word")]))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        root, config = world.new_target("auth", port=server.server_address[1], pkgdir=world.pkgdir,
+                                        extra_binhost=f"auth-file = {auth}\n")
+        world.cli("setup-target", config=config)
+        entry = (root / "etc/portage/binrepos.conf/gentoo-binhost.conf").read_text()
+        assert f"sync-uri = http://portage:pass%%word@127.0.0.1:{server.server_address[1]}/" in entry
+        world.cli("install", "app-misc/hello", config=config)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert run([world.installed(root, "usr/bin/hello")]).stdout == "hello from binhost\n"
+
+
+def test_install_through_an_ssh_tunnel_with_no_open_port(world):
+    tunnel_port = free_port()
+    root, config = world.new_target("tunnel", extra_binhost=f"transport = tunnel\ntunnel-port = {tunnel_port}\n")
+    world.cli("setup-target", config=config)
+    entry = (root / "etc/portage/binrepos.conf/gentoo-binhost.conf").read_text()
+    assert f"sync-uri = http://127.0.0.1:{tunnel_port}/" in entry
+    assert not wait_for_port(tunnel_port, timeout=0.2), "nothing may listen there outside a run"
+    world.cli("install", "app-misc/hello-app", config=config)
+    assert run([world.installed(root, "usr/bin/hello-app")]).stdout == "hello-app from binhost\n"
+    assert not wait_for_port(tunnel_port, timeout=0.2), "the tunnel ends with the command"
+
+
+def test_serve_tunnel_reaches_the_target(world):
+    tunnel_port = free_port()
+    root, config = world.new_target("serve-tunnel",
+                                    extra_binhost=f"tunnel-port = {tunnel_port}\n")
+    env = dict(os.environ, PATH=f"{world.portage_bin}:{os.environ['PATH']}")
+    server = subprocess.Popen([sys.executable, SCRIPT, "-c", config, "--color=n", "serve", "--tunnel",
+                               "--port", str(free_port())], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert wait_for_port(tunnel_port, timeout=20, proc=server), server.communicate(timeout=5)
+        fetched = run(world.sshd.ssh_argv("curl", "-sS", "--fail", f"http://127.0.0.1:{tunnel_port}/Packages"))
+        assert fetched.stdout.startswith("ACCEPT_")
+    finally:
+        server.send_signal(signal.SIGTERM)
+        stdout, stderr = server.communicate(timeout=20)
+    assert server.returncode == 0, stderr
+    assert f"sync-uri = http://127.0.0.1:{tunnel_port}/" in stdout

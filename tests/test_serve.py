@@ -150,3 +150,153 @@ def test_serve_refuses_a_busy_port(tmp_path, pkgdir):
                                 capture_output=True, text=True, timeout=30)
     assert result.returncode == 1
     assert result.stderr.startswith("!!! port") and "Traceback" not in result.stderr
+
+
+# ---- hardening: concurrency, timeouts, TLS, auth, service files ---------------------------------
+
+
+def test_fifty_concurrent_downloads_arrive_byte_identical(gb, tmp_path):
+    import concurrent.futures
+    import hashlib
+    pkgdir = tmp_path / "big"
+    pkgdir.mkdir()
+    payload = os.urandom(3 * 1024 * 1024 + 17)
+    (pkgdir / "big.gpkg.tar").write_bytes(payload)
+    expected = hashlib.sha256(payload).hexdigest()
+    httpd = gb.make_server("127.0.0.1", 0, str(pkgdir), gb.Output(color=False, verbosity=0))
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        with concurrent.futures.ThreadPoolExecutor(50) as pool:
+            digests = list(pool.map(
+                lambda _: hashlib.sha256(request(httpd.server_address[1], "/big.gpkg.tar")[1]).hexdigest(),
+                range(50)))
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+    assert digests == [expected] * 50
+
+
+def test_a_silent_client_is_dropped_while_others_are_served(gb, pkgdir):
+    import socket
+    httpd = gb.make_server("127.0.0.1", 0, str(pkgdir), gb.Output(color=False, verbosity=0),
+                           client_timeout=1)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    port = httpd.server_address[1]
+    try:
+        with socket.create_connection(("127.0.0.1", port)) as silent:
+            response, _ = request(port, "/Packages")
+            assert response.status == 200
+            silent.settimeout(10)
+            started = time.monotonic()
+            assert silent.recv(1) == b""  # the server closed it
+            assert time.monotonic() - started < 9
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
+@pytest.fixture(scope="module")
+def certificate(tmp_path_factory):
+    from conftest import need, run
+    import shutil
+    need(shutil.which("openssl"), "openssl missing")
+    directory = tmp_path_factory.mktemp("tls")
+    run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=127.0.0.1",
+         "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", directory / "key.pem",
+         "-out", directory / "cert.pem"])
+    return directory / "cert.pem", directory / "key.pem"
+
+
+def serve_cli(tmp_path, pkgdir, *extra, config_extra=""):
+    """Start `serve` as a user would; returns (process, port)."""
+    from conftest import free_port, wait_for_port
+    port = free_port()
+    config = tmp_path / "serve.conf"
+    config.write_text(f"[binhost]\npkgdir = {pkgdir}\nbind = 127.0.0.1\nport = {port}\n{config_extra}")
+    process = subprocess.Popen([sys.executable, SCRIPT, "-c", str(config), "--color=n", "serve"] + list(extra),
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert wait_for_port(port, proc=process), process.communicate(timeout=10)
+    return process, port
+
+
+def stop(process):
+    process.send_signal(signal.SIGTERM)
+    return process.communicate(timeout=20)
+
+
+def test_tls_with_curl(tmp_path, pkgdir, certificate):
+    from conftest import need, run
+    import shutil
+    need(shutil.which("curl"), "curl missing")
+    cert, key = certificate
+    process, port = serve_cli(tmp_path, pkgdir, "--tls-cert", str(cert), "--tls-key", str(key))
+    try:
+        fetched = run(["curl", "-sS", "--fail", "--cacert", cert, f"https://127.0.0.1:{port}/Packages"])
+        assert fetched.stdout.startswith("VERSION")
+        refused = run(["curl", "-sS", "--fail", f"https://127.0.0.1:{port}/Packages"], check=False)
+        assert refused.returncode != 0  # an untrusted certificate is refused by the client
+        missing = run(["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "--cacert", cert,
+                       f"https://127.0.0.1:{port}/Packages.gz"], check=False)
+        assert missing.stdout == "404"
+    finally:
+        stdout, _ = stop(process)
+    assert f"sync-uri = https://" not in stdout or "[gentoo-binhost]" in stdout
+
+
+def test_basic_auth_with_curl(tmp_path, pkgdir):
+    from conftest import need, run
+    import shutil
+    need(shutil.which("curl"), "curl missing")
+    auth = tmp_path / "auth"
+    auth.write_text("# users\nportage:s3cret%word\n")
+    process, port = serve_cli(tmp_path, pkgdir, "--auth-file", str(auth))
+    try:
+        url = f"http://127.0.0.1:{port}/Packages"
+        code = run(["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", url], check=False).stdout
+        assert code == "401"
+        wrong = run(["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "-u", "portage:nope", url],
+                    check=False).stdout
+        assert wrong == "401"
+        right = run(["curl", "-sS", "--fail", "-u", "portage:s3cret%word", url])
+        assert right.stdout.startswith("VERSION")
+    finally:
+        stdout, stderr = stop(process)
+    # The printed binrepos entry carries the credentials, with % doubled for ConfigParser.
+    assert "sync-uri = http://portage:s3cret%%word@" in stdout
+
+
+def test_public_bind_without_tls_or_auth_warns(tmp_path, pkgdir):
+    from conftest import free_port
+    port = free_port()
+    config = tmp_path / "c.conf"
+    config.write_text(f"[binhost]\npkgdir = {pkgdir}\nport = {port}\n")
+    process = subprocess.Popen([sys.executable, SCRIPT, "-c", str(config), "--color=n", "serve",
+                                "--bind", "0.0.0.0"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    from conftest import wait_for_port
+    assert wait_for_port(port, proc=process)
+    _, stderr = stop(process)
+    assert "without TLS and auth" in stderr
+
+
+def test_print_nginx_is_valid_nginx_configuration(tmp_path, pkgdir):
+    from conftest import need, run
+    import shutil
+    need(shutil.which("nginx") or os.path.exists("/usr/sbin/nginx"), "nginx missing (apt-get install nginx-light)")
+    config = tmp_path / "c.conf"
+    config.write_text(f"[binhost]\npkgdir = {pkgdir}\nbind = 127.0.0.1\nport = 18080\n")
+    block = run([sys.executable, SCRIPT, "-c", config, "serve", "--print-nginx"]).stdout
+    assert f"root {pkgdir};" in block
+    nginx_conf = tmp_path / "nginx.conf"
+    nginx_conf.write_text(f"pid {tmp_path}/nginx.pid;\nerror_log {tmp_path}/error.log;\n"
+                          f"events {{}}\nhttp {{\naccess_log off;\n{block}}}\n")
+    run([shutil.which("nginx") or "/usr/sbin/nginx", "-t", "-q", "-p", tmp_path, "-c", nginx_conf])
+
+
+@pytest.mark.parametrize("kind, marker", [("openrc", "#!/sbin/openrc-run"), ("systemd", "[Service]")])
+def test_print_service(tmp_path, kind, marker):
+    config = tmp_path / "c.conf"
+    config.write_text("[binhost]\n")
+    result = subprocess.run([sys.executable, SCRIPT, "-c", str(config), "serve", "--print-service", kind],
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0 and marker in result.stdout
+    assert f"-c {config} serve" in result.stdout and os.path.abspath(SCRIPT) in result.stdout
