@@ -391,19 +391,35 @@ def test_repo():
     return REPO
 
 
-@pytest.fixture(scope="session")
-def portage_bin():
-    """Directory holding emerge, portageq, emaint, gpkg-sign, quickpkg, python."""
-    tools = ("emerge", "portageq", "emaint", "gpkg-sign")
+PORTAGE_TOOLS = ("emerge", "portageq", "emaint", "gpkg-sign")
+
+
+def find_portage_bin():
+    """The directory holding Portage's tools (PORTAGE_TOOLS): next to sys.executable
+    (the venv's bin) or emerge's on PATH. None when neither has them all."""
     candidates = [Path(sys.executable).parent]
     which = shutil.which("emerge")
     if which:
         candidates.append(Path(which).parent)
     for cand in candidates:
-        if all((cand / t).exists() for t in tools):
+        if all((cand / t).exists() for t in PORTAGE_TOOLS):
             return cand
-    need(False, "Portage tools (%s) not found next to %s or on PATH; run `make deps`"
-         % (", ".join(tools), sys.executable))
+    return None
+
+
+def portage_eprefix(python):
+    """portage.const.EPREFIX (a str) as reported by ``python``, the interpreter with Portage."""
+    proc = run([python, "-c", "import portage.const; print(portage.const.EPREFIX)"])
+    return proc.stdout.strip()
+
+
+@pytest.fixture(scope="session")
+def portage_bin():
+    """Directory holding emerge, portageq, emaint, gpkg-sign, quickpkg, python."""
+    found = find_portage_bin()
+    need(found is not None, "Portage tools (%s) not found next to %s or on PATH; run `make deps`"
+         % (", ".join(PORTAGE_TOOLS), sys.executable))
+    return found
 
 
 @pytest.fixture(scope="session")
@@ -416,8 +432,7 @@ def portage_python(portage_bin):
 @pytest.fixture(scope="session")
 def eprefix(portage_python):
     """portage.const.EPREFIX (a str: the venv directory) as Portage reports it."""
-    proc = run([portage_python, "-c", "import portage.const; print(portage.const.EPREFIX)"])
-    value = proc.stdout.strip()
+    value = portage_eprefix(portage_python)
     need(value.startswith("/"), "Portage reports no usable EPREFIX: %r" % value)
     return value
 
@@ -483,19 +498,20 @@ class SSHServer:
             return ""
 
 
-@pytest.fixture(scope="session")
-def sshd(tmp_path_factory):
-    """Start a real OpenSSH sshd on 127.0.0.1:<free port> for the session.
+@contextlib.contextmanager
+def start_sshd(directory):
+    """Run a real OpenSSH sshd on 127.0.0.1:<free port>, its files in ``directory``.
 
     Root login with a throwaway ed25519 key only; the host key is pre-put in
-    ``known_hosts`` so clients use StrictHostKeyChecking=yes. Returns an
-    SSHServer (.port, .host, .key, .known_hosts, .ssh_options, .ssh_argv()).
+    ``known_hosts`` so clients use StrictHostKeyChecking=yes. Yields an
+    SSHServer (.port, .host, .key, .known_hosts, .ssh_options, .ssh_argv())
+    once a real ssh login works; stops sshd on exit. Needs root, /usr/sbin/sshd,
+    ssh and ssh-keygen (the ``sshd`` fixture checks them; callers outside pytest
+    must check themselves).
     """
     sshd_bin = Path("/usr/sbin/sshd")
-    need(sshd_bin.exists(), "/usr/sbin/sshd missing (apt-get install openssh-server)")
-    need(shutil.which("ssh") and shutil.which("ssh-keygen"), "ssh/ssh-keygen missing")
-
-    d = tmp_path_factory.mktemp("sshd")
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
     hostkey, client = d / "ssh_host_ed25519_key", d / "client_ed25519"
     for key in (hostkey, client):
         run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "binhost-test",
@@ -561,3 +577,18 @@ def sshd(tmp_path_factory):
         yield server
     finally:
         stop_process(proc)
+
+
+@pytest.fixture(scope="session")
+def sshd(tmp_path_factory):
+    """Start a real OpenSSH sshd on 127.0.0.1:<free port> for the session.
+
+    Root login with a throwaway ed25519 key only; the host key is pre-put in
+    ``known_hosts`` so clients use StrictHostKeyChecking=yes. Returns an
+    SSHServer (.port, .host, .key, .known_hosts, .ssh_options, .ssh_argv()).
+    See start_sshd().
+    """
+    need(Path("/usr/sbin/sshd").exists(), "/usr/sbin/sshd missing (apt-get install openssh-server)")
+    need(shutil.which("ssh") and shutil.which("ssh-keygen"), "ssh/ssh-keygen missing")
+    with start_sshd(tmp_path_factory.mktemp("sshd")) as server:
+        yield server
