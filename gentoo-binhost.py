@@ -539,6 +539,7 @@ def secret_key_fingerprints(home, runner):
     if not os.path.isdir(home):
         return []
     result = runner.read(gpg_command(home, "--with-colons", "--list-secret-keys"), check=False)
+    stop_gpg_agent(home, runner)
     return colon_fingerprints(result.stdout, "sec")
 
 

@@ -499,13 +499,14 @@ class SSHServer:
 
 
 @contextlib.contextmanager
-def start_sshd(directory):
+def start_sshd(directory, extra_config=""):
     """Run a real OpenSSH sshd on 127.0.0.1:<free port>, its files in ``directory``.
 
     Root login with a throwaway ed25519 key only; the host key is pre-put in
     ``known_hosts`` so clients use StrictHostKeyChecking=yes. Yields an
     SSHServer (.port, .host, .key, .known_hosts, .ssh_options, .ssh_argv())
-    once a real ssh login works; stops sshd on exit. Needs root, /usr/sbin/sshd,
+    once a real ssh login works; stops sshd on exit. ``extra_config`` is appended
+    to sshd_config (e.g. ``SetEnv`` lines for the sessions). Needs root, /usr/sbin/sshd,
     ssh and ssh-keygen (the ``sshd`` fixture checks them; callers outside pytest
     must check themselves).
     """
@@ -548,6 +549,7 @@ def start_sshd(directory):
         "LogLevel VERBOSE\n"
         "Subsystem sftp internal-sftp\n"
         % (port, hostkey, authorized, pidfile)
+        + extra_config
     )
     (d / "ssh_config").write_text(
         "Host binhost-target\n"

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import SCRIPT, eroot, free_port, run, stop_process, wait_for_port, write_portage_config
+from conftest import (SCRIPT, eroot, free_port, need, run, start_sshd, stop_process, wait_for_port,
+                      write_portage_config)
 
 
 class World:
@@ -44,7 +45,8 @@ class World:
         return run([sys.executable, SCRIPT, "-c", config or self.config] + list(args), env=env,
                    check=check, timeout=timeout)
 
-    def new_target(self, name, use="loud", port=None, pkgdir=None, signing_config=None, extra_binhost=""):
+    def new_target(self, name, use="loud", port=None, pkgdir=None, signing_config=None, extra_binhost="",
+                   sshd=None):
         """A target ROOT with the binhost's profile and repository, and a config file for it
         (its [binhost] section copied from signing_config, else the world's)."""
         root = self.base / f"target-{name}"
@@ -58,8 +60,9 @@ class World:
             binhost = self.binhost_section(pkgdir=pkgdir, port=port) + extra
         binhost = binhost.rstrip("\n") + "\n" + extra_binhost
         config = self.base / f"{name}.conf"
-        config.write_text(binhost + f"\n[target {name}]\nhost = {self.sshd.host}\n"
-                          f"ssh-port = {self.sshd.port}\nssh-options = {self.sshd.ssh_options}\n"
+        sshd = sshd or self.sshd
+        config.write_text(binhost + f"\n[target {name}]\nhost = {sshd.host}\n"
+                          f"ssh-port = {sshd.port}\nssh-options = {sshd.ssh_options}\n"
                           f"root = {root}\npath = {self.portage_bin}\n")
         return root, config
 
@@ -313,3 +316,34 @@ def test_serve_tunnel_reaches_the_target(world):
         stdout, stderr = server.communicate(timeout=20)
     assert server.returncode == 0, stderr
     assert f"sync-uri = http://127.0.0.1:{tunnel_port}/" in stdout
+
+
+def test_install_over_tls_through_portage(gb, world):
+    """Portage's own fetchers (urllib for the index, wget for packages) against `serve` over HTTPS.
+    The target trusts our test CA through its environment, as a real one would through its CA store."""
+    need(shutil.which("openssl") and shutil.which("wget"), "openssl and wget are needed")
+    tls = world.base / "tls"
+    tls.mkdir()
+    cert, key = tls / "cert.pem", tls / "key.pem"
+    run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=127.0.0.1",
+         "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", key, "-out", cert])
+    wgetrc = tls / "wgetrc"
+    wgetrc.write_text(f"ca_certificate = {cert}\n")
+    tls_world = gb.BinhostSettings({"tls-cert": str(cert), "tls-key": str(key)}, "test")
+    server = gb.make_server("127.0.0.1", 0, str(world.pkgdir), gb.Output(color=False, verbosity=0),
+                            ssl_context=gb.tls_context(tls_world))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    port = server.server_address[1]
+    try:
+        with start_sshd(world.base / "sshd-tls", f"SetEnv SSL_CERT_FILE={cert} WGETRC={wgetrc}\n") as sshd:
+            root, config = world.new_target("tls", port=port, pkgdir=world.pkgdir, sshd=sshd)
+            config.write_text(config.read_text().replace(f"url = http://127.0.0.1:{port}/",
+                                                         f"url = https://127.0.0.1:{port}/"))
+            world.cli("setup-target", config=config)
+            entry = (root / "etc/portage/binrepos.conf/gentoo-binhost.conf").read_text()
+            assert f"sync-uri = https://127.0.0.1:{port}/" in entry
+            world.cli("install", "app-misc/hello", config=config)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert run([world.installed(root, "usr/bin/hello")]).stdout == "hello from binhost\n"
