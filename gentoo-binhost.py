@@ -28,6 +28,7 @@ import email.utils
 import errno
 import fcntl
 import hmac
+import html
 import http.server
 import os
 import posixpath
@@ -974,7 +975,8 @@ def trust_signing_key(settings, remote, runner, output):
 # HTTP server
 # ------------------------------------------------------------------------------------------------
 
-HTTP_REASONS = {200: "OK", 206: "Partial Content", 304: "Not Modified", 400: "Bad Request",
+HTTP_REASONS = {200: "OK", 206: "Partial Content", 301: "Moved Permanently", 304: "Not Modified",
+                400: "Bad Request",
                 401: "Unauthorized", 404: "Not Found", 405: "Method Not Allowed",
                 416: "Range Not Satisfiable", 431: "Request Header Fields Too Large",
                 505: "HTTP Version Not Supported"}
@@ -1085,12 +1087,17 @@ class BinhostRequestHandler(http.server.BaseHTTPRequestHandler):
             return None
         root = self.server.document_root
         path = os.path.realpath(os.path.join(root, *parts))
+        if path == root and self.server.listings:
+            return path
         if not path.startswith(root + os.sep):
             return None
         return path
 
     def serve_file(self):
         path = self.resolve()
+        if path and self.server.listings and os.path.isdir(path):
+            self.serve_listing(path)
+            return
         try:
             handle = open(path, "rb") if path else None
         except OSError:
@@ -1122,6 +1129,26 @@ class BinhostRequestHandler(http.server.BaseHTTPRequestHandler):
             self.send_head(206 if byte_range else 200, headers, length)
             if self.command == "GET" and length:
                 self.connection.sendfile(handle, start, length)
+
+    def serve_listing(self, directory):
+        """A plain HTML index of a directory (only with serve --index), dotfiles left out."""
+        if not self.path.split("?")[0].endswith("/"):
+            self.send_head(301, [("Location", self.path.split("?")[0] + "/")], 0)
+            return
+        root = self.server.document_root
+        entries = []
+        for entry in sorted(os.scandir(directory), key=lambda item: item.name):
+            real = os.path.realpath(entry.path)
+            if entry.name.startswith(".") or not real.startswith(root + os.sep):
+                continue
+            name = entry.name + ("/" if os.path.isdir(real) else "")
+            entries.append(f'<a href="{urllib.parse.quote(name)}">{html.escape(name)}</a>')
+        title = html.escape(urllib.parse.unquote(self.path.split("?")[0]))
+        body = (f"<!DOCTYPE html>\n<title>{title}</title>\n<h1>{title}</h1>\n<pre>\n"
+                + "\n".join(entries) + "\n</pre>\n").encode()
+        self.send_head(200, [("Content-Type", "text/html; charset=utf-8")], len(body))
+        if self.command == "GET":
+            self.wfile.write(body)
 
     def not_modified_since(self, mtime):
         header = self.headers.get("if-modified-since")
@@ -1182,13 +1209,14 @@ class BinhostServer(http.server.ThreadingHTTPServer):
     request_queue_size = 128
 
     def __init__(self, address, document_root, output, *, ssl_context=None, authorizations=(),
-                 client_timeout=30, max_connections=256, access_log=True):
+                 client_timeout=30, max_connections=256, access_log=True, listings=False):
         self.document_root = os.path.realpath(document_root)
         self.output = output
         self.ssl_context = ssl_context
         self.authorizations = [value.encode("latin-1") for value in authorizations]
         self.client_timeout = client_timeout
         self.access_log = access_log
+        self.listings = listings
         self.http_date = HttpDate()
         self.slots = threading.BoundedSemaphore(max_connections)
         super().__init__(address, BinhostRequestHandler)
@@ -1294,13 +1322,14 @@ def stop_on_sigterm():
         signal.signal(signal.SIGTERM, previous)
 
 
-def start_server(settings, output, bind, port, access_log=True):
+def start_server(settings, output, bind, port, access_log=True, listings=False):
     if not os.path.isdir(settings.pkgdir):
         raise BinhostError(f"PKGDIR {settings.pkgdir} does not exist: build packages first,"
                            f" or set pkgdir = in [binhost] of {settings.config_path}")
     return make_server(bind, port, settings.pkgdir, output, ssl_context=tls_context(settings),
                        authorizations=basic_authorizations(read_credentials(settings)),
-                       client_timeout=settings.client_timeout, access_log=access_log)
+                       client_timeout=settings.client_timeout, access_log=access_log,
+                       listings=listings)
 
 
 @contextlib.contextmanager
@@ -1316,7 +1345,7 @@ def background_server(settings, output, bind, port, access_log=False):
         server.server_close()
 
 
-def serve(settings, target, runner, output, bind, port, tunnel=False):
+def serve(settings, target, runner, output, bind, port, tunnel=False, listings=False):
     if tunnel:
         bind = "127.0.0.1"
     elif bind not in LOOPBACK_ADDRESSES and not (settings.tls_cert and settings.auth_file):
@@ -1331,7 +1360,7 @@ def serve(settings, target, runner, output, bind, port, tunnel=False):
         if tunnel:
             runner.start(Remote(target, runner, output).tunnel_argv((settings.tunnel_port, port)))
         return
-    server = start_server(settings, output, bind, port)
+    server = start_server(settings, output, bind, port, listings=listings)
     actual_port = server.server_address[1]
     output.action(f"Serving {settings.pkgdir} on {scheme}://{bind}:{actual_port}/")
     output.info("Targets need this entry in /etc/portage/binrepos.conf/"
@@ -1487,6 +1516,7 @@ def build_parser():
                               help="require HTTP Basic auth; FILE has user:password lines")
     serve_parser.add_argument("--timeout", type=float, metavar="SECONDS",
                               help=f"drop a silent client after SECONDS (default {DEFAULT_CLIENT_TIMEOUT})")
+    serve_parser.add_argument("--index", action="store_true", help="list directories (off by default)")
     serve_parser.add_argument("--tunnel", action="store_true",
                               help="listen on 127.0.0.1 only and reach the target through ssh -R")
     serve_parser.add_argument("--print-service", choices=("openrc", "systemd"),
@@ -1567,7 +1597,7 @@ def cmd_serve(config, args, runner, output):
         return
     tunnel = args.tunnel or settings.transport == "tunnel"
     target = config.target(args.target) if tunnel else None
-    serve(settings, target, runner, output, bind, port, tunnel)
+    serve(settings, target, runner, output, bind, port, tunnel, args.index)
 
 
 def cmd_keygen(config, args, runner, output):

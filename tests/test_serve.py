@@ -300,3 +300,20 @@ def test_print_service(tmp_path, kind, marker):
                             capture_output=True, text=True, timeout=30)
     assert result.returncode == 0 and marker in result.stdout
     assert f"-c {config} serve" in result.stdout and os.path.abspath(SCRIPT) in result.stdout
+
+
+def test_directory_listings_only_with_index(gb, pkgdir):
+    httpd = gb.make_server("127.0.0.1", 0, str(pkgdir), gb.Output(color=False, verbosity=0), listings=True)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    port = httpd.server_address[1]
+    try:
+        response, body = request(port, "/")
+        assert response.status == 200
+        assert b'href="app-misc/"' in body and b'href="Packages"' in body
+        assert b".secret" not in body and b"escape" not in body and b"passwd" not in body
+        assert request(port, "/app-misc")[0].status == 301
+        assert b"hello/" in request(port, "/app-misc/")[1]
+        assert request(port, "/../")[0].status == 404
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
