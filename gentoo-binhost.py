@@ -38,6 +38,7 @@ import signal
 import socket
 import ssl
 import stat
+import struct
 import subprocess
 import sys
 import tarfile
@@ -1007,9 +1008,19 @@ class BinhostRequestHandler(http.server.BaseHTTPRequestHandler):
 
     protocol_version = "HTTP/1.1"
     server_version = f"gentoo-binhost/{VERSION}"
+    # Headers and body go out in separate calls: without TCP_NODELAY the tail of each response
+    # waits for the client's delayed ACK.
+    disable_nagle_algorithm = True
 
     def setup(self):
-        self.timeout = self.server.client_timeout
+        if isinstance(self.request, ssl.SSLSocket):
+            self.timeout = self.server.client_timeout
+        else:
+            # Kernel-side timeouts: a Python socket timeout costs a poll() before every recv/send.
+            seconds = self.server.client_timeout
+            value = struct.pack("ll", int(seconds), int((seconds % 1) * 1_000_000))
+            self.request.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, value)
+            self.request.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, value)
         super().setup()
 
     def handle_one_request(self):
@@ -1051,7 +1062,7 @@ class BinhostRequestHandler(http.server.BaseHTTPRequestHandler):
                 self.serve_file()
             else:
                 self.reply_plain(401, [("WWW-Authenticate", 'Basic realm="gentoo-binhost"')])
-        except (socket.timeout, ConnectionError, ssl.SSLError):
+        except (OSError, ssl.SSLError):  # timeouts (EAGAIN), resets, TLS errors: drop the client
             self.close_connection = True
 
     def authorized(self):
@@ -1086,7 +1097,7 @@ class BinhostRequestHandler(http.server.BaseHTTPRequestHandler):
         if any(part.startswith(".") or "\0" in part or "\\" in part for part in parts):
             return None
         root = self.server.document_root
-        path = os.path.realpath(os.path.join(root, *parts))
+        path = self.server.real_path(os.path.join(root, *parts))
         if path == root and self.server.listings:
             return path
         if not path.startswith(root + os.sep):
@@ -1099,15 +1110,15 @@ class BinhostRequestHandler(http.server.BaseHTTPRequestHandler):
             self.serve_listing(path)
             return
         try:
-            handle = open(path, "rb") if path else None
+            descriptor = os.open(path, os.O_RDONLY | os.O_CLOEXEC) if path else None
         except OSError:
-            handle = None
-        if handle is None:
+            descriptor = None
+        if descriptor is None:
             # Portage falls back from Packages.gz to Packages only on a 404, never on a 403.
             self.reply_plain(404)
             return
-        with handle:
-            info = os.fstat(handle.fileno())
+        try:
+            info = os.fstat(descriptor)
             if not stat.S_ISREG(info.st_mode):
                 self.reply_plain(404)
                 return
@@ -1128,7 +1139,22 @@ class BinhostRequestHandler(http.server.BaseHTTPRequestHandler):
                 headers.append(("Content-Range", f"bytes {start}-{end}/{size}"))
             self.send_head(206 if byte_range else 200, headers, length)
             if self.command == "GET" and length:
-                self.connection.sendfile(handle, start, length)
+                self.send_body(descriptor, start, length)
+        finally:
+            os.close(descriptor)
+
+    def send_body(self, descriptor, offset, length):
+        if isinstance(self.connection, ssl.SSLSocket):
+            with os.fdopen(os.dup(descriptor), "rb") as handle:
+                self.connection.sendfile(handle, offset, length)
+            return
+        socket_fd = self.connection.fileno()
+        while length > 0:
+            sent = os.sendfile(socket_fd, descriptor, offset, length)
+            if sent == 0:
+                raise ConnectionResetError("file shrank or client went away")
+            offset += sent
+            length -= sent
 
     def serve_listing(self, directory):
         """A plain HTML index of a directory (only with serve --index), dotfiles left out."""
@@ -1218,8 +1244,20 @@ class BinhostServer(http.server.ThreadingHTTPServer):
         self.access_log = access_log
         self.listings = listings
         self.http_date = HttpDate()
+        self.real_paths = {}
         self.slots = threading.BoundedSemaphore(max_connections)
         super().__init__(address, BinhostRequestHandler)
+
+    def real_path(self, path):
+        """os.path.realpath, remembered: it costs an lstat per path component on every request.
+        PKGDIR changes by new files, not by its directories turning into symlinks."""
+        real = self.real_paths.get(path)
+        if real is None:
+            real = os.path.realpath(path)
+            if len(self.real_paths) > 100_000:
+                self.real_paths.clear()
+            self.real_paths[path] = real
+        return real
 
     def process_request(self, request, client_address):
         # Bounding connections: accept() waits while every slot is busy.
