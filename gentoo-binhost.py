@@ -1344,14 +1344,12 @@ def basic_authorizations(credentials):
             for user, password in credentials]
 
 
-class Stop(Exception):
-    """Raised in the main thread by SIGTERM to stop serving."""
-
-
 @contextlib.contextmanager
-def stop_on_sigterm():
+def stop_on_sigterm(server):
+    """SIGTERM ends serve_forever() normally: shutdown() must come from another thread, and an
+    exception raised at an arbitrary point of the accept loop could leave it half-done."""
     def stop(_signum, _frame):
-        raise Stop()
+        threading.Thread(target=server.shutdown, name="binhost-stop", daemon=True).start()
 
     previous = signal.signal(signal.SIGTERM, stop)
     try:
@@ -1406,7 +1404,7 @@ def serve(settings, target, runner, output, bind, port, tunnel=False, listings=F
     output.text(binrepos_entry(target_url(settings, tunnel), bool(settings.signing_key)))
     tunnel_process = None
     try:
-        with stop_on_sigterm():
+        with stop_on_sigterm(server):
             if tunnel:
                 remote = Remote(target, runner, output)
                 tunnel_process = runner.start(remote.tunnel_argv((settings.tunnel_port, actual_port)))
@@ -1414,13 +1412,14 @@ def serve(settings, target, runner, output, bind, port, tunnel=False, listings=F
                 threading.Thread(target=watch_tunnel, args=(tunnel_process, server, output),
                                  daemon=True).start()
             server.serve_forever()
-    except (KeyboardInterrupt, Stop):
-        output.info("Stopped serving")
+    except KeyboardInterrupt:
+        pass
     finally:
         if tunnel_process is not None and tunnel_process.poll() is None:
             tunnel_process.terminate()
             tunnel_process.wait()
         server.server_close()
+    output.info("Stopped serving")
     if tunnel_process is not None and tunnel_process.returncode not in (0, -signal.SIGTERM):
         raise BinhostError(f"the ssh tunnel to {target.name} ended (exit {tunnel_process.returncode}):"
                            f" is port {settings.tunnel_port} free on the target?")
