@@ -30,8 +30,10 @@ import fcntl
 import hmac
 import html
 import http.server
+import math
 import os
 import posixpath
+import re
 import shlex
 import shutil
 import signal
@@ -44,6 +46,7 @@ import sys
 import tarfile
 import tempfile
 import threading
+import time
 import urllib.parse
 
 # ------------------------------------------------------------------------------------------------
@@ -183,12 +186,15 @@ def unified_diff(old, new, name):
 class BinhostSettings:
     def __init__(self, section, config_path):
         self.config_path = config_path
-        self.root = os.path.abspath(section.get("root", DEFAULT_ROOT))
+        self.root = os.path.abspath(section.get("root") or DEFAULT_ROOT)
         self.pkgdir = os.path.abspath(section.get("pkgdir") or os.path.join(self.root, "var/cache/binpkgs"))
-        self.bind = section.get("bind", DEFAULT_BIND)
+        self.bind = section.get("bind") or DEFAULT_BIND
         self.port = parse_port(section.get("port", str(DEFAULT_PORT)), config_path, "binhost", "port")
-        url = section.get("url") or f"http://{socket.gethostname()}:{self.port}/"
-        self.url = url if url.endswith("/") else url + "/"
+        url = section.get("url", "")
+        if url and not url.startswith(("http://", "https://")):
+            raise UsageError(f"{config_path}: [binhost] url = {url}: use http://HOST:PORT/ or https://...")
+        # Without a url, the default follows the port actually served (see served_url).
+        self.url = url if not url or url.endswith("/") else url + "/"
         self.signing_key = section.get("signing-key", "")
         self.gpg_home = os.path.abspath(
             section.get("gpg-home") or os.path.join(self.root, "etc/gentoo-binhost/gnupg"))
@@ -204,7 +210,7 @@ class BinhostSettings:
             self.client_timeout = float(section.get("timeout", DEFAULT_CLIENT_TIMEOUT))
         except ValueError:
             self.client_timeout = 0
-        if self.client_timeout <= 0:
+        if not (math.isfinite(self.client_timeout) and self.client_timeout > 0):
             raise UsageError(f"{config_path}: [binhost] timeout = {section.get('timeout')}:"
                              " use a number of seconds")
 
@@ -285,6 +291,10 @@ def load_config(path):
         pass
     except PermissionError:
         raise UsageError(f"{path}: permission denied: run as root or pass -c FILE") from None
+    except IsADirectoryError:
+        raise UsageError(f"{path} is a directory: pass the configuration file with -c FILE") from None
+    except UnicodeDecodeError:
+        raise UsageError(f"{path} is not UTF-8 text: is it the configuration file?") from None
     except configparser.Error as error:
         first_line = str(error).splitlines()[0]
         raise UsageError(f"{path}: {first_line}") from None
@@ -312,7 +322,9 @@ def set_config_values(text, section, values):
     """Return the INI text with `key = value` set in [section], keeping comments and layout."""
     lines = text.splitlines()
     header = f"[{section}]"
-    start = next((i for i, line in enumerate(lines) if line.strip() == header), None)
+    start = next((i for i, line in enumerate(lines)
+                  if (match := configparser.ConfigParser.SECTCRE.match(line.strip()))
+                  and match.group("header").strip() == section), None)
     if start is None:
         if lines and lines[-1].strip():
             lines.append("")
@@ -322,7 +334,8 @@ def set_config_values(text, section, values):
     end = next((i for i in range(start + 1, len(lines)) if lines[i].lstrip().startswith("[")), len(lines))
     pending = dict(values)
     for i in range(start + 1, end):
-        key = lines[i].split("=", 1)[0].strip() if "=" in lines[i] else None
+        # ConfigParser accepts `key = value` and `key: value`, keys in any case.
+        key = re.split(r"[=:]", lines[i], 1)[0].strip().lower()
         if key in pending and not lines[i].lstrip().startswith((";", "#")):
             lines[i] = f"{key} = {pending.pop(key)}"
     insert_at = end
@@ -356,12 +369,13 @@ class Runner:
             return None
         self.output.debug(f"Running: {shown}")
         full_env = dict(os.environ, **env) if env else None
+        text = isinstance(input, str) or (capture and not isinstance(input, bytes))
         try:
             result = subprocess.run(
                 argv, env=full_env, cwd=cwd, input=input, check=False,
                 stdout=subprocess.PIPE if capture else None,
                 stderr=subprocess.PIPE if capture else None,
-                text=isinstance(input, str) or (capture and not isinstance(input, bytes)))
+                encoding="utf-8" if text else None, errors="replace" if text else None)
         except FileNotFoundError:
             raise BinhostError(f"{argv[0]} not found: install it or add its directory to PATH") from None
         except PermissionError:
@@ -502,14 +516,14 @@ def build_packages(settings, runner, output, emerge_args):
     check_binhost_root(settings)
     emerge = find_program("emerge", "build runs Portage on this host: run it on Gentoo, or put"
                                     " Portage's bin directory in PATH")
-    if settings.signing_key:
-        ensure_verify_keyring(settings, runner, output)
-    else:
+    if not settings.signing_key:
         output.warn(f"No signing key configured: building unsigned packages, which targets refuse"
                     f" by default. Run '{PROG} keygen' to sign.")
     env = portage_environment(settings)
     argv = [emerge, "--buildpkg", "--root-deps"] + list(emerge_args)
     with build_lock(settings, output, runner.pretend):
+        if settings.signing_key:
+            ensure_verify_keyring(settings, runner, output)
         output.action(f"Building in {settings.root}: {format_command(['emerge'] + argv[1:])}")
         result = runner.run(argv, env, check=False)
     if result is not None and result.returncode != 0:
@@ -519,7 +533,7 @@ def build_packages(settings, runner, output, emerge_args):
 def refresh_index(settings, runner):
     """Rebuild PKGDIR/Packages; Portage trusts a stale index otherwise (pkgdir-index-trusted)."""
     emaint = find_program("emaint", "put Portage's bin directory in PATH")
-    runner.run([emaint, "binhost", "--fix"], portage_environment(settings), capture=not runner.pretend,
+    runner.run([emaint, "binhost", "--fix"], portage_environment(settings), capture=True,
                describe="emaint binhost --fix")
 
 
@@ -621,9 +635,14 @@ def build_verify_keyring(settings, runner, output):
         runner.run(gpg_command(staging, "--no-autostart", "--check-trustdb"), capture=True,
                    describe="gpg --check-trustdb")
         make_world_readable(staging)
+        old = None
         if os.path.exists(target):
-            shutil.rmtree(target)
+            # Moved aside, not deleted first: a build starting now still finds a keyring.
+            old = tempfile.mkdtemp(prefix=".verify-old.", dir=parent)
+            os.rename(target, os.path.join(old, "keyring"))
         os.rename(staging, target)
+        if old:
+            shutil.rmtree(old, ignore_errors=True)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -689,10 +708,11 @@ def sign_packages(settings, runner, output, resign=False):
     if resign:
         # The current signatures may be by a retired key the verify keyring no longer holds.
         env["FEATURES"] += " binpkg-ignore-signature"
-    for package in packages:
-        output.action(f"Signing {os.path.relpath(package, settings.pkgdir)}")
-        runner.run([gpkg_sign, package], env, capture=not runner.pretend, describe=f"gpkg-sign {package}")
-    refresh_index(settings, runner)
+    with build_lock(settings, output, runner.pretend):  # a build may be writing PKGDIR
+        for package in packages:
+            output.action(f"Signing {os.path.relpath(package, settings.pkgdir)}")
+            runner.run([gpkg_sign, package], env, capture=True, describe=f"gpkg-sign {package}")
+        refresh_index(settings, runner)
     return len(packages)
 
 
@@ -783,9 +803,9 @@ class Remote:
                                f" check host, ssh-port and ssh-options in [target {self.target.name}]"
                                f" of {self.target.config_path}")
         if result.returncode == COMMAND_NOT_FOUND:
-            raise BinhostError(f"{argv[0] if argv[0] != 'sh' else what} not found on target"
-                               f" {self.target.name}: install it there, or set path = in"
-                               f" [target {self.target.name}] of {self.target.config_path}")
+            missing = argv[0] if argv[0] != "sh" else f"a command needed for {what}"
+            raise BinhostError(f"{missing} not found on target {self.target.name}: install it there,"
+                               f" or set path = in [target {self.target.name}] of {self.target.config_path}")
         return result
 
     def script(self, script, *args, changes=True, what):
@@ -820,7 +840,10 @@ def install_packages(settings, target, runner, output, emerge_args):
     argv = ["emerge", "--getbinpkgonly"] + args
     tty = sys.stdin.isatty() and sys.stdout.isatty()
     output.action(f"Installing on {target.name} ({target.host}): {format_command(argv)}")
-    if settings.transport == "tunnel":
+    if settings.transport == "tunnel" and runner.pretend:
+        remote.run(argv, target.portage_environment, tty=tty, forward=(settings.tunnel_port, "LOCALPORT"))
+        result = None
+    elif settings.transport == "tunnel":
         # The target reaches a server that lives as long as this command, through this ssh session.
         with background_server(settings, output, "127.0.0.1", 0) as server:
             result = remote.run(argv, target.portage_environment, tty=tty,
@@ -906,9 +929,11 @@ def binrepos_entry(url, verify_signature, target_root="/"):
 def probe_target(remote):
     result = remote.script(PROBE_SCRIPT, remote.target.portage_config_dir, BINREPOS_NAME + ".conf",
                            changes=False, what="reading binrepos.conf")
+    # Shell start-up files may print before us: find our markers instead of counting lines.
     lines = result.stdout.splitlines(keepends=True)
-    kind = lines[0].split()[1] if lines else "dir"
-    content = "".join(lines[2:]) if len(lines) > 1 and lines[1].strip() == "content" else None
+    kind = next((line.split()[1] for line in lines if line.startswith("kind ")), "dir")
+    marker = next((i for i, line in enumerate(lines) if line == "content\n"), None)
+    content = "".join(lines[marker + 1:]) if marker is not None else None
     return kind, content
 
 
@@ -917,8 +942,9 @@ def setup_target(settings, target, runner, output, verify_signature=True):
     config_dir = target.portage_config_dir
     binrepos_dir = posixpath.join(config_dir, "binrepos.conf")
     entry_path = posixpath.join(binrepos_dir, BINREPOS_NAME + ".conf")
-    url = target_url(settings)
-    shown_url = target_url(settings, with_credentials=False)
+    tunnel = settings.transport == "tunnel"
+    url = target_url(settings, tunnel)
+    shown_url = target_url(settings, tunnel, with_credentials=False)
     kind, current = probe_target(remote)
     if kind == "file":
         raise BinhostError(
@@ -984,6 +1010,7 @@ HTTP_REASONS = {200: "OK", 206: "Partial Content", 301: "Moved Permanently", 304
 MAX_REQUEST_LINE = 8192
 MAX_HEADERS = 100
 LOOPBACK_ADDRESSES = ("127.0.0.1", "::1", "localhost")
+CONTROL_CHARACTERS = {code: f"\\x{code:02x}" for code in [*range(0x20), *range(0x7f, 0xa0)]}
 
 
 class HttpDate:
@@ -1038,10 +1065,15 @@ class BinhostRequestHandler(http.server.BaseHTTPRequestHandler):
                 return
             self.command, self.path, self.request_version = parts
             self.headers = {}
+            # The socket timeout bounds each recv; this bounds the whole header of a request, so a
+            # client trickling a byte at a time cannot hold its slot forever.
+            deadline = time.monotonic() + self.server.client_timeout
             while True:
                 header = self.rfile.readline(MAX_REQUEST_LINE + 1)
                 if header in (b"\r\n", b"\n", b""):
                     break
+                if time.monotonic() > deadline:
+                    return
                 if len(self.headers) >= MAX_HEADERS or len(header) > MAX_REQUEST_LINE:
                     self.reply_plain(431)
                     return
@@ -1056,8 +1088,12 @@ class BinhostRequestHandler(http.server.BaseHTTPRequestHandler):
                 self.reply_plain(505)
                 return
             if self.command not in ("GET", "HEAD"):
-                self.reply_plain(405, [("Allow", "GET, HEAD")])
                 self.close_connection = True
+                self.reply_plain(405, [("Allow", "GET, HEAD")])
+            elif self.headers.get("content-length", "0") != "0" or "transfer-encoding" in self.headers:
+                # A body we do not read would be parsed as the next request.
+                self.close_connection = True
+                self.reply_plain(400)
             elif self.authorized():
                 self.serve_file()
             else:
@@ -1078,7 +1114,8 @@ class BinhostRequestHandler(http.server.BaseHTTPRequestHandler):
                  f"Date: {self.server.http_date.now()}",
                  f"Server: {self.server_version}"]
         lines += [f"{name}: {value}" for name, value in headers]
-        lines.append(f"Content-Length: {length}")
+        if code != 304:
+            lines.append(f"Content-Length: {length}")
         if self.close_connection:
             lines.append("Connection: close")
         self.wfile.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
@@ -1090,10 +1127,14 @@ class BinhostRequestHandler(http.server.BaseHTTPRequestHandler):
         if self.command != "HEAD":
             self.wfile.write(body)
 
+    def path_parts(self):
+        """The decoded, non-empty segments of the request path (query and fragment dropped)."""
+        raw_path = self.path.split("?", 1)[0].split("#", 1)[0]
+        return [part for part in urllib.parse.unquote(raw_path).split("/") if part]
+
     def resolve(self):
         """The file a request path names, or None when it is not a regular file inside PKGDIR."""
-        raw_path = urllib.parse.urlsplit(self.path).path
-        parts = [part for part in urllib.parse.unquote(raw_path).split("/") if part]
+        parts = self.path_parts()
         if any(part.startswith(".") or "\0" in part or "\\" in part for part in parts):
             return None
         root = self.server.document_root
@@ -1110,7 +1151,8 @@ class BinhostRequestHandler(http.server.BaseHTTPRequestHandler):
             self.serve_listing(path)
             return
         try:
-            descriptor = os.open(path, os.O_RDONLY | os.O_CLOEXEC) if path else None
+            # O_NONBLOCK: a FIFO in PKGDIR must not block the thread (it is refused below).
+            descriptor = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK) if path else None
         except OSError:
             descriptor = None
         if descriptor is None:
@@ -1158,8 +1200,10 @@ class BinhostRequestHandler(http.server.BaseHTTPRequestHandler):
 
     def serve_listing(self, directory):
         """A plain HTML index of a directory (only with serve --index), dotfiles left out."""
-        if not self.path.split("?")[0].endswith("/"):
-            self.send_head(301, [("Location", self.path.split("?")[0] + "/")], 0)
+        clean = "/" + "".join(urllib.parse.quote(part) + "/" for part in self.path_parts())
+        if not self.path.split("?", 1)[0].endswith("/"):
+            # Built from the checked parts: `//evil.example` must not become an open redirect.
+            self.send_head(301, [("Location", clean)], 0)
             return
         root = self.server.document_root
         entries = []
@@ -1169,7 +1213,7 @@ class BinhostRequestHandler(http.server.BaseHTTPRequestHandler):
                 continue
             name = entry.name + ("/" if os.path.isdir(real) else "")
             entries.append(f'<a href="{urllib.parse.quote(name)}">{html.escape(name)}</a>')
-        title = html.escape(urllib.parse.unquote(self.path.split("?")[0]))
+        title = html.escape(urllib.parse.unquote(clean))
         body = (f"<!DOCTYPE html>\n<title>{title}</title>\n<h1>{title}</h1>\n<pre>\n"
                 + "\n".join(entries) + "\n</pre>\n").encode()
         self.send_head(200, [("Content-Type", "text/html; charset=utf-8")], len(body))
@@ -1212,8 +1256,10 @@ class BinhostRequestHandler(http.server.BaseHTTPRequestHandler):
 
     def log_request(self, code="-", size="-"):
         if self.server.access_log:
+            # Clients choose the request line: no terminal escape sequences into the log.
+            request_line = self.requestline.translate(CONTROL_CHARACTERS)
             self.server.output.text(f'{self.client_address[0]} - - [{self.log_date_time_string()}]'
-                                    f' "{self.requestline}" {code} {size}')
+                                    f' "{request_line}" {code} {size}')
 
     def log_message(self, format, *args):  # noqa: A002 - the base class's signature
         """http.server's own messages (none on our request path) go to the access log too."""
@@ -1247,6 +1293,11 @@ class BinhostServer(http.server.ThreadingHTTPServer):
         self.real_paths = {}
         self.slots = threading.BoundedSemaphore(max_connections)
         super().__init__(address, BinhostRequestHandler)
+
+    def handle_error(self, request, client_address):
+        """One line instead of socketserver's traceback: a broken request must not flood stderr."""
+        error = sys.exc_info()[1]
+        self.output.warn(f"{client_address[0]}: request failed: {error!r}")
 
     def real_path(self, path):
         """os.path.realpath, remembered: it costs an lstat per path component on every request.
@@ -1358,11 +1409,12 @@ def stop_on_sigterm(server):
         signal.signal(signal.SIGTERM, previous)
 
 
-def start_server(settings, output, bind, port, access_log=True, listings=False):
+def start_server(settings, output, bind, port, access_log=True, listings=False, tunnel=False):
     if not os.path.isdir(settings.pkgdir):
         raise BinhostError(f"PKGDIR {settings.pkgdir} does not exist: build packages first,"
                            f" or set pkgdir = in [binhost] of {settings.config_path}")
-    return make_server(bind, port, settings.pkgdir, output, ssl_context=tls_context(settings),
+    return make_server(bind, port, settings.pkgdir, output,
+                       ssl_context=None if tunnel else tls_context(settings),
                        authorizations=basic_authorizations(read_credentials(settings)),
                        client_timeout=settings.client_timeout, access_log=access_log,
                        listings=listings)
@@ -1371,7 +1423,7 @@ def start_server(settings, output, bind, port, access_log=True, listings=False):
 @contextlib.contextmanager
 def background_server(settings, output, bind, port, access_log=False):
     """A server thread for the duration of one command (transport = tunnel)."""
-    server = start_server(settings, output, bind, port, access_log)
+    server = start_server(settings, output, bind, port, access_log, tunnel=True)
     thread = threading.Thread(target=server.serve_forever, name="binhost-server", daemon=True)
     thread.start()
     try:
@@ -1390,18 +1442,23 @@ def serve(settings, target, runner, output, bind, port, tunnel=False, listings=F
         output.warn(f"Serving on {bind} without {missing}: anyone who can reach port {port} can"
                     " download every package (signatures stop tampering, not reading). Bind to a"
                     " private address, use --tunnel, or set tls-cert/tls-key and auth-file.")
-    scheme = "https" if settings.tls_cert else "http"
+    scheme = "https" if settings.tls_cert and not tunnel else "http"
     if runner.pretend:
         output.info(f"Would serve {settings.pkgdir} on {scheme}://{bind}:{port}/")
         if tunnel:
             runner.start(Remote(target, runner, output).tunnel_argv((settings.tunnel_port, port)))
         return
-    server = start_server(settings, output, bind, port, listings=listings)
+    server = start_server(settings, output, bind, port, listings=listings, tunnel=tunnel)
     actual_port = server.server_address[1]
     output.action(f"Serving {settings.pkgdir} on {scheme}://{bind}:{actual_port}/")
     output.info("Targets need this entry in /etc/portage/binrepos.conf/"
                 f"{BINREPOS_NAME}.conf ('{PROG} setup-target' writes it):")
-    output.text(binrepos_entry(target_url(settings, tunnel), bool(settings.signing_key)))
+    # The password stays out of the output (service logs are often world-readable).
+    entry = binrepos_entry(target_url(settings, tunnel, with_credentials=False, port=actual_port),
+                           bool(settings.signing_key))
+    if settings.auth_file:
+        entry = entry.replace("://", "://USER:PASSWORD@", 1)
+    output.text(entry)
     tunnel_process = None
     try:
         with stop_on_sigterm(server):
@@ -1486,16 +1543,19 @@ def nginx_server_block(settings, bind, port):
 def watch_tunnel(process, server, output):
     """Stop serving when the tunnel dies: without it no target can reach us."""
     process.wait()
-    output.warn(f"ssh tunnel exited (exit {process.returncode})")
+    if process.returncode != -signal.SIGTERM:  # not our own stop
+        output.warn(f"ssh tunnel exited (exit {process.returncode})")
     server.shutdown()
 
 
-def target_url(settings, tunnel=None, with_credentials=True):
-    """The sync-uri a target uses: through the tunnel or the configured url, with credentials."""
-    if tunnel if tunnel is not None else settings.transport == "tunnel":
+def target_url(settings, tunnel, with_credentials=True, port=None):
+    """The sync-uri a target uses: through the tunnel (plain HTTP: ssh encrypts it) or the
+    configured url (default: this host, the port served), with the auth file's credentials."""
+    if tunnel:
         url = f"http://127.0.0.1:{settings.tunnel_port}/"
     else:
-        url = settings.url
+        scheme = "https" if settings.tls_cert else "http"
+        url = settings.url or f"{scheme}://{socket.gethostname()}:{port or settings.port}/"
     credentials = read_credentials(settings) if with_credentials else []
     if credentials:
         user, password = credentials[0]
@@ -1510,6 +1570,11 @@ def target_url(settings, tunnel=None, with_credentials=True):
 
 
 class ArgumentParser(argparse.ArgumentParser):
+    def __init__(self, *args, **kwargs):
+        # Abbreviated options would hide where the command word is (see split_passthrough).
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
     def error(self, message):
         raise UsageError(f"{message} (see '{PROG} --help')")
 
@@ -1619,13 +1684,15 @@ def cmd_serve(config, args, runner, output):
         if getattr(args, option):
             setattr(settings, option, os.path.abspath(getattr(args, option)))
     if args.timeout is not None:
-        if args.timeout <= 0:
+        if not (math.isfinite(args.timeout) and args.timeout > 0):
             raise UsageError("--timeout needs a positive number of seconds")
         settings.client_timeout = args.timeout
     if args.tls_key and not settings.tls_cert:
         raise UsageError("--tls-key needs --tls-cert")
     bind = args.bind or settings.bind
     port = settings.port if args.port is None else args.port
+    if not 0 <= port <= 65535:
+        raise UsageError(f"--port {port}: use a port number (0-65535)")
     if args.print_service:
         output.text(service_definition(args.print_service, config.path, args.tunnel), always=True)
         return
@@ -1693,6 +1760,11 @@ def main(argv=None):
         output.error("Interrupted")
         return EXIT_INTERRUPTED
     except BrokenPipeError:
+        return EXIT_FAILURE
+    except OSError as error:
+        # Files we were asked to read or write: permissions, full disks, paths that are files.
+        where = f"{error.filename}: " if error.filename else ""
+        output.error(f"{where}{error.strerror or error}")
         return EXIT_FAILURE
 
 

@@ -69,7 +69,9 @@ def test_defaults_without_a_config_file(gb, tmp_path):
     config = gb.load_config(str(tmp_path / "missing.conf"))
     assert config.binhost.root == "/binhost"
     assert config.binhost.pkgdir == "/binhost/var/cache/binpkgs"
-    assert config.binhost.port == 8080 and config.binhost.url.endswith(":8080/")
+    assert config.binhost.port == 8080
+    assert gb.target_url(config.binhost, tunnel=False).endswith(":8080/")
+    assert gb.target_url(config.binhost, tunnel=False, port=9000).endswith(":9000/")
 
 
 def test_single_target_is_the_default(gb, config):
@@ -117,6 +119,28 @@ def test_config_from_environment_variable(config):
 
 def test_unknown_command_is_a_usage_error():
     assert_one_line_error(cli("frobnicate"), 2, "invalid choice")
+
+
+def test_set_config_values_understands_what_configparser_accepts(gb):
+    text = "[binhost] ; mine\nSigning-Key: OLD\n"
+    updated = gb.set_config_values(text, "binhost", {"signing-key": "NEW"})
+    assert updated == "[binhost] ; mine\nsigning-key = NEW\n"
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["-c", "/tmp"], "is a directory"),
+    (["serve", "--port", "99999"], "--port 99999"),
+    (["serve", "--timeout", "nan"], "--timeout"),
+])
+def test_more_bad_input_is_one_line(tmp_path, args, fragment):
+    if args[0] != "-c":
+        config = tmp_path / "c.conf"
+        config.write_text(f"[binhost]\npkgdir = {tmp_path}\n")
+        args = ["-c", str(config)] + args
+    else:
+        args = args + ["serve"]
+    result = cli(*args)
+    assert_one_line_error(result, 2, fragment)
 
 
 def test_set_config_values_keeps_comments_and_other_sections(gb):

@@ -261,8 +261,8 @@ def test_basic_auth_with_curl(tmp_path, pkgdir):
         assert right.stdout.startswith("VERSION")
     finally:
         stdout, stderr = stop(process)
-    # The printed binrepos entry carries the credentials, with % doubled for ConfigParser.
-    assert "sync-uri = http://portage:s3cret%%word@" in stdout
+    # The printed entry shows where credentials go, never the password (logs are often readable).
+    assert "sync-uri = http://USER:PASSWORD@" in stdout and "s3cret" not in stdout
 
 
 def test_public_bind_without_tls_or_auth_warns(tmp_path, pkgdir):
@@ -317,3 +317,46 @@ def test_directory_listings_only_with_index(gb, pkgdir):
     finally:
         httpd.shutdown()
         httpd.server_close()
+
+
+def test_request_bodies_are_refused_not_parsed_as_requests(server):
+    import socket
+    with socket.create_connection(("127.0.0.1", server), timeout=10) as client:
+        client.sendall(b"GET /Packages HTTP/1.1\r\nHost: x\r\nContent-Length: 24\r\n\r\n"
+                       b"GET /.secret HTTP/1.1\r\n\r\n")
+        answer = b""
+        while chunk := client.recv(65536):
+            answer += chunk
+    assert answer.startswith(b"HTTP/1.1 400") and answer.count(b"HTTP/1.1") == 1
+
+
+def test_no_open_redirect_and_no_escapes_in_the_log(gb, pkgdir):
+    import io
+    log = io.StringIO()
+    httpd = gb.make_server("127.0.0.1", 0, str(pkgdir), gb.Output(color=False, out=log), listings=True)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        response, _ = request(httpd.server_address[1], "//app-misc")
+        assert response.status == 301 and response.headers["Location"] == "/app-misc/"
+        import socket
+        with socket.create_connection(("127.0.0.1", httpd.server_address[1]), timeout=10) as raw:
+            raw.sendall(b"GET /\x1b[31mred HTTP/1.1\r\nConnection: close\r\n\r\n")
+            while raw.recv(65536):
+                pass
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+    assert "\x1b" not in log.getvalue() and "\\x1b[31mred" in log.getvalue()
+
+
+def test_not_modified_has_no_content_length(server, pkgdir):
+    mtime = int((pkgdir / "Packages").stat().st_mtime)
+    response, _ = request(server, "/Packages",
+                          headers={"If-Modified-Since": email.utils.formatdate(mtime, usegmt=True)})
+    assert response.status == 304 and response.headers["Content-Length"] is None
+
+
+def test_a_fifo_is_not_served(gb, pkgdir, server):
+    os.mkfifo(pkgdir / "fifo")
+    response, _ = request(server, "/fifo")
+    assert response.status == 404
