@@ -27,9 +27,11 @@ import difflib
 import email.utils
 import errno
 import fcntl
+import hashlib
 import hmac
 import html
 import http.server
+import io
 import math
 import os
 import posixpath
@@ -359,7 +361,7 @@ class Runner:
         self.pretend = pretend
 
     def run(self, argv, env=None, *, changes=True, capture=False, input=None, check=True,
-            describe=None, cwd=None):
+            describe=None, cwd=None, binary=False):
         """Run argv with env added to ours. Returns a CompletedProcess (None under --pretend for
         commands that change something). With check, a non-zero exit raises BinhostError."""
         argv = [str(word) for word in argv]
@@ -369,7 +371,7 @@ class Runner:
             return None
         self.output.debug(f"Running: {shown}")
         full_env = dict(os.environ, **env) if env else None
-        text = isinstance(input, str) or (capture and not isinstance(input, bytes))
+        text = not binary and (isinstance(input, str) or (capture and not isinstance(input, bytes)))
         try:
             result = subprocess.run(
                 argv, env=full_env, cwd=cwd, input=input, check=False,
@@ -384,7 +386,7 @@ class Runner:
             what = describe or argv[0]
             detail = ""
             if capture and result.stderr:
-                detail = ": " + last_line(result.stderr)
+                detail = ": " + last_line(as_text(result.stderr))
             raise BinhostError(f"{what} failed (exit {result.returncode}){detail}")
         return result
 
@@ -435,6 +437,10 @@ class Runner:
                 os.unlink(temporary)
             raise
         return True
+
+
+def as_text(data):
+    return data.decode("utf-8", "replace") if isinstance(data, bytes) else data
 
 
 def last_line(text):
@@ -790,15 +796,15 @@ class Remote:
         return self.ssh_base() + ["-N"] + self.forward_options(forward) + ["--", self.target.host]
 
     def run(self, argv, env=None, *, tty=False, changes=True, capture=False, input=None, what=None,
-            forward=None):
+            forward=None, binary=False):
         """Run argv on the target; returns the CompletedProcess (None under --pretend)."""
         result = self.runner.run(self.ssh_argv(argv, env, tty, forward), changes=changes,
-                                 capture=capture, input=input, check=False)
+                                 capture=capture, input=input, check=False, binary=binary)
         if result is None:
             return None
         what = what or argv[0]
         if result.returncode == SSH_CONNECTION_FAILED:
-            detail = f": {last_line(result.stderr)}" if capture and result.stderr else ""
+            detail = f": {last_line(as_text(result.stderr))}" if capture and result.stderr else ""
             raise BinhostError(f"cannot reach target {self.target.name} ({self.target.host}) over ssh{detail}:"
                                f" check host, ssh-port and ssh-options in [target {self.target.name}]"
                                f" of {self.target.config_path}")
@@ -808,12 +814,14 @@ class Remote:
                                f" or set path = in [target {self.target.name}] of {self.target.config_path}")
         return result
 
-    def script(self, script, *args, changes=True, what):
-        """Run a small POSIX sh script on the target with args as $1, $2, ..."""
+    def script(self, script, *args, changes=True, what, input=None, binary=False):
+        """Run a small POSIX sh script on the target with args as $1, $2, ..., and the target's
+        ROOT and PORTAGE_CONFIGROOT (for portageq)."""
         result = self.run(["sh", "-c", script, "gentoo-binhost"] + [str(arg) for arg in args],
-                          changes=changes, capture=True, what=what)
+                          self.target.portage_environment,
+                          changes=changes, capture=True, what=what, input=input, binary=binary)
         if result is not None and result.returncode != 0:
-            detail = last_line(result.stderr) or last_line(result.stdout)
+            detail = last_line(as_text(result.stderr)) or last_line(as_text(result.stdout))
             raise BinhostError(f"{what} failed on target {self.target.name} (exit {result.returncode})"
                                f"{': ' + detail if detail else ''}")
         return result
@@ -996,6 +1004,213 @@ def trust_signing_key(settings, remote, runner, output):
                   last_line(status))
     raise BinhostError(f"target {target.name} does not accept the binhost's signature with {home}"
                        f" ({reason}): check that the directory is readable by nobody and the key trusted")
+
+
+# ---- configuration parity: config pull | push | diff ---------------------------------------------
+
+# Streams the Portage configuration of one side as a tar: <configroot>/etc/portage and the world
+# files under <EROOT>, keeping symlinks (make.profile) and modes. What must not travel stays out:
+# the keyring, our own binrepos entry (each side keeps its own), editor and etc-update leftovers.
+CONFIG_TAR_SCRIPT = r"""
+set -e
+configroot=${1%/} own_entry=$2
+eroot=$(portageq envvar EROOT)
+eroot=${eroot%/}
+[ -d "$configroot/etc/portage" ] || { echo "$configroot/etc/portage does not exist" >&2; exit 3; }
+set -- -C "$configroot" etc/portage
+for f in world world_sets; do
+    if [ -e "$eroot/var/lib/portage/$f" ]; then set -- "$@" -C "$eroot" "var/lib/portage/$f"; fi
+done
+exec tar -cf - --numeric-owner --exclude=etc/portage/gnupg \
+    --exclude="etc/portage/binrepos.conf/$own_entry" --exclude='*~' --exclude='.*.sw[a-p]' \
+    --exclude='*.bak' --exclude='._cfg[0-9][0-9][0-9][0-9]_*' --exclude='._mrg[0-9][0-9][0-9][0-9]_*' "$@"
+"""
+
+# Installs such a tar (on stdin) on one side: verified against its checksum first, so a cut
+# transfer changes nothing; extracted beside the live configuration; the side's own keyring and
+# binrepos entry carried over; then swapped in, the old one kept as a timestamped backup.
+INSTALL_CONFIG_SCRIPT = r"""
+set -e
+configroot=${1%/} sum=$2 stamp=$3 own_entry=$4
+eroot=$(portageq envvar EROOT)
+eroot=${eroot%/}
+mkdir -p "$configroot/etc"
+stage=$(mktemp -d "$configroot/etc/.gentoo-binhost-config.XXXXXX")
+trap 'rm -rf "$stage"' EXIT INT TERM HUP
+cat > "$stage/stream.tar"
+set -- $(sha256sum "$stage/stream.tar")
+if [ "$1" != "$sum" ]; then
+    echo "incomplete transfer (checksum mismatch): nothing was changed" >&2
+    exit 3
+fi
+mkdir "$stage/new"
+tar -xpf "$stage/stream.tar" --numeric-owner -C "$stage/new"
+live="$configroot/etc/portage"
+if [ -d "$live/gnupg" ]; then cp -a "$live/gnupg" "$stage/new/etc/portage/gnupg"; fi
+if [ -f "$live/binrepos.conf/$own_entry" ] && [ -d "$stage/new/etc/portage/binrepos.conf" ]; then
+    cp -p "$live/binrepos.conf/$own_entry" "$stage/new/etc/portage/binrepos.conf/"
+fi
+swap() {
+    if [ -e "$2" ] || [ -L "$2" ]; then mv -T "$2" "$(dirname "$2")/.$(basename "$2").$stamp.bak"; fi
+    if [ -e "$1" ] || [ -L "$1" ]; then mkdir -p "$(dirname "$2")"; mv -T "$1" "$2"; fi
+}
+swap "$stage/new/etc/portage" "$live"
+for f in world world_sets; do
+    if [ -e "$stage/new/var/lib/portage/$f" ] || [ -e "$eroot/var/lib/portage/$f" ]; then
+        swap "$stage/new/var/lib/portage/$f" "$eroot/var/lib/portage/$f"
+    fi
+done
+echo "$configroot/etc/.portage.$stamp.bak"
+"""
+
+
+class LocalShell:
+    """The binhost side of a transfer: the same sh scripts as on the target, run here."""
+
+    def __init__(self, settings, runner):
+        self.runner = runner
+        root = settings.root.rstrip("/") + "/"
+        self.env = {"ROOT": root, "PORTAGE_CONFIGROOT": root}
+        self.name = "the binhost"
+
+    def script(self, script, *args, changes=True, what, input=None, binary=False):
+        result = self.runner.run(["sh", "-c", script, "gentoo-binhost"] + [str(arg) for arg in args],
+                                 self.env, changes=changes, capture=True, input=input, check=False,
+                                 binary=binary)
+        if result is not None and result.returncode != 0:
+            detail = last_line(as_text(result.stderr)) or last_line(as_text(result.stdout))
+            raise BinhostError(f"{what} failed on the binhost (exit {result.returncode})"
+                               f"{': ' + detail if detail else ''}")
+        return result
+
+
+def fetch_config(side, configroot):
+    """The side's configuration as tar bytes (read-only, so it also runs under --pretend)."""
+    result = side.script(CONFIG_TAR_SCRIPT, configroot, BINREPOS_NAME + ".conf", changes=False,
+                         what="reading the Portage configuration", binary=True)
+    return result.stdout
+
+
+def config_members(tar_bytes):
+    """{name: (kind, mode, content)} of a configuration tar, content being bytes or a link target."""
+    members = {}
+    with tarfile.open(fileobj=io.BytesIO(tar_bytes)) as archive:
+        for member in archive.getmembers():
+            if member.isfile():
+                members[member.name] = ("file", member.mode, archive.extractfile(member).read())
+            elif member.issym():
+                members[member.name] = ("symlink", member.mode, member.linkname)
+            elif member.isdir():
+                members[member.name] = ("directory", member.mode, None)
+    return members
+
+
+def describe_config_changes(old, new, old_label, new_label):
+    """A unified diff of what installing `new` over `old` changes, symlinks and modes included."""
+    lines = []
+    for name in sorted(set(old) | set(new)):
+        before, after = old.get(name), new.get(name)
+        if before == after:
+            continue
+        if before is None or after is None:
+            kind = (after or before)[0]
+            lines.append(f"{'Only in ' + new_label if before is None else 'Only in ' + old_label}:"
+                         f" {name} ({kind})\n")
+            if kind == "file":
+                text = (after or before)[2].decode("utf-8", "replace")
+                old_text, new_text = ("", text) if before is None else (text, "")
+                lines.append(unified_diff(old_text, new_text, name))
+            continue
+        if before[0] != after[0]:
+            lines.append(f"{name}: {before[0]} in {old_label}, {after[0]} in {new_label}\n")
+        elif before[0] == "symlink":
+            lines.append(f"{name}: symlink to {before[2]} in {old_label}, to {after[2]} in {new_label}\n")
+        else:
+            if before[1] != after[1]:
+                lines.append(f"{name}: mode {before[1]:04o} in {old_label}, {after[1]:04o} in {new_label}\n")
+            if before[2] != after[2]:
+                lines.append(unified_diff(before[2].decode("utf-8", "replace"),
+                                          after[2].decode("utf-8", "replace"), name))
+    return "".join(lines)
+
+
+def rewrite_make_conf(tar_bytes, transform):
+    """The tar with transform(text) applied to make.conf (a file, or each file of a make.conf/
+    directory); returns (bytes, names changed)."""
+    source = tarfile.open(fileobj=io.BytesIO(tar_bytes))
+    result, changed = io.BytesIO(), []
+    with source, tarfile.open(fileobj=result, mode="w", format=source.format) as target:
+        for member in source.getmembers():
+            data = source.extractfile(member).read() if member.isfile() else None
+            if data is not None and (member.name == "etc/portage/make.conf"
+                                     or member.name.startswith("etc/portage/make.conf/")):
+                text = data.decode("utf-8", "replace")
+                new_text = transform(text)
+                if new_text != text:
+                    data = new_text.encode()
+                    member.size = len(data)
+                    changed.append(member.name)
+            target.addfile(member, io.BytesIO(data) if data is not None else None)
+    return result.getvalue(), changed
+
+
+NATIVE_CPU_FLAG = re.compile(r"(?<!\S)-m(arch|cpu|tune)=native(?!\S)")
+
+
+def resolve_march_native_in(tar_bytes, target, runner, output):
+    """The binhost must not build for its own CPU: -march=native in the target's make.conf becomes
+    the target's resolved flags."""
+    if b"=native" not in tar_bytes:
+        return tar_bytes
+    flags = None
+
+    def replace(text):
+        nonlocal flags
+        if not NATIVE_CPU_FLAG.search(text):
+            return text
+        if flags is None:
+            flags = " ".join(detect_target_cpu(target, runner, output).common_flags)
+        text = NATIVE_CPU_FLAG.sub(lambda match: "" if match.group(1) == "tune" else flags, text)
+        return re.sub(r"[ \t]{2,}", " ", text)
+
+    new_tar, changed = rewrite_make_conf(tar_bytes, replace)
+    for name in changed:
+        output.warn(f"{target.name}:{name} uses -march=native, which would mean the binhost's CPU here:"
+                    f" the binhost copy gets {target.name}'s resolved flags instead: {flags}")
+    return new_tar
+
+
+def sync_config(direction, settings, target, runner, output, show_only=False):
+    """config pull (target -> binhost), push (binhost -> target) or diff (what pull would change)."""
+    check_binhost_root(settings)
+    binhost_side = LocalShell(settings, runner)
+    remote = Remote(target, runner, output)
+    target_tar = fetch_config(remote, target.root)
+    binhost_tar = fetch_config(binhost_side, settings.root)
+    if direction in ("pull", "diff"):  # diff shows what a pull would change
+        target_tar = resolve_march_native_in(target_tar, target, runner, output)
+        source, destination = (target_tar, config_members(target_tar)), config_members(binhost_tar)
+        labels = (f"binhost:{settings.root}", f"{target.name}:{target.root}")
+    else:
+        source, destination = (binhost_tar, config_members(binhost_tar)), config_members(target_tar)
+        labels = (f"{target.name}:{target.root}", f"binhost:{settings.root}")
+    changes = describe_config_changes(destination, source[1], *labels)
+    if not changes:
+        output.info(f"The Portage configuration of {target.name} and the binhost is identical")
+        return False
+    if show_only or runner.pretend:
+        output.text(changes, always=True)
+    if show_only:
+        return True
+    writer, configroot = (binhost_side, settings.root) if direction == "pull" else (remote, target.root)
+    output.action(f"Installing the configuration of {labels[1]} on {labels[0]}")
+    stream = source[0]
+    result = writer.script(INSTALL_CONFIG_SCRIPT, configroot, hashlib.sha256(stream).hexdigest(),
+                           timestamp(), BINREPOS_NAME + ".conf", input=stream, binary=True,
+                           what="installing the Portage configuration")
+    if result is not None:
+        output.info(f"Previous configuration kept as {last_line(as_text(result.stdout))}")
+    return True
 
 
 # ------------------------------------------------------------------------------------------------
@@ -1634,6 +1849,12 @@ def build_parser():
                         help="protect the key with the passphrase in FILE (builds then need it)")
     keygen.add_argument("--export", action="store_true", help="print the public key and exit")
 
+    config = commands.add_parser("config", help="copy the Portage configuration between target and binhost",
+                                 description="pull: the target's /etc/portage and world into the binhost;"
+                                             " push: the binhost's to the target; diff: show the"
+                                             " differences.")
+    config.add_argument("action", choices=("pull", "push", "diff"))
+
     sign = commands.add_parser("sign", help="sign unsigned packages in PKGDIR",
                                description="Sign the packages in PKGDIR that are not signed yet, then"
                                            " refresh the index.")
@@ -1732,7 +1953,13 @@ def cmd_sign(config, args, runner, output):
         output.info(f"Signed {count} package(s) in {config.binhost.pkgdir}")
 
 
+def cmd_config(config, args, runner, output):
+    sync_config(args.action, config.binhost, config.target(args.target), runner, output,
+                show_only=args.action == "diff")
+
+
 COMMANDS = {
+    "config": cmd_config,
     "build": cmd_build, "install": cmd_install, "emerge": cmd_emerge,
     "setup-target": cmd_setup_target, "serve": cmd_serve, "keygen": cmd_keygen, "sign": cmd_sign,
 }

@@ -347,3 +347,82 @@ def test_install_over_tls_through_portage(gb, world):
         server.shutdown()
         server.server_close()
     assert run([world.installed(root, "usr/bin/hello")]).stdout == "hello from binhost\n"
+
+
+@pytest.fixture
+def config_pair(world, tmp_path):
+    """A fresh binhost root and target root (config tests rewrite them), and a config file."""
+    binhost, target = tmp_path / "cfg-binhost", tmp_path / "cfg-target"
+    write_portage_config(binhost)
+    write_portage_config(target, extra_make_conf='USE="loud"\n')
+    (target / "etc/portage/package.use").mkdir()
+    secret = target / "etc/portage/package.use/private"
+    secret.write_text("app-misc/greet -loud\n")
+    secret.chmod(0o600)
+    (target / "etc/portage/gnupg").mkdir(mode=0o700)
+    (target / "etc/portage/gnupg/pubring.kbx").write_text("keyring")
+    (target / "etc/portage/make.conf~").write_text("editor backup")
+    world_file = eroot(target, world.eprefix) / "var/lib/portage/world"
+    world_file.parent.mkdir(parents=True, exist_ok=True)
+    world_file.write_text("app-misc/hello\n")
+    config = tmp_path / "cfg.conf"
+    config.write_text(f"[binhost]\nroot = {binhost}\n\n[target t]\nhost = {world.sshd.host}\n"
+                      f"ssh-port = {world.sshd.port}\nssh-options = {world.sshd.ssh_options}\n"
+                      f"root = {target}\npath = {world.portage_bin}\n")
+    return binhost, target, config
+
+
+def test_config_diff_pull_and_push_round_trip(world, config_pair):
+    binhost, target, config = config_pair
+    diff = world.cli("config", "diff", config=config).stdout
+    assert '+USE="loud"' in diff and "package.use/private" in diff and "gnupg" not in diff
+    assert "make.conf~" not in diff
+
+    before = (binhost / "etc/portage/make.conf").read_text()
+    pretend = world.cli("-p", "config", "pull", config=config)
+    assert '+USE="loud"' in pretend.stdout
+    assert (binhost / "etc/portage/make.conf").read_text() == before
+
+    world.cli("config", "pull", config=config)
+    copied = binhost / "etc/portage"
+    assert (copied / "make.profile").is_symlink()
+    assert os.readlink(copied / "make.profile") == os.readlink(target / "etc/portage/make.profile")
+    assert (copied / "package.use/private").stat().st_mode & 0o777 == 0o600
+    assert not (copied / "gnupg").exists() and not (copied / "make.conf~").exists()
+    assert (eroot(binhost, world.eprefix) / "var/lib/portage/world").read_text() == "app-misc/hello\n"
+    backups = list((binhost / "etc").glob(".portage.*.bak"))
+    assert len(backups) == 1 and (backups[0] / "make.conf").read_text() == before
+    assert "identical" in world.cli("config", "diff", config=config).stdout
+
+    # The binhost's entry for itself never travels; each side keeps its own.
+    (binhost / "etc/portage/binrepos.conf").mkdir()
+    (binhost / "etc/portage/binrepos.conf/gentoo-binhost.conf").write_text("[gentoo-binhost]\n")
+    (target / "etc/portage/binrepos.conf").mkdir()
+    (target / "etc/portage/binrepos.conf/gentoo-binhost.conf").write_text("[target's own]\n")
+    with open(binhost / "etc/portage/make.conf", "a") as make_conf:
+        make_conf.write('MAKEOPTS="-j2"\n')
+    world.cli("config", "push", config=config)
+    assert 'MAKEOPTS="-j2"' in (target / "etc/portage/make.conf").read_text()
+    assert (target / "etc/portage/gnupg/pubring.kbx").read_text() == "keyring"
+    assert (target / "etc/portage/binrepos.conf/gentoo-binhost.conf").read_text() == "[target's own]\n"
+    assert list((target / "etc").glob(".portage.*.bak"))
+    assert not list((target / "etc").glob(".gentoo-binhost-config.*"))
+
+
+def test_interrupted_push_leaves_the_old_configuration(world, config_pair, tmp_path):
+    binhost, target, config = config_pair
+    with open(binhost / "etc/portage/make.conf", "a") as make_conf:
+        make_conf.write("# " + "x" * 100000 + "\n")
+    before = (target / "etc/portage/make.conf").read_text()
+    # An ssh whose connection drops after 2 KiB of the transfer.
+    shim = tmp_path / "shim"
+    shim.mkdir()
+    (shim / "ssh").write_text(f"#!/bin/sh\nhead -c 2048 | {shutil.which('ssh')} \"$@\"\n")
+    (shim / "ssh").chmod(0o755)
+    result = run([sys.executable, SCRIPT, "-c", config, "config", "push"], check=False,
+                 env={"PATH": f"{shim}:{world.portage_bin}:{os.environ['PATH']}"})
+    assert result.returncode == 1
+    assert "incomplete transfer" in result.stderr
+    assert (target / "etc/portage/make.conf").read_text() == before
+    assert not list((target / "etc").glob(".portage.*.bak"))
+    assert not list((target / "etc").glob(".gentoo-binhost-config.*"))
