@@ -27,11 +27,13 @@ import difflib
 import email.utils
 import errno
 import fcntl
+import functools
 import hashlib
 import hmac
 import html
 import http.server
 import io
+import json
 import math
 import os
 import posixpath
@@ -154,6 +156,11 @@ class Output:
 
     def error(self, message):
         self._write(self.err, f"{self._paint('bad', '!!!')} {message}")
+
+    def check(self, status, name, detail):
+        """One doctor line: OK, WARN or FAIL in Portage's colors, the check, what it found."""
+        color = {"OK": "good", "WARN": "warn", "FAIL": "bad"}[status]
+        self.text(f"{self._paint(color, status.ljust(4))} {name}: {detail}", always=True)
 
     def debug(self, message):
         if self.verbosity > 1:
@@ -979,29 +986,41 @@ def setup_target(settings, target, runner, output, verify_signature=True):
         trust_signing_key(settings, remote, runner, output)
 
 
-def trust_signing_key(settings, remote, runner, output):
-    target = remote.target
-    public_key = export_public_key(settings, runner)
-    home = remote.portage_variable("BINPKG_GPG_VERIFY_GPG_HOME") or posixpath.join(
-        target.portage_config_dir, "gnupg")
-    output.action(f"Trusting signing key {settings.signing_key} in {target.name}:{home}")
-    result = remote.script(TRUST_KEY_SCRIPT, home, settings.signing_key, public_key.strip(),
-                           what="importing the signing key")
-    if result is None:
-        return
-    output.info(f"Key {last_line(result.stdout)} on {target.name}")
+def target_verify_home(remote):
+    return remote.portage_variable("BINPKG_GPG_VERIFY_GPG_HOME") or posixpath.join(
+        remote.target.portage_config_dir, "gnupg")
+
+
+def target_accepts_signature(settings, remote, runner, home):
+    """None when gpg in the target's verify keyring accepts a signature by our key the way
+    Portage checks it (valid, fully or ultimately trusted), else the reason it does not."""
     message = f"gentoo-binhost trust check {timestamp()} {settings.signing_key}\n"
     signature = sign_test_message(settings, runner, message)
     check = remote.run(["sh", "-c", CHECK_SIGNATURE_SCRIPT, "gentoo-binhost", home, message,
                         signature.strip()], changes=False, capture=True, what="gpg")
     status = check.stdout
     if "[GNUPG:] VALIDSIG" in status and ("TRUST_ULTIMATE" in status or "TRUST_FULLY" in status):
+        return None
+    return next((line for line in status.splitlines()
+                 if any(word in line for word in ("NO_PUBKEY", "TRUST_UNDEFINED", "TRUST_NEVER",
+                                                   "TRUST_MARGINAL", "BADSIG", "EXPKEYSIG", "ERRSIG"))),
+                last_line(status)) or "no answer from gpg"
+
+
+def trust_signing_key(settings, remote, runner, output):
+    target = remote.target
+    public_key = export_public_key(settings, runner)
+    home = target_verify_home(remote)
+    output.action(f"Trusting signing key {settings.signing_key} in {target.name}:{home}")
+    result = remote.script(TRUST_KEY_SCRIPT, home, settings.signing_key, public_key.strip(),
+                           what="importing the signing key")
+    if result is None:
+        return
+    output.info(f"Key {last_line(result.stdout)} on {target.name}")
+    reason = target_accepts_signature(settings, remote, runner, home)
+    if reason is None:
         output.info(f"Verified: Portage on {target.name} accepts packages signed by {settings.signing_key}")
         return
-    reason = next((line for line in status.splitlines()
-                   if any(word in line for word in ("NO_PUBKEY", "TRUST_UNDEFINED", "TRUST_NEVER",
-                                                     "TRUST_MARGINAL", "BADSIG", "EXPKEYSIG", "ERRSIG"))),
-                  last_line(status))
     raise BinhostError(f"target {target.name} does not accept the binhost's signature with {home}"
                        f" ({reason}): check that the directory is readable by nobody and the key trusted")
 
@@ -1180,13 +1199,17 @@ def resolve_march_native_in(tar_bytes, target, runner, output):
     return new_tar
 
 
-def sync_config(direction, settings, target, runner, output, show_only=False):
-    """config pull (target -> binhost), push (binhost -> target) or diff (what pull would change)."""
+def fetch_both_configs(settings, target, runner, output):
+    """(binhost side, remote, binhost tar, target tar)."""
     check_binhost_root(settings)
     binhost_side = LocalShell(settings, runner)
     remote = Remote(target, runner, output)
-    target_tar = fetch_config(remote, target.root)
-    binhost_tar = fetch_config(binhost_side, settings.root)
+    return binhost_side, remote, fetch_config(binhost_side, settings.root), fetch_config(remote, target.root)
+
+
+def sync_config(direction, settings, target, runner, output, show_only=False):
+    """config pull (target -> binhost), push (binhost -> target) or diff (what pull would change)."""
+    binhost_side, remote, binhost_tar, target_tar = fetch_both_configs(settings, target, runner, output)
     if direction in ("pull", "diff"):  # diff shows what a pull would change
         target_tar = resolve_march_native_in(target_tar, target, runner, output)
         source, destination = (target_tar, config_members(target_tar)), config_members(binhost_tar)
@@ -1211,6 +1234,286 @@ def sync_config(direction, settings, target, runner, output, show_only=False):
     if result is not None:
         output.info(f"Previous configuration kept as {last_line(as_text(result.stdout))}")
     return True
+
+
+# ---- doctor ----------------------------------------------------------------------------------------
+
+OK, WARN, FAIL = "OK", "WARN", "FAIL"
+MIN_FREE_BYTES = 5 * 1024**3
+
+FETCH_INDEX_SCRIPT = r"""
+url=$1
+if command -v wget >/dev/null; then exec wget -q -O /dev/null "$url"; fi
+if command -v curl >/dev/null; then exec curl -fsS -o /dev/null "$url"; fi
+echo "neither wget nor curl is installed" >&2
+exit 127
+"""
+
+REPO_TIMESTAMP_SCRIPT = r"""
+for location in "$@"; do
+    stamp=
+    for name in metadata/timestamp.chk metadata/timestamp.x metadata/timestamp; do
+        if [ -f "$location/$name" ]; then stamp=$(head -n 1 "$location/$name"); break; fi
+    done
+    printf '%s\t%s\n' "$location" "${stamp:-unknown}"
+done
+"""
+
+
+class Doctor:
+    """Runs the checks, one line each; any FAIL makes the exit code 1."""
+
+    def __init__(self, output):
+        self.output = output
+        self.results = []
+
+    def report(self, status, check, detail):
+        self.results.append({"check": check, "status": status, "detail": detail})
+
+    def run(self, check, function, *args):
+        try:
+            function(self, *args)
+        except BinhostError as error:
+            self.report(FAIL, check, str(error))
+
+    @property
+    def failed(self):
+        return any(result["status"] == FAIL for result in self.results)
+
+
+def portage_variables(text):
+    """{name: value} from `portageq envvar -v` lines (NAME='value')."""
+    values = {}
+    for line in text.splitlines():
+        name, equals, value = line.partition("=")
+        if equals:
+            values[name.strip()] = shlex.split(value)[0] if value.strip() else ""
+    return values
+
+
+def repository_locations(members):
+    """{name: location} from the repos.conf inside a configuration tar's members."""
+    parser = configparser.ConfigParser(interpolation=None)
+    for name, (kind, _mode, content) in sorted(members.items()):
+        if kind == "file" and (name == "etc/portage/repos.conf" or name.startswith("etc/portage/repos.conf/")):
+            with contextlib.suppress(configparser.Error):
+                parser.read_string(content.decode("utf-8", "replace"))
+    return {section: parser[section]["location"] for section in parser.sections()
+            if "location" in parser[section]}
+
+
+def index_problems(pkgdir):
+    """Differences between PKGDIR/Packages and the files: (missing or wrong size, not indexed)."""
+    index_path = os.path.join(pkgdir, "Packages")
+    with open(index_path, encoding="utf-8", errors="replace") as handle:
+        blocks = handle.read().split("\n\n")[1:]
+    broken, indexed = [], set()
+    for block in blocks:
+        fields = dict(line.split(": ", 1) for line in block.splitlines() if ": " in line)
+        path = fields.get("PATH")
+        if not path:
+            continue
+        indexed.add(path)
+        full = os.path.join(pkgdir, path)
+        if not os.path.isfile(full):
+            broken.append(f"{path} missing")
+        elif fields.get("SIZE") and int(fields["SIZE"]) != os.path.getsize(full):
+            broken.append(f"{path} has {os.path.getsize(full)} bytes, the index says {fields['SIZE']}")
+    on_disk = {os.path.relpath(path, pkgdir) for path in all_packages(pkgdir)}
+    return broken, sorted(on_disk - indexed)
+
+
+def check_binhost_root_shape(doctor, settings):
+    check_binhost_root(settings)
+    release = next((os.path.join(settings.root, name) for name in ("etc/os-release", "usr/lib/os-release")
+                    if os.path.isfile(os.path.join(settings.root, name))), None)
+    text = open(release, encoding="utf-8", errors="replace").read() if release else ""
+    if "gentoo" in text.lower():
+        doctor.report(OK, "binhost root", f"{settings.root} is a Gentoo stage3")
+    else:
+        doctor.report(WARN, "binhost root", f"{settings.root} has etc/portage but no Gentoo os-release:"
+                                            " is it an extracted stage3?")
+
+
+def check_configuration(doctor, settings, target, runner, output):
+    binhost_side, remote, binhost_tar, target_tar = fetch_both_configs(settings, target, runner, output)
+    target_tar = resolve_march_native_in(target_tar, target, runner, output)
+    binhost, remote_members = config_members(binhost_tar), config_members(target_tar)
+    differing = sorted(name for name in set(binhost) | set(remote_members)
+                       if binhost.get(name) != remote_members.get(name))
+    config_files = [name for name in differing if name.startswith("etc/")]
+    if config_files:
+        doctor.report(FAIL, "configuration", f"differs from {target.name} in {', '.join(config_files)}:"
+                                             f" '{PROG} config diff' shows how, 'config pull' fixes it")
+    else:
+        digest = hashlib.sha256(b"".join(
+            f"{name}\0{value[0]}\0{value[1]}\0".encode() + (value[2] if isinstance(value[2], bytes)
+                                                           else str(value[2]).encode())
+            for name, value in sorted(binhost.items()) if name.startswith("etc/"))).hexdigest()[:16]
+        doctor.report(OK, "configuration", f"identical to {target.name} (fingerprint {digest})")
+    world_lines = [set(as_text(members.get(f"var/lib/portage/{name}", ("", 0, b""))[2] or b"").split())
+                   for members in (binhost, remote_members) for name in ("world",)]
+    missing, extra = sorted(world_lines[1] - world_lines[0]), sorted(world_lines[0] - world_lines[1])
+    if missing or extra:
+        detail = "; ".join(part for part in (
+            f"not on the binhost: {' '.join(missing)}" if missing else "",
+            f"only on the binhost: {' '.join(extra)}" if extra else "") if part)
+        doctor.report(FAIL, "world", detail)
+    else:
+        doctor.report(OK, "world", f"{len(world_lines[1])} entries, the same on both")
+    profiles = [members.get("etc/portage/make.profile", ("", 0, "none"))[2] for members in (binhost, remote_members)]
+    doctor.report(OK if profiles[0] == profiles[1] else FAIL, "profile",
+                  f"{profiles[1]}" if profiles[0] == profiles[1]
+                  else f"binhost {profiles[0]}, {target.name} {profiles[1]}")
+    check_repositories(doctor, binhost_side, remote, repository_locations(binhost),
+                       repository_locations(remote_members), target)
+    check_portage_variables(doctor, settings, remote, runner, target)
+
+
+def check_portage_variables(doctor, settings, remote, runner, target):
+    names = ["CHOST", "ARCH", "USE"]
+    local = runner.read(["portageq", "envvar", "-v"] + names, LocalShell(settings, runner).env,
+                        describe="portageq envvar on the binhost")
+    theirs = remote.run(["portageq", "envvar", "-v"] + names, target.portage_environment,
+                        changes=False, capture=True)
+    if theirs.returncode != 0:
+        raise BinhostError(f"portageq envvar failed on {target.name}: {last_line(theirs.stderr)}")
+    ours, remote_values = portage_variables(local.stdout), portage_variables(theirs.stdout)
+    for name in names:
+        mine, other = ours.get(name, ""), remote_values.get(name, "")
+        if name == "USE":
+            only_target = sorted(set(other.split()) - set(mine.split()))
+            only_binhost = sorted(set(mine.split()) - set(other.split()))
+            if only_target or only_binhost:
+                doctor.report(FAIL, "USE", f"{target.name} has {' '.join(only_target) or 'nothing more'},"
+                                           f" the binhost has {' '.join(only_binhost) or 'nothing more'}"
+                                           " (USE_EXPAND flags such as cpu_flags_x86_* included)")
+            else:
+                doctor.report(OK, "USE", f"{len(mine.split())} flags, the same on both")
+        elif mine != other:
+            doctor.report(FAIL, name, f"binhost {mine!r}, {target.name} {other!r}")
+        else:
+            doctor.report(OK, name, mine)
+
+
+def check_repositories(doctor, binhost_side, remote, ours, theirs, target):
+    if not theirs:
+        doctor.report(WARN, "repositories", f"no repos.conf in {target.name}'s configuration")
+        return
+    local = binhost_side.script(REPO_TIMESTAMP_SCRIPT, *[ours.get(name, "/nonexistent") for name in theirs],
+                                changes=False, what="reading repository timestamps")
+    remote_result = remote.script(REPO_TIMESTAMP_SCRIPT, *theirs.values(), changes=False,
+                                  what="reading repository timestamps")
+    for name, ours_line, theirs_line in zip(theirs, local.stdout.splitlines(), remote_result.stdout.splitlines()):
+        mine, other = ours_line.split("\t", 1)[1], theirs_line.split("\t", 1)[1]
+        if name not in ours:
+            doctor.report(FAIL, f"repository {name}", f"not configured on the binhost")
+        elif mine == other and mine != "unknown":
+            doctor.report(OK, f"repository {name}", f"snapshot {mine} on both")
+        elif mine == other:
+            doctor.report(WARN, f"repository {name}", "no metadata/timestamp.chk on either side: cannot"
+                                                      " compare snapshots")
+        else:
+            doctor.report(FAIL, f"repository {name}", f"snapshot {mine} on the binhost, {other} on"
+                                                      f" {target.name}: sync both to the same snapshot")
+
+
+def check_binrepos(doctor, settings, target, runner, output):
+    remote = Remote(target, runner, output)
+    tunnel = settings.transport == "tunnel"
+    kind, current = probe_target(remote)
+    expected = target_url(settings, tunnel)
+    shown = target_url(settings, tunnel, with_credentials=False)
+    entry = configparser.ConfigParser(interpolation=None)
+    with contextlib.suppress(configparser.Error):
+        entry.read_string(current or "")
+    uri = entry.get(BINREPOS_NAME, "sync-uri", fallback=None)
+    if kind == "file":
+        doctor.report(FAIL, "binrepos", f"{target.name}: binrepos.conf is a file; run setup-target for how to fix")
+    elif uri is None:
+        doctor.report(FAIL, "binrepos", f"{target.name} has no binrepos entry for us: run '{PROG} setup-target'")
+    elif uri.rstrip("/") != expected.rstrip("/"):
+        doctor.report(FAIL, "binrepos", f"{target.name}'s sync-uri is {uri}, not {shown}:"
+                                        f" run '{PROG} setup-target'")
+    else:
+        doctor.report(OK, "binrepos", f"{target.name} fetches from {shown}")
+        verify = entry.get(BINREPOS_NAME, "verify-signature", fallback="true")
+        if verify.lower() in ("false", "no", "0"):
+            doctor.report(WARN, "verify-signature", f"{target.name} installs unsigned packages")
+    url = expected + "Packages"
+    if tunnel:
+        with background_server(settings, output, "127.0.0.1", 0) as server:
+            result = remote.run(["sh", "-c", FETCH_INDEX_SCRIPT, "gentoo-binhost", url], changes=False,
+                                capture=True, forward=(settings.tunnel_port, server.server_address[1]))
+    else:
+        result = remote.run(["sh", "-c", FETCH_INDEX_SCRIPT, "gentoo-binhost", url], changes=False,
+                            capture=True)
+    if result.returncode == 0:
+        doctor.report(OK, "fetch", f"{target.name} can download {shown}Packages")
+    else:
+        doctor.report(FAIL, "fetch", f"{target.name} cannot download {shown}Packages"
+                                     f" ({last_line(result.stderr) or 'exit ' + str(result.returncode)}):"
+                                     " is serve running and reachable from there?")
+    if settings.signing_key:
+        home = target_verify_home(remote)
+        reason = target_accepts_signature(settings, remote, runner, home)
+        if reason is None:
+            doctor.report(OK, "signing key", f"{target.name} trusts {settings.signing_key}")
+        else:
+            doctor.report(FAIL, "signing key", f"{target.name} does not accept our signatures ({reason}):"
+                                               f" run '{PROG} setup-target'")
+    else:
+        doctor.report(WARN, "signing key", f"none configured: run '{PROG} keygen'")
+
+
+def check_pkgdir(doctor, settings):
+    if not os.path.isfile(os.path.join(settings.pkgdir, "Packages")):
+        doctor.report(WARN, "index", f"{settings.pkgdir}/Packages does not exist yet: build something")
+    else:
+        broken, unindexed = index_problems(settings.pkgdir)
+        if broken:
+            doctor.report(FAIL, "index", f"{'; '.join(broken[:5])}: run 'emaint binhost --fix'"
+                                         " with the binhost's ROOT/PORTAGE_CONFIGROOT/PKGDIR")
+        elif unindexed:
+            doctor.report(WARN, "index", f"not in the index: {', '.join(unindexed[:5])}")
+        else:
+            doctor.report(OK, "index", f"{settings.pkgdir}/Packages matches the files")
+    usage = shutil.disk_usage(settings.pkgdir if os.path.isdir(settings.pkgdir) else settings.root)
+    free = f"{usage.free / 1024**3:.1f} GiB free"
+    doctor.report(OK if usage.free >= MIN_FREE_BYTES else WARN, "disk", free)
+
+
+def check_preflight(doctor, settings, target, runner, output, atoms):
+    remote = Remote(target, runner, output)
+    argv = ["emerge", "--pretend", "--getbinpkgonly", "--binpkg-respect-use=y", "--color=n"] + (atoms or ["@world"])
+    run_it = functools.partial(remote.run, argv, target.portage_environment, changes=False, capture=True)
+    if settings.transport == "tunnel":
+        with background_server(settings, output, "127.0.0.1", 0) as server:
+            result = run_it(forward=(settings.tunnel_port, server.server_address[1]))
+    else:
+        result = run_it()
+    text = result.stdout + result.stderr
+    built = [line for line in text.splitlines() if line.startswith("[ebuild")]
+    binaries = [line for line in text.splitlines() if line.startswith("[binary")]
+    if result.returncode == 0 and not built:
+        doctor.report(OK, "preflight", f"{len(binaries)} package(s) to install, all from the binhost")
+        return
+    reasons = [line.strip() for line in text.splitlines()
+               if line.startswith(("!!!", "emerge: there are no")) or "USE flags" in line
+               or line.startswith("- ")][:6]
+    doctor.report(FAIL, "preflight", f"emerge --getbinpkgonly {' '.join(atoms or ['@world'])} on"
+                                     f" {target.name} would not get everything from the binhost: "
+                                     + " | ".join(reasons or built or [last_line(text)]))
+
+
+def run_doctor(settings, target, runner, output, atoms):
+    doctor = Doctor(output)
+    doctor.run("binhost root", check_binhost_root_shape, settings)
+    doctor.run("configuration", check_configuration, settings, target, runner, output)
+    doctor.run("binrepos", check_binrepos, settings, target, runner, output)
+    doctor.run("index", check_pkgdir, settings)
+    doctor.run("preflight", check_preflight, settings, target, runner, output, atoms)
+    return doctor
 
 
 # ------------------------------------------------------------------------------------------------
@@ -1855,6 +2158,14 @@ def build_parser():
                                              " differences.")
     config.add_argument("action", choices=("pull", "push", "diff"))
 
+    doctor = commands.add_parser("doctor", help="check that the binhost and the target agree",
+                                 description="Check and explain, one line each, whether the binhost"
+                                             " builds what the target would: configuration, profile,"
+                                             " USE, world, repositories, binrepos, signing, index; then"
+                                             " emerge --pretend --getbinpkgonly on the target.")
+    doctor.add_argument("--json", action="store_true", help="print the results as JSON")
+    doctor.add_argument("atoms", nargs="*", metavar="ATOM", help="what to preflight (default @world)")
+
     sign = commands.add_parser("sign", help="sign unsigned packages in PKGDIR",
                                description="Sign the packages in PKGDIR that are not signed yet, then"
                                            " refresh the index.")
@@ -1958,7 +2269,19 @@ def cmd_config(config, args, runner, output):
                 show_only=args.action == "diff")
 
 
+def cmd_doctor(config, args, runner, output):
+    doctor = run_doctor(config.binhost, config.target(args.target), runner, output, args.atoms)
+    if args.json:
+        output.text(json.dumps(doctor.results, indent=2), always=True)
+    else:
+        for result in doctor.results:
+            output.check(result["status"], result["check"], result["detail"])
+    if doctor.failed:
+        raise BinhostError(f"doctor found {sum(r['status'] == FAIL for r in doctor.results)} problem(s)")
+
+
 COMMANDS = {
+    "doctor": cmd_doctor,
     "config": cmd_config,
     "build": cmd_build, "install": cmd_install, "emerge": cmd_emerge,
     "setup-target": cmd_setup_target, "serve": cmd_serve, "keygen": cmd_keygen, "sign": cmd_sign,

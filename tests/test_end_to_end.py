@@ -426,3 +426,41 @@ def test_interrupted_push_leaves_the_old_configuration(world, config_pair, tmp_p
     assert (target / "etc/portage/make.conf").read_text() == before
     assert not list((target / "etc").glob(".portage.*.bak"))
     assert not list((target / "etc").glob(".gentoo-binhost-config.*"))
+
+
+def test_doctor_names_each_difference(world, config_pair):
+    import json
+    binhost, target, config = config_pair
+    world.cli("config", "pull", config=config)
+    report = {r["check"]: r for r in json.loads(
+        world.cli("doctor", "--json", config=config, check=False).stdout)}
+    for check in ("configuration", "world", "USE", "CHOST", "ARCH", "profile"):
+        assert report[check]["status"] == "OK", report[check]
+
+    with open(target / "etc/portage/make.conf", "a") as make_conf:
+        make_conf.write('USE="${USE} -loud"\n')
+    with open(eroot(target, world.eprefix) / "var/lib/portage/world", "a") as world_file:
+        world_file.write("app-misc/greet\n")
+    (target / "etc/portage/binrepos.conf").mkdir()
+    (target / "etc/portage/binrepos.conf/gentoo-binhost.conf").write_text(
+        "[gentoo-binhost]\nsync-uri = http://wrong.invalid/\n")
+    result = world.cli("doctor", "--json", config=config, check=False)
+    assert result.returncode == 1 and "problem" in result.stderr
+    report = {r["check"]: r for r in json.loads(result.stdout)}
+    assert report["USE"]["status"] == "FAIL" and "loud" in report["USE"]["detail"]
+    assert report["world"]["status"] == "FAIL" and "app-misc/greet" in report["world"]["detail"]
+    assert report["binrepos"]["status"] == "FAIL" and "http://wrong.invalid/" in report["binrepos"]["detail"]
+    assert report["configuration"]["status"] == "FAIL" and "make.conf" in report["configuration"]["detail"]
+
+    plain = world.cli("--color=n", "doctor", config=config, check=False).stdout
+    assert any(line.startswith("FAIL USE: ") for line in plain.splitlines())
+
+
+def test_doctor_passes_for_a_working_target(world):
+    import json
+    root, config = world.new_target("doctor")
+    world.cli("setup-target", config=config)
+    report = {r["check"]: r for r in json.loads(
+        world.cli("doctor", "--json", "app-misc/hello", config=config, check=False).stdout)}
+    for check in ("binrepos", "fetch", "signing key", "index", "preflight", "CHOST", "profile"):
+        assert report[check]["status"] == "OK", report[check]
