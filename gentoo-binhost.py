@@ -1025,6 +1025,698 @@ def trust_signing_key(settings, remote, runner, output):
                        f" ({reason}): check that the directory is readable by nobody and the key trusted")
 
 
+# ---- CPU flags: what -march=native means on the target, as flags the binhost's gcc can use -----
+
+# One ssh round trip to the target, run as `sh -c CPU_PROBE_SCRIPT`. Prints sections headed by
+# `==name` lines; parse_sections() reads them. Everything may fail without failing the script:
+# a missing section is diagnosed in Python, where the message can name the target.
+# - LC_ALL=C: gcc translates "[enabled]"/"[disabled]" in --help output.
+# - COLUMNS: gcc wraps --help=target output at the terminal width and so splits long values
+#   such as aarch64's -mcpu=cortex-a720+crc+... over two lines (resolve-march-native #317).
+# - aarch64 (and arm, ppc) detect the CPU with -mcpu=native; gcc versions that cannot name the
+#   core expand it to nothing, so -march=native is tried next (resolve-march-native #136).
+# - The baseline gets the cc1 line's -mtune when it differs from the arch (e.g. -march=pentium-m
+#   -mtune=generic): otherwise tuning-derived options look like CPU differences.
+# - `gcc -dumpfullversion` (gcc >= 7) gives 13.2.1 where -dumpversion may give only 13.
+CPU_PROBE_SCRIPT = r"""
+LC_ALL=C; export LC_ALL
+COLUMNS=10000; export COLUMNS
+set -f
+machine=$(uname -m 2>/dev/null)
+case $machine in
+    aarch64*|arm*|ppc*|powerpc*) native=-mcpu=native ;;
+    *) native=-march=native ;;
+esac
+cc1_line() {
+    gcc -v -E -x c "$1" -c /dev/null -o /dev/null 2>&1 | awk '$1 ~ /(^|\/)cc1$/ { print; exit }'
+}
+has_arch() {
+    case " $1 " in *" -march="*|*" -mcpu="*) return 0 ;; esac
+    return 1
+}
+cc1=$(cc1_line "$native")
+if ! has_arch "$cc1" && [ "$native" = -mcpu=native ]; then
+    other=$(cc1_line -march=native)
+    if has_arch "$other"; then native=-march=native; cc1=$other; fi
+fi
+base= tune=
+for word in $cc1; do
+    case $word in
+        -march=*|-mcpu=*) [ -n "$base" ] || base=$word ;;
+        -mtune=*) tune=$word ;;
+    esac
+done
+base_name=${base#*=}; base_name=${base_name%%+*}
+[ "${tune#-mtune=}" = "$base_name" ] && tune=
+echo "==arch"
+echo "$machine"
+echo "==gcc"
+gcc -dumpfullversion 2>/dev/null || gcc -dumpversion 2>/dev/null
+echo "==cc1"
+printf '%s\n' "$cc1"
+echo "==baseline"
+[ -n "$base" ] && gcc -Q --help=target $base $tune 2>/dev/null
+echo "==native"
+gcc -Q --help=target "$native" 2>/dev/null
+echo "==cpuid2cpuflags"
+command -v cpuid2cpuflags >/dev/null 2>&1 && cpuid2cpuflags 2>/dev/null
+echo "==cpuinfo"
+awk '/^(flags|Features)[ \t]*:/ { print; exit }' /proc/cpuinfo 2>/dev/null
+exit 0
+"""
+
+_SECTION_MARKER = re.compile(r"==([A-Za-z0-9_.-]+)")
+
+
+def parse_sections(text):
+    """{name: text} of the `==name` sections printed by CPU_PROBE_SCRIPT.
+
+    Shell start-up files may print before the script: anything before the first marker is
+    ignored. A section's text has no trailing newline; a repeated name keeps the last one.
+    """
+    sections, name, lines = {}, None, []
+    for line in text.splitlines():
+        marker = _SECTION_MARKER.fullmatch(line.rstrip("\r"))
+        if marker:
+            if name is not None:
+                sections[name] = "\n".join(lines).strip("\n")
+            name, lines = marker.group(1), []
+        elif name is not None:
+            lines.append(line.rstrip("\r"))
+    if name is not None:
+        sections[name] = "\n".join(lines).strip("\n")
+    return sections
+
+
+def _cc1_program(word):
+    return word == "cc1" or word.endswith("/cc1")
+
+
+def parse_cc1_flags(cc1_line):
+    """The code generation options of gcc's cc1 command line, in order.
+
+    Keeps every -m word (-march=, -mcpu=, -mtune=, -mFEATURE, -mno-FEATURE, -mabi=...) and the
+    --param options (a two-word `--param NAME=VALUE` becomes the single word --param=NAME=VALUE,
+    which gcc also accepts, so every item is one make.conf word). Given the whole `gcc -v`
+    output, only the cc1 line is read ([] without one); a single line without the cc1 program
+    (bare flags) is read as it is. Words such as `-o /dev/null` or -dumpbase are skipped.
+    """
+    lines = [line for line in cc1_line.splitlines() if line.strip()]
+    found = [line for line in lines if _cc1_program(line.split()[0])]
+    if not found and len(lines) != 1:
+        return []
+    words = (found or lines)[0].split()
+    flags = []
+    for index, word in enumerate(words):
+        if word.startswith("-m"):
+            flags.append(word)
+        elif word.startswith("--param="):
+            flags.append(word)
+        elif word == "--param" and index + 1 < len(words):
+            flags.append("--param=" + words[index + 1])
+    return flags
+
+
+# "  -mavx2   [enabled]", "  -march=   znver3", "  -mbranch-cost=<0,5>   3", "  -mabi=ABI  lp64":
+# the option (with its '='), an optional placeholder glued to it, then the state or value.
+_HELP_OPTION = re.compile(r"\s+(-[^\s=<]+=?)"
+                          r"(?:<[^>]*>|\[[^\]]*\](?=\s|$)|[A-Z]+(?=\s|$))?"
+                          r"(?:\s+(.*))?")
+
+
+def enabled_target_options(help_text):
+    """{option: state} from `gcc -Q --help=target` output.
+
+    Booleans map to "enabled" or "disabled" ("-mavx2": "enabled"); options taking a value keep
+    their `=` and map to the value ("-march=": "znver3", "-mcpu=": ""); value placeholders such
+    as <0,5>, ABI or [none,...] are dropped. Aliases map to what they stand for ("-msse5":
+    "-mavx"). Only the option block is read (it ends at the first empty line, before the
+    "Known valid arguments" lists). A value gcc wrapped onto the next line is joined back.
+    """
+    options, last, started = {}, None, False
+    for line in help_text.splitlines():
+        line = line.rstrip()
+        if not line.strip():
+            if started:
+                break
+            continue
+        if line.startswith("  -"):
+            match = _HELP_OPTION.fullmatch(line)
+            if not match:
+                continue
+            started = True
+            value = (match.group(2) or "").strip()
+            if value in ("[enabled]", "[disabled]", "[default]", "[ignored]"):
+                value = value[1:-1]
+            last = match.group(1)
+            options[last] = value
+        elif started and last is not None and line.startswith(" "):
+            # A continuation: gcc wrapped a long value. It breaks after '-' or '+' inside a word.
+            value = options[last]
+            joiner = "" if not value or value[-1] in "-+," else " "
+            options[last] = value + joiner + line.strip()
+    return options
+
+
+# -m words of the cc1 line that belong to the ABI the toolchain was built for (CHOST,
+# multilib), not to the CPU: putting them into COMMON_FLAGS would break 32-bit multilib builds.
+ABI_OPTIONS = ("-m16", "-m32", "-m64", "-mx32", "-mlittle-endian", "-mbig-endian", "-mabi=")
+
+# gcc options that are aliases of two ISA levels, not features of their own. -msse4 enables
+# SSE4.1 *and* SSE4.2 (plus POPCNT); -mno-sse4 disables SSE4.1 and everything above.
+# `gcc -Q --help=target` lists -msse4 and a separate -mno-sse4 entry, and reading "-mno-sse4
+# [disabled]" as "-msse4 wanted" made resolve-march-native emit -msse4 on SSE4.1-only CPUs
+# (issues #177, #197): binaries then died with SIGILL on SSE4.2 instructions.
+SSE4_ALIASES = {"-msse4": "-msse4.2", "-mno-sse4": "-mno-sse4.1"}
+
+_BOOLEAN_M = re.compile(r"-m(no-)?([A-Za-z0-9][A-Za-z0-9_.+-]*)")
+
+
+def _boolean_state(flag):
+    """(feature name, "enabled"/"disabled") of -mFOO / -mno-FOO, or None for -mFOO=VALUE."""
+    match = _BOOLEAN_M.fullmatch(flag)
+    if not match:
+        return None
+    return match.group(2), "disabled" if match.group(1) else "enabled"
+
+
+def resolve_native_flags(cc1_line, baseline_help="", native_help=""):
+    """The explicit flags equivalent to -march=native (-mcpu=native), as resolve-march-native does.
+
+    `cc1_line` is what `gcc -v ... -march=native` passed to cc1. The result is its -march=X (or
+    -mcpu=X) followed only by the -mFOO/-mno-FOO flags whose state differs from what X implies
+    according to `baseline_help` (`gcc -Q --help=target -march=X`). Without help texts every
+    feature flag of the cc1 line is kept: longer, but exactly equivalent. Always:
+
+    * --param cache sizes are dropped (tuning hints, not ISA), and so are ABI words (-m64,
+      -mabi=lp64, -mlittle-endian: they come with the toolchain);
+    * -mtune=X is dropped when X is the arch; a different one (-march=k8-sse3 -mtune=k8,
+      -mtune=generic on CPUs gcc does not know) is kept: it also selects __tune_*__ macros;
+    * -msse4/-mno-sse4 are never emitted (see SSE4_ALIASES), and a -mno-FOO=VALUE (invalid:
+      resolve-march-native once printed -mno-branch-cost=2, #127) is dropped;
+    * a flag is kept, whatever the baseline says, when `native_help` contradicts the cc1 line
+      for it: the help display is then unreliable for that option (gcc 12 shows -mhle
+      "[enabled]" even with -mno-hle), so it cannot prove the flag redundant either;
+    * features that native_help and baseline_help show in different states but the cc1 line
+      does not mention are added (as resolve-march-native does), booleans only.
+
+    Returns [] when gcc could not name the CPU (the cc1 line has no -march=/-mcpu=, as with
+    some aarch64 cores): -march=native then meant gcc's defaults. Raises ValueError when
+    `cc1_line` holds no cc1 command (gcc missing or failing on the target) and no flags.
+    """
+    flags = parse_cc1_flags(cc1_line)
+    if not flags and not any(_cc1_program(line.split()[0])
+                             for line in cc1_line.splitlines() if line.strip()):
+        raise ValueError("no cc1 command line in gcc's -v output")
+    baseline = enabled_target_options(baseline_help)
+    native = enabled_target_options(native_help)
+
+    arch_flags = [flag for flag in flags if flag.startswith(("-march=", "-mcpu="))]
+    if not arch_flags:
+        return []
+    arch_name = arch_flags[0].split("=", 1)[1].split("+", 1)[0]
+    # Features the cc1 line sets, so that the help texts cannot add them a second time.
+    mentioned = {state[0] for state in map(_boolean_state, flags) if state}
+
+    result = []
+    for flag in flags:
+        if flag.startswith(("-march=", "-mcpu=")):
+            result.append(flag)
+            continue
+        if flag.startswith("--param") or flag.startswith(ABI_OPTIONS):
+            continue
+        if flag.startswith("-mtune="):
+            if flag.split("=", 1)[1] != arch_name:
+                result.append(flag)
+            continue
+        if flag in SSE4_ALIASES:
+            # Never in real cc1 lines (the driver uses -msse4.1/-msse4.2); if present, keep its
+            # meaning unless the explicit level is given anyway.
+            flag = SSE4_ALIASES[flag]
+            if _boolean_state(flag)[0] in mentioned:
+                continue
+        state = _boolean_state(flag)
+        if state is None:
+            if flag.startswith("-mno-"):
+                continue  # -mno-branch-cost=2 and the like: gcc rejects them
+            option, _, value = flag.partition("=")
+            if baseline.get(option + "=") != value:
+                result.append(flag)
+            continue
+        name, wanted = state
+        implied = baseline.get("-m" + name)
+        shown_native = native.get("-m" + name)
+        help_unreliable = shown_native in ("enabled", "disabled") and shown_native != wanted
+        if implied != wanted or help_unreliable:
+            result.append(flag)
+
+    for option, shown_native in native.items():
+        name = option[2:]
+        # Not the separate "-mno-FOO" entries of the help (they mirror -mFOO), nor the aliases.
+        if (option.startswith("-mno-") or option in SSE4_ALIASES or option.endswith("=")
+                or name in mentioned or option in ABI_OPTIONS
+                or shown_native not in ("enabled", "disabled")):
+            continue
+        implied = baseline.get(option)
+        if implied in ("enabled", "disabled") and implied != shown_native:
+            result.append(option if shown_native == "enabled" else "-mno-" + name)
+
+    return list(dict.fromkeys(result))
+
+
+# Gentoo's USE_EXPAND values of CPU_FLAGS_X86 (profiles/desc/cpu_flags_x86.desc, 2025).
+CPU_FLAGS_X86_NAMES = frozenset("""
+    3dnow 3dnowext aes avx avx_vnni avx2 avx512_4fmaps avx512_4vnniw avx512_bf16 avx512_bitalg
+    avx512_fp16 avx512_vbmi2 avx512_vnni avx512_vp2intersect avx512_vpopcntdq avx512bw avx512cd
+    avx512dq avx512er avx512f avx512ifma avx512pf avx512vbmi avx512vl bmi1 bmi2 f16c fma3 fma4
+    mmx mmxext padlock pclmul popcnt rdrand sha sse sse2 sse3 sse4_1 sse4_2 sse4a ssse3
+    vpclmulqdq xop
+""".split())
+
+# /proc/cpuinfo flags whose CPU_FLAGS_X86 name differs (the bracketed names in
+# cpu_flags_x86.desc, and cpuid2cpuflags' CPUID table). Every other flag maps to itself when it
+# is in CPU_FLAGS_X86_NAMES. Careful: cpuinfo's "ssse3" is SSSE3, SSE3 is "pni"; "sha" is not
+# a cpuinfo flag (it is "sha_ni"); "3dnowprefetch" is not 3DNow!; ABM implies POPCNT on AMD.
+CPUINFO_TO_CPU_FLAGS_X86 = {
+    "fma": ("fma3",),
+    "pni": ("sse3",),
+    "pclmulqdq": ("pclmul",),
+    "sha_ni": ("sha",),
+    "phe": ("padlock",),
+    "abm": ("popcnt",),
+    "sse": ("sse", "mmxext"),  # MMXEXT is a subset of SSE (Intel CPUs do not list mmxext)
+}
+
+
+def cpu_flags_x86_from_cpuinfo(flags_line):
+    """Sorted CPU_FLAGS_X86 names from the `flags : ...` line of an x86 /proc/cpuinfo.
+
+    Also takes the bare list of flags. An ARM `Features : ...` line gives [] (its "aes" or
+    "sha2" are not x86 features).
+    """
+    name, colon, rest = flags_line.partition(":")
+    if colon:
+        if name.strip() != "flags":
+            return []
+        flags_line = rest
+    names = set()
+    for flag in flags_line.split():
+        for mapped in CPUINFO_TO_CPU_FLAGS_X86.get(flag, (flag,)):
+            if mapped in CPU_FLAGS_X86_NAMES:
+                names.add(mapped)
+    return sorted(names)
+
+
+def parse_cpuid2cpuflags(output, variable="CPU_FLAGS_X86"):
+    """The names cpuid2cpuflags printed for `variable` (`CPU_FLAGS_X86: aes avx ...`), sorted.
+
+    cpuid2cpuflags prints CPU_FLAGS_ARM on arm: asking for CPU_FLAGS_X86 then gives [].
+    """
+    for line in output.splitlines():
+        name, colon, rest = line.partition(":")
+        if colon and name.strip() == variable:
+            return sorted(set(rest.split()))
+    return []
+
+
+# ---- make.conf and package.use edits -------------------------------------------------------------
+
+# Variables whose value can carry CPU flags, the first one preferred (stage3 make.conf layout).
+FLAGS_VARIABLES = ("COMMON_FLAGS", "CFLAGS", "CXXFLAGS", "FCFLAGS", "FFLAGS")
+
+# Boolean -m options users set on purpose that say nothing about the CPU: set_common_flags
+# keeps them. Every other -mFOO/-mno-FOO word in a *FLAGS variable is taken for a CPU feature
+# (what a -march=native expansion or an earlier `cpu --apply` wrote) and replaced.
+NON_CPU_M_OPTIONS = frozenset("""
+    16 32 64 x32 80387 red-zone omit-leaf-frame-pointer stackrealign soft-float hard-float
+    general-regs-only ieee-fp fancy-math-387 push-args fentry record-mcount nop-mcount
+    align-double sseregparm rtd vzeroupper stv accumulate-outgoing-args inline-all-stringops
+    inline-stringops-dynamically align-stringops tls-direct-seg-refs cld 8bit-idiv
+    direct-extern-access indirect-branch-register indirect-branch-cs-prefix relax-cmpxchg-loop
+    long-double-64 long-double-80 long-double-128 96bit-long-double 128bit-long-double
+    manual-endbr skip-rax-setup mitigate-rop force-drap dispatch-scheduler prefer-avx128
+    outline-atomics strict-align pc-relative-literal-loads track-speculation
+    low-precision-div low-precision-sqrt low-precision-recip-sqrt
+""".split())
+
+_CACHE_PARAMS = ("l1-cache-size=", "l1-cache-line-size=", "l2-cache-size=")
+
+
+def _is_cpu_word(word):
+    if word.startswith(("-march=", "-mcpu=", "-mtune=")):
+        return True
+    if word.startswith("--param=") and word[len("--param="):].startswith(_CACHE_PARAMS):
+        return True
+    state = _boolean_state(word)
+    return state is not None and state[0] not in NON_CPU_M_OPTIONS
+
+
+class _Assignment:
+    """One `NAME=value` of a make.conf: where its value is, and how it is quoted."""
+
+    def __init__(self, name, start, end, quote):
+        self.name, self.start, self.end, self.quote = name, start, end, quote  # value span
+
+
+def _assignments(text):
+    """The assignments of a make.conf (bash-like syntax) in order, skipping comments and never
+    looking inside a quoted value (which may span lines)."""
+    found, pos, length = [], 0, len(text)
+    name_re = re.compile(r"[ \t]*(?:export[ \t]+)?([A-Za-z_][A-Za-z0-9_]*)=")
+    while pos < length:
+        match = name_re.match(text, pos)
+        line_end = text.find("\n", pos)
+        line_end = length if line_end < 0 else line_end
+        if not match or match.start(1) > line_end:
+            pos = line_end + 1
+            continue
+        start = match.end()
+        quote = text[start] if start < length and text[start] in "\"'" else ""
+        if quote:
+            end = start + 1
+            while end < length and text[end] != quote:
+                end += 2 if quote == '"' and text[end] == "\\" else 1
+            end = min(end + 1, length)
+        else:
+            end = start
+            while end < length and not text[end].isspace() and text[end] != "#":
+                end += 1
+        found.append(_Assignment(match.group(1), start, end, quote))
+        next_line = text.find("\n", end)
+        pos = length if next_line < 0 else next_line + 1
+    return found
+
+
+def _unquote(value, quote):
+    if quote and len(value) >= 2 and value.endswith(quote):
+        return value[1:-1]
+    return value[1:] if quote else value  # an unterminated quote: the file ends inside it
+
+
+def _requote(inner, quote):
+    """The value text for `inner`: the original quotes, or double quotes when it needs some."""
+    if quote:
+        return quote + inner + quote
+    return '"' + inner + '"' if re.search(r"\s", inner) else inner
+
+
+def _edit_words(inner, flags, mode):
+    """`inner` (a variable's value, without quotes) with its CPU words removed.
+
+    mode "strip": nothing is inserted; "replace": `flags` go where the first CPU word was;
+    "append": the same, or at the end when there was no CPU word. Other words, and the line
+    breaks of a value spanning lines, stay as they were.
+    """
+    pieces = re.split(r"(\s+)", inner)  # word, blank, word, blank, ... (words at even indexes)
+    words = list(range(0, len(pieces), 2))
+    remove = []
+    for position, index in enumerate(words):
+        word = pieces[index]
+        if _is_cpu_word(word):
+            remove.append(index)
+        elif word == "--param" and position + 1 < len(words):
+            following = words[position + 1]
+            if pieces[following].startswith(_CACHE_PARAMS):
+                remove += [index, following]
+    if not remove:
+        if mode != "append" or not flags:
+            return inner
+        stripped = inner.rstrip()
+        return (stripped + " " if stripped else "") + " ".join(flags) + inner[len(stripped):]
+    first, gone = min(remove), set(remove)
+    for index in remove:
+        if index == first and mode != "strip" and flags:
+            continue
+        # Take one neighbouring blank along, never a line break.
+        for blank in (index - 1, index + 1):
+            if 0 <= blank < len(pieces) and blank not in gone and "\n" not in pieces[blank]:
+                gone.add(blank)
+                break
+    out = []
+    for index, piece in enumerate(pieces):
+        if index == first and mode != "strip" and flags:
+            out.append(" ".join(flags))
+        elif index not in gone:
+            out.append(piece)
+    return "".join(out)
+
+
+def _has_cpu_words(inner):
+    return _edit_words(inner, [], "strip") != inner
+
+
+def _references(inner, names):
+    return any(re.search(r"\$\{?%s\b" % name, inner) for name in names)
+
+
+def set_common_flags(make_conf_text, flags):
+    """make.conf text with the CPU flags replaced by `flags` (a list of words, or a string).
+
+    CPU words are -march=, -mcpu=, -mtune=, the l1/l2 cache --params and -mFOO/-mno-FOO
+    features (not the NON_CPU_M_OPTIONS such as -mno-omit-leaf-frame-pointer); every other word
+    (-O2 -pipe ${COMMON_FLAGS} -mfpmath=sse ...), comment and line stays. `flags` go where the
+    first CPU word was, else at the end of the value. The variable edited is COMMON_FLAGS, or
+    CFLAGS when there is no COMMON_FLAGS; of several assignments, the last one that carries
+    CPU words and whose value reaches the final one (later ones reference the variable), else
+    the last. CFLAGS/CXXFLAGS/FCFLAGS/FFLAGS lose their own CPU words (which would override
+    ours, -march=native meaning the binhost's CPU) when their value includes the edited
+    variable's (CFLAGS="${COMMON_FLAGS} ..."), and get them replaced by `flags` otherwise.
+    With neither COMMON_FLAGS nor CFLAGS, the stage3 block (COMMON_FLAGS="-O2 -pipe FLAGS"
+    and the four *FLAGS="${COMMON_FLAGS}") is appended. Quoting ("..." or '...') is kept; a
+    value spanning lines keeps its line breaks. Applying the same flags twice changes nothing.
+    """
+    if isinstance(flags, str):
+        flags = flags.split()
+    flags = list(flags)
+    assignments = [a for a in _assignments(make_conf_text) if a.name in FLAGS_VARIABLES]
+    primary = next((name for name in ("COMMON_FLAGS", "CFLAGS")
+                    if any(a.name == name for a in assignments)), None)
+    if primary is None:
+        block = ('COMMON_FLAGS="%s"\n' % " ".join(["-O2", "-pipe"] + flags)
+                 + "".join('%s="${COMMON_FLAGS}"\n' % name for name in FLAGS_VARIABLES[1:]))
+        separator = "" if not make_conf_text or make_conf_text.endswith("\n") else "\n"
+        return make_conf_text + separator + block
+
+    inner_of = {id(a): _unquote(make_conf_text[a.start:a.end], a.quote) for a in assignments}
+    own = [a for a in assignments if a.name == primary]
+    target = own[-1]
+    for index, assignment in enumerate(own):
+        reaches_end = all(_references(inner_of[id(a)], [primary]) for a in own[index + 1:])
+        if _has_cpu_words(inner_of[id(assignment)]) and reaches_end:
+            target = assignment
+    # Variables that get the primary's value, directly or through another one
+    # (CXXFLAGS="${CFLAGS}" with CFLAGS="${COMMON_FLAGS}").
+    inheriting, grown = {primary}, True
+    while grown:
+        grown = False
+        for assignment in assignments:
+            if assignment.name not in inheriting and _references(
+                    inner_of[id(assignment)], sorted(inheriting - {assignment.name})):
+                inheriting.add(assignment.name)
+                grown = True
+
+    edits = []
+    for assignment in assignments:
+        inner = inner_of[id(assignment)]
+        if assignment.name == primary:
+            new = _edit_words(inner, flags, "append" if assignment is target else "strip")
+        elif assignment.name in inheriting:
+            new = _edit_words(inner, flags, "strip")  # the flags reach it through the primary
+        else:
+            new = _edit_words(inner, flags, "replace")
+        if new != inner:
+            edits.append((assignment, _requote(new, assignment.quote)))
+    for assignment, value in reversed(edits):
+        make_conf_text = make_conf_text[:assignment.start] + value + make_conf_text[assignment.end:]
+    return make_conf_text
+
+
+def set_cpu_flags_x86(text, flags, kind):
+    """`text` with CPU_FLAGS_X86 set to `flags` (a list of names, or a string).
+
+    kind "make.conf": every CPU_FLAGS_X86=... assignment gets the value (quotes kept), or
+    CPU_FLAGS_X86="..." is appended. kind "package.use" (cpuid2cpuflags' recommended
+    `*/* CPU_FLAGS_X86: ...` in package.use/00cpu-flags): the CPU_FLAGS_X86 group of every
+    `*/*` line is replaced (a leading -* reset is kept), or such a line is appended.
+    Per-package lines (dev-libs/foo CPU_FLAGS_X86: -avx2) are the user's and stay.
+    """
+    if isinstance(flags, str):
+        flags = flags.split()
+    value = " ".join(flags)
+    if kind == "make.conf":
+        found = [a for a in _assignments(text) if a.name == "CPU_FLAGS_X86"]
+        for assignment in reversed(found):
+            text = (text[:assignment.start] + _requote(value, assignment.quote or '"')
+                    + text[assignment.end:])
+        if found:
+            return text
+        separator = "" if not text or text.endswith("\n") else "\n"
+        return text + separator + 'CPU_FLAGS_X86="%s"\n' % value
+    if kind != "package.use":
+        raise ValueError("unknown kind %r (make.conf or package.use)" % kind)
+
+    lines, replaced = text.splitlines(keepends=True), False
+    for index, line in enumerate(lines):
+        body = line.rstrip("\r\n")
+        words = body.split("#", 1)[0].split()
+        if len(words) < 2 or words[0] != "*/*" or "CPU_FLAGS_X86:" not in words:
+            continue
+        group = words.index("CPU_FLAGS_X86:")
+        end = next((i for i in range(group + 1, len(words)) if words[i].endswith(":")),
+                   len(words))
+        reset = ["-*"] if "-*" in words[group + 1:end] else []
+        comment = " #" + body.split("#", 1)[1] if "#" in body else ""
+        new_words = words[:group + 1] + reset + list(flags) + words[end:]
+        lines[index] = " ".join(new_words) + comment + line[len(body):]
+        replaced = True
+    text = "".join(lines)
+    if replaced:
+        return text
+    separator = "" if not text or text.endswith("\n") else "\n"
+    return text + separator + "*/* CPU_FLAGS_X86: %s\n" % value
+
+
+def missing_isa(target_flags, host_flags):
+    """CPU_FLAGS_X86 names the target has and the build host lacks, sorted.
+
+    Non-empty means the binhost's CPU cannot run the target's code: anything a build runs
+    (tests, code generators, an optimised python) may die with SIGILL.
+    """
+    if isinstance(target_flags, str):
+        target_flags = target_flags.split()
+    if isinstance(host_flags, str):
+        host_flags = host_flags.split()
+    return sorted(set(target_flags) - set(host_flags))
+
+
+class TargetCpu:
+    """What the target's gcc and CPU report, resolved to flags for the binhost's make.conf."""
+
+    def __init__(self, machine, gcc_version, common_flags, cpu_flags_x86, cpu_flags_source):
+        self.machine = machine
+        self.gcc_version = gcc_version
+        self.common_flags = common_flags
+        self.cpu_flags_x86 = cpu_flags_x86
+        self.cpu_flags_source = cpu_flags_source
+
+    @property
+    def is_x86(self):
+        return self.machine in ("x86_64", "i386", "i486", "i586", "i686")
+
+
+def detect_target_cpu(target, runner, output):
+    remote = Remote(target, runner, output)
+    sections = parse_sections(remote.script(CPU_PROBE_SCRIPT, changes=False,
+                                            what="detecting the CPU").stdout)
+    cc1 = sections.get("cc1", "").strip()
+    if not cc1:
+        raise BinhostError(f"gcc on target {target.name} printed no cc1 line for -march=native:"
+                           " is gcc installed there (and in path =)?")
+    flags = resolve_native_flags(cc1, sections.get("baseline", ""), sections.get("native", ""))
+    if not flags:
+        raise BinhostError(f"gcc {sections.get('gcc', '').strip()} on target {target.name} cannot name"
+                           " its CPU: set COMMON_FLAGS in the binhost's make.conf by hand")
+    machine = sections.get("arch", "").strip()
+    cpu_flags, source = parse_cpuid2cpuflags(sections.get("cpuid2cpuflags", "")), "cpuid2cpuflags"
+    if not cpu_flags:
+        cpu_flags, source = cpu_flags_x86_from_cpuinfo(sections.get("cpuinfo", "")), "/proc/cpuinfo"
+    return TargetCpu(machine, sections.get("gcc", "").strip(), flags, cpu_flags, source)
+
+
+UNKNOWN_GCC_FLAG = re.compile(r"(?:unrecognized command[- ]line option|bad value \(['‘]?([^'’)]*)['’]?\) for)"
+                              r"\s*['‘]?([^'’\s]*)")
+
+
+def check_flags_with_local_gcc(flags, runner, output):
+    """The flags the binhost's gcc accepts. A newer gcc on the target names features an older one
+    here does not know: an unknown -mno-X is dropped (this gcc cannot emit X anyway); an unknown
+    -mX or -march value is an error, else the build would fail late and confusingly."""
+    gcc = find_program("gcc", "the binhost builds with gcc")
+    flags = list(flags)
+    while True:
+        result = runner.read([gcc] + flags + ["-E", "-x", "c", "/dev/null", "-o", "/dev/null"], check=False)
+        if result.returncode == 0:
+            return flags
+        match = next(filter(None, map(UNKNOWN_GCC_FLAG.search, result.stderr.splitlines())), None)
+        if match is None:
+            raise BinhostError(f"the binhost's gcc rejects the target's flags: {last_line(result.stderr)}")
+        flag = f"{match.group(2)}{match.group(1)}" if match.group(1) else match.group(2)
+        if flag.startswith("-mno-") and flag in flags:
+            output.warn(f"Dropping {flag}: the binhost's gcc does not know that feature at all")
+            flags.remove(flag)
+            continue
+        raise BinhostError(f"the binhost's gcc does not know {flag} (from the target's gcc): use the"
+                           " same gcc version on both, or drop the flag from COMMON_FLAGS")
+
+
+def host_cpu_flags_x86():
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as handle:
+            line = next((line for line in handle if line.startswith("flags")), "")
+    except OSError:
+        return []
+    return cpu_flags_x86_from_cpuinfo(line)
+
+
+def cpu_flags_location(settings):
+    """Where the binhost copy (the target's configuration) keeps CPU_FLAGS_X86: (path, kind)."""
+    portage_dir = os.path.join(settings.root, "etc/portage")
+    package_use = os.path.join(portage_dir, "package.use")
+    if os.path.isdir(package_use):
+        for name in sorted(os.listdir(package_use)):
+            path = os.path.join(package_use, name)
+            if os.path.isfile(path) and "CPU_FLAGS_X86" in open(path, encoding="utf-8", errors="replace").read():
+                return path, "package.use"
+    make_conf = os.path.join(portage_dir, "make.conf")
+    if os.path.isfile(make_conf) and re.search(r"^\s*CPU_FLAGS_X86\s*=",
+                                               open(make_conf, encoding="utf-8").read(), re.M):
+        return make_conf, "make.conf"
+    if os.path.isfile(package_use):
+        return package_use, "package.use"
+    return os.path.join(package_use, "00cpu-flags"), "package.use"
+
+
+def read_text(path):
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return handle.read()
+    except FileNotFoundError:
+        return ""
+
+
+def cpu_report(settings, target, runner, output, apply=False):
+    cpu = detect_target_cpu(target, runner, output)
+    cpu.common_flags = check_flags_with_local_gcc(cpu.common_flags, runner, output)
+    if cpu.is_x86:
+        beyond = missing_isa(cpu.cpu_flags_x86, host_cpu_flags_x86())
+        if beyond:
+            output.warn(f"{target.name}'s CPU has {' '.join(beyond)}, this machine's does not: a"
+                        " program built and run during a build (tests, code generators) may die with"
+                        " SIGILL here")
+    make_conf = os.path.join(settings.root, "etc/portage/make.conf")
+    if os.path.isdir(make_conf):
+        raise BinhostError(f"{make_conf} is a directory: put the lines above into a file in it yourself")
+    current_make_conf = read_text(make_conf)
+    new_make_conf = set_common_flags(current_make_conf or 'COMMON_FLAGS="-O2 -pipe"\n', cpu.common_flags)
+    common_line = next((line for line in new_make_conf.splitlines() if line.startswith("COMMON_FLAGS=")),
+                       f'COMMON_FLAGS="{" ".join(cpu.common_flags)}"')
+    output.info(f"{target.name}: {cpu.machine}, gcc {cpu.gcc_version}")
+    output.text(common_line, always=True)
+    if cpu.is_x86:
+        output.info(f"CPU_FLAGS_X86 from {cpu.cpu_flags_source}:")
+        output.text(f'CPU_FLAGS_X86="{" ".join(cpu.cpu_flags_x86)}"', always=True)
+    if not apply:
+        return cpu
+    check_binhost_root(settings)
+    if runner.write_file(make_conf, new_make_conf):
+        output.action(f"COMMON_FLAGS of {make_conf} set for {target.name}")
+    if cpu.is_x86:
+        path, kind = cpu_flags_location(settings)
+        if runner.write_file(path, set_cpu_flags_x86(read_text(path), cpu.cpu_flags_x86, kind)):
+            output.action(f"CPU_FLAGS_X86 in {path} set for {target.name}")
+    return cpu
+
+
 # ---- configuration parity: config pull | push | diff ---------------------------------------------
 
 # Streams the Portage configuration of one side as a tar: <configroot>/etc/portage and the world
@@ -1173,7 +1865,8 @@ def rewrite_make_conf(tar_bytes, transform):
     return result.getvalue(), changed
 
 
-NATIVE_CPU_FLAG = re.compile(r"(?<!\S)-m(arch|cpu|tune)=native(?!\S)")
+NATIVE_CPU_FLAG = re.compile(r"(?<![^\s\"'])-m(?:arch|cpu)=native(?![^\s\"'])")
+NATIVE_TUNE = re.compile(r"[ \t]*(?<![^\s\"'])-mtune=native(?![^\s\"'])")
 
 
 def resolve_march_native_in(tar_bytes, target, runner, output):
@@ -1189,8 +1882,8 @@ def resolve_march_native_in(tar_bytes, target, runner, output):
             return text
         if flags is None:
             flags = " ".join(detect_target_cpu(target, runner, output).common_flags)
-        text = NATIVE_CPU_FLAG.sub(lambda match: "" if match.group(1) == "tune" else flags, text)
-        return re.sub(r"[ \t]{2,}", " ", text)
+        text = NATIVE_TUNE.sub("", text)
+        return NATIVE_CPU_FLAG.sub(flags, text)
 
     new_tar, changed = rewrite_make_conf(tar_bytes, replace)
     for name in changed:
@@ -2158,6 +2851,12 @@ def build_parser():
                                              " differences.")
     config.add_argument("action", choices=("pull", "push", "diff"))
 
+    cpu = commands.add_parser("cpu", help="the target's CPU as make.conf flags",
+                              description="Resolve -march=native on the target into explicit flags"
+                                          " (COMMON_FLAGS) and CPU_FLAGS_X86 for the binhost.")
+    cpu.add_argument("--apply", action="store_true",
+                     help="write them into the binhost's make.conf and package.use (with a backup)")
+
     doctor = commands.add_parser("doctor", help="check that the binhost and the target agree",
                                  description="Check and explain, one line each, whether the binhost"
                                              " builds what the target would: configuration, profile,"
@@ -2269,6 +2968,10 @@ def cmd_config(config, args, runner, output):
                 show_only=args.action == "diff")
 
 
+def cmd_cpu(config, args, runner, output):
+    cpu_report(config.binhost, config.target(args.target), runner, output, apply=args.apply)
+
+
 def cmd_doctor(config, args, runner, output):
     doctor = run_doctor(config.binhost, config.target(args.target), runner, output, args.atoms)
     if args.json:
@@ -2282,6 +2985,7 @@ def cmd_doctor(config, args, runner, output):
 
 COMMANDS = {
     "doctor": cmd_doctor,
+    "cpu": cmd_cpu,
     "config": cmd_config,
     "build": cmd_build, "install": cmd_install, "emerge": cmd_emerge,
     "setup-target": cmd_setup_target, "serve": cmd_serve, "keygen": cmd_keygen, "sign": cmd_sign,

@@ -3,6 +3,8 @@ our `serve` serves PKGDIR, `setup-target` configures a target ROOT reached throu
 the target's real `emerge --getbinpkgonly` verifies and installs them. No fakes."""
 
 import os
+import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -464,3 +466,33 @@ def test_doctor_passes_for_a_working_target(world):
         world.cli("doctor", "--json", "app-misc/hello", config=config, check=False).stdout)}
     for check in ("binrepos", "fetch", "signing key", "index", "preflight", "CHOST", "profile"):
         assert report[check]["status"] == "OK", report[check]
+
+
+def test_cpu_over_ssh_satisfies_the_macro_criterion_and_applies(world, config_pair):
+    binhost, target, config = config_pair
+    result = world.cli("cpu", config=config)
+    common = next(line for line in result.stdout.splitlines() if line.startswith("COMMON_FLAGS="))
+    flags = [word for word in shlex.split(shlex.split(common.split("=", 1)[1])[0]) if word.startswith("-m")]
+    assert flags[0].startswith(("-march=", "-mcpu=")) and "-march=native" not in flags
+
+    def macros(*options):
+        return set(run(["gcc", "-dM", "-E", "-x", "c", "/dev/null", *options]).stdout.splitlines())
+    assert macros(*flags) == macros("-march=native")
+    assert re.search(r'^CPU_FLAGS_X86=".*\bsse2\b', result.stdout, re.M)
+
+    world.cli("cpu", "--apply", config=config)
+    make_conf = (binhost / "etc/portage/make.conf").read_text()
+    assert flags[0] in make_conf and "-O2" in make_conf
+    assert "CPU_FLAGS_X86:" in (binhost / "etc/portage/package.use/00cpu-flags").read_text()
+    assert list((binhost / "etc/portage").glob("make.conf.*.bak"))
+
+
+def test_pull_replaces_march_native_with_the_targets_flags(world, config_pair):
+    binhost, target, config = config_pair
+    make_conf = target / "etc/portage/make.conf"
+    make_conf.write_text(make_conf.read_text().replace('CFLAGS="-O2 -pipe"', 'CFLAGS="-march=native -O2 -pipe"'))
+    result = world.cli("config", "pull", config=config)
+    assert "uses -march=native" in result.stderr
+    pulled = (binhost / "etc/portage/make.conf").read_text()
+    assert "-march=native" not in pulled and re.search(r'CFLAGS="-march=\S+ .*-O2 -pipe"', pulled)
+    assert "-march=native" in make_conf.read_text(), "the target keeps its own make.conf"
