@@ -413,9 +413,10 @@ class Runner:
         """Run a read-only query and return its CompletedProcess with captured text output."""
         return self.run(argv, env, changes=False, capture=True, input=input, check=check, describe=describe)
 
-    def write_file(self, path, content, mode=0o644, backup=True):
+    def write_file(self, path, content, mode=None, backup=True):
         """Write content to path atomically (temp file, then rename), keeping a timestamped backup
-        of a different existing file. Returns False when the file already had this content."""
+        of a different existing file and its mode (else `mode`, default 0644). Returns False when
+        the file already had this content."""
         try:
             with open(path, encoding="utf-8") as handle:
                 current = handle.read()
@@ -433,10 +434,14 @@ class Runner:
             backup_path = f"{path}.{timestamp()}.bak"
             shutil.copy2(path, backup_path)
             self.output.info(f"Saved the previous {path} as {backup_path}")
+        if mode is None:
+            mode = stat.S_IMODE(os.stat(path).st_mode) if current is not None else 0o644
         handle, temporary = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.")
         try:
             with os.fdopen(handle, "w", encoding="utf-8") as stream:
                 stream.write(content)
+                stream.flush()
+                os.fsync(stream.fileno())
             os.chmod(temporary, mode)
             os.replace(temporary, path)
         except BaseException:
@@ -827,11 +832,7 @@ class Remote:
         result = self.run(["sh", "-c", script, "gentoo-binhost"] + [str(arg) for arg in args],
                           self.target.portage_environment,
                           changes=changes, capture=True, what=what, input=input, binary=binary)
-        if result is not None and result.returncode != 0:
-            detail = last_line(as_text(result.stderr)) or last_line(as_text(result.stdout))
-            raise BinhostError(f"{what} failed on target {self.target.name} (exit {result.returncode})"
-                               f"{': ' + detail if detail else ''}")
-        return result
+        return script_succeeded(result, what, f"target {self.target.name}")
 
     def portage_variable(self, name):
         result = self.run(["portageq", "envvar", name], self.target.portage_environment,
@@ -840,6 +841,15 @@ class Remote:
             raise BinhostError(f"portageq envvar {name} failed on target {self.target.name}:"
                                f" {last_line(result.stderr)}")
         return result.stdout.strip()
+
+
+def script_succeeded(result, what, where):
+    """The result of one of our sh scripts, or a one-line error with its last words."""
+    if result is not None and result.returncode != 0:
+        detail = last_line(as_text(result.stderr)) or last_line(as_text(result.stdout))
+        raise BinhostError(f"{what} failed on {where} (exit {result.returncode})"
+                           f"{': ' + detail if detail else ''}")
+    return result
 
 
 def has_option(args, option):
@@ -1782,17 +1792,12 @@ class LocalShell:
         self.runner = runner
         root = settings.root.rstrip("/") + "/"
         self.env = {"ROOT": root, "PORTAGE_CONFIGROOT": root}
-        self.name = "the binhost"
 
     def script(self, script, *args, changes=True, what, input=None, binary=False):
         result = self.runner.run(["sh", "-c", script, "gentoo-binhost"] + [str(arg) for arg in args],
                                  self.env, changes=changes, capture=True, input=input, check=False,
                                  binary=binary)
-        if result is not None and result.returncode != 0:
-            detail = last_line(as_text(result.stderr)) or last_line(as_text(result.stdout))
-            raise BinhostError(f"{what} failed on the binhost (exit {result.returncode})"
-                               f"{': ' + detail if detail else ''}")
-        return result
+        return script_succeeded(result, what, "the binhost")
 
 
 def fetch_config(side, configroot):

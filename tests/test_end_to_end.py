@@ -152,10 +152,18 @@ def test_use_mismatch_is_refused_not_silently_installed(world):
     assert not world.installed(root, "usr/share/greet/use.txt").exists()
 
 
-def serve_in_thread(gb, directory):
-    server = gb.make_server("127.0.0.1", 0, str(directory), gb.Output(color=False, verbosity=0))
+def install_from(gb, world, pkgdir, name, atom="app-misc/hello", **server_options):
+    """Serve pkgdir in this process, set up a new target for it, try to install atom there."""
+    server = gb.make_server("127.0.0.1", 0, str(pkgdir), gb.Output(color=False, verbosity=0),
+                            **server_options)
     threading.Thread(target=server.serve_forever, daemon=True).start()
-    return server
+    try:
+        root, config = world.new_target(name, port=server.server_address[1], pkgdir=pkgdir)
+        world.cli("setup-target", config=config)
+        return root, world.cli("install", atom, config=config, check=False)
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 def test_tampered_package_is_refused(gb, world):
@@ -170,14 +178,7 @@ def test_tampered_package_is_refused(gb, world):
         byte = handle.read(1)
         handle.seek(-1, os.SEEK_CUR)
         handle.write(bytes([byte[0] ^ 0xFF]))
-    server = serve_in_thread(gb, pkgdir)
-    try:
-        root, config = world.new_target("tampered", port=server.server_address[1], pkgdir=pkgdir)
-        world.cli("setup-target", config=config)
-        result = world.cli("install", "app-misc/hello", config=config, check=False)
-    finally:
-        server.shutdown()
-        server.server_close()
+    root, result = install_from(gb, world, pkgdir, "tampered")
     assert result.returncode == 1, result.stdout
     assert not world.installed(root, "usr/bin/hello").exists()
 
@@ -189,15 +190,8 @@ def test_package_signed_by_another_key_is_refused(gb, world):
     other.write_text(world.binhost_section(pkgdir=pkgdir, gpg_home=world.base / "other-gnupg"))
     world.cli("keygen", config=other)
     world.cli("sign", "--all", config=other)
-    server = serve_in_thread(gb, pkgdir)
-    try:
-        # The target trusts the binhost's real key only.
-        root, config = world.new_target("other-key", port=server.server_address[1], pkgdir=pkgdir)
-        world.cli("setup-target", config=config)
-        result = world.cli("install", "app-misc/hello", config=config, check=False)
-    finally:
-        server.shutdown()
-        server.server_close()
+    # The target trusts the binhost's real key only.
+    root, result = install_from(gb, world, pkgdir, "other-key")
     assert result.returncode == 1
     assert not world.installed(root, "usr/bin/hello").exists()
 
