@@ -31,6 +31,7 @@ import functools
 import hashlib
 import hmac
 import html
+import http.client
 import http.server
 import io
 import json
@@ -51,7 +52,9 @@ import tarfile
 import tempfile
 import threading
 import time
+import urllib.error
 import urllib.parse
+import urllib.request
 
 # ------------------------------------------------------------------------------------------------
 # Constants
@@ -81,7 +84,8 @@ GLOBAL_OPTIONS_WITH_VALUE = ("-c", "--config", "--target", "--color")
 
 CONFIG_KEYS = {
     "binhost": ("root", "pkgdir", "url", "bind", "port", "signing-key", "gpg-home", "tls-cert",
-                "tls-key", "auth-file", "transport", "tunnel-port", "timeout"),
+                "tls-key", "auth-file", "transport", "tunnel-port", "timeout", "stage3", "stage3-sha512",
+                "stage3-installed"),
     "target": ("host", "ssh-port", "ssh-options", "root", "path"),
 }
 
@@ -156,6 +160,12 @@ class Output:
 
     def error(self, message):
         self._write(self.err, f"{self._paint('bad', '!!!')} {message}")
+
+    def progress(self, line, done=False):
+        """Rewrite the current terminal line (download progress)."""
+        with self.lock:
+            self.out.write("\n" if done else f"\r{line}")
+            self.out.flush()
 
     def check(self, status, name, detail):
         """One doctor line: OK, WARN or FAIL in Portage's colors, the check, what it found."""
@@ -2214,6 +2224,314 @@ def run_doctor(settings, target, runner, output, atoms):
     return doctor
 
 
+# ---- init: the binhost root from a verified stage3 -----------------------------------------------
+
+DEFAULT_MIRROR = "https://distfiles.gentoo.org"
+GENTOO_RELEASE_KEYS = "/usr/share/openpgp-keys/gentoo-release.asc"
+DEFAULT_VARIANT = "openrc"
+# uname -m -> Gentoo's release arch directory
+GENTOO_ARCHES = {"x86_64": "amd64", "aarch64": "arm64", "i686": "x86", "i586": "x86",
+                 "riscv64": "riscv", "ppc64le": "ppc64", "ppc64": "ppc64", "armv7l": "arm"}
+DECOMPRESS_OPTIONS = {".xz": "--xz", ".zst": "--zstd", ".bz2": "--bzip2", ".gz": "--gzip"}
+DOWNLOAD_CHUNK = 1024 * 1024
+
+# What the target runs: its arch, libc, init system, profile and multilib choice.
+TARGET_SYSTEM_SCRIPT = r"""
+echo "machine $(uname -m)"
+echo "chost $(portageq envvar CHOST 2>/dev/null)"
+if [ -d /run/systemd/system ] || readlink /sbin/init 2>/dev/null | grep -q systemd; then
+    echo "init systemd"
+else
+    echo "init openrc"
+fi
+echo "profile $(readlink "${1%/}/etc/portage/make.profile" 2>/dev/null)"
+"""
+
+
+def stage3_variant(machine, chost, init, profile):
+    """(arch, variant, reasons) matching what the target runs, as Gentoo names its stage3s."""
+    arch = GENTOO_ARCHES.get(machine, machine)
+    parts, reasons = [], [f"{machine} is {arch}"]
+    if "musl" in chost or "/musl" in profile:
+        parts.append("musl")
+        reasons.append(f"{chost or profile} is musl")
+    if arch == "amd64" and "no-multilib" in profile:
+        parts.append("nomultilib")
+        reasons.append("the profile is no-multilib")
+    if "hardened" in profile:
+        parts.append("hardened")
+        reasons.append("the profile is hardened")
+    if init == "systemd" or "systemd" in profile:
+        parts.append("systemd")
+        reasons.append("it boots with systemd")
+    else:
+        parts.append("openrc")
+        reasons.append("it boots with OpenRC")
+    variant = "-".join(parts)
+    if variant in ("musl-openrc",):
+        variant = "musl"  # Gentoo's name for amd64 + musl + OpenRC
+    return arch, variant, reasons
+
+
+def parse_latest(text):
+    """The relative path of the newest stage3 in a latest-stage3-*.txt (comments skipped)."""
+    for line in text.splitlines():
+        words = line.split()
+        if words and not line.startswith("#") and words[0].endswith((".tar.xz", ".tar.zst", ".tar.bz2")):
+            return words[0], int(words[1]) if len(words) > 1 and words[1].isdigit() else None
+    raise BinhostError("the latest-stage3 file lists no stage3 tarball")
+
+
+def parse_digests(text, name):
+    """{algorithm: hex} for the file `name` from a .DIGESTS file (`# SHA512 HASH` blocks)."""
+    digests, algorithm = {}, None
+    for line in text.splitlines():
+        if line.startswith("#"):
+            words = line[1:].split()
+            algorithm = words[0].lower() if len(words) == 2 and words[1] == "HASH" else None
+        elif algorithm and line.strip():
+            value, _, file_name = line.partition(" ")
+            if file_name.strip().lstrip("*") == name:
+                digests[algorithm] = value.lower()
+    return {algorithm: value for algorithm, value in digests.items() if algorithm in ("sha512", "blake2b")}
+
+
+class ReleaseKeys:
+    """A throwaway GnuPG home holding only Gentoo's release keys: the only trust anchor."""
+
+    def __init__(self, keyring, runner):
+        self.runner = runner
+        self.home = tempfile.mkdtemp(prefix="gentoo-binhost-keys.")
+        try:
+            with open(keyring, "rb") as handle:
+                keys = handle.read()
+            runner.run(gpg_command(self.home, "--import"), input=keys, capture=True, changes=False,
+                       describe=f"importing the release keys from {keyring}")
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self):
+        stop_gpg_agent(self.home, self.runner)
+        shutil.rmtree(self.home, ignore_errors=True)
+
+    def verified_text(self, clearsigned, what):
+        """The text of a clearsigned file, once its signature is good."""
+        result = self.runner.run(gpg_command(self.home, "--status-fd", "2", "--decrypt"),
+                                 input=clearsigned, capture=True, check=False, changes=False, binary=True)
+        if result.returncode != 0 or b"[GNUPG:] VALIDSIG" not in result.stderr:
+            raise BinhostError(f"the PGP signature of {what} is not valid for Gentoo's release keys:"
+                               " refusing it")
+        return result.stdout.decode("utf-8", "replace")
+
+    def verify_detached(self, signature_path, data_path, what):
+        result = self.runner.run(gpg_command(self.home, "--status-fd", "1", "--verify", signature_path,
+                                             data_path), capture=True, check=False, changes=False)
+        if result.returncode != 0 or "[GNUPG:] VALIDSIG" not in result.stdout:
+            raise BinhostError(f"the PGP signature {os.path.basename(signature_path)} does not match"
+                               f" {what}: refusing to extract it")
+
+
+def fetch_small(url, what):
+    """A small file (latest list, DIGESTS, signature) into memory."""
+    try:
+        with urllib.request.urlopen(url, timeout=60) as response:
+            return response.read()
+    except (OSError, ValueError) as error:
+        raise BinhostError(f"cannot download {what} from {url}: {error}") from None
+
+
+def download(url, destination, runner, output, digests):
+    """Download url to destination, resuming a previous partial download, hashing as the data
+    arrives; returns {algorithm: hexdigest}. The partial file is renamed only when complete."""
+    partial = destination + ".partial"
+    hashes = {algorithm: hashlib.new(algorithm) for algorithm in digests}
+    offset = os.path.getsize(partial) if os.path.exists(partial) else 0
+    if offset:
+        output.info(f"Resuming {os.path.basename(destination)} at {offset} bytes")
+        with open(partial, "rb") as handle:
+            for chunk in iter(lambda: handle.read(DOWNLOAD_CHUNK), b""):
+                for value in hashes.values():
+                    value.update(chunk)
+    request = urllib.request.Request(url, headers={"Range": f"bytes={offset}-"} if offset else {})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response, open(partial, "ab") as handle:
+            if offset and response.status != 206:  # the server ignored Range: start again
+                handle.truncate(0)
+                hashes = {algorithm: hashlib.new(algorithm) for algorithm in digests}
+                offset = 0
+            total = offset + int(response.headers.get("Content-Length") or 0)
+            progress = Progress(output, os.path.basename(destination), total)
+            done = offset
+            for chunk in iter(lambda: response.read(DOWNLOAD_CHUNK), b""):
+                handle.write(chunk)
+                for value in hashes.values():
+                    value.update(chunk)
+                done += len(chunk)
+                progress.update(done)
+            progress.finish()
+            if total > offset and done < total:
+                raise ConnectionResetError(f"connection closed after {done} of {total} bytes")
+    except urllib.error.HTTPError as error:
+        if error.code == 416 and offset:  # already complete
+            pass
+        else:
+            raise BinhostError(f"cannot download {url}: HTTP {error.code} {error.reason}") from None
+    except (OSError, ValueError, http.client.HTTPException) as error:
+        raise BinhostError(f"download of {url} interrupted ({error!r}): run init again to resume") from None
+    os.replace(partial, destination)
+    return {algorithm: value.hexdigest() for algorithm, value in hashes.items()}
+
+
+class Progress:
+    """A one-line progress bar on a terminal, nothing otherwise."""
+
+    def __init__(self, output, name, total):
+        self.output, self.name, self.total = output, name, total
+        self.enabled = output.out.isatty() and output.verbosity > 0
+        self.shown = -1
+
+    def update(self, done):
+        if not self.enabled or not self.total:
+            return
+        percent = done * 100 // self.total
+        if percent != self.shown:
+            self.shown = percent
+            bar = "=" * (percent // 4)
+            self.output.progress(f">>> {self.name} [{bar:<25}] {percent:3d}% {done // 1048576} MiB")
+
+    def finish(self):
+        if self.enabled and self.shown >= 0:
+            self.output.progress("", done=True)
+
+
+def check_init_root(root, force):
+    if os.path.lexists(root) and not os.path.isdir(root):
+        raise BinhostError(f"{root} exists and is not a directory")
+    if os.path.isdir(root) and os.listdir(root) and not force:
+        raise BinhostError(f"{root} is not empty: it may hold a binhost already; use init --force to"
+                           " replace it (the old one is kept beside it)")
+
+
+def init_binhost(config, args, runner, output):
+    settings = config.binhost
+    root = settings.root
+    check_init_root(root, args.force)
+    arch, variant = args.arch, args.variant
+    if args.like_target:
+        target = config.target(args.target)
+        probe = Remote(target, runner, output).script(TARGET_SYSTEM_SCRIPT, target.root, changes=False,
+                                                      what="asking the target what it runs")
+        facts = dict(line.split(" ", 1) for line in probe.stdout.splitlines() if " " in line)
+        arch, variant, reasons = stage3_variant(facts.get("machine", ""), facts.get("chost", ""),
+                                                facts.get("init", ""), facts.get("profile", ""))
+        output.info(f"{target.name}: stage3-{arch}-{variant}, because {', '.join(reasons)}")
+    arch = arch or GENTOO_ARCHES.get(os.uname().machine, os.uname().machine)
+    variant = variant or DEFAULT_VARIANT
+    keyring = args.keyring or GENTOO_RELEASE_KEYS
+    verify_pgp = not args.no_verify_pgp
+    if verify_pgp and not os.path.isfile(keyring):
+        raise BinhostError(f"Gentoo's release keys are not at {keyring}: pass --keyring FILE (on Gentoo:"
+                           " emerge sec-keys/openpgp-keys-gentoo-release), or --no-verify-pgp to trust"
+                           " the digests alone")
+    if not verify_pgp:
+        output.warn("--no-verify-pgp: the stage3 is checked against its DIGESTS only, which came"
+                    " from the same server")
+    keys = ReleaseKeys(keyring, runner) if verify_pgp else None
+    try:
+        url = stage3_url(args, arch, variant, keys, output)
+        name = os.path.basename(urllib.parse.urlsplit(url).path) if "://" in url else os.path.basename(url)
+        digests_text = fetch_small(url + ".DIGESTS", f"{name}.DIGESTS").decode("utf-8", "replace") \
+            if "://" in url else read_text(url + ".DIGESTS")
+        if keys and "BEGIN PGP SIGNED MESSAGE" in digests_text:
+            digests_text = keys.verified_text(digests_text.encode(), f"{name}.DIGESTS")
+        expected = parse_digests(digests_text, name)
+        if "sha512" not in expected:
+            raise BinhostError(f"{name}.DIGESTS has no SHA512 for {name}: refusing an unverifiable stage3")
+        if runner.pretend:
+            output.info(f"Would download {url}, verify it and extract it into {root}")
+            return
+        parent = os.path.dirname(root.rstrip("/")) or "/"
+        downloads = os.path.join(parent, f".{os.path.basename(root.rstrip('/'))}.download")
+        os.makedirs(downloads, exist_ok=True)
+        tarball = os.path.join(downloads, name)
+        if "://" in url:
+            output.action(f"Downloading {url}")
+            actual = download(url, tarball, runner, output, expected)
+        else:
+            tarball = os.path.abspath(url)
+            actual = file_digests(tarball, expected)
+        for algorithm, value in expected.items():
+            if actual[algorithm] != value:
+                os.unlink(tarball)
+                raise BinhostError(f"{algorithm.upper()} of {name} does not match its DIGESTS: the"
+                                   " download is corrupt or was tampered with (deleted; run init again)")
+        output.info(f"{name}: {' and '.join(a.upper() for a in expected)} match the DIGESTS")
+        if keys:
+            signature = tarball + ".asc"
+            with open(signature, "wb") as handle:
+                handle.write(fetch_small(url + ".asc", f"{name}.asc") if "://" in url
+                             else open(url + ".asc", "rb").read())
+            keys.verify_detached(signature, tarball, name)
+            output.info(f"{name}: PGP signature good (Gentoo release key)")
+    finally:
+        if keys:
+            keys.close()
+    extract_stage3(tarball, root, runner, output)
+    os.makedirs(os.path.join(root, "var/cache/binpkgs"), exist_ok=True)
+    note = {"stage3": name, "stage3-sha512": expected["sha512"],
+            "stage3-installed": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")}
+    runner.write_file(config.path, set_config_values(read_text(config.path), "binhost", note))
+    output.info(f"Next: '{PROG} config pull' copies the target's Portage configuration into {root}")
+
+
+def stage3_url(args, arch, variant, keys, output):
+    if args.stage3:
+        return args.stage3
+    base = f"{args.mirror.rstrip('/')}/releases/{arch}/autobuilds"
+    latest_url = f"{base}/latest-stage3-{arch}-{variant}.txt"
+    latest = fetch_small(latest_url, f"the list of {arch} {variant} stage3s")
+    text = keys.verified_text(latest, latest_url) if keys else latest.decode("utf-8", "replace")
+    path, _size = parse_latest(text)
+    output.info(f"Newest stage3-{arch}-{variant}: {path}")
+    return f"{base}/{path}"
+
+
+def file_digests(path, algorithms):
+    hashes = {algorithm: hashlib.new(algorithm) for algorithm in algorithms}
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(DOWNLOAD_CHUNK), b""):
+            for value in hashes.values():
+                value.update(chunk)
+    return {algorithm: value.hexdigest() for algorithm, value in hashes.items()}
+
+
+def extract_stage3(tarball, root, runner, output):
+    """Extract as the Handbook says, into a directory beside root that becomes root only when
+    complete: a failed init leaves nothing behind."""
+    parent = os.path.dirname(root.rstrip("/")) or "/"
+    os.makedirs(parent, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=f".{os.path.basename(root.rstrip('/'))}.new.", dir=parent)
+    suffix = os.path.splitext(tarball)[1]
+    decompress = [DECOMPRESS_OPTIONS[suffix]] if suffix in DECOMPRESS_OPTIONS else []
+    output.action(f"Extracting {os.path.basename(tarball)} into {root}")
+    try:
+        runner.run(["tar", "--extract", "--preserve-permissions", "--xattrs-include=*.*",
+                    "--numeric-owner", *decompress, "--file", tarball, "--directory", staging],
+                   capture=True, describe=f"extracting {os.path.basename(tarball)}")
+        os.chmod(staging, 0o755)
+        if os.path.isdir(root) and os.listdir(root):
+            old = f"{root.rstrip('/')}.{timestamp()}.bak"
+            os.rename(root, old)
+            output.info(f"The previous {root} is kept as {old}")
+        elif os.path.isdir(root):
+            os.rmdir(root)
+        os.rename(staging, root)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
 # ------------------------------------------------------------------------------------------------
 # HTTP server
 # ------------------------------------------------------------------------------------------------
@@ -2856,6 +3174,20 @@ def build_parser():
                                              " differences.")
     config.add_argument("action", choices=("pull", "push", "diff"))
 
+    init = commands.add_parser("init", help="create the binhost root from a verified stage3",
+                               description="Download the newest stage3 (or --stage3), verify its"
+                                           " digests and PGP signature, and extract it as the binhost root.")
+    init.add_argument("--arch", help="Gentoo arch (default: this machine's, e.g. amd64)")
+    init.add_argument("--variant", help=f"stage3 variant (default {DEFAULT_VARIANT}; e.g. systemd, musl,"
+                                        " nomultilib-openrc)")
+    init.add_argument("--mirror", default=DEFAULT_MIRROR, metavar="URL", help=f"default {DEFAULT_MIRROR}")
+    init.add_argument("--stage3", metavar="URL|FILE", help="this stage3 instead of the newest")
+    init.add_argument("--keyring", metavar="FILE", help=f"Gentoo's release keys (default {GENTOO_RELEASE_KEYS})")
+    init.add_argument("--no-verify-pgp", action="store_true", help="check the digests only")
+    init.add_argument("--like-target", action="store_true",
+                      help="choose arch and variant from what the target runs")
+    init.add_argument("--force", action="store_true", help="replace a non-empty root (kept as ROOT.<date>.bak)")
+
     cpu = commands.add_parser("cpu", help="the target's CPU as make.conf flags",
                               description="Resolve -march=native on the target into explicit flags"
                                           " (COMMON_FLAGS) and CPU_FLAGS_X86 for the binhost.")
@@ -2973,6 +3305,10 @@ def cmd_config(config, args, runner, output):
                 show_only=args.action == "diff")
 
 
+def cmd_init(config, args, runner, output):
+    init_binhost(config, args, runner, output)
+
+
 def cmd_cpu(config, args, runner, output):
     cpu_report(config.binhost, config.target(args.target), runner, output, apply=args.apply)
 
@@ -2991,6 +3327,7 @@ def cmd_doctor(config, args, runner, output):
 COMMANDS = {
     "doctor": cmd_doctor,
     "cpu": cmd_cpu,
+    "init": cmd_init,
     "config": cmd_config,
     "build": cmd_build, "install": cmd_install, "emerge": cmd_emerge,
     "setup-target": cmd_setup_target, "serve": cmd_serve, "keygen": cmd_keygen, "sign": cmd_sign,
