@@ -428,7 +428,7 @@ class Runner:
         of a different existing file and its mode (else `mode`, default 0644). Returns False when
         the file already had this content."""
         try:
-            with open(path, encoding="utf-8") as handle:
+            with open(path, encoding="utf-8", errors="surrogateescape") as handle:
                 current = handle.read()
         except FileNotFoundError:
             current = None
@@ -448,7 +448,7 @@ class Runner:
             mode = stat.S_IMODE(os.stat(path).st_mode) if current is not None else 0o644
         handle, temporary = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.")
         try:
-            with os.fdopen(handle, "w", encoding="utf-8") as stream:
+            with os.fdopen(handle, "w", encoding="utf-8", errors="surrogateescape") as stream:
                 stream.write(content)
                 stream.flush()
                 os.fsync(stream.fileno())
@@ -1654,7 +1654,8 @@ def check_flags_with_local_gcc(flags, runner, output):
     gcc = find_program("gcc", "the binhost builds with gcc")
     flags = list(flags)
     while True:
-        result = runner.read([gcc] + flags + ["-E", "-x", "c", "/dev/null", "-o", "/dev/null"], check=False)
+        result = runner.read([gcc] + flags + ["-E", "-x", "c", "/dev/null", "-o", "/dev/null"],
+                             {"LC_ALL": "C"}, check=False)
         if result.returncode == 0:
             return flags
         match = next(filter(None, map(UNKNOWN_GCC_FLAG.search, result.stderr.splitlines())), None)
@@ -1697,8 +1698,9 @@ def cpu_flags_location(settings):
 
 
 def read_text(path):
+    """A file's text ("" when missing); bytes that are not UTF-8 survive a write_file round trip."""
     try:
-        with open(path, encoding="utf-8") as handle:
+        with open(path, encoding="utf-8", errors="surrogateescape") as handle:
             return handle.read()
     except FileNotFoundError:
         return ""
@@ -1714,10 +1716,8 @@ def cpu_report(settings, target, runner, output, apply=False):
                         " program built and run during a build (tests, code generators) may die with"
                         " SIGILL here")
     make_conf = os.path.join(settings.root, "etc/portage/make.conf")
-    if os.path.isdir(make_conf):
-        raise BinhostError(f"{make_conf} is a directory: put the lines above into a file in it yourself")
-    current_make_conf = read_text(make_conf)
-    new_make_conf = set_common_flags(current_make_conf or 'COMMON_FLAGS="-O2 -pipe"\n', cpu.common_flags)
+    new_make_conf = set_common_flags("" if os.path.isdir(make_conf) else read_text(make_conf),
+                                     cpu.common_flags)
     common_line = next((line for line in new_make_conf.splitlines() if line.startswith("COMMON_FLAGS=")),
                        f'COMMON_FLAGS="{" ".join(cpu.common_flags)}"')
     output.info(f"{target.name}: {cpu.machine}, gcc {cpu.gcc_version}")
@@ -1728,6 +1728,8 @@ def cpu_report(settings, target, runner, output, apply=False):
     if not apply:
         return cpu
     check_binhost_root(settings)
+    if os.path.isdir(make_conf):
+        raise BinhostError(f"{make_conf} is a directory: put the lines above into a file in it yourself")
     if runner.write_file(make_conf, new_make_conf):
         output.action(f"COMMON_FLAGS of {make_conf} set for {target.name}")
     if cpu.is_x86:
@@ -1748,9 +1750,13 @@ configroot=${1%/} own_entry=$2
 eroot=$(portageq envvar EROOT)
 eroot=${eroot%/}
 [ -d "$configroot/etc/portage" ] || { echo "$configroot/etc/portage does not exist" >&2; exit 3; }
-set -- -C "$configroot" etc/portage
+if [ -L "$configroot/etc/portage" ]; then
+    echo "$configroot/etc/portage is a symlink: copy its target instead (set root = accordingly)" >&2
+    exit 3
+fi
+set -- -C "${configroot:-/}" etc/portage
 for f in world world_sets; do
-    if [ -e "$eroot/var/lib/portage/$f" ]; then set -- "$@" -C "$eroot" "var/lib/portage/$f"; fi
+    if [ -e "$eroot/var/lib/portage/$f" ]; then set -- "$@" -C "${eroot:-/}" "var/lib/portage/$f"; fi
 done
 exec tar -cf - --numeric-owner --exclude=etc/portage/gnupg \
     --exclude="etc/portage/binrepos.conf/$own_entry" --exclude='*~' --exclude='.*.sw[a-p]' \
@@ -1767,7 +1773,8 @@ eroot=$(portageq envvar EROOT)
 eroot=${eroot%/}
 mkdir -p "$configroot/etc"
 stage=$(mktemp -d "$configroot/etc/.gentoo-binhost-config.XXXXXX")
-trap 'rm -rf "$stage"' EXIT INT TERM HUP
+trap 'rm -rf "$stage"' EXIT
+trap 'exit 130' INT TERM HUP
 cat > "$stage/stream.tar"
 set -- $(sha256sum "$stage/stream.tar")
 if [ "$1" != "$sum" ]; then
@@ -1778,16 +1785,26 @@ mkdir "$stage/new"
 tar -xpf "$stage/stream.tar" --numeric-owner -C "$stage/new"
 live="$configroot/etc/portage"
 if [ -d "$live/gnupg" ]; then cp -a "$live/gnupg" "$stage/new/etc/portage/gnupg"; fi
-if [ -f "$live/binrepos.conf/$own_entry" ] && [ -d "$stage/new/etc/portage/binrepos.conf" ]; then
+if [ -f "$live/binrepos.conf/$own_entry" ] && [ ! -f "$stage/new/etc/portage/binrepos.conf" ]; then
+    mkdir -p "$stage/new/etc/portage/binrepos.conf"
     cp -p "$live/binrepos.conf/$own_entry" "$stage/new/etc/portage/binrepos.conf/"
 fi
+# Signals wait until the swap is done: the two renames must not be separated.
+trap '' INT TERM HUP
 swap() {
-    if [ -e "$2" ] || [ -L "$2" ]; then mv -T "$2" "$(dirname "$2")/.$(basename "$2").$stamp.bak"; fi
-    if [ -e "$1" ] || [ -L "$1" ]; then mkdir -p "$(dirname "$2")"; mv -T "$1" "$2"; fi
+    backup="$(dirname "$2")/.$(basename "$2").$stamp.bak"
+    if [ -e "$2" ] || [ -L "$2" ]; then mv -T "$2" "$backup"; fi
+    mkdir -p "$(dirname "$2")"
+    if ! mv -T "$1" "$2"; then
+        [ -e "$backup" ] && mv -T "$backup" "$2"
+        echo "could not move the new $2 into place: the old one is back" >&2
+        exit 4
+    fi
 }
 swap "$stage/new/etc/portage" "$live"
+# A world file only replaces another world file: a side without one never empties the other's.
 for f in world world_sets; do
-    if [ -e "$stage/new/var/lib/portage/$f" ] || [ -e "$eroot/var/lib/portage/$f" ]; then
+    if [ -e "$stage/new/var/lib/portage/$f" ]; then
         swap "$stage/new/var/lib/portage/$f" "$eroot/var/lib/portage/$f"
     fi
 done
@@ -1820,7 +1837,12 @@ def fetch_config(side, configroot):
 def config_members(tar_bytes):
     """{name: (kind, mode, content)} of a configuration tar, content being bytes or a link target."""
     members = {}
-    with tarfile.open(fileobj=io.BytesIO(tar_bytes)) as archive:
+    try:
+        archive = tarfile.open(fileobj=io.BytesIO(tar_bytes))
+    except tarfile.TarError:
+        raise BinhostError("the configuration stream is not a tar: does a shell start-up file"
+                           " (.bashrc) print something for non-interactive ssh sessions?") from None
+    with archive:
         for member in archive.getmembers():
             if member.isfile():
                 members[member.name] = ("file", member.mode, archive.extractfile(member).read())
@@ -1983,6 +2005,9 @@ class Doctor:
             function(self, *args)
         except BinhostError as error:
             self.report(FAIL, check, str(error))
+        except (OSError, ValueError, LookupError, tarfile.TarError) as error:
+            # One check that cannot run must not hide the others' results.
+            self.report(FAIL, check, f"could not check: {error!r}")
 
     @property
     def failed(self):
@@ -2025,7 +2050,7 @@ def index_problems(pkgdir):
         full = os.path.join(pkgdir, path)
         if not os.path.isfile(full):
             broken.append(f"{path} missing")
-        elif fields.get("SIZE") and int(fields["SIZE"]) != os.path.getsize(full):
+        elif fields.get("SIZE", "").isdigit() and int(fields["SIZE"]) != os.path.getsize(full):
             broken.append(f"{path} has {os.path.getsize(full)} bytes, the index says {fields['SIZE']}")
     on_disk = {os.path.relpath(path, pkgdir) for path in all_packages(pkgdir)}
     return broken, sorted(on_disk - indexed)
@@ -2140,8 +2165,9 @@ def check_binrepos(doctor, settings, target, runner, output):
         doctor.report(FAIL, "binrepos", f"{target.name}: binrepos.conf is a file; run setup-target for how to fix")
     elif uri is None:
         doctor.report(FAIL, "binrepos", f"{target.name} has no binrepos entry for us: run '{PROG} setup-target'")
-    elif uri.rstrip("/") != expected.rstrip("/"):
-        doctor.report(FAIL, "binrepos", f"{target.name}'s sync-uri is {uri}, not {shown}:"
+    elif uri.replace("%%", "%").rstrip("/") != expected.rstrip("/"):
+        written = re.sub(r"//[^/@]*@", "//", uri.replace("%%", "%"))  # no password in reports
+        doctor.report(FAIL, "binrepos", f"{target.name}'s sync-uri is {written}, not {shown}:"
                                         f" run '{PROG} setup-target'")
     else:
         doctor.report(OK, "binrepos", f"{target.name} fetches from {shown}")
@@ -2193,7 +2219,8 @@ def check_pkgdir(doctor, settings):
 
 def check_preflight(doctor, settings, target, runner, output, atoms):
     remote = Remote(target, runner, output)
-    argv = ["emerge", "--pretend", "--getbinpkgonly", "--binpkg-respect-use=y", "--color=n"] + (atoms or ["@world"])
+    atoms = atoms or ["--update", "--deep", "--newuse", "@world"]
+    argv = ["emerge", "--pretend", "--getbinpkgonly", "--binpkg-respect-use=y", "--color=n"] + atoms
     run_it = functools.partial(remote.run, argv, target.portage_environment, changes=False, capture=True)
     if settings.transport == "tunnel":
         with background_server(settings, output, "127.0.0.1", 0) as server:
@@ -2209,7 +2236,7 @@ def check_preflight(doctor, settings, target, runner, output, atoms):
     reasons = [line.strip() for line in text.splitlines()
                if line.startswith(("!!!", "emerge: there are no")) or "USE flags" in line
                or line.startswith("- ")][:6]
-    doctor.report(FAIL, "preflight", f"emerge --getbinpkgonly {' '.join(atoms or ['@world'])} on"
+    doctor.report(FAIL, "preflight", f"emerge --getbinpkgonly {' '.join(atoms)} on"
                                      f" {target.name} would not get everything from the binhost: "
                                      + " | ".join(reasons or built or [last_line(text)]))
 

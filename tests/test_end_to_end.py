@@ -490,3 +490,11 @@ def test_pull_replaces_march_native_with_the_targets_flags(world, config_pair):
     pulled = (binhost / "etc/portage/make.conf").read_text()
     assert "-march=native" not in pulled and re.search(r'CFLAGS="-march=\S+ .*-O2 -pipe"', pulled)
     assert "-march=native" in make_conf.read_text(), "the target keeps its own make.conf"
+
+
+def test_push_without_a_world_file_keeps_the_targets(world, config_pair):
+    binhost, target, config = config_pair
+    binhost_world = eroot(binhost, world.eprefix) / "var/lib/portage/world"
+    assert not binhost_world.exists()
+    world.cli("config", "push", config=config)
+    assert (eroot(target, world.eprefix) / "var/lib/portage/world").read_text() == "app-misc/hello\n"
