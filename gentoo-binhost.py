@@ -606,19 +606,26 @@ def generate_signing_key(settings, runner, output, passphrase_file=None, force=F
     if existing and not force:
         raise BinhostError(f"a signing key already exists in {home} ({existing[0]}): keep it, or"
                            " replace it with keygen --force (targets must then trust the new key)")
+    passphrase = ["--passphrase-file", passphrase_file] if passphrase_file else ["--passphrase", ""]
+    user_id = f"gentoo-binhost signing key ({socket.gethostname()}) <root@{socket.gethostname()}>"
+
+    def generate(gpg_home):
+        return runner.run(gpg_command(gpg_home, "--pinentry-mode", "loopback", *passphrase,
+                                      "--quick-generate-key", user_id, "ed25519", "sign", "never"),
+                          capture=True, describe="gpg --quick-generate-key")
+
     if runner.pretend:
-        output.info(f"Would create a signing key in {home} and record it in {settings.config_path}")
+        # The key is made in a temporary home that becomes gpg-home; shown here as gpg-home.
+        generate(home)
+        output.info(f"Would create {home} (0700) with that key, a world-readable verify keyring"
+                    f" {settings.verify_gpg_home}, and record the key in {settings.config_path}")
         return None
     parent = os.path.dirname(home)
     os.makedirs(parent, exist_ok=True)
     staging = tempfile.mkdtemp(prefix=".gnupg-new.", dir=parent)
     try:
         os.chmod(staging, 0o700)
-        passphrase = ["--passphrase-file", passphrase_file] if passphrase_file else ["--passphrase", ""]
-        user_id = f"gentoo-binhost signing key ({socket.gethostname()}) <root@{socket.gethostname()}>"
-        runner.run(gpg_command(staging, "--pinentry-mode", "loopback", *passphrase,
-                               "--quick-generate-key", user_id, "ed25519", "sign", "never"),
-                   capture=True, describe="gpg --quick-generate-key")
+        generate(staging)
         fingerprint = secret_key_fingerprints(staging, runner)[0]
         stop_gpg_agent(staging, runner)
         if os.path.exists(home):
