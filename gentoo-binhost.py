@@ -1973,6 +1973,103 @@ def sync_config(direction, settings, target, runner, output, show_only=False):
     return True
 
 
+# ---- what the binhost holds: list and clean --------------------------------------------------------
+
+DEFAULT_KEEP = 2
+
+
+def read_packages_index(pkgdir):
+    """The entries of PKGDIR/Packages as dicts of their fields (the header block left out)."""
+    path = os.path.join(pkgdir, "Packages")
+    try:
+        with open(path, encoding="utf-8", errors="replace") as handle:
+            blocks = handle.read().split("\n\n")[1:]
+    except FileNotFoundError:
+        raise BinhostError(f"{path} does not exist: build something first") from None
+    entries = []
+    for block in blocks:
+        fields = dict(line.split(": ", 1) for line in block.splitlines() if ": " in line)
+        if fields.get("CPV"):
+            entries.append(fields)
+    return entries
+
+
+def package_records(pkgdir):
+    """What list shows: one record per binary package, newest build of each CPV first."""
+    records = []
+    for fields in read_packages_index(pkgdir):
+        size = int(fields["SIZE"]) if fields.get("SIZE", "").isdigit() else None
+        built = int(fields["BUILD_TIME"]) if fields.get("BUILD_TIME", "").isdigit() else None
+        records.append({
+            "cpv": fields["CPV"], "build_id": int(fields.get("BUILD_ID") or 0), "size": size,
+            "build_time": datetime.datetime.fromtimestamp(built, datetime.timezone.utc).strftime(
+                "%Y-%m-%dT%H:%M:%SZ") if built is not None else None,
+            "use": fields.get("USE", "").split(), "path": fields.get("PATH", ""),
+        })
+    return sorted(records, key=lambda record: (record["cpv"], -record["build_id"]))
+
+
+def human_size(size):
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return ""
+
+
+def installed_in_binhost(settings, runner):
+    """CPVs installed in the binhost root: its world and their dependencies, as built for the
+    targets (the binhost's world is the union of theirs)."""
+    eroot = runner.read(["portageq", "envvar", "EROOT"], LocalShell(settings, runner).env,
+                        describe="portageq envvar EROOT").stdout.strip()
+    vdb = os.path.join(eroot, "var/db/pkg")
+    installed = set()
+    for category in os.listdir(vdb) if os.path.isdir(vdb) else []:
+        directory = os.path.join(vdb, category)
+        if os.path.isdir(directory):
+            installed.update(f"{category}/{name}" for name in os.listdir(directory)
+                             if not name.startswith((".", "-MERGING-")))
+    return installed
+
+
+def packages_to_clean(records, installed, keep):
+    """(record, reason) for each package clean removes: a CPV no longer installed in the binhost
+    root, or a build older than the newest `keep` of its CPV."""
+    doomed, seen = [], {}
+    for record in records:  # newest build of each CPV first
+        seen[record["cpv"]] = seen.get(record["cpv"], 0) + 1
+        if record["cpv"] not in installed:
+            doomed.append((record, "no longer installed in the binhost root"))
+        elif seen[record["cpv"]] > keep:
+            doomed.append((record, f"older than the newest {keep} build(s)"))
+    return doomed
+
+
+def clean_packages(settings, runner, output, keep):
+    if keep < 1:
+        raise UsageError("--keep needs at least 1")
+    check_binhost_root(settings)
+    with build_lock(settings, output, runner.pretend):  # a build may be adding packages
+        records = package_records(settings.pkgdir)
+        doomed = packages_to_clean(records, installed_in_binhost(settings, runner), keep)
+        if not doomed:
+            output.info(f"Nothing to clean in {settings.pkgdir}")
+            return []
+        freed = sum(record["size"] or 0 for record, _ in doomed)
+        for record, reason in doomed:
+            output.text(f"{record['path'] or record['cpv']}  ({reason})", always=True)
+        verb = "Would free" if runner.pretend else "Freeing"
+        output.info(f"{verb} {human_size(freed)} ({len(doomed)} package(s))")
+        if runner.pretend:
+            return doomed
+        for record, _ in doomed:
+            path = os.path.join(settings.pkgdir, record["path"])
+            if record["path"] and os.path.isfile(path):
+                os.unlink(path)
+        refresh_index(settings, runner)
+    return doomed
+
+
 # ---- doctor ----------------------------------------------------------------------------------------
 
 OK, WARN, FAIL = "OK", "WARN", "FAIL"
@@ -2044,12 +2141,8 @@ def repository_locations(members):
 
 def index_problems(pkgdir):
     """Differences between PKGDIR/Packages and the files: (missing or wrong size, not indexed)."""
-    index_path = os.path.join(pkgdir, "Packages")
-    with open(index_path, encoding="utf-8", errors="replace") as handle:
-        blocks = handle.read().split("\n\n")[1:]
     broken, indexed = [], set()
-    for block in blocks:
-        fields = dict(line.split(": ", 1) for line in block.splitlines() if ": " in line)
+    for fields in read_packages_index(pkgdir):
         path = fields.get("PATH")
         if not path:
             continue
@@ -3236,6 +3329,18 @@ def build_parser():
     doctor.add_argument("--json", action="store_true", help="print the results as JSON")
     doctor.add_argument("atoms", nargs="*", metavar="ATOM", help="what to preflight (default @world)")
 
+    listing = commands.add_parser("list", help="what the binhost holds",
+                                  description="The binary packages in PKGDIR: CPV, build id, size,"
+                                              " build time, USE.")
+    listing.add_argument("--json", action="store_true", help="print them as JSON")
+
+    clean = commands.add_parser("clean", help="remove packages nothing needs any more",
+                                description="Remove binary packages whose CPV is no longer installed in"
+                                            " the binhost root, and older builds beyond --keep, then"
+                                            " refresh the index.")
+    clean.add_argument("--keep", type=int, default=DEFAULT_KEEP, metavar="N",
+                       help=f"builds to keep of each installed CPV (default {DEFAULT_KEEP})")
+
     sign = commands.add_parser("sign", help="sign unsigned packages in PKGDIR",
                                description="Sign the packages in PKGDIR that are not signed yet, then"
                                            " refresh the index.")
@@ -3343,6 +3448,21 @@ def cmd_init(config, args, runner, output):
     init_binhost(config, args, runner, output)
 
 
+def cmd_list(config, args, runner, output):
+    records = package_records(config.binhost.pkgdir)
+    if args.json:
+        output.text(json.dumps(records, indent=2), always=True)
+        return
+    for record in records:
+        size = human_size(record["size"]) if record["size"] is not None else "?"
+        output.text(f"{record['cpv']:<40} build {record['build_id']:<3} {size:>10}"
+                    f"  {record['build_time'] or '?'}  USE=\"{' '.join(record['use'])}\"", always=True)
+
+
+def cmd_clean(config, args, runner, output):
+    clean_packages(config.binhost, runner, output, args.keep)
+
+
 def cmd_cpu(config, args, runner, output):
     cpu_report(config.binhost, config.target(args.target), runner, output, apply=args.apply)
 
@@ -3362,6 +3482,8 @@ COMMANDS = {
     "doctor": cmd_doctor,
     "cpu": cmd_cpu,
     "init": cmd_init,
+    "list": cmd_list,
+    "clean": cmd_clean,
     "config": cmd_config,
     "build": cmd_build, "install": cmd_install, "emerge": cmd_emerge,
     "setup-target": cmd_setup_target, "serve": cmd_serve, "keygen": cmd_keygen, "sign": cmd_sign,

@@ -498,3 +498,42 @@ def test_push_without_a_world_file_keeps_the_targets(world, config_pair):
     assert not binhost_world.exists()
     world.cli("config", "push", config=config)
     assert (eroot(target, world.eprefix) / "var/lib/portage/world").read_text() == "app-misc/hello\n"
+
+
+def test_list_shows_what_the_binhost_holds(world):
+    import json
+    records = json.loads(world.cli("list", "--json").stdout)
+    by_cpv = {record["cpv"]: record for record in records}
+    assert {"app-misc/hello-1.1", "app-misc/hello-app-1.0", "app-misc/greet-1.0"} <= set(by_cpv)
+    assert "loud" in by_cpv["app-misc/greet-1.0"]["use"]
+    assert by_cpv["app-misc/hello-1.1"]["size"] > 0 and by_cpv["app-misc/hello-1.1"]["build_time"]
+    plain = world.cli("list").stdout
+    assert any(line.startswith("app-misc/hello-1.1") and "build" in line for line in plain.splitlines())
+
+
+def test_clean_keeps_the_newest_builds_of_installed_packages(world, tmp_path):
+    import json
+    # A binhost of its own: clean deletes files.
+    base = Path(tempfile.mkdtemp(prefix="gentoo-binhost-clean-"))
+    try:
+        binhost = base / "binhost"
+        write_portage_config(binhost)
+        config = base / "c.conf"
+        config.write_text(f"[binhost]\nroot = {binhost}\n")
+        for _ in range(3):
+            world.cli("build", "--oneshot", "app-misc/hello-app", config=config)
+        world.cli("build", "--oneshot", "=app-misc/hello-1.0", config=config)  # replaces 1.1
+        before = json.loads(world.cli("list", "--json", config=config).stdout)
+        assert sum(r["cpv"] == "app-misc/hello-app-1.0" for r in before) == 3
+        pretend = world.cli("-p", "clean", "--keep", "2", config=config)
+        assert "Would free" in pretend.stdout
+        assert json.loads(world.cli("list", "--json", config=config).stdout) == before
+        world.cli("clean", "--keep", "2", config=config)
+        after = json.loads(world.cli("list", "--json", config=config).stdout)
+        builds = sorted(r["build_id"] for r in after if r["cpv"] == "app-misc/hello-app-1.0")
+        assert builds == [2, 3]
+        assert not [r for r in after if r["cpv"] == "app-misc/hello-1.1"], "no longer installed"
+        assert [r for r in after if r["cpv"] == "app-misc/hello-1.0"]
+        assert len(list((binhost / "var/cache/binpkgs").rglob("*.gpkg.tar"))) == len(after)
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
