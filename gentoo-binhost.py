@@ -80,7 +80,7 @@ BINREPOS_PRIORITY = 10
 # Commands whose remaining arguments belong to emerge, untouched.
 EMERGE_PASSTHROUGH = ("build", "install", "emerge")
 # Global options that take a value (needed to find the command word before argparse runs).
-GLOBAL_OPTIONS_WITH_VALUE = ("-c", "--config", "--target", "--color")
+GLOBAL_OPTIONS_WITH_VALUE = ("-c", "--config", "--target", "--color")  # --all takes none
 
 CONFIG_KEYS = {
     "binhost": ("root", "pkgdir", "url", "bind", "port", "signing-key", "gpg-home", "tls-cert",
@@ -2100,6 +2100,7 @@ class Doctor:
     def __init__(self, output):
         self.output = output
         self.results = []
+        self.fingerprint = None  # of the target's configuration (and resolved CPU flags)
 
     def report(self, status, check, detail):
         self.results.append({"check": check, "status": status, "detail": detail})
@@ -2156,6 +2157,17 @@ def index_problems(pkgdir):
     return broken, sorted(on_disk - indexed)
 
 
+def configuration_fingerprint(members):
+    """A short hash of /etc/portage (make.conf with resolved CPU flags): targets with the same one
+    can share a binhost environment (their worlds may differ: the binhost builds the union)."""
+    digest = hashlib.sha256()
+    for name, (kind, mode, content) in sorted(members.items()):
+        if name.startswith("etc/"):
+            digest.update(f"{name}\0{kind}\0{mode}\0".encode())
+            digest.update(content if isinstance(content, bytes) else str(content).encode())
+    return digest.hexdigest()[:16]
+
+
 def check_binhost_root_shape(doctor, settings):
     check_binhost_root(settings)
     release = next((os.path.join(settings.root, name) for name in ("etc/os-release", "usr/lib/os-release")
@@ -2172,6 +2184,7 @@ def check_configuration(doctor, settings, target, runner, output):
     binhost_side, remote, binhost_tar, target_tar = fetch_both_configs(settings, target, runner, output)
     target_tar = resolve_march_native_in(target_tar, target, runner, output)
     binhost, remote_members = config_members(binhost_tar), config_members(target_tar)
+    doctor.fingerprint = configuration_fingerprint(remote_members)
     differing = sorted(name for name in set(binhost) | set(remote_members)
                        if binhost.get(name) != remote_members.get(name))
     config_files = [name for name in differing if name.startswith("etc/")]
@@ -2179,11 +2192,8 @@ def check_configuration(doctor, settings, target, runner, output):
         doctor.report(FAIL, "configuration", f"differs from {target.name} in {', '.join(config_files)}:"
                                              f" '{PROG} config diff' shows how, 'config pull' fixes it")
     else:
-        digest = hashlib.sha256(b"".join(
-            f"{name}\0{value[0]}\0{value[1]}\0".encode() + (value[2] if isinstance(value[2], bytes)
-                                                           else str(value[2]).encode())
-            for name, value in sorted(binhost.items()) if name.startswith("etc/"))).hexdigest()[:16]
-        doctor.report(OK, "configuration", f"identical to {target.name} (fingerprint {digest})")
+        doctor.report(OK, "configuration", f"identical to {target.name} (fingerprint"
+                                           f" {configuration_fingerprint(binhost)})")
     world_lines = [set(as_text(members.get(f"var/lib/portage/{name}", ("", 0, b""))[2] or b"").split())
                    for members in (binhost, remote_members) for name in ("world",)]
     missing, extra = sorted(world_lines[1] - world_lines[0]), sorted(world_lines[0] - world_lines[1])
@@ -3248,6 +3258,8 @@ def build_parser():
     parser.add_argument("-c", "--config", metavar="FILE",
                         help=f"configuration file (default ${CONFIG_ENV}, else {DEFAULT_CONFIG})")
     parser.add_argument("--target", metavar="NAME", help="the [target NAME] to act on")
+    parser.add_argument("--all", action="store_true",
+                        help="install, emerge, doctor, config diff: every target, past failures")
     parser.add_argument("-p", "--pretend", action="store_true",
                         help="show every command that would change something, run none")
     parser.add_argument("-v", "--verbose", action="store_true", help="show every command run")
@@ -3371,14 +3383,51 @@ def cmd_build(config, args, runner, output):
     build_packages(config.binhost, runner, output, args.emerge_args)
 
 
+def for_each_target(config, output, action):
+    """action(target) for every target, going on past failures, then a summary table."""
+    if not config.targets:
+        raise UsageError(f"{config.path}: no target configured: add a [target NAME] section")
+    rows = []
+    for name in sorted(config.targets):
+        output.action(f"Target {name}")
+        started = time.monotonic()
+        try:
+            action(config.targets[name])
+            result = "ok"
+        except BinhostError as error:
+            output.error(f"{name}: {error}")
+            result = f"FAILED: {error}"
+        rows.append((name, result, time.monotonic() - started))
+    width = max(len(name) for name, _, _ in rows)
+    output.text(f"{'target':<{width}}  {'time':>7}  result", always=True)
+    for name, result, seconds in rows:
+        output.text(f"{name:<{width}}  {seconds:6.1f}s  {result}", always=True)
+    failed = [name for name, result, _ in rows if result != "ok"]
+    if failed:
+        raise BinhostError(f"{len(failed)} of {len(rows)} target(s) failed: {', '.join(failed)}")
+
+
+def targets_of(config, args):
+    """The targets a command acts on: every one with --all, else the chosen or only one."""
+    return list(config.targets.values()) if args.all else [config.target(args.target)]
+
+
 def cmd_install(config, args, runner, output):
-    install_packages(config.binhost, config.target(args.target), runner, output, args.emerge_args)
+    if args.all:
+        for_each_target(config, output, lambda target: install_packages(
+            config.binhost, target, runner, output, args.emerge_args))
+    else:
+        install_packages(config.binhost, config.target(args.target), runner, output, args.emerge_args)
 
 
 def cmd_emerge(config, args, runner, output):
-    target = config.target(args.target)
+    target = None if args.all else config.target(args.target)
     build_packages(config.binhost, runner, output, args.emerge_args)
-    install_packages(config.binhost, target, runner, output, args.emerge_args)
+    if args.all:
+        for_each_target(config, output, lambda each: install_packages(
+            config.binhost, each, runner, output, args.emerge_args))
+    else:
+        install_packages(config.binhost, target, runner, output, args.emerge_args)
 
 
 def cmd_setup_target(config, args, runner, output):
@@ -3440,8 +3489,14 @@ def cmd_sign(config, args, runner, output):
 
 
 def cmd_config(config, args, runner, output):
-    sync_config(args.action, config.binhost, config.target(args.target), runner, output,
-                show_only=args.action == "diff")
+    if args.all and args.action != "diff":
+        raise UsageError(f"--all works with config diff only: pull and push act on one --target")
+    if args.all:
+        for_each_target(config, output, lambda target: sync_config(
+            "diff", config.binhost, target, runner, output, show_only=True))
+    else:
+        sync_config(args.action, config.binhost, config.target(args.target), runner, output,
+                    show_only=args.action == "diff")
 
 
 def cmd_init(config, args, runner, output):
@@ -3468,14 +3523,35 @@ def cmd_cpu(config, args, runner, output):
 
 
 def cmd_doctor(config, args, runner, output):
-    doctor = run_doctor(config.binhost, config.target(args.target), runner, output, args.atoms)
+    doctors = {target.name: run_doctor(config.binhost, target, runner, output, args.atoms)
+               for target in targets_of(config, args)}
+    groups = {}
+    for name, doctor in doctors.items():
+        groups.setdefault(doctor.fingerprint, []).append(name)
     if args.json:
-        output.text(json.dumps(doctor.results, indent=2), always=True)
+        report = {"targets": {name: doctor.results for name, doctor in doctors.items()},
+                  "shared-configurations": [names for fingerprint, names in groups.items()
+                                            if fingerprint and len(names) > 1]} if args.all \
+            else next(iter(doctors.values())).results
+        output.text(json.dumps(report, indent=2), always=True)
     else:
-        for result in doctor.results:
-            output.check(result["status"], result["check"], result["detail"])
-    if doctor.failed:
-        raise BinhostError(f"doctor found {sum(r['status'] == FAIL for r in doctor.results)} problem(s)")
+        for name, doctor in doctors.items():
+            if args.all:
+                output.action(f"Target {name}")
+            for result in doctor.results:
+                output.check(result["status"], result["check"], result["detail"])
+    if args.all and not args.json:
+        for fingerprint, names in sorted(groups.items(), key=lambda item: item[1]):
+            if fingerprint and len(names) > 1:
+                output.info(f"{', '.join(names)} have the same configuration (fingerprint {fingerprint}):"
+                            " they can share one binhost environment")
+            elif fingerprint:
+                output.info(f"{names[0]}: configuration of its own (fingerprint {fingerprint})")
+    failed = [name for name, doctor in doctors.items() if doctor.failed]
+    if failed:
+        problems = sum(r["status"] == FAIL for doctor in doctors.values() for r in doctor.results)
+        raise BinhostError(f"doctor found {problems} problem(s)"
+                           + (f" on {', '.join(failed)}" if args.all else ""))
 
 
 COMMANDS = {
@@ -3503,6 +3579,10 @@ def main(argv=None):
         config_path = args.config or os.environ.get(CONFIG_ENV) or DEFAULT_CONFIG
         config = load_config(config_path)
         runner = Runner(output, pretend=args.pretend)
+        if args.all and args.target:
+            raise UsageError("--all and --target exclude each other")
+        if args.all and args.command not in ("install", "emerge", "doctor", "config"):
+            raise UsageError(f"--all works with install, emerge, doctor and config diff, not {args.command}")
         COMMANDS[args.command](config, args, runner, output)
         return EXIT_OK
     except BinhostError as error:

@@ -537,3 +537,23 @@ def test_clean_keeps_the_newest_builds_of_installed_packages(world, tmp_path):
         assert len(list((binhost / "var/cache/binpkgs").rglob("*.gpkg.tar"))) == len(after)
     finally:
         shutil.rmtree(base, ignore_errors=True)
+
+
+def test_all_targets_go_on_past_a_failure_with_a_summary(world):
+    _, good = world.new_target("all-good")
+    world.cli("setup-target", config=good)
+    both = world.base / "all.conf"
+    sections = good.read_text() + ("\n[target all-gone]\nhost = root@127.0.0.1\nssh-port = 1\n"
+                                   "ssh-options = -o BatchMode=yes -o ConnectTimeout=5\n")
+    both.write_text(sections)
+    result = world.cli("--all", "install", "app-misc/hello", config=both, check=False)
+    assert result.returncode == 1
+    assert "1 of 2 target(s) failed: all-gone" in result.stderr
+    table = result.stdout[result.stdout.index("target "):]
+    assert "all-gone" in table and "FAILED" in table
+    assert re.search(r"all-good\s+\d+\.\ds\s+ok", table)
+    doctor = world.cli("--all", "doctor", "--json", config=both, check=False)
+    import json
+    report = json.loads(doctor.stdout)
+    assert set(report["targets"]) == {"all-good", "all-gone"}
+    assert doctor.returncode == 1
