@@ -85,7 +85,7 @@ GLOBAL_OPTIONS_WITH_VALUE = ("-c", "--config", "--target", "--color")  # --all t
 CONFIG_KEYS = {
     "binhost": ("root", "pkgdir", "url", "bind", "port", "signing-key", "gpg-home", "tls-cert",
                 "tls-key", "auth-file", "transport", "tunnel-port", "timeout", "stage3", "stage3-sha512",
-                "stage3-installed"),
+                "stage3-installed", "distcc-hosts"),
     "target": ("host", "ssh-port", "ssh-options", "root", "path"),
 }
 
@@ -217,6 +217,7 @@ class BinhostSettings:
         self.signing_key = section.get("signing-key", "")
         self.gpg_home = os.path.abspath(
             section.get("gpg-home") or os.path.join(self.root, "etc/gentoo-binhost/gnupg"))
+        self.distcc_hosts = section.get("distcc-hosts", "")
         self.tls_cert = section.get("tls-cert", "")
         self.tls_key = section.get("tls-key", "")
         self.auth_file = section.get("auth-file", "")
@@ -501,15 +502,79 @@ def portage_environment(settings):
     binhost's /etc/portage can stay an exact copy of the target's."""
     root = settings.root.rstrip("/") + "/"
     env = {"ROOT": root, "PORTAGE_CONFIGROOT": root, "PKGDIR": settings.pkgdir}
+    features = []
     if settings.signing_key:
+        features.append("binpkg-signing")
         env.update({
-            "FEATURES": "binpkg-signing",
             "BINPKG_FORMAT": "gpkg",
             "BINPKG_GPG_SIGNING_GPG_HOME": settings.gpg_home,
             "BINPKG_GPG_SIGNING_KEY": "0x" + settings.signing_key,
             "BINPKG_GPG_VERIFY_GPG_HOME": settings.verify_gpg_home,
         })
+    if settings.distcc_hosts:
+        features.append("distcc")
+        env["DISTCC_HOSTS"] = settings.distcc_hosts
+        env["MAKEOPTS"] = f"-j{distcc_slots(settings.distcc_hosts)} -l{os.cpu_count() or 1}"
+    if features:
+        # FEATURES is incremental: these add to make.conf's, they replace nothing.
+        env["FEATURES"] = " ".join(features)
     return env
+
+
+def distcc_hosts(spec):
+    """The helper hosts of a DISTCC_HOSTS value (options such as --randomize left out)."""
+    return [word for word in spec.split() if not word.startswith("-")]
+
+
+def distcc_slots(spec):
+    """Parallel jobs for MAKEOPTS: each host's /N (distcc's default: 2 for localhost, 4 otherwise)."""
+    total = 0
+    for host in distcc_hosts(spec):
+        name, _, limit = host.partition("/")
+        limit = limit.split(",")[0]
+        total += int(limit) if limit.isdigit() else (2 if name.startswith("localhost") else 4)
+    return max(total, 1)
+
+
+DISTCC_PROBE_SOURCE = 'const char gentoo_binhost_gcc[] = "GENTOO-BINHOST-GCC:" __VERSION__;\n'
+GCC_VERSION_MARK = re.compile(rb"GENTOO-BINHOST-GCC:([^\0]*)\0")
+
+
+def check_distcc_helpers(settings, runner, output):
+    """Before a long build: every helper compiles, with the same gcc as here. The target's
+    explicit -march flags travel to the helpers, so they need the gcc version, not the CPU."""
+    distcc = find_program("distcc", "install distcc (sys-devel/distcc) for distcc-hosts")
+    gcc = find_program("gcc", "the binhost builds with gcc")
+    with tempfile.TemporaryDirectory(prefix="gentoo-binhost-distcc.") as directory:
+        source = os.path.join(directory, "version.c")
+        with open(source, "w", encoding="utf-8") as handle:
+            handle.write(DISTCC_PROBE_SOURCE)
+
+        def compiled_version(argv, env, what):
+            target = os.path.join(directory, "version.o")
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(target)
+            result = runner.run(argv + ["-c", source, "-o", target], env, changes=False, capture=True,
+                                check=False)
+            if result.returncode != 0 or not os.path.exists(target):
+                raise BinhostError(f"{what} cannot compile: {last_line(result.stderr) or 'no object file'}:"
+                                   " is distccd running there and allowing this host?")
+            with open(target, "rb") as handle:
+                match = GCC_VERSION_MARK.search(handle.read())
+            return match.group(1).decode() if match else "unknown"
+
+        local = compiled_version([gcc], None, "the local gcc")
+        for host in distcc_hosts(settings.distcc_hosts):
+            if host.startswith("localhost"):
+                continue
+            # No silent local fallback: the point is to learn what the helper itself runs.
+            env = {"DISTCC_HOSTS": host, "DISTCC_FALLBACK": "0", "DISTCC_SKIP_LOCAL_RETRY": "1",
+                   "DISTCC_DIR": directory}
+            remote = compiled_version([distcc, "gcc"], env, f"distcc helper {host}")
+            if remote != local:
+                raise BinhostError(f"distcc helper {host} has gcc {remote}, this binhost gcc {local}:"
+                                   " helpers need the same gcc version (their CPU does not matter)")
+            output.info(f"distcc helper {host}: gcc {remote}, like the binhost")
 
 
 @contextlib.contextmanager
@@ -547,6 +612,8 @@ def build_packages(settings, runner, output, emerge_args):
     if not settings.signing_key:
         output.warn(f"No signing key configured: building unsigned packages, which targets refuse"
                     f" by default. Run '{PROG} keygen' to sign.")
+    if settings.distcc_hosts and not runner.pretend:
+        check_distcc_helpers(settings, runner, output)
     env = portage_environment(settings)
     argv = [emerge, "--buildpkg", "--root-deps"] + list(emerge_args)
     with build_lock(settings, output, runner.pretend):
@@ -3380,7 +3447,13 @@ def split_passthrough(argv):
 
 
 def cmd_build(config, args, runner, output):
-    build_packages(config.binhost, runner, output, args.emerge_args)
+    emerge_args = list(args.emerge_args)
+    if emerge_args[:1] == ["--distcc"]:  # emerge has no --distcc: ours, taken before the rest
+        if len(emerge_args) < 2:
+            raise UsageError("build --distcc needs the helper hosts, e.g. --distcc 'host1/8 host2/4'")
+        config.binhost.distcc_hosts = emerge_args[1]
+        emerge_args = emerge_args[2:]
+    build_packages(config.binhost, runner, output, emerge_args)
 
 
 def for_each_target(config, output, action):
