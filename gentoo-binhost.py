@@ -22,6 +22,7 @@ import argparse
 import base64
 import configparser
 import contextlib
+import copy
 import datetime
 import difflib
 import email.utils
@@ -86,7 +87,7 @@ CONFIG_KEYS = {
     "binhost": ("root", "pkgdir", "url", "bind", "port", "signing-key", "gpg-home", "tls-cert",
                 "tls-key", "auth-file", "transport", "tunnel-port", "timeout", "stage3", "stage3-sha512",
                 "stage3-installed", "distcc-hosts"),
-    "target": ("host", "ssh-port", "ssh-options", "root", "path"),
+    "target": ("host", "ssh-port", "ssh-options", "root", "path", "binhost-root"),
 }
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
@@ -217,6 +218,8 @@ class BinhostSettings:
         self.signing_key = section.get("signing-key", "")
         self.gpg_home = os.path.abspath(
             section.get("gpg-home") or os.path.join(self.root, "etc/gentoo-binhost/gnupg"))
+        # Set when the config has several binhost environments: served under /<env_name>/.
+        self.env_name = None
         self.distcc_hosts = section.get("distcc-hosts", "")
         self.tls_cert = section.get("tls-cert", "")
         self.tls_key = section.get("tls-key", "")
@@ -257,6 +260,8 @@ class TargetSettings:
         if not self.root.startswith("/"):
             raise UsageError(f"{config_path}: [target {name}] root = {self.root} must be an absolute path")
         self.path = section.get("path", "")
+        binhost_root = section.get("binhost-root", "")
+        self.binhost_root = os.path.abspath(binhost_root) if binhost_root else None
 
     @property
     def portage_config_dir(self):
@@ -287,6 +292,41 @@ class Config:
         self.path = path
         self.binhost = binhost
         self.targets = targets
+
+    def environments(self):
+        """{name: BinhostSettings} of every binhost environment. With one (the usual case) its
+        PKGDIR is served at /; with several (targets with their own binhost-root), each is served
+        under /<basename of its root>/. Signing key and server settings are shared."""
+        roots = [self.binhost.root] + sorted({target.binhost_root for target in self.targets.values()
+                                              if target.binhost_root} - {self.binhost.root})
+        if len(roots) == 1:
+            return {None: self.binhost}
+        environments = {}
+        for root in roots:
+            settings = copy.copy(self.binhost)
+            if root != self.binhost.root:
+                settings.root, settings.pkgdir = root, os.path.join(root, "var/cache/binpkgs")
+            settings.env_name = os.path.basename(root.rstrip("/")) or "root"
+            if settings.env_name in environments:
+                raise UsageError(f"{self.path}: two binhost roots are both named"
+                                 f" '{settings.env_name}': their URLs would clash; rename one")
+            environments[settings.env_name] = settings
+        return environments
+
+    def binhost_for(self, target):
+        """The binhost environment a target's packages are built in."""
+        root = target.binhost_root or self.binhost.root
+        return next(settings for settings in self.environments().values() if settings.root == root)
+
+    def binhost_for_command(self, target_name):
+        """The environment of --target NAME, else the only one there is."""
+        if target_name is not None:
+            return self.binhost_for(self.target(target_name))
+        environments = self.environments()
+        if len(environments) == 1:
+            return next(iter(environments.values()))
+        raise UsageError(f"{self.path}: several binhost environments ({', '.join(sorted(environments))}):"
+                         " choose one with --target NAME")
 
     def target(self, name=None):
         if name is not None:
@@ -954,7 +994,7 @@ def install_packages(settings, target, runner, output, emerge_args):
         result = None
     elif settings.transport == "tunnel":
         # The target reaches a server that lives as long as this command, through this ssh session.
-        with background_server(settings, output, "127.0.0.1", 0) as server:
+        with background_server({settings.env_name: settings}, output, "127.0.0.1", 0) as server:
             result = remote.run(argv, target.portage_environment, tty=tty,
                                 forward=(settings.tunnel_port, server.server_address[1]))
     else:
@@ -2353,7 +2393,7 @@ def check_binrepos(doctor, settings, target, runner, output):
             doctor.report(WARN, "verify-signature", f"{target.name} installs unsigned packages")
     url = expected + "Packages"
     if tunnel:
-        with background_server(settings, output, "127.0.0.1", 0) as server:
+        with background_server({settings.env_name: settings}, output, "127.0.0.1", 0) as server:
             result = remote.run(["sh", "-c", FETCH_INDEX_SCRIPT, "gentoo-binhost", url], changes=False,
                                 capture=True, forward=(settings.tunnel_port, server.server_address[1]))
     else:
@@ -2400,7 +2440,7 @@ def check_preflight(doctor, settings, target, runner, output, atoms):
     argv = ["emerge", "--pretend", "--getbinpkgonly", "--binpkg-respect-use=y", "--color=n"] + atoms
     run_it = functools.partial(remote.run, argv, target.portage_environment, changes=False, capture=True)
     if settings.transport == "tunnel":
-        with background_server(settings, output, "127.0.0.1", 0) as server:
+        with background_server({settings.env_name: settings}, output, "127.0.0.1", 0) as server:
             result = run_it(forward=(settings.tunnel_port, server.server_address[1]))
     else:
         result = run_it()
@@ -2618,7 +2658,7 @@ def check_init_root(root, force):
 
 
 def init_binhost(config, args, runner, output):
-    settings = config.binhost
+    settings = config.binhost_for_command(args.target)
     root = settings.root
     check_init_root(root, args.force)
     arch, variant = args.arch, args.variant
@@ -2875,7 +2915,13 @@ class BinhostRequestHandler(http.server.BaseHTTPRequestHandler):
         parts = self.path_parts()
         if any(part.startswith(".") or "\0" in part or "\\" in part for part in parts):
             return None
-        root = self.server.document_root
+        self.root = root = self.server.document_root
+        if self.server.environments is not None:
+            # Several binhost environments: /<name>/... is the PKGDIR of environment <name>.
+            if not parts or parts[0] not in self.server.environments:
+                return None
+            self.root = root = self.server.environments[parts[0]]
+            parts = parts[1:]
         path = self.server.real_path(os.path.join(root, *parts))
         if path == root and self.server.listings:
             return path
@@ -2943,7 +2989,7 @@ class BinhostRequestHandler(http.server.BaseHTTPRequestHandler):
             # Built from the checked parts: `//evil.example` must not become an open redirect.
             self.send_head(301, [("Location", clean)], 0)
             return
-        root = self.server.document_root
+        root = self.root
         entries = []
         for entry in sorted(os.scandir(directory), key=lambda item: item.name):
             real = os.path.realpath(entry.path)
@@ -3020,7 +3066,12 @@ class BinhostServer(http.server.ThreadingHTTPServer):
 
     def __init__(self, address, document_root, output, *, ssl_context=None, authorizations=(),
                  client_timeout=30, max_connections=256, access_log=True, listings=False):
-        self.document_root = os.path.realpath(document_root)
+        if isinstance(document_root, dict):  # {environment name: its PKGDIR}
+            self.environments = {name: os.path.realpath(path) for name, path in document_root.items()}
+            self.document_root = "/nonexistent"
+        else:
+            self.environments = None
+            self.document_root = os.path.realpath(document_root)
         self.output = output
         self.ssl_context = ssl_context
         self.authorizations = [value.encode("latin-1") for value in authorizations]
@@ -3147,11 +3198,16 @@ def stop_on_sigterm(server):
         signal.signal(signal.SIGTERM, previous)
 
 
-def start_server(settings, output, bind, port, access_log=True, listings=False, tunnel=False):
-    if not os.path.isdir(settings.pkgdir):
-        raise BinhostError(f"PKGDIR {settings.pkgdir} does not exist: build packages first,"
-                           f" or set pkgdir = in [binhost] of {settings.config_path}")
-    return make_server(bind, port, settings.pkgdir, output,
+def start_server(environments, output, bind, port, access_log=True, listings=False, tunnel=False):
+    """A server for every binhost environment of the configuration (Config.environments())."""
+    for settings in environments.values():
+        if not os.path.isdir(settings.pkgdir):
+            raise BinhostError(f"PKGDIR {settings.pkgdir} does not exist: build packages first,"
+                               f" or set pkgdir = in [binhost] of {settings.config_path}")
+    settings = next(iter(environments.values()))  # server settings are shared
+    document_root = settings.pkgdir if None in environments else {
+        name: each.pkgdir for name, each in environments.items()}
+    return make_server(bind, port, document_root, output,
                        ssl_context=None if tunnel else tls_context(settings),
                        authorizations=basic_authorizations(read_credentials(settings)),
                        client_timeout=settings.client_timeout, access_log=access_log,
@@ -3159,9 +3215,9 @@ def start_server(settings, output, bind, port, access_log=True, listings=False, 
 
 
 @contextlib.contextmanager
-def background_server(settings, output, bind, port, access_log=False):
+def background_server(environments, output, bind, port, access_log=False):
     """A server thread for the duration of one command (transport = tunnel)."""
-    server = start_server(settings, output, bind, port, access_log, tunnel=True)
+    server = start_server(environments, output, bind, port, access_log, tunnel=True)
     thread = threading.Thread(target=server.serve_forever, name="binhost-server", daemon=True)
     thread.start()
     try:
@@ -3171,7 +3227,8 @@ def background_server(settings, output, bind, port, access_log=False):
         server.server_close()
 
 
-def serve(settings, target, runner, output, bind, port, tunnel=False, listings=False):
+def serve(environments, target, runner, output, bind, port, tunnel=False, listings=False):
+    settings = next(iter(environments.values()))  # what the environments share: server settings
     if tunnel:
         bind = "127.0.0.1"
     elif bind not in LOOPBACK_ADDRESSES and not (settings.tls_cert and settings.auth_file):
@@ -3181,22 +3238,25 @@ def serve(settings, target, runner, output, bind, port, tunnel=False, listings=F
                     " download every package (signatures stop tampering, not reading). Bind to a"
                     " private address, use --tunnel, or set tls-cert/tls-key and auth-file.")
     scheme = "https" if settings.tls_cert and not tunnel else "http"
+    pkgdirs = ", ".join(each.pkgdir for each in environments.values())
     if runner.pretend:
-        output.info(f"Would serve {settings.pkgdir} on {scheme}://{bind}:{port}/")
+        output.info(f"Would serve {pkgdirs} on {scheme}://{bind}:{port}/")
         if tunnel:
             runner.start(Remote(target, runner, output).tunnel_argv((settings.tunnel_port, port)))
         return
-    server = start_server(settings, output, bind, port, listings=listings, tunnel=tunnel)
+    server = start_server(environments, output, bind, port, listings=listings, tunnel=tunnel)
     actual_port = server.server_address[1]
-    output.action(f"Serving {settings.pkgdir} on {scheme}://{bind}:{actual_port}/")
-    output.info("Targets need this entry in /etc/portage/binrepos.conf/"
-                f"{BINREPOS_NAME}.conf ('{PROG} setup-target' writes it):")
-    # The password stays out of the output (service logs are often world-readable).
-    entry = binrepos_entry(target_url(settings, tunnel, with_credentials=False, port=actual_port),
-                           bool(settings.signing_key))
-    if settings.auth_file:
-        entry = entry.replace("://", "://USER:PASSWORD@", 1)
-    output.text(entry)
+    output.action(f"Serving {pkgdirs} on {scheme}://{bind}:{actual_port}/")
+    for each in environments.values():
+        output.info("Targets need this entry in /etc/portage/binrepos.conf/"
+                    f"{BINREPOS_NAME}.conf ('{PROG} setup-target' writes it)"
+                    + (f", for the environment {each.root}:" if each.env_name else ":"))
+        # The password stays out of the output (service logs are often world-readable).
+        entry = binrepos_entry(target_url(each, tunnel, with_credentials=False, port=actual_port),
+                               bool(each.signing_key))
+        if each.auth_file:
+            entry = entry.replace("://", "://USER:PASSWORD@", 1)
+        output.text(entry)
     tunnel_process = None
     try:
         with stop_on_sigterm(server):
@@ -3294,6 +3354,8 @@ def target_url(settings, tunnel, with_credentials=True, port=None):
     else:
         scheme = "https" if settings.tls_cert else "http"
         url = settings.url or f"{scheme}://{socket.gethostname()}:{port or settings.port}/"
+    if settings.env_name:
+        url += urllib.parse.quote(settings.env_name) + "/"
     credentials = read_credentials(settings) if with_credentials else []
     if credentials:
         user, password = credentials[0]
@@ -3423,7 +3485,7 @@ def build_parser():
     sign = commands.add_parser("sign", help="sign unsigned packages in PKGDIR",
                                description="Sign the packages in PKGDIR that are not signed yet, then"
                                            " refresh the index.")
-    sign.add_argument("--all", action="store_true",
+    sign.add_argument("--all", dest="resign", action="store_true",
                       help="re-sign every package with the configured key (after keygen --force)")
     return parser
 
@@ -3453,7 +3515,7 @@ def cmd_build(config, args, runner, output):
             raise UsageError("build --distcc needs the helper hosts, e.g. --distcc 'host1/8 host2/4'")
         config.binhost.distcc_hosts = emerge_args[1]
         emerge_args = emerge_args[2:]
-    build_packages(config.binhost, runner, output, emerge_args)
+    build_packages(config.binhost_for_command(args.target), runner, output, emerge_args)
 
 
 def for_each_target(config, output, action):
@@ -3488,23 +3550,28 @@ def targets_of(config, args):
 def cmd_install(config, args, runner, output):
     if args.all:
         for_each_target(config, output, lambda target: install_packages(
-            config.binhost, target, runner, output, args.emerge_args))
+            config.binhost_for(target), target, runner, output, args.emerge_args))
     else:
-        install_packages(config.binhost, config.target(args.target), runner, output, args.emerge_args)
+        target = config.target(args.target)
+        install_packages(config.binhost_for(target), target, runner, output, args.emerge_args)
 
 
 def cmd_emerge(config, args, runner, output):
-    target = None if args.all else config.target(args.target)
-    build_packages(config.binhost, runner, output, args.emerge_args)
+    targets = targets_of(config, args)
+    # Each binhost environment builds once, however many targets share it.
+    for root in dict.fromkeys(config.binhost_for(target).root for target in targets):
+        build_packages(next(config.binhost_for(target) for target in targets
+                            if config.binhost_for(target).root == root), runner, output, args.emerge_args)
     if args.all:
         for_each_target(config, output, lambda each: install_packages(
-            config.binhost, each, runner, output, args.emerge_args))
+            config.binhost_for(each), each, runner, output, args.emerge_args))
     else:
-        install_packages(config.binhost, target, runner, output, args.emerge_args)
+        install_packages(config.binhost_for(targets[0]), targets[0], runner, output, args.emerge_args)
 
 
 def cmd_setup_target(config, args, runner, output):
-    setup_target(config.binhost, config.target(args.target), runner, output, args.verify_signature)
+    target = config.target(args.target)
+    setup_target(config.binhost_for(target), target, runner, output, args.verify_signature)
 
 
 def cmd_serve(config, args, runner, output):
@@ -3530,7 +3597,7 @@ def cmd_serve(config, args, runner, output):
         return
     tunnel = args.tunnel or settings.transport == "tunnel"
     target = config.target(args.target) if tunnel else None
-    serve(settings, target, runner, output, bind, port, tunnel, args.index)
+    serve(config.environments(), target, runner, output, bind, port, tunnel, args.index)
 
 
 def cmd_keygen(config, args, runner, output):
@@ -3556,9 +3623,10 @@ def cmd_keygen(config, args, runner, output):
 
 
 def cmd_sign(config, args, runner, output):
-    count = sign_packages(config.binhost, runner, output, resign=args.all)
+    settings = config.binhost_for_command(args.target)
+    count = sign_packages(settings, runner, output, resign=args.resign)
     if count:
-        output.info(f"Signed {count} package(s) in {config.binhost.pkgdir}")
+        output.info(f"Signed {count} package(s) in {settings.pkgdir}")
 
 
 def cmd_config(config, args, runner, output):
@@ -3566,9 +3634,10 @@ def cmd_config(config, args, runner, output):
         raise UsageError(f"--all works with config diff only: pull and push act on one --target")
     if args.all:
         for_each_target(config, output, lambda target: sync_config(
-            "diff", config.binhost, target, runner, output, show_only=True))
+            "diff", config.binhost_for(target), target, runner, output, show_only=True))
     else:
-        sync_config(args.action, config.binhost, config.target(args.target), runner, output,
+        target = config.target(args.target)
+        sync_config(args.action, config.binhost_for(target), target, runner, output,
                     show_only=args.action == "diff")
 
 
@@ -3577,7 +3646,7 @@ def cmd_init(config, args, runner, output):
 
 
 def cmd_list(config, args, runner, output):
-    records = package_records(config.binhost.pkgdir)
+    records = package_records(config.binhost_for_command(args.target).pkgdir)
     if args.json:
         output.text(json.dumps(records, indent=2), always=True)
         return
@@ -3588,15 +3657,16 @@ def cmd_list(config, args, runner, output):
 
 
 def cmd_clean(config, args, runner, output):
-    clean_packages(config.binhost, runner, output, args.keep)
+    clean_packages(config.binhost_for_command(args.target), runner, output, args.keep)
 
 
 def cmd_cpu(config, args, runner, output):
-    cpu_report(config.binhost, config.target(args.target), runner, output, apply=args.apply)
+    target = config.target(args.target)
+    cpu_report(config.binhost_for(target), target, runner, output, apply=args.apply)
 
 
 def cmd_doctor(config, args, runner, output):
-    doctors = {target.name: run_doctor(config.binhost, target, runner, output, args.atoms)
+    doctors = {target.name: run_doctor(config.binhost_for(target), target, runner, output, args.atoms)
                for target in targets_of(config, args)}
     groups = {}
     for name, doctor in doctors.items():

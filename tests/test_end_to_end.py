@@ -557,3 +557,39 @@ def test_all_targets_go_on_past_a_failure_with_a_summary(world):
     report = json.loads(doctor.stdout)
     assert set(report["targets"]) == {"all-good", "all-gone"}
     assert doctor.returncode == 1
+
+
+def test_several_binhost_environments_served_side_by_side(world):
+    """A target with its own binhost-root gets its own environment, served under /<name>/."""
+    port = free_port()
+    root_a, config_a = world.new_target("env-a", port=port, pkgdir=world.pkgdir)
+    root_b, config_b = world.new_target("env-b", use="-loud", port=port, pkgdir=world.pkgdir)
+    binhost_b = world.base / "binhost-b"
+    write_portage_config(binhost_b, extra_make_conf='USE="-loud"\n')
+    binhost_section = config_a.read_text().split("[target")[0].replace(f"pkgdir = {world.pkgdir}\n", "")
+    target_a = "[target" + config_a.read_text().split("[target", 1)[1]
+    target_b = "[target" + config_b.read_text().split("[target", 1)[1] + f"binhost-root = {binhost_b}\n"
+    config = world.base / "environments.conf"
+    config.write_text(binhost_section + "\n" + target_a + "\n" + target_b)
+    world.cli("--target", "env-b", "build", "app-misc/greet", config=config)
+    assert list((binhost_b / "var/cache/binpkgs").rglob("greet-*.gpkg.tar"))
+    env = dict(os.environ, PATH=f"{world.portage_bin}:{os.environ['PATH']}")
+    server = subprocess.Popen([sys.executable, SCRIPT, "-c", config, "serve"], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert wait_for_port(port, proc=server)
+        world.cli("--target", "env-a", "setup-target", config=config)
+        world.cli("--target", "env-b", "setup-target", config=config)
+        entry_b = (root_b / "etc/portage/binrepos.conf/gentoo-binhost.conf").read_text()
+        assert f"sync-uri = http://127.0.0.1:{port}/binhost-b/" in entry_b
+        assert f"sync-uri = http://127.0.0.1:{port}/binhost/" in (
+            root_a / "etc/portage/binrepos.conf/gentoo-binhost.conf").read_text()
+        world.cli("--target", "env-a", "install", "app-misc/hello-app", config=config)
+        world.cli("--target", "env-b", "install", "app-misc/greet", config=config)
+    finally:
+        stop_process(server)
+    assert run([world.installed(root_a, "usr/bin/hello-app")]).stdout == "hello-app from binhost\n"
+    assert world.installed(root_b, "usr/share/greet/use.txt").read_text() == "quiet\n"
+    # Commands without a target must be told which environment they mean.
+    result = world.cli("list", config=config, check=False)
+    assert result.returncode == 2 and "several binhost environments" in result.stderr
