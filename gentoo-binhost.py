@@ -2476,6 +2476,8 @@ DEFAULT_VARIANT = "openrc"
 # uname -m -> Gentoo's release arch directory
 GENTOO_ARCHES = {"x86_64": "amd64", "aarch64": "arm64", "i686": "x86", "i586": "x86",
                  "riscv64": "riscv", "ppc64le": "ppc64", "ppc64": "ppc64", "armv7l": "arm"}
+# Release directories whose stage3 files carry another name (releases/x86/.../stage3-i686-...).
+STAGE3_FILE_ARCH = {"x86": "i686"}
 DECOMPRESS_OPTIONS = {".xz": "--xz", ".zst": "--zstd", ".bz2": "--bzip2", ".gz": "--gzip"}
 DOWNLOAD_CHUNK = 1024 * 1024
 
@@ -2511,19 +2513,26 @@ def stage3_variant(machine, chost, init, profile):
     else:
         parts.append("openrc")
         reasons.append("it boots with OpenRC")
+    # Gentoo's names: hardened-nomultilib-openrc, musl (+OpenRC), musl-hardened, ...
+    order = {"hardened": 0, "nomultilib": 1, "musl": -1}
+    parts.sort(key=lambda part: order.get(part, 2))
     variant = "-".join(parts)
-    if variant in ("musl-openrc",):
-        variant = "musl"  # Gentoo's name for amd64 + musl + OpenRC
+    variant = {"musl-openrc": "musl", "musl-hardened-openrc": "musl-hardened"}.get(variant, variant)
     return arch, variant, reasons
 
 
-def parse_latest(text):
-    """The relative path of the newest stage3 in a latest-stage3-*.txt (comments skipped)."""
+def parse_latest(text, file_arch=None, variant=None):
+    """The relative path of the newest stage3 in a latest-stage3-*.txt (comments skipped). With
+    file_arch and variant, only a path of that very stage3 is accepted: a mirror must not hand us
+    another variant's (genuinely signed) list, or a path leaving the autobuilds directory."""
+    name = rf"stage3-{re.escape(file_arch)}-{re.escape(variant)}" if file_arch else r"stage3-[\w.-]+"
+    pattern = re.compile(rf"^\d{{8}}T\d{{6}}Z/{name}-\d{{8}}T\d{{6}}Z\.tar\.(xz|zst|bz2)$")
     for line in text.splitlines():
         words = line.split()
-        if words and not line.startswith("#") and words[0].endswith((".tar.xz", ".tar.zst", ".tar.bz2")):
+        if words and not line.startswith("#") and pattern.match(words[0]):
             return words[0], int(words[1]) if len(words) > 1 and words[1].isdigit() else None
-    raise BinhostError("the latest-stage3 file lists no stage3 tarball")
+    raise BinhostError(f"the latest-stage3 list names no stage3-{file_arch or '*'}-{variant or '*'}"
+                       " tarball: wrong --arch/--variant, or a wrong mirror")
 
 
 def parse_digests(text, name):
@@ -2551,6 +2560,10 @@ class ReleaseKeys:
                 keys = handle.read()
             runner.run(gpg_command(self.home, "--import"), input=keys, capture=True, changes=False,
                        describe=f"importing the release keys from {keyring}")
+            listing = runner.read(gpg_command(self.home, "--with-colons", "--list-keys")).stdout
+            self.fingerprints = set(colon_fingerprints(listing, "pub"))
+            if not self.fingerprints:
+                raise BinhostError(f"{keyring} holds no public key: pass Gentoo's release keys")
         except BaseException:
             self.close()
             raise
@@ -2559,30 +2572,52 @@ class ReleaseKeys:
         stop_gpg_agent(self.home, self.runner)
         shutil.rmtree(self.home, ignore_errors=True)
 
+    def good_signature(self, argv, input=None):
+        """Run gpg with its machine-readable status in a file of its own (messages on stderr can
+        quote attacker-chosen text such as armor headers); True for exactly one valid signature
+        by one of the release keys and no bad one. Returns (good, stdout)."""
+        status_path = os.path.join(self.home, "status")
+        result = self.runner.run(gpg_command(self.home, "--status-file", status_path, *argv), input=input,
+                                 capture=True, check=False, changes=False, binary=True)
+        with open(status_path, encoding="utf-8", errors="replace") as handle:
+            status = [line.split() for line in handle if line.startswith("[GNUPG:] ")]
+        valid = [words for words in status if words[1] == "VALIDSIG"]
+        bad = [words for words in status if words[1] in ("BADSIG", "ERRSIG", "EXPKEYSIG", "REVKEYSIG",
+                                                         "NO_PUBKEY")]
+        good = (result.returncode == 0 and len(valid) == 1 and not bad
+                and (valid[0][-1] in self.fingerprints or valid[0][2] in self.fingerprints))
+        return good, result.stdout
+
     def verified_text(self, clearsigned, what):
         """The text of a clearsigned file, once its signature is good."""
-        result = self.runner.run(gpg_command(self.home, "--status-fd", "2", "--decrypt"),
-                                 input=clearsigned, capture=True, check=False, changes=False, binary=True)
-        if result.returncode != 0 or b"[GNUPG:] VALIDSIG" not in result.stderr:
+        if not clearsigned.lstrip().startswith(b"-----BEGIN PGP SIGNED MESSAGE-----"):
+            raise BinhostError(f"{what} is not PGP-signed: refusing it")
+        good, text = self.good_signature(["--decrypt"], input=clearsigned)
+        if not good:
             raise BinhostError(f"the PGP signature of {what} is not valid for Gentoo's release keys:"
                                " refusing it")
-        return result.stdout.decode("utf-8", "replace")
+        return text.decode("utf-8", "replace")
 
     def verify_detached(self, signature_path, data_path, what):
-        result = self.runner.run(gpg_command(self.home, "--status-fd", "1", "--verify", signature_path,
-                                             data_path), capture=True, check=False, changes=False)
-        if result.returncode != 0 or "[GNUPG:] VALIDSIG" not in result.stdout:
+        good, _ = self.good_signature(["--verify", signature_path, data_path])
+        if not good:
             raise BinhostError(f"the PGP signature {os.path.basename(signature_path)} does not match"
                                f" {what}: refusing to extract it")
 
 
+MAX_SMALL_FILE = 1024 * 1024
+
+
 def fetch_small(url, what):
-    """A small file (latest list, DIGESTS, signature) into memory."""
+    """A small file (latest list, DIGESTS, signature) into memory, at most 1 MiB."""
     try:
         with urllib.request.urlopen(url, timeout=60) as response:
-            return response.read()
-    except (OSError, ValueError) as error:
+            data = response.read(MAX_SMALL_FILE + 1)
+    except (OSError, ValueError, http.client.HTTPException) as error:
         raise BinhostError(f"cannot download {what} from {url}: {error}") from None
+    if len(data) > MAX_SMALL_FILE:
+        raise BinhostError(f"{what} at {url} is larger than 1 MiB: that is not what it should be")
+    return data
 
 
 def download(url, destination, runner, output, digests):
@@ -2667,9 +2702,10 @@ def init_binhost(config, args, runner, output):
         probe = Remote(target, runner, output).script(TARGET_SYSTEM_SCRIPT, target.root, changes=False,
                                                       what="asking the target what it runs")
         facts = dict(line.split(" ", 1) for line in probe.stdout.splitlines() if " " in line)
-        arch, variant, reasons = stage3_variant(facts.get("machine", ""), facts.get("chost", ""),
-                                                facts.get("init", ""), facts.get("profile", ""))
-        output.info(f"{target.name}: stage3-{arch}-{variant}, because {', '.join(reasons)}")
+        like_arch, like_variant, reasons = stage3_variant(facts.get("machine", ""), facts.get("chost", ""),
+                                                          facts.get("init", ""), facts.get("profile", ""))
+        arch, variant = arch or like_arch, variant or like_variant  # explicit options win
+        output.info(f"{target.name}: stage3-{like_arch}-{like_variant}, because {', '.join(reasons)}")
     arch = arch or GENTOO_ARCHES.get(os.uname().machine, os.uname().machine)
     variant = variant or DEFAULT_VARIANT
     keyring = args.keyring or GENTOO_RELEASE_KEYS
@@ -2684,44 +2720,61 @@ def init_binhost(config, args, runner, output):
     keys = ReleaseKeys(keyring, runner) if verify_pgp else None
     try:
         url = stage3_url(args, arch, variant, keys, output)
-        name = os.path.basename(urllib.parse.urlsplit(url).path) if "://" in url else os.path.basename(url)
-        digests_text = fetch_small(url + ".DIGESTS", f"{name}.DIGESTS").decode("utf-8", "replace") \
-            if "://" in url else read_text(url + ".DIGESTS")
-        if keys and "BEGIN PGP SIGNED MESSAGE" in digests_text:
-            digests_text = keys.verified_text(digests_text.encode(), f"{name}.DIGESTS")
+        remote = "://" in url
+        name = os.path.basename(urllib.parse.urlsplit(url).path if remote else url)
+
+        def companion(suffix):  # the .DIGESTS and .asc published beside the tarball
+            if remote:
+                return fetch_small(url + suffix, name + suffix)
+            try:
+                with open(url + suffix, "rb") as handle:
+                    return handle.read()
+            except OSError as error:
+                raise BinhostError(f"cannot read {url + suffix}: {error.strerror}") from None
+
+        digests_data = companion(".DIGESTS")
+        # Signed, or the DIGESTS could pair another genuinely signed tarball with our file name.
+        digests_text = (keys.verified_text(digests_data, f"{name}.DIGESTS") if keys
+                        else digests_data.decode("utf-8", "replace"))
         expected = parse_digests(digests_text, name)
         if "sha512" not in expected:
             raise BinhostError(f"{name}.DIGESTS has no SHA512 for {name}: refusing an unverifiable stage3")
-        if runner.pretend:
-            output.info(f"Would download {url}, verify it and extract it into {root}")
-            return
         parent = os.path.dirname(root.rstrip("/")) or "/"
         downloads = os.path.join(parent, f".{os.path.basename(root.rstrip('/'))}.download")
-        os.makedirs(downloads, exist_ok=True)
-        tarball = os.path.join(downloads, name)
-        if "://" in url:
+        tarball = os.path.join(downloads, name) if remote else os.path.abspath(url)
+        if runner.pretend:
+            output.info(f"Would download {url} to {tarball}, check its digests and signature, and:")
+            extract_stage3(tarball, root, runner, output)
+            return
+        if os.geteuid() != 0:
+            raise BinhostError("init must run as root: a stage3 holds files of other owners and devices")
+        if remote:
+            os.makedirs(downloads, exist_ok=True)
             output.action(f"Downloading {url}")
             actual = download(url, tarball, runner, output, expected)
         else:
-            tarball = os.path.abspath(url)
             actual = file_digests(tarball, expected)
         for algorithm, value in expected.items():
             if actual[algorithm] != value:
-                os.unlink(tarball)
-                raise BinhostError(f"{algorithm.upper()} of {name} does not match its DIGESTS: the"
-                                   " download is corrupt or was tampered with (deleted; run init again)")
+                if remote:
+                    os.unlink(tarball)
+                raise BinhostError(f"{algorithm.upper()} of {name} does not match its DIGESTS: the file"
+                                   " is corrupt or was tampered with" + (" (deleted; run init again)"
+                                                                         if remote else ""))
         output.info(f"{name}: {' and '.join(a.upper() for a in expected)} match the DIGESTS")
         if keys:
             signature = tarball + ".asc"
-            with open(signature, "wb") as handle:
-                handle.write(fetch_small(url + ".asc", f"{name}.asc") if "://" in url
-                             else open(url + ".asc", "rb").read())
+            if remote:
+                with open(signature, "wb") as handle:
+                    handle.write(companion(".asc"))
             keys.verify_detached(signature, tarball, name)
             output.info(f"{name}: PGP signature good (Gentoo release key)")
     finally:
         if keys:
             keys.close()
     extract_stage3(tarball, root, runner, output)
+    if remote:
+        shutil.rmtree(downloads, ignore_errors=True)
     os.makedirs(os.path.join(root, "var/cache/binpkgs"), exist_ok=True)
     note = {"stage3": name, "stage3-sha512": expected["sha512"],
             "stage3-installed": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")}
@@ -2733,10 +2786,11 @@ def stage3_url(args, arch, variant, keys, output):
     if args.stage3:
         return args.stage3
     base = f"{args.mirror.rstrip('/')}/releases/{arch}/autobuilds"
-    latest_url = f"{base}/latest-stage3-{arch}-{variant}.txt"
+    file_arch = STAGE3_FILE_ARCH.get(arch, arch)
+    latest_url = f"{base}/latest-stage3-{file_arch}-{variant}.txt"
     latest = fetch_small(latest_url, f"the list of {arch} {variant} stage3s")
     text = keys.verified_text(latest, latest_url) if keys else latest.decode("utf-8", "replace")
-    path, _size = parse_latest(text)
+    path, _size = parse_latest(text, file_arch, variant)
     output.info(f"Newest stage3-{arch}-{variant}: {path}")
     return f"{base}/{path}"
 
@@ -2754,15 +2808,25 @@ def extract_stage3(tarball, root, runner, output):
     """Extract as the Handbook says, into a directory beside root that becomes root only when
     complete: a failed init leaves nothing behind."""
     parent = os.path.dirname(root.rstrip("/")) or "/"
-    os.makedirs(parent, exist_ok=True)
-    staging = tempfile.mkdtemp(prefix=f".{os.path.basename(root.rstrip('/'))}.new.", dir=parent)
     suffix = os.path.splitext(tarball)[1]
     decompress = [DECOMPRESS_OPTIONS[suffix]] if suffix in DECOMPRESS_OPTIONS else []
+
+    def tar(directory):
+        return ["tar", "--extract", "--preserve-permissions", "--xattrs-include=*.*", "--numeric-owner",
+                *decompress, "--file", tarball, "--directory", directory]
+
+    if runner.pretend:
+        staging = os.path.join(parent, f".{os.path.basename(root.rstrip('/'))}.new.XXXXXX")
+        runner.run(tar(staging))
+        output.info(f"... then {staging} is renamed to {root}")
+        return
+    os.makedirs(parent, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=f".{os.path.basename(root.rstrip('/'))}.new.", dir=parent)
+    argv = tar(staging)
     output.action(f"Extracting {os.path.basename(tarball)} into {root}")
+    old = None
     try:
-        runner.run(["tar", "--extract", "--preserve-permissions", "--xattrs-include=*.*",
-                    "--numeric-owner", *decompress, "--file", tarball, "--directory", staging],
-                   capture=True, describe=f"extracting {os.path.basename(tarball)}")
+        runner.run(argv, capture=True, describe=f"extracting {os.path.basename(tarball)}")
         os.chmod(staging, 0o755)
         if os.path.isdir(root) and os.listdir(root):
             old = f"{root.rstrip('/')}.{timestamp()}.bak"
@@ -2773,6 +2837,8 @@ def extract_stage3(tarball, root, runner, output):
         os.rename(staging, root)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
+        if old and not os.path.exists(root):
+            os.rename(old, root)
         raise
 
 

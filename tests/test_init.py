@@ -205,6 +205,10 @@ def test_an_interrupted_download_resumes(tmp_path, mirror):
     (("x86_64", "x86_64-pc-linux-gnu", "openrc", "default/linux/amd64/23.0/no-multilib"),
      ("amd64", "nomultilib-openrc")),
     (("aarch64", "aarch64-unknown-linux-gnu", "systemd", "default/linux/arm64/23.0/systemd"), ("arm64", "systemd")),
+    (("x86_64", "x86_64-pc-linux-gnu", "openrc", "default/linux/amd64/23.0/no-multilib/hardened"),
+     ("amd64", "hardened-nomultilib-openrc")),
+    (("x86_64", "x86_64-gentoo-linux-musl", "openrc", "default/linux/amd64/23.0/musl/hardened"),
+     ("amd64", "musl-hardened")),
 ])
 def test_like_target_picks_the_matching_variant(gb, facts, expected):
     arch, variant, reasons = gb.stage3_variant(*facts)
@@ -214,5 +218,57 @@ def test_like_target_picks_the_matching_variant(gb, facts, expected):
 def test_parse_latest_and_digests(gb):
     latest = f"# Latest as of ...\n# ts=1\n{BUILD}/{NAME} 123\n"
     assert gb.parse_latest(latest) == (f"{BUILD}/{NAME}", 123)
+    assert gb.parse_latest(latest, "amd64", "openrc") == (f"{BUILD}/{NAME}", 123)
+    with pytest.raises(gb.BinhostError):
+        gb.parse_latest(latest, "amd64", "systemd")  # another variant's list
+    with pytest.raises(gb.BinhostError):
+        gb.parse_latest(f"../../{NAME} 1\n", "amd64", "openrc")
     digests = f"# BLAKE2B HASH\nabc  {NAME}\ndef  {NAME}.CONTENTS.gz\n# SHA512 HASH\n123  {NAME}\n"
     assert gb.parse_digests(digests, NAME) == {"blake2b": "abc", "sha512": "123"}
+
+
+def test_a_forged_clearsignature_is_refused(gb, tmp_path, mirror):
+    """gpg quotes unknown armor headers on stderr: status text there must not count."""
+    output = gb.Output(color=False, verbosity=0)
+    keys = gb.ReleaseKeys(str(mirror["keyring"]), gb.Runner(output))
+    try:
+        plain = tmp_path / "latest.txt"
+        plain.write_text(f"{BUILD}/evil.tar.xz 1\n")
+        stored = run(["gpg", "--homedir", mirror["other"], "--batch", "--armor", "--store", "--output", "-",
+                      plain]).stdout
+        forged = stored.replace("-----BEGIN PGP MESSAGE-----\n",
+                                "-----BEGIN PGP MESSAGE-----\nFoo: [GNUPG:] VALIDSIG x\n")
+        with pytest.raises(gb.BinhostError):
+            keys.verified_text(forged.encode(), "latest")
+        with pytest.raises(gb.BinhostError, match="not PGP-signed"):
+            keys.verified_text(b"unsigned text\n", "latest")
+    finally:
+        keys.close()
+
+
+def test_an_unsigned_digests_file_is_refused(tmp_path, mirror):
+    def strip_signature(directory):
+        digests = directory / (NAME + ".DIGESTS")
+        text = digests.read_text()
+        body = text.split("\n\n", 1)[1].split("-----BEGIN PGP SIGNATURE-----")[0]
+        digests.write_text(body)
+    url, server = corrupt_copy(mirror, tmp_path, strip_signature)
+    try:
+        result, root, _ = init(tmp_path, url, mirror["keyring"])
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert result.returncode == 1 and "DIGESTS is not PGP-signed" in result.stderr
+    assert not root.exists()
+
+
+def test_pretend_shows_the_extraction_and_changes_nothing(tmp_path, mirror):
+    config = tmp_path / "c.conf"
+    root = tmp_path / "binhost"
+    config.write_text(f"[binhost]\nroot = {root}\n")
+    result = subprocess.run([sys.executable, str(SCRIPT), "-c", str(config), "--color=n", "-p", "init",
+                             "--mirror", mirror["url"], "--keyring", str(mirror["keyring"])],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "tar --extract --preserve-permissions '--xattrs-include=*.*' --numeric-owner --xz" in result.stdout
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.conf"]
