@@ -24,6 +24,7 @@ demo: deps
 
 bench: deps
 	$(PY) tests/bench/run.py
+	$(PY) tests/bench/distcc.py
 
 deps: $(VENV)/.installed system-deps
 
