@@ -6,12 +6,17 @@ target's configuration. Packages are built into it with the target's USE and CFL
 is served over HTTP, and the target installs them with `emerge --getbinpkgonly`, run over ssh.
 
 Examples:
+    gentoo-binhost.py init --like-target          # the binhost root from a verified stage3
+    gentoo-binhost.py config pull                 # the target's /etc/portage and world, here
+    gentoo-binhost.py cpu                         # the target's -march=native, spelt out
     gentoo-binhost.py keygen                      # a signing key for the binhost
     gentoo-binhost.py setup-target                # point the target's binrepos.conf at us
+    gentoo-binhost.py doctor                      # does the binhost build what the target would?
     gentoo-binhost.py serve                       # serve PKGDIR (leave it running)
     gentoo-binhost.py emerge -uDN @world          # build here, then install on the target
     gentoo-binhost.py build '>=dev-lang/python-3.12'
     gentoo-binhost.py --target laptop install -av app-editors/vim
+    gentoo-binhost.py --all install -uDN @world   # every target, with a summary
     gentoo-binhost.py --pretend emerge vim        # show every command, run none
 
 Configuration: /etc/gentoo-binhost.conf (or -c FILE, or $GENTOO_BINHOST_CONFIG); see README.md.
