@@ -312,6 +312,9 @@ class Config:
             if root != self.binhost.root:
                 settings.root, settings.pkgdir = root, os.path.join(root, "var/cache/binpkgs")
             settings.env_name = os.path.basename(root.rstrip("/")) or "root"
+            if settings.env_name.startswith("."):
+                raise UsageError(f"{self.path}: binhost root {root}: a name starting with '.' cannot be"
+                                 " served; rename the directory")
             if settings.env_name in environments:
                 raise UsageError(f"{self.path}: two binhost roots are both named"
                                  f" '{settings.env_name}': their URLs would clash; rename one")
@@ -561,8 +564,8 @@ def portage_environment(settings):
         env["DISTCC_HOSTS"] = settings.distcc_hosts
         env["MAKEOPTS"] = f"-j{distcc_slots(settings.distcc_hosts)} -l{os.cpu_count() or 1}"
     if features:
-        # FEATURES is incremental: these add to make.conf's, they replace nothing.
-        env["FEATURES"] = " ".join(features)
+        # FEATURES is incremental: these add to make.conf's; one the user exported stays too.
+        env["FEATURES"] = " ".join(filter(None, [os.environ.get("FEATURES", "")] + features))
     return env
 
 
@@ -575,14 +578,15 @@ def distcc_slots(spec):
     """Parallel jobs for MAKEOPTS: each host's /N (distcc's default: 2 for localhost, 4 otherwise)."""
     total = 0
     for host in distcc_hosts(spec):
-        name, _, limit = host.partition("/")
-        limit = limit.split(",")[0]
-        total += int(limit) if limit.isdigit() else (2 if name.startswith("localhost") else 4)
+        limit = re.match(r"[^/]*/(\d+)", host)
+        total += int(limit.group(1)) if limit else (2 if host.startswith("localhost") else 4)
     return max(total, 1)
 
 
-DISTCC_PROBE_SOURCE = 'const char gentoo_binhost_gcc[] = "GENTOO-BINHOST-GCC:" __VERSION__;\n'
-GCC_VERSION_MARK = re.compile(rb"GENTOO-BINHOST-GCC:([^\0]*)\0")
+DISTCC_PROBE_SOURCE = "int gentoo_binhost_probe;\n"
+# The compiler proper (cc1, which runs on the helper) writes its version into the object's
+# .comment section; __VERSION__ would not do: distcc preprocesses here.
+GCC_VERSION_MARK = re.compile(rb"GCC: \([^)]*\) ([^\0]+)\0")
 
 
 def check_distcc_helpers(settings, runner, output):
@@ -2113,10 +2117,12 @@ def package_records(pkgdir):
         size = int(fields["SIZE"]) if fields.get("SIZE", "").isdigit() else None
         built = int(fields["BUILD_TIME"]) if fields.get("BUILD_TIME", "").isdigit() else None
         records.append({
-            "cpv": fields["CPV"], "build_id": int(fields.get("BUILD_ID") or 0), "size": size,
+            "cpv": fields["CPV"], "size": size,
+            "build_id": int(fields["BUILD_ID"]) if fields.get("BUILD_ID", "").isdigit() else 0,
             "build_time": datetime.datetime.fromtimestamp(built, datetime.timezone.utc).strftime(
                 "%Y-%m-%dT%H:%M:%SZ") if built is not None else None,
-            "use": fields.get("USE", "").split(), "path": fields.get("PATH", ""),
+            # Without binpkg-multi-instance the index has no PATH: the file is CPV.tbz2.
+            "use": fields.get("USE", "").split(), "path": fields.get("PATH") or fields["CPV"] + ".tbz2",
         })
     return sorted(records, key=lambda record: (record["cpv"], -record["build_id"]))
 
@@ -2135,12 +2141,17 @@ def installed_in_binhost(settings, runner):
     eroot = runner.read(["portageq", "envvar", "EROOT"], LocalShell(settings, runner).env,
                         describe="portageq envvar EROOT").stdout.strip()
     vdb = os.path.join(eroot, "var/db/pkg")
+    if not eroot or not os.path.isdir(vdb):
+        raise BinhostError(f"no package database at {vdb}: clean keeps only what the binhost root has"
+                           " installed, so it refuses to judge without one")
     installed = set()
-    for category in os.listdir(vdb) if os.path.isdir(vdb) else []:
+    for category in os.listdir(vdb):
         directory = os.path.join(vdb, category)
         if os.path.isdir(directory):
             installed.update(f"{category}/{name}" for name in os.listdir(directory)
                              if not name.startswith((".", "-MERGING-")))
+    if not installed:
+        raise BinhostError(f"nothing is installed in {eroot}: clean would remove every package")
     return installed
 
 
@@ -2174,9 +2185,12 @@ def clean_packages(settings, runner, output, keep):
         output.info(f"{verb} {human_size(freed)} ({len(doomed)} package(s))")
         if runner.pretend:
             return doomed
+        pkgdir = os.path.realpath(settings.pkgdir)
         for record, _ in doomed:
-            path = os.path.join(settings.pkgdir, record["path"])
-            if record["path"] and os.path.isfile(path):
+            path = os.path.realpath(os.path.join(pkgdir, record["path"]))
+            # The index is data: only package files inside PKGDIR are ever deleted.
+            if (path.startswith(pkgdir + os.sep) and path.endswith((".gpkg.tar", ".tbz2", ".xpak"))
+                    and os.path.isfile(path)):
                 os.unlink(path)
         refresh_index(settings, runner)
     return doomed
@@ -2783,7 +2797,8 @@ def init_binhost(config, args, runner, output):
     os.makedirs(os.path.join(root, "var/cache/binpkgs"), exist_ok=True)
     note = {"stage3": name, "stage3-sha512": expected["sha512"],
             "stage3-installed": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")}
-    runner.write_file(config.path, set_config_values(read_text(config.path), "binhost", note))
+    if settings.root == config.binhost.root:  # the notes describe [binhost] root
+        runner.write_file(config.path, set_config_values(read_text(config.path), "binhost", note))
     output.info(f"Next: '{PROG} config pull' copies the target's Portage configuration into {root}")
 
 
@@ -3271,10 +3286,12 @@ def stop_on_sigterm(server):
 
 def start_server(environments, output, bind, port, access_log=True, listings=False, tunnel=False):
     """A server for every binhost environment of the configuration (Config.environments())."""
-    for settings in environments.values():
-        if not os.path.isdir(settings.pkgdir):
-            raise BinhostError(f"PKGDIR {settings.pkgdir} does not exist: build packages first,"
-                               f" or set pkgdir = in [binhost] of {settings.config_path}")
+    missing = [settings.pkgdir for settings in environments.values() if not os.path.isdir(settings.pkgdir)]
+    if len(missing) == len(environments):
+        raise BinhostError(f"PKGDIR {missing[0]} does not exist: build packages first,"
+                           f" or set pkgdir = in [binhost] of {next(iter(environments.values())).config_path}")
+    for pkgdir in missing:
+        output.warn(f"PKGDIR {pkgdir} does not exist yet: its targets get 404s until it is built")
     settings = next(iter(environments.values()))  # server settings are shared
     document_root = settings.pkgdir if None in environments else {
         name: each.pkgdir for name, each in environments.items()}
@@ -3581,11 +3598,15 @@ def split_passthrough(argv):
 
 def cmd_build(config, args, runner, output):
     emerge_args = list(args.emerge_args)
-    if emerge_args[:1] == ["--distcc"]:  # emerge has no --distcc: ours, taken before the rest
-        if len(emerge_args) < 2:
+    if emerge_args[:1] == ["--distcc"] or emerge_args[:1] and emerge_args[0].startswith("--distcc="):
+        # emerge has no --distcc: ours, taken before the rest
+        if "=" in emerge_args[0]:
+            hosts, emerge_args = emerge_args[0].split("=", 1)[1], emerge_args[1:]
+        else:
+            hosts, emerge_args = (emerge_args[1] if len(emerge_args) > 1 else ""), emerge_args[2:]
+        if not distcc_hosts(hosts):
             raise UsageError("build --distcc needs the helper hosts, e.g. --distcc 'host1/8 host2/4'")
-        config.binhost.distcc_hosts = emerge_args[1]
-        emerge_args = emerge_args[2:]
+        config.binhost.distcc_hosts = hosts
     build_packages(config.binhost_for_command(args.target), runner, output, emerge_args)
 
 
@@ -3615,6 +3636,8 @@ def for_each_target(config, output, action):
 
 def targets_of(config, args):
     """The targets a command acts on: every one with --all, else the chosen or only one."""
+    if args.all and not config.targets:
+        raise UsageError(f"{config.path}: no target configured: add a [target NAME] section")
     return list(config.targets.values()) if args.all else [config.target(args.target)]
 
 
@@ -3628,16 +3651,26 @@ def cmd_install(config, args, runner, output):
 
 
 def cmd_emerge(config, args, runner, output):
-    targets = targets_of(config, args)
-    # Each binhost environment builds once, however many targets share it.
-    for root in dict.fromkeys(config.binhost_for(target).root for target in targets):
-        build_packages(next(config.binhost_for(target) for target in targets
-                            if config.binhost_for(target).root == root), runner, output, args.emerge_args)
+    builds = {}  # environment root -> None once built, or the failure
+
+    def build_then_install(target):
+        settings = config.binhost_for(target)
+        if settings.root not in builds:  # each environment builds once, for all its targets
+            try:
+                build_packages(settings, runner, output, args.emerge_args)
+                builds[settings.root] = None
+            except BinhostError as error:
+                builds[settings.root] = error
+        if builds[settings.root] is not None:
+            raise BinhostError(f"the build in {settings.root} failed: {builds[settings.root]}")
+        install_packages(settings, target, runner, output, args.emerge_args)
+
     if args.all:
-        for_each_target(config, output, lambda each: install_packages(
-            config.binhost_for(each), each, runner, output, args.emerge_args))
+        for_each_target(config, output, build_then_install)
     else:
-        install_packages(config.binhost_for(targets[0]), targets[0], runner, output, args.emerge_args)
+        target = config.target(args.target)
+        build_packages(config.binhost_for(target), runner, output, args.emerge_args)
+        install_packages(config.binhost_for(target), target, runner, output, args.emerge_args)
 
 
 def cmd_setup_target(config, args, runner, output):
@@ -3664,6 +3697,9 @@ def cmd_serve(config, args, runner, output):
         output.text(service_definition(args.print_service, config.path, args.tunnel), always=True)
         return
     if args.print_nginx:
+        if len(config.environments()) > 1:
+            raise UsageError("serve --print-nginx writes one server block for one PKGDIR; with several"
+                             " binhost environments, add a location /NAME/ { alias PKGDIR/; } per environment")
         output.text(nginx_server_block(settings, bind, port), always=True)
         return
     tunnel = args.tunnel or settings.transport == "tunnel"
@@ -3704,8 +3740,10 @@ def cmd_config(config, args, runner, output):
     if args.all and args.action != "diff":
         raise UsageError(f"--all works with config diff only: pull and push act on one --target")
     if args.all:
-        for_each_target(config, output, lambda target: sync_config(
-            "diff", config.binhost_for(target), target, runner, output, show_only=True))
+        def diff(target):
+            if sync_config("diff", config.binhost_for(target), target, runner, output, show_only=True):
+                raise BinhostError("its configuration differs from the binhost's (diff above)")
+        for_each_target(config, output, diff)
     else:
         target = config.target(args.target)
         sync_config(args.action, config.binhost_for(target), target, runner, output,
@@ -3755,6 +3793,12 @@ def cmd_doctor(config, args, runner, output):
             for result in doctor.results:
                 output.check(result["status"], result["check"], result["detail"])
     if args.all and not args.json:
+        width = max(len(name) for name in doctors)
+        output.text(f"{'target':<{width}}  result", always=True)
+        for name, doctor in doctors.items():
+            counts = {status: sum(r["status"] == status for r in doctor.results) for status in (OK, WARN, FAIL)}
+            output.text(f"{name:<{width}}  {counts[FAIL]} FAIL, {counts[WARN]} WARN, {counts[OK]} OK",
+                        always=True)
         for fingerprint, names in sorted(groups.items(), key=lambda item: item[1]):
             if fingerprint and len(names) > 1:
                 output.info(f"{', '.join(names)} have the same configuration (fingerprint {fingerprint}):"

@@ -593,3 +593,24 @@ def test_several_binhost_environments_served_side_by_side(world):
     # Commands without a target must be told which environment they mean.
     result = world.cli("list", config=config, check=False)
     assert result.returncode == 2 and "several binhost environments" in result.stderr
+
+
+def test_clean_never_deletes_outside_pkgdir_nor_without_a_package_database(world):
+    base = Path(tempfile.mkdtemp(prefix="gentoo-binhost-clean-safety-"))
+    try:
+        root = base / "r"
+        write_portage_config(root)
+        config = base / "c.conf"
+        config.write_text(f"[binhost]\nroot = {root}\n")
+        pkgdir = root / "var/cache/binpkgs"
+        outside = base / "outside.gpkg.tar"
+        outside.write_text("not a package of ours")
+        (pkgdir / "Packages").write_text("VERSION: 0\nTIMESTAMP: 1\n\nCPV: app-misc/gone-1\n"
+                                         "PATH: ../../../../outside.gpkg.tar\nSIZE: 21\n\n")
+        refused = world.cli("clean", config=config, check=False)
+        assert refused.returncode == 1 and "no package database" in refused.stderr
+        (eroot(root, world.eprefix) / "var/db/pkg/app-misc/hello-1.1").mkdir(parents=True)
+        world.cli("clean", config=config)
+        assert outside.read_text() == "not a package of ours"
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
