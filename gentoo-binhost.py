@@ -2376,7 +2376,7 @@ def check_repositories(doctor, binhost_side, remote, ours, theirs, target):
     for name, ours_line, theirs_line in zip(theirs, local.stdout.splitlines(), remote_result.stdout.splitlines()):
         mine, other = ours_line.split("\t", 1)[1], theirs_line.split("\t", 1)[1]
         if name not in ours:
-            doctor.report(FAIL, f"repository {name}", f"not configured on the binhost")
+            doctor.report(FAIL, f"repository {name}", "not configured on the binhost")
         elif mine == other and mine != "unknown":
             doctor.report(OK, f"repository {name}", f"snapshot {mine} on both")
         elif mine == other:
@@ -3738,7 +3738,7 @@ def cmd_sign(config, args, runner, output):
 
 def cmd_config(config, args, runner, output):
     if args.all and args.action != "diff":
-        raise UsageError(f"--all works with config diff only: pull and push act on one --target")
+        raise UsageError("--all works with config diff only: pull and push act on one --target")
     if args.all:
         def diff(target):
             if sync_config("diff", config.binhost_for(target), target, runner, output, show_only=True):

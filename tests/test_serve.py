@@ -240,7 +240,7 @@ def test_tls_with_curl(tmp_path, pkgdir, certificate):
         assert missing.stdout == "404"
     finally:
         stdout, _ = stop(process)
-    assert f"sync-uri = https://" not in stdout or "[gentoo-binhost]" in stdout
+    assert "sync-uri = https://" in stdout  # the default url follows TLS
 
 
 def test_basic_auth_with_curl(tmp_path, pkgdir):
