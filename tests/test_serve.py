@@ -279,7 +279,7 @@ def test_public_bind_without_tls_or_auth_warns(tmp_path, pkgdir):
 
 
 def test_print_nginx_is_valid_nginx_configuration(tmp_path, pkgdir):
-    from conftest import need, run
+    from conftest import run
     import shutil
     if not (shutil.which("nginx") or os.path.exists("/usr/sbin/nginx")):
         # nginx is optional (make bench installs it); its package starts a server when installed.
