@@ -116,6 +116,10 @@ class UsageError(BinhostError):
     exit_code = EXIT_USAGE
 
 
+class CannotSign(BinhostError):
+    """The signing key cannot sign unattended (a passphrase not cached in gpg-agent)."""
+
+
 # ------------------------------------------------------------------------------------------------
 # Output: the only writer to the terminal
 # ------------------------------------------------------------------------------------------------
@@ -1138,7 +1142,11 @@ def target_accepts_signature(settings, remote, runner, home):
     """None when gpg in the target's verify keyring accepts a signature by our key the way
     Portage checks it (valid, fully or ultimately trusted), else the reason it does not."""
     message = f"gentoo-binhost trust check {timestamp()} {settings.signing_key}\n"
-    signature = sign_test_message(settings, runner, message)
+    try:
+        signature = sign_test_message(settings, runner, message)
+    except BinhostError as error:
+        raise CannotSign(f"cannot make a test signature here ({error}): a passphrase-protected key"
+                         " needs its passphrase in gpg-agent first") from None
     check = remote.run(["sh", "-c", CHECK_SIGNATURE_SCRIPT, "gentoo-binhost", home, message,
                         signature.strip()], changes=False, capture=True, what="gpg")
     status = check.stdout
@@ -1160,7 +1168,11 @@ def trust_signing_key(settings, remote, runner, output):
     if result is None:
         return
     output.info(f"Key {last_line(result.stdout)} on {target.name}")
-    reason = target_accepts_signature(settings, remote, runner, home)
+    try:
+        reason = target_accepts_signature(settings, remote, runner, home)
+    except CannotSign as error:
+        output.warn(f"Trust check on {target.name} skipped: {error}")
+        return
     if reason is None:
         output.info(f"Verified: Portage on {target.name} accepts packages signed by {settings.signing_key}")
         return
@@ -2426,7 +2438,11 @@ def check_binrepos(doctor, settings, target, runner, output):
                                      " is serve running and reachable from there?")
     if settings.signing_key:
         home = target_verify_home(remote)
-        reason = target_accepts_signature(settings, remote, runner, home)
+        try:
+            reason = target_accepts_signature(settings, remote, runner, home)
+        except CannotSign as error:
+            doctor.report(WARN, "signing key", str(error))
+            return
         if reason is None:
             doctor.report(OK, "signing key", f"{target.name} trusts {settings.signing_key}")
         else:
