@@ -2018,19 +2018,21 @@ def describe_config_changes(old, new, old_label, new_label):
 
 
 def rewrite_make_conf(tar_bytes, transform):
-    """The tar with transform(text) applied to make.conf (a file, or each file of a make.conf/
-    directory); returns (bytes, names changed)."""
+    """The tar with transform(text) applied to where CFLAGS live: make.conf (a file, or each file
+    of a make.conf/ directory) and the env/ files package.env points at; returns (bytes, names
+    changed)."""
     source = tarfile.open(fileobj=io.BytesIO(tar_bytes))
     result, changed = io.BytesIO(), []
     with source, tarfile.open(fileobj=result, mode="w", format=source.format) as target:
         for member in source.getmembers():
             data = source.extractfile(member).read() if member.isfile() else None
             if data is not None and (member.name == "etc/portage/make.conf"
-                                     or member.name.startswith("etc/portage/make.conf/")):
-                text = data.decode("utf-8", "replace")
+                                     or member.name.startswith(("etc/portage/make.conf/",
+                                                                "etc/portage/env/"))):
+                text = data.decode("utf-8", "surrogateescape")
                 new_text = transform(text)
                 if new_text != text:
-                    data = new_text.encode()
+                    data = new_text.encode("utf-8", "surrogateescape")
                     member.size = len(data)
                     changed.append(member.name)
             target.addfile(member, io.BytesIO(data) if data is not None else None)
@@ -2053,7 +2055,8 @@ def resolve_march_native_in(tar_bytes, target, runner, output):
         if not NATIVE_CPU_FLAG.search(text):
             return text
         if flags is None:
-            flags = " ".join(detect_target_cpu(target, runner, output).common_flags)
+            resolved = detect_target_cpu(target, runner, output).common_flags
+            flags = " ".join(check_flags_with_local_gcc(resolved, runner, output))
         text = NATIVE_TUNE.sub("", text)
         return NATIVE_CPU_FLAG.sub(flags, text)
 
@@ -2086,7 +2089,8 @@ def sync_config(direction, settings, target, runner, output, show_only=False):
     if not changes:
         output.info(f"The Portage configuration of {target.name} and the binhost is identical")
         return False
-    if show_only or runner.pretend:
+    # A push changes another machine: always show how. A first pull can be long, so only on request.
+    if show_only or runner.pretend or direction == "push":
         output.text(changes, always=True)
     if show_only:
         return True
