@@ -152,15 +152,20 @@ def test_use_mismatch_is_refused_not_silently_installed(world):
     assert not world.installed(root, "usr/share/greet/use.txt").exists()
 
 
-def install_from(gb, world, pkgdir, name, atom="app-misc/hello", **server_options):
-    """Serve pkgdir in this process, set up a new target for it, try to install atom there."""
+def install_from(gb, world, pkgdir, name, atom="app-misc/hello", extra_binhost="", sshd=None,
+                 scheme="http", **server_options):
+    """Serve pkgdir in this process, set up a new target for it, try to install atom there.
+    Returns (target root, the install's CompletedProcess, the binrepos entry written)."""
     server = gb.make_server("127.0.0.1", 0, str(pkgdir), gb.Output(color=False, verbosity=0),
                             **server_options)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
-        root, config = world.new_target(name, port=server.server_address[1], pkgdir=pkgdir)
+        root, config = world.new_target(name, port=server.server_address[1], pkgdir=pkgdir,
+                                        extra_binhost=extra_binhost, sshd=sshd)
+        config.write_text(config.read_text().replace("url = http://", f"url = {scheme}://"))
         world.cli("setup-target", config=config)
-        return root, world.cli("install", atom, config=config, check=False)
+        entry = (root / "etc/portage/binrepos.conf/gentoo-binhost.conf").read_text()
+        return root, world.cli("install", atom, config=config, check=False), entry
     finally:
         server.shutdown()
         server.server_close()
@@ -178,7 +183,7 @@ def test_tampered_package_is_refused(gb, world):
         byte = handle.read(1)
         handle.seek(-1, os.SEEK_CUR)
         handle.write(bytes([byte[0] ^ 0xFF]))
-    root, result = install_from(gb, world, pkgdir, "tampered")
+    root, result, _ = install_from(gb, world, pkgdir, "tampered")
     assert result.returncode == 1, result.stdout
     assert not world.installed(root, "usr/bin/hello").exists()
 
@@ -191,7 +196,7 @@ def test_package_signed_by_another_key_is_refused(gb, world):
     world.cli("keygen", config=other)
     world.cli("sign", "--all", config=other)
     # The target trusts the binhost's real key only.
-    root, result = install_from(gb, world, pkgdir, "other-key")
+    root, result, _ = install_from(gb, world, pkgdir, "other-key")
     assert result.returncode == 1
     assert not world.installed(root, "usr/bin/hello").exists()
 
@@ -267,19 +272,11 @@ def test_getuto_keyring_gets_the_key_lsigned(world):
 def test_install_with_basic_auth_through_portage(gb, world):
     auth = world.base / "auth"
     auth.write_text("portage:pass%word\n")
-    server = gb.make_server("127.0.0.1", 0, str(world.pkgdir), gb.Output(color=False, verbosity=0),
-                            authorizations=gb.basic_authorizations([("portage", "pass%word")]))
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        root, config = world.new_target("auth", port=server.server_address[1], pkgdir=world.pkgdir,
-                                        extra_binhost=f"auth-file = {auth}\n")
-        world.cli("setup-target", config=config)
-        entry = (root / "etc/portage/binrepos.conf/gentoo-binhost.conf").read_text()
-        assert f"sync-uri = http://portage:pass%%word@127.0.0.1:{server.server_address[1]}/" in entry
-        world.cli("install", "app-misc/hello", config=config)
-    finally:
-        server.shutdown()
-        server.server_close()
+    root, result, entry = install_from(
+        gb, world, world.pkgdir, "auth", extra_binhost=f"auth-file = {auth}\n",
+        authorizations=gb.basic_authorizations([("portage", "pass%word")]))
+    assert re.search(r"sync-uri = http://portage:pass%%word@127\.0\.0\.1:\d+/\n", entry)
+    assert result.returncode == 0, result.stderr
     assert run([world.installed(root, "usr/bin/hello")]).stdout == "hello from binhost\n"
 
 
@@ -326,22 +323,11 @@ def test_install_over_tls_through_portage(gb, world):
     wgetrc = tls / "wgetrc"
     wgetrc.write_text(f"ca_certificate = {cert}\n")
     tls_world = gb.BinhostSettings({"tls-cert": str(cert), "tls-key": str(key)}, "test")
-    server = gb.make_server("127.0.0.1", 0, str(world.pkgdir), gb.Output(color=False, verbosity=0),
-                            ssl_context=gb.tls_context(tls_world))
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    port = server.server_address[1]
-    try:
-        with start_sshd(world.base / "sshd-tls", f"SetEnv SSL_CERT_FILE={cert} WGETRC={wgetrc}\n") as sshd:
-            root, config = world.new_target("tls", port=port, pkgdir=world.pkgdir, sshd=sshd)
-            config.write_text(config.read_text().replace(f"url = http://127.0.0.1:{port}/",
-                                                         f"url = https://127.0.0.1:{port}/"))
-            world.cli("setup-target", config=config)
-            entry = (root / "etc/portage/binrepos.conf/gentoo-binhost.conf").read_text()
-            assert f"sync-uri = https://127.0.0.1:{port}/" in entry
-            world.cli("install", "app-misc/hello", config=config)
-    finally:
-        server.shutdown()
-        server.server_close()
+    with start_sshd(world.base / "sshd-tls", f"SetEnv SSL_CERT_FILE={cert} WGETRC={wgetrc}\n") as sshd:
+        root, result, entry = install_from(gb, world, world.pkgdir, "tls", sshd=sshd, scheme="https",
+                                           ssl_context=gb.tls_context(tls_world))
+    assert re.search(r"sync-uri = https://127\.0\.0\.1:\d+/\n", entry)
+    assert result.returncode == 0, result.stderr
     assert run([world.installed(root, "usr/bin/hello")]).stdout == "hello from binhost\n"
 
 
