@@ -449,7 +449,7 @@ class Runner:
                 stderr=subprocess.PIPE if capture else None,
                 encoding="utf-8" if text else None, errors="replace" if text else None)
         except FileNotFoundError:
-            raise BinhostError(f"{argv[0]} not found: install it or add its directory to PATH") from None
+            raise program_missing(argv[0]) from None
         except PermissionError:
             raise BinhostError(f"{argv[0]} is not executable: check its permissions") from None
         if check and result.returncode != 0:
@@ -470,7 +470,7 @@ class Runner:
         try:
             return subprocess.Popen(argv, stdin=subprocess.DEVNULL)
         except FileNotFoundError:
-            raise BinhostError(f"{argv[0]} not found: install it or add its directory to PATH") from None
+            raise program_missing(argv[0]) from None
 
     def read(self, argv, env=None, input=None, check=True, describe=None):
         """Run a read-only query and return its CompletedProcess with captured text output."""
@@ -514,6 +514,10 @@ class Runner:
         return True
 
 
+def program_missing(name):
+    return BinhostError(f"{name} not found: install it or add its directory to PATH")
+
+
 def as_text(data):
     return data.decode("utf-8", "replace") if isinstance(data, bytes) else data
 
@@ -549,11 +553,16 @@ def check_binhost_root(settings):
                            f" to {root}/etc/portage")
 
 
+def root_environment(settings):
+    """Portage on this machine, looking at the binhost root (for portageq and our scripts)."""
+    root = settings.root.rstrip("/") + "/"
+    return {"ROOT": root, "PORTAGE_CONFIGROOT": root}
+
+
 def portage_environment(settings):
     """Where Portage builds and what it builds with: binhost-only settings travel here, so the
     binhost's /etc/portage can stay an exact copy of the target's."""
-    root = settings.root.rstrip("/") + "/"
-    env = {"ROOT": root, "PORTAGE_CONFIGROOT": root, "PKGDIR": settings.pkgdir}
+    env = dict(root_environment(settings), PKGDIR=settings.pkgdir)
     features = []
     if settings.signing_key:
         features.append("binpkg-signing")
@@ -699,11 +708,18 @@ def stop_gpg_agent(home, runner):
                    changes=False)
 
 
+def gpg_read(runner, home, *args, input=None, check=True, describe=None):
+    """A read-only gpg query in home; the agent it may start is stopped again, also on failure."""
+    try:
+        return runner.read(gpg_command(home, *args), input=input, check=check, describe=describe)
+    finally:
+        stop_gpg_agent(home, runner)
+
+
 def secret_key_fingerprints(home, runner):
     if not os.path.isdir(home):
         return []
-    result = runner.read(gpg_command(home, "--with-colons", "--list-secret-keys"), check=False)
-    stop_gpg_agent(home, runner)
+    result = gpg_read(runner, home, "--with-colons", "--list-secret-keys", check=False)
     return colon_fingerprints(result.stdout, "sec")
 
 
@@ -747,7 +763,6 @@ def generate_signing_key(settings, runner, output, passphrase_file=None, force=F
         os.chmod(staging, 0o700)
         generate(staging)
         fingerprint = secret_key_fingerprints(staging, runner)[0]
-        stop_gpg_agent(staging, runner)
         if os.path.exists(home):
             old = f"{home}.{timestamp()}.bak"
             os.rename(home, old)
@@ -765,9 +780,8 @@ def generate_signing_key(settings, runner, output, passphrase_file=None, force=F
 def export_public_key(settings, runner):
     if not settings.signing_key:
         raise UsageError(f"no signing key configured in {settings.config_path}: run '{PROG} keygen'")
-    result = runner.read(gpg_command(settings.gpg_home, "--armor", "--export", settings.signing_key),
-                         describe="gpg --export")
-    stop_gpg_agent(settings.gpg_home, runner)
+    result = gpg_read(runner, settings.gpg_home, "--armor", "--export", settings.signing_key,
+                      describe="gpg --export")
     if "BEGIN PGP PUBLIC KEY BLOCK" not in result.stdout:
         raise BinhostError(f"signing key {settings.signing_key} is not in {settings.gpg_home}:"
                            f" run '{PROG} keygen --force' or fix gpg-home in {settings.config_path}")
@@ -872,11 +886,8 @@ def sign_packages(settings, runner, output, resign=False):
 
 
 def sign_test_message(settings, runner, message):
-    result = runner.read(gpg_command(settings.gpg_home, "--armor", "--detach-sign",
-                                     "--local-user", settings.signing_key),
-                         input=message, describe="gpg --detach-sign")
-    stop_gpg_agent(settings.gpg_home, runner)
-    return result.stdout
+    return gpg_read(runner, settings.gpg_home, "--armor", "--detach-sign", "--local-user",
+                    settings.signing_key, input=message, describe="gpg --detach-sign").stdout
 
 
 # ------------------------------------------------------------------------------------------------
@@ -914,10 +925,10 @@ class Remote:
             self._user = user or os.environ.get("USER", "root")
         return self._user
 
-    def command_line(self, argv, env=None, sudo=True):
+    def command_line(self, argv, env=None):
         """One string for the remote shell: every word quoted, so `>=cat/pkg-1` stays an atom."""
         words = []
-        if sudo and self.user != "root":
+        if self.user != "root":
             words.append("sudo")
         settings = dict(env or {})
         if settings or self.target.path:
@@ -1071,7 +1082,7 @@ if [ "$(id -u)" = 0 ] && command -v setpriv >/dev/null && id nobody >/dev/null 2
     drop="setpriv --reuid=$(id -u nobody) --regid=$(id -g nobody) --clear-groups"
 fi
 $drop gpg --homedir "$home" --batch --no-tty --no-auto-check-trustdb --status-fd 1 \
-    --verify "$tmp/message.asc" "$tmp/message" 2>&1
+    --verify "$tmp/message.asc" "$tmp/message" 2>/dev/null
 """
 
 
@@ -1952,8 +1963,7 @@ class LocalShell:
 
     def __init__(self, settings, runner):
         self.runner = runner
-        root = settings.root.rstrip("/") + "/"
-        self.env = {"ROOT": root, "PORTAGE_CONFIGROOT": root}
+        self.env = root_environment(settings)
 
     def script(self, script, *args, changes=True, what, input=None, binary=False):
         result = self.runner.run(["sh", "-c", script, "gentoo-binhost"] + [str(arg) for arg in args],
@@ -2154,7 +2164,7 @@ def human_size(size):
 def installed_in_binhost(settings, runner):
     """CPVs installed in the binhost root: its world and their dependencies, as built for the
     targets (the binhost's world is the union of theirs)."""
-    eroot = runner.read(["portageq", "envvar", "EROOT"], LocalShell(settings, runner).env,
+    eroot = runner.read(["portageq", "envvar", "EROOT"], root_environment(settings),
                         describe="portageq envvar EROOT").stdout.strip()
     vdb = os.path.join(eroot, "var/db/pkg")
     if not eroot or not os.path.isdir(vdb):
@@ -2357,7 +2367,7 @@ def check_configuration(doctor, settings, target, runner, output):
 
 def check_portage_variables(doctor, settings, remote, runner, target):
     names = ["CHOST", "ARCH", "USE"]
-    local = runner.read(["portageq", "envvar", "-v"] + names, LocalShell(settings, runner).env,
+    local = runner.read(["portageq", "envvar", "-v"] + names, root_environment(settings),
                         describe="portageq envvar on the binhost")
     theirs = remote.run(["portageq", "envvar", "-v"] + names, target.portage_environment,
                         changes=False, capture=True)

@@ -105,10 +105,14 @@ def test_byte_ranges(server, pkgdir):
 
 def test_keep_alive_serves_several_requests_on_one_connection(server):
     connection = http.client.HTTPConnection("127.0.0.1", server, timeout=10)
+    sockets = set()
     for _ in range(3):
         connection.request("GET", "/Packages")
+        sockets.add(id(connection.sock))  # http.client would silently reconnect after a close
         response = connection.getresponse()
         assert response.status == 200 and response.read().startswith(b"VERSION")
+        assert not response.will_close
+    assert len(sockets) == 1
     connection.close()
 
 
