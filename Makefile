@@ -2,7 +2,7 @@
 PYTHON ?= python3
 VENV   ?= .venv
 PY      = $(VENV)/bin/python
-DEBIAN_PACKAGES = openssh-server gnupg zstd xz-utils wget curl bash gcc openssl distcc
+DEBIAN_PACKAGES = openssh-server gnupg zstd xz-utils wget curl bash gcc openssl distcc debootstrap
 
 .PHONY: test check lint demo bench deps system-deps clean
 

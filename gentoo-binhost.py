@@ -7,6 +7,8 @@ is served over HTTP, and the target installs them with `emerge --getbinpkgonly`,
 
 Examples:
     gentoo-binhost.py init --like-target          # the binhost root from a verified stage3
+    gentoo-binhost.py init --host-chroot /srv/gentoo --like-target   # no Gentoo here: a Gentoo
+                                                  # chroot to build in, the binhost root inside
     gentoo-binhost.py config pull                 # the target's /etc/portage and world, here
     gentoo-binhost.py cpu                         # the target's -march=native, spelt out
     gentoo-binhost.py keygen                      # a signing key for the binhost
@@ -93,7 +95,31 @@ CONFIG_KEYS = {
                 "tls-key", "auth-file", "transport", "tunnel-port", "timeout", "stage3", "stage3-sha512",
                 "stage3-installed", "distcc-hosts"),
     "target": ("host", "ssh-port", "ssh-options", "root", "path", "binhost-root"),
+    "host": ("chroot", "path"),
 }
+
+# The Gentoo host environment of a build machine without Gentoo ([host] chroot): its binhost
+# environment lives inside it, by default in this directory.
+HOST_CHROOT_BINHOST = "binhost"
+CHROOT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin:/opt/bin"
+# The only variables of ours a command in the host chroot sees, besides the ones we set.
+CHROOT_PASSED_VARIABLES = ("TERM", "COLUMNS", "LINES", "LANG", "LC_ALL", "LC_MESSAGES", "NOCOLOR",
+                           "http_proxy", "https_proxy", "ftp_proxy", "no_proxy")
+# What a command in the host chroot needs, as the Handbook mounts it: (directory, commands).
+# Slave propagation keeps unmounting inside from reaching the host's own /sys and /dev.
+CHROOT_MOUNTS = (
+    ("proc", (["mount", "--types", "proc", "proc", "{}"],)),
+    ("sys", (["mount", "--rbind", "/sys", "{}"], ["mount", "--make-rslave", "{}"])),
+    ("dev", (["mount", "--rbind", "/dev", "{}"], ["mount", "--make-rslave", "{}"])),  # with pts, shm
+    ("run", (["mount", "--bind", "/run", "{}"], ["mount", "--make-slave", "{}"])),
+)
+UNMOUNT_ATTEMPTS = 10
+# Seconds an interrupted command gets to stop by itself before it is killed.
+STOP_GRACE_SECONDS = 10
+# Capabilities a host chroot needs (linux/capability.h bit numbers).
+CAP_SYS_CHROOT, CAP_SYS_ADMIN = 18, 21
+# A repository snapshot older than this is worth a warning (the targets are likely newer).
+SNAPSHOT_WARN_DAYS = 30
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 SSH_CONNECTION_FAILED = 255
@@ -212,10 +238,32 @@ def unified_diff(old, new, name):
 # ------------------------------------------------------------------------------------------------
 
 
-class BinhostSettings:
+class HostSettings:
+    """[host]: where Portage runs when this machine is not Gentoo (a Gentoo chroot), else here."""
+
     def __init__(self, section, config_path):
+        chroot = section.get("chroot", "")
+        self.chroot = os.path.abspath(chroot) if chroot else None
+        if self.chroot == "/":
+            raise UsageError(f"{config_path}: [host] chroot = /: leave the key out to build on this"
+                             " machine itself")
+        self.path = section.get("path", "")
+        for directory in filter(None, self.path.split(":")):
+            if not directory.startswith("/"):
+                raise UsageError(f"{config_path}: [host] path = {self.path}: {directory} must be an"
+                                 " absolute path inside the host chroot")
+        if self.path and not self.chroot:
+            raise UsageError(f"{config_path}: [host] path without chroot: path is searched inside"
+                             " the host chroot; set chroot = DIR too")
+
+
+class BinhostSettings:
+    def __init__(self, section, config_path, host=None):
         self.config_path = config_path
-        self.root = os.path.abspath(section.get("root") or DEFAULT_ROOT)
+        self.host = host or HostSettings({}, config_path)
+        default_root = (os.path.join(self.host.chroot, HOST_CHROOT_BINHOST) if self.host.chroot
+                        else DEFAULT_ROOT)
+        self.root = os.path.abspath(section.get("root") or default_root)
         self.pkgdir = os.path.abspath(section.get("pkgdir") or os.path.join(self.root, "var/cache/binpkgs"))
         self.bind = section.get("bind") or DEFAULT_BIND
         self.port = parse_port(section.get("port", str(DEFAULT_PORT)), config_path, "binhost", "port")
@@ -354,7 +402,8 @@ class Config:
         return next(iter(self.targets.values()))
 
 
-def load_config(path):
+def load_config(path, host_chroot=None):
+    """The configuration in path; host_chroot (init --host-chroot DIR) stands for [host] chroot."""
     parser = configparser.ConfigParser(interpolation=None, default_section="gentoo-binhost-no-defaults")
     try:
         with open(path, encoding="utf-8") as handle:
@@ -370,13 +419,14 @@ def load_config(path):
     except configparser.Error as error:
         first_line = str(error).splitlines()[0]
         raise UsageError(f"{path}: {first_line}") from None
-    binhost_section = {}
+    binhost_section, host_section = {}, {}
     targets = {}
     for section_name in parser.sections():
         kind, _, name = section_name.partition(" ")
         name = name.strip()
         if kind not in CONFIG_KEYS or (kind == "target") != bool(name):
-            raise UsageError(f"{path}: unknown section [{section_name}]: use [binhost] or [target NAME]")
+            raise UsageError(f"{path}: unknown section [{section_name}]: use [binhost], [host]"
+                             " or [target NAME]")
         section = dict(parser.items(section_name))
         for key in section:
             if key not in CONFIG_KEYS[kind]:
@@ -384,10 +434,32 @@ def load_config(path):
                                  f" (known keys: {', '.join(CONFIG_KEYS[kind])})")
         if kind == "binhost":
             binhost_section = section
+        elif kind == "host":
+            host_section = section
         else:
             targets[name] = section
+    if host_chroot:
+        host_section = dict(host_section, chroot=host_chroot)
+    host = HostSettings(host_section, path)
     target_settings = {name: TargetSettings(name, section, path) for name, section in targets.items()}
-    return Config(path, BinhostSettings(binhost_section, path), target_settings)
+    config = Config(path, BinhostSettings(binhost_section, path, host), target_settings)
+    if host.chroot:
+        check_inside_chroot(config)
+    return config
+
+
+def check_inside_chroot(config):
+    """Builds run inside the host chroot, so everything Portage touches must be in there too."""
+    chroot = config.binhost.host.chroot
+    places = [("[binhost] root", config.binhost.root), ("[binhost] pkgdir", config.binhost.pkgdir),
+              ("[binhost] gpg-home", config.binhost.gpg_home)]
+    places += [(f"[target {target.name}] binhost-root", target.binhost_root)
+               for target in config.targets.values() if target.binhost_root]
+    for what, place in places:
+        if os.path.relpath(place, chroot).startswith(".."):
+            raise UsageError(f"{config.path}: {what} = {place} is outside the host chroot {chroot}:"
+                             f" builds run inside it, so put it under {chroot} (the default root is"
+                             f" {os.path.join(chroot, HOST_CHROOT_BINHOST)})")
 
 
 def set_config_values(text, section, values):
@@ -429,6 +501,14 @@ class Runner:
     def __init__(self, output, pretend=False):
         self.output = output
         self.pretend = pretend
+        self.running = None  # the command running now, to pass SIGTERM on to
+
+    def terminate_running(self):
+        """Ask the running command to stop (it cleans up its own children, as emerge does)."""
+        process = self.running
+        if process is not None and process.poll() is None:
+            with contextlib.suppress(OSError):
+                process.terminate()
 
     def run(self, argv, env=None, *, changes=True, capture=False, input=None, check=True,
             describe=None, cwd=None, binary=False):
@@ -443,11 +523,26 @@ class Runner:
         full_env = dict(os.environ, **env) if env else None
         text = not binary and (isinstance(input, str) or (capture and not isinstance(input, bytes)))
         try:
-            result = subprocess.run(
-                argv, env=full_env, cwd=cwd, input=input, check=False,
-                stdout=subprocess.PIPE if capture else None,
-                stderr=subprocess.PIPE if capture else None,
-                encoding="utf-8" if text else None, errors="replace" if text else None)
+            with subprocess.Popen(
+                    argv, env=full_env, cwd=cwd, stdin=subprocess.PIPE if input is not None else None,
+                    stdout=subprocess.PIPE if capture else None,
+                    stderr=subprocess.PIPE if capture else None,
+                    encoding="utf-8" if text else None, errors="replace" if text else None) as process:
+                self.running = process
+                try:
+                    stdout, stderr = process.communicate(input)
+                except KeyboardInterrupt:
+                    # Ctrl-C reached the command too (SIGTERM is passed on): let it clean up.
+                    with contextlib.suppress(BaseException):
+                        process.wait(timeout=STOP_GRACE_SECONDS)
+                    process.kill()
+                    raise
+                except BaseException:
+                    process.kill()
+                    raise
+                finally:
+                    self.running = None
+            result = subprocess.CompletedProcess(argv, process.returncode, stdout, stderr)
         except FileNotFoundError:
             raise program_missing(argv[0]) from None
         except PermissionError:
@@ -543,6 +638,310 @@ def find_program(name, hint):
 # ------------------------------------------------------------------------------------------------
 
 
+# ---- the build host: this machine, or a Gentoo host chroot -----------------------------------------
+
+
+def mount_points():
+    """Every mount point of this process's mount namespace (octal escapes such as \\040 decoded)."""
+    try:
+        with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as handle:
+            lines = handle.read().splitlines()
+    except OSError:
+        return []
+    return [re.sub(r"\\([0-7]{3})", lambda match: chr(int(match.group(1), 8)), line.split()[4])
+            for line in lines if len(line.split()) > 4]
+
+
+def mounts_under(directory):
+    """Mount points at or below directory, deepest first (the order to unmount them in)."""
+    directory = os.path.realpath(directory)
+    found = [point for point in mount_points()
+             if point == directory or point.startswith(directory.rstrip("/") + "/")]
+    return sorted(set(found), key=lambda point: point.count("/"), reverse=True)
+
+
+def effective_capabilities(status_text=None):
+    """The CapEff bit mask of this process (from /proc/self/status), or None when unknown."""
+    if status_text is None:
+        status_text = read_text("/proc/self/status")
+    match = re.search(r"^CapEff:\s*([0-9a-fA-F]+)$", status_text, re.MULTILINE)
+    return int(match.group(1), 16) if match else None
+
+
+def check_chroot_privileges(chroot, euid=None, capabilities=None):
+    """A host chroot needs root, CAP_SYS_CHROOT (chroot) and CAP_SYS_ADMIN (mount): say which
+    one is missing instead of letting chroot or mount fail obscurely."""
+    euid = os.geteuid() if euid is None else euid
+    if euid != 0:
+        raise BinhostError(f"the host chroot {chroot} needs root (chroot and mount): run {PROG} as root")
+    capabilities = effective_capabilities() if capabilities is None else capabilities
+    if capabilities is None:
+        return
+    for bit, name, use in ((CAP_SYS_CHROOT, "CAP_SYS_CHROOT", "chroot into"),
+                           (CAP_SYS_ADMIN, "CAP_SYS_ADMIN", "mount /proc, /sys and /dev in")):
+        if not capabilities & (1 << bit):
+            raise BinhostError(f"this process lacks {name}, so it cannot {use} the host chroot {chroot}"
+                               f" (a container started without it?): give it {name} (docker/podman:"
+                               f" --cap-add {name[4:]}) or run {PROG} on the machine itself")
+
+
+class HostMounts:
+    """/proc, /sys, /dev (with /dev/pts and /dev/shm) and /run mounted in the host chroot while
+    commands run there. Builds share them: the first one in mounts what is missing, the last one
+    out unmounts what we mounted (recorded in a state file, so mounts a crash left behind are
+    cleaned up by the next build), and mounts the user made are never touched."""
+
+    def __init__(self, chroot, runner, output):
+        self.chroot, self.runner, self.output = chroot, runner, output
+        self.state_dir = os.path.join(chroot, "var/cache/gentoo-binhost")
+        self.state_path = os.path.join(self.state_dir, "mounts")
+        self.users = None
+
+    def mount_point(self, name):
+        point = os.path.join(self.chroot, name)
+        if os.path.islink(point):  # a link could lead the mount out of the chroot
+            raise BinhostError(f"{point} is a symbolic link: the host chroot needs a real /{name}"
+                               " directory to mount on")
+        return point
+
+    def recorded(self):
+        return [line for line in read_text(self.state_path).splitlines() if line]
+
+    def record(self, points):
+        # Also under --pretend: the read-only queries it runs in the chroot mount for real.
+        temporary = f"{self.state_path}.{os.getpid()}"
+        with open(temporary, "w", encoding="utf-8") as handle:
+            handle.write("".join(f"{point}\n" for point in points))
+        os.replace(temporary, self.state_path)
+
+    @contextlib.contextmanager
+    def guard(self):
+        """Held while mounts are checked, made or removed: one build at a time does that."""
+        with open(os.path.join(self.state_dir, "mounts.lock"), "a") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
+    def enter(self):
+        check_chroot_privileges(self.chroot)
+        os.makedirs(self.state_dir, exist_ok=True)
+        with self.guard():
+            present = set(mount_points())
+            ours, new = self.recorded(), []
+            try:
+                for name, commands in CHROOT_MOUNTS:
+                    point = self.mount_point(name)
+                    if os.path.realpath(point) in present:
+                        continue
+                    os.makedirs(point, exist_ok=True)
+                    new.append(point)
+                    self.record(ours + new)  # before mounting: a crash in between is still cleaned up
+                    for command in commands:
+                        # Run also under --pretend: only the queries it really runs get here.
+                        self.runner.run([word.replace("{}", point) for word in command], capture=True,
+                                        changes=False, describe=f"mounting /{name} in {self.chroot}")
+            except BaseException:
+                self.record(ours + self.unmount(new))  # what others may use stays
+                raise
+            # Shared while in use: the last build out sees no other holder.
+            self.users = open(os.path.join(self.state_dir, "mounts.users"), "a")
+            fcntl.flock(self.users, fcntl.LOCK_SH)
+
+    def leave(self):
+        with self.guard():
+            fcntl.flock(self.users, fcntl.LOCK_UN)
+            try:
+                fcntl.flock(self.users, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                self.output.debug(f"Another build still uses the mounts in {self.chroot}")
+                return
+            finally:
+                self.users.close()
+                self.users = None
+            self.record(self.unmount(self.recorded()))
+
+    def unmount(self, points):
+        """Unmount points (the last first); returns those still mounted."""
+        remaining = []
+        for point in reversed(points):
+            if os.path.realpath(point) not in mount_points():
+                continue
+            for _attempt in range(UNMOUNT_ATTEMPTS):  # a daemon told to quit may take a moment
+                result = self.runner.run(["umount", "--recursive", point], capture=True, check=False,
+                                         changes=False)
+                if result.returncode == 0 or os.path.realpath(point) not in mount_points():
+                    break
+                time.sleep(0.2)
+            if result.returncode != 0 and os.path.realpath(point) in mount_points():
+                # Something still has a file open in there (a daemon a build started): detach it
+                # now, the kernel frees it when that process ends.
+                self.output.warn(f"{point} is busy ({last_line(result.stderr)}): detaching it lazily")
+                result = self.runner.run(["umount", "--recursive", "--lazy", point], capture=True,
+                                         check=False, changes=False)
+                if result.returncode != 0:
+                    self.output.error(f"cannot unmount {point}: {last_line(result.stderr)}:"
+                                      f" run 'umount -R -l {point}'")
+                    remaining.append(point)
+        return list(reversed(remaining))
+
+    def show(self):
+        """Under --pretend: the mount commands a build would run, and the unmounts after it."""
+        present = set(mount_points())
+        missing = [(name, commands) for name, commands in CHROOT_MOUNTS
+                   if os.path.realpath(os.path.join(self.chroot, name)) not in present]
+        for name, commands in missing:
+            for command in commands:
+                self.runner.run([word.replace("{}", os.path.join(self.chroot, name)) for word in command])
+        return [os.path.join(self.chroot, name) for name, _ in missing]
+
+
+class BuildHost:
+    """Where Portage, gcc and the binhost's shell scripts run: this machine, or the Gentoo host
+    chroot of [host] chroot, entered as `chroot DIR env -i VAR=... COMMAND` with /proc, /sys,
+    /dev and /run mounted. Callers give host paths; in the chroot they become its own paths."""
+
+    def __init__(self, settings, runner, output):
+        self.runner, self.output = runner, output
+        self.chroot = settings.host.chroot
+        self.extra_path = settings.host.path
+        self.mounts = HostMounts(self.chroot, runner, output) if self.chroot else None
+        self.really_mounted = self.shown = False
+        if self.chroot and not runner.pretend:
+            check_chroot_privileges(self.chroot)  # before anything else fails less clearly
+
+    @property
+    def where(self):
+        return f"the host chroot {self.chroot}" if self.chroot else "this machine"
+
+    def search_path(self):
+        return ":".join(filter(None, [self.extra_path, CHROOT_PATH]))
+
+    def inside(self, path):
+        """The chroot's own name for a host path under it."""
+        relative = os.path.relpath(path, self.chroot)
+        if relative.startswith(".."):
+            raise BinhostError(f"{path} is outside the host chroot {self.chroot}: put it inside")
+        return "/" if relative == "." else "/" + relative
+
+    def outside(self, path):
+        """The host path of a path inside the chroot."""
+        return os.path.join(self.chroot, path.lstrip("/")) if self.chroot else path
+
+    def translate(self, word):
+        word = str(word)
+        if self.chroot and (word == self.chroot or word.startswith(self.chroot + "/")):
+            return self.inside(word)
+        return word
+
+    def program(self, name, hint):
+        """argv[0] for name: its full path here, or its path inside the chroot."""
+        if not self.chroot:
+            return find_program(name, hint)
+        for directory in self.search_path().split(":"):
+            candidate = posixpath.join(directory, name)
+            if os.path.lexists(self.outside(candidate)):
+                return candidate
+        raise BinhostError(f"{name} not found in the host chroot {self.chroot} (PATH {self.search_path()}):"
+                           f" {hint}")
+
+    def command(self, argv, env=None):
+        """(argv, env) to hand to the Runner."""
+        if not self.chroot:
+            return [str(word) for word in argv], env
+        passed = {name: os.environ[name] for name in CHROOT_PASSED_VARIABLES if name in os.environ}
+        passed.update({"PATH": self.search_path(), "HOME": "/root"})
+        passed.update({name: self.translate(value) for name, value in (env or {}).items()})
+        return (["chroot", self.chroot, "env", "-i"] + [f"{name}={value}" for name, value in passed.items()]
+                + [self.translate(word) for word in argv]), None
+
+    @contextlib.contextmanager
+    def mounted(self, show_only=False):
+        """The chroot's mounts for the duration (nothing to do without a chroot). With show_only
+        (--pretend), the mount and unmount commands are shown, not run."""
+        if not self.chroot or self.really_mounted or (show_only and self.shown):
+            yield
+            return
+        if show_only:
+            shown = self.mounts.show()
+            self.shown = True
+            try:
+                yield
+            finally:
+                self.shown = False
+                for point in reversed(shown):
+                    self.runner.run(["umount", "--recursive", point])
+            return
+        self.sync_resolv_conf()
+        self.mounts.enter()
+        self.really_mounted = True
+        try:
+            with terminate_as_interrupt(self.runner):
+                yield
+        finally:
+            self.really_mounted = False
+            self.mounts.leave()
+
+    def sync_resolv_conf(self):
+        """Name resolution inside follows the host's (it changes on laptops and DHCP)."""
+        host_conf = read_text("/etc/resolv.conf")
+        if host_conf and not self.runner.pretend:
+            self.runner.write_file(os.path.join(self.chroot, "etc/resolv.conf"), host_conf, backup=False)
+
+    def run(self, argv, env=None, *, changes=True, **options):
+        argv, env = self.command(argv, env)
+        with self.mounted(show_only=self.runner.pretend and changes):
+            return self.runner.run(argv, env, changes=changes, **options)
+
+    def read(self, argv, env=None, input=None, check=True, describe=None):
+        return self.run(argv, env, changes=False, capture=True, input=input, check=check, describe=describe)
+
+    @contextlib.contextmanager
+    def temporary_directory(self, prefix):
+        """A scratch directory both sides see (a host path)."""
+        parent = os.path.join(self.chroot, "tmp") if self.chroot else None
+        with tempfile.TemporaryDirectory(prefix=prefix, dir=parent) as directory:
+            yield directory
+
+    def stop_gpg_agent(self, home):
+        """A gpg-agent a signing build started must not outlive it (in a chroot it holds /dev)."""
+        if not os.path.isdir(home):
+            return
+        if not self.chroot:
+            stop_gpg_agent(home, self.runner)
+        elif os.path.lexists(self.outside("/usr/bin/gpgconf")):
+            self.run(["gpgconf", "--homedir", home, "--kill", "all"], check=False, capture=True,
+                     changes=False)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, handled like Ctrl-C so that cleanups (unmounting) run."""
+
+
+@contextlib.contextmanager
+def terminate_as_interrupt(runner):
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(_signum, _frame):
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        if os.getpgrp() == os.getpid():
+            # Our own job (a shell's, a service's): stop all of it, as Ctrl-C on a terminal would,
+            # so no build process is left running in the chroot.
+            os.killpg(0, signal.SIGTERM)
+        else:
+            runner.terminate_running()
+        raise Terminated()
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def check_binhost_root(settings):
     root = settings.root
     if not os.path.isdir(root):
@@ -602,12 +1001,12 @@ DISTCC_PROBE_SOURCE = "int gentoo_binhost_probe;\n"
 GCC_VERSION_MARK = re.compile(rb"GCC: \([^)]*\) ([^\0]+)\0")
 
 
-def check_distcc_helpers(settings, runner, output):
+def check_distcc_helpers(settings, build_host, output):
     """Before a long build: every helper compiles, with the same gcc as here. The target's
     explicit -march flags travel to the helpers, so they need the gcc version, not the CPU."""
-    distcc = find_program("distcc", "install distcc (sys-devel/distcc) for distcc-hosts")
-    gcc = find_program("gcc", "the binhost builds with gcc")
-    with tempfile.TemporaryDirectory(prefix="gentoo-binhost-distcc.") as directory:
+    distcc = build_host.program("distcc", "install distcc (sys-devel/distcc) for distcc-hosts")
+    gcc = build_host.program("gcc", "the binhost builds with gcc")
+    with build_host.temporary_directory("gentoo-binhost-distcc.") as directory:
         source = os.path.join(directory, "version.c")
         with open(source, "w", encoding="utf-8") as handle:
             handle.write(DISTCC_PROBE_SOURCE)
@@ -616,8 +1015,8 @@ def check_distcc_helpers(settings, runner, output):
             target = os.path.join(directory, "version.o")
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(target)
-            result = runner.run(argv + ["-c", source, "-o", target], env, changes=False, capture=True,
-                                check=False)
+            result = build_host.run(argv + ["-c", source, "-o", target], env, changes=False,
+                                    capture=True, check=False)
             if result.returncode != 0 or not os.path.exists(target):
                 raise BinhostError(f"{what} cannot compile: {last_line(result.stderr) or 'no object file'}:"
                                    " is distccd running there and allowing this host?")
@@ -668,30 +1067,38 @@ def build_lock(settings, output, pretend):
 
 
 def build_packages(settings, runner, output, emerge_args):
+    host = BuildHost(settings, runner, output)
     check_binhost_root(settings)
-    emerge = find_program("emerge", "build runs Portage on this host: run it on Gentoo, or put"
-                                    " Portage's bin directory in PATH")
+    emerge = host.program("emerge", "build runs Portage on this host: run it on Gentoo, put Portage's"
+                                    " bin directory in PATH, or set up a Gentoo host chroot"
+                                    f" ('{PROG} init --host-chroot DIR')")
     if not settings.signing_key:
         output.warn(f"No signing key configured: building unsigned packages, which targets refuse"
                     f" by default. Run '{PROG} keygen' to sign.")
-    if settings.distcc_hosts and not runner.pretend:
-        check_distcc_helpers(settings, runner, output)
     env = portage_environment(settings)
     argv = [emerge, "--buildpkg", "--root-deps"] + list(emerge_args)
-    with build_lock(settings, output, runner.pretend):
+    with build_lock(settings, output, runner.pretend), host.mounted(show_only=runner.pretend):
+        if settings.distcc_hosts and not runner.pretend:
+            check_distcc_helpers(settings, host, output)
         if settings.signing_key:
             ensure_verify_keyring(settings, runner, output)
-        output.action(f"Building in {settings.root}: {format_command(['emerge'] + argv[1:])}")
-        result = runner.run(argv, env, check=False)
+        where = f" (inside {host.where})" if host.chroot else ""
+        output.action(f"Building in {settings.root}{where}: {format_command(['emerge'] + argv[1:])}")
+        try:
+            result = host.run(argv, env, check=False)
+        finally:
+            if settings.signing_key and not runner.pretend:
+                host.stop_gpg_agent(settings.gpg_home)
     if result is not None and result.returncode != 0:
         raise BinhostError(f"emerge failed on the binhost (exit {result.returncode}): see its output above")
 
 
-def refresh_index(settings, runner):
+def refresh_index(settings, runner, output):
     """Rebuild PKGDIR/Packages; Portage trusts a stale index otherwise (pkgdir-index-trusted)."""
-    emaint = find_program("emaint", "put Portage's bin directory in PATH")
-    runner.run([emaint, "binhost", "--fix"], portage_environment(settings), capture=True,
-               describe="emaint binhost --fix")
+    host = BuildHost(settings, runner, output)
+    emaint = host.program("emaint", "put Portage's bin directory in PATH")
+    host.run([emaint, "binhost", "--fix"], portage_environment(settings), capture=True,
+             describe="emaint binhost --fix")
 
 
 # ---- signing -----------------------------------------------------------------------------------
@@ -867,7 +1274,8 @@ def sign_packages(settings, runner, output, resign=False):
         raise UsageError(f"no signing key configured in {settings.config_path}: run '{PROG} keygen'")
     if not os.path.isdir(settings.pkgdir):
         raise BinhostError(f"PKGDIR {settings.pkgdir} does not exist: build something first")
-    gpkg_sign = find_program("gpkg-sign", "it comes with Portage: put Portage's bin directory in PATH")
+    host = BuildHost(settings, runner, output)
+    gpkg_sign = host.program("gpkg-sign", "it comes with Portage: put Portage's bin directory in PATH")
     ensure_verify_keyring(settings, runner, output)
     packages = all_packages(settings.pkgdir) if resign else unsigned_packages(settings.pkgdir)
     if not packages:
@@ -877,11 +1285,16 @@ def sign_packages(settings, runner, output, resign=False):
     if resign:
         # The current signatures may be by a retired key the verify keyring no longer holds.
         env["FEATURES"] += " binpkg-ignore-signature"
-    with build_lock(settings, output, runner.pretend):  # a build may be writing PKGDIR
-        for package in packages:
-            output.action(f"Signing {os.path.relpath(package, settings.pkgdir)}")
-            runner.run([gpkg_sign, package], env, capture=True, describe=f"gpkg-sign {package}")
-        refresh_index(settings, runner)
+    # A build may be writing PKGDIR.
+    with build_lock(settings, output, runner.pretend), host.mounted(show_only=runner.pretend):
+        try:
+            for package in packages:
+                output.action(f"Signing {os.path.relpath(package, settings.pkgdir)}")
+                host.run([gpkg_sign, package], env, capture=True, describe=f"gpkg-sign {package}")
+            refresh_index(settings, runner, output)
+        finally:
+            if not runner.pretend:
+                host.stop_gpg_agent(settings.gpg_home)
     return len(packages)
 
 
@@ -1793,14 +2206,16 @@ UNKNOWN_GCC_FLAG = re.compile(r"(?:unrecognized command[- ]line option|bad value
                               r"\s*['‘]?([^'’\s]*)")
 
 
-def check_flags_with_local_gcc(flags, runner, output):
-    """The flags the binhost's gcc accepts. A newer gcc on the target names features an older one
-    here does not know: an unknown -mno-X is dropped (this gcc cannot emit X anyway); an unknown
-    -mX or -march value is an error, else the build would fail late and confusingly."""
-    gcc = find_program("gcc", "the binhost builds with gcc")
+def check_flags_with_local_gcc(flags, settings, runner, output):
+    """The flags the binhost's gcc accepts (the host chroot's, with one). A newer gcc on the target
+    names features an older one here does not know: an unknown -mno-X is dropped (this gcc cannot
+    emit X anyway); an unknown -mX or -march value is an error, else the build would fail late and
+    confusingly."""
+    host = BuildHost(settings, runner, output)
+    gcc = host.program("gcc", "the binhost builds with gcc")
     flags = list(flags)
     while True:
-        result = runner.read([gcc] + flags + ["-E", "-x", "c", "/dev/null", "-o", "/dev/null"],
+        result = host.read([gcc] + flags + ["-E", "-x", "c", "/dev/null", "-o", "/dev/null"],
                              {"LC_ALL": "C"}, check=False)
         if result.returncode == 0:
             return flags
@@ -1854,7 +2269,7 @@ def read_text(path):
 
 def cpu_report(settings, target, runner, output, apply=False):
     cpu = detect_target_cpu(target, runner, output)
-    cpu.common_flags = check_flags_with_local_gcc(cpu.common_flags, runner, output)
+    cpu.common_flags = check_flags_with_local_gcc(cpu.common_flags, settings, runner, output)
     if cpu.is_x86:
         beyond = missing_isa(cpu.cpu_flags_x86, host_cpu_flags_x86())
         if beyond:
@@ -1959,16 +2374,17 @@ echo "$configroot/etc/.portage.$stamp.bak"
 
 
 class LocalShell:
-    """The binhost side of a transfer: the same sh scripts as on the target, run here."""
+    """The binhost side of a transfer: the same sh scripts as on the target, run here (inside the
+    host chroot, with one, where the binhost's repository paths mean what they say)."""
 
-    def __init__(self, settings, runner):
-        self.runner = runner
+    def __init__(self, settings, runner, output):
+        self.host = BuildHost(settings, runner, output)
         self.env = root_environment(settings)
 
     def script(self, script, *args, changes=True, what, input=None, binary=False):
-        result = self.runner.run(["sh", "-c", script, "gentoo-binhost"] + [str(arg) for arg in args],
-                                 self.env, changes=changes, capture=True, input=input, check=False,
-                                 binary=binary)
+        result = self.host.run(["sh", "-c", script, "gentoo-binhost"] + [str(arg) for arg in args],
+                               self.env, changes=changes, capture=True, input=input, check=False,
+                               binary=binary)
         return script_succeeded(result, what, "the binhost")
 
 
@@ -2053,7 +2469,7 @@ NATIVE_CPU_FLAG = re.compile(r"(?<![^\s\"'])-m(?:arch|cpu)=native(?![^\s\"'])")
 NATIVE_TUNE = re.compile(r"[ \t]*(?<![^\s\"'])-mtune=native(?![^\s\"'])")
 
 
-def resolve_march_native_in(tar_bytes, target, runner, output):
+def resolve_march_native_in(tar_bytes, settings, target, runner, output):
     """The binhost must not build for its own CPU: -march=native in the target's make.conf becomes
     the target's resolved flags."""
     if b"=native" not in tar_bytes:
@@ -2066,7 +2482,7 @@ def resolve_march_native_in(tar_bytes, target, runner, output):
             return text
         if flags is None:
             resolved = detect_target_cpu(target, runner, output).common_flags
-            flags = " ".join(check_flags_with_local_gcc(resolved, runner, output))
+            flags = " ".join(check_flags_with_local_gcc(resolved, settings, runner, output))
         text = NATIVE_TUNE.sub("", text)
         return NATIVE_CPU_FLAG.sub(flags, text)
 
@@ -2080,7 +2496,7 @@ def resolve_march_native_in(tar_bytes, target, runner, output):
 def fetch_both_configs(settings, target, runner, output):
     """(binhost side, remote, binhost tar, target tar)."""
     check_binhost_root(settings)
-    binhost_side = LocalShell(settings, runner)
+    binhost_side = LocalShell(settings, runner, output)
     remote = Remote(target, runner, output)
     return binhost_side, remote, fetch_config(binhost_side, settings.root), fetch_config(remote, target.root)
 
@@ -2089,7 +2505,7 @@ def sync_config(direction, settings, target, runner, output, show_only=False):
     """config pull (target -> binhost), push (binhost -> target) or diff (what pull would change)."""
     binhost_side, remote, binhost_tar, target_tar = fetch_both_configs(settings, target, runner, output)
     if direction in ("pull", "diff"):  # diff shows what a pull would change
-        target_tar = resolve_march_native_in(target_tar, target, runner, output)
+        target_tar = resolve_march_native_in(target_tar, settings, target, runner, output)
         source, destination = (target_tar, config_members(target_tar)), config_members(binhost_tar)
         labels = (f"binhost:{settings.root}", f"{target.name}:{target.root}")
     else:
@@ -2111,7 +2527,9 @@ def sync_config(direction, settings, target, runner, output, show_only=False):
                            timestamp(), BINREPOS_NAME + ".conf", input=stream, binary=True,
                            what="installing the Portage configuration")
     if result is not None:
-        output.info(f"Previous configuration kept as {last_line(as_text(result.stdout))}")
+        kept = last_line(as_text(result.stdout))
+        output.info(f"Previous configuration kept as"
+                    f" {binhost_side.host.outside(kept) if direction == 'pull' else kept}")
     return True
 
 
@@ -2161,11 +2579,13 @@ def human_size(size):
     return ""
 
 
-def installed_in_binhost(settings, runner):
+def installed_in_binhost(settings, runner, output):
     """CPVs installed in the binhost root: its world and their dependencies, as built for the
     targets (the binhost's world is the union of theirs)."""
-    eroot = runner.read(["portageq", "envvar", "EROOT"], root_environment(settings),
-                        describe="portageq envvar EROOT").stdout.strip()
+    host = BuildHost(settings, runner, output)
+    eroot = host.read([host.program("portageq", "put Portage's bin directory in PATH"), "envvar", "EROOT"],
+                      root_environment(settings), describe="portageq envvar EROOT").stdout.strip()
+    eroot = host.outside(eroot) if eroot else eroot
     vdb = os.path.join(eroot, "var/db/pkg")
     if not eroot or not os.path.isdir(vdb):
         raise BinhostError(f"no package database at {vdb}: clean keeps only what the binhost root has"
@@ -2200,7 +2620,7 @@ def clean_packages(settings, runner, output, keep):
     check_binhost_root(settings)
     with build_lock(settings, output, runner.pretend):  # a build may be adding packages
         records = package_records(settings.pkgdir)
-        doomed = packages_to_clean(records, installed_in_binhost(settings, runner), keep)
+        doomed = packages_to_clean(records, installed_in_binhost(settings, runner, output), keep)
         if not doomed:
             output.info(f"Nothing to clean in {settings.pkgdir}")
             return []
@@ -2218,7 +2638,7 @@ def clean_packages(settings, runner, output, keep):
             if (path.startswith(pkgdir + os.sep) and path.endswith((".gpkg.tar", ".tbz2", ".xpak"))
                     and os.path.isfile(path)):
                 os.unlink(path)
-        refresh_index(settings, runner)
+        refresh_index(settings, runner, output)
     return doomed
 
 
@@ -2334,7 +2754,7 @@ def check_binhost_root_shape(doctor, settings):
 
 def check_configuration(doctor, settings, target, runner, output):
     binhost_side, remote, binhost_tar, target_tar = fetch_both_configs(settings, target, runner, output)
-    target_tar = resolve_march_native_in(target_tar, target, runner, output)
+    target_tar = resolve_march_native_in(target_tar, settings, target, runner, output)
     binhost, remote_members = config_members(binhost_tar), config_members(target_tar)
     doctor.fingerprint = configuration_fingerprint(remote_members)
     differing = sorted(name for name in set(binhost) | set(remote_members)
@@ -2362,13 +2782,14 @@ def check_configuration(doctor, settings, target, runner, output):
                   else f"binhost {profiles[0]}, {target.name} {profiles[1]}")
     check_repositories(doctor, binhost_side, remote, repository_locations(binhost),
                        repository_locations(remote_members), target)
-    check_portage_variables(doctor, settings, remote, runner, target)
+    check_portage_variables(doctor, settings, remote, runner, output, target)
 
 
-def check_portage_variables(doctor, settings, remote, runner, target):
+def check_portage_variables(doctor, settings, remote, runner, output, target):
     names = ["CHOST", "ARCH", "USE"]
-    local = runner.read(["portageq", "envvar", "-v"] + names, root_environment(settings),
-                        describe="portageq envvar on the binhost")
+    host = BuildHost(settings, runner, output)
+    local = host.read([host.program("portageq", "put Portage's bin directory in PATH"), "envvar", "-v"]
+                      + names, root_environment(settings), describe="portageq envvar on the binhost")
     theirs = remote.run(["portageq", "envvar", "-v"] + names, target.portage_environment,
                         changes=False, capture=True)
     if theirs.returncode != 0:
@@ -2507,8 +2928,54 @@ def check_preflight(doctor, settings, target, runner, output, atoms):
                                      + " | ".join(reasons or built or [last_line(text)]))
 
 
+def check_host_chroot(doctor, settings, runner, output):
+    chroot = settings.host.chroot
+    if not os.path.isdir(chroot):
+        doctor.report(FAIL, "host chroot", f"{chroot} does not exist: run '{PROG} init --host-chroot {chroot}'")
+        return
+    check_chroot_privileges(chroot)
+    leftovers = mounts_under(chroot)
+    if leftovers:
+        users = os.path.join(chroot, "var/cache/gentoo-binhost/mounts.users")
+        os.makedirs(os.path.dirname(users), exist_ok=True)
+        with open(users, "a") as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                in_use = False
+            except BlockingIOError:
+                in_use = True
+        if in_use:
+            doctor.report(OK, "chroot mounts", f"{len(leftovers)} mounts in use by a running build")
+        else:
+            doctor.report(WARN, "chroot mounts", f"left mounted with no build running:"
+                                                 f" {', '.join(sorted(leftovers))}: the next build"
+                                                 f" unmounts the ones it made; others: umount -R -l"
+                                                 f" {' '.join(sorted(leftovers)[:1])}")
+    else:
+        doctor.report(OK, "chroot mounts", "none left behind")
+    snapshots = repository_snapshots(BuildHost(settings, runner, output))
+    if not snapshots:
+        doctor.report(WARN, "snapshot", f"no repository in {chroot} has a snapshot date: run"
+                                        f" '{PROG} init --host-chroot {chroot}' to sync it")
+    now = datetime.datetime.now(datetime.timezone.utc)
+    for name, when in sorted(snapshots.items()):
+        age = (now - (when if when and when.tzinfo else now)).days if when else None
+        if age is None or age > SNAPSHOT_WARN_DAYS:
+            doctor.report(WARN, "snapshot", f"{name}: {describe_snapshot(when)}, older than"
+                                            f" {SNAPSHOT_WARN_DAYS} days: sync with"
+                                            f" '{PROG} init --host-chroot {chroot}'")
+        else:
+            doctor.report(OK, "snapshot", f"{name}: {describe_snapshot(when)} ({age} days old)")
+    free = shutil.disk_usage(chroot).free
+    doctor.report(OK if free >= MIN_FREE_BYTES else WARN, "chroot disk",
+                  f"{free / 1024**3:.1f} GiB free in {chroot}"
+                  + ("" if free >= MIN_FREE_BYTES else ": builds unpack and compile in its /var/tmp"))
+
+
 def run_doctor(settings, target, runner, output, atoms):
     doctor = Doctor(output)
+    if settings.host.chroot:
+        doctor.run("host chroot", check_host_chroot, settings, runner, output)
     doctor.run("binhost root", check_binhost_root_shape, settings)
     doctor.run("configuration", check_configuration, settings, target, runner, output)
     doctor.run("binrepos", check_binrepos, settings, target, runner, output)
@@ -2757,6 +3224,23 @@ def init_binhost(config, args, runner, output):
         output.info(f"{target.name}: stage3-{like_arch}-{like_variant}, because {', '.join(reasons)}")
     arch = arch or GENTOO_ARCHES.get(os.uname().machine, os.uname().machine)
     variant = variant or DEFAULT_VARIANT
+    installed = install_stage3(args, arch, variant, args.stage3, root, runner, output)
+    if installed is None:  # --pretend
+        return
+    name, sha512 = installed
+    os.makedirs(os.path.join(root, "var/cache/binpkgs"), exist_ok=True)
+    if settings.host.chroot:
+        link_repositories_into(settings, runner, output)
+    note = {"stage3": name, "stage3-sha512": sha512,
+            "stage3-installed": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")}
+    if settings.root == config.binhost.root:  # the notes describe [binhost] root
+        runner.write_file(config.path, set_config_values(read_text(config.path), "binhost", note))
+    output.info(f"Next: '{PROG} config pull' copies the target's Portage configuration into {root}")
+
+
+def install_stage3(args, arch, variant, stage3, root, runner, output):
+    """Download (or take) a stage3, check its digests and PGP signature, extract it as root.
+    Returns (file name, SHA-512), or None under --pretend."""
     keyring = args.keyring or GENTOO_RELEASE_KEYS
     verify_pgp = not args.no_verify_pgp
     if verify_pgp and not os.path.isfile(keyring):
@@ -2768,7 +3252,7 @@ def init_binhost(config, args, runner, output):
                     " from the same server")
     keys = ReleaseKeys(keyring, runner) if verify_pgp else None
     try:
-        url = stage3_url(args, arch, variant, keys, output)
+        url = stage3_url(args, arch, variant, stage3, keys, output)
         remote = "://" in url
         name = os.path.basename(urllib.parse.urlsplit(url).path if remote else url)
 
@@ -2794,7 +3278,7 @@ def init_binhost(config, args, runner, output):
         if runner.pretend:
             output.info(f"Would download {url} to {tarball}, check its digests and signature, and:")
             extract_stage3(tarball, root, runner, output)
-            return
+            return None
         if os.geteuid() != 0:
             raise BinhostError("init must run as root: a stage3 holds files of other owners and devices")
         if remote:
@@ -2824,17 +3308,120 @@ def init_binhost(config, args, runner, output):
     extract_stage3(tarball, root, runner, output)
     if remote:
         shutil.rmtree(downloads, ignore_errors=True)
-    os.makedirs(os.path.join(root, "var/cache/binpkgs"), exist_ok=True)
-    note = {"stage3": name, "stage3-sha512": expected["sha512"],
-            "stage3-installed": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")}
-    if settings.root == config.binhost.root:  # the notes describe [binhost] root
-        runner.write_file(config.path, set_config_values(read_text(config.path), "binhost", note))
-    output.info(f"Next: '{PROG} config pull' copies the target's Portage configuration into {root}")
+    return name, expected["sha512"]
 
 
-def stage3_url(args, arch, variant, keys, output):
-    if args.stage3:
-        return args.stage3
+def link_repositories_into(settings, runner, output):
+    """The target's make.profile is a relative link into /var/db/repos/gentoo, which, copied into
+    the binhost root, points into the binhost root: there, the host chroot's own repository."""
+    link = os.path.join(settings.root, "var/db/repos/gentoo")
+    if os.path.lexists(link):
+        return
+    if not runner.pretend:
+        os.makedirs(os.path.dirname(link), exist_ok=True)
+    runner.run(["ln", "-s", "/var/db/repos/gentoo", link], describe=f"linking {link}")
+    output.info(f"{link} -> /var/db/repos/gentoo (the host chroot's repository)")
+
+
+def init_host_chroot(config, args, runner, output):
+    """init --host-chroot DIR: a Gentoo host environment for a build machine without Gentoo, its
+    repository synced, and the binhost environment inside it."""
+    settings = config.binhost
+    chroot = settings.host.chroot
+    if os.path.lexists(chroot) and not os.path.isdir(chroot):
+        raise BinhostError(f"{chroot} exists and is not a directory: choose another --host-chroot")
+    if not runner.pretend:
+        check_chroot_privileges(chroot)
+    if os.path.isdir(chroot) and os.listdir(chroot):
+        output.info(f"Using the existing host environment in {chroot} (remove it to start over)")
+    else:
+        # This environment runs here, so it is this machine's arch with generic CFLAGS, whatever
+        # the target is.
+        machine = os.uname().machine
+        arch = GENTOO_ARCHES.get(machine, machine)
+        output.action(f"Creating the Gentoo host environment in {chroot} (stage3-{arch}-{DEFAULT_VARIANT},"
+                      f" this machine is {machine})")
+        if install_stage3(args, arch, DEFAULT_VARIANT, args.host_stage3, chroot, runner, output) is None:
+            output.info("... then the repository is synced inside it, and the binhost root created")
+            return
+    host = BuildHost(settings, runner, output)
+    if not runner.pretend:
+        host.sync_resolv_conf()
+    if args.sync_with != "none":
+        sync_host_repository(host, args.sync_with, runner, output)
+    if not runner.pretend:
+        report_snapshot(host, output)
+    if args.host_chroot:
+        runner.write_file(config.path, set_config_values(read_text(config.path), "host", {"chroot": chroot}))
+    if os.path.isdir(settings.root) and os.listdir(settings.root) and not args.force:
+        output.info(f"Keeping the binhost root {settings.root} (init --force replaces it)")
+        if not runner.pretend:
+            link_repositories_into(settings, runner, output)
+    else:
+        init_binhost(config, args, runner, output)
+
+
+def sync_host_repository(host, how, runner, output):
+    """emerge-webrsync (a signed snapshot, the Handbook's first sync) or emerge --sync."""
+    argv = [host.program("emerge-webrsync", "it comes with Portage")] if how == "webrsync" \
+        else [host.program("emerge", "it comes with Portage"), "--sync"]
+    output.action(f"Syncing the ebuild repository in {host.where}: {' '.join(argv)}")
+    result = host.run(argv, check=False)
+    if result is not None and result.returncode != 0:
+        raise BinhostError(f"{os.path.basename(argv[0])} {' '.join(argv[1:])} failed in {host.where}"
+                           f" (exit {result.returncode}): see its output above; run init --host-chroot"
+                           " again to retry")
+
+
+def parse_repository_timestamps(info_text):
+    """{repository: timestamp text} from emerge --info: its "Repositories:" block lists each
+    repository with an indented `timestamp:` line (metadata/timestamp.chk) when it has one."""
+    stamps = {name: stamp for name, stamp in
+              re.findall(r"^Timestamp of repository (\S+): (.+)$", info_text, re.MULTILINE)}  # older
+    lines = info_text.split("Repositories:", 1)[1].splitlines() if "Repositories:" in info_text else []
+    name = None
+    for line in lines:
+        if line and not line[0].isspace():
+            if "=" in line:  # the variables after the block
+                break
+            name = line.strip()
+        elif name and line.strip().startswith("timestamp:"):
+            stamps[name] = line.split(":", 1)[1].strip()
+    return stamps
+
+
+def repository_snapshots(host):
+    """{repository: snapshot datetime or None} of the build host's own repositories."""
+    emerge = host.program("emerge", "it comes with Portage")
+    result = host.read([emerge, "--info", "--verbose=n"], {"LC_ALL": "C"}, check=False)
+    snapshots = {}
+    for name, stamp in parse_repository_timestamps(result.stdout or "").items():
+        try:
+            snapshots[name] = email.utils.parsedate_to_datetime(stamp)
+        except (TypeError, ValueError):
+            snapshots[name] = None
+    return snapshots
+
+
+def report_snapshot(host, output):
+    snapshots = repository_snapshots(host)
+    if not snapshots:
+        output.warn(f"No repository in {host.where} has a snapshot date (metadata/timestamp.chk):"
+                    " is it synced?")
+    for name, when in sorted(snapshots.items()):
+        output.info(f"Repository {name} in {host.where}: snapshot of {describe_snapshot(when)}")
+
+
+def describe_snapshot(when):
+    if when is None:
+        return "an unreadable date"
+    when = when.astimezone(datetime.timezone.utc) if when.tzinfo else when
+    return when.strftime("%Y-%m-%d %H:%M UTC")
+
+
+def stage3_url(args, arch, variant, stage3, keys, output):
+    if stage3:
+        return stage3
     base = f"{args.mirror.rstrip('/')}/releases/{arch}/autobuilds"
     file_arch = STAGE3_FILE_ARCH.get(arch, arch)
     latest_url = f"{base}/latest-stage3-{file_arch}-{variant}.txt"
@@ -3573,6 +4160,16 @@ def build_parser():
     init.add_argument("--like-target", action="store_true",
                       help="choose arch and variant from what the target runs")
     init.add_argument("--force", action="store_true", help="replace a non-empty root (kept as ROOT.<date>.bak)")
+    init.add_argument("--host-chroot", metavar="DIR",
+                      help="no Gentoo here: first a Gentoo host environment in DIR (this machine's arch),"
+                           " the binhost root inside it (default DIR/binhost); recorded as [host] chroot")
+    init.add_argument("--host-stage3", metavar="URL|FILE", help="this stage3 for the host environment")
+    sync_choice = init.add_mutually_exclusive_group()
+    sync_choice.add_argument("--sync", dest="sync_with", action="store_const", const="sync",
+                             default="webrsync", help="sync the host chroot's repositories with emerge"
+                                                      " --sync (default: emerge-webrsync)")
+    sync_choice.add_argument("--no-sync", dest="sync_with", action="store_const", const="none",
+                             help="leave the host chroot's repositories as they are")
 
     cpu = commands.add_parser("cpu", help="the target's CPU as make.conf flags",
                               description="Resolve -march=native on the target into explicit flags"
@@ -3781,7 +4378,14 @@ def cmd_config(config, args, runner, output):
 
 
 def cmd_init(config, args, runner, output):
-    init_binhost(config, args, runner, output)
+    if args.host_stage3 or args.sync_with != "webrsync":
+        if not config.binhost.host.chroot:
+            raise UsageError("--host-stage3, --sync and --no-sync are for the host chroot: add"
+                             " --host-chroot DIR")
+    if config.binhost.host.chroot:
+        init_host_chroot(config, args, runner, output)
+    else:
+        init_binhost(config, args, runner, output)
 
 
 def cmd_list(config, args, runner, output):
@@ -3865,7 +4469,8 @@ def main(argv=None):
         output = Output(color=None if args.color is None else args.color == "y",
                         verbosity=0 if args.quiet else 2 if args.verbose else 1)
         config_path = args.config or os.environ.get(CONFIG_ENV) or DEFAULT_CONFIG
-        config = load_config(config_path)
+        host_chroot = getattr(args, "host_chroot", None)  # init --host-chroot DIR: [host] chroot
+        config = load_config(config_path, host_chroot=os.path.abspath(host_chroot) if host_chroot else None)
         runner = Runner(output, pretend=args.pretend)
         if args.all and args.target:
             raise UsageError("--all and --target exclude each other")

@@ -35,13 +35,16 @@ these fixtures that are not in those notes (all reproduced here):
 """
 
 import contextlib
+import fcntl
 import importlib.util
 import os
+import re
 import shlex
 import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -263,7 +266,7 @@ def _write_file(path, text):
 
 
 def write_portage_config(config_root, *, repo=REPO, extra_make_conf="", profile="default",
-                         eprefix=None):
+                         eprefix=None, chroot=None, var_root=None):
     """Write a complete Portage configuration under ``config_root/etc/portage``.
 
     * ``make.profile`` -> ``<repo>/profiles/<profile>`` (absolute symlink)
@@ -284,21 +287,46 @@ def write_portage_config(config_root, *, repo=REPO, extra_make_conf="", profile=
     force PORTAGE_CONFIGROOT=<eroot> = ROOT+EPREFIX, so without the link they
     see Portage's built-in defaults instead of this config. On a real system
     EROOT == ROOT and no link is needed. Do not pass it for the host config.
+
+    ``var_root`` (default: ``config_root``) is the directory PORTAGE_TMPDIR,
+    DISTDIR and PKGDIR are put under (``var_root/var/tmp``...): "/" gives a
+    real host's /var/tmp, /var/cache/distfiles, /var/cache/binpkgs.
+
+    With ``chroot`` (a host directory), ``config_root``, ``repo``, ``eprefix``
+    and ``var_root`` are paths *inside* that chroot: files are written under
+    ``chroot/<config_root>/etc/portage`` and every path written into them
+    (make.profile target, repository location, PORTAGE_TMPDIR...) is the
+    chroot-internal one, so Portage run by ``chroot CHROOT ...`` finds them.
+    The return value is then the host Path. See write_chroot_portage_config().
     """
-    config_root = Path(config_root)
-    repo = Path(repo).resolve()
+    if chroot is None:
+        config_root = Path(config_root)
+        repo = Path(repo).resolve()
+
+        def host(path):
+            return path
+    else:
+        config_root, repo = Path(config_root), Path(repo)
+
+        def host(path):
+            return chroot_host_path(chroot, path)
+    var_root = config_root if var_root is None else Path(var_root)
+    if chroot is not None:
+        for inside in (config_root, repo, var_root):
+            if not inside.is_absolute():
+                raise ValueError("paths inside a chroot must be absolute: %s" % inside)
     etc = config_root / "etc" / "portage"
-    etc.mkdir(parents=True, exist_ok=True)
+    host(etc).mkdir(parents=True, exist_ok=True)
 
-    tmpdir = config_root / "var" / "tmp"
-    distdir = config_root / "var" / "cache" / "distfiles"
-    pkgdir = config_root / "var" / "cache" / "binpkgs"
+    tmpdir = var_root / "var" / "tmp"
+    distdir = var_root / "var" / "cache" / "distfiles"
+    pkgdir = var_root / "var" / "cache" / "binpkgs"
     for d in (tmpdir, distdir, pkgdir):
-        d.mkdir(parents=True, exist_ok=True)
+        host(d).mkdir(parents=True, exist_ok=True)
 
-    _replace_symlink(etc / "make.profile", repo / "profiles" / profile)
+    _replace_symlink(host(etc) / "make.profile", repo / "profiles" / profile)
 
-    repos_conf = etc / "repos.conf"
+    repos_conf = host(etc) / "repos.conf"
     if repos_conf.is_symlink() or repos_conf.is_file():
         repos_conf.unlink()
     repos_conf.mkdir(exist_ok=True)
@@ -313,7 +341,7 @@ def write_portage_config(config_root, *, repo=REPO, extra_make_conf="", profile=
     )
 
     _write_file(
-        etc / "make.conf",
+        host(etc) / "make.conf",
         "# Written by tests/conftest.py write_portage_config()\n"
         'FEATURES="%s"\n'
         'PORTAGE_USERNAME="root"\n'
@@ -330,10 +358,10 @@ def write_portage_config(config_root, *, repo=REPO, extra_make_conf="", profile=
     )
 
     if eprefix and str(eprefix).strip("/"):
-        eroot_etc = eroot(config_root, eprefix) / "etc"
+        eroot_etc = eroot(host(config_root), eprefix) / "etc"
         eroot_etc.mkdir(parents=True, exist_ok=True)
-        _replace_symlink(eroot_etc / "portage", etc.resolve())
-    return etc
+        _replace_symlink(eroot_etc / "portage", etc.resolve() if chroot is None else etc)
+    return host(etc)
 
 
 def write_binrepo(config_root, name, sync_uri, *, priority=10, verify_signature=False,
@@ -364,6 +392,276 @@ def write_binrepo(config_root, name, sync_uri, *, priority=10, verify_signature=
         + (extra.rstrip("\n") + "\n" if extra else "")
     )
     return path
+
+
+# ---------------------------------------------------------------------------
+# A chroot standing in for a Gentoo host (the ``host_chroot`` fixture)
+# ---------------------------------------------------------------------------
+#
+# A Debian bookworm minbase chroot with gcc, gpg, zstd... and Portage 3.0.83 in
+# a venv at /opt/portage (a prefix install: EPREFIX=/opt/portage, so files
+# merge into ROOT/opt/portage/...). Built once with debootstrap into a cache
+# (~45 s, ~540 MB) and copied for each test session. Traps:
+#
+# * The chroot cannot reach PyPI (TLS interception: only the host's pip config
+#   knows the CA and the indexes), so the wheel is downloaded on the host and
+#   installed in the chroot with --no-index.
+# * Portage verifies signatures as `nobody`: every parent of the chroot must
+#   be o+x, so it lives in /tmp/gentoo-binhost-chroot-* (0755), never in a
+#   pytest tmp dir (0700).
+# * Never delete a chroot that has something mounted in it: with /dev rbound,
+#   `rm -rf` would delete the host's device nodes. remove_chroot() unmounts
+#   everything under it first and then uses `rm -rf --one-file-system`.
+
+CHROOT_SUITE = "bookworm"
+CHROOT_MIRROR = "http://deb.debian.org/debian"
+CHROOT_PACKAGES = (
+    "python3", "python3-venv", "gpg", "gpg-agent", "gpgconf", "zstd", "xz-utils",
+    "bzip2", "gcc", "libc6-dev", "make", "patch", "rsync",
+)
+CHROOT_PORTAGE = "portage==3.0.83"
+#: Where Portage is inside the chroot (EPREFIX) and its tools.
+CHROOT_EPREFIX = "/opt/portage"
+CHROOT_PORTAGE_BIN = CHROOT_EPREFIX + "/bin"
+#: tests/repo is copied to this chroot-internal location.
+CHROOT_REPO = "/var/db/repos/" + REPO_NAME
+#: PATH for commands run inside the chroot.
+CHROOT_PATH = CHROOT_PORTAGE_BIN + ":/usr/sbin:/usr/bin:/sbin:/bin"
+#: Everything that makes a cache: a cache whose marker says otherwise is rebuilt.
+CHROOT_RECIPE = "debootstrap --variant=minbase --include=%s %s %s\npip %s\n" % (
+    ",".join(CHROOT_PACKAGES), CHROOT_SUITE, CHROOT_MIRROR, CHROOT_PORTAGE)
+_CHROOT_MARKER = "complete"
+_CHROOT_COPY_PREFIX = "gentoo-binhost-chroot-"
+
+
+def chroot_cache_dir():
+    """The chroot cache: $GENTOO_BINHOST_TEST_CACHE, else
+    ~/.cache/gentoo-binhost-tests/chroot-bookworm-v1. The chroot is its
+    ``root`` subdirectory; a ``complete`` file marks a finished cache."""
+    env = os.environ.get("GENTOO_BINHOST_TEST_CACHE")
+    if env:
+        return Path(env).expanduser().absolute()
+    return Path.home() / ".cache" / "gentoo-binhost-tests" / "chroot-bookworm-v1"
+
+
+def chroot_host_path(chroot, inside):
+    """The host path of chroot-internal path ``inside`` (absolute or not)."""
+    return Path(chroot) / str(inside).lstrip("/")
+
+
+def _unescape_mountinfo(field):
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
+
+
+def mounts_under(path):
+    """Mount points (str, shallowest first) at or below ``path``, from
+    /proc/self/mountinfo."""
+    base = os.path.realpath(str(path))
+    found = []
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            fields = line.split(" ")
+            if len(fields) > 4:
+                point = _unescape_mountinfo(fields[4])
+                if point == base or point.startswith(base.rstrip("/") + "/"):
+                    found.append(point)
+    return sorted(set(found), key=lambda p: (p.count("/"), p))
+
+
+def umount_under(path):
+    """Unmount everything at or below ``path`` (``umount -R -l``, outermost
+    first); AssertionError if something is still mounted afterwards."""
+    for _ in range(10):
+        points = mounts_under(path)
+        if not points:
+            return
+        top = [p for p in points
+               if not any(p != q and p.startswith(q.rstrip("/") + "/") for q in points)]
+        for point in top:
+            run(["umount", "-R", "-l", point], check=False)
+    left = mounts_under(path)
+    assert not left, "still mounted under %s: %s" % (path, left)
+
+
+def remove_chroot(path):
+    """Unmount everything under ``path``, then delete it (never crossing into
+    another file system)."""
+    path = Path(path)
+    if not (path.exists() or path.is_symlink()):
+        return
+    umount_under(path)
+    run(["rm", "-rf", "--one-file-system", path])
+
+
+@contextlib.contextmanager
+def chroot_mounts(chroot):
+    """Mount /proc (new proc), /sys and /dev (recursive binds made slaves, so
+    unmounting them never propagates to the host) in ``chroot``; ``umount -R``
+    them on exit, whatever happens."""
+    chroot = Path(chroot)
+    mounted = []
+    try:
+        for name, argv in (
+            ("proc", [["mount", "-t", "proc", "proc"]]),
+            ("sys", [["mount", "--rbind", "/sys"], ["mount", "--make-rslave"]]),
+            ("dev", [["mount", "--rbind", "/dev"], ["mount", "--make-rslave"]]),
+        ):
+            target = chroot / name
+            target.mkdir(exist_ok=True)
+            run(argv[0] + [target])
+            mounted.append(target)
+            for more in argv[1:]:
+                run(more + [target])
+        yield chroot
+    finally:
+        for target in reversed(mounted):
+            if run(["umount", "-R", target], check=False).returncode != 0:
+                run(["umount", "-R", "-l", target], check=False)
+        umount_under(chroot)
+
+
+def write_chroot_portage_config(chroot_root, config_root_inside, extra_make_conf="", *,
+                                repo_inside=CHROOT_REPO, eprefix=None):
+    """write_portage_config() for a ROOT inside the chroot ``chroot_root``.
+
+    ``config_root_inside`` is chroot-internal (e.g. "/binhost"): the files land
+    on the host at ``chroot_root/binhost/etc/portage`` and every path in them
+    is chroot-internal (PORTAGE_TMPDIR=/binhost/var/tmp, PKGDIR=
+    /binhost/var/cache/binpkgs, repository at ``repo_inside``, the copy of
+    tests/repo). ``eprefix=CHROOT_EPREFIX`` adds the portageq link (see
+    write_portage_config). Returns the host Path of that etc/portage.
+    """
+    return write_portage_config(config_root_inside, repo=repo_inside,
+                                extra_make_conf=extra_make_conf, eprefix=eprefix,
+                                chroot=chroot_root)
+
+
+def _chroot_argv(chroot, argv, env=None):
+    """``chroot CHROOT env -i PATH=... HOME=/root [K=V...] argv``."""
+    words = ["PATH=" + CHROOT_PATH, "HOME=/root", "LC_ALL=C.UTF-8"]
+    words += ["%s=%s" % (k, v) for k, v in (env or {}).items()]
+    return ["chroot", str(chroot), "env", "-i"] + words + [str(a) for a in argv]
+
+
+def build_chroot_cache(cache):
+    """Build the chroot cache at ``cache`` (see chroot_cache_dir()).
+
+    Builds into a temporary sibling and renames it into place only once the
+    ``complete`` marker is written, so an interrupted run never leaves a
+    half-made cache (its leftovers are removed by the next build). Returns a
+    dict of timings in seconds.
+    """
+    cache = Path(cache)
+    tmp = Path(tempfile.mkdtemp(dir=str(cache.parent), prefix=cache.name + ".tmp-"))
+    timings = {}
+    try:
+        os.chmod(str(tmp), 0o755)
+        root = tmp / "root"
+        start = time.monotonic()
+        run([shutil.which("debootstrap") or "/usr/sbin/debootstrap", "--variant=minbase",
+             "--include=" + ",".join(CHROOT_PACKAGES), CHROOT_SUITE, root, CHROOT_MIRROR],
+            timeout=1800)
+        timings["debootstrap"] = time.monotonic() - start
+        umount_under(root)  # debootstrap unmounts its /proc and /sys, but be sure
+
+        start = time.monotonic()
+        wheels = root / "tmp" / "wheels"
+        run([sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
+             "-d", wheels, CHROOT_PORTAGE], timeout=600)
+        run(_chroot_argv(root, ["python3", "-m", "venv", CHROOT_EPREFIX]))
+        run(_chroot_argv(root, [CHROOT_PORTAGE_BIN + "/pip", "install", "--quiet",
+                                "--disable-pip-version-check", "--no-index",
+                                "--find-links", "/tmp/wheels", CHROOT_PORTAGE]))
+        shutil.rmtree(str(wheels))
+        for tool in PORTAGE_TOOLS:
+            assert (root / CHROOT_PORTAGE_BIN.lstrip("/") / tool).exists(), \
+                "%s missing in the chroot's %s" % (tool, CHROOT_PORTAGE_BIN)
+        timings["portage"] = time.monotonic() - start
+
+        for deb in (root / "var/cache/apt/archives").glob("*.deb"):
+            deb.unlink()
+        (tmp / _CHROOT_MARKER).write_text(CHROOT_RECIPE)
+        os.rename(str(tmp), str(cache))
+    finally:
+        if tmp.exists():
+            remove_chroot(tmp)
+    return timings
+
+
+def ensure_chroot_cache(cache=None):
+    """The chroot cache directory, built first if missing or made from another
+    recipe. Concurrent runs wait for each other (a lock file beside it).
+    Returns (cache Path, timings dict: empty when the cache was reused)."""
+    cache = Path(cache or chroot_cache_dir())
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    with open(str(cache.parent / ("." + cache.name + ".lock")), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        marker = cache / _CHROOT_MARKER
+        if marker.is_file() and marker.read_text() == CHROOT_RECIPE:
+            return cache, {}
+        # Holding the lock: leftovers of interrupted builds and stale caches can go.
+        for stale in cache.parent.glob(cache.name + ".tmp-*"):
+            remove_chroot(stale)
+        try:
+            socket.create_connection((CHROOT_MIRROR.split("/")[2], 80), timeout=10).close()
+            online = True
+        except OSError:
+            online = False
+        need(online, "no network to %s: cannot build the chroot cache %s"
+             % (CHROOT_MIRROR, cache))
+        remove_chroot(cache)
+        return cache, build_chroot_cache(cache)
+
+
+def _process_alive(pid):
+    """True if ``pid`` runs (a zombie, which a container's init may never
+    reap, counts as dead)."""
+    try:
+        with open("/proc/%d/stat" % pid) as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def _remove_stale_chroot_copies(parent):
+    """Remove /tmp/gentoo-binhost-chroot-<pid>-* left (maybe still mounted)
+    by test runs that were killed: their pid no longer runs."""
+    for old in Path(parent).glob(_CHROOT_COPY_PREFIX + "*"):
+        try:
+            pid = int(old.name[len(_CHROOT_COPY_PREFIX):].split("-")[0])
+        except ValueError:
+            continue
+        if not _process_alive(pid):
+            remove_chroot(old)
+
+
+class HostChroot:
+    """A per-session copy of the cached chroot (see the ``host_chroot`` fixture)."""
+
+    portage_bin_inside = CHROOT_PORTAGE_BIN
+    eprefix_inside = CHROOT_EPREFIX
+    repo_inside = CHROOT_REPO
+
+    def __init__(self, path, timings):
+        self.path = Path(path)      # host path of the chroot's "/"
+        self.timings = timings      # seconds: debootstrap, portage (only when built), copy
+
+    def host_path(self, inside_path):
+        """Host Path of the chroot-internal path ``inside_path``."""
+        return chroot_host_path(self.path, inside_path)
+
+    def argv(self, argv, env=None):
+        """``chroot PATH env -i PATH=<portage bin>:... HOME=/root [env] argv``."""
+        return _chroot_argv(self.path, argv, env)
+
+    def run(self, argv, env=None, **kwargs):
+        """run() ``argv`` inside the chroot with a clean environment (``env`` added).
+        Mount /proc, /sys, /dev first (``with chroot.mounts():``) for Portage."""
+        return run(self.argv(argv, env), **kwargs)
+
+    def mounts(self):
+        """Context manager: chroot_mounts(self.path)."""
+        return chroot_mounts(self.path)
 
 
 # ---------------------------------------------------------------------------
@@ -446,6 +744,60 @@ def host_portage(eprefix, test_repo):
     Returns the Path of <eprefix>/etc/portage.
     """
     return write_portage_config(Path(eprefix), repo=test_repo)
+
+
+@pytest.fixture(scope="session")
+def host_chroot():
+    """A real chroot standing in for a Gentoo host, shared by the session.
+
+    Debian bookworm (minbase + python3, gpg, zstd, gcc, make...) with Portage
+    3.0.83 in a venv at /opt/portage (``.portage_bin_inside``, EPREFIX
+    ``.eprefix_inside``), copied (``cp -a``) from the cache (built first if
+    needed: ensure_chroot_cache) to /tmp/gentoo-binhost-chroot-<pid>-XXXX
+    (0755), and deleted at the end after unmounting anything left under it.
+
+    Configured like a host: tests/repo at /var/db/repos/binhost-test and the
+    prefix install's own config in /opt/portage/etc/portage (PORTAGE_TMPDIR
+    /var/tmp, DISTDIR /var/cache/distfiles, PKGDIR /var/cache/binpkgs). Write
+    configs for ROOTs inside it with write_chroot_portage_config(). Mount
+    /proc, /sys, /dev with ``with host_chroot.mounts():`` before running
+    Portage (``host_chroot.run([...])``). Shared by every test of the
+    session: use your own directories in it.
+
+    Returns a HostChroot: .path, .portage_bin_inside, .eprefix_inside,
+    .repo_inside, .timings, .host_path(inside), .argv(), .run(), .mounts().
+    """
+    need(os.geteuid() == 0, "the chroot fixture needs root")
+    need(shutil.which("debootstrap") or Path("/usr/sbin/debootstrap").exists(),
+         "debootstrap missing (apt-get install debootstrap)")
+    need(shutil.which("chroot") and shutil.which("mount") and shutil.which("umount"),
+         "chroot/mount/umount missing")
+    cache, timings = ensure_chroot_cache()
+
+    parent = Path("/tmp")
+    _remove_stale_chroot_copies(parent)
+    path = Path(tempfile.mkdtemp(dir=str(parent),
+                                 prefix="%s%d-" % (_CHROOT_COPY_PREFIX, os.getpid())))
+    try:
+        os.chmod(str(path), 0o755)
+        start = time.monotonic()
+        run(["cp", "-a", str(cache / "root") + "/.", path])
+        timings["copy"] = time.monotonic() - start
+        os.chmod(str(path), 0o755)
+
+        chroot = HostChroot(path, timings)
+        resolv = chroot.host_path("/etc/resolv.conf")
+        if resolv.is_symlink() or resolv.exists():
+            resolv.unlink()
+        with contextlib.suppress(OSError):
+            shutil.copyfile("/etc/resolv.conf", str(resolv))
+        repo = chroot.host_path(CHROOT_REPO)
+        repo.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copytree(str(REPO), str(repo), symlinks=True)
+        write_portage_config(CHROOT_EPREFIX, repo=CHROOT_REPO, var_root="/", chroot=path)
+        yield chroot
+    finally:
+        remove_chroot(path)
 
 
 class SSHServer:

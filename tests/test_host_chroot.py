@@ -1,0 +1,293 @@
+"""A build machine without Gentoo: `init --host-chroot` creates the Gentoo host environment from a
+verified "stage3" (here a real Debian chroot with Portage from PyPI, made by debootstrap, signed
+like Gentoo's), syncs its repository for real (emerge --sync from a file:// rsync source), and
+every build runs inside it: signed packages built in DIR/binhost, served by `serve`, installed on
+a target reached through a real sshd. Failing and interrupted builds leave no mounts behind."""
+
+import hashlib
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import (CHROOT_EPREFIX, CHROOT_REPO, REPO, SCRIPT, eroot, ensure_chroot_cache, free_port,
+                      mounts_under, need, remove_chroot, run, stop_process, wait_for_port,
+                      write_chroot_portage_config, write_portage_config)
+from test_init import gpg_home, sign, tiny_stage3
+
+UPSTREAM = "/srv/binhost-test-upstream"
+SNAPSHOT = "Tue, 24 Nov 2026 12:00:00 +0000"
+SLOW_EBUILD = """EAPI=8
+DESCRIPTION="Takes its time (interrupt tests)"
+HOMEPAGE="https://example.invalid/slow"
+S="${WORKDIR}"
+LICENSE="MIT"
+SLOT="0"
+KEYWORDS="amd64"
+src_compile() {
+	touch /tmp/slow-started || die
+	sleep 300
+}
+"""
+
+
+def signed_release(directory, name, payload, release):
+    """payload as a file with a clearsigned .DIGESTS and a detached .asc, as Gentoo publishes."""
+    path = directory / name
+    path.write_bytes(payload) if isinstance(payload, bytes) else shutil.move(str(payload), path)
+    data = path.read_bytes()
+    digests = directory / (name + ".DIGESTS")
+    digests.write_text(f"# BLAKE2B HASH\n{hashlib.blake2b(data).hexdigest()}  {name}\n"
+                       f"# SHA512 HASH\n{hashlib.sha512(data).hexdigest()}  {name}\n")
+    sign(release, digests, clear=True)
+    sign(release, path)
+    return path
+
+
+def host_stage3(cache, base, release):
+    """The cached Debian chroot plus a Portage host configuration, as one signed tarball."""
+    overlay = base / "overlay"
+    write_chroot_portage_config(overlay, CHROOT_EPREFIX)
+    # The packaged [gentoo] repository would try the network; ours syncs from a local rsync source.
+    (overlay / CHROOT_EPREFIX.lstrip("/") / "etc/portage/repos.conf/binhost-test.conf").write_text(
+        f"[DEFAULT]\nmain-repo = binhost-test\n\n[gentoo]\nauto-sync = no\n\n"
+        f"[binhost-test]\nlocation = {CHROOT_REPO}\nsync-type = rsync\nsync-uri = file://{UPSTREAM}\n")
+    shutil.copytree(REPO, overlay / CHROOT_REPO.lstrip("/"))
+    upstream = overlay / UPSTREAM.lstrip("/")
+    shutil.copytree(REPO, upstream)
+    (upstream / "metadata/timestamp.chk").write_text(SNAPSHOT + "\n")
+    (upstream / "app-misc/slow").mkdir()
+    (upstream / "app-misc/slow/slow-1.0.ebuild").write_text(SLOW_EBUILD)
+    tarball = base / "stage3-host.tar.zst"
+    run(["tar", "--zstd", "--create", "--file", tarball, "--numeric-owner",
+         "--directory", cache / "root", ".", "--directory", overlay, "."], timeout=300)
+    shutil.rmtree(overlay)
+    return signed_release(base / "release", "stage3-amd64-openrc-20261124T120000Z.tar.zst", tarball,
+                          release)
+
+
+class ChrootWorld:
+    def __init__(self, base, chroot, portage_bin, eprefix, sshd):
+        self.base, self.chroot, self.portage_bin, self.eprefix, self.sshd = (
+            base, chroot, portage_bin, eprefix, sshd)
+        self.config = base / "gentoo-binhost.conf"
+        self.port = free_port()
+        self.binhost = chroot / "binhost"
+        self.pkgdir = self.binhost / "var/cache/binpkgs"
+
+    def cli(self, *args, check=True, timeout=600):
+        return run([sys.executable, SCRIPT, "--color=n", "-c", self.config] + list(args),
+                   env={"NO_COLOR": "1"}, check=check, timeout=timeout)
+
+    def popen(self, *args):
+        # Its own process group, as a shell job; SIGINT not ignored even if ours is (background).
+        return subprocess.Popen([sys.executable, str(SCRIPT), "--color=n", "-c", str(self.config)]
+                                + list(args), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True, start_new_session=True,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+
+    def mounts(self):
+        return mounts_under(self.chroot)
+
+    def state(self):
+        path = self.chroot / "var/cache/gentoo-binhost/mounts"
+        return path.read_text() if path.exists() else ""
+
+
+def live_processes_in_group(pgid):
+    """Processes of a process group that still run (zombies nobody reaps here do not count)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[2]) == pgid and fields[0] != "Z":
+                found.append(int(entry.name))
+    return found
+
+
+@pytest.fixture(scope="module")
+def world(portage_bin, eprefix, host_portage, sshd):
+    need(os.geteuid() == 0, "the host chroot needs root")
+    need(shutil.which("zstd") and shutil.which("gpg"), "zstd and gpg are needed")
+    cache, _timings = ensure_chroot_cache()
+    base = Path(tempfile.mkdtemp(prefix="gbc-"))  # short: gpg-agent socket paths are limited
+    base.chmod(0o755)  # Portage verifies as nobody
+    chroot = base / "gentoo"
+    try:
+        (base / "release").mkdir()
+        release = gpg_home(base / "release-gnupg", "release")
+        keyring = base / "gentoo-release.asc"
+        keyring.write_text(run(["gpg", "--homedir", release, "--armor", "--export"]).stdout)
+        host_tarball = host_stage3(cache, base, release)
+        binhost_tarball = signed_release(base / "release", "stage3-amd64-openrc-20261120T170000Z.tar.xz",
+                                         tiny_stage3(), release)
+        world = ChrootWorld(base, chroot, portage_bin, eprefix, sshd)
+        world.target = base / "target"
+        write_portage_config(world.target, extra_make_conf=(
+            f'USE="loud"\nBINPKG_GPG_VERIFY_GPG_HOME="{world.target}/etc/portage/gnupg"\n'))
+        world.config.write_text(
+            f"[binhost]\nurl = http://127.0.0.1:{world.port}/\nbind = 127.0.0.1\nport = {world.port}\n\n"
+            f"[host]\npath = {CHROOT_EPREFIX}/bin\n\n"
+            f"[target laptop]\nhost = {sshd.host}\nssh-port = {sshd.port}\nssh-options = {sshd.ssh_options}\n"
+            f"root = {world.target}\npath = {portage_bin}\n")
+        world.init_result = world.cli("init", "--host-chroot", chroot, "--host-stage3", host_tarball,
+                                      "--stage3", binhost_tarball, "--keyring", keyring, "--sync")
+        world.init_again = lambda *extra: world.cli("init", "--keyring", keyring, *extra, check=False)
+        # What `config pull` would bring: the target's configuration, with the chroot's paths.
+        write_chroot_portage_config(chroot, "/binhost", extra_make_conf='USE="loud"\n')
+        world.cli("keygen")
+        world.built = world.cli("build", "app-misc/hello-app", "app-misc/greet")
+        server = subprocess.Popen([sys.executable, SCRIPT, "-c", world.config, "serve"],
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        try:
+            assert wait_for_port(world.port, proc=server), server.stderr.read()
+            yield world
+        finally:
+            stop_process(server)
+    finally:
+        remove_chroot(chroot)  # unmounts first: never rm -rf a mounted /dev
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def test_init_made_a_verified_synced_host_environment(world):
+    out = world.init_result.stdout
+    assert "Creating the Gentoo host environment" in out
+    assert out.count("PGP signature good") == 2  # the host stage3 and the binhost's
+    assert "emerge --sync" in out
+    assert "Repository binhost-test in the host chroot" in out and "2026-11-24 12:00 UTC" in out
+    assert (world.chroot / "var/db/repos/binhost-test/app-misc/slow").is_dir()  # really synced
+    assert (world.chroot / "etc/resolv.conf").read_text() == Path("/etc/resolv.conf").read_text()
+    assert (world.binhost / "etc/os-release").read_text().startswith("NAME=Gentoo")
+    assert os.readlink(world.binhost / "var/db/repos/gentoo") == "/var/db/repos/gentoo"
+    text = world.config.read_text()
+    assert f"[host]\npath = {CHROOT_EPREFIX}/bin\nchroot = {world.chroot}\n\n[target laptop]" in text
+    assert "stage3 = stage3-amd64-openrc-20261120T170000Z.tar.xz" in text
+    assert not [p for p in world.base.iterdir() if ".new." in p.name or p.name.endswith(".download")]
+    assert world.mounts() == []
+
+
+def test_builds_run_inside_and_are_signed(world):
+    assert "inside the host chroot" in world.built.stdout
+    packages = sorted(world.pkgdir.rglob("*.gpkg.tar"))
+    assert [p.name for p in packages] == ["greet-1.0-1.gpkg.tar", "hello-1.1-1.gpkg.tar",
+                                          "hello-app-1.0-1.gpkg.tar"]
+    for package in packages:
+        with tarfile.open(package) as archive:
+            assert any(name.endswith(".sig") for name in archive.getnames()), package
+    # Installed into the binhost root inside the chroot (EPREFIX /opt/portage there).
+    assert (world.binhost / CHROOT_EPREFIX.lstrip("/") / "usr/bin/hello-app").exists()
+    assert world.mounts() == [] and world.state() == ""
+
+
+def test_the_target_installs_what_the_chroot_built(world):
+    root = world.target
+    setup = world.cli("setup-target")
+    assert "accepts packages signed by" in setup.stdout
+    world.cli("install", ">=app-misc/hello-app-1.0")
+    installed = eroot(root, world.eprefix)
+    assert run([installed / "usr/bin/hello-app"]).stdout == "hello-app from binhost\n"
+    assert (installed / "var/db/pkg/app-misc/hello-app-1.0/BINPKGMD5").is_file()
+
+    # The binhost side of config diff, doctor's checks and clean's portageq run in the chroot too.
+    diff = world.cli("config", "diff")
+    assert "make.conf" in diff.stdout
+    doctor = world.cli("doctor", check=False)
+    assert "OK   chroot mounts: none left behind" in doctor.stdout
+    assert "snapshot: binhost-test: 2026-11-24 12:00 UTC" in doctor.stdout
+    assert "chroot disk:" in doctor.stdout
+    clean = world.cli("clean")
+    assert "Traceback" not in clean.stderr
+    assert world.mounts() == []
+
+
+def test_a_failing_build_leaves_no_mounts(world):
+    result = world.cli("build", "app-misc/no-such-package", check=False)
+    assert result.returncode == 1
+    assert "!!! emerge failed on the binhost" in result.stderr
+    assert world.mounts() == [] and world.state() == ""
+
+
+@pytest.mark.parametrize("how", ["SIGTERM to the process", "Ctrl-C to the process group"])
+def test_an_interrupted_build_leaves_no_mounts_and_no_build_running(world, how):
+    started = world.chroot / "tmp/slow-started"
+    if started.exists():
+        started.unlink()
+    build = world.popen("build", "--oneshot", "app-misc/slow")
+    try:
+        deadline = time.monotonic() + 120
+        while not started.exists():
+            assert build.poll() is None and time.monotonic() < deadline, build.communicate()[0]
+            time.sleep(0.2)
+        assert len(world.mounts()) >= 4  # proc, sys (+ submounts), dev (+ pts, shm), run
+        if how.startswith("SIGTERM"):
+            build.send_signal(signal.SIGTERM)
+        else:
+            os.killpg(build.pid, signal.SIGINT)
+        output = build.communicate(timeout=60)[0]
+    finally:
+        left = live_processes_in_group(build.pid)
+        for pid in left:
+            os.kill(pid, signal.SIGKILL)
+    assert left == [], "build processes still running after the interrupt"
+    assert build.returncode == 130, output
+    assert "!!! Interrupted" in output
+    assert world.mounts() == [] and world.state() == ""
+
+
+def test_mounts_of_others_are_kept_and_leftovers_are_cleaned(world):
+    proc = world.chroot / "proc"
+    run(["mount", "--types", "proc", "proc", proc])  # the user's own chroot session
+    try:
+        world.cli("build", "--oneshot", "app-misc/hello")
+        assert world.mounts() == [str(proc)]  # kept, and not mounted a second time
+    finally:
+        run(["umount", proc])
+    # A build killed with SIGKILL leaves its mounts recorded; doctor sees them, the next build
+    # removes them.
+    run(["mount", "--bind", "/run", world.chroot / "run"])
+    (world.chroot / "var/cache/gentoo-binhost/mounts").write_text(f"{world.chroot / 'run'}\n")
+    doctor = world.cli("doctor", check=False)
+    assert f"WARN chroot mounts: left mounted with no build running: {world.chroot / 'run'}" in doctor.stdout
+    world.cli("build", "--oneshot", "app-misc/hello")
+    assert world.mounts() == [] and world.state() == ""
+
+
+def test_init_again_resyncs_and_keeps_everything(world):
+    upstream = world.chroot / UPSTREAM.lstrip("/")
+    (upstream / "metadata/timestamp.chk").write_text("Wed, 25 Nov 2026 06:00:00 +0000\n")
+    result = world.init_again("--sync")
+    assert result.returncode == 0, result.stderr
+    assert "Using the existing host environment" in result.stdout
+    assert "Keeping the binhost root" in result.stdout
+    assert "2026-11-25 06:00 UTC" in result.stdout
+    assert len(sorted(world.pkgdir.rglob("*.gpkg.tar"))) >= 3
+    assert world.mounts() == []
+
+
+def test_sign_config_pull_and_cpu_apply_work_through_the_chroot(world):
+    """Last: config pull replaces the binhost's configuration with the target's (host paths)."""
+    resigned = world.cli("sign", "--all")
+    count = len(list(world.pkgdir.rglob("*.gpkg.tar")))
+    assert f"Signed {count} package(s)" in resigned.stdout
+    assert world.mounts() == []
+
+    pulled = world.cli("config", "pull")
+    kept = next(line for line in pulled.stdout.splitlines() if "Previous configuration kept as" in line)
+    assert str(world.binhost / "etc") in kept  # a host path, though the script ran inside
+    assert (world.binhost / "etc/portage/make.conf").read_text() == \
+        (world.target / "etc/portage/make.conf").read_text()
+
+    cpu = world.cli("cpu", "--apply")  # the target's flags, checked with the chroot's gcc
+    assert "Traceback" not in cpu.stderr
+    assert "-march=" in (world.binhost / "etc/portage/make.conf").read_text()
+    assert world.mounts() == [] and world.state() == ""
