@@ -103,15 +103,18 @@ CONFIG_KEYS = {
 HOST_CHROOT_BINHOST = "binhost"
 CHROOT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin:/opt/bin"
 # The only variables of ours a command in the host chroot sees, besides the ones we set.
-CHROOT_PASSED_VARIABLES = ("TERM", "COLUMNS", "LINES", "LANG", "LC_ALL", "LC_MESSAGES", "NOCOLOR",
-                           "http_proxy", "https_proxy", "ftp_proxy", "no_proxy")
-# What a command in the host chroot needs, as the Handbook mounts it: (directory, commands).
-# Slave propagation keeps unmounting inside from reaching the host's own /sys and /dev.
+# (Portage's own overrides as on Gentoo; not the locale: a fresh stage3 has generated none.)
+CHROOT_PASSED_VARIABLES = ("TERM", "COLUMNS", "LINES", "NOCOLOR", "FEATURES", "MAKEOPTS",
+                           "EMERGE_DEFAULT_OPTS", "PORTAGE_NICENESS", "http_proxy", "https_proxy",
+                           "ftp_proxy", "no_proxy", "HTTP_PROXY", "HTTPS_PROXY", "FTP_PROXY", "NO_PROXY")
+# What a command in the host chroot needs, as the Handbook mounts it: (directory, command).
+# Slave propagation, set by the same mount call, keeps unmounting inside from reaching the host's
+# own /sys and /dev (where / is shared, as with systemd).
 CHROOT_MOUNTS = (
-    ("proc", (["mount", "--types", "proc", "proc", "{}"],)),
-    ("sys", (["mount", "--rbind", "/sys", "{}"], ["mount", "--make-rslave", "{}"])),
-    ("dev", (["mount", "--rbind", "/dev", "{}"], ["mount", "--make-rslave", "{}"])),  # with pts, shm
-    ("run", (["mount", "--bind", "/run", "{}"], ["mount", "--make-slave", "{}"])),
+    ("proc", ["mount", "--types", "proc", "proc", "{}"]),
+    ("sys", ["mount", "--rbind", "--make-rslave", "/sys", "{}"]),
+    ("dev", ["mount", "--rbind", "--make-rslave", "/dev", "{}"]),  # with /dev/pts and /dev/shm
+    ("run", ["mount", "--bind", "--make-slave", "/run", "{}"]),
 )
 UNMOUNT_ATTEMPTS = 10
 # Seconds an interrupted command gets to stop by itself before it is killed.
@@ -456,7 +459,12 @@ def check_inside_chroot(config):
     places += [(f"[target {target.name}] binhost-root", target.binhost_root)
                for target in config.targets.values() if target.binhost_root]
     for what, place in places:
-        if os.path.relpath(place, chroot).startswith(".."):
+        relative = os.path.relpath(place, chroot)
+        if relative == "." and what.endswith("root"):
+            raise UsageError(f"{config.path}: {what} = {place} is the host chroot itself: the binhost"
+                             f" root is a separate environment inside it (default"
+                             f" {os.path.join(chroot, HOST_CHROOT_BINHOST)})")
+        if relative == ".." or relative.startswith("../"):
             raise UsageError(f"{config.path}: {what} = {place} is outside the host chroot {chroot}:"
                              f" builds run inside it, so put it under {chroot} (the default root is"
                              f" {os.path.join(chroot, HOST_CHROOT_BINHOST)})")
@@ -641,15 +649,32 @@ def find_program(name, hint):
 # ---- the build host: this machine, or a Gentoo host chroot -----------------------------------------
 
 
-def mount_points():
-    """Every mount point of this process's mount namespace (octal escapes such as \\040 decoded)."""
+def mount_table():
+    """[(mount ID, mount point, shared)] of this process's mount namespace, in mount order
+    (mountinfo's octal escapes such as \\040 decoded)."""
     try:
         with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as handle:
             lines = handle.read().splitlines()
     except OSError:
         return []
-    return [re.sub(r"\\([0-7]{3})", lambda match: chr(int(match.group(1), 8)), line.split()[4])
-            for line in lines if len(line.split()) > 4]
+    table = []
+    for line in lines:
+        fields = line.split()
+        if len(fields) > 6:
+            point = re.sub(r"\\([0-7]{3})", lambda match: chr(int(match.group(1), 8)), fields[4])
+            optional = fields[6:fields.index("-")] if "-" in fields else []
+            table.append((fields[0], point, any(tag.startswith("shared:") for tag in optional)))
+    return table
+
+
+def mount_points():
+    return [point for _, point, _ in mount_table()]
+
+
+def mount_id(point):
+    """The ID of the mount on top at point, or None."""
+    found = [identity for identity, mounted, _ in mount_table() if mounted == point]
+    return found[-1] if found else None
 
 
 def mounts_under(directory):
@@ -688,8 +713,9 @@ def check_chroot_privileges(chroot, euid=None, capabilities=None):
 class HostMounts:
     """/proc, /sys, /dev (with /dev/pts and /dev/shm) and /run mounted in the host chroot while
     commands run there. Builds share them: the first one in mounts what is missing, the last one
-    out unmounts what we mounted (recorded in a state file, so mounts a crash left behind are
-    cleaned up by the next build), and mounts the user made are never touched."""
+    out unmounts what we mounted. Each mount we make is recorded with its mount ID (a state file
+    in the chroot), so mounts a killed build left behind are removed by the next one, and a
+    mount someone else made, even at the same place later, is never touched."""
 
     def __init__(self, chroot, runner, output):
         self.chroot, self.runner, self.output = chroot, runner, output
@@ -702,21 +728,28 @@ class HostMounts:
         if os.path.islink(point):  # a link could lead the mount out of the chroot
             raise BinhostError(f"{point} is a symbolic link: the host chroot needs a real /{name}"
                                " directory to mount on")
-        return point
+        return os.path.realpath(point)
 
-    def recorded(self):
-        return [line for line in read_text(self.state_path).splitlines() if line]
+    def ours(self):
+        """[(mount ID, point)] recorded by us and still mounted as we left them."""
+        allowed = {os.path.realpath(os.path.join(self.chroot, name)) for name, _ in CHROOT_MOUNTS}
+        present = {(identity, point) for identity, point, _ in mount_table()}
+        recorded = [tuple(line.split(" ", 1)) for line in read_text(self.state_path).splitlines()
+                    if " " in line]
+        return [(identity, point) for identity, point in recorded
+                if point in allowed and (identity, point) in present]
 
-    def record(self, points):
+    def record(self, mounts):
         # Also under --pretend: the read-only queries it runs in the chroot mount for real.
         temporary = f"{self.state_path}.{os.getpid()}"
         with open(temporary, "w", encoding="utf-8") as handle:
-            handle.write("".join(f"{point}\n" for point in points))
+            handle.write("".join(f"{identity} {point}\n" for identity, point in mounts))
         os.replace(temporary, self.state_path)
 
     @contextlib.contextmanager
     def guard(self):
-        """Held while mounts are checked, made or removed: one build at a time does that."""
+        """Held while mounts are checked, made or removed: one process at a time does that."""
+        os.makedirs(self.state_dir, exist_ok=True)
         with open(os.path.join(self.state_dir, "mounts.lock"), "a") as handle:
             fcntl.flock(handle, fcntl.LOCK_EX)
             try:
@@ -724,76 +757,90 @@ class HostMounts:
             finally:
                 fcntl.flock(handle, fcntl.LOCK_UN)
 
+    def in_use(self):
+        """Whether a build holds the mounts now (call with the guard held)."""
+        with open(os.path.join(self.state_dir, "mounts.users"), "a") as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return True
+            fcntl.flock(handle, fcntl.LOCK_UN)
+            return False
+
     def enter(self):
         check_chroot_privileges(self.chroot)
-        os.makedirs(self.state_dir, exist_ok=True)
         with self.guard():
+            ours, new = self.ours(), []
             present = set(mount_points())
-            ours, new = self.recorded(), []
             try:
-                for name, commands in CHROOT_MOUNTS:
+                for name, command in CHROOT_MOUNTS:
                     point = self.mount_point(name)
-                    if os.path.realpath(point) in present:
+                    if point in present:  # ours from before, or the user's: used as it is
                         continue
                     os.makedirs(point, exist_ok=True)
-                    new.append(point)
-                    self.record(ours + new)  # before mounting: a crash in between is still cleaned up
-                    for command in commands:
-                        # Run also under --pretend: only the queries it really runs get here.
-                        self.runner.run([word.replace("{}", point) for word in command], capture=True,
-                                        changes=False, describe=f"mounting /{name} in {self.chroot}")
+                    if self.runner.pretend and not new:
+                        self.output.info(f"--pretend: mounting /proc, /sys, /dev and /run in {self.chroot}"
+                                         " for the read-only queries it runs there, unmounted after them")
+                    # Runs under --pretend too: only the queries it really runs get here.
+                    self.runner.run([word.replace("{}", point) for word in command], capture=True,
+                                    changes=False, describe=f"mounting /{name} in {self.chroot}")
+                    new.append((mount_id(point), point))
+                    self.record(ours + new)
             except BaseException:
-                self.record(ours + self.unmount(new))  # what others may use stays
+                self.record(ours + self.unmount(new))
                 raise
-            # Shared while in use: the last build out sees no other holder.
+            # Shared while in use: the last one out sees no other holder.
             self.users = open(os.path.join(self.state_dir, "mounts.users"), "a")
             fcntl.flock(self.users, fcntl.LOCK_SH)
 
     def leave(self):
         with self.guard():
             fcntl.flock(self.users, fcntl.LOCK_UN)
-            try:
-                fcntl.flock(self.users, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
+            self.users.close()
+            self.users = None
+            if self.in_use():
                 self.output.debug(f"Another build still uses the mounts in {self.chroot}")
                 return
-            finally:
-                self.users.close()
-                self.users = None
-            self.record(self.unmount(self.recorded()))
+            self.record(self.unmount(self.ours()))
 
-    def unmount(self, points):
-        """Unmount points (the last first); returns those still mounted."""
+    def unmount(self, mounts):
+        """Unmount [(mount ID, point)], the last first; returns those still mounted."""
         remaining = []
-        for point in reversed(points):
-            if os.path.realpath(point) not in mount_points():
+        for identity, point in reversed(mounts):
+            if mount_id(point) != identity:
+                continue
+            # Slave first: an unmount must never propagate to the host's own /dev or /sys.
+            self.runner.run(["mount", "--make-rslave", point], capture=True, check=False, changes=False)
+            if any(shared for _, mounted, shared in mount_table()
+                   if mounted == point or mounted.startswith(point + "/")):
+                self.output.error(f"{point} is still a shared mount: not unmounting it, as that would"
+                                  f" reach the host's own mounts; reboot or check 'findmnt -R {point}'")
+                remaining.append((identity, point))
                 continue
             for _attempt in range(UNMOUNT_ATTEMPTS):  # a daemon told to quit may take a moment
                 result = self.runner.run(["umount", "--recursive", point], capture=True, check=False,
                                          changes=False)
-                if result.returncode == 0 or os.path.realpath(point) not in mount_points():
+                if result.returncode == 0 or mount_id(point) != identity:
                     break
                 time.sleep(0.2)
-            if result.returncode != 0 and os.path.realpath(point) in mount_points():
+            if mount_id(point) == identity:
                 # Something still has a file open in there (a daemon a build started): detach it
                 # now, the kernel frees it when that process ends.
                 self.output.warn(f"{point} is busy ({last_line(result.stderr)}): detaching it lazily")
                 result = self.runner.run(["umount", "--recursive", "--lazy", point], capture=True,
                                          check=False, changes=False)
-                if result.returncode != 0:
-                    self.output.error(f"cannot unmount {point}: {last_line(result.stderr)}:"
-                                      f" run 'umount -R -l {point}'")
-                    remaining.append(point)
+                if mount_id(point) == identity:
+                    self.output.error(f"cannot unmount {point}: {last_line(result.stderr)}")
+                    remaining.append((identity, point))
         return list(reversed(remaining))
 
     def show(self):
         """Under --pretend: the mount commands a build would run, and the unmounts after it."""
         present = set(mount_points())
-        missing = [(name, commands) for name, commands in CHROOT_MOUNTS
-                   if os.path.realpath(os.path.join(self.chroot, name)) not in present]
-        for name, commands in missing:
-            for command in commands:
-                self.runner.run([word.replace("{}", os.path.join(self.chroot, name)) for word in command])
+        missing = [(name, command) for name, command in CHROOT_MOUNTS
+                   if self.mount_point(name) not in present]
+        for name, command in missing:
+            self.runner.run([word.replace("{}", os.path.join(self.chroot, name)) for word in command])
         return [os.path.join(self.chroot, name) for name, _ in missing]
 
 
@@ -821,7 +868,7 @@ class BuildHost:
     def inside(self, path):
         """The chroot's own name for a host path under it."""
         relative = os.path.relpath(path, self.chroot)
-        if relative.startswith(".."):
+        if relative == ".." or relative.startswith("../"):
             raise BinhostError(f"{path} is outside the host chroot {self.chroot}: put it inside")
         return "/" if relative == "." else "/" + relative
 
@@ -874,14 +921,15 @@ class BuildHost:
                     self.runner.run(["umount", "--recursive", point])
             return
         self.sync_resolv_conf()
-        self.mounts.enter()
-        self.really_mounted = True
-        try:
-            with terminate_as_interrupt(self.runner):
+        with terminate_as_interrupt(self.runner):
+            self.mounts.enter()
+            self.really_mounted = True
+            try:
                 yield
-        finally:
-            self.really_mounted = False
-            self.mounts.leave()
+            finally:
+                self.really_mounted = False
+                with signals_deferred():  # unmounting half-way would help nobody
+                    self.mounts.leave()
 
     def sync_resolv_conf(self):
         """Name resolution inside follows the host's (it changes on laptops and DHCP)."""
@@ -916,7 +964,10 @@ class BuildHost:
 
 
 class Terminated(KeyboardInterrupt):
-    """SIGTERM, handled like Ctrl-C so that cleanups (unmounting) run."""
+    """SIGTERM or SIGHUP, handled like Ctrl-C so that cleanups (unmounting) run."""
+
+
+TERMINATING_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
 
 
 @contextlib.contextmanager
@@ -925,21 +976,42 @@ def terminate_as_interrupt(runner):
         yield
         return
 
-    def interrupt(_signum, _frame):
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    def interrupt(signum, _frame):
+        for number in TERMINATING_SIGNALS:
+            signal.signal(number, signal.SIG_IGN)
         if os.getpgrp() == os.getpid():
             # Our own job (a shell's, a service's): stop all of it, as Ctrl-C on a terminal would,
             # so no build process is left running in the chroot.
-            os.killpg(0, signal.SIGTERM)
+            os.killpg(0, signum)
         else:
             runner.terminate_running()
         raise Terminated()
 
-    previous = signal.signal(signal.SIGTERM, interrupt)
+    previous = {number: signal.signal(number, interrupt) for number in TERMINATING_SIGNALS}
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+
+
+@contextlib.contextmanager
+def signals_deferred():
+    """Ctrl-C, SIGTERM and SIGHUP wait until the block is done, then interrupt."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received = []
+    numbers = (signal.SIGINT,) + TERMINATING_SIGNALS
+    previous = {number: signal.signal(number, lambda signum, _frame: received.append(signum))
+                for number in numbers}
+    try:
+        yield
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+    if received:
+        raise Terminated() if received[0] != signal.SIGINT else KeyboardInterrupt()
 
 
 def check_binhost_root(settings):
@@ -1093,9 +1165,9 @@ def build_packages(settings, runner, output, emerge_args):
         raise BinhostError(f"emerge failed on the binhost (exit {result.returncode}): see its output above")
 
 
-def refresh_index(settings, runner, output):
+def refresh_index(settings, runner, output, host=None):
     """Rebuild PKGDIR/Packages; Portage trusts a stale index otherwise (pkgdir-index-trusted)."""
-    host = BuildHost(settings, runner, output)
+    host = host or BuildHost(settings, runner, output)
     emaint = host.program("emaint", "put Portage's bin directory in PATH")
     host.run([emaint, "binhost", "--fix"], portage_environment(settings), capture=True,
              describe="emaint binhost --fix")
@@ -1291,7 +1363,7 @@ def sign_packages(settings, runner, output, resign=False):
             for package in packages:
                 output.action(f"Signing {os.path.relpath(package, settings.pkgdir)}")
                 host.run([gpkg_sign, package], env, capture=True, describe=f"gpkg-sign {package}")
-            refresh_index(settings, runner, output)
+            refresh_index(settings, runner, output, host)
         finally:
             if not runner.pretend:
                 host.stop_gpg_agent(settings.gpg_home)
@@ -2934,25 +3006,23 @@ def check_host_chroot(doctor, settings, runner, output):
         doctor.report(FAIL, "host chroot", f"{chroot} does not exist: run '{PROG} init --host-chroot {chroot}'")
         return
     check_chroot_privileges(chroot)
-    leftovers = mounts_under(chroot)
-    if leftovers:
-        users = os.path.join(chroot, "var/cache/gentoo-binhost/mounts.users")
-        os.makedirs(os.path.dirname(users), exist_ok=True)
-        with open(users, "a") as handle:
-            try:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                in_use = False
-            except BlockingIOError:
-                in_use = True
-        if in_use:
-            doctor.report(OK, "chroot mounts", f"{len(leftovers)} mounts in use by a running build")
-        else:
-            doctor.report(WARN, "chroot mounts", f"left mounted with no build running:"
-                                                 f" {', '.join(sorted(leftovers))}: the next build"
-                                                 f" unmounts the ones it made; others: umount -R -l"
-                                                 f" {' '.join(sorted(leftovers)[:1])}")
+    mounts = HostMounts(chroot, runner, output)
+    with mounts.guard():
+        ours, in_use = mounts.ours(), mounts.in_use()
+        others = [point for point in mount_points()
+                  if point in {mounts.mount_point(name) for name, _ in CHROOT_MOUNTS}
+                  and point not in {point for _, point in ours}]
+    if ours and not in_use:
+        doctor.report(WARN, "chroot mounts", f"left mounted by a build that did not finish:"
+                                             f" {', '.join(point for _, point in ours)}: the next build"
+                                             " in the chroot removes them")
+    elif ours:
+        doctor.report(OK, "chroot mounts", f"{len(ours)} in use by a running build")
     else:
         doctor.report(OK, "chroot mounts", "none left behind")
+    if others:
+        doctor.report(OK, "chroot mounts", f"mounted by someone else, used as they are and never"
+                                           f" unmounted by {PROG}: {', '.join(sorted(set(others)))}")
     snapshots = repository_snapshots(BuildHost(settings, runner, output))
     if not snapshots:
         doctor.report(WARN, "snapshot", f"no repository in {chroot} has a snapshot date: run"
@@ -2988,6 +3058,7 @@ def run_doctor(settings, target, runner, output, atoms):
 
 DEFAULT_MIRROR = "https://distfiles.gentoo.org"
 GENTOO_RELEASE_KEYS = "/usr/share/openpgp-keys/gentoo-release.asc"
+GENTOO_KEYS_URL = "https://qa-reports.gentoo.org/output/service-keys.gpg"
 DEFAULT_VARIANT = "openrc"
 # uname -m -> Gentoo's release arch directory
 GENTOO_ARCHES = {"x86_64": "amd64", "aarch64": "arm64", "i686": "x86", "i586": "x86",
@@ -3245,7 +3316,9 @@ def install_stage3(args, arch, variant, stage3, root, runner, output):
     verify_pgp = not args.no_verify_pgp
     if verify_pgp and not os.path.isfile(keyring):
         raise BinhostError(f"Gentoo's release keys are not at {keyring}: pass --keyring FILE (on Gentoo:"
-                           " emerge sec-keys/openpgp-keys-gentoo-release), or --no-verify-pgp to trust"
+                           " emerge sec-keys/openpgp-keys-gentoo-release; elsewhere download them from"
+                           f" {GENTOO_KEYS_URL} and check the fingerprints on"
+                           " https://www.gentoo.org/downloads/signatures/), or --no-verify-pgp to trust"
                            " the digests alone")
     if not verify_pgp:
         output.warn("--no-verify-pgp: the stage3 is checked against its DIGESTS only, which came"
@@ -3326,14 +3399,20 @@ def link_repositories_into(settings, runner, output):
 def init_host_chroot(config, args, runner, output):
     """init --host-chroot DIR: a Gentoo host environment for a build machine without Gentoo, its
     repository synced, and the binhost environment inside it."""
-    settings = config.binhost
+    settings = config.binhost_for_command(args.target)
     chroot = settings.host.chroot
     if os.path.lexists(chroot) and not os.path.isdir(chroot):
         raise BinhostError(f"{chroot} exists and is not a directory: choose another --host-chroot")
     if not runner.pretend:
         check_chroot_privileges(chroot)
-    if os.path.isdir(chroot) and os.listdir(chroot):
-        output.info(f"Using the existing host environment in {chroot} (remove it to start over)")
+    if os.path.isdir(chroot) and set(os.listdir(chroot)) - {"lost+found"}:
+        output.info(f"Using the existing host environment in {chroot} (to start over: check that"
+                    f" nothing is mounted in it with 'findmnt -R {chroot}', then"
+                    f" 'rm -rf --one-file-system {chroot}')")
+    elif os.path.ismount(chroot):
+        # The stage3 is extracted beside the directory and renamed into place when complete.
+        raise BinhostError(f"{chroot} is a mount point: use a directory on that filesystem, such as"
+                           f" {os.path.join(chroot, 'gentoo')}")
     else:
         # This environment runs here, so it is this machine's arch with generic CFLAGS, whatever
         # the target is.
@@ -3355,20 +3434,26 @@ def init_host_chroot(config, args, runner, output):
         runner.write_file(config.path, set_config_values(read_text(config.path), "host", {"chroot": chroot}))
     if os.path.isdir(settings.root) and os.listdir(settings.root) and not args.force:
         output.info(f"Keeping the binhost root {settings.root} (init --force replaces it)")
-        if not runner.pretend:
-            link_repositories_into(settings, runner, output)
-    else:
-        init_binhost(config, args, runner, output)
+        link_repositories_into(settings, runner, output)
+        return
+    host_keys = os.path.join(chroot, GENTOO_RELEASE_KEYS.lstrip("/"))
+    if not args.keyring and not os.path.isfile(GENTOO_RELEASE_KEYS) and os.path.isfile(host_keys):
+        # Not Gentoo here: the verified host stage3 brought Gentoo's release keys along.
+        output.info(f"Verifying the binhost's stage3 with the release keys of the host environment,"
+                    f" {host_keys}")
+        args.keyring = host_keys
+    init_binhost(config, args, runner, output)
 
 
 def sync_host_repository(host, how, runner, output):
     """emerge-webrsync (a signed snapshot, the Handbook's first sync) or emerge --sync."""
     argv = [host.program("emerge-webrsync", "it comes with Portage")] if how == "webrsync" \
         else [host.program("emerge", "it comes with Portage"), "--sync"]
-    output.action(f"Syncing the ebuild repository in {host.where}: {' '.join(argv)}")
+    command = " ".join([os.path.basename(argv[0])] + argv[1:])
+    output.action(f"Syncing the ebuild repository in {host.where}: {command}")
     result = host.run(argv, check=False)
     if result is not None and result.returncode != 0:
-        raise BinhostError(f"{os.path.basename(argv[0])} {' '.join(argv[1:])} failed in {host.where}"
+        raise BinhostError(f"{command} failed in {host.where}"
                            f" (exit {result.returncode}): see its output above; run init --host-chroot"
                            " again to retry")
 

@@ -478,6 +478,8 @@ def umount_under(path):
         top = [p for p in points
                if not any(p != q and p.startswith(q.rstrip("/") + "/") for q in points)]
         for point in top:
+            # Slave first: an unmount must never propagate to the host's own /dev or /sys.
+            run(["mount", "--make-rslave", point], check=False)
             run(["umount", "-R", "-l", point], check=False)
     left = mounts_under(path)
     assert not left, "still mounted under %s: %s" % (path, left)
@@ -502,19 +504,18 @@ def chroot_mounts(chroot):
     mounted = []
     try:
         for name, argv in (
-            ("proc", [["mount", "-t", "proc", "proc"]]),
-            ("sys", [["mount", "--rbind", "/sys"], ["mount", "--make-rslave"]]),
-            ("dev", [["mount", "--rbind", "/dev"], ["mount", "--make-rslave"]]),
+            ("proc", ["mount", "-t", "proc", "proc"]),
+            ("sys", ["mount", "--rbind", "--make-rslave", "/sys"]),  # slave in the same call
+            ("dev", ["mount", "--rbind", "--make-rslave", "/dev"]),
         ):
             target = chroot / name
             target.mkdir(exist_ok=True)
-            run(argv[0] + [target])
+            run(argv + [target])
             mounted.append(target)
-            for more in argv[1:]:
-                run(more + [target])
         yield chroot
     finally:
         for target in reversed(mounted):
+            run(["mount", "--make-rslave", target], check=False)
             if run(["umount", "-R", target], check=False).returncode != 0:
                 run(["umount", "-R", "-l", target], check=False)
         umount_under(chroot)

@@ -244,22 +244,73 @@ def test_an_interrupted_build_leaves_no_mounts_and_no_build_running(world, how):
     assert world.mounts() == [] and world.state() == ""
 
 
+def mount_id(point):
+    with open("/proc/self/mountinfo") as handle:
+        return [line.split()[0] for line in handle if line.split()[4] == str(point)][-1]
+
+
 def test_mounts_of_others_are_kept_and_leftovers_are_cleaned(world):
     proc = world.chroot / "proc"
+    state = world.chroot / "var/cache/gentoo-binhost/mounts"
+    # A record from before a reboot names /proc, which the user has mounted since: not ours.
+    state.write_text(f"999999 {proc}\n")
     run(["mount", "--types", "proc", "proc", proc])  # the user's own chroot session
     try:
         world.cli("build", "--oneshot", "app-misc/hello")
         assert world.mounts() == [str(proc)]  # kept, and not mounted a second time
+        doctor = world.cli("doctor", check=False)
+        assert f"OK   chroot mounts: mounted by someone else, used as they are and never unmounted" \
+               f" by gentoo-binhost.py: {proc}" in doctor.stdout
     finally:
         run(["umount", proc])
     # A build killed with SIGKILL leaves its mounts recorded; doctor sees them, the next build
     # removes them.
-    run(["mount", "--bind", "/run", world.chroot / "run"])
-    (world.chroot / "var/cache/gentoo-binhost/mounts").write_text(f"{world.chroot / 'run'}\n")
+    run(["mount", "--bind", "--make-slave", "/run", world.chroot / "run"])
+    state.write_text(f"{mount_id(world.chroot / 'run')} {world.chroot / 'run'}\n")
     doctor = world.cli("doctor", check=False)
-    assert f"WARN chroot mounts: left mounted with no build running: {world.chroot / 'run'}" in doctor.stdout
+    assert f"WARN chroot mounts: left mounted by a build that did not finish: {world.chroot / 'run'}" \
+           in doctor.stdout
     world.cli("build", "--oneshot", "app-misc/hello")
     assert world.mounts() == [] and world.state() == ""
+
+
+def test_concurrent_commands_share_the_mounts(world):
+    """While a build runs, another command in the chroot uses its mounts, mounts nothing twice and
+    unmounts nothing; the build, the last one out, unmounts."""
+    started = world.chroot / "tmp/slow-started"
+    if started.exists():
+        started.unlink()
+    build = world.popen("build", "--oneshot", "app-misc/slow")
+    try:
+        deadline = time.monotonic() + 120
+        while not started.exists():
+            assert build.poll() is None and time.monotonic() < deadline, build.communicate()[0]
+            time.sleep(0.2)
+        during = world.mounts()
+        assert world.cli("config", "diff").returncode == 0  # runs its script in the chroot
+        assert world.mounts() == during
+        assert sorted(during).count(str(world.chroot / "proc")) == 1
+        build.send_signal(signal.SIGTERM)
+        build.communicate(timeout=60)
+    finally:
+        for pid in live_processes_in_group(build.pid):
+            os.kill(pid, signal.SIGKILL)
+    assert world.mounts() == [] and world.state() == ""
+
+
+def test_nothing_propagates_to_the_host_where_mounts_are_shared(world):
+    """On systemd machines / is a shared mount: unmounting the chroot's rbinds must not take the
+    host's /dev/pts, /dev/shm or /sys submounts with them. In a mount namespace of its own with /
+    made shared, a build and an interrupted build leave the namespace's mount table as it was."""
+    need(shutil.which("unshare"), "unshare (util-linux) is needed")
+    script = ("mount --make-rshared / && grep -v ' {chroot}/' /proc/self/mountinfo | cut -d' ' -f5 "
+              "| sort > {base}/before && \"$@\"; grep -v ' {chroot}/' /proc/self/mountinfo | cut -d' ' -f5 "
+              "| sort > {base}/after").format(chroot=world.chroot, base=world.base)
+    run(["unshare", "--mount", "--propagation", "unchanged", "sh", "-c", script, "sh", sys.executable,
+         SCRIPT, "--color=n", "-c", world.config, "build", "--oneshot", "app-misc/hello"], timeout=600)
+    before, after = (world.base / "before").read_text(), (world.base / "after").read_text()
+    assert "/dev/pts" in before and before == after
+    assert world.mounts() == []
 
 
 def test_init_again_resyncs_and_keeps_everything(world):

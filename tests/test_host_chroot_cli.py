@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import SCRIPT, need
+from conftest import SCRIPT, need, umount_under
 
 
 def cli(*args, config, env=None, prefix=()):
@@ -37,9 +37,11 @@ def chroot(tmp_path):
     directory = tmp_path / "gentoo"
     for path in ("usr/bin", "proc", "sys", "dev", "run", "etc", "binhost/etc/portage"):
         (directory / path).mkdir(parents=True)
-    for tool in ("emerge", "emaint", "gpkg-sign", "portageq"):
+    for tool in ("emerge", "emaint", "gpkg-sign", "portageq", "emerge-webrsync"):
         (directory / "usr/bin" / tool).write_text("#!/bin/sh\n")
-    return directory
+    yield directory
+    # Should a regression ever mount something here, pytest must not clean up into the host's /dev.
+    umount_under(directory)
 
 
 def write_config(tmp_path, text):
@@ -67,6 +69,7 @@ def test_the_binhost_root_defaults_to_inside_the_chroot(gb, tmp_path, chroot):
     ("[host]\nchroot = {chroot}\n[binhost]\nroot = /binhost\n",
      ["[binhost] root = /binhost is outside the host chroot", "put it under"]),
     ("[host]\nchroot = {chroot}\n[binhost]\ngpg-home = /root/gnupg\n", ["[binhost] gpg-home"]),
+    ("[host]\nchroot = {chroot}\n[binhost]\nroot = {chroot}\n", ["is the host chroot itself"]),
     ("[host]\nchroot = {chroot}\n[target t]\nhost = h\nbinhost-root = /elsewhere\n",
      ["[target t] binhost-root"]),
     ("[host]\nchroot = {chroot}\npath = opt/bin\n", ["must be an absolute path"]),
@@ -83,7 +86,8 @@ def test_bad_host_settings_are_one_line_errors(tmp_path, chroot, text, fragments
 
 
 def test_commands_in_the_chroot_get_its_paths_and_a_clean_environment(gb, chroot, monkeypatch):
-    monkeypatch.setenv("LANG", "C.UTF-8")
+    monkeypatch.setenv("MAKEOPTS", "-j3")
+    monkeypatch.setenv("LANG", "de_DE.UTF-8")  # not generated in a fresh stage3
     monkeypatch.setenv("PYTHONPATH", "/host/only")
     settings = gb.BinhostSettings({}, "c.conf", gb.HostSettings({"chroot": str(chroot),
                                                                  "path": "/opt/portage/bin"}, "c.conf"))
@@ -95,7 +99,8 @@ def test_commands_in_the_chroot_get_its_paths_and_a_clean_environment(gb, chroot
     assert argv[:4] == ["chroot", str(chroot), "env", "-i"]
     assert "ROOT=/binhost" in argv and "PORTAGE_CONFIGROOT=/binhost" in argv
     assert "PKGDIR=/binhost/var/cache/binpkgs" in argv
-    assert "LANG=C.UTF-8" in argv and not any(word.startswith("PYTHONPATH") for word in argv)
+    assert "MAKEOPTS=-j3" in argv
+    assert not any(word.startswith(("PYTHONPATH", "LANG")) for word in argv)
     assert f"PATH=/opt/portage/bin:{gb.CHROOT_PATH}" in argv
     assert argv[-4:] == ["emerge", "--buildpkg", ">=dev-lang/python-3.12", "/binhost/x"]
     assert host.program("emerge", "") == "/usr/bin/emerge"
@@ -110,8 +115,9 @@ def test_pretend_build_shows_mounts_chroot_and_unmounts_and_runs_nothing(chroot,
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     assert lines[0] == f"mount --types proc proc {chroot}/proc"
-    assert f"mount --rbind /dev {chroot}/dev" in lines and f"mount --make-rslave {chroot}/dev" in lines
-    assert f"mount --bind /run {chroot}/run" in lines
+    assert f"mount --rbind --make-rslave /dev {chroot}/dev" in lines
+    assert f"mount --rbind --make-rslave /sys {chroot}/sys" in lines
+    assert f"mount --bind --make-slave /run {chroot}/run" in lines
     chroot_line = next(line for line in lines if line.startswith("chroot "))
     argv = shlex.split(chroot_line)
     assert argv[-5:] == ["/usr/bin/emerge", "--buildpkg", "--root-deps", "-uDN", ">=dev-lang/python-3.12"]
@@ -119,6 +125,19 @@ def test_pretend_build_shows_mounts_chroot_and_unmounts_and_runs_nothing(chroot,
     assert lines.index(chroot_line) < lines.index(f"umount --recursive {chroot}/proc") == len(lines) - 1
     assert mounts_under(chroot) == []
     assert not (chroot / "var/cache/gentoo-binhost/mounts").exists()
+
+
+def test_pretend_init_on_an_existing_chroot_shows_the_sync_and_the_config_change(chroot, tmp_path):
+    config = write_config(tmp_path, "[binhost]\nport = 8080\n")
+    result = cli("--pretend", "init", "--host-chroot", str(chroot), config=config)
+    assert result.returncode == 0, result.stderr
+    assert f"Using the existing host environment in {chroot}" in result.stdout
+    webrsync = next(line for line in result.stdout.splitlines() if line.startswith("chroot "))
+    assert shlex.split(webrsync)[-1] == "/usr/bin/emerge-webrsync"
+    assert f"Keeping the binhost root {chroot}/binhost" in result.stdout
+    assert f"+chroot = {chroot}" in result.stdout  # the diff of the config file it would write
+    assert config.read_text() == "[binhost]\nport = 8080\n"
+    assert mounts_under(chroot) == []
 
 
 def test_init_host_chroot_options_need_a_chroot(tmp_path):
