@@ -677,14 +677,6 @@ def mount_id(point):
     return found[-1] if found else None
 
 
-def mounts_under(directory):
-    """Mount points at or below directory, deepest first (the order to unmount them in)."""
-    directory = os.path.realpath(directory)
-    found = [point for point in mount_points()
-             if point == directory or point.startswith(directory.rstrip("/") + "/")]
-    return sorted(set(found), key=lambda point: point.count("/"), reverse=True)
-
-
 def effective_capabilities(status_text=None):
     """The CapEff bit mask of this process (from /proc/self/status), or None when unknown."""
     if status_text is None:

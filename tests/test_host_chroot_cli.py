@@ -194,3 +194,19 @@ def test_repository_timestamps_from_emerge_info(gb):
     assert gb.parse_repository_timestamps(info) == {"gentoo": "Mon, 23 Nov 2026 00:45:00 +0000"}
     older = "Timestamp of repository gentoo: Sun, 01 Nov 2026 00:45:00 +0000\n"
     assert gb.parse_repository_timestamps(older) == {"gentoo": "Sun, 01 Nov 2026 00:45:00 +0000"}
+
+
+def test_init_refuses_a_mount_point_as_the_chroot(tmp_path):
+    """The stage3 is extracted beside DIR and renamed into place, which a mount point cannot be."""
+    need(os.geteuid() == 0, "needs root (mount)")
+    directory = tmp_path / "disk"
+    directory.mkdir()
+    subprocess.run(["mount", "--types", "tmpfs", "tmpfs", str(directory)], check=True)
+    try:
+        (directory / "lost+found").mkdir()  # a fresh filesystem is not an existing environment
+        config = write_config(tmp_path, "[binhost]\nport = 8080\n")
+        result = cli("init", "--host-chroot", str(directory), "--no-sync", "--no-verify-pgp",
+                     "--host-stage3", str(tmp_path / "stage3.tar.xz"), config=config)
+        one_error(result, 1, f"{directory} is a mount point", f"{directory}/gentoo")
+    finally:
+        umount_under(directory)
