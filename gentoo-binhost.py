@@ -145,6 +145,10 @@ class UsageError(BinhostError):
     exit_code = EXIT_USAGE
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM or SIGHUP, handled like Ctrl-C so that cleanups (unmounting) run."""
+
+
 class CannotSign(BinhostError):
     """The signing key cannot sign unattended (a passphrase not cached in gpg-agent)."""
 
@@ -953,10 +957,6 @@ class BuildHost:
         elif os.path.lexists(self.outside("/usr/bin/gpgconf")):
             self.run(["gpgconf", "--homedir", home, "--kill", "all"], check=False, capture=True,
                      changes=False)
-
-
-class Terminated(KeyboardInterrupt):
-    """SIGTERM or SIGHUP, handled like Ctrl-C so that cleanups (unmounting) run."""
 
 
 TERMINATING_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
