@@ -962,6 +962,14 @@ class BuildHost:
 TERMINATING_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
 
 
+def chroot_session(settings, runner, output):
+    """One mount of the host chroot for a series of commands in it, instead of a mount and an
+    unmount around each (nothing to do without a host chroot)."""
+    if not settings.host.chroot:
+        return contextlib.nullcontext()
+    return BuildHost(settings, runner, output).mounted()
+
+
 @contextlib.contextmanager
 def terminate_as_interrupt(runner):
     if threading.current_thread() is not threading.main_thread():
@@ -3036,13 +3044,14 @@ def check_host_chroot(doctor, settings, runner, output):
 
 def run_doctor(settings, target, runner, output, atoms):
     doctor = Doctor(output)
-    if settings.host.chroot:
+    if settings.host.chroot:  # first: before anything of ours is mounted there
         doctor.run("host chroot", check_host_chroot, settings, runner, output)
-    doctor.run("binhost root", check_binhost_root_shape, settings)
-    doctor.run("configuration", check_configuration, settings, target, runner, output)
-    doctor.run("binrepos", check_binrepos, settings, target, runner, output)
-    doctor.run("index", check_pkgdir, settings)
-    doctor.run("preflight", check_preflight, settings, target, runner, output, atoms)
+    with chroot_session(settings, runner, output) if not doctor.failed else contextlib.nullcontext():
+        doctor.run("binhost root", check_binhost_root_shape, settings)
+        doctor.run("configuration", check_configuration, settings, target, runner, output)
+        doctor.run("binrepos", check_binrepos, settings, target, runner, output)
+        doctor.run("index", check_pkgdir, settings)
+        doctor.run("preflight", check_preflight, settings, target, runner, output, atoms)
     return doctor
 
 
@@ -4445,13 +4454,16 @@ def cmd_config(config, args, runner, output):
         raise UsageError("--all works with config diff only: pull and push act on one --target")
     if args.all:
         def diff(target):
-            if sync_config("diff", config.binhost_for(target), target, runner, output, show_only=True):
-                raise BinhostError("its configuration differs from the binhost's (diff above)")
+            settings = config.binhost_for(target)
+            with chroot_session(settings, runner, output):
+                if sync_config("diff", settings, target, runner, output, show_only=True):
+                    raise BinhostError("its configuration differs from the binhost's (diff above)")
         for_each_target(config, output, diff)
     else:
         target = config.target(args.target)
-        sync_config(args.action, config.binhost_for(target), target, runner, output,
-                    show_only=args.action == "diff")
+        settings = config.binhost_for(target)
+        with chroot_session(settings, runner, output):
+            sync_config(args.action, settings, target, runner, output, show_only=args.action == "diff")
 
 
 def cmd_init(config, args, runner, output):

@@ -173,6 +173,19 @@ def stop_process(proc, timeout=10):
 
 
 @contextlib.contextmanager
+def binhost_serving(config, port):
+    """``gentoo-binhost.py -c config serve`` running (on ``port``, as the config says) for the
+    duration; stopped on exit."""
+    server = subprocess.Popen([sys.executable, str(SCRIPT), "-c", str(config), "serve"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        assert wait_for_port(port, proc=server), server.stderr.read()
+        yield server
+    finally:
+        stop_process(server)
+
+
+@contextlib.contextmanager
 def http_server(directory, port=None):
     """Serve ``directory`` with ``python3 -m http.server`` on 127.0.0.1.
 

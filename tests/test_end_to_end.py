@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import (SCRIPT, eroot, free_port, need, run, start_sshd, stop_process, wait_for_port,
+from conftest import (SCRIPT, binhost_serving, eroot, free_port, need, run, start_sshd, stop_process, wait_for_port,
                       write_portage_config)
 
 
@@ -97,13 +97,8 @@ def populate_world(world):
     world.cli("sign")
     assert all(is_signed(package) for package in packages)
 
-    server = subprocess.Popen([sys.executable, SCRIPT, "-c", world.config, "serve"],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
-        assert wait_for_port(world.port, proc=server), server.stderr.read()
+    with binhost_serving(world.config, world.port):
         yield world
-    finally:
-        stop_process(server)
 
 
 def is_signed(path):

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import (CHROOT_EPREFIX, CHROOT_REPO, REPO, SCRIPT, eroot, ensure_chroot_cache, free_port,
-                      mounts_under, need, remove_chroot, run, stop_process, wait_for_port,
+from conftest import (CHROOT_EPREFIX, CHROOT_REPO, REPO, SCRIPT, binhost_serving, eroot,
+                      ensure_chroot_cache, free_port, mounts_under, need, remove_chroot, run,
                       write_chroot_portage_config, write_portage_config)
 from test_init import gpg_home, sign, tiny_stage3
 
@@ -101,6 +101,21 @@ class ChrootWorld:
         return path.read_text() if path.exists() else ""
 
 
+def start_slow_build(world):
+    """A build (in its own process group) that has reached app-misc/slow's endless compile."""
+    started = world.chroot / "tmp/slow-started"
+    if started.exists():
+        started.unlink()
+    build = world.popen("build", "--oneshot", "app-misc/slow")
+    deadline = time.monotonic() + 120
+    while not started.exists():
+        if build.poll() is not None or time.monotonic() > deadline:
+            build.kill()
+            pytest.fail(f"the slow build did not start: {build.communicate()[0]}")
+        time.sleep(0.2)
+    return build
+
+
 def live_processes_in_group(pgid):
     """Processes of a process group that still run (zombies nobody reaps here do not count)."""
     found = []
@@ -147,13 +162,8 @@ def world(portage_bin, eprefix, host_portage, sshd):
         write_chroot_portage_config(chroot, "/binhost", extra_make_conf='USE="loud"\n')
         world.cli("keygen")
         world.built = world.cli("build", "app-misc/hello-app", "app-misc/greet")
-        server = subprocess.Popen([sys.executable, SCRIPT, "-c", world.config, "serve"],
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        try:
-            assert wait_for_port(world.port, proc=server), server.stderr.read()
+        with binhost_serving(world.config, world.port):
             yield world
-        finally:
-            stop_process(server)
     finally:
         remove_chroot(chroot)  # unmounts first: never rm -rf a mounted /dev
         shutil.rmtree(base, ignore_errors=True)
@@ -219,15 +229,8 @@ def test_a_failing_build_leaves_no_mounts(world):
 
 @pytest.mark.parametrize("how", ["SIGTERM to the process", "Ctrl-C to the process group"])
 def test_an_interrupted_build_leaves_no_mounts_and_no_build_running(world, how):
-    started = world.chroot / "tmp/slow-started"
-    if started.exists():
-        started.unlink()
-    build = world.popen("build", "--oneshot", "app-misc/slow")
+    build = start_slow_build(world)
     try:
-        deadline = time.monotonic() + 120
-        while not started.exists():
-            assert build.poll() is None and time.monotonic() < deadline, build.communicate()[0]
-            time.sleep(0.2)
         assert len(world.mounts()) >= 4  # proc, sys (+ submounts), dev (+ pts, shm), run
         if how.startswith("SIGTERM"):
             build.send_signal(signal.SIGTERM)
@@ -277,15 +280,8 @@ def test_mounts_of_others_are_kept_and_leftovers_are_cleaned(world):
 def test_concurrent_commands_share_the_mounts(world):
     """While a build runs, another command in the chroot uses its mounts, mounts nothing twice and
     unmounts nothing; the build, the last one out, unmounts."""
-    started = world.chroot / "tmp/slow-started"
-    if started.exists():
-        started.unlink()
-    build = world.popen("build", "--oneshot", "app-misc/slow")
+    build = start_slow_build(world)
     try:
-        deadline = time.monotonic() + 120
-        while not started.exists():
-            assert build.poll() is None and time.monotonic() < deadline, build.communicate()[0]
-            time.sleep(0.2)
         during = world.mounts()
         assert world.cli("config", "diff").returncode == 0  # runs its script in the chroot
         assert world.mounts() == during
