@@ -36,6 +36,7 @@ import email.utils
 import errno
 import fcntl
 import functools
+import gzip
 import hashlib
 import hmac
 import html
@@ -125,6 +126,8 @@ CAP_SYS_CHROOT, CAP_SYS_ADMIN = 18, 21
 SNAPSHOT_WARN_DAYS = 30
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+# A command stopped by a signal exits with 128 + its number, as a shell reports it.
+EXIT_SIGNAL_BASE = 128
 SSH_CONNECTION_FAILED = 255
 COMMAND_NOT_FOUND = 127
 
@@ -146,7 +149,12 @@ class UsageError(BinhostError):
 
 
 class Terminated(KeyboardInterrupt):
-    """SIGTERM or SIGHUP, handled like Ctrl-C so that cleanups (unmounting) run."""
+    """SIGTERM or SIGHUP, handled like Ctrl-C so that cleanups (unmounting) run; main() exits
+    with 128 + the signal's number (143, 129)."""
+
+    def __init__(self, signum=signal.SIGTERM):
+        super().__init__(signum)
+        self.signum = signum
 
 
 class CannotSign(BinhostError):
@@ -411,7 +419,9 @@ class Config:
 
 def load_config(path, host_chroot=None):
     """The configuration in path; host_chroot (init --host-chroot DIR) stands for [host] chroot."""
-    parser = configparser.ConfigParser(interpolation=None, default_section="gentoo-binhost-no-defaults")
+    # `key = value  ; note` as in the README: a ; or # after white space starts a comment.
+    parser = configparser.ConfigParser(interpolation=None, default_section="gentoo-binhost-no-defaults",
+                                       inline_comment_prefixes=(";", "#"))
     try:
         with open(path, encoding="utf-8") as handle:
             parser.read_file(handle)
@@ -493,7 +503,8 @@ def set_config_values(text, section, values):
         # ConfigParser accepts `key = value` and `key: value`, keys in any case.
         key = re.split(r"[=:]", lines[i], 1)[0].strip().lower()
         if key in pending and not lines[i].lstrip().startswith((";", "#")):
-            lines[i] = f"{key} = {pending.pop(key)}"
+            comment = re.search(r"\s+[;#].*$", re.split(r"[=:]", lines[i], 1)[-1])
+            lines[i] = f"{key} = {pending.pop(key)}" + (comment.group(0) if comment else "")
     insert_at = end
     while insert_at > start + 1 and not lines[insert_at - 1].strip():
         insert_at -= 1
@@ -514,6 +525,22 @@ class Runner:
         self.output = output
         self.pretend = pretend
         self.running = None  # the command running now, to pass SIGTERM on to
+        self.secrets = set()  # passwords shown as ******** wherever a command or file is shown
+
+    def abbreviated(self, shown):
+        """Under --pretend, one of our sh scripts is shown by name (-v shows it whole)."""
+        if self.output.verbosity > 1:
+            return shown
+        for name, script in shell_scripts().items():
+            if shlex.quote(script) in shown:
+                shown = shown.replace(shlex.quote(script), f'"${name}"')
+                self.output.info(f"${name}: a sh script of {PROG} (-v shows it)")
+        return shown
+
+    def masked(self, text):
+        for secret in sorted(self.secrets, key=len, reverse=True):
+            text = text.replace(secret, "********")
+        return text
 
     def terminate_running(self):
         """Ask the running command to stop (it cleans up its own children, as emerge does)."""
@@ -523,26 +550,35 @@ class Runner:
                 process.terminate()
 
     def run(self, argv, env=None, *, changes=True, capture=False, input=None, check=True,
-            describe=None, cwd=None, binary=False):
+            describe=None, cwd=None, binary=False, own_group=False):
         """Run argv with env added to ours. Returns a CompletedProcess (None under --pretend for
-        commands that change something). With check, a non-zero exit raises BinhostError."""
+        commands that change something). With check, a non-zero exit raises BinhostError.
+        own_group (builds): the command and everything it starts run in a process group of their
+        own, which SIGINT, SIGTERM and SIGHUP sent to this tool alone are passed on to; the call
+        returns only when every process of that group is gone."""
         argv = [str(word) for word in argv]
-        shown = format_command(argv, env)
+        shown = self.masked(format_command(argv, env))
         if self.pretend and changes:
-            self.output.text(shown, always=True)
+            self.output.text(self.abbreviated(shown), always=True)
             return None
         self.output.debug(f"Running: {shown}")
         full_env = dict(os.environ, **env) if env else None
         text = not binary and (isinstance(input, str) or (capture and not isinstance(input, bytes)))
+        group = ProcessGroup() if own_group and threading.current_thread() is threading.main_thread() \
+            else None
         try:
             with subprocess.Popen(
                     argv, env=full_env, cwd=cwd, stdin=subprocess.PIPE if input is not None else None,
                     stdout=subprocess.PIPE if capture else None,
                     stderr=subprocess.PIPE if capture else None,
-                    encoding="utf-8" if text else None, errors="replace" if text else None) as process:
+                    encoding="utf-8" if text else None, errors="replace" if text else None,
+                    preexec_fn=group.enter if group else None) as process:
                 self.running = process
                 try:
-                    stdout, stderr = process.communicate(input)
+                    if group:
+                        stdout, stderr = group.wait(process, input)
+                    else:
+                        stdout, stderr = process.communicate(input)
                 except KeyboardInterrupt:
                     # Ctrl-C reached the command too (SIGTERM is passed on): let it clean up.
                     with contextlib.suppress(BaseException):
@@ -559,6 +595,8 @@ class Runner:
             raise program_missing(argv[0]) from None
         except PermissionError:
             raise BinhostError(f"{argv[0]} is not executable: check its permissions") from None
+        if group:
+            group.raise_if_interrupted(process.returncode)
         if check and result.returncode != 0:
             what = describe or argv[0]
             detail = ""
@@ -583,20 +621,25 @@ class Runner:
         """Run a read-only query and return its CompletedProcess with captured text output."""
         return self.run(argv, env, changes=False, capture=True, input=input, check=check, describe=describe)
 
-    def write_file(self, path, content, mode=None, backup=True):
-        """Write content to path atomically (temp file, then rename), keeping a timestamped backup
-        of a different existing file and its mode (else `mode`, default 0644). Returns False when
-        the file already had this content."""
+    def write_file(self, path, content, mode=None, backup=True, mtime=None):
+        """Write content (text, or bytes) to path atomically (temp file, then rename), keeping a
+        timestamped backup of a different existing file and its mode (else `mode`, default
+        0644), with the modification time mtime when given. Returns False when the file already
+        had this content (and mtime)."""
+        binary = isinstance(content, bytes)
         try:
-            with open(path, encoding="utf-8", errors="surrogateescape") as handle:
+            with open(path, "rb") as handle:
                 current = handle.read()
+            current = current if binary else current.decode("utf-8", "surrogateescape")
+            current_mtime = int(os.stat(path).st_mtime)
         except FileNotFoundError:
-            current = None
-        if current == content:
+            current = current_mtime = None
+        if current == content and mtime in (None, current_mtime):
             return False
         if self.pretend:
-            self.output.info(f"Would write {path}:")
-            self.output.text(unified_diff(current, content, path), always=True)
+            self.output.info(f"Would write {path}" + (":" if not binary else ""))
+            if not binary:
+                self.output.text(self.masked(unified_diff(current, content, path)), always=True)
             return True
         directory = os.path.dirname(path) or "."
         os.makedirs(directory, exist_ok=True)
@@ -608,17 +651,126 @@ class Runner:
             mode = stat.S_IMODE(os.stat(path).st_mode) if current is not None else 0o644
         handle, temporary = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.")
         try:
-            with os.fdopen(handle, "w", encoding="utf-8", errors="surrogateescape") as stream:
-                stream.write(content)
+            with os.fdopen(handle, "wb") as stream:
+                stream.write(content if binary else content.encode("utf-8", "surrogateescape"))
                 stream.flush()
                 os.fsync(stream.fileno())
             os.chmod(temporary, mode)
+            if mtime is not None:
+                os.utime(temporary, (mtime, mtime))
             os.replace(temporary, path)
         except BaseException:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(temporary)
             raise
         return True
+
+
+FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+class ProcessGroup:
+    """A build and everything it starts, in a process group of its own. A signal sent to this
+    tool alone (a service manager's SIGTERM, `kill PID` from a script) is passed on to the whole
+    group; the build lock and the chroot's mounts are released only when the group is empty.
+    On a terminal, the group becomes the foreground job while it runs, so Ctrl-C reaches all of
+    it and `emerge --ask` can still read its answer."""
+
+    def __init__(self):
+        self.terminal = None
+        with contextlib.suppress(OSError, AttributeError, ValueError):
+            descriptor = sys.stdin.fileno()
+            if os.isatty(descriptor) and os.tcgetpgrp(descriptor) == os.getpgrp():
+                self.terminal = descriptor
+        self.received = []
+        self.pgid = None
+
+    def enter(self):
+        """In the child, before exec: a group of its own, in the terminal's foreground."""
+        os.setpgid(0, 0)
+        if self.terminal is not None:
+            signal.signal(signal.SIGTTOU, signal.SIG_IGN)
+            with contextlib.suppress(OSError):
+                os.tcsetpgrp(self.terminal, os.getpgrp())
+            signal.signal(signal.SIGTTOU, signal.SIG_DFL)
+
+    def forward(self, signum, _frame):
+        self.received.append(signum)
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.pgid, signum)
+
+    def wait(self, process, input):
+        """communicate() with signals passed on, then wait for the rest of the group."""
+        self.pgid = process.pid
+        with contextlib.suppress(OSError):  # the parent's side of the race with enter()
+            os.setpgid(self.pgid, self.pgid)
+            if self.terminal is not None:
+                self.take_terminal(self.pgid)
+        previous = {number: signal.signal(number, self.forward) for number in FORWARDED_SIGNALS}
+        try:
+            output = process.communicate(input)
+            self.drain()
+            return output
+        finally:
+            if self.terminal is not None:
+                with contextlib.suppress(OSError):
+                    self.take_terminal(os.getpgrp())
+            for number, handler in previous.items():
+                signal.signal(number, handler)
+
+    def take_terminal(self, pgid):
+        previous = signal.signal(signal.SIGTTOU, signal.SIG_IGN)
+        try:
+            os.tcsetpgrp(self.terminal, pgid)
+        finally:
+            signal.signal(signal.SIGTTOU, previous)
+
+    def members(self):
+        """Live processes of the group (zombies a container's init never reaps do not count)."""
+        found = []
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit():
+                continue
+            try:
+                with open(f"/proc/{entry}/stat", encoding="utf-8", errors="replace") as handle:
+                    fields = handle.read().rsplit(")", 1)[1].split()
+            except (OSError, IndexError):
+                continue
+            if len(fields) > 2 and fields[2] == str(self.pgid) and fields[0] != "Z":
+                found.append(int(entry))
+        return found
+
+    def drain(self):
+        """After the command exited: its leftovers (ebuild processes whose parent is gone) get
+        the signal that stopped it, or SIGTERM, then SIGKILL after a grace period."""
+        if not self.members():
+            return
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.pgid, self.received[-1] if self.received else signal.SIGTERM)
+        deadline = time.monotonic() + STOP_GRACE_SECONDS
+        while self.members():
+            if time.monotonic() > deadline:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(self.pgid, signal.SIGKILL)
+                deadline = time.monotonic() + STOP_GRACE_SECONDS
+            time.sleep(0.05)
+
+    def raise_if_interrupted(self, returncode):
+        """A signal passed on ends this tool too, once the group is gone. On a terminal, Ctrl-C
+        went to the group alone: its exit status tells."""
+        signum = self.received[0] if self.received else None
+        if signum is None and self.terminal is not None and returncode in (
+                -signal.SIGINT, EXIT_SIGNAL_BASE + signal.SIGINT):
+            signum = signal.SIGINT
+        if signum == signal.SIGINT:
+            raise KeyboardInterrupt()
+        if signum is not None:
+            raise Terminated(signum)
+
+
+def shell_scripts():
+    """{NAME: text} of the sh scripts this tool runs on either side."""
+    return {name: value for name, value in globals().items() if name.endswith("_SCRIPT")}
 
 
 def program_missing(name):
@@ -985,7 +1137,7 @@ def terminate_as_interrupt(runner):
             os.killpg(0, signum)
         else:
             runner.terminate_running()
-        raise Terminated()
+        raise Terminated(signum)
 
     previous = {number: signal.signal(number, interrupt) for number in TERMINATING_SIGNALS}
     try:
@@ -1011,7 +1163,7 @@ def signals_deferred():
         for number, handler in previous.items():
             signal.signal(number, handler)
     if received:
-        raise Terminated() if received[0] != signal.SIGINT else KeyboardInterrupt()
+        raise Terminated(received[0]) if received[0] != signal.SIGINT else KeyboardInterrupt()
 
 
 def check_binhost_root(settings):
@@ -1111,9 +1263,10 @@ def check_distcc_helpers(settings, build_host, output):
 
 
 @contextlib.contextmanager
-def build_lock(settings, output, pretend):
-    """One build per binhost at a time: a second build waits for the first."""
-    if pretend:
+def build_lock(settings, runner, output):
+    """One build per binhost at a time: a second build waits for the first. Whatever changed
+    PKGDIR under the lock leaves an index newer than before (see advance_index)."""
+    if runner.pretend:
         yield
         return
     lock_path = os.path.join(settings.root, "var/cache/gentoo-binhost/build.lock")
@@ -1131,11 +1284,61 @@ def build_lock(settings, output, pretend):
         lock_file.truncate()
         lock_file.write(f"pid {os.getpid()}\n")
         lock_file.flush()
+        before = index_state(settings.pkgdir)
         try:
             yield
         finally:
+            with signals_deferred():  # a half-advanced index would be worse than none
+                advance_index(settings.pkgdir, before, runner)
             lock_file.truncate(0)
             fcntl.flock(lock_file, fcntl.LOCK_UN)
+
+
+# Portage asks for the index with If-Modified-Since = its copy's TIMESTAMP + this many seconds
+# (TIMESTAMP_TOLERANCE in portage/util/_urlopen.py).
+PORTAGE_TIMESTAMP_TOLERANCE = 5
+
+
+def index_state(pkgdir):
+    """(TIMESTAMP, mtime, content) of PKGDIR/Packages, or None when there is none."""
+    path = os.path.join(pkgdir, "Packages")
+    try:
+        with open(path, "rb") as handle:
+            content = handle.read()
+            mtime = int(os.fstat(handle.fileno()).st_mtime)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    header = content.split(b"\n\n", 1)[0].decode("utf-8", "replace")
+    match = re.search(r"^TIMESTAMP: *(\d+)$", header, re.MULTILINE)
+    return int(match.group(1)) if match else 0, mtime, content
+
+
+def advance_index(pkgdir, before, runner):
+    """A target compares the index's date with its copy's: it reads a new index only when its
+    TIMESTAMP (and Last-Modified, the file's mtime, which Portage sets to it) is later. Portage
+    writes the current second, so two changes within one second, or an index rewritten exactly
+    5 s later (which Portage's If-Modified-Since would match), would look unchanged: after a
+    change, both move strictly past the previous ones (Packages.gz, when there is one, too)."""
+    after = index_state(pkgdir)
+    if after is None or before is None or after == before:
+        return
+    old_stamp, old_mtime, _ = before
+    new_stamp, new_mtime, content = after
+    stamp = max(new_stamp, new_mtime, old_stamp + 1, old_mtime + 1)
+    if stamp - old_stamp == PORTAGE_TIMESTAMP_TOLERANCE:
+        stamp += 1
+    if (stamp, stamp) == (new_stamp, new_mtime):
+        return
+    text = content.decode("utf-8", "surrogateescape")
+    text = re.sub(r"^TIMESTAMP: *\d*$", f"TIMESTAMP: {stamp}", text, count=1, flags=re.MULTILINE)
+    path = os.path.join(pkgdir, "Packages")
+    runner.write_file(path, text, backup=False, mtime=stamp)
+    compressed = path + ".gz"
+    if os.path.isfile(compressed):
+        data = io.BytesIO()
+        with gzip.GzipFile(filename="", mode="wb", fileobj=data, mtime=stamp) as stream:
+            stream.write(text.encode("utf-8", "surrogateescape"))
+        runner.write_file(compressed, data.getvalue(), backup=False, mtime=stamp)
 
 
 def build_packages(settings, runner, output, emerge_args):
@@ -1149,7 +1352,7 @@ def build_packages(settings, runner, output, emerge_args):
                     f" by default. Run '{PROG} keygen' to sign.")
     env = portage_environment(settings)
     argv = [emerge, "--buildpkg", "--root-deps"] + list(emerge_args)
-    with build_lock(settings, output, runner.pretend), host.mounted(show_only=runner.pretend):
+    with build_lock(settings, runner, output), host.mounted(show_only=runner.pretend):
         if settings.distcc_hosts and not runner.pretend:
             check_distcc_helpers(settings, host, output)
         if settings.signing_key:
@@ -1157,7 +1360,7 @@ def build_packages(settings, runner, output, emerge_args):
         where = f" (inside {host.where})" if host.chroot else ""
         output.action(f"Building in {settings.root}{where}: {format_command(['emerge'] + argv[1:])}")
         try:
-            result = host.run(argv, env, check=False)
+            result = host.run(argv, env, check=False, own_group=True)
         finally:
             if settings.signing_key and not runner.pretend:
                 host.stop_gpg_agent(settings.gpg_home)
@@ -1358,7 +1561,7 @@ def sign_packages(settings, runner, output, resign=False):
         # The current signatures may be by a retired key the verify keyring no longer holds.
         env["FEATURES"] += " binpkg-ignore-signature"
     # A build may be writing PKGDIR.
-    with build_lock(settings, output, runner.pretend), host.mounted(show_only=runner.pretend):
+    with build_lock(settings, runner, output), host.mounted(show_only=runner.pretend):
         try:
             for package in packages:
                 output.action(f"Signing {os.path.relpath(package, settings.pkgdir)}")
@@ -1615,13 +1818,15 @@ def setup_target(settings, target, runner, output, verify_signature=True):
     if not verify_signature:
         output.warn(f"verify-signature = false: {target.name} will install packages from {shown_url}"
                     " without checking who built them; anyone on the network path can swap them")
+    for _user, password in read_credentials(settings):
+        runner.secrets.update({password, password.replace("%", "%%")})
     content = binrepos_entry(url, verify_signature, target.root)
     if current == content:
         output.info(f"{target.name}:{entry_path} already points to {shown_url}")
     else:
         if runner.pretend:
             output.info(f"Would write {target.name}:{entry_path}:")
-            output.text(unified_diff(current, content, entry_path), always=True)
+            output.text(runner.masked(unified_diff(current, content, entry_path)), always=True)
         output.action(f"Writing {target.name}:{entry_path} (sync-uri = {shown_url})")
         remote.script(WRITE_FILE_SCRIPT, binrepos_dir, BINREPOS_NAME + ".conf", content, timestamp(),
                       what=f"writing {entry_path}")
@@ -2363,12 +2568,13 @@ def cpu_report(settings, target, runner, output, apply=False):
     check_binhost_root(settings)
     if os.path.isdir(make_conf):
         raise BinhostError(f"{make_conf} is a directory: put the lines above into a file in it yourself")
+    done = "would be set" if runner.pretend else "set"
     if runner.write_file(make_conf, new_make_conf):
-        output.action(f"COMMON_FLAGS of {make_conf} set for {target.name}")
+        output.action(f"COMMON_FLAGS of {make_conf} {done} for {target.name}")
     if cpu.is_x86:
         path, kind = cpu_flags_location(settings)
         if runner.write_file(path, set_cpu_flags_x86(read_text(path), cpu.cpu_flags_x86, kind)):
-            output.action(f"CPU_FLAGS_X86 in {path} set for {target.name}")
+            output.action(f"CPU_FLAGS_X86 in {path} {done} for {target.name}")
     return cpu
 
 
@@ -2594,6 +2800,10 @@ def sync_config(direction, settings, target, runner, output, show_only=False):
         return True
     writer, configroot = (binhost_side, settings.root) if direction == "pull" else (remote, target.root)
     output.action(f"Installing the configuration of {labels[1]} on {labels[0]}")
+    if runner.pretend:
+        output.info(f"Would check the stream against its SHA-256, unpack it beside {configroot}/etc/portage,"
+                    f" keep that side's gnupg/ and {BINREPOS_NAME} entry, and swap it in (the old one"
+                    " kept as etc/.portage.<date>.bak), with:")
     stream = source[0]
     result = writer.script(INSTALL_CONFIG_SCRIPT, configroot, hashlib.sha256(stream).hexdigest(),
                            timestamp(), BINREPOS_NAME + ".conf", input=stream, binary=True,
@@ -2690,7 +2900,7 @@ def clean_packages(settings, runner, output, keep):
     if keep < 1:
         raise UsageError("--keep needs at least 1")
     check_binhost_root(settings)
-    with build_lock(settings, output, runner.pretend):  # a build may be adding packages
+    with build_lock(settings, runner, output):  # a build may be adding packages
         records = package_records(settings.pkgdir)
         doomed = packages_to_clean(records, installed_in_binhost(settings, runner, output), keep)
         if not doomed:
@@ -2812,6 +3022,15 @@ def configuration_fingerprint(members):
     return digest.hexdigest()[:16]
 
 
+def empty_directory_on_one_side(name, *sides):
+    """An empty directory only one side has changes nothing for Portage: the target's
+    binrepos.conf/ that holds only our own entry (which never travels), say."""
+    present = [members for members in sides if name in members]
+    if len(present) != 1 or present[0][name][0] != "directory":
+        return False
+    return not any(other.startswith(name + "/") for other in present[0])
+
+
 def check_binhost_root_shape(doctor, settings):
     check_binhost_root(settings)
     release = next((os.path.join(settings.root, name) for name in ("etc/os-release", "usr/lib/os-release")
@@ -2830,7 +3049,8 @@ def check_configuration(doctor, settings, target, runner, output):
     binhost, remote_members = config_members(binhost_tar), config_members(target_tar)
     doctor.fingerprint = configuration_fingerprint(remote_members)
     differing = sorted(name for name in set(binhost) | set(remote_members)
-                       if binhost.get(name) != remote_members.get(name))
+                       if binhost.get(name) != remote_members.get(name)
+                       and not empty_directory_on_one_side(name, binhost, remote_members))
     config_files = [name for name in differing if name.startswith("etc/")]
     if config_files:
         doctor.report(FAIL, "configuration", f"differs from {target.name} in {', '.join(config_files)}:"
@@ -2940,9 +3160,12 @@ def check_binrepos(doctor, settings, target, runner, output):
     if result.returncode == 0:
         doctor.report(OK, "fetch", f"{target.name} can download {shown}Packages")
     else:
+        hint = (f"{settings.pkgdir} has no index yet: build something first"
+                if not os.path.isfile(os.path.join(settings.pkgdir, "Packages"))
+                else "is serve running and reachable from there?")
         doctor.report(FAIL, "fetch", f"{target.name} cannot download {shown}Packages"
                                      f" ({last_line(result.stderr) or 'exit ' + str(result.returncode)}):"
-                                     " is serve running and reachable from there?")
+                                     f" {hint}")
     if settings.signing_key:
         home = target_verify_home(remote)
         try:
@@ -3452,7 +3675,7 @@ def sync_host_repository(host, how, runner, output):
         else [host.program("emerge", "it comes with Portage"), "--sync"]
     command = " ".join([os.path.basename(argv[0])] + argv[1:])
     output.action(f"Syncing the ebuild repository in {host.where}: {command}")
-    result = host.run(argv, check=False)
+    result = host.run(argv, check=False, own_group=True)
     if result is not None and result.returncode != 0:
         raise BinhostError(f"{command} failed in {host.where}"
                            f" (exit {result.returncode}): see its output above; run init --host-chroot"
@@ -3805,7 +4028,9 @@ class BinhostRequestHandler(http.server.BaseHTTPRequestHandler):
             return False
         if since.tzinfo is None:
             since = since.replace(tzinfo=datetime.timezone.utc)
-        return mtime <= since.timestamp()
+        # Exact, as nginx's default (if_modified_since exact): Portage asks with its copy's
+        # TIMESTAMP + 5 s, so "not newer than that" would hide an index rewritten within 5 s.
+        return int(since.timestamp()) == mtime
 
     def requested_range(self, size):
         """(start, end) for one satisfiable `bytes=` range, "unsatisfiable", or None for the whole."""
@@ -4170,29 +4395,48 @@ class ArgumentParser(argparse.ArgumentParser):
         raise UsageError(f"{message} (see '{PROG} --help')")
 
 
-def build_parser():
+def add_global_options(parser, after_command=False, with_all=True):
+    """The options that come before the command; after_command: the same options accepted after
+    it as well (`doctor --target t1`), where they must not reset what was given before it."""
+    default = {"default": argparse.SUPPRESS} if after_command else {}
+    parser.add_argument("-c", "--config", metavar="FILE", **default,
+                        help=f"configuration file (default ${CONFIG_ENV}, else {DEFAULT_CONFIG})")
+    parser.add_argument("--target", metavar="NAME", help="the [target NAME] to act on", **default)
+    if with_all:
+        parser.add_argument("--all", action="store_true", **default,
+                            help="install, emerge, doctor, config diff: every target, past failures")
+    parser.add_argument("-p", "--pretend", action="store_true", **default,
+                        help="show every command that would change something, run none")
+    parser.add_argument("-v", "--verbose", action="store_true", help="show every command run", **default)
+    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors", **default)
+    parser.add_argument("--color", choices=("y", "n"), help="colored output (default: on a terminal)",
+                        **default)
+
+
+def build_parser(config=None):
+    """The command line; config (when it could be read) supplies the defaults help shows."""
     parser = ArgumentParser(
         prog=PROG, description="Build binary packages here for another Gentoo machine and install"
                                " them there.",
-        epilog="Everything after build, install and emerge is handed to emerge untouched.")
-    parser.add_argument("-c", "--config", metavar="FILE",
-                        help=f"configuration file (default ${CONFIG_ENV}, else {DEFAULT_CONFIG})")
-    parser.add_argument("--target", metavar="NAME", help="the [target NAME] to act on")
-    parser.add_argument("--all", action="store_true",
-                        help="install, emerge, doctor, config diff: every target, past failures")
-    parser.add_argument("-p", "--pretend", action="store_true",
-                        help="show every command that would change something, run none")
-    parser.add_argument("-v", "--verbose", action="store_true", help="show every command run")
-    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
-    parser.add_argument("--color", choices=("y", "n"), help="colored output (default: on a terminal)")
+        epilog="Everything after build, install and emerge is handed to emerge untouched (but for"
+               " --target NAME or --all right after the command).")
+    add_global_options(parser)
     parser.add_argument("-V", "--version", action="version", version=f"{PROG} {VERSION}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=ArgumentParser)
     commands.required = True
+    add_parser = commands.add_parser
 
+    def command_parser(name, with_all=True, **kwargs):
+        command = add_parser(name, **kwargs)
+        add_global_options(command, after_command=True, with_all=with_all)
+        return command
+
+    commands.add_parser = command_parser
+    parser.command_parsers = commands.choices  # {name: its parser}, for `build --help`
     for name, summary in (("build", "emerge --buildpkg into the binhost"),
                           ("install", "emerge --getbinpkgonly on the target, over ssh"),
                           ("emerge", "build, then install the same arguments")):
-        command = commands.add_parser(name, help=summary, description=summary + ".", add_help=False)
+        command = add_parser(name, help=summary, description=summary + ".", add_help=False)
         command.add_argument("emerge_args", nargs=argparse.REMAINDER, metavar="EMERGE ARGS")
 
     setup = commands.add_parser("setup-target", help="make the target use this binhost",
@@ -4203,8 +4447,11 @@ def build_parser():
 
     serve_parser = commands.add_parser("serve", help="serve PKGDIR over HTTP",
                                        description="Serve PKGDIR over HTTP for targets.")
-    serve_parser.add_argument("--bind", metavar="ADDRESS", help=f"address to listen on (default {DEFAULT_BIND})")
-    serve_parser.add_argument("--port", type=int, metavar="PORT", help=f"port (default {DEFAULT_PORT})")
+    served = config.binhost if config else None
+    serve_parser.add_argument("--bind", metavar="ADDRESS", help="address to listen on (default"
+                              f" {served.bind if served else DEFAULT_BIND}, from [binhost] bind)")
+    serve_parser.add_argument("--port", type=int, metavar="PORT", help="port (default"
+                              f" {served.port if served else DEFAULT_PORT}, from [binhost] port)")
     serve_parser.add_argument("--tls-cert", metavar="FILE", help="serve HTTPS with this certificate (PEM)")
     serve_parser.add_argument("--tls-key", metavar="FILE", help="private key of --tls-cert (PEM)")
     serve_parser.add_argument("--auth-file", metavar="FILE",
@@ -4232,6 +4479,8 @@ def build_parser():
                                              " push: the binhost's to the target; diff: show the"
                                              " differences.")
     config.add_argument("action", choices=("pull", "push", "diff"))
+    config.add_argument("--exit-code", action="store_true",
+                        help="diff: exit with 1 when the configurations differ (like git diff)")
 
     init = commands.add_parser("init", help="create the binhost root from a verified stage3",
                                description="Download the newest stage3 (or --stage3), verify its"
@@ -4283,7 +4532,7 @@ def build_parser():
     clean.add_argument("--keep", type=int, default=DEFAULT_KEEP, metavar="N",
                        help=f"builds to keep of each installed CPV (default {DEFAULT_KEEP})")
 
-    sign = commands.add_parser("sign", help="sign unsigned packages in PKGDIR",
+    sign = commands.add_parser("sign", with_all=False, help="sign unsigned packages in PKGDIR",
                                description="Sign the packages in PKGDIR that are not signed yet, then"
                                            " refresh the index.")
     sign.add_argument("--all", dest="resign", action="store_true",
@@ -4309,6 +4558,41 @@ def split_passthrough(argv):
     return argv, None
 
 
+def take_command_options(args, emerge_args, parser):
+    """build/install/emerge: `--target NAME` and `--all` right after the command are ours, and
+    `--help` there shows our help; anywhere later they would reach emerge, so they are refused."""
+    words = list(emerge_args)
+    while words:
+        word = words[0]
+        if word in ("-h", "--help"):
+            parser.command_parsers[args.command].print_help()
+            raise SystemExit(EXIT_OK)
+        if word == "--all":
+            args.all = True
+            words.pop(0)
+        elif word == "--target" and len(words) > 1:
+            chosen = words[1]
+            words[:2] = []
+        elif word.startswith("--target="):
+            chosen = word.split("=", 1)[1]
+            words.pop(0)
+        else:
+            break
+        if word != "--all":
+            if args.target not in (None, chosen):
+                raise UsageError(f"--target {args.target} and --target {chosen}: choose one")
+            args.target = chosen
+    for word in words:
+        if word == "--all" or word == "--target" or word.startswith("--target="):
+            raise UsageError(f"{word.split('=')[0]} among emerge's arguments would go to emerge: put"
+                             f" --target before the command ('{PROG} --target NAME {args.command} ...')"
+                             f" or right after it")
+    if not words:
+        raise UsageError(f"{args.command} needs emerge arguments: the packages or sets, e.g."
+                         f" '{PROG} {args.command} app-editors/vim' or '-uDN @world'")
+    return words
+
+
 def cmd_build(config, args, runner, output):
     emerge_args = list(args.emerge_args)
     if emerge_args[:1] == ["--distcc"] or emerge_args[:1] and emerge_args[0].startswith("--distcc="):
@@ -4320,6 +4604,8 @@ def cmd_build(config, args, runner, output):
         if not distcc_hosts(hosts):
             raise UsageError("build --distcc needs the helper hosts, e.g. --distcc 'host1/8 host2/4'")
         config.binhost.distcc_hosts = hosts
+        if not emerge_args:
+            raise UsageError("build --distcc HOSTS needs emerge arguments after the hosts")
     build_packages(config.binhost_for_command(args.target), runner, output, emerge_args)
 
 
@@ -4338,7 +4624,7 @@ def for_each_target(config, output, action):
             output.error(f"{name}: {error}")
             result = f"FAILED: {error}"
         rows.append((name, result, time.monotonic() - started))
-    width = max(len(name) for name, _, _ in rows)
+    width = max(len(name) for name, _, _ in rows + [("target", None, None)])
     output.text(f"{'target':<{width}}  {'time':>7}  result", always=True)
     for name, result, seconds in rows:
         output.text(f"{name:<{width}}  {seconds:6.1f}s  {result}", always=True)
@@ -4416,6 +4702,14 @@ def cmd_serve(config, args, runner, output):
         output.text(nginx_server_block(settings, bind, port), always=True)
         return
     tunnel = args.tunnel or settings.transport == "tunnel"
+    if args.port is not None and not tunnel:
+        url = target_url(settings, tunnel, with_credentials=False)
+        parts = urllib.parse.urlsplit(url)
+        expected = parts.port or (443 if parts.scheme == "https" else 80)
+        if port not in (0, expected):
+            output.warn(f"Serving on port {port}, but targets are set up for port {expected} ({url}):"
+                        f" serve without --port, or set port (and url) in [binhost] of {config.path}"
+                        f" and run '{PROG} setup-target' again")
     target = config.target(args.target) if tunnel else None
     serve(config.environments(), target, runner, output, bind, port, tunnel, args.index)
 
@@ -4452,6 +4746,8 @@ def cmd_sign(config, args, runner, output):
 def cmd_config(config, args, runner, output):
     if args.all and args.action != "diff":
         raise UsageError("--all works with config diff only: pull and push act on one --target")
+    if args.exit_code and args.action != "diff":
+        raise UsageError("--exit-code goes with config diff")
     if args.all:
         def diff(target):
             settings = config.binhost_for(target)
@@ -4459,11 +4755,14 @@ def cmd_config(config, args, runner, output):
                 if sync_config("diff", settings, target, runner, output, show_only=True):
                     raise BinhostError("its configuration differs from the binhost's (diff above)")
         for_each_target(config, output, diff)
-    else:
-        target = config.target(args.target)
-        settings = config.binhost_for(target)
-        with chroot_session(settings, runner, output):
-            sync_config(args.action, settings, target, runner, output, show_only=args.action == "diff")
+        return
+    target = config.target(args.target)
+    settings = config.binhost_for(target)
+    with chroot_session(settings, runner, output):
+        differs = sync_config(args.action, settings, target, runner, output,
+                              show_only=args.action == "diff")
+    if differs and args.exit_code:
+        raise BinhostError(f"the configurations of {target.name} and the binhost differ (diff above)")
 
 
 def cmd_init(config, args, runner, output):
@@ -4478,7 +4777,12 @@ def cmd_init(config, args, runner, output):
 
 
 def cmd_list(config, args, runner, output):
-    records = package_records(config.binhost_for_command(args.target).pkgdir)
+    pkgdir = config.binhost_for_command(args.target).pkgdir
+    records = package_records(pkgdir) if os.path.isfile(os.path.join(pkgdir, "Packages")) else []
+    if not records and not args.json:
+        output.info(f"No binary packages in {pkgdir} yet: '{PROG} build ATOM' or '{PROG} emerge ATOM'"
+                    " builds some")
+        return
     if args.json:
         output.text(json.dumps(records, indent=2), always=True)
         return
@@ -4498,8 +4802,11 @@ def cmd_cpu(config, args, runner, output):
 
 
 def cmd_doctor(config, args, runner, output):
-    doctors = {target.name: run_doctor(config.binhost_for(target), target, runner, output, args.atoms)
-               for target in targets_of(config, args)}
+    doctors, seconds = {}, {}
+    for target in targets_of(config, args):
+        started = time.monotonic()
+        doctors[target.name] = run_doctor(config.binhost_for(target), target, runner, output, args.atoms)
+        seconds[target.name] = time.monotonic() - started
     groups = {}
     for name, doctor in doctors.items():
         groups.setdefault(doctor.fingerprint, []).append(name)
@@ -4516,12 +4823,12 @@ def cmd_doctor(config, args, runner, output):
             for result in doctor.results:
                 output.check(result["status"], result["check"], result["detail"])
     if args.all and not args.json:
-        width = max(len(name) for name in doctors)
-        output.text(f"{'target':<{width}}  result", always=True)
+        width = max(len(name) for name in list(doctors) + ["target"])
+        output.text(f"{'target':<{width}}  {'time':>7}  result", always=True)
         for name, doctor in doctors.items():
             counts = {status: sum(r["status"] == status for r in doctor.results) for status in (OK, WARN, FAIL)}
-            output.text(f"{name:<{width}}  {counts[FAIL]} FAIL, {counts[WARN]} WARN, {counts[OK]} OK",
-                        always=True)
+            output.text(f"{name:<{width}}  {seconds[name]:6.1f}s  {counts[FAIL]} FAIL, {counts[WARN]} WARN,"
+                        f" {counts[OK]} OK", always=True)
         for fingerprint, names in sorted(groups.items(), key=lambda item: item[1]):
             if fingerprint and len(names) > 1:
                 output.info(f"{', '.join(names)} have the same configuration (fingerprint {fingerprint}):"
@@ -4535,6 +4842,9 @@ def cmd_doctor(config, args, runner, output):
                            + (f" on {', '.join(failed)}" if args.all else ""))
 
 
+# Commands that create the configuration file when it does not exist yet.
+COMMANDS_WRITING_CONFIG = ("init", "keygen")
+
 COMMANDS = {
     "doctor": cmd_doctor,
     "cpu": cmd_cpu,
@@ -4547,17 +4857,35 @@ COMMANDS = {
 }
 
 
+def help_config(head):
+    """The configuration `--help` shows defaults from, when it can be read, else None."""
+    path = os.environ.get(CONFIG_ENV) or DEFAULT_CONFIG
+    for option, value in zip(head, head[1:]):
+        if option in ("-c", "--config"):
+            path = value
+    try:
+        return load_config(path)
+    except BinhostError:
+        return None
+
+
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     output = Output(color=None)
     try:
         head, emerge_args = split_passthrough(argv)
-        args = build_parser().parse_args(head)
+        parser = build_parser(help_config(head) if {"-h", "--help"} & set(head) else None)
+        args = parser.parse_args(head)
         if emerge_args is not None:
-            args.emerge_args = emerge_args
+            args.emerge_args = take_command_options(args, emerge_args, parser)
         output = Output(color=None if args.color is None else args.color == "y",
                         verbosity=0 if args.quiet else 2 if args.verbose else 1)
         config_path = args.config or os.environ.get(CONFIG_ENV) or DEFAULT_CONFIG
+        if config_path != DEFAULT_CONFIG and not os.path.exists(config_path) \
+                and args.command not in COMMANDS_WRITING_CONFIG:
+            given = "-c" if args.config else f"${CONFIG_ENV}"
+            raise UsageError(f"configuration file {config_path} ({given}) does not exist: check the"
+                             f" path, or leave {given} out to use {DEFAULT_CONFIG}")
         host_chroot = getattr(args, "host_chroot", None)  # init --host-chroot DIR: [host] chroot
         config = load_config(config_path, host_chroot=os.path.abspath(host_chroot) if host_chroot else None)
         runner = Runner(output, pretend=args.pretend)
@@ -4565,11 +4893,15 @@ def main(argv=None):
             raise UsageError("--all and --target exclude each other")
         if args.all and args.command not in ("install", "emerge", "doctor", "config"):
             raise UsageError(f"--all works with install, emerge, doctor and config diff, not {args.command}")
-        COMMANDS[args.command](config, args, runner, output)
+        with terminate_as_interrupt(runner):  # SIGTERM and SIGHUP clean up like Ctrl-C
+            COMMANDS[args.command](config, args, runner, output)
         return EXIT_OK
     except BinhostError as error:
         output.error(str(error))
         return error.exit_code
+    except Terminated as stop:
+        output.error(f"Stopped by {signal.Signals(stop.signum).name}")
+        return EXIT_SIGNAL_BASE + stop.signum
     except KeyboardInterrupt:
         output.error("Interrupted")
         return EXIT_INTERRUPTED
