@@ -1185,8 +1185,10 @@ def root_environment(settings):
 def portage_environment(settings):
     """Where Portage builds and what it builds with: binhost-only settings travel here, so the
     binhost's /etc/portage can stay an exact copy of the target's."""
-    env = dict(root_environment(settings), PKGDIR=settings.pkgdir)
-    features = []
+    # Never another binhost's binaries: a copied make.conf often says FEATURES=getbinpkg, and
+    # every stage3 names Gentoo's binhost in binrepos.conf (emerge also gets --getbinpkg=n).
+    env = dict(root_environment(settings), PKGDIR=settings.pkgdir, PORTAGE_BINHOST="")
+    features = ["-getbinpkg"]
     if settings.signing_key:
         features.append("binpkg-signing")
         env.update({
@@ -1199,9 +1201,8 @@ def portage_environment(settings):
         features.append("distcc")
         env["DISTCC_HOSTS"] = settings.distcc_hosts
         env["MAKEOPTS"] = f"-j{distcc_slots(settings.distcc_hosts)} -l{os.cpu_count() or 1}"
-    if features:
-        # FEATURES is incremental: these add to make.conf's; one the user exported stays too.
-        env["FEATURES"] = " ".join(filter(None, [os.environ.get("FEATURES", "")] + features))
+    # FEATURES is incremental: these add to make.conf's; one the user exported stays too.
+    env["FEATURES"] = " ".join(filter(None, [os.environ.get("FEATURES", "")] + features))
     return env
 
 
@@ -1351,7 +1352,7 @@ def build_packages(settings, runner, output, emerge_args):
         output.warn(f"No signing key configured: building unsigned packages, which targets refuse"
                     f" by default. Run '{PROG} keygen' to sign.")
     env = portage_environment(settings)
-    argv = [emerge, "--buildpkg", "--root-deps"] + list(emerge_args)
+    argv = [emerge, "--buildpkg", "--root-deps", "--getbinpkg=n", "--getbinpkgonly=n"] + list(emerge_args)
     with build_lock(settings, runner, output), host.mounted(show_only=runner.pretend):
         if settings.distcc_hosts and not runner.pretend:
             check_distcc_helpers(settings, host, output)
@@ -1712,8 +1713,248 @@ def install_packages(settings, target, runner, output, emerge_args):
     else:
         result = remote.run(argv, target.portage_environment, tty=tty)
     if result is not None and result.returncode != 0:
+        if settings.transport == "http":  # the usual cause: it cannot reach us
+            url = target_url(settings, False) + "Packages"
+            fetch = remote.run(["sh", "-c", FETCH_INDEX_SCRIPT, "gentoo-binhost", url], changes=False,
+                               capture=True)
+            if fetch.returncode != 0:
+                raise BinhostError(f"emerge failed on target {target.name}: it cannot download"
+                                   f" {target_url(settings, False, with_credentials=False)}Packages"
+                                   f" ({last_line(fetch.stderr) or 'exit ' + str(fetch.returncode)}):"
+                                   " is serve running and reachable from there?")
         raise BinhostError(f"emerge failed on target {target.name} (exit {result.returncode}):"
                            " see its output above")
+
+
+# ---- coverage: everything the target merges comes from here ------------------------------------
+
+# One ssh round trip before anything is built: can the target download our index, and what would
+# the emerge arguments merge there? The plan is resolved from the target's own ebuild tree as if
+# it built from source, so every package it would merge is listed with its USE; with "yes", also
+# what the binary-only emerge would do (doctor). `==name` lines mark the sections.
+PLAN_SCRIPT = r"""
+url=$1 preflight=$2
+shift 2
+echo "==fetch"
+if command -v wget >/dev/null; then
+    wget -q -O /dev/null "$url"; echo "wget $?"
+elif command -v curl >/dev/null; then
+    curl -fsS -o /dev/null "$url" 2>/dev/null; echo "curl $?"
+else
+    echo "none 127"
+fi
+echo "==plan"
+emerge "$@" --pretend --verbose --color=n --usepkg=n --getbinpkg=n --ask=n --quiet=n --nospinner 2>&1
+echo "==plan-exit"
+echo "$?"
+if [ "$preflight" = yes ]; then
+    echo "==preflight"
+    emerge "$@" --pretend --verbose --color=n --getbinpkgonly --binpkg-respect-use=y --ask=n \
+        --quiet=n --nospinner 2>&1
+    echo "==preflight-exit"
+    echo "$?"
+fi
+"""
+# Exit codes with which wget and curl say the server answered, with an HTTP error.
+FETCH_ANSWERED = {"wget": ("6", "8"), "curl": ("22",)}
+PLAN_LINE = re.compile(r"\[(?P<kind>ebuild|binary)[^\]]*\]\s+(?P<atom>\S+)(?P<rest>.*)$")
+FLAG_GROUP = re.compile(r'\b([A-Z][A-Z0-9_]*)="([^"]*)"')
+# What Portage prints on every run in some set-ups and that says nothing about the packages.
+PORTAGE_NOISE = re.compile(r"repos\.conf|[Rr]epositor|repo_name|layout\.conf|masters ="
+                           r"|binrepos\.conf is missing"
+                           r"|Problems have been detected with your world file|emaint --check world"
+                           r"|^!!!\s*$")
+
+
+class PlannedPackage:
+    """One package the target would merge: its CPV, slot, repository and USE as it wants them."""
+
+    def __init__(self, cpv, slot, repository, flags, line):
+        self.cpv, self.slot, self.repository, self.flags, self.line = cpv, slot, repository, flags, line
+        self.reason = None  # why it is built here, when it is
+
+    @property
+    def atom(self):
+        return "=" + self.cpv + (f"::{self.repository}" if self.repository else "")
+
+
+def parse_merge_list(text, kind="ebuild"):
+    """The [ebuild ...] (or [binary ...]) lines of `emerge --pretend --verbose` output."""
+    packages = []
+    for line in text.splitlines():
+        match = PLAN_LINE.match(line.strip())
+        if not match or match.group("kind") != kind:
+            continue
+        atom, _, repository = match.group("atom").partition("::")
+        cpv, _, slot = atom.partition(":")
+        if kind == "binary":  # CPV-BUILD_ID
+            cpv = re.sub(r"-\d+$", "", cpv)
+        flags = {}
+        for name, words in FLAG_GROUP.findall(match.group("rest")):
+            prefix = "" if name == "USE" else name.lower() + "_"
+            for word in words.split():
+                # (forced), (-masked), changed*, new%
+                word = word.strip("(){}").rstrip("*%").strip("(){}")
+                if word:
+                    flags[prefix + word.lstrip("-")] = not word.startswith("-")
+        packages.append(PlannedPackage(cpv, slot, repository, flags, line.strip()))
+    return packages
+
+
+def portage_complaints(text):
+    """What Portage objected to, in its own words (its repository warnings left out); the
+    package names it lists under a `!!!` heading are kept with it."""
+    complaints, listing = [], False
+    for line in text.splitlines():
+        stripped = line.strip()
+        if not stripped:
+            listing = False
+            continue
+        if stripped.startswith(("!!!", "emerge: there are no", "- ")) or "masked by" in stripped:
+            listing = stripped.startswith("!!!")
+            if not PORTAGE_NOISE.search(stripped):
+                complaints.append(stripped.lstrip("! ").strip())
+        elif listing and re.fullmatch(r"[\w+.-]+/[\w+.-]+\S*", stripped):
+            complaints.append(stripped)
+    return complaints
+
+
+def usable_binary(entry, package):
+    """A binary of the index is usable when it has every USE flag the target shows as it wants."""
+    use = set(entry.get("USE", "").split())
+    return all((flag in use) == enabled for flag, enabled in package.flags.items())
+
+
+def describe_use_difference(entry, package):
+    use = set(entry.get("USE", "").split())
+    wanted = [("" if enabled else "-") + flag for flag, enabled in sorted(package.flags.items())
+              if (flag in use) != enabled]
+    return " ".join(wanted)
+
+
+def packages_to_build(settings, runner, output, packages):
+    """The planned packages PKGDIR has no usable binary of, each with its reason."""
+    index = read_packages_index(settings.pkgdir) if os.path.isfile(
+        os.path.join(settings.pkgdir, "Packages")) else []
+    binaries = {}
+    for entry in index:
+        binaries.setdefault(entry["CPV"], []).append(entry)
+    installed = None
+    missing = []
+    for package in packages:
+        entries = binaries.get(package.cpv, [])
+        if any(usable_binary(entry, package) for entry in entries):
+            continue
+        if entries:
+            package.reason = (f"its binary has other USE (the target wants"
+                              f" {describe_use_difference(entries[0], package)})")
+        else:
+            if installed is None:
+                try:
+                    installed = installed_in_binhost(settings, runner, output)
+                except BinhostError:
+                    installed = set()
+            package.reason = ("installed in the binhost root without a binary (the stage3's generic"
+                              " build): rebuilt with the target's flags" if package.cpv in installed
+                              else "no binary yet")
+        missing.append(package)
+    return missing
+
+
+class TargetPlan:
+    """What the target answered: can it fetch our index, what would it merge, and (doctor) what
+    would its binary-only emerge say."""
+
+    def __init__(self, settings, target, text, shown_url):
+        sections = parse_sections(text)
+        self.target, self.shown_url = target, shown_url
+        self.fetch_tool, _, self.fetch_code = sections.get("fetch", "none 127").partition(" ")
+        self.text = sections.get("plan", "")
+        self.exit_code = int(sections.get("plan-exit", "1") or 1)
+        self.packages = parse_merge_list(self.text)
+        self.preflight = sections.get("preflight")
+        self.preflight_exit = int(sections.get("preflight-exit", "0") or 0)
+        self.index_exists = os.path.isfile(os.path.join(settings.pkgdir, "Packages"))
+
+    def fetch_problem(self):
+        """Why the target cannot download our index, or None. Before the first build a 404 is
+        what a running server answers."""
+        if self.fetch_code == "0":
+            return None
+        if self.fetch_tool == "none":
+            return f"{self.target.name} has neither wget nor curl, which Portage needs to download packages"
+        answered = self.fetch_code in FETCH_ANSWERED.get(self.fetch_tool, ())
+        if answered and not self.index_exists:
+            return None
+        hint = ("the server answered with an error: check url, auth-file and the served PKGDIR"
+                if answered else "is serve running, and reachable from there? ('"
+                f"{PROG} doctor' tells more; transport = tunnel needs no open port)")
+        return (f"{self.target.name} cannot download {self.shown_url}Packages ({self.fetch_tool} exit"
+                f" {self.fetch_code}): {hint}")
+
+    def check(self):
+        """The plan, or a one-line error with Portage's reason."""
+        if self.exit_code != 0:
+            reasons = portage_complaints(self.text) or [last_line(self.text) or "no output"]
+            raise BinhostError(f"emerge on {self.target.name} cannot resolve these arguments:"
+                               f" {' | '.join(reasons[:6])}")
+        return self.packages
+
+
+def ask_target(settings, target, runner, output, emerge_args, preflight=False):
+    """One ssh round trip: the target's TargetPlan for emerge_args."""
+    remote = Remote(target, runner, output)
+    tunnel = settings.transport == "tunnel"
+    url = target_url(settings, tunnel) + "Packages"
+    argv = ["sh", "-c", PLAN_SCRIPT, "gentoo-binhost", url, "yes" if preflight else "no"] + list(emerge_args)
+    run_it = functools.partial(remote.run, argv, target.portage_environment, changes=False, capture=True,
+                               what="asking the target what it would merge")
+    if tunnel:
+        with background_server({settings.env_name: settings}, output, "127.0.0.1", 0) as server:
+            result = run_it(forward=(settings.tunnel_port, server.server_address[1]))
+    else:
+        result = run_it()
+    script_succeeded(result, "asking what emerge would merge", f"target {target.name}")
+    return TargetPlan(settings, target, result.stdout, target_url(settings, tunnel, with_credentials=False))
+
+
+def emerge_pretends(args):
+    """Whether emerge's own --pretend (-p, also in -pv) is among the arguments."""
+    return any(word == "--pretend" or re.fullmatch(r"-[A-Za-z]*p[A-Za-z]*", word) for word in args)
+
+
+def build_for_target(settings, target, runner, output, emerge_args, check_fetch=True):
+    """Ask the target what emerge_args would merge there, build here every package of that list
+    that PKGDIR has no usable binary of (same CPV and USE), and check that afterwards each has
+    one: the target then compiles nothing. Returns the plan's packages."""
+    output.action(f"Asking {target.name} what 'emerge {' '.join(emerge_args)}' would merge there")
+    plan = ask_target(settings, target, runner, output, emerge_args)
+    problem = plan.fetch_problem() if check_fetch else None
+    if problem:
+        raise BinhostError(problem)
+    packages = plan.check()
+    missing = packages_to_build(settings, runner, output, packages)
+    output.info(f"{target.name} would merge {len(packages)} package(s): {len(packages) - len(missing)}"
+                f" with a binary here, {len(missing)} to build")
+    for package in missing:
+        output.text(f"  {package.cpv}{':' + package.slot if package.slot else ''}  ({package.reason})",
+                    always=True)
+    if not missing:
+        return packages
+    if emerge_pretends(emerge_args):
+        output.info("emerge's --pretend among the arguments: nothing is built")
+        return packages
+    build_packages(settings, runner, output, ["--oneshot", "--usepkg=n"]
+                   + [package.atom for package in missing])
+    if runner.pretend:
+        return packages
+    still = packages_to_build(settings, runner, output, missing)
+    if still:
+        names = ", ".join(f"{package.cpv} ({package.reason})" for package in still)
+        raise BinhostError(f"after the build PKGDIR still lacks what {target.name} needs: {names};"
+                           " nothing was installed (is the binhost's ebuild repository at the"
+                           " target's snapshot? 'doctor' compares them)")
+    return packages
 
 
 PROBE_SCRIPT = r"""
@@ -1736,10 +1977,17 @@ mv -f "$tmp" "$dir/$name"
 trap - EXIT
 """
 
+# getuto (app-portage/getuto) sets up the keyring only when it does not exist yet, lsigning
+# Gentoo's release keys with a local key; if we created the directory first, Gentoo's own binary
+# packages would never verify on that target again. So getuto runs first where it is installed.
 TRUST_KEY_SCRIPT = r"""
 set -e
 home=$1 fpr=$2 key=$3
 umask 022
+if [ ! -d "$home" ] && [ "$home" = "${ROOT%/}/etc/portage/gnupg" ] && command -v getuto >/dev/null; then
+    getuto >&2 || { echo "getuto failed: run it on the target to see why" >&2; exit 5; }
+    echo "getuto set up $home"
+fi
 mkdir -p "$home"
 printf '%s\n' "$key" | gpg --homedir "$home" --batch --no-tty --quiet --no-autostart --import
 if [ -f "$home/pass" ]; then
@@ -1868,6 +2116,9 @@ def trust_signing_key(settings, remote, runner, output):
                            what="importing the signing key")
     if result is None:
         return
+    if "getuto set up" in result.stdout:
+        output.info(f"getuto set up {target.name}:{home} first (Gentoo's release keys lsigned), as"
+                    " emerge would have")
     output.info(f"Key {last_line(result.stdout)} on {target.name}")
     try:
         reason = target_accepts_signature(settings, remote, runner, home)
@@ -2812,6 +3063,8 @@ def sync_config(direction, settings, target, runner, output, show_only=False):
         kept = last_line(as_text(result.stdout))
         output.info(f"Previous configuration kept as"
                     f" {binhost_side.host.outside(kept) if direction == 'pull' else kept}")
+    if direction == "pull":
+        link_repositories_into(settings, runner, output)
     return True
 
 
@@ -2955,6 +3208,7 @@ class Doctor:
         self.output = output
         self.results = []
         self.fingerprint = None  # of the target's configuration (and resolved CPU flags)
+        self.binrepos_ok = None  # whether the target's binrepos entry points to us
 
     def report(self, status, check, detail):
         self.results.append({"check": check, "status": status, "detail": detail})
@@ -3069,9 +3323,16 @@ def check_configuration(doctor, settings, target, runner, output):
     else:
         doctor.report(OK, "world", f"{len(world_lines[1])} entries, the same on both")
     profiles = [members.get("etc/portage/make.profile", ("", 0, "none"))[2] for members in (binhost, remote_members)]
-    doctor.report(OK if profiles[0] == profiles[1] else FAIL, "profile",
-                  f"{profiles[1]}" if profiles[0] == profiles[1]
-                  else f"binhost {profiles[0]}, {target.name} {profiles[1]}")
+    profile_path = os.path.join(settings.root, "etc/portage/make.profile")
+    if profiles[0] != profiles[1]:
+        doctor.report(FAIL, "profile", f"binhost {profiles[0]}, {target.name} {profiles[1]}")
+    elif not os.path.exists(on_build_host_path(settings, profile_path)):
+        doctor.report(FAIL, "profile", f"{profile_path} -> {profiles[0]} does not resolve on the binhost:"
+                                       f" '{PROG} config pull' links the repositories it points into"
+                                       " (the repository must exist on the build host)")
+    else:
+        doctor.report(OK, "profile", f"{profiles[1]}")
+    check_other_binhosts(doctor, remote_members, target)
     check_repositories(doctor, binhost_side, remote, repository_locations(binhost),
                        repository_locations(remote_members), target)
     check_portage_variables(doctor, settings, remote, runner, output, target)
@@ -3136,6 +3397,7 @@ def check_binrepos(doctor, settings, target, runner, output):
     with contextlib.suppress(configparser.Error):
         entry.read_string(current or "")
     uri = entry.get(BINREPOS_NAME, "sync-uri", fallback=None)
+    doctor.binrepos_ok = uri is not None and uri.replace("%%", "%").rstrip("/") == expected.rstrip("/")
     if kind == "file":
         doctor.report(FAIL, "binrepos", f"{target.name}: binrepos.conf is a file; run setup-target for how to fix")
     elif uri is None:
@@ -3200,27 +3462,66 @@ def check_pkgdir(doctor, settings):
 
 
 def check_preflight(doctor, settings, target, runner, output, atoms):
-    remote = Remote(target, runner, output)
+    """Coverage (of what the target would merge, how much has a usable binary here) and the
+    target's own binary-only emerge, in one ssh round trip."""
     atoms = atoms or ["--update", "--deep", "--newuse", "@world"]
-    argv = ["emerge", "--pretend", "--getbinpkgonly", "--binpkg-respect-use=y", "--color=n"] + atoms
-    run_it = functools.partial(remote.run, argv, target.portage_environment, changes=False, capture=True)
-    if settings.transport == "tunnel":
-        with background_server({settings.env_name: settings}, output, "127.0.0.1", 0) as server:
-            result = run_it(forward=(settings.tunnel_port, server.server_address[1]))
+    what = " ".join(atoms)
+    plan = ask_target(settings, target, runner, output, atoms, preflight=True)
+    packages = []
+    if plan.exit_code != 0:
+        reasons = portage_complaints(plan.text) or [last_line(plan.text)]
+        doctor.report(FAIL, "coverage", f"emerge {what} cannot be resolved on {target.name}:"
+                                        f" {' | '.join(reasons[:6])}")
     else:
-        result = run_it()
-    text = result.stdout + result.stderr
-    built = [line for line in text.splitlines() if line.startswith("[ebuild")]
-    binaries = [line for line in text.splitlines() if line.startswith("[binary")]
-    if result.returncode == 0 and not built:
-        doctor.report(OK, "preflight", f"{len(binaries)} package(s) to install, all from the binhost")
-        return
-    reasons = [line.strip() for line in text.splitlines()
-               if line.startswith(("!!!", "emerge: there are no")) or "USE flags" in line
-               or line.startswith("- ")][:6]
-    doctor.report(FAIL, "preflight", f"emerge --getbinpkgonly {' '.join(atoms)} on"
-                                     f" {target.name} would not get everything from the binhost: "
-                                     + " | ".join(reasons or built or [last_line(text)]))
+        packages = plan.packages
+        missing = packages_to_build(settings, runner, output, packages)
+        have = len(packages) - len(missing)
+        if missing:
+            doctor.report(FAIL, "coverage", f"{have} of {len(packages)} packages from the binhost; not"
+                                            " here: " + "; ".join(f"{package.cpv} ({package.reason})"
+                                                                 for package in missing[:8])
+                                            + f": '{PROG} emerge {what}' builds them first")
+        else:
+            doctor.report(OK, "coverage", f"{have} of {len(packages)} packages from the binhost")
+    text = plan.preflight or ""
+    merged = {package.cpv for package in parse_merge_list(text, "binary")}
+    complaints = portage_complaints(text)
+    not_listed = [package.cpv for package in packages if package.cpv not in merged]
+    if doctor.binrepos_ok is False:
+        doctor.report(FAIL, "preflight", f"{target.name} has no working binrepos entry for this binhost"
+                                         f" (see binrepos above): emerge --getbinpkgonly would get nothing"
+                                         " from here")
+    elif plan.preflight_exit != 0 or complaints or not_listed:
+        reasons = complaints + ([f"not on its merge list: {' '.join(not_listed)}"] if not_listed else [])
+        doctor.report(FAIL, "preflight", f"emerge --getbinpkgonly {what} on {target.name} would not get"
+                                         " everything from the binhost: "
+                                         + " | ".join(reasons[:8] or [last_line(text)]))
+    else:
+        doctor.report(OK, "preflight", f"{len(merged)} package(s) to install, all from the binhost")
+
+
+def check_other_binhosts(doctor, members, target):
+    """Other binhosts the target uses (a stage3 names Gentoo's): Portage takes the best version
+    from any of them, and priority only decides between equal versions."""
+    others = []
+    for name, (kind, _mode, content) in sorted(members.items()):
+        if kind != "file" or not (name == "etc/portage/binrepos.conf"
+                                  or name.startswith("etc/portage/binrepos.conf/")):
+            continue
+        parser = configparser.ConfigParser(interpolation=None)
+        with contextlib.suppress(configparser.Error):
+            parser.read_string(content.decode("utf-8", "replace"))
+        for section in parser.sections():
+            uri = parser[section].get("sync-uri")
+            if section != BINREPOS_NAME and uri:
+                others.append(f"[{section}] {re.sub(r'//[^/@]*@', '//', uri)} in {name[len('etc/'):]}")
+    if others:
+        doctor.report(WARN, "other binhosts", f"{target.name} also fetches from {'; '.join(others)}: a"
+                                              " newer or equal-version generic build there can be"
+                                              " merged instead of ours (priority only breaks ties"
+                                              " between equal versions); remove those files on the"
+                                              f" target and run '{PROG} config pull', or keep them"
+                                              " for what this binhost does not build")
 
 
 def check_host_chroot(doctor, settings, runner, output):
@@ -3524,8 +3825,7 @@ def init_binhost(config, args, runner, output):
         return
     name, sha512 = installed
     os.makedirs(os.path.join(root, "var/cache/binpkgs"), exist_ok=True)
-    if settings.host.chroot:
-        link_repositories_into(settings, runner, output)
+    link_repositories_into(settings, runner, output)
     note = {"stage3": name, "stage3-sha512": sha512,
             "stage3-installed": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")}
     if settings.root == config.binhost.root:  # the notes describe [binhost] root
@@ -3608,16 +3908,92 @@ def install_stage3(args, arch, variant, stage3, root, runner, output):
     return name, expected["sha512"]
 
 
+DEFAULT_REPOSITORY = "/var/db/repos/gentoo"
+
+
+def configured_repositories(configroot):
+    """{name: location} of the repos.conf under configroot/etc/portage (a file or a directory)."""
+    base = os.path.join(configroot, "etc/portage/repos.conf")
+    paths = [base] if os.path.isfile(base) else sorted(
+        os.path.join(directory, name) for directory, _dirs, names in os.walk(base) for name in names)
+    members = {}
+    for path in paths:
+        with contextlib.suppress(OSError):
+            with open(path, "rb") as handle:
+                members["etc/portage/repos.conf/" + os.path.relpath(path, base)] = ("file", 0, handle.read())
+    return repository_locations(members)
+
+
+def profile_repository(configroot):
+    """Where make.profile's repository is inside configroot (e.g. /var/db/repos/gentoo for
+    ../../var/db/repos/gentoo/profiles/default/linux/amd64/23.0), or None."""
+    link = os.path.join(configroot, "etc/portage/make.profile")
+    if not os.path.islink(link):
+        return None
+    target = os.readlink(link)
+    if target.startswith("/") or "/profiles" not in "/" + target:
+        return None
+    inside = os.path.normpath(os.path.join("/etc/portage", target))
+    return inside.split("/profiles", 1)[0] or None
+
+
 def link_repositories_into(settings, runner, output):
-    """The target's make.profile is a relative link into /var/db/repos/gentoo, which, copied into
-    the binhost root, points into the binhost root: there, the host chroot's own repository."""
-    link = os.path.join(settings.root, "var/db/repos/gentoo")
-    if os.path.lexists(link):
-        return
-    if not runner.pretend:
-        os.makedirs(os.path.dirname(link), exist_ok=True)
-    runner.run(["ln", "-s", "/var/db/repos/gentoo", link], describe=f"linking {link}")
-    output.info(f"{link} -> /var/db/repos/gentoo (the host chroot's repository)")
+    """On a real system make.profile is a relative link into the ebuild repository
+    (../../var/db/repos/gentoo/profiles/...); copied into the binhost root, it points into the
+    binhost root, where a stage3 has no repository. Portage reads each repository where repos.conf
+    says, on the build host (in the host chroot, with one): so each one gets a link at its place
+    in the binhost root, and so does the profile's, to the build host's repository."""
+    chroot = settings.host.chroot
+
+    def on_build_host(path):
+        return os.path.join(chroot, path.lstrip("/")) if chroot else path
+
+    repositories = configured_repositories(settings.root)
+    wanted = {location: location for location in repositories.values() if location.startswith("/")}
+    wanted.setdefault(DEFAULT_REPOSITORY, DEFAULT_REPOSITORY)
+    profile_dir = profile_repository(settings.root)
+    if profile_dir and profile_dir not in wanted:
+        # Its name inside the binhost root is the target's; the repository is the one of that name.
+        same_name = [location for location in repositories.values()
+                     if os.path.basename(location.rstrip("/")) == os.path.basename(profile_dir)]
+        wanted[profile_dir] = same_name[0] if same_name else profile_dir
+    for inside, location in sorted(wanted.items()):
+        link = os.path.join(settings.root, inside.lstrip("/"))
+        if os.path.lexists(link) or not os.path.isdir(on_build_host(location)):
+            continue
+        if not runner.pretend:
+            os.makedirs(os.path.dirname(link), exist_ok=True)
+        runner.run(["ln", "-s", location, link], describe=f"linking {link}")
+        output.info(f"{link} -> {location} (the repository on {'the host chroot' if chroot else 'this machine'},"
+                    " so the copied make.profile resolves)")
+    profile = os.path.join(settings.root, "etc/portage/make.profile")
+    if os.path.islink(profile) and not runner.pretend and not os.path.exists(on_build_host_path(settings, profile)):
+        output.warn(f"{profile} -> {os.readlink(profile)} does not resolve: the repository it points into"
+                    f" is not on {'the host chroot' if chroot else 'this machine'}; sync it there"
+                    f" ('{PROG} doctor' checks this)")
+
+
+def on_build_host_path(settings, path):
+    """A path in the binhost root as the build host sees it: links in there that lead to
+    absolute paths mean the host chroot's paths when there is one."""
+    chroot = settings.host.chroot
+    if not chroot:
+        return path
+    inside = "/" + os.path.relpath(path, chroot)
+    for _ in range(40):  # resolve link by link inside the chroot
+        host_path = os.path.join(chroot, inside.lstrip("/"))
+        parts = inside.strip("/").split("/")
+        for index in range(1, len(parts) + 1):
+            prefix = "/" + "/".join(parts[:index])
+            candidate = os.path.join(chroot, prefix.lstrip("/"))
+            if os.path.islink(candidate):
+                target = os.readlink(candidate)
+                base = target if target.startswith("/") else os.path.join(os.path.dirname(prefix), target)
+                inside = os.path.normpath("/".join([base] + parts[index:]))
+                break
+        else:
+            return host_path
+    return os.path.join(chroot, inside.lstrip("/"))
 
 
 def init_host_chroot(config, args, runner, output):
@@ -4595,6 +4971,9 @@ def take_command_options(args, emerge_args, parser):
 
 def cmd_build(config, args, runner, output):
     emerge_args = list(args.emerge_args)
+    for_target = emerge_args[:1] == ["--for-target"]
+    if for_target:  # ours, like --distcc: what the target would merge, not these arguments
+        emerge_args = emerge_args[1:]
     if emerge_args[:1] == ["--distcc"] or emerge_args[:1] and emerge_args[0].startswith("--distcc="):
         # emerge has no --distcc: ours, taken before the rest
         if "=" in emerge_args[0]:
@@ -4604,8 +4983,13 @@ def cmd_build(config, args, runner, output):
         if not distcc_hosts(hosts):
             raise UsageError("build --distcc needs the helper hosts, e.g. --distcc 'host1/8 host2/4'")
         config.binhost.distcc_hosts = hosts
-        if not emerge_args:
-            raise UsageError("build --distcc HOSTS needs emerge arguments after the hosts")
+    if not emerge_args:
+        raise UsageError("build needs emerge arguments after its own options")
+    if for_target:
+        target = config.target(args.target)
+        settings = config.binhost_for(target)
+        build_for_target(settings, target, runner, output, emerge_args)
+        return
     build_packages(config.binhost_for_command(args.target), runner, output, emerge_args)
 
 
@@ -4650,26 +5034,15 @@ def cmd_install(config, args, runner, output):
 
 
 def cmd_emerge(config, args, runner, output):
-    builds = {}  # environment root -> None once built, or the failure
-
     def build_then_install(target):
         settings = config.binhost_for(target)
-        if settings.root not in builds:  # each environment builds once, for all its targets
-            try:
-                build_packages(settings, runner, output, args.emerge_args)
-                builds[settings.root] = None
-            except BinhostError as error:
-                builds[settings.root] = error
-        if builds[settings.root] is not None:
-            raise BinhostError(f"the build in {settings.root} failed: {builds[settings.root]}")
+        build_for_target(settings, target, runner, output, args.emerge_args)
         install_packages(settings, target, runner, output, args.emerge_args)
 
     if args.all:
         for_each_target(config, output, build_then_install)
     else:
-        target = config.target(args.target)
-        build_packages(config.binhost_for(target), runner, output, args.emerge_args)
-        install_packages(config.binhost_for(target), target, runner, output, args.emerge_args)
+        build_then_install(config.target(args.target))
 
 
 def cmd_setup_target(config, args, runner, output):
