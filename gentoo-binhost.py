@@ -1422,6 +1422,15 @@ def colon_fingerprints(listing, record):
 def generate_signing_key(settings, runner, output, passphrase_file=None, force=False):
     home = settings.gpg_home
     existing = secret_key_fingerprints(home, runner)
+    if existing and not force and settings.signing_key not in existing:
+        # The key moved into place but the configuration was never written (an interrupted
+        # keygen): that key is the binhost's.
+        output.info(f"Adopting the signing key {existing[0]} in {home}, which the configuration"
+                    " does not name yet (an interrupted keygen?)")
+        settings.signing_key = existing[0]
+        if not runner.pretend:
+            build_verify_keyring(settings, runner, output)
+        return existing[0]
     if existing and not force:
         raise BinhostError(f"a signing key already exists in {home} ({existing[0]}): keep it, or"
                            " replace it with keygen --force (targets must then trust the new key)")
@@ -1462,7 +1471,8 @@ def generate_signing_key(settings, runner, output, passphrase_file=None, force=F
 
 def export_public_key(settings, runner):
     if not settings.signing_key:
-        raise UsageError(f"no signing key configured in {settings.config_path}: run '{PROG} keygen'")
+        adopt = " (it records the key already in gpg-home)" if secret_key_fingerprints(settings.gpg_home, runner) else ""
+        raise UsageError(f"no signing key configured in {settings.config_path}: run '{PROG} keygen'{adopt}")
     result = gpg_read(runner, settings.gpg_home, "--armor", "--export", settings.signing_key,
                       describe="gpg --export")
     if "BEGIN PGP PUBLIC KEY BLOCK" not in result.stdout:
@@ -1554,8 +1564,17 @@ def sign_packages(settings, runner, output, resign=False):
     gpkg_sign = host.program("gpkg-sign", "it comes with Portage: put Portage's bin directory in PATH")
     ensure_verify_keyring(settings, runner, output)
     packages = all_packages(settings.pkgdir) if resign else unsigned_packages(settings.pkgdir)
+    xpaks = sorted(os.path.relpath(os.path.join(directory, name), settings.pkgdir)
+                   for directory, _dirs, files in os.walk(settings.pkgdir)
+                   for name in files if name.endswith((".tbz2", ".xpak")))
+    for xpak in xpaks:
+        output.warn(f"Cannot sign {xpak}: the xpak format carries no signature, and targets that verify"
+                    " signatures ignore remote xpak packages. Rebuild it as a GPKG"
+                    f" ('{PROG} build --oneshot =CATEGORY/PACKAGE-VERSION': signed builds use"
+                    " BINPKG_FORMAT=gpkg), then remove the .tbz2/.xpak file and run sign again")
     if not packages:
-        output.info(f"Every package in {settings.pkgdir} is already signed")
+        output.info(f"Every GPKG in {settings.pkgdir} is already signed"
+                    + (f"; {len(xpaks)} xpak package(s) cannot be (see above)" if xpaks else ""))
         return 0
     env = portage_environment(settings)
     if resign:
@@ -1966,12 +1985,12 @@ if [ -f "$conf/$2" ]; then echo "content"; cat "$conf/$2"; fi
 
 WRITE_FILE_SCRIPT = r"""
 set -e
-dir=$1 name=$2 content=$3 stamp=$4
+dir=$1 name=$2 content=$3 stamp=$4 mode=${5:-0644}
 mkdir -p "$dir"
 tmp="$dir/.$name.new.$$"
 trap 'rm -f "$tmp"' EXIT
-printf '%s' "$content" > "$tmp"
-chmod 0644 "$tmp"
+(umask 077; printf '%s' "$content" > "$tmp")
+chmod "$mode" "$tmp"
 if [ -f "$dir/$name" ]; then cp -p "$dir/$name" "$dir/.$name.$stamp.bak"; fi
 mv -f "$tmp" "$dir/$name"
 trap - EXIT
@@ -2076,7 +2095,9 @@ def setup_target(settings, target, runner, output, verify_signature=True):
             output.info(f"Would write {target.name}:{entry_path}:")
             output.text(runner.masked(unified_diff(current, content, entry_path)), always=True)
         output.action(f"Writing {target.name}:{entry_path} (sync-uri = {shown_url})")
-        remote.script(WRITE_FILE_SCRIPT, binrepos_dir, BINREPOS_NAME + ".conf", content, timestamp(),
+        # With a password in it, root only (emerge --info still prints it: see the README).
+        mode = "0600" if settings.auth_file else "0644"
+        remote.script(WRITE_FILE_SCRIPT, binrepos_dir, BINREPOS_NAME + ".conf", content, timestamp(), mode,
                       what=f"writing {entry_path}")
     if verify_signature:
         trust_signing_key(settings, remote, runner, output)
@@ -2795,6 +2816,18 @@ def read_text(path):
         return ""
 
 
+def check_no_symlink_below(base, path):
+    """The configuration in the binhost root came from a target: never write through a symlink
+    in it (etc/portage/package.use -> /etc/cron.d, say)."""
+    relative = os.path.relpath(path, base)
+    current = base
+    for part in relative.split(os.sep):
+        current = os.path.join(current, part)
+        if os.path.islink(current):
+            raise BinhostError(f"{current} is a symbolic link (to {os.readlink(current)}): not writing"
+                               f" {path} through it; replace the link with a real file or directory")
+
+
 def cpu_report(settings, target, runner, output, apply=False):
     cpu = detect_target_cpu(target, runner, output)
     cpu.common_flags = check_flags_with_local_gcc(cpu.common_flags, settings, runner, output)
@@ -2820,10 +2853,12 @@ def cpu_report(settings, target, runner, output, apply=False):
     if os.path.isdir(make_conf):
         raise BinhostError(f"{make_conf} is a directory: put the lines above into a file in it yourself")
     done = "would be set" if runner.pretend else "set"
+    check_no_symlink_below(settings.root, make_conf)
     if runner.write_file(make_conf, new_make_conf):
         output.action(f"COMMON_FLAGS of {make_conf} {done} for {target.name}")
     if cpu.is_x86:
         path, kind = cpu_flags_location(settings)
+        check_no_symlink_below(settings.root, path)
         if runner.write_file(path, set_cpu_flags_x86(read_text(path), cpu.cpu_flags_x86, kind)):
             output.action(f"CPU_FLAGS_X86 in {path} {done} for {target.name}")
     return cpu
@@ -3022,12 +3057,74 @@ def resolve_march_native_in(tar_bytes, settings, target, runner, output):
     return new_tar
 
 
+# The parts of a Portage configuration that run commands during builds: bashrc hooks, env/ files
+# (package.env), patches, make.conf (FETCHCOMMAND, PORTAGE_* hooks), sync hooks, a user profile's
+# profile.bashrc.
+EXECUTED_CONFIG = re.compile(r"etc/portage/(bashrc|env(/|$)|patches(/|$)|package\.env|make\.conf"
+                             r"|postsync\.d(/|$)|repo\.postsync\.d(/|$)|profile(/|$))")
+
+
 def fetch_both_configs(settings, target, runner, output):
-    """(binhost side, remote, binhost tar, target tar)."""
+    """(binhost side, remote, binhost tar, target tar); the target's as sanitized_config_tar()
+    leaves it, so what a diff shows is what a pull installs."""
     check_binhost_root(settings)
     binhost_side = LocalShell(settings, runner, output)
     remote = Remote(target, runner, output)
-    return binhost_side, remote, fetch_config(binhost_side, settings.root), fetch_config(remote, target.root)
+    target_tar = sanitized_config_tar(fetch_config(remote, target.root), target.name, output)
+    return binhost_side, remote, fetch_config(binhost_side, settings.root), target_tar
+
+
+# What a target's configuration stream may hold: the rest is left out.
+CONFIG_TAR_PLACES = ("etc/portage", "var/lib/portage/world", "var/lib/portage/world_sets")
+
+
+def sanitized_config_tar(tar_bytes, target_name, output):
+    """A target's configuration tar as the binhost accepts it: the binhost unpacks it as root,
+    and a compromised target must not plant devices, setuid files or anything outside
+    etc/portage and the world files there, nor make the binhost write through its symlinks.
+    Only directories, regular files and symlinks pass; modes lose setuid, setgid and sticky bits;
+    everything is owned by root. etc/portage itself, or a member below a symlink, is refused."""
+    try:
+        source = tarfile.open(fileobj=io.BytesIO(tar_bytes))
+    except tarfile.TarError:
+        raise BinhostError("the configuration stream is not a tar: does a shell start-up file"
+                           " (.bashrc) print something for non-interactive ssh sessions?") from None
+    result, symlinks, seen = io.BytesIO(), set(), set()
+    with source, tarfile.open(fileobj=result, mode="w", format=tarfile.PAX_FORMAT) as clean:
+        for member in source.getmembers():
+            name = member.name
+            where = f"{target_name}'s configuration: {name}"
+            if (name.startswith("/") or posixpath.normpath(name) != name or ".." in name.split("/")
+                    or not any(name == place or name.startswith(place + "/") for place in CONFIG_TAR_PLACES)):
+                output.warn(f"{where}: outside etc/portage and the world files: left out")
+                continue
+            if name == "etc/portage/gnupg" or name.startswith("etc/portage/gnupg/"):
+                continue  # each side keeps its own keyring
+            below = next((link for link in symlinks if name.startswith(link + "/")), None)
+            if below or name in seen or (member.issym() and any(other.startswith(name + "/") for other in seen)):
+                raise BinhostError(f"{where} lies below the symlink {below or name}, or comes twice:"
+                                   " refusing a configuration that would make the binhost write through"
+                                   " a link the target chose")
+            seen.add(name)
+            if member.issym() and name == "etc/portage/binrepos.conf":
+                output.warn(f"{where}: a symlink where the binhost keeps its own entry: left out")
+                continue
+            if name == "etc/portage" and not member.isdir():
+                raise BinhostError(f"{where} is not a directory: refusing it")
+            if not (member.isdir() or member.isfile() or member.issym()):
+                output.warn(f"{where}: not a directory, regular file or symlink (a device, FIFO or hard"
+                            " link): left out")
+                continue
+            if member.mode & (stat.S_ISUID | stat.S_ISGID | stat.S_ISVTX):
+                output.warn(f"{where}: setuid, setgid or sticky bit dropped")
+            member.mode &= 0o777
+            member.uid = member.gid = 0
+            member.uname = member.gname = "root"
+            member.pax_headers = {}
+            if member.issym():
+                symlinks.add(name)
+            clean.addfile(member, source.extractfile(member) if member.isfile() else None)
+    return result.getvalue()
 
 
 def sync_config(direction, settings, target, runner, output, show_only=False):
@@ -3044,9 +3141,18 @@ def sync_config(direction, settings, target, runner, output, show_only=False):
     if not changes:
         output.info(f"The Portage configuration of {target.name} and the binhost is identical")
         return False
-    # A push changes another machine: always show how. A first pull can be long, so only on request.
+    # A push changes another machine: always show how. A first pull can be long, so only on request,
+    # but for the parts that run as root on the binhost during builds, shown every time.
     if show_only or runner.pretend or direction == "push":
         output.text(changes, always=True)
+    elif direction == "pull":
+        def runs_commands(members):
+            return {name: value for name, value in members.items() if EXECUTED_CONFIG.match(name)}
+        executed = describe_config_changes(runs_commands(destination), runs_commands(source[1]), *labels)
+        if executed:
+            output.warn(f"What {target.name}'s configuration runs as root on the binhost during builds"
+                        " changes (bashrc, env/, patches/, package.env, make.conf, hooks):")
+            output.text(executed, always=True)
     if show_only:
         return True
     writer, configroot = (binhost_side, settings.root) if direction == "pull" else (remote, target.root)
@@ -3817,10 +3923,14 @@ def init_binhost(config, args, runner, output):
         like_arch, like_variant, reasons = stage3_variant(facts.get("machine", ""), facts.get("chost", ""),
                                                           facts.get("init", ""), facts.get("profile", ""))
         arch, variant = arch or like_arch, variant or like_variant  # explicit options win
+        args.target_machine = facts.get("machine")
         output.info(f"{target.name}: stage3-{like_arch}-{like_variant}, because {', '.join(reasons)}")
     arch = arch or GENTOO_ARCHES.get(os.uname().machine, os.uname().machine)
     variant = variant or DEFAULT_VARIANT
-    installed = install_stage3(args, arch, variant, args.stage3, root, runner, output)
+    # init --force replaces the root, but not the signing key and the packages kept in it.
+    keep = [os.path.relpath(path, root) for path in (settings.gpg_home, settings.verify_gpg_home, settings.pkgdir)
+            if os.path.relpath(path, root).split(os.sep)[0] not in ("..", ".")]
+    installed = install_stage3(args, arch, variant, args.stage3, root, runner, output, keep)
     if installed is None:  # --pretend
         return
     name, sha512 = installed
@@ -3833,7 +3943,7 @@ def init_binhost(config, args, runner, output):
     output.info(f"Next: '{PROG} config pull' copies the target's Portage configuration into {root}")
 
 
-def install_stage3(args, arch, variant, stage3, root, runner, output):
+def install_stage3(args, arch, variant, stage3, root, runner, output, keep=()):
     """Download (or take) a stage3, check its digests and PGP signature, extract it as root.
     Returns (file name, SHA-512), or None under --pretend."""
     keyring = args.keyring or GENTOO_RELEASE_KEYS
@@ -3848,6 +3958,7 @@ def install_stage3(args, arch, variant, stage3, root, runner, output):
         output.warn("--no-verify-pgp: the stage3 is checked against its DIGESTS only, which came"
                     " from the same server")
     keys = ReleaseKeys(keyring, runner) if verify_pgp else None
+    downloads = None
     try:
         url = stage3_url(args, arch, variant, stage3, keys, output)
         remote = "://" in url
@@ -3874,7 +3985,7 @@ def install_stage3(args, arch, variant, stage3, root, runner, output):
         tarball = os.path.join(downloads, name) if remote else os.path.abspath(url)
         if runner.pretend:
             output.info(f"Would download {url} to {tarball}, check its digests and signature, and:")
-            extract_stage3(tarball, root, runner, output)
+            extract_stage3(tarball, root, runner, output, keep)
             return None
         if os.geteuid() != 0:
             raise BinhostError("init must run as root: a stage3 holds files of other owners and devices")
@@ -3898,11 +4009,14 @@ def install_stage3(args, arch, variant, stage3, root, runner, output):
                 with open(signature, "wb") as handle:
                     handle.write(companion(".asc"))
             keys.verify_detached(signature, tarball, name)
-            output.info(f"{name}: PGP signature good (Gentoo release key)")
+            output.info(f"{name}: PGP signature good ("
+                        + (f"a key from {args.keyring}" if args.keyring else "Gentoo release key") + ")")
     finally:
         if keys:
             keys.close()
-    extract_stage3(tarball, root, runner, output)
+        if downloads and os.path.isdir(downloads) and not os.listdir(downloads):
+            os.rmdir(downloads)  # a refused download leaves nothing behind
+    extract_stage3(tarball, root, runner, output, keep)
     if remote:
         shutil.rmtree(downloads, ignore_errors=True)
     return name, expected["sha512"]
@@ -4110,11 +4224,43 @@ def stage3_url(args, arch, variant, stage3, keys, output):
     base = f"{args.mirror.rstrip('/')}/releases/{arch}/autobuilds"
     file_arch = STAGE3_FILE_ARCH.get(arch, arch)
     latest_url = f"{base}/latest-stage3-{file_arch}-{variant}.txt"
-    latest = fetch_small(latest_url, f"the list of {arch} {variant} stage3s")
+    try:
+        latest = fetch_small(latest_url, f"the list of {arch} {variant} stage3s")
+    except BinhostError:
+        # Gentoo names stage3s by catalyst subarch (armv7a_hardfp, rv64_lp64d, ppc64le, i686):
+        # the arch directory's latest-stage3.txt lists what there is.
+        file_arch = stage3_subarch(base, arch, variant, getattr(args, "target_machine", None)
+                                   or os.uname().machine)
+        latest_url = f"{base}/latest-stage3-{file_arch}-{variant}.txt"
+        latest = fetch_small(latest_url, f"the list of {file_arch} {variant} stage3s")
     text = keys.verified_text(latest, latest_url) if keys else latest.decode("utf-8", "replace")
     path, _size = parse_latest(text, file_arch, variant)
     output.info(f"Newest stage3-{arch}-{variant}: {path}")
     return f"{base}/{path}"
+
+
+# uname -m -> the catalyst subarch Gentoo names that machine's stage3s by, when an arch has several.
+MACHINE_SUBARCHES = {"x86_64": "amd64", "aarch64": "arm64", "i686": "i686", "i586": "i486",
+                     "armv7l": "armv7a_hardfp", "armv6l": "armv6j_hardfp", "riscv64": "rv64_lp64d",
+                     "ppc64le": "ppc64le", "ppc64": "ppc64", "ppc": "ppc"}
+
+
+def stage3_subarch(base, arch, variant, machine):
+    """The subarch of the stage3s of this variant that the arch's latest-stage3.txt lists, picked
+    for machine when there are several. Only a name is taken from this list; the stage3 itself
+    is then found and verified through its own signed list."""
+    text = fetch_small(f"{base}/latest-stage3.txt", f"the list of {arch} stage3s").decode("utf-8", "replace")
+    subarches = sorted(set(re.findall(rf"stage3-([A-Za-z0-9_]+)-{re.escape(variant)}-\d{{8}}T\d{{6}}Z\.tar\.",
+                                      text)))
+    if len(subarches) == 1:
+        return subarches[0]
+    if MACHINE_SUBARCHES.get(machine) in subarches:
+        return MACHINE_SUBARCHES[machine]
+    if not subarches:
+        raise BinhostError(f"{base}/latest-stage3.txt lists no {variant} stage3: choose --variant"
+                           " from what it lists, or give --stage3 URL")
+    raise BinhostError(f"{arch} has {variant} stage3s for {', '.join(subarches)}: give --stage3 URL"
+                       f" of the one for this machine ({machine})")
 
 
 def file_digests(path, algorithms):
@@ -4126,9 +4272,10 @@ def file_digests(path, algorithms):
     return {algorithm: value.hexdigest() for algorithm, value in hashes.items()}
 
 
-def extract_stage3(tarball, root, runner, output):
+def extract_stage3(tarball, root, runner, output, keep=()):
     """Extract as the Handbook says, into a directory beside root that becomes root only when
-    complete: a failed init leaves nothing behind."""
+    complete: a failed init leaves nothing behind. What keep names (paths relative to root: the
+    signing key, PKGDIR) moves from a previous root into the new one."""
     parent = os.path.dirname(root.rstrip("/")) or "/"
     suffix = os.path.splitext(tarball)[1]
     decompress = [DECOMPRESS_OPTIONS[suffix]] if suffix in DECOMPRESS_OPTIONS else []
@@ -4140,27 +4287,41 @@ def extract_stage3(tarball, root, runner, output):
     if runner.pretend:
         staging = os.path.join(parent, f".{os.path.basename(root.rstrip('/'))}.new.XXXXXX")
         runner.run(tar(staging))
-        output.info(f"... then {staging} is renamed to {root}")
+        output.info(f"... then {staging} is renamed to {root}"
+                    + (f", keeping {', '.join(keep)} of the previous one" if keep and os.path.isdir(root) else ""))
         return
     os.makedirs(parent, exist_ok=True)
     staging = tempfile.mkdtemp(prefix=f".{os.path.basename(root.rstrip('/'))}.new.", dir=parent)
     argv = tar(staging)
     output.action(f"Extracting {os.path.basename(tarball)} into {root}")
-    old = None
+    old, moved = None, []
     try:
         runner.run(argv, capture=True, describe=f"extracting {os.path.basename(tarball)}")
         os.chmod(staging, 0o755)
         if os.path.isdir(root) and os.listdir(root):
             old = f"{root.rstrip('/')}.{timestamp()}.bak"
+            # Kept things move into the new tree first, so an error leaves the old root whole.
+            for relative in keep:
+                source, destination = os.path.join(root, relative), os.path.join(staging, relative)
+                if os.path.lexists(source):
+                    os.makedirs(os.path.dirname(destination), exist_ok=True)
+                    if os.path.isdir(destination) and not os.path.islink(destination):
+                        shutil.rmtree(destination)
+                    os.rename(source, destination)
+                    moved.append((source, destination))
+                    output.info(f"Keeping {relative} (signing key or packages) in the new root")
             os.rename(root, old)
             output.info(f"The previous {root} is kept as {old}")
         elif os.path.isdir(root):
             os.rmdir(root)
         os.rename(staging, root)
     except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        if old and not os.path.exists(root):
+        if not os.path.exists(root) and old:
             os.rename(old, root)
+        for source, destination in reversed(moved):  # back where they were, before staging goes
+            if os.path.lexists(destination) and not os.path.lexists(source):
+                os.rename(destination, source)
+        shutil.rmtree(staging, ignore_errors=True)
         raise
 
 
@@ -4218,6 +4379,9 @@ class BinhostRequestHandler(http.server.BaseHTTPRequestHandler):
 
     def handle_one_request(self):
         self.close_connection = True
+        # The socket timeout bounds each recv; the server's header watch bounds the request line
+        # and headers together, so a client trickling a byte at a time cannot hold its slot.
+        self.server.watch_header(self.connection)
         try:
             line = self.rfile.readline(MAX_REQUEST_LINE + 1)
             if not line:
@@ -4231,20 +4395,17 @@ class BinhostRequestHandler(http.server.BaseHTTPRequestHandler):
                 return
             self.command, self.path, self.request_version = parts
             self.headers = {}
-            # The socket timeout bounds each recv; this bounds the whole header of a request, so a
-            # client trickling a byte at a time cannot hold its slot forever.
-            deadline = time.monotonic() + self.server.client_timeout
             while True:
                 header = self.rfile.readline(MAX_REQUEST_LINE + 1)
                 if header in (b"\r\n", b"\n", b""):
                     break
-                if time.monotonic() > deadline:
-                    return
                 if len(self.headers) >= MAX_HEADERS or len(header) > MAX_REQUEST_LINE:
                     self.reply_plain(431)
                     return
                 name, _, value = header.decode("latin-1").partition(":")
                 self.headers[name.strip().lower()] = value.strip()
+            if not self.server.header_complete(self.connection) or header == b"":
+                return  # too slow, or gone: the connection was shut down
             connection = self.headers.get("connection", "").lower()
             if self.request_version == "HTTP/1.1":
                 self.close_connection = connection == "close"
@@ -4266,6 +4427,8 @@ class BinhostRequestHandler(http.server.BaseHTTPRequestHandler):
                 self.reply_plain(401, [("WWW-Authenticate", 'Basic realm="gentoo-binhost"')])
         except (OSError, ssl.SSLError):  # timeouts (EAGAIN), resets, TLS errors: drop the client
             self.close_connection = True
+        finally:
+            self.server.header_complete(self.connection)
 
     def authorized(self):
         accepted = self.server.authorizations
@@ -4298,41 +4461,35 @@ class BinhostRequestHandler(http.server.BaseHTTPRequestHandler):
         raw_path = self.path.split("?", 1)[0].split("#", 1)[0]
         return [part for part in urllib.parse.unquote(raw_path).split("/") if part]
 
-    def resolve(self):
-        """The file a request path names, or None when it is not a regular file inside PKGDIR."""
+    def open_requested(self):
+        """(descriptor, name) of the regular file or directory the request path names inside
+        PKGDIR, or (None, None). Opened component by component relative to PKGDIR, a symlink
+        never followed by the kernel: one that stays inside (the old All/ layout) is resolved
+        here, one that leads out is refused. Decided on every request, never from a cache: a
+        symlink placed after a 404 is judged like any other."""
         parts = self.path_parts()
         if any(part.startswith(".") or "\0" in part or "\\" in part for part in parts):
-            return None
-        self.root = root = self.server.document_root
+            return None, None
+        self.root = self.server.document_root
         if self.server.environments is not None:
             # Several binhost environments: /<name>/... is the PKGDIR of environment <name>.
             if not parts or parts[0] not in self.server.environments:
-                return None
-            self.root = root = self.server.environments[parts[0]]
+                return None, None
+            self.root = self.server.environments[parts[0]]
             parts = parts[1:]
-        path = self.server.real_path(os.path.join(root, *parts))
-        if path == root and self.server.listings:
-            return path
-        if not path.startswith(root + os.sep):
-            return None
-        return path
+        return open_inside(self.root, parts), parts[-1] if parts else ""
 
     def serve_file(self):
-        path = self.resolve()
-        if path and self.server.listings and os.path.isdir(path):
-            self.serve_listing(path)
-            return
-        try:
-            # O_NONBLOCK: a FIFO in PKGDIR must not block the thread (it is refused below).
-            descriptor = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK) if path else None
-        except OSError:
-            descriptor = None
+        descriptor, name = self.open_requested()
         if descriptor is None:
             # Portage falls back from Packages.gz to Packages only on a 404, never on a 403.
             self.reply_plain(404)
             return
         try:
             info = os.fstat(descriptor)
+            if stat.S_ISDIR(info.st_mode) and self.server.listings:
+                self.serve_listing(descriptor)
+                return
             if not stat.S_ISREG(info.st_mode):
                 self.reply_plain(404)
                 return
@@ -4348,7 +4505,7 @@ class BinhostRequestHandler(http.server.BaseHTTPRequestHandler):
             start, end = byte_range or (0, size - 1)
             length = max(0, end - start + 1)
             # Never Content-Encoding for .gz: a client would hand Portage the decompressed file.
-            headers = [("Content-Type", content_type(path)), last_modified, ("Accept-Ranges", "bytes")]
+            headers = [("Content-Type", content_type(name)), last_modified, ("Accept-Ranges", "bytes")]
             if byte_range:
                 headers.append(("Content-Range", f"bytes {start}-{end}/{size}"))
             self.send_head(206 if byte_range else 200, headers, length)
@@ -4370,21 +4527,21 @@ class BinhostRequestHandler(http.server.BaseHTTPRequestHandler):
             offset += sent
             length -= sent
 
-    def serve_listing(self, directory):
-        """A plain HTML index of a directory (only with serve --index), dotfiles left out."""
+    def serve_listing(self, descriptor):
+        """A plain HTML index of a directory (only with serve --index): its regular files and
+        directories, no dotfiles, no symlinks."""
         clean = "/" + "".join(urllib.parse.quote(part) + "/" for part in self.path_parts())
         if not self.path.split("?", 1)[0].endswith("/"):
             # Built from the checked parts: `//evil.example` must not become an open redirect.
             self.send_head(301, [("Location", clean)], 0)
             return
-        root = self.root
         entries = []
-        for entry in sorted(os.scandir(directory), key=lambda item: item.name):
-            real = os.path.realpath(entry.path)
-            if entry.name.startswith(".") or not real.startswith(root + os.sep):
-                continue
-            name = entry.name + ("/" if os.path.isdir(real) else "")
-            entries.append(f'<a href="{urllib.parse.quote(name)}">{html.escape(name)}</a>')
+        with os.scandir(os.dup(descriptor)) as listing:
+            for entry in sorted(listing, key=lambda item: item.name):
+                if entry.name.startswith(".") or entry.is_symlink():
+                    continue
+                name = entry.name + ("/" if entry.is_dir(follow_symlinks=False) else "")
+                entries.append(f'<a href="{urllib.parse.quote(name)}">{html.escape(name)}</a>')
         title = html.escape(urllib.parse.unquote(clean))
         body = (f"<!DOCTYPE html>\n<title>{title}</title>\n<h1>{title}</h1>\n<pre>\n"
                 + "\n".join(entries) + "\n</pre>\n").encode()
@@ -4441,6 +4598,56 @@ class BinhostRequestHandler(http.server.BaseHTTPRequestHandler):
             self.server.output.text(f"{self.client_address[0]} - - {format % args}")
 
 
+MAX_SYMLINKS = 40
+# Connections one client address may hold at once (a target fetches with one or a few).
+MAX_CONNECTIONS_PER_CLIENT = 32
+HEADER_WATCH_INTERVAL = 0.25
+
+
+def open_inside(root, parts):
+    """A descriptor of root/parts..., or None when it does not exist or leads out of root. Each
+    component is opened relative to its directory with O_NOFOLLOW; a symlink met on the way is
+    resolved by hand when it stays inside root (its `..` never above it, never absolute)."""
+    flags = os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK  # NONBLOCK: a FIFO must not hang us
+    try:
+        descriptor = os.open(root, os.O_RDONLY | os.O_CLOEXEC | os.O_DIRECTORY)
+    except OSError:
+        return None
+    parents, pending, links = [], list(parts), 0
+    try:
+        while pending:
+            part = pending.pop(0)
+            if part in ("", "."):
+                continue
+            if part == "..":
+                if not parents:
+                    return None
+                os.close(descriptor)
+                descriptor = parents.pop()
+                continue
+            try:
+                child = os.open(part, flags, dir_fd=descriptor)
+            except OSError as error:
+                if error.errno != errno.ELOOP:
+                    return None
+                try:
+                    target = os.readlink(part, dir_fd=descriptor)
+                except OSError:
+                    return None
+                links += 1
+                if links > MAX_SYMLINKS or target.startswith("/"):
+                    return None
+                pending[:0] = target.split("/")
+                continue
+            parents.append(descriptor)
+            descriptor = child
+        result, descriptor = descriptor, None
+        return result
+    finally:
+        for leftover in parents + ([descriptor] if descriptor is not None else []):
+            os.close(leftover)
+
+
 def content_type(path):
     name = os.path.basename(path)
     if name == "Packages":
@@ -4469,40 +4676,73 @@ class BinhostServer(http.server.ThreadingHTTPServer):
         self.access_log = access_log
         self.listings = listings
         self.http_date = HttpDate()
-        self.real_paths = {}
         self.slots = threading.BoundedSemaphore(max_connections)
+        self.max_per_client = max(1, min(MAX_CONNECTIONS_PER_CLIENT, max_connections // 4))
+        self.clients = {}  # address -> open connections
+        self.header_deadlines = {}  # connection -> when its request line and headers must be in
+        self.watch_lock = threading.Lock()
+        self.closing = threading.Event()
         super().__init__(address, BinhostRequestHandler)
+        threading.Thread(target=self.drop_slow_headers, name="binhost-header-watch", daemon=True).start()
+
+    def watch_header(self, connection):
+        with self.watch_lock:
+            self.header_deadlines[connection] = time.monotonic() + self.client_timeout
+
+    def header_complete(self, connection):
+        """Stop watching; False when the watch had already dropped the connection."""
+        with self.watch_lock:
+            return self.header_deadlines.pop(connection, None) is not None
+
+    def drop_slow_headers(self):
+        while not self.closing.wait(HEADER_WATCH_INTERVAL):
+            now = time.monotonic()
+            with self.watch_lock:
+                late = [connection for connection, deadline in self.header_deadlines.items() if deadline < now]
+                for connection in late:
+                    del self.header_deadlines[connection]
+            for connection in late:  # the blocked read returns, and the handler gives up
+                with contextlib.suppress(OSError):
+                    connection.shutdown(socket.SHUT_RDWR)
+
+    def server_close(self):
+        self.closing.set()
+        super().server_close()
 
     def handle_error(self, request, client_address):
         """One line instead of socketserver's traceback: a broken request must not flood stderr."""
         error = sys.exc_info()[1]
         self.output.warn(f"{client_address[0]}: request failed: {error!r}")
 
-    def real_path(self, path):
-        """os.path.realpath, remembered: it costs an lstat per path component on every request.
-        PKGDIR changes by new files, not by its directories turning into symlinks."""
-        real = self.real_paths.get(path)
-        if real is None:
-            real = os.path.realpath(path)
-            if len(self.real_paths) > 100_000:
-                self.real_paths.clear()
-            self.real_paths[path] = real
-        return real
-
     def process_request(self, request, client_address):
+        # One address cannot take every slot: past its share, its new connections are closed.
+        address = client_address[0]
+        with self.watch_lock:
+            if self.clients.get(address, 0) >= self.max_per_client:
+                self.shutdown_request(request)
+                return
+            self.clients[address] = self.clients.get(address, 0) + 1
         # Bounding connections: accept() waits while every slot is busy.
         self.slots.acquire()
         try:
             super().process_request(request, client_address)
         except BaseException:
             self.slots.release()
+            self.forget_client(address)
             raise
+
+    def forget_client(self, address):
+        with self.watch_lock:
+            self.clients[address] -= 1
+            if not self.clients[address]:
+                del self.clients[address]
 
     def process_request_thread(self, request, client_address):
         try:
             super().process_request_thread(request, client_address)
         finally:
             self.slots.release()
+            self.forget_client(client_address[0])
 
     def finish_request(self, request, client_address):
         if self.ssl_context is None:
@@ -4551,6 +4791,9 @@ def read_credentials(settings):
         return []
     try:
         with open(settings.auth_file, encoding="utf-8") as handle:
+            if os.fstat(handle.fileno()).st_mode & (stat.S_IROTH | stat.S_IWOTH):
+                raise UsageError(f"auth file {settings.auth_file} can be read by other users: its"
+                                 f" passwords are secrets; chmod 600 {settings.auth_file}")
             lines = [line.strip() for line in handle]
     except OSError as error:
         raise UsageError(f"cannot read auth file {settings.auth_file}: {error.strerror}") from None

@@ -163,8 +163,10 @@ def test_pretend_build_shows_the_emerge_command_with_its_environment(config, tmp
                  env={"PATH": f"{fake_bin}:{os.environ['PATH']}"})
     assert result.returncode == 0, result.stderr
     root = tmp_path / "binhost"
-    expected = (f"ROOT={root}/ PORTAGE_CONFIGROOT={root}/ PKGDIR={root}/var/cache/binpkgs {emerge}"
-                " --buildpkg --root-deps -uDN '>=dev-lang/python-3.12'")
+    # Whatever the copied configuration says, builds never take binaries from another binhost.
+    expected = (f"ROOT={root}/ PORTAGE_CONFIGROOT={root}/ PKGDIR={root}/var/cache/binpkgs PORTAGE_BINHOST="
+                f" FEATURES=-getbinpkg {emerge} --buildpkg --root-deps --getbinpkg=n --getbinpkgonly=n"
+                " -uDN '>=dev-lang/python-3.12'")
     assert expected in result.stdout.splitlines()
     assert not (tmp_path / "ran").exists()
 
@@ -215,10 +217,19 @@ def test_pretend_emerge_shows_build_then_install(config, tmp_path):
     fake_bin.mkdir()
     (fake_bin / "emerge").write_text("#!/bin/sh\nexit 0\n")
     (fake_bin / "emerge").chmod(0o755)
+    # The target's answer to the plan query (the one read-only ssh call --pretend makes).
+    answer = tmp_path / "answer"
+    answer.write_text('==fetch\nwget 8\n==plan\n[ebuild  N     ] app-misc/hello-1.1::test  USE="-x" 0 KiB\n'
+                      "==plan-exit\n0\n")
+    (fake_bin / "ssh").write_text(f"#!/bin/sh\ncat {answer}\n")
+    (fake_bin / "ssh").chmod(0o755)
     result = cli("-p", "emerge", "-v", "app-misc/hello", config=config,
                  env={"PATH": f"{fake_bin}:{os.environ['PATH']}"})
-    commands = [line for line in result.stdout.splitlines() if not line.startswith(">>>")]
-    assert "--buildpkg --root-deps -v app-misc/hello" in commands[0]
+    assert result.returncode == 0, result.stderr
+    assert "  app-misc/hello-1.1  (no binary yet)" in result.stdout.splitlines()
+    commands = [line for line in result.stdout.splitlines() if line.startswith(("ssh ", "ROOT="))]
+    assert commands[0].endswith("--buildpkg --root-deps --getbinpkg=n --getbinpkgonly=n --oneshot --usepkg=n"
+                                " =app-misc/hello-1.1::test")
     assert commands[1].startswith("ssh ") and "--getbinpkgonly" in commands[1]
 
 

@@ -253,6 +253,7 @@ def test_basic_auth_with_curl(tmp_path, pkgdir):
     need(shutil.which("curl"), "curl missing")
     auth = tmp_path / "auth"
     auth.write_text("# users\nportage:s3cret%word\n")
+    auth.chmod(0o600)
     process, port = serve_cli(tmp_path, pkgdir, "--auth-file", str(auth))
     try:
         url = f"http://127.0.0.1:{port}/Packages"
