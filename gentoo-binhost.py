@@ -94,8 +94,8 @@ GLOBAL_OPTIONS_WITH_VALUE = ("-c", "--config", "--target", "--color")  # --all t
 CONFIG_KEYS = {
     "binhost": ("root", "pkgdir", "url", "bind", "port", "signing-key", "gpg-home", "tls-cert",
                 "tls-key", "auth-file", "transport", "tunnel-port", "timeout", "stage3", "stage3-sha512",
-                "stage3-installed", "distcc-hosts"),
-    "target": ("host", "ssh-port", "ssh-options", "root", "path", "binhost-root"),
+                "stage3-installed", "distcc-hosts", "build-method"),
+    "target": ("host", "ssh-port", "ssh-options", "root", "path", "binhost-root", "build-method"),
     "host": ("chroot", "path"),
 }
 
@@ -293,6 +293,7 @@ class BinhostSettings:
         # Set when the config has several binhost environments: served under /<env_name>/.
         self.env_name = None
         self.distcc_hosts = section.get("distcc-hosts", "")
+        self.build_method = parse_build_method(section.get("build-method", ""), config_path, "binhost")
         self.tls_cert = section.get("tls-cert", "")
         self.tls_key = section.get("tls-key", "")
         self.auth_file = section.get("auth-file", "")
@@ -334,6 +335,7 @@ class TargetSettings:
         self.path = section.get("path", "")
         binhost_root = section.get("binhost-root", "")
         self.binhost_root = os.path.abspath(binhost_root) if binhost_root else None
+        self.build_method = parse_build_method(section.get("build-method", ""), config_path, f"target {name}")
 
     @property
     def portage_config_dir(self):
@@ -345,6 +347,12 @@ class TargetSettings:
         if self.root.rstrip("/") == "":
             return {}
         return {"ROOT": self.root, "PORTAGE_CONFIGROOT": self.root}
+
+
+def parse_build_method(value, config_path, section):
+    if value not in ("", "auto", "chroot", "root"):
+        raise UsageError(f"{config_path}: [{section}] build-method = {value}: use chroot, root or auto")
+    return value
 
 
 def parse_port(value, config_path, section, key):
@@ -378,6 +386,12 @@ class Config:
             settings = copy.copy(self.binhost)
             if root != self.binhost.root:
                 settings.root, settings.pkgdir = root, os.path.join(root, "var/cache/binpkgs")
+                methods = {target.build_method for target in self.targets.values()
+                           if target.binhost_root == root and target.build_method}
+                if len(methods) > 1:
+                    raise UsageError(f"{self.path}: the targets built in {root} ask for different"
+                                     f" build-method values ({', '.join(sorted(methods))}): one per environment")
+                settings.build_method = methods.pop() if methods else settings.build_method
             settings.env_name = os.path.basename(root.rstrip("/")) or "root"
             if settings.env_name.startswith("."):
                 raise UsageError(f"{self.path}: binhost root {root}: a name starting with '.' cannot be"
@@ -846,14 +860,14 @@ def check_chroot_privileges(chroot, euid=None, capabilities=None):
     one is missing instead of letting chroot or mount fail obscurely."""
     euid = os.geteuid() if euid is None else euid
     if euid != 0:
-        raise BinhostError(f"the host chroot {chroot} needs root (chroot and mount): run {PROG} as root")
+        raise BinhostError(f"the chroot {chroot} needs root (chroot and mount): run {PROG} as root")
     capabilities = effective_capabilities() if capabilities is None else capabilities
     if capabilities is None:
         return
     for bit, name, use in ((CAP_SYS_CHROOT, "CAP_SYS_CHROOT", "chroot into"),
                            (CAP_SYS_ADMIN, "CAP_SYS_ADMIN", "mount /proc, /sys and /dev in")):
         if not capabilities & (1 << bit):
-            raise BinhostError(f"this process lacks {name}, so it cannot {use} the host chroot {chroot}"
+            raise BinhostError(f"this process lacks {name}, so it cannot {use} the chroot {chroot}"
                                f" (a container started without it?): give it {name} (docker/podman:"
                                f" --cap-add {name[4:]}) or run {PROG} on the machine itself")
 
@@ -865,22 +879,24 @@ class HostMounts:
     in the chroot), so mounts a killed build left behind are removed by the next one, and a
     mount someone else made, even at the same place later, is never touched."""
 
-    def __init__(self, chroot, runner, output):
+    def __init__(self, chroot, runner, output, binds=()):
         self.chroot, self.runner, self.output = chroot, runner, output
         self.state_dir = os.path.join(chroot, "var/cache/gentoo-binhost")
         self.state_path = os.path.join(self.state_dir, "mounts")
         self.users = None
+        # (place inside, host directory): the repositories and DISTDIR of a chroot build.
+        self.mounts = list(CHROOT_MOUNTS) + [
+            (inside.strip("/"), ["mount", "--bind", "--make-slave", source, "{}"]) for inside, source in binds]
 
     def mount_point(self, name):
         point = os.path.join(self.chroot, name)
-        if os.path.islink(point):  # a link could lead the mount out of the chroot
-            raise BinhostError(f"{point} is a symbolic link: the host chroot needs a real /{name}"
-                               " directory to mount on")
+        # A link anywhere on the way could lead the mount out of the chroot.
+        check_no_symlink_below(self.chroot, point)
         return os.path.realpath(point)
 
     def ours(self):
         """[(mount ID, point)] recorded by us and still mounted as we left them."""
-        allowed = {os.path.realpath(os.path.join(self.chroot, name)) for name, _ in CHROOT_MOUNTS}
+        allowed = {os.path.realpath(os.path.join(self.chroot, name)) for name, _ in self.mounts}
         present = {(identity, point) for identity, point, _ in mount_table()}
         recorded = [tuple(line.split(" ", 1)) for line in read_text(self.state_path).splitlines()
                     if " " in line]
@@ -921,7 +937,7 @@ class HostMounts:
             ours, new = self.ours(), []
             present = set(mount_points())
             try:
-                for name, command in CHROOT_MOUNTS:
+                for name, command in self.mounts:
                     point = self.mount_point(name)
                     if point in present:  # ours from before, or the user's: used as it is
                         continue
@@ -985,7 +1001,7 @@ class HostMounts:
     def show(self):
         """Under --pretend: the mount commands a build would run, and the unmounts after it."""
         present = set(mount_points())
-        missing = [(name, command) for name, command in CHROOT_MOUNTS
+        missing = [(name, command) for name, command in self.mounts
                    if self.mount_point(name) not in present]
         for name, command in missing:
             self.runner.run([word.replace("{}", os.path.join(self.chroot, name)) for word in command])
@@ -997,17 +1013,26 @@ class BuildHost:
     chroot of [host] chroot, entered as `chroot DIR env -i VAR=... COMMAND` with /proc, /sys,
     /dev and /run mounted. Callers give host paths; in the chroot they become its own paths."""
 
-    def __init__(self, settings, runner, output):
+    def __init__(self, settings, runner, output, into_root=False):
         self.runner, self.output = runner, output
-        self.chroot = settings.host.chroot
-        self.extra_path = settings.host.path
-        self.mounts = HostMounts(self.chroot, runner, output) if self.chroot else None
+        self.into_root = into_root
+        binds = ()
+        if into_root:
+            # build-method = chroot: Portage runs inside the binhost root itself.
+            self.chroot, self.extra_path = settings.root, ""
+            binds = chroot_build_binds(settings)
+        else:
+            self.chroot = settings.host.chroot
+            self.extra_path = settings.host.path
+        self.mounts = HostMounts(self.chroot, runner, output, binds) if self.chroot else None
         self.really_mounted = self.shown = False
         if self.chroot and not runner.pretend:
             check_chroot_privileges(self.chroot)  # before anything else fails less clearly
 
     @property
     def where(self):
+        if self.into_root:
+            return f"the binhost root {self.chroot}"
         return f"the host chroot {self.chroot}" if self.chroot else "this machine"
 
     def search_path(self):
@@ -1017,7 +1042,7 @@ class BuildHost:
         """The chroot's own name for a host path under it."""
         relative = os.path.relpath(path, self.chroot)
         if relative == ".." or relative.startswith("../"):
-            raise BinhostError(f"{path} is outside the host chroot {self.chroot}: put it inside")
+            raise BinhostError(f"{path} is outside {self.where}: put it inside")
         return "/" if relative == "." else "/" + relative
 
     def outside(self, path):
@@ -1038,8 +1063,7 @@ class BuildHost:
             candidate = posixpath.join(directory, name)
             if os.path.lexists(self.outside(candidate)):
                 return candidate
-        raise BinhostError(f"{name} not found in the host chroot {self.chroot} (PATH {self.search_path()}):"
-                           f" {hint}")
+        raise BinhostError(f"{name} not found in {self.where} (PATH {self.search_path()}): {hint}")
 
     def command(self, argv, env=None):
         """(argv, env) to hand to the Runner."""
@@ -1069,6 +1093,8 @@ class BuildHost:
                     self.runner.run(["umount", "--recursive", point])
             return
         self.sync_resolv_conf()
+        if self.into_root:
+            self.prepare_bind_points()
         with terminate_as_interrupt(self.runner):
             self.mounts.enter()
             self.really_mounted = True
@@ -1078,6 +1104,16 @@ class BuildHost:
                 self.really_mounted = False
                 with signals_deferred():  # unmounting half-way would help nobody
                     self.mounts.leave()
+
+    def prepare_bind_points(self):
+        """A repository's place in the binhost root is a link for the root method (see
+        link_repositories_into); the chroot method mounts the repository there instead."""
+        for name, _command in self.mounts.mounts[len(CHROOT_MOUNTS):]:
+            point = os.path.join(self.chroot, name)
+            check_no_symlink_below(self.chroot, os.path.dirname(point))
+            if os.path.islink(point) and os.readlink(point) == "/" + name:
+                os.unlink(point)
+            os.makedirs(point, exist_ok=True)
 
     def sync_resolv_conf(self):
         """Name resolution inside follows the host's (it changes on laptops and DHCP)."""
@@ -1117,9 +1153,8 @@ TERMINATING_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
 def chroot_session(settings, runner, output):
     """One mount of the host chroot for a series of commands in it, instead of a mount and an
     unmount around each (nothing to do without a host chroot)."""
-    if not settings.host.chroot:
-        return contextlib.nullcontext()
-    return BuildHost(settings, runner, output).mounted()
+    host = portage_host(settings, runner, output)
+    return host.mounted() if host.chroot else contextlib.nullcontext()
 
 
 @contextlib.contextmanager
@@ -1342,9 +1377,133 @@ def advance_index(pkgdir, before, runner):
         runner.write_file(compressed, data.getvalue(), backup=False, mtime=stamp)
 
 
+# ---- build methods: inside the binhost root (chroot), or ROOT= from the build host (root) -------
+
+BUILD_METHODS = ("chroot", "root")
+# make.conf variables whose -m words say which instructions the built code uses.
+CPU_FLAG_VARIABLES = ("COMMON_FLAGS", "CFLAGS", "CXXFLAGS", "FCFLAGS", "FFLAGS")
+
+
+def make_conf_texts(root):
+    """The text of root's make.conf: a file, or the files of a make.conf/ directory in order."""
+    path = os.path.join(root, "etc/portage/make.conf")
+    if os.path.isdir(path):
+        return "\n".join(read_text(os.path.join(path, name)) for name in sorted(os.listdir(path))
+                         if not name.startswith("."))
+    return read_text(path)
+
+
+def make_conf_cpu_flags(root):
+    """The -m words (-march=..., -mavx2, ...) of the CFLAGS-like variables in root's make.conf."""
+    text, words = make_conf_texts(root), []
+    for assignment in _assignments(text):
+        if assignment.name in CPU_FLAG_VARIABLES:
+            value = _unquote(text[assignment.start:assignment.end], assignment.quote)
+            words += [word for word in value.split() if word.startswith("-m") and word not in words]
+    return words
+
+
+def isa_this_cpu_lacks(flags, runner):
+    """The instruction-set macros (__AVX512F__, ...) gcc defines for flags but not for this CPU's
+    -march=native: code built with flags could die with SIGILL here. None if gcc cannot tell."""
+    gcc = shutil.which("gcc")
+    if not gcc:
+        return None
+
+    def macros(options):
+        result = runner.read([gcc, *options, "-dM", "-E", "-x", "c", "/dev/null"], check=False)
+        if result.returncode != 0:
+            return None
+        return {line.split()[1] for line in result.stdout.splitlines() if line.startswith("#define ")}
+
+    native = macros(["-march=native"])
+    wanted = macros(flags) if flags else set()
+    if native is None or wanted is None:
+        return None
+    # Feature macros are upper case (__AVX2__); arch and tuning names (__znver3__) are not.
+    return sorted(name for name in wanted - native if re.fullmatch(r"__[A-Z0-9_]+__", name))
+
+
+def root_has_program(root, name):
+    return any(os.path.lexists(os.path.join(root, directory.lstrip("/"), name))
+               for directory in CHROOT_PATH.split(":"))
+
+
+def build_method(settings, runner, output):
+    """(method, why): chroot (emerge inside the binhost root) or root (ROOT= from the build host),
+    as build-method says, else chosen once per run."""
+    chosen = getattr(settings, "chosen_build_method", None)
+    if chosen:
+        return chosen
+    if settings.build_method in BUILD_METHODS:
+        chosen = (settings.build_method, f"build-method = {settings.build_method} in {settings.config_path}")
+    else:
+        try:
+            missing = [name for name in ("emerge", "gcc") if not root_has_program(settings.root, name)]
+            flags = make_conf_cpu_flags(settings.root)
+        except OSError as error:  # the commands that need it say so more precisely
+            missing, flags = [f"readable configuration ({error.strerror})"], []
+        lacking = None if missing else isa_this_cpu_lacks(flags, runner)
+        if missing:
+            chosen = ("root", f"the binhost root has no {' and no '.join(missing)} in its PATH, so it is no"
+                              " Gentoo system to build in yet")
+        elif lacking is None:
+            chosen = ("root", "gcc here cannot tell whether this CPU runs code built with the target's flags")
+        elif lacking:
+            chosen = ("root", f"this CPU lacks {' '.join(lacking[:8])}, which the target's flags"
+                              f" ({' '.join(flags)}) use: programs built in the binhost root could not run here")
+            output.warn(f"Building with the root method: {chosen[1]}. It compiles against this machine's"
+                        " headers and libraries and puts build dependencies here too (README: 'Build"
+                        " methods'); set build-method in the configuration to choose")
+        else:
+            chosen = ("chroot", "this CPU runs code built with the target's flags"
+                                + (f" ({' '.join(flags)})" if flags else ""))
+    settings.chosen_build_method = chosen
+    return chosen
+
+
+def portage_host(settings, runner, output):
+    """Where Portage runs for this environment: inside the binhost root (build-method chroot),
+    else this machine or its host chroot."""
+    return BuildHost(settings, runner, output, into_root=build_method(settings, runner, output)[0] == "chroot")
+
+
+def chroot_build_binds(settings):
+    """(place inside the binhost root, build host directory) for a chroot build: each repository
+    the copied configuration names, at the place it names, and DISTDIR (downloads are shared)."""
+    chroot = settings.host.chroot
+
+    def on_build_host(path):
+        return os.path.join(chroot, path.lstrip("/")) if chroot else path
+
+    places = set(configured_repositories(settings.root).values()) | {DEFAULT_REPOSITORY}
+    text = make_conf_texts(settings.root)
+    distdirs = [_unquote(text[a.start:a.end], a.quote) for a in _assignments(text) if a.name == "DISTDIR"]
+    places.add(distdirs[-1] if distdirs else "/var/cache/distfiles")
+    binds = []
+    for place in sorted(place for place in places if place.startswith("/") and "$" not in place):
+        source = on_build_host(place)
+        inside = os.path.join(settings.root, place.lstrip("/"))
+        if os.path.isdir(source) and os.path.realpath(source) != os.path.realpath(inside):
+            binds.append((place, source))
+    return binds
+
+
 def build_packages(settings, runner, output, emerge_args):
-    host = BuildHost(settings, runner, output)
+    method, why = build_method(settings, runner, output)
+    host = portage_host(settings, runner, output)  # refuses first what it cannot do (not root)
     check_binhost_root(settings)
+    if method == "chroot":
+        for what, path in (("pkgdir", settings.pkgdir), ("gpg-home", settings.gpg_home)):
+            if what == "gpg-home" and not settings.signing_key:
+                continue
+            relative = os.path.relpath(path, settings.root)
+            if relative == ".." or relative.startswith("../"):
+                raise BinhostError(f"{what} = {path} is outside the binhost root {settings.root}: builds run"
+                                   " inside it (build-method = chroot), so put it inside, or set"
+                                   " build-method = root")
+        host.program("gcc", "the binhost root must be a Gentoo system to build in (a stage3), or set"
+                            " build-method = root")
     emerge = host.program("emerge", "build runs Portage on this host: run it on Gentoo, put Portage's"
                                     " bin directory in PATH, or set up a Gentoo host chroot"
                                     f" ('{PROG} init --host-chroot DIR')")
@@ -1352,7 +1511,10 @@ def build_packages(settings, runner, output, emerge_args):
         output.warn(f"No signing key configured: building unsigned packages, which targets refuse"
                     f" by default. Run '{PROG} keygen' to sign.")
     env = portage_environment(settings)
-    argv = [emerge, "--buildpkg", "--root-deps", "--getbinpkg=n", "--getbinpkgonly=n"] + list(emerge_args)
+    # Inside the binhost root ROOT is /: every dependency goes there anyway.
+    root_deps = ["--root-deps"] if method == "root" else []
+    argv = [emerge, "--buildpkg", *root_deps, "--getbinpkg=n", "--getbinpkgonly=n"] + list(emerge_args)
+    output.debug(f"Build method {method}: {why}")
     with build_lock(settings, runner, output), host.mounted(show_only=runner.pretend):
         if settings.distcc_hosts and not runner.pretend:
             check_distcc_helpers(settings, host, output)
@@ -1371,7 +1533,7 @@ def build_packages(settings, runner, output, emerge_args):
 
 def refresh_index(settings, runner, output, host=None):
     """Rebuild PKGDIR/Packages; Portage trusts a stale index otherwise (pkgdir-index-trusted)."""
-    host = host or BuildHost(settings, runner, output)
+    host = host or portage_host(settings, runner, output)
     emaint = host.program("emaint", "put Portage's bin directory in PATH")
     host.run([emaint, "binhost", "--fix"], portage_environment(settings), capture=True,
              describe="emaint binhost --fix")
@@ -1560,7 +1722,7 @@ def sign_packages(settings, runner, output, resign=False):
         raise UsageError(f"no signing key configured in {settings.config_path}: run '{PROG} keygen'")
     if not os.path.isdir(settings.pkgdir):
         raise BinhostError(f"PKGDIR {settings.pkgdir} does not exist: build something first")
-    host = BuildHost(settings, runner, output)
+    host = portage_host(settings, runner, output)
     gpkg_sign = host.program("gpkg-sign", "it comes with Portage: put Portage's bin directory in PATH")
     ensure_verify_keyring(settings, runner, output)
     packages = all_packages(settings.pkgdir) if resign else unsigned_packages(settings.pkgdir)
@@ -2760,7 +2922,7 @@ def check_flags_with_local_gcc(flags, settings, runner, output):
     names features an older one here does not know: an unknown -mno-X is dropped (this gcc cannot
     emit X anyway); an unknown -mX or -march value is an error, else the build would fail late and
     confusingly."""
-    host = BuildHost(settings, runner, output)
+    host = portage_host(settings, runner, output)
     gcc = host.program("gcc", "the binhost builds with gcc")
     flags = list(flags)
     while True:
@@ -2824,8 +2986,9 @@ def check_no_symlink_below(base, path):
     for part in relative.split(os.sep):
         current = os.path.join(current, part)
         if os.path.islink(current):
-            raise BinhostError(f"{current} is a symbolic link (to {os.readlink(current)}): not writing"
-                               f" {path} through it; replace the link with a real file or directory")
+            raise BinhostError(f"{current} is a symbolic link (to {os.readlink(current)}): refusing to"
+                               f" write or mount {path} through it; replace the link with a real file or"
+                               " directory")
 
 
 def cpu_report(settings, target, runner, output, apply=False):
@@ -2942,7 +3105,7 @@ class LocalShell:
     host chroot, with one, where the binhost's repository paths mean what they say)."""
 
     def __init__(self, settings, runner, output):
-        self.host = BuildHost(settings, runner, output)
+        self.host = portage_host(settings, runner, output)
         self.env = root_environment(settings)
 
     def script(self, script, *args, changes=True, what, input=None, binary=False):
@@ -3140,6 +3303,8 @@ def sync_config(direction, settings, target, runner, output, show_only=False):
     changes = describe_config_changes(destination, source[1], *labels)
     if not changes:
         output.info(f"The Portage configuration of {target.name} and the binhost is identical")
+        if direction == "pull":
+            link_repositories_into(settings, runner, output)
         return False
     # A push changes another machine: always show how. A first pull can be long, so only on request,
     # but for the parts that run as root on the binhost during builds, shown every time.
@@ -3223,7 +3388,7 @@ def human_size(size):
 def installed_in_binhost(settings, runner, output):
     """CPVs installed in the binhost root: its world and their dependencies, as built for the
     targets (the binhost's world is the union of theirs)."""
-    host = BuildHost(settings, runner, output)
+    host = portage_host(settings, runner, output)
     eroot = host.read([host.program("portageq", "put Portage's bin directory in PATH"), "envvar", "EROOT"],
                       root_environment(settings), describe="portageq envvar EROOT").stdout.strip()
     eroot = host.outside(eroot) if eroot else eroot
@@ -3403,6 +3568,12 @@ def check_binhost_root_shape(doctor, settings):
                                             " is it an extracted stage3?")
 
 
+def check_build_method(doctor, settings, runner, output):
+    method, why = build_method(settings, runner, output)
+    automatic_root = method == "root" and settings.build_method not in BUILD_METHODS and "CPU lacks" in why
+    doctor.report(WARN if automatic_root else OK, "build method", f"{method}: {why}")
+
+
 def check_configuration(doctor, settings, target, runner, output):
     binhost_side, remote, binhost_tar, target_tar = fetch_both_configs(settings, target, runner, output)
     target_tar = resolve_march_native_in(target_tar, settings, target, runner, output)
@@ -3446,7 +3617,7 @@ def check_configuration(doctor, settings, target, runner, output):
 
 def check_portage_variables(doctor, settings, remote, runner, output, target):
     names = ["CHOST", "ARCH", "USE"]
-    host = BuildHost(settings, runner, output)
+    host = portage_host(settings, runner, output)
     local = host.read([host.program("portageq", "put Portage's bin directory in PATH"), "envvar", "-v"]
                       + names, root_environment(settings), describe="portageq envvar on the binhost")
     theirs = remote.run(["portageq", "envvar", "-v"] + names, target.portage_environment,
@@ -3678,6 +3849,7 @@ def run_doctor(settings, target, runner, output, atoms):
         doctor.run("host chroot", check_host_chroot, settings, runner, output)
     with chroot_session(settings, runner, output) if not doctor.failed else contextlib.nullcontext():
         doctor.run("binhost root", check_binhost_root_shape, settings)
+        doctor.run("build method", check_build_method, settings, runner, output)
         doctor.run("configuration", check_configuration, settings, target, runner, output)
         doctor.run("binrepos", check_binrepos, settings, target, runner, output)
         doctor.run("index", check_pkgdir, settings)
@@ -4073,7 +4245,11 @@ def link_repositories_into(settings, runner, output):
         wanted[profile_dir] = same_name[0] if same_name else profile_dir
     for inside, location in sorted(wanted.items()):
         link = os.path.join(settings.root, inside.lstrip("/"))
-        if os.path.lexists(link) or not os.path.isdir(on_build_host(location)):
+        if (os.path.isdir(link) and not os.path.islink(link) and not os.path.ismount(link)
+                and not os.listdir(link) and not runner.pretend):
+            os.rmdir(link)  # the empty mount point a chroot build left
+        # Gentoo's repository is linked even before it is synced on the build host.
+        if os.path.lexists(link) or not (os.path.isdir(on_build_host(location)) or location == DEFAULT_REPOSITORY):
             continue
         if not runner.pretend:
             os.makedirs(os.path.dirname(link), exist_ok=True)
@@ -4538,7 +4714,8 @@ class BinhostRequestHandler(http.server.BaseHTTPRequestHandler):
         entries = []
         with os.scandir(os.dup(descriptor)) as listing:
             for entry in sorted(listing, key=lambda item: item.name):
-                if entry.name.startswith(".") or entry.is_symlink():
+                if entry.name.startswith(".") or not (entry.is_file(follow_symlinks=False)
+                                                      or entry.is_dir(follow_symlinks=False)):
                     continue
                 name = entry.name + ("/" if entry.is_dir(follow_symlinks=False) else "")
                 entries.append(f'<a href="{urllib.parse.quote(name)}">{html.escape(name)}</a>')
@@ -4962,6 +5139,8 @@ def nginx_server_block(settings, bind, port):
              "    gzip off;",
              "    # Dotfiles are not served; a missing file must be a 404 (never 403) for Portage.",
              "    location ~ /\\. { return 404; }",
+             "    # Portage asks with its copy's TIMESTAMP + 5 s: only the exact date may get a 304.",
+             "    if_modified_since exact;",
              "    location / { try_files $uri =404; }"]
     if settings.tls_cert:
         lines += [f"    ssl_certificate {settings.tls_cert};",
@@ -5203,9 +5382,10 @@ def take_command_options(args, emerge_args, parser):
             args.target = chosen
     for word in words:
         if word == "--all" or word == "--target" or word.startswith("--target="):
-            raise UsageError(f"{word.split('=')[0]} among emerge's arguments would go to emerge: put"
-                             f" --target before the command ('{PROG} --target NAME {args.command} ...')"
-                             f" or right after it")
+            option = word.split("=")[0]
+            raise UsageError(f"{option} among emerge's arguments would go to emerge: put {option} before"
+                             f" the command ('{PROG} {option}{' NAME' if option == '--target' else ''}"
+                             f" {args.command} ...') or right after it")
     if not words:
         raise UsageError(f"{args.command} needs emerge arguments: the packages or sets, e.g."
                          f" '{PROG} {args.command} app-editors/vim' or '-uDN @world'")

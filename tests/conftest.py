@@ -44,8 +44,11 @@ import shutil
 import socket
 import subprocess
 import sys
+import tarfile
 import tempfile
+import threading
 import time
+import urllib.parse
 from pathlib import Path
 
 import pytest
@@ -427,7 +430,6 @@ def write_binrepo(config_root, name, sync_uri, *, priority=10, verify_signature=
 #   everything under it first and then uses `rm -rf --one-file-system`.
 
 CHROOT_SUITE = "bookworm"
-CHROOT_MIRROR = "http://deb.debian.org/debian"
 CHROOT_PACKAGES = (
     "python3", "python3-venv", "gpg", "gpg-agent", "gpgconf", "zstd", "xz-utils",
     "bzip2", "gcc", "libc6-dev", "make", "patch", "rsync",
@@ -440,11 +442,110 @@ CHROOT_PORTAGE_BIN = CHROOT_EPREFIX + "/bin"
 CHROOT_REPO = "/var/db/repos/" + REPO_NAME
 #: PATH for commands run inside the chroot.
 CHROOT_PATH = CHROOT_PORTAGE_BIN + ":/usr/sbin:/usr/bin:/sbin:/bin"
-#: Everything that makes a cache: a cache whose marker says otherwise is rebuilt.
-CHROOT_RECIPE = "debootstrap --variant=minbase --include=%s %s %s\npip %s\n" % (
-    ",".join(CHROOT_PACKAGES), CHROOT_SUITE, CHROOT_MIRROR, CHROOT_PORTAGE)
+#: Everything that makes a cache: a cache whose marker says otherwise is rebuilt. The mirror
+#: is not part of it (any mirror of the suite gives the same chroot).
+CHROOT_RECIPE = "debootstrap --variant=minbase --include=%s %s\npip %s\n" % (
+    ",".join(CHROOT_PACKAGES), CHROOT_SUITE, CHROOT_PORTAGE)
 _CHROOT_MARKER = "complete"
 _CHROOT_COPY_PREFIX = "gentoo-binhost-chroot-"
+
+
+APT_SOURCES_LIST = Path("/etc/apt/sources.list")
+APT_SOURCES_DIR = Path("/etc/apt/sources.list.d")
+
+
+def _deb822_stanzas(text):
+    """The stanzas of a deb822 file as dicts {lower-case field: value} (comments dropped,
+    continuation lines joined)."""
+    stanzas, current, field = [], {}, None
+    for line in text.splitlines():
+        if line.startswith("#"):
+            continue
+        if not line.strip():
+            if current:
+                stanzas.append(current)
+            current, field = {}, None
+        elif line[0] in " \t" and field:
+            current[field] += " " + line.strip()
+        elif ":" in line:
+            field, value = line.split(":", 1)
+            field = field.strip().lower()
+            current[field] = value.strip()
+    if current:
+        stanzas.append(current)
+    return stanzas
+
+
+def _main_archive_uri_in_deb822(text, suite):
+    for stanza in _deb822_stanzas(text):
+        if stanza.get("enabled", "yes").strip().lower() in ("no", "false", "0"):
+            continue
+        if "deb" not in stanza.get("types", "").split():
+            continue
+        if suite not in stanza.get("suites", "").split():
+            continue
+        uris = stanza.get("uris", "").split()
+        if uris:
+            return uris[0]
+    return None
+
+
+def _main_archive_uri_in_list(text, suite):
+    for line in text.splitlines():
+        words = line.split("#", 1)[0].split()
+        if words[:1] != ["deb"]:
+            continue
+        words = words[1:]
+        if words and words[0].startswith("["):  # options: [arch=amd64 signed-by=...]
+            while words and not words[0].endswith("]"):
+                words = words[1:]
+            words = words[1:]
+        if len(words) >= 2 and words[1] == suite:
+            return words[0]
+    return None
+
+
+def debian_mirror(suite=None, sources_list=None, sources_dir=None):
+    """The first ``deb`` URI of Debian's main archive for ``suite`` (default CHROOT_SUITE) in
+    this machine's apt sources: deb822 stanzas of ``sources.list.d/*.sources`` whose Suites
+    include the suite itself (not ``-security`` nor ``-updates``), then ``deb URI SUITE ...``
+    lines of ``sources.list`` and ``sources.list.d/*.list``. Disabled files (any other name,
+    such as ``*.disabled``) and stanzas with ``Enabled: no`` are skipped. None when there is none.
+    The project never names a registry's host itself: debootstrap uses the machine's mirror."""
+    suite = suite or CHROOT_SUITE
+    sources_list = Path(sources_list or APT_SOURCES_LIST)
+    sources_dir = Path(sources_dir or APT_SOURCES_DIR)
+    candidates = [(path, _main_archive_uri_in_deb822)
+                  for path in sorted(sources_dir.glob("*.sources"))]
+    candidates.append((sources_list, _main_archive_uri_in_list))
+    candidates += [(path, _main_archive_uri_in_list) for path in sorted(sources_dir.glob("*.list"))]
+    for path, find in candidates:
+        try:
+            text = path.read_text(errors="replace")
+        except OSError:
+            continue
+        uri = find(text, suite)
+        if uri:
+            return uri.rstrip("/")
+    return None
+
+
+def chroot_mirror():
+    """debian_mirror(), or skip (fail on CI) when the apt sources name none."""
+    mirror = debian_mirror()
+    need(mirror is not None, "no Debian mirror in the apt sources")
+    return mirror
+
+
+def _recipe_without_mirror(marker_text):
+    """A cache marker's recipe with the mirror left out of its debootstrap line: markers
+    written before the mirror came from the apt sources named it as the last word."""
+    lines = marker_text.split("\n")
+    if lines and lines[0].startswith("debootstrap "):
+        words = lines[0].split(" ")
+        if len(words) == 5 and "://" in words[-1]:
+            lines[0] = " ".join(words[:-1])
+    return "\n".join(lines)
 
 
 def chroot_cache_dir():
@@ -568,12 +669,13 @@ def build_chroot_cache(cache):
     cache = Path(cache)
     tmp = Path(tempfile.mkdtemp(dir=str(cache.parent), prefix=cache.name + ".tmp-"))
     timings = {}
+    mirror = chroot_mirror()
     try:
         os.chmod(str(tmp), 0o755)
         root = tmp / "root"
         start = time.monotonic()
         run([shutil.which("debootstrap") or "/usr/sbin/debootstrap", "--variant=minbase",
-             "--include=" + ",".join(CHROOT_PACKAGES), CHROOT_SUITE, root, CHROOT_MIRROR],
+             "--include=" + ",".join(CHROOT_PACKAGES), CHROOT_SUITE, root, mirror],
             timeout=1800)
         timings["debootstrap"] = time.monotonic() - start
         umount_under(root)  # debootstrap unmounts its /proc and /sys, but be sure
@@ -611,18 +713,21 @@ def ensure_chroot_cache(cache=None):
     with open(str(cache.parent / ("." + cache.name + ".lock")), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         marker = cache / _CHROOT_MARKER
-        if marker.is_file() and marker.read_text() == CHROOT_RECIPE:
+        if marker.is_file() and _recipe_without_mirror(marker.read_text()) == CHROOT_RECIPE:
             return cache, {}
         # Holding the lock: leftovers of interrupted builds and stale caches can go.
         for stale in cache.parent.glob(cache.name + ".tmp-*"):
             remove_chroot(stale)
+        mirror = chroot_mirror()
+        parsed = urllib.parse.urlsplit(mirror)
         try:
-            socket.create_connection((CHROOT_MIRROR.split("/")[2], 80), timeout=10).close()
+            socket.create_connection(
+                (parsed.hostname, parsed.port or (443 if parsed.scheme == "https" else 80)),
+                timeout=10).close()
             online = True
-        except OSError:
+        except (OSError, TypeError):
             online = False
-        need(online, "no network to %s: cannot build the chroot cache %s"
-             % (CHROOT_MIRROR, cache))
+        need(online, "no network to %s: cannot build the chroot cache %s" % (mirror, cache))
         remove_chroot(cache)
         return cache, build_chroot_cache(cache)
 
@@ -960,3 +1065,112 @@ def sshd(tmp_path_factory):
     need(shutil.which("ssh") and shutil.which("ssh-keygen"), "ssh/ssh-keygen missing")
     with start_sshd(tmp_path_factory.mktemp("sshd")) as server:
         yield server
+
+
+# ---------------------------------------------------------------------------
+# The end-to-end world: a binhost root with packages built, signed and served
+# ---------------------------------------------------------------------------
+
+class World:
+    """A binhost root with packages built, signed and served, plus helpers to add targets."""
+
+    def __init__(self, base, portage_bin, eprefix, sshd):
+        self.base = base
+        self.portage_bin = portage_bin
+        self.eprefix = eprefix
+        self.sshd = sshd
+        self.binhost = base / "binhost"
+        self.pkgdir = self.binhost / "var/cache/binpkgs"
+        self.port = free_port()
+        self.config = base / "gentoo-binhost.conf"
+
+    def binhost_section(self, pkgdir=None, port=None, gpg_home=None):
+        lines = [f"root = {self.binhost}", f"url = http://127.0.0.1:{port or self.port}/",
+                 "bind = 127.0.0.1", f"port = {port or self.port}"]
+        if pkgdir:
+            lines.append(f"pkgdir = {pkgdir}")
+        if gpg_home:
+            lines.append(f"gpg-home = {gpg_home}")
+        return "[binhost]\n" + "\n".join(lines) + "\n"
+
+    def cli(self, *args, config=None, check=True, timeout=600):
+        env = {"PATH": f"{self.portage_bin}:{os.environ['PATH']}", "NO_COLOR": "1"}
+        return run([sys.executable, SCRIPT, "-c", config or self.config] + list(args), env=env,
+                   check=check, timeout=timeout)
+
+    def new_target(self, name, use="loud", port=None, pkgdir=None, signing_config=None, extra_binhost="",
+                   sshd=None):
+        """A target ROOT with the binhost's profile and repository, and a config file for it
+        (its [binhost] section copied from signing_config, else the world's)."""
+        root = self.base / f"target-{name}"
+        write_portage_config(root, extra_make_conf=(
+            f'USE="{use}"\nBINPKG_GPG_VERIFY_GPG_HOME="{root}/etc/portage/gnupg"\n'))
+        source = Path(signing_config or self.config).read_text()
+        binhost = source.split("[target")[0]
+        if port or pkgdir:
+            extra = "".join(line + "\n" for line in binhost.splitlines()
+                            if line.startswith(("signing-key", "gpg-home")))
+            binhost = self.binhost_section(pkgdir=pkgdir, port=port) + extra
+        binhost = binhost.rstrip("\n") + "\n" + extra_binhost
+        config = self.base / f"{name}.conf"
+        sshd = sshd or self.sshd
+        config.write_text(binhost + f"\n[target {name}]\nhost = {sshd.host}\n"
+                          f"ssh-port = {sshd.port}\nssh-options = {sshd.ssh_options}\n"
+                          f"root = {root}\npath = {self.portage_bin}\n")
+        return root, config
+
+    def installed(self, root, path):
+        return eroot(root, self.eprefix) / path
+
+
+@pytest.fixture(scope="session")
+def world(portage_bin, eprefix, host_portage, sshd):
+    # Portage verifies signatures as `nobody`, which cannot enter pytest's 0700 temporary dirs.
+    base = Path(tempfile.mkdtemp(prefix="gentoo-binhost-e2e-"))
+    base.chmod(0o755)
+    try:
+        yield from populate_world(World(base, portage_bin, eprefix, sshd))
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def populate_world(world):
+    write_portage_config(world.binhost, extra_make_conf='USE="loud"\n')
+    world.config.write_text(world.binhost_section())
+
+    # Built before a key exists: unsigned, with a warning; `sign` fixes that afterwards.
+    built = world.cli("build", "app-misc/hello-app", "app-misc/greet")
+    assert "No signing key configured" in built.stderr
+    packages = sorted(world.pkgdir.rglob("*.gpkg.tar"))
+    assert len(packages) == 3
+    world.cli("keygen")
+    assert "signing-key = " in world.config.read_text()
+    world.cli("sign")
+    assert all(is_signed(package) for package in packages)
+
+    with binhost_serving(world.config, world.port):
+        yield world
+
+
+def is_signed(path):
+    with tarfile.open(path) as archive:
+        return any(name.endswith(".sig") for name in archive.getnames())
+
+
+def install_from(gb, world, pkgdir, name, atom="app-misc/hello", extra_binhost="", sshd=None,
+                 scheme="http", **server_options):
+    """Serve pkgdir in this process, set up a new target for it, try to install atom there.
+    Returns (target root, the install's CompletedProcess, the binrepos entry written)."""
+    server = gb.make_server("127.0.0.1", 0, str(pkgdir), gb.Output(color=False, verbosity=0),
+                            **server_options)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        root, config = world.new_target(name, port=server.server_address[1], pkgdir=pkgdir,
+                                        extra_binhost=extra_binhost, sshd=sshd)
+        config.write_text(config.read_text().replace("url = http://", f"url = {scheme}://"))
+        world.cli("setup-target", config=config)
+        entry = (root / "etc/portage/binrepos.conf/gentoo-binhost.conf").read_text()
+        return root, world.cli("install", atom, config=config, check=False), entry
+    finally:
+        server.shutdown()
+        server.server_close()
