@@ -2166,7 +2166,10 @@ set -e
 home=$1 fpr=$2 key=$3
 umask 022
 if [ ! -d "$home" ] && [ "$home" = "${ROOT%/}/etc/portage/gnupg" ] && command -v getuto >/dev/null; then
-    getuto >&2 || { echo "getuto failed: run it on the target to see why" >&2; exit 5; }
+    if ! said=$(getuto 2>&1); then
+        echo "getuto failed ($(printf '%s\n' "$said" | grep . | tail -n 1)): run getuto on the target" >&2
+        exit 5
+    fi
     echo "getuto set up $home"
 fi
 mkdir -p "$home"

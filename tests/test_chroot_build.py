@@ -1,0 +1,263 @@
+"""build-method = chroot: emerge runs inside the binhost root, a real system (the debootstrap +
+PyPI Portage image), with /proc, /sys, /dev, /run and the ebuild repository mounted. Dependencies
+resolve, install and compile there alone: the program is built against the binhost root's library,
+and the build host's own package database does not change."""
+
+import hashlib
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import (CHROOT_EPREFIX, REPO, SCRIPT, ensure_chroot_cache, mounts_under, need, remove_chroot,
+                      run)
+
+LIBV_EBUILD = """EAPI=8
+DESCRIPTION="A header that says its version (binhost test package)"
+HOMEPAGE="https://example.invalid/libv"
+S="${WORKDIR}"
+LICENSE="MIT"
+SLOT="0"
+KEYWORDS="amd64"
+IUSE="extra"
+src_install() {
+	insinto /usr/include
+	newins - libv.h <<<"#define LIBV_VERSION \\"${PV}$(usex extra +extra '')\\""
+}
+"""
+LIBV_APP_EBUILD = """EAPI=8
+DESCRIPTION="Prints the libv it was compiled against (binhost test package)"
+HOMEPAGE="https://example.invalid/libv-app"
+S="${WORKDIR}"
+LICENSE="MIT"
+SLOT="0"
+KEYWORDS="amd64"
+DEPEND="dev-libs/libv[extra]"
+src_compile() {
+	printf '#include <stdio.h>\\n#include <libv.h>\\nint main(void) { puts("libv " LIBV_VERSION); return 0; }\\n' \\
+		> main.c || die
+	# ESYSROOT stands in for the compiler's default include path (a prefix install here).
+	${CC:-gcc} ${CFLAGS} -I"${ESYSROOT}/usr/include" -o libv-app main.c || die
+}
+src_install() {
+	dobin libv-app
+}
+"""
+SLOW_EBUILD = """EAPI=8
+DESCRIPTION="Takes its time (interrupt tests)"
+HOMEPAGE="https://example.invalid/slow"
+S="${WORKDIR}"
+LICENSE="MIT"
+SLOT="0"
+KEYWORDS="amd64"
+src_compile() {
+	touch /tmp/chroot-build-slow-started || die
+	sleep 300
+}
+"""
+PORTAGE_TOOLS = ("emerge", "emaint", "portageq", "gpkg-sign", "ebuild")
+
+
+def processes_inside(root):
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if os.readlink(entry / "root") == str(root):
+                    found.append(int(entry.name))
+            except OSError:
+                continue
+    return found
+
+
+def tree_digest(path):
+    """A digest of every file name and content below path (a package database)."""
+    digest = hashlib.sha256()
+    for directory, dirs, files in sorted(os.walk(path)):
+        dirs.sort()
+        for name in sorted(files):
+            full = os.path.join(directory, name)
+            digest.update(full.encode() + b"\0")
+            if not os.path.islink(full):
+                digest.update(Path(full).read_bytes())
+    return digest.hexdigest()
+
+
+class ChrootBuild:
+    def __init__(self, base, root, repo):
+        self.base, self.root, self.repo = base, root, repo
+        self.config = base / "gentoo-binhost.conf"
+        self.pkgdir = root / "var/cache/binpkgs"
+
+    def cli(self, *args, check=True, timeout=600):
+        return run([sys.executable, SCRIPT, "--color=n", "-c", self.config] + list(args),
+                   env={"NO_COLOR": "1"}, check=check, timeout=timeout)
+
+    def inside(self, path):
+        return self.root / path.lstrip("/")
+
+
+@pytest.fixture(scope="module")
+def chroot_build(eprefix):
+    need(os.geteuid() == 0, "a chroot build needs root")
+    cache, _timings = ensure_chroot_cache()
+    base = Path(tempfile.mkdtemp(prefix="gbcb-"))  # short: gpg-agent socket paths
+    base.chmod(0o755)
+    root = base / "binhost"
+    try:
+        run(["cp", "-a", str(cache / "root") + "/.", root])
+        root.chmod(0o755)
+        # The repository lives on the build host; the copied configuration names it by this path.
+        repo = base / "repo"
+        shutil.copytree(REPO, repo, symlinks=True)
+        (repo / "profiles/categories").write_text("app-misc\ndev-libs\n")
+        for category, name, version, text in (("dev-libs", "libv", "1", LIBV_EBUILD),
+                                              ("dev-libs", "libv", "2", LIBV_EBUILD),
+                                              ("app-misc", "libv-app", "1.0", LIBV_APP_EBUILD),
+                                              ("app-misc", "slow", "1.0", SLOW_EBUILD)):
+            (repo / category / name).mkdir(parents=True, exist_ok=True)
+            (repo / category / name / f"{name}-{version}.ebuild").write_text(text)
+        # A Gentoo-like system: the configuration in /etc/portage (Portage's prefix reads it
+        # there through a link), its tools on the usual PATH, a relative make.profile.
+        etc = root / "etc/portage"
+        etc.mkdir(parents=True, exist_ok=True)
+        prefix_etc = root / CHROOT_EPREFIX.lstrip("/") / "etc/portage"
+        if prefix_etc.is_dir() and not prefix_etc.is_symlink():
+            shutil.rmtree(prefix_etc)
+        prefix_etc.parent.mkdir(parents=True, exist_ok=True)
+        prefix_etc.symlink_to("/etc/portage")
+        for tool in PORTAGE_TOOLS:
+            link = root / "usr/local/bin" / tool
+            link.parent.mkdir(parents=True, exist_ok=True)
+            if not link.is_symlink():
+                link.symlink_to(f"{CHROOT_EPREFIX}/bin/{tool}")
+        # Relative, as on a real system: it resolves inside the root, where the repository is mounted.
+        (etc / "make.profile").symlink_to(os.path.relpath(repo / "profiles/default", "/etc/portage"))
+        (etc / "repos.conf").mkdir()
+        (etc / "repos.conf/binhost-test.conf").write_text(
+            f"[DEFAULT]\nmain-repo = binhost-test\n\n[binhost-test]\nlocation = {repo}\n")
+        (etc / "make.conf").write_text(
+            'FEATURES="-sandbox -usersandbox -userpriv -usersync -ipc-sandbox -network-sandbox'
+            ' -pid-sandbox -mount-sandbox"\nPORTAGE_USERNAME="root"\nPORTAGE_GRPNAME="root"\n'
+            'PORTAGE_TMPDIR="/var/tmp"\nDISTDIR="/var/cache/distfiles"\nCFLAGS="-O2 -pipe"\n'
+            'USE="extra"\nCLEAN_DELAY="0"\nEMERGE_WARNING_DELAY="0"\n')
+        for directory in ("var/tmp", "var/cache/distfiles", "var/cache/binpkgs"):
+            (root / directory).mkdir(parents=True, exist_ok=True)
+        world = ChrootBuild(base, root, repo)
+        world.config.write_text(f"[binhost]\nroot = {root}\n")
+        yield world
+    finally:
+        leftovers = processes_inside(root)
+        for pid in leftovers:
+            os.kill(pid, signal.SIGKILL)
+        remove_chroot(base)
+
+
+def test_pretend_shows_mounts_chroot_and_emerge_and_chooses_chroot(chroot_build):
+    result = chroot_build.cli("-p", "build", "app-misc/libv-app")
+    lines = result.stdout.splitlines()
+    root = chroot_build.root
+    assert f"mount --types proc proc {root}/proc" in lines
+    assert f"mount --bind --make-slave {chroot_build.repo} {root}{chroot_build.repo}" in lines
+    emerge = next(line for line in lines if line.startswith(f"chroot {root} env -i"))
+    assert emerge.endswith("/usr/local/bin/emerge --buildpkg --getbinpkg=n --getbinpkgonly=n app-misc/libv-app")
+    assert "--root-deps" not in emerge and "PKGDIR=/var/cache/binpkgs" in emerge
+    assert not list(chroot_build.pkgdir.rglob("*.gpkg.tar")) and mounts_under(root) == []
+
+
+def test_builds_against_the_binhost_root_and_leaves_the_build_host_alone(chroot_build, eprefix):
+    host_vdb = Path(eprefix) / "var/db/pkg"
+    before = tree_digest(host_vdb)
+    chroot_build.cli("keygen")
+    result = chroot_build.cli("build", "app-misc/libv-app")
+    assert "USE changes are necessary" not in result.stdout + result.stderr
+    packages = sorted(p.relative_to(chroot_build.pkgdir).as_posix() for p in chroot_build.pkgdir.rglob("*.gpkg.tar"))
+    assert packages == ["app-misc/libv-app/libv-app-1.0-1.gpkg.tar", "dev-libs/libv/libv-2-1.gpkg.tar"]
+    # Compiled inside, against the binhost root's libv (version 2, with USE=extra): run it there.
+    program = f"{CHROOT_EPREFIX}/usr/bin/libv-app"
+    assert run(["chroot", chroot_build.root, program]).stdout == "libv 2+extra\n"
+    assert tree_digest(host_vdb) == before, "the build host's package database changed"
+    assert mounts_under(chroot_build.root) == [] and processes_inside(chroot_build.root) == []
+    # Signed inside, with the verify keyring Portage checks each new signature against.
+    with open(chroot_build.pkgdir / "app-misc/libv-app/libv-app-1.0-1.gpkg.tar", "rb") as handle:
+        assert b".sig" in handle.read()
+
+
+def test_a_failing_chroot_build_leaves_no_mounts(chroot_build):
+    result = chroot_build.cli("build", "app-misc/no-such-package", check=False)
+    assert result.returncode == 1 and "!!! emerge failed on the binhost" in result.stderr
+    assert mounts_under(chroot_build.root) == []
+
+
+def test_sigterm_to_the_tool_stops_the_chroot_build_and_unmounts(chroot_build):
+    started = chroot_build.root / "tmp/chroot-build-slow-started"
+    started.unlink(missing_ok=True)
+    build = subprocess.Popen([sys.executable, str(SCRIPT), "--color=n", "-c", str(chroot_build.config),
+                              "build", "--oneshot", "app-misc/slow"],
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not started.exists():
+            assert build.poll() is None and time.monotonic() < deadline, build.communicate()[0]
+            time.sleep(0.2)
+        os.kill(build.pid, signal.SIGTERM)
+        output = build.communicate(timeout=90)[0]
+    finally:
+        if build.poll() is None:
+            build.kill()
+    assert build.returncode == 143, output
+    assert processes_inside(chroot_build.root) == []
+    assert mounts_under(chroot_build.root) == []
+
+
+def test_automatic_choice_is_root_when_this_cpu_cannot_run_the_targets_flags(tmp_path):
+    need(shutil.which("gcc"), "gcc missing")
+    native = set(run(["gcc", "-march=native", "-dM", "-E", "-x", "c", "/dev/null"]).stdout.split())
+    candidates = [("-mavx512vp2intersect", "__AVX512VP2INTERSECT__"), ("-mamx-tile", "__AMX_TILE__"),
+                  ("-mavx512fp16", "__AVX512FP16__"), ("-mavx5124fmaps", "__AVX5124FMAPS__"),
+                  ("-mavx512f", "__AVX512F__"), ("-mavx2", "__AVX2__")]
+    usable = [(flag, macro) for flag, macro in candidates if macro not in native
+              and run(["gcc", flag, "-E", "-x", "c", "/dev/null"], check=False).returncode == 0]
+    need(usable, "this CPU has every instruction set gcc knows here")
+    flag, macro = usable[0]
+    root = tmp_path / "binhost"
+    for program in ("usr/bin/emerge", "usr/bin/gcc"):  # a system to build in, as far as it can tell
+        (root / program).parent.mkdir(parents=True, exist_ok=True)
+        (root / program).write_text("")
+    (root / "etc/portage").mkdir(parents=True)
+    (root / "etc/portage/make.conf").write_text(f'COMMON_FLAGS="-O2 {flag}"\nCFLAGS="${{COMMON_FLAGS}}"\n')
+    config = tmp_path / "c.conf"
+    config.write_text(f"[binhost]\nroot = {root}\n")
+    fake_bin = tmp_path / "bin"
+    fake_bin.mkdir()
+    (fake_bin / "emerge").write_text("#!/bin/sh\nexit 0\n")
+    (fake_bin / "emerge").chmod(0o755)
+    result = run([sys.executable, SCRIPT, "--color=n", "-c", config, "-p", "build", "app-misc/hello"],
+                 env={"PATH": f"{fake_bin}:{os.environ['PATH']}"})
+    assert f"Building with the root method: this CPU lacks {macro}" in result.stderr
+    command = next(line for line in result.stdout.splitlines() if line.startswith("ROOT="))
+    assert "--root-deps" in command and not result.stdout.startswith("chroot")
+    # Said explicitly, the method is used as it is.
+    config.write_text(f"[binhost]\nroot = {root}\nbuild-method = root\n")
+    result = run([sys.executable, SCRIPT, "--color=n", "-c", config, "-p", "build", "app-misc/hello"],
+                 env={"PATH": f"{fake_bin}:{os.environ['PATH']}"})
+    assert "Building with the root method" not in result.stderr
+
+
+def test_chroot_method_refuses_a_pkgdir_outside_the_root(tmp_path):
+    root = tmp_path / "binhost"
+    (root / "etc/portage").mkdir(parents=True)
+    config = tmp_path / "c.conf"
+    config.write_text(f"[binhost]\nroot = {root}\npkgdir = {tmp_path}/elsewhere\nbuild-method = chroot\n")
+    result = run([sys.executable, SCRIPT, "--color=n", "-c", config, "-p", "build", "app-misc/hello"], check=False)
+    assert result.returncode == 1
+    assert "is outside the binhost root" in result.stderr and "build-method = root" in result.stderr
+    config.write_text(f"[binhost]\nroot = {root}\nbuild-method = sometimes\n")
+    result = run([sys.executable, SCRIPT, "--color=n", "-c", config, "build", "app-misc/hello"], check=False)
+    assert result.returncode == 2 and "build-method = sometimes" in result.stderr
