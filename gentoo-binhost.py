@@ -94,7 +94,7 @@ GLOBAL_OPTIONS_WITH_VALUE = ("-c", "--config", "--target", "--color")  # --all t
 CONFIG_KEYS = {
     "binhost": ("root", "pkgdir", "url", "bind", "port", "signing-key", "gpg-home", "tls-cert",
                 "tls-key", "auth-file", "transport", "tunnel-port", "timeout", "stage3", "stage3-sha512",
-                "stage3-installed", "distcc-hosts", "build-method"),
+                "stage3-installed", "distcc-hosts", "build-method", "publish-keep"),
     "target": ("host", "ssh-port", "ssh-options", "root", "path", "binhost-root", "build-method"),
     "host": ("chroot", "path"),
 }
@@ -294,6 +294,10 @@ class BinhostSettings:
         self.env_name = None
         self.distcc_hosts = section.get("distcc-hosts", "")
         self.build_method = parse_build_method(section.get("build-method", ""), config_path, "binhost")
+        keep = section.get("publish-keep", str(DEFAULT_PUBLISH_KEEP))
+        if not keep.isdigit() or int(keep) < 1:
+            raise UsageError(f"{config_path}: [binhost] publish-keep = {keep}: use a number of publications (1 or more)")
+        self.publish_keep = int(keep)
         self.tls_cert = section.get("tls-cert", "")
         self.tls_key = section.get("tls-key", "")
         self.auth_file = section.get("auth-file", "")
@@ -1298,14 +1302,17 @@ def check_distcc_helpers(settings, build_host, output):
             output.info(f"distcc helper {host}: gcc {remote}, like the binhost")
 
 
+HELD_BUILD_LOCKS = set()  # the build locks this process holds (flock is per open file)
+
+
 @contextlib.contextmanager
 def build_lock(settings, runner, output):
     """One build per binhost at a time: a second build waits for the first. Whatever changed
     PKGDIR under the lock leaves an index newer than before (see advance_index)."""
-    if runner.pretend:
+    lock_path = os.path.join(settings.root, "var/cache/gentoo-binhost/build.lock")
+    if runner.pretend or lock_path in HELD_BUILD_LOCKS:  # update holds it around its builds
         yield
         return
-    lock_path = os.path.join(settings.root, "var/cache/gentoo-binhost/build.lock")
     os.makedirs(os.path.dirname(lock_path), exist_ok=True)
     with open(lock_path, "a+") as lock_file:
         try:
@@ -1321,9 +1328,11 @@ def build_lock(settings, runner, output):
         lock_file.write(f"pid {os.getpid()}\n")
         lock_file.flush()
         before = index_state(settings.pkgdir)
+        HELD_BUILD_LOCKS.add(lock_path)
         try:
             yield
         finally:
+            HELD_BUILD_LOCKS.discard(lock_path)
             with signals_deferred():  # a half-advanced index would be worse than none
                 advance_index(settings.pkgdir, before, runner)
             lock_file.truncate(0)
@@ -1527,8 +1536,10 @@ def build_packages(settings, runner, output, emerge_args):
         finally:
             if settings.signing_key and not runner.pretend:
                 host.stop_gpg_agent(settings.gpg_home)
-    if result is not None and result.returncode != 0:
-        raise BinhostError(f"emerge failed on the binhost (exit {result.returncode}): see its output above")
+        if result is not None and result.returncode != 0:
+            raise BinhostError(f"emerge failed on the binhost (exit {result.returncode}): see its output above;"
+                               " nothing was published")
+        publish(settings, runner, output, f"build {' '.join(emerge_args)}")
 
 
 def refresh_index(settings, runner, output, host=None):
@@ -1749,6 +1760,7 @@ def sign_packages(settings, runner, output, resign=False):
                 output.action(f"Signing {os.path.relpath(package, settings.pkgdir)}")
                 host.run([gpkg_sign, package], env, capture=True, describe=f"gpkg-sign {package}")
             refresh_index(settings, runner, output, host)
+            publish(settings, runner, output, f"sign {len(packages)} package(s)")
         finally:
             if not runner.pretend:
                 host.stop_gpg_agent(settings.gpg_home)
@@ -2125,8 +2137,15 @@ def build_for_target(settings, target, runner, output, emerge_args, check_fetch=
     if emerge_pretends(emerge_args):
         output.info("emerge's --pretend among the arguments: nothing is built")
         return packages
-    build_packages(settings, runner, output, ["--oneshot", "--usepkg=n"]
-                   + [package.atom for package in missing])
+    try:
+        build_packages(settings, runner, output, ["--oneshot", "--usepkg=n"]
+                       + [package.atom for package in missing])
+    except BinhostError as error:
+        if runner.pretend:
+            raise
+        still = packages_to_build(settings, runner, output, missing)
+        raise BinhostError(f"{error}; not built: {', '.join(package.cpv for package in still)}"
+                           " (the first of them failed, or was not reached)") from None
     if runner.pretend:
         return packages
     still = packages_to_build(settings, runner, output, missing)
@@ -3429,7 +3448,13 @@ def clean_packages(settings, runner, output, keep):
     check_binhost_root(settings)
     with build_lock(settings, runner, output):  # a build may be adding packages
         records = package_records(settings.pkgdir)
+        published = published_paths(settings.pkgdir)
         doomed = packages_to_clean(records, installed_in_binhost(settings, runner, output), keep)
+        kept = [record for record, _ in doomed if record["path"] in published]
+        if kept:
+            output.info(f"Keeping {len(kept)} package(s) a kept publication names (see '{PROG} history';"
+                        " publish-keep)")
+        doomed = [(record, reason) for record, reason in doomed if record["path"] not in published]
         if not doomed:
             output.info(f"Nothing to clean in {settings.pkgdir}")
             return []
@@ -3448,7 +3473,232 @@ def clean_packages(settings, runner, output, keep):
                     and os.path.isfile(path)):
                 os.unlink(path)
         refresh_index(settings, runner, output)
+        publish(settings, runner, output, f"clean: {len(doomed)} package(s) removed")
     return doomed
+
+
+# ---- publishing: targets see complete builds only ------------------------------------------------
+
+# Published indexes live in PKGDIR/.published/<ID>/ (a dot directory, never served as it is):
+# `current` links to the one serve (and nginx) answers /Packages with. Portage rewrites
+# PKGDIR/Packages after every package it builds; targets never see that working index while a
+# publication exists. Package files are never copied: with binpkg-multi-instance each build is a
+# file of its own, so every file an older publication names stays in place until clean.
+PUBLISHED_DIR = ".published"
+CURRENT_PUBLICATION = "current"
+DEFAULT_PUBLISH_KEEP = 5
+
+
+def publications_dir(pkgdir):
+    return os.path.join(pkgdir, PUBLISHED_DIR)
+
+
+def publication_ids(pkgdir):
+    """The IDs of the kept publications, oldest first."""
+    try:
+        names = os.listdir(publications_dir(pkgdir))
+    except FileNotFoundError:
+        return []
+    return sorted(int(name) for name in names if name.isdigit())
+
+
+def current_publication(pkgdir):
+    """The ID targets are served now, or None before the first publication."""
+    try:
+        target = os.readlink(os.path.join(publications_dir(pkgdir), CURRENT_PUBLICATION))
+    except OSError:
+        return None
+    return int(target) if target.isdigit() else None
+
+
+def publication_entries(pkgdir, publication):
+    """{CPV-BUILD_ID: fields} of a publication's index."""
+    text = read_text(os.path.join(publications_dir(pkgdir), str(publication), "Packages"))
+    entries = {}
+    for block in text.split("\n\n")[1:]:
+        fields = dict(line.split(": ", 1) for line in block.splitlines() if ": " in line)
+        if fields.get("CPV"):
+            entries[f"{fields['CPV']}-{fields.get('BUILD_ID', '0')}"] = fields
+    return entries
+
+
+def publication_meta(pkgdir, publication):
+    try:
+        return json.loads(read_text(os.path.join(publications_dir(pkgdir), str(publication), "meta.json")) or "{}")
+    except ValueError:
+        return {}
+
+
+def publish(settings, runner, output, why, index_text=None):
+    """Publish PKGDIR's index (or index_text, a rollback) as a new publication, in one step: a
+    new directory, then `current` switched to it with a rename. Its TIMESTAMP (and the file's
+    mtime, Last-Modified) is later than every earlier publication's, never by exactly 5 s
+    (Portage asks with its copy's TIMESTAMP + 5 s). Called under the build lock."""
+    if runner.pretend:
+        output.info(f"Would publish the index of {settings.pkgdir} ({why})")
+        return None
+    text = index_text if index_text is not None else read_text(os.path.join(settings.pkgdir, "Packages"))
+    if not text:
+        return None
+    directory = publications_dir(settings.pkgdir)
+    os.makedirs(directory, exist_ok=True)
+    ids = publication_ids(settings.pkgdir)
+    last = ids[-1] if ids else None
+    previous_stamp = 0
+    if last is not None:
+        header = read_text(os.path.join(directory, str(last), "Packages")).split("\n\n", 1)[0]
+        match = re.search(r"^TIMESTAMP: *(\d+)$", header, re.MULTILINE)
+        previous_stamp = int(match.group(1)) if match else 0
+    stamp = max(int(time.time()), previous_stamp + 1)
+    if stamp - previous_stamp == PORTAGE_TIMESTAMP_TOLERANCE:
+        stamp += 1
+    text = re.sub(r"^TIMESTAMP: *\d*$", f"TIMESTAMP: {stamp}", text, count=1, flags=re.MULTILINE)
+    publication = (last or 0) + 1
+    staging = tempfile.mkdtemp(prefix=".new-", dir=directory)
+    try:
+        os.chmod(staging, 0o755)
+        runner.write_file(os.path.join(staging, "Packages"), text, backup=False, mtime=stamp)
+        compressed = io.BytesIO()
+        with gzip.GzipFile(filename="", mode="wb", fileobj=compressed, mtime=stamp) as stream:
+            stream.write(text.encode("utf-8", "surrogateescape"))
+        runner.write_file(os.path.join(staging, "Packages.gz"), compressed.getvalue(), backup=False, mtime=stamp)
+        meta = {"id": publication, "published": stamp, "why": why}
+        runner.write_file(os.path.join(staging, "meta.json"), json.dumps(meta) + "\n", backup=False)
+        os.rename(staging, os.path.join(directory, str(publication)))
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    link = os.path.join(directory, f".{CURRENT_PUBLICATION}.{os.getpid()}")
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(link)
+    os.symlink(str(publication), link)
+    os.replace(link, os.path.join(directory, CURRENT_PUBLICATION))
+    output.info(f"Published {settings.pkgdir} as publication {publication} ({why})")
+    prune_publications(settings, output)
+    return publication
+
+
+def prune_publications(settings, output):
+    """Keep the newest publish-keep publications (and the current one, always)."""
+    current = current_publication(settings.pkgdir)
+    ids = publication_ids(settings.pkgdir)
+    for old in ids[:-settings.publish_keep] if len(ids) > settings.publish_keep else []:
+        if old != current:
+            shutil.rmtree(os.path.join(publications_dir(settings.pkgdir), str(old)), ignore_errors=True)
+            output.debug(f"Removed publication {old} (publish-keep = {settings.publish_keep})")
+
+
+def published_paths(pkgdir):
+    """Every package file a kept publication names: clean never deletes those."""
+    paths = set()
+    for publication in publication_ids(pkgdir):
+        paths.update(fields.get("PATH") or fields["CPV"] + ".tbz2"
+                     for fields in publication_entries(pkgdir, publication).values())
+    return paths
+
+
+def publication_changes(pkgdir, publication, previous):
+    """(added, updated, removed) CPVs of publication compared with previous (None: nothing)."""
+    new = publication_entries(pkgdir, publication)
+    old = publication_entries(pkgdir, previous) if previous is not None else {}
+    new_cpvs = {fields["CPV"]: key for key, fields in new.items()}
+    old_cpvs = {fields["CPV"]: key for key, fields in old.items()}
+    added = sorted(set(new_cpvs) - set(old_cpvs))
+    removed = sorted(set(old_cpvs) - set(new_cpvs))
+    updated = sorted(cpv for cpv in set(new_cpvs) & set(old_cpvs)
+                     if new[new_cpvs[cpv]].get("MD5") != old[old_cpvs[cpv]].get("MD5")
+                     or new_cpvs[cpv] != old_cpvs[cpv])
+    return added, updated, removed
+
+
+def publication_history(pkgdir):
+    """[{id, published, why, current, packages, added, updated, removed}], newest first."""
+    ids, current = publication_ids(pkgdir), current_publication(pkgdir)
+    history = []
+    for index, publication in enumerate(ids):
+        meta = publication_meta(pkgdir, publication)
+        added, updated, removed = publication_changes(pkgdir, publication, ids[index - 1] if index else None)
+        history.append({
+            "id": publication, "current": publication == current, "why": meta.get("why", ""),
+            "published": datetime.datetime.fromtimestamp(meta.get("published", 0), datetime.timezone.utc)
+            .strftime("%Y-%m-%dT%H:%M:%SZ"),
+            "packages": len(publication_entries(pkgdir, publication)),
+            "added": added, "updated": updated, "removed": removed})
+    return list(reversed(history))
+
+
+def rollback(settings, runner, output, publication=None):
+    """Publish an earlier publication's set again, as a new publication (so that targets, which
+    only read a newer index, see it)."""
+    ids, current = publication_ids(settings.pkgdir), current_publication(settings.pkgdir)
+    if publication is None:
+        earlier = [each for each in ids if current is None or each < current]
+        if not earlier:
+            raise BinhostError(f"no publication before the current one ({current}) is kept in"
+                               f" {publications_dir(settings.pkgdir)}: see '{PROG} history'")
+        publication = earlier[-1]
+    if publication not in ids:
+        raise UsageError(f"publication {publication} is not kept (kept: {', '.join(map(str, ids)) or 'none'}):"
+                         f" see '{PROG} history'")
+    missing = [fields.get("PATH", key) for key, fields in publication_entries(settings.pkgdir, publication).items()
+               if not os.path.isfile(os.path.join(settings.pkgdir, fields.get("PATH", "")))]
+    if missing:
+        raise BinhostError(f"publication {publication} names packages that are gone ({', '.join(missing[:5])}):"
+                           " it cannot be published again")
+    text = read_text(os.path.join(publications_dir(settings.pkgdir), str(publication), "Packages"))
+    with build_lock(settings, runner, output):
+        return publish(settings, runner, output, f"rollback to publication {publication}", index_text=text)
+
+
+WORLD_UPDATE = ["--update", "--deep", "--newuse", "@world"]
+
+
+def sync_repositories(settings, runner, output):
+    """emerge --sync where the build's repositories are: the host chroot, else this machine."""
+    host = BuildHost(settings, runner, output)
+    emerge = host.program("emerge", "put Portage's bin directory in PATH")
+    output.action(f"Syncing the ebuild repositories on {host.where}: emerge --sync")
+    result = host.run([emerge, "--sync"], check=False, own_group=True)
+    if result is not None and result.returncode != 0:
+        raise BinhostError(f"emerge --sync failed on {host.where} (exit {result.returncode})")
+
+
+def update_environments(config, args, runner, output):
+    """update: each environment synced, every target's world built (the coverage plan), signed
+    and published, then cleaned; a summary line per environment."""
+    rows = []
+    for settings in config.environments().values():
+        targets = [target for target in config.targets.values() if config.binhost_for(target).root == settings.root]
+        if not targets:
+            continue
+        output.action(f"Environment {settings.root}: {', '.join(target.name for target in targets)}")
+        started, before = time.monotonic(), current_publication(settings.pkgdir)
+        try:
+            with build_lock(settings, runner, output):  # one update at a time; builds nest in it
+                if not args.no_sync:
+                    sync_repositories(settings, runner, output)
+                for target in targets:
+                    build_for_target(settings, target, runner, output, WORLD_UPDATE)
+            try:
+                clean_packages(settings, runner, output, DEFAULT_KEEP)
+            except BinhostError as error:
+                output.warn(f"clean skipped: {error}")
+            after = current_publication(settings.pkgdir)
+            result = (f"ok: publication {after}" if after != before
+                      else f"ok: nothing new (publication {after})" if after else "ok: nothing to publish")
+        except BinhostError as error:
+            output.error(f"{settings.root}: {error}")
+            result = f"FAILED: {error}"
+        rows.append((settings.root, result, time.monotonic() - started))
+    if not rows:
+        raise UsageError(f"{config.path}: no target configured: update builds what targets need")
+    width = max(len(root) for root, _, _ in rows + [("environment", None, None)])
+    output.text(f"{'environment':<{width}}  {'time':>7}  result", always=True)
+    for root, result, seconds in rows:
+        output.text(f"{root:<{width}}  {seconds:6.1f}s  {result}", always=True)
+    failed = [root for root, result, _ in rows if not result.startswith("ok")]
+    if failed:
+        raise BinhostError(f"update failed in {len(failed)} of {len(rows)} environment(s): {', '.join(failed)}")
 
 
 # ---- doctor ----------------------------------------------------------------------------------------
@@ -4504,6 +4754,226 @@ def extract_stage3(tarball, root, runner, output, keep=()):
         raise
 
 
+# ---- onboarding: add-target and remove-target ----------------------------------------------------
+
+# Exit codes with which FETCH_INDEX_SCRIPT says the server answered (wget: 6 auth, 8 an HTTP
+# error such as the 404 of an index not built yet; curl -f: 22).
+FETCH_ANSWERED_CODES = (0, 6, 8, 22)
+
+
+def ssh_login_problem(target, runner):
+    """None when ssh logs in to the target without asking anything, else ssh's reason."""
+    remote = Remote(target, runner, runner.output)
+    argv = remote.ssh_base() + ["-o", "BatchMode=yes", "-o", "ConnectTimeout=15", "--", target.host, "true"]
+    result = runner.read(argv, check=False)
+    return None if result.returncode == 0 else (last_line(result.stderr) or f"ssh exit {result.returncode}")
+
+
+def ssh_key_hint(target):
+    """The one step that lets this machine log in to the target without a password."""
+    port = f"-p {target.ssh_port} " if target.ssh_port != DEFAULT_SSH_PORT else ""
+    keys = [path for path in (os.path.expanduser(f"~/.ssh/id_{kind}.pub") for kind in ("ed25519", "ecdsa", "rsa"))
+            if os.path.isfile(path)]
+    make_key = "" if keys else "ssh-keygen -t ed25519 && "
+    return (f"{make_key}ssh-copy-id {port}{target.host} (or append {keys[0] if keys else '~/.ssh/id_ed25519.pub'}"
+            f" to ~/.ssh/authorized_keys of the login user there)")
+
+
+def fingerprint_of(side, configroot, name, output, sanitize=False):
+    """The configuration fingerprint of one side (see configuration_fingerprint)."""
+    tar_bytes = fetch_config(side, configroot)
+    if sanitize:
+        tar_bytes = sanitized_config_tar(tar_bytes, name, output)
+    return configuration_fingerprint(config_members(tar_bytes))
+
+
+def choose_environment(config, target, runner, output):
+    """(root, why) of the binhost environment a new target gets: one whose configuration is the
+    target's (by fingerprint, as doctor --all compares them), else one no other target uses, else
+    a new one beside [binhost] root."""
+    settings = config.binhost
+    remote = Remote(target, runner, output)
+    target_tar = sanitized_config_tar(fetch_config(remote, target.root), target.name, output)
+    target_tar = resolve_march_native_in(target_tar, settings, target, runner, output)
+    wanted = configuration_fingerprint(config_members(target_tar))
+    free = None
+    for environment in config.environments().values():
+        users = sorted(other.name for other in config.targets.values()
+                       if other.name != target.name and config.binhost_for(other).root == environment.root)
+        if not os.path.isdir(os.path.join(environment.root, "etc/portage")):
+            free = free or (environment.root, "a new binhost environment")
+            continue
+        with chroot_session(environment, runner, output):
+            theirs = fingerprint_of(LocalShell(environment, runner, output), environment.root, "binhost", output)
+        if theirs == wanted:
+            return environment.root, (f"the configuration of {', '.join(users) or 'the binhost'} is the same"
+                                      f" (fingerprint {wanted}): sharing {environment.root}")
+        if not users:
+            free = free or (environment.root, f"{environment.root} is used by no other target")
+    if free:
+        return free
+    root = f"{settings.root.rstrip('/')}-{target.name}"
+    return root, f"its configuration (fingerprint {wanted}) differs from every environment's: a new one, {root}"
+
+
+def target_reaches_us(settings, target, runner, output):
+    """Whether the target can download from our URL: asked with a server on the configured
+    address and port for the moment (or the one already serving there)."""
+    remote = Remote(target, runner, output)
+    url = target_url(settings, False) + "Packages"
+    try:
+        server = start_server({settings.env_name: settings}, output, settings.bind, settings.port,
+                              access_log=False)
+    except BinhostError:  # the port is taken: most likely serve runs already
+        server = None
+    thread = None
+    if server:
+        thread = threading.Thread(target=server.serve_forever, name="binhost-reach-check", daemon=True)
+        thread.start()
+    try:
+        result = remote.run(["sh", "-c", FETCH_INDEX_SCRIPT, "gentoo-binhost", url], changes=False, capture=True)
+    finally:
+        if server:
+            server.shutdown()
+            server.server_close()
+    return result.returncode in FETCH_ANSWERED_CODES, last_line(result.stderr) or f"exit {result.returncode}"
+
+
+def record_signing_key(config, settings, runner, fingerprint):
+    values = {"signing-key": fingerprint or "<new fingerprint>", "gpg-home": settings.gpg_home}
+    text = read_text(config.path) or f"# {PROG} configuration; see README.md for every key.\n"
+    runner.write_file(config.path, set_config_values(text, "binhost", values))
+
+
+def add_target(config, args, runner, output):
+    """add-target NAME [USER@]HOST: every step from nothing to a target that installs from us,
+    each said in one line, each skipped when done already."""
+    name = args.name
+    values = {"host": args.host}
+    if args.ssh_port is not None:
+        values["ssh-port"] = str(args.ssh_port)
+    if args.ssh_option:
+        values["ssh-options"] = " ".join(shlex.quote(option) for option in args.ssh_option)
+    wanted = TargetSettings(name, values, config.path)
+    existing = config.targets.get(name)
+    if existing and (existing.host, existing.ssh_port, existing.ssh_options) != (
+            wanted.host, wanted.ssh_port, wanted.ssh_options):
+        raise UsageError(f"{config.path}: [target {name}] exists already, for {existing.host}: run"
+                         f" '{PROG} remove-target {name}' first, or choose another name")
+    target = existing or wanted
+    output.action(f"1/5 ssh: logging in to {target.host} without a password")
+    problem = ssh_login_problem(target, runner)
+    if problem:
+        raise BinhostError(f"cannot log in to {target.host} with ssh without a password ({problem}): run"
+                           f" {ssh_key_hint(target)}, then add-target again; nothing was written")
+    if existing:
+        output.info(f"[target {name}] is in {config.path} already")
+    else:
+        runner.write_file(config.path, set_config_values(read_text(config.path), f"target {name}", values))
+        config.targets[name] = target
+
+    settings = config.binhost_for(target)
+    if os.path.isdir(os.path.join(settings.root, "etc/portage")) and existing:
+        output.action(f"2/5 environment: {settings.root}, as before")
+    else:
+        root, why = choose_environment(config, target, runner, output)
+        output.action(f"2/5 environment: {why}")
+        if root != config.binhost.root:
+            runner.write_file(config.path, set_config_values(read_text(config.path), f"target {name}",
+                                                             {"binhost-root": root}))
+            target.binhost_root = root
+        settings = config.binhost_for(target)
+        if not os.path.isdir(os.path.join(settings.root, "etc/portage")):
+            init_args = argparse.Namespace(
+                target=name, like_target=True, arch=args.arch, variant=args.variant, stage3=args.stage3,
+                keyring=args.keyring, no_verify_pgp=args.no_verify_pgp, mirror=args.mirror, force=False)
+            init_binhost(config, init_args, runner, output)
+    if runner.pretend and not os.path.isdir(settings.root):
+        output.info(f"... then pull {name}'s configuration into {settings.root}, check its CPU, create a"
+                    " signing key if there is none, set up the target and run doctor")
+        return
+
+    output.action(f"3/5 configuration: {name}'s /etc/portage and world into {settings.root}")
+    with chroot_session(settings, runner, output):
+        sync_config("pull", settings, target, runner, output)
+        try:
+            cpu_report(settings, target, runner, output)
+        except BinhostError as error:
+            output.warn(f"CPU check skipped: {error}")
+    if settings.signing_key:
+        output.info(f"Signing key {settings.signing_key} exists already")
+    else:
+        fingerprint = generate_signing_key(config.binhost, runner, output)
+        record_signing_key(config, config.binhost, runner, fingerprint)
+        settings = config.binhost_for(target)
+
+    output.action(f"4/5 target: can {name} download from {target_url(settings, False, with_credentials=False)}?")
+    if settings.transport == "tunnel":
+        output.info("transport = tunnel: the target reaches us through ssh, no port to open")
+    elif runner.pretend:
+        output.info(f"Would ask {name} to download our index, and write transport = tunnel when it cannot")
+    else:
+        os.makedirs(settings.pkgdir, exist_ok=True)  # served for the question, empty or not
+        reachable, detail = target_reaches_us(settings, target, runner, output)
+        if reachable:
+            output.info(f"{name} reaches us over HTTP")
+        else:
+            output.warn(f"{name} cannot reach {target_url(settings, False, with_credentials=False)} ({detail}):"
+                        " writing transport = tunnel, so it reaches us through ssh and no port needs opening")
+            runner.write_file(config.path, set_config_values(read_text(config.path), "binhost",
+                                                             {"transport": "tunnel"}))
+            config.binhost.transport = "tunnel"
+            settings = config.binhost_for(target)
+    if settings.signing_key:
+        setup_target(settings, target, runner, output)
+    else:  # --pretend: the key is not made
+        output.info(f"Would write {name}'s binrepos entry and make it trust the new key (setup-target)")
+        return
+
+    output.action(f"5/5 doctor {name}")
+    doctor = run_doctor(settings, target, runner, output, [])
+    for result in doctor.results:
+        output.check(result["status"], result["check"], result["detail"])
+    serve_hint = "" if settings.transport == "tunnel" else f" (with '{PROG} serve' running)"
+    output.info(f"Next: '{PROG} --target {name} emerge -uDN @world'{serve_hint} builds here and installs"
+                f" there: {name} compiles nothing")
+
+
+def remove_config_section(text, section):
+    """The INI text without [section] and its lines."""
+    lines, kept, inside = text.splitlines(), [], False
+    for line in lines:
+        match = configparser.ConfigParser.SECTCRE.match(line.strip())
+        if match:
+            inside = match.group("header").strip() == section
+        if not inside:
+            kept.append(line)
+    while kept and not kept[-1].strip():
+        kept.pop()
+    return "\n".join(kept) + "\n"
+
+
+def remove_target(config, args, runner, output):
+    target = config.target(args.name)
+    settings = config.binhost_for(target)
+    users = sorted(other.name for other in config.targets.values()
+                   if other.name != target.name and config.binhost_for(other).root == settings.root)
+    output.info(f"Removing [target {target.name}] from {config.path} (the target itself is not changed:"
+                f" its binrepos.conf/{BINREPOS_NAME}.conf stays until you remove it there)")
+    purge = args.purge and not users and settings.root != config.binhost.root
+    if args.purge and not purge:
+        why = f"{', '.join(users)} use it" if users else "it is the [binhost] root"
+        output.warn(f"Keeping the environment {settings.root}: {why}")
+    if purge and os.path.isdir(settings.root):
+        inside = [point for point in mount_points() if point == settings.root or point.startswith(settings.root + "/")]
+        if inside:
+            raise BinhostError(f"{settings.root} has mounts inside ({', '.join(inside)}): a build may be"
+                               " running; try again when it is done")
+        output.info(f"Removing the environment {settings.root} (no other target uses it)")
+        runner.run(["rm", "-rf", "--one-file-system", settings.root], describe=f"removing {settings.root}")
+    runner.write_file(config.path, remove_config_section(read_text(config.path), f"target {target.name}"))
+
+
 # ------------------------------------------------------------------------------------------------
 # HTTP server
 # ------------------------------------------------------------------------------------------------
@@ -4656,6 +5126,10 @@ class BinhostRequestHandler(http.server.BaseHTTPRequestHandler):
                 return None, None
             self.root = self.server.environments[parts[0]]
             parts = parts[1:]
+        if parts in (["Packages"], ["Packages.gz"]) and os.path.lexists(
+                os.path.join(self.root, PUBLISHED_DIR, CURRENT_PUBLICATION)):
+            # Targets get the last complete build's index, not the one a running build rewrites.
+            parts = [PUBLISHED_DIR, CURRENT_PUBLICATION, parts[0]]
         return open_inside(self.root, parts), parts[-1] if parts else ""
 
     def serve_file(self):
@@ -5128,6 +5602,23 @@ def service_definition(kind, config_path, tunnel):
             f"WantedBy=multi-user.target\n")
 
 
+def update_timer(kind, config_path):
+    """A nightly `update`: a systemd timer with its service, or a cron line."""
+    command = (f"{sys.executable} {os.path.abspath(__file__)} --color=n -c"
+               f" {shlex.quote(os.path.abspath(config_path))} update")
+    if kind == "cron":
+        return (f"# /etc/cron.d/gentoo-binhost-update (from {PROG} serve --print-timer cron)\n"
+                f"30 3 * * * root {command} >>/var/log/gentoo-binhost-update.log 2>&1\n")
+    return (f"# /etc/systemd/system/gentoo-binhost-update.service (from {PROG} serve --print-timer systemd)\n"
+            f"[Unit]\nDescription=Build and publish what the Gentoo targets need\n"
+            f"Wants=network-online.target\nAfter=network-online.target\n\n"
+            f"[Service]\nType=oneshot\nExecStart={command}\n\n"
+            f"# /etc/systemd/system/gentoo-binhost-update.timer: systemctl enable --now gentoo-binhost-update.timer\n"
+            f"[Unit]\nDescription=Nightly gentoo-binhost update\n\n"
+            f"[Timer]\nOnCalendar=*-*-* 03:30\nRandomizedDelaySec=30m\nPersistent=true\n\n"
+            f"[Install]\nWantedBy=timers.target\n")
+
+
 def nginx_server_block(settings, bind, port):
     listen = f"{bind}:{port}" if bind not in ("0.0.0.0", "") else str(port)
     lines = [f"# nginx server block for the binhost's PKGDIR (from {PROG} serve --print-nginx)",
@@ -5144,6 +5635,10 @@ def nginx_server_block(settings, bind, port):
              "    location ~ /\\. { return 404; }",
              "    # Portage asks with its copy's TIMESTAMP + 5 s: only the exact date may get a 304.",
              "    if_modified_since exact;",
+             "    # The last published index (a build in progress rewrites the one in PKGDIR).",
+             f"    location = /Packages {{ try_files /{PUBLISHED_DIR}/{CURRENT_PUBLICATION}/Packages /Packages =404; }}",
+             f"    location = /Packages.gz {{ try_files /{PUBLISHED_DIR}/{CURRENT_PUBLICATION}/Packages.gz"
+             " /Packages.gz =404; }",
              "    location / { try_files $uri =404; }"]
     if settings.tls_cert:
         lines += [f"    ssl_certificate {settings.tls_cert};",
@@ -5266,6 +5761,9 @@ def build_parser(config=None):
                               help="print an init script or unit for a permanent server, and exit")
     serve_parser.add_argument("--print-nginx", action="store_true",
                               help="print an nginx server block serving PKGDIR, and exit")
+    serve_parser.add_argument("--print-timer", choices=("systemd", "cron"),
+                              help="print a systemd timer (and its service) or a cron line running"
+                                   " 'update' every night, and exit")
 
     keygen = commands.add_parser("keygen", help="create the binhost's signing key",
                                  description="Create a signing key for binary packages and record it"
@@ -5332,6 +5830,45 @@ def build_parser(config=None):
                                             " refresh the index.")
     clean.add_argument("--keep", type=int, default=DEFAULT_KEEP, metavar="N",
                        help=f"builds to keep of each installed CPV (default {DEFAULT_KEEP})")
+
+    history = commands.add_parser("history", help="the published sets, newest first",
+                                  description="The kept publications (publish-keep): when, why, and which"
+                                              " CPVs each added, updated and removed.")
+    history.add_argument("--json", action="store_true", help="print them as JSON")
+    rollback_parser = commands.add_parser("rollback", help="publish an earlier set again",
+                                          description="Publish an earlier publication's packages again, as"
+                                                      " a new publication, so targets see it.")
+    rollback_parser.add_argument("id", nargs="?", type=int, metavar="ID",
+                                 help="the publication (default: the one before the current one)")
+    update = commands.add_parser("update", help="sync, build every target's world, publish, clean",
+                                 description="For each environment: sync its repositories, build what"
+                                             " every target's emerge -uDN @world needs, sign, publish,"
+                                             " clean; one summary line per environment.")
+    update.add_argument("--no-sync", action="store_true", help="leave the repositories as they are")
+
+    add = commands.add_parser("add-target", help="everything from nothing to a target that installs from us",
+                              description="Add [target NAME], check ssh, choose or create its binhost"
+                                          " environment (init --like-target), pull its configuration, check"
+                                          " its CPU, create a signing key, set it up (choosing the transport)"
+                                          " and run doctor; each step is skipped when done already.")
+    add.add_argument("name", metavar="NAME")
+    add.add_argument("host", metavar="[USER@]HOST")
+    add.add_argument("--ssh-port", type=int, metavar="N", help=f"ssh port (default {DEFAULT_SSH_PORT})")
+    add.add_argument("--ssh-option", action="append", metavar="OPT",
+                     help="an ssh option for this target (repeat for more), e.g. --ssh-option=-i"
+                          " --ssh-option=/root/.ssh/binhost")
+    add.add_argument("--arch", help="stage3 arch for a new environment (default: the target's)")
+    add.add_argument("--variant", help="stage3 variant for a new environment (default: the target's)")
+    add.add_argument("--mirror", default=DEFAULT_MIRROR, metavar="URL", help=f"default {DEFAULT_MIRROR}")
+    add.add_argument("--stage3", metavar="URL|FILE", help="this stage3 for a new environment")
+    add.add_argument("--keyring", metavar="FILE", help=f"Gentoo's release keys (default {GENTOO_RELEASE_KEYS})")
+    add.add_argument("--no-verify-pgp", action="store_true", help="check the stage3's digests only")
+    remove = commands.add_parser("remove-target", help="remove a [target NAME]",
+                                 description="Remove [target NAME] from the configuration, saying what goes;"
+                                             " --purge also removes its binhost environment when no other"
+                                             " target uses it.")
+    remove.add_argument("name", metavar="NAME")
+    remove.add_argument("--purge", action="store_true", help="also remove its own binhost environment")
 
     sign = commands.add_parser("sign", with_all=False, help="sign unsigned packages in PKGDIR",
                                description="Sign the packages in PKGDIR that are not signed yet, then"
@@ -5494,6 +6031,9 @@ def cmd_serve(config, args, runner, output):
     if args.print_service:
         output.text(service_definition(args.print_service, config.path, args.tunnel), always=True)
         return
+    if args.print_timer:
+        output.text(update_timer(args.print_timer, config.path), always=True)
+        return
     if args.print_nginx:
         if len(config.environments()) > 1:
             raise UsageError("serve --print-nginx writes one server block for one PKGDIR; with several"
@@ -5521,13 +6061,7 @@ def cmd_keygen(config, args, runner, output):
     if args.passphrase_file and not os.path.isfile(args.passphrase_file):
         raise UsageError(f"passphrase file {args.passphrase_file} does not exist")
     fingerprint = generate_signing_key(settings, runner, output, args.passphrase_file, args.force)
-    try:
-        with open(config.path, encoding="utf-8") as handle:
-            text = handle.read()
-    except FileNotFoundError:
-        text = f"# {PROG} configuration; see README.md for every key.\n"
-    values = {"signing-key": fingerprint or "<new fingerprint>", "gpg-home": settings.gpg_home}
-    runner.write_file(config.path, set_config_values(text, "binhost", values))
+    record_signing_key(config, settings, runner, fingerprint)
     if fingerprint:
         output.info(f"Signing key {fingerprint} in {settings.gpg_home}, recorded in {config.path}")
         output.text(fingerprint, always=True)
@@ -5595,6 +6129,44 @@ def cmd_clean(config, args, runner, output):
     clean_packages(config.binhost_for_command(args.target), runner, output, args.keep)
 
 
+def cmd_history(config, args, runner, output):
+    pkgdir = config.binhost_for_command(args.target).pkgdir
+    history = publication_history(pkgdir)
+    if args.json:
+        output.text(json.dumps(history, indent=2), always=True)
+        return
+    if not history:
+        output.info(f"Nothing published from {pkgdir} yet: a successful build publishes")
+        return
+    for entry in history:
+        changes = "; ".join(f"{kind} {' '.join(entry[kind])}" for kind in ("added", "updated", "removed")
+                            if entry[kind]) or "no change"
+        output.text(f"{entry['id']:>4}{' *' if entry['current'] else '  '} {entry['published']}"
+                    f"  {entry['packages']:>5} packages  {entry['why']}: {changes}", always=True)
+
+
+def cmd_rollback(config, args, runner, output):
+    settings = config.binhost_for_command(args.target)
+    publication = rollback(settings, runner, output, args.id)
+    if publication:
+        output.info(f"Targets now get publication {publication}; the next successful build publishes"
+                    " everything PKGDIR holds again")
+
+
+def cmd_update(config, args, runner, output):
+    update_environments(config, args, runner, output)
+
+
+def cmd_add_target(config, args, runner, output):
+    if args.ssh_port is not None and not 0 < args.ssh_port <= 65535:
+        raise UsageError(f"--ssh-port {args.ssh_port}: use a port number (1-65535)")
+    add_target(config, args, runner, output)
+
+
+def cmd_remove_target(config, args, runner, output):
+    remove_target(config, args, runner, output)
+
+
 def cmd_cpu(config, args, runner, output):
     target = config.target(args.target)
     cpu_report(config.binhost_for(target), target, runner, output, apply=args.apply)
@@ -5642,7 +6214,7 @@ def cmd_doctor(config, args, runner, output):
 
 
 # Commands that create the configuration file when it does not exist yet.
-COMMANDS_WRITING_CONFIG = ("init", "keygen")
+COMMANDS_WRITING_CONFIG = ("init", "keygen", "add-target")
 
 COMMANDS = {
     "doctor": cmd_doctor,
@@ -5653,6 +6225,8 @@ COMMANDS = {
     "config": cmd_config,
     "build": cmd_build, "install": cmd_install, "emerge": cmd_emerge,
     "setup-target": cmd_setup_target, "serve": cmd_serve, "keygen": cmd_keygen, "sign": cmd_sign,
+    "add-target": cmd_add_target, "remove-target": cmd_remove_target,
+    "history": cmd_history, "rollback": cmd_rollback, "update": cmd_update,
 }
 
 
