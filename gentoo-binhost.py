@@ -3540,6 +3540,11 @@ def publish(settings, runner, output, why, index_text=None):
     text = index_text if index_text is not None else read_text(os.path.join(settings.pkgdir, "Packages"))
     if not text:
         return None
+    current = current_publication(settings.pkgdir)
+    if index_text is None and current is not None and without_timestamp(text) == without_timestamp(
+            read_text(os.path.join(publications_dir(settings.pkgdir), str(current), "Packages"))):
+        output.debug(f"Nothing new to publish: publication {current} has these packages")
+        return None
     directory = publications_dir(settings.pkgdir)
     os.makedirs(directory, exist_ok=True)
     ids = publication_ids(settings.pkgdir)
@@ -3568,14 +3573,21 @@ def publish(settings, runner, output, why, index_text=None):
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    link = os.path.join(directory, f".{CURRENT_PUBLICATION}.{os.getpid()}")
+    link, current = os.path.join(directory, f".{CURRENT_PUBLICATION}.{os.getpid()}"), os.path.join(
+        directory, CURRENT_PUBLICATION)
     with contextlib.suppress(FileNotFoundError):
         os.unlink(link)
+    if os.path.isdir(current) and not os.path.islink(current):
+        shutil.rmtree(current)  # a copy of PKGDIR that followed the link (cp -r): ours to replace
     os.symlink(str(publication), link)
-    os.replace(link, os.path.join(directory, CURRENT_PUBLICATION))
+    os.replace(link, current)
     output.info(f"Published {settings.pkgdir} as publication {publication} ({why})")
     prune_publications(settings, output)
     return publication
+
+
+def without_timestamp(index_text):
+    return re.sub(r"^TIMESTAMP: *\d*$", "", index_text, count=1, flags=re.MULTILINE)
 
 
 def prune_publications(settings, output):
@@ -3986,6 +3998,16 @@ def check_pkgdir(doctor, settings):
             doctor.report(WARN, "index", f"not in the index: {', '.join(unindexed[:5])}")
         else:
             doctor.report(OK, "index", f"{settings.pkgdir}/Packages matches the files")
+    current = current_publication(settings.pkgdir)
+    if current is not None:
+        gone = [fields.get("PATH", key) for key, fields in publication_entries(settings.pkgdir, current).items()
+                if not os.path.isfile(os.path.join(settings.pkgdir, fields.get("PATH", "")))]
+        if gone:
+            doctor.report(FAIL, "publication", f"publication {current}, which targets get, names missing files"
+                                               f" ({', '.join(gone[:5])}): build again, or '{PROG} rollback'")
+        else:
+            doctor.report(OK, "publication", f"targets get publication {current}"
+                                             f" ({len(publication_entries(settings.pkgdir, current))} packages)")
     usage = shutil.disk_usage(settings.pkgdir if os.path.isdir(settings.pkgdir) else settings.root)
     free = f"{usage.free / 1024**3:.1f} GiB free"
     doctor.report(OK if usage.free >= MIN_FREE_BYTES else WARN, "disk", free)
