@@ -25,6 +25,7 @@ demo: deps
 bench: deps
 	$(PY) tests/bench/run.py
 	$(PY) tests/bench/distcc.py
+	$(PY) tests/bench/pipeline.py
 
 deps: $(VENV)/.installed system-deps
 

@@ -3038,12 +3038,12 @@ def cpu_report(settings, target, runner, output, apply=False):
     if os.path.isdir(make_conf):
         raise BinhostError(f"{make_conf} is a directory: put the lines above into a file in it yourself")
     done = "would be set" if runner.pretend else "set"
-    check_no_symlink_below(settings.root, make_conf)
+    path, kind = cpu_flags_location(settings) if cpu.is_x86 else (None, None)
+    for destination in filter(None, (make_conf, path)):  # both checked before either is written
+        check_no_symlink_below(settings.root, destination)
     if runner.write_file(make_conf, new_make_conf):
         output.action(f"COMMON_FLAGS of {make_conf} {done} for {target.name}")
     if cpu.is_x86:
-        path, kind = cpu_flags_location(settings)
-        check_no_symlink_below(settings.root, path)
         if runner.write_file(path, set_cpu_flags_x86(read_text(path), cpu.cpu_flags_x86, kind)):
             output.action(f"CPU_FLAGS_X86 in {path} {done} for {target.name}")
     return cpu
@@ -3094,9 +3094,13 @@ fi
 mkdir "$stage/new"
 tar -xpf "$stage/stream.tar" --numeric-owner -C "$stage/new"
 live="$configroot/etc/portage"
-if [ -d "$live/gnupg" ]; then cp -a "$live/gnupg" "$stage/new/etc/portage/gnupg"; fi
+if [ -d "$live/gnupg" ]; then
+    rm -rf "$stage/new/etc/portage/gnupg"  # never into a link the stream brought
+    cp -a "$live/gnupg" "$stage/new/etc/portage/gnupg"
+fi
 if [ -f "$live/binrepos.conf/$own_entry" ] && [ ! -f "$stage/new/etc/portage/binrepos.conf" ]; then
     mkdir -p "$stage/new/etc/portage/binrepos.conf"
+    rm -f "$stage/new/etc/portage/binrepos.conf/$own_entry"  # cp would write through a link there
     cp -p "$live/binrepos.conf/$own_entry" "$stage/new/etc/portage/binrepos.conf/"
 fi
 # Signals wait until the swap is done: the two renames must not be separated.
@@ -3160,7 +3164,11 @@ def config_members(tar_bytes):
                 members[member.name] = ("symlink", member.mode, member.linkname)
             elif member.isdir():
                 members[member.name] = ("directory", member.mode, None)
-    return members
+    # An empty directory changes nothing for Portage: the target's binrepos.conf/ that holds only
+    # our own entry (which never travels), say. Left out, it is no difference and no change.
+    return {name: value for name, value in members.items()
+            if value[0] != "directory" or name == "etc/portage"
+            or any(other.startswith(name + "/") for other in members)}
 
 
 def describe_config_changes(old, new, old_label, new_label):
@@ -3261,6 +3269,8 @@ def fetch_both_configs(settings, target, runner, output):
 
 # What a target's configuration stream may hold: the rest is left out.
 CONFIG_TAR_PLACES = ("etc/portage", "var/lib/portage/world", "var/lib/portage/world_sets")
+# Each side keeps its own entry (setup-target writes it); the target's never travels.
+OWN_BINREPOS_MEMBER = f"etc/portage/binrepos.conf/{BINREPOS_NAME}.conf"
 
 
 def sanitized_config_tar(tar_bytes, target_name, output):
@@ -3291,8 +3301,8 @@ def sanitized_config_tar(tar_bytes, target_name, output):
                                    " refusing a configuration that would make the binhost write through"
                                    " a link the target chose")
             seen.add(name)
-            if member.issym() and name == "etc/portage/binrepos.conf":
-                output.warn(f"{where}: a symlink where the binhost keeps its own entry: left out")
+            if (member.issym() and name == "etc/portage/binrepos.conf") or name == OWN_BINREPOS_MEMBER:
+                output.warn(f"{where}: where the binhost keeps its own entry: left out")
                 continue
             if name == "etc/portage" and not member.isdir():
                 raise BinhostError(f"{where} is not a directory: refusing it")
@@ -3443,37 +3453,46 @@ def packages_to_clean(records, installed, keep):
 
 
 def clean_packages(settings, runner, output, keep):
+    """Remove what clean's rules doom. Targets are served publications: first a new one without
+    those packages is published, then the files go, but not those an older kept publication still
+    names (rollback); they stay retired, left out of every new publication, until a later clean."""
     if keep < 1:
         raise UsageError("--keep needs at least 1")
     check_binhost_root(settings)
     with build_lock(settings, runner, output):  # a build may be adding packages
         records = package_records(settings.pkgdir)
-        published = published_paths(settings.pkgdir)
         doomed = packages_to_clean(records, installed_in_binhost(settings, runner, output), keep)
-        kept = [record for record, _ in doomed if record["path"] in published]
-        if kept:
-            output.info(f"Keeping {len(kept)} package(s) a kept publication names (see '{PROG} history';"
-                        " publish-keep)")
-        doomed = [(record, reason) for record, reason in doomed if record["path"] not in published]
-        if not doomed:
+        retired = retired_paths(settings.pkgdir)
+        if not doomed and not retired:
             output.info(f"Nothing to clean in {settings.pkgdir}")
             return []
         freed = sum(record["size"] or 0 for record, _ in doomed)
         for record, reason in doomed:
             output.text(f"{record['path'] or record['cpv']}  ({reason})", always=True)
         verb = "Would free" if runner.pretend else "Freeing"
-        output.info(f"{verb} {human_size(freed)} ({len(doomed)} package(s))")
+        output.info(f"{verb} {human_size(freed)} ({len(doomed)} package(s)), once no kept publication"
+                    " names them")
         if runner.pretend:
             return doomed
+        retired |= {record["path"] for record, _ in doomed}
+        write_retired(settings.pkgdir, retired, runner)
+        # What the publications kept until now name stays; only then the oldest may go.
+        publish(settings, runner, output, f"clean: {len(doomed)} package(s) retired", prune=False)
+        named = published_paths(settings.pkgdir)
+        prune_publications(settings, output)
         pkgdir = os.path.realpath(settings.pkgdir)
-        for record, _ in doomed:
-            path = os.path.realpath(os.path.join(pkgdir, record["path"]))
+        for relative in sorted(retired - named):
+            path = os.path.realpath(os.path.join(pkgdir, relative))
             # The index is data: only package files inside PKGDIR are ever deleted.
             if (path.startswith(pkgdir + os.sep) and path.endswith((".gpkg.tar", ".tbz2", ".xpak"))
                     and os.path.isfile(path)):
                 os.unlink(path)
+        still = retired & named
+        write_retired(settings.pkgdir, still, runner)
+        if still:
+            output.info(f"Keeping {len(still)} retired package(s) that an older kept publication names"
+                        f" (publish-keep = {settings.publish_keep}; '{PROG} history'): a later clean removes them")
         refresh_index(settings, runner, output)
-        publish(settings, runner, output, f"clean: {len(doomed)} package(s) removed")
     return doomed
 
 
@@ -3529,7 +3548,7 @@ def publication_meta(pkgdir, publication):
         return {}
 
 
-def publish(settings, runner, output, why, index_text=None):
+def publish(settings, runner, output, why, index_text=None, prune=True):
     """Publish PKGDIR's index (or index_text, a rollback) as a new publication, in one step: a
     new directory, then `current` switched to it with a rename. Its TIMESTAMP (and the file's
     mtime, Last-Modified) is later than every earlier publication's, never by exactly 5 s
@@ -3537,7 +3556,9 @@ def publish(settings, runner, output, why, index_text=None):
     if runner.pretend:
         output.info(f"Would publish the index of {settings.pkgdir} ({why})")
         return None
-    text = index_text if index_text is not None else read_text(os.path.join(settings.pkgdir, "Packages"))
+    retired = retired_paths(settings.pkgdir)
+    text = index_text if index_text is not None else index_keeping(
+        read_text(os.path.join(settings.pkgdir, "Packages")), lambda fields: fields.get("PATH") not in retired)
     if not text:
         return None
     current = current_publication(settings.pkgdir)
@@ -3582,8 +3603,31 @@ def publish(settings, runner, output, why, index_text=None):
     os.symlink(str(publication), link)
     os.replace(link, current)
     output.info(f"Published {settings.pkgdir} as publication {publication} ({why})")
-    prune_publications(settings, output)
+    if prune:
+        prune_publications(settings, output)
     return publication
+
+
+RETIRED_LIST = "retired"  # in the publications directory: package files clean has given up
+
+
+def retired_paths(pkgdir):
+    return set(read_text(os.path.join(publications_dir(pkgdir), RETIRED_LIST)).split())
+
+
+def write_retired(pkgdir, paths, runner):
+    path = os.path.join(publications_dir(pkgdir), RETIRED_LIST)
+    if paths or os.path.exists(path):
+        os.makedirs(publications_dir(pkgdir), exist_ok=True)
+        runner.write_file(path, "".join(f"{each}\n" for each in sorted(paths)), backup=False)
+
+
+def index_keeping(index_text, wanted):
+    """The index with only the entries whose fields wanted(fields) accepts."""
+    header, *blocks = index_text.split("\n\n")
+    kept = [block for block in blocks if not block.strip() or wanted(
+        dict(line.split(": ", 1) for line in block.splitlines() if ": " in line))]
+    return "\n\n".join([header] + kept)
 
 
 def without_timestamp(index_text):
@@ -3600,12 +3644,24 @@ def prune_publications(settings, output):
             output.debug(f"Removed publication {old} (publish-keep = {settings.publish_keep})")
 
 
+def publication_set(pkgdir, publication):
+    """{CPV-BUILD_ID: fields} of what a target can get from a publication: Portage's index names
+    every build PKGDIR holds, and of builds with the same CPV and USE a target takes the newest."""
+    newest = {}
+    for key, fields in publication_entries(pkgdir, publication).items():
+        variant = (fields["CPV"], " ".join(sorted(fields.get("USE", "").split())))
+        build = int(fields.get("BUILD_ID", "0") or 0) if fields.get("BUILD_ID", "0").isdigit() else 0
+        if variant not in newest or build > newest[variant][0]:
+            newest[variant] = (build, key, fields)
+    return {key: fields for _build, key, fields in newest.values()}
+
+
 def published_paths(pkgdir):
-    """Every package file a kept publication names: clean never deletes those."""
+    """Every package file of a kept publication's set: clean never deletes those."""
     paths = set()
     for publication in publication_ids(pkgdir):
         paths.update(fields.get("PATH") or fields["CPV"] + ".tbz2"
-                     for fields in publication_entries(pkgdir, publication).values())
+                     for fields in publication_set(pkgdir, publication).values())
     return paths
 
 
@@ -3652,12 +3708,14 @@ def rollback(settings, runner, output, publication=None):
     if publication not in ids:
         raise UsageError(f"publication {publication} is not kept (kept: {', '.join(map(str, ids)) or 'none'}):"
                          f" see '{PROG} history'")
-    missing = [fields.get("PATH", key) for key, fields in publication_entries(settings.pkgdir, publication).items()
+    missing = [fields.get("PATH", key) for key, fields in publication_set(settings.pkgdir, publication).items()
                if not os.path.isfile(os.path.join(settings.pkgdir, fields.get("PATH", "")))]
     if missing:
         raise BinhostError(f"publication {publication} names packages that are gone ({', '.join(missing[:5])}):"
                            " it cannot be published again")
-    text = read_text(os.path.join(publications_dir(settings.pkgdir), str(publication), "Packages"))
+    # Older builds that clean removed since are left out; the set's own builds are all there.
+    text = index_keeping(read_text(os.path.join(publications_dir(settings.pkgdir), str(publication), "Packages")),
+                         lambda fields: os.path.isfile(os.path.join(settings.pkgdir, fields.get("PATH", ""))))
     with build_lock(settings, runner, output):
         return publish(settings, runner, output, f"rollback to publication {publication}", index_text=text)
 
@@ -3812,15 +3870,6 @@ def configuration_fingerprint(members):
     return digest.hexdigest()[:16]
 
 
-def empty_directory_on_one_side(name, *sides):
-    """An empty directory only one side has changes nothing for Portage: the target's
-    binrepos.conf/ that holds only our own entry (which never travels), say."""
-    present = [members for members in sides if name in members]
-    if len(present) != 1 or present[0][name][0] != "directory":
-        return False
-    return not any(other.startswith(name + "/") for other in present[0])
-
-
 def check_binhost_root_shape(doctor, settings):
     check_binhost_root(settings)
     release = next((os.path.join(settings.root, name) for name in ("etc/os-release", "usr/lib/os-release")
@@ -3845,8 +3894,7 @@ def check_configuration(doctor, settings, target, runner, output):
     binhost, remote_members = config_members(binhost_tar), config_members(target_tar)
     doctor.fingerprint = configuration_fingerprint(remote_members)
     differing = sorted(name for name in set(binhost) | set(remote_members)
-                       if binhost.get(name) != remote_members.get(name)
-                       and not empty_directory_on_one_side(name, binhost, remote_members))
+                       if binhost.get(name) != remote_members.get(name))
     config_files = [name for name in differing if name.startswith("etc/")]
     if config_files:
         doctor.report(FAIL, "configuration", f"differs from {target.name} in {', '.join(config_files)}:"
@@ -4000,7 +4048,7 @@ def check_pkgdir(doctor, settings):
             doctor.report(OK, "index", f"{settings.pkgdir}/Packages matches the files")
     current = current_publication(settings.pkgdir)
     if current is not None:
-        gone = [fields.get("PATH", key) for key, fields in publication_entries(settings.pkgdir, current).items()
+        gone = [fields.get("PATH", key) for key, fields in publication_set(settings.pkgdir, current).items()
                 if not os.path.isfile(os.path.join(settings.pkgdir, fields.get("PATH", "")))]
         if gone:
             doctor.report(FAIL, "publication", f"publication {current}, which targets get, names missing files"
@@ -4876,14 +4924,31 @@ def add_target(config, args, runner, output):
         values["ssh-port"] = str(args.ssh_port)
     if args.ssh_option:
         values["ssh-options"] = " ".join(shlex.quote(option) for option in args.ssh_option)
+    if args.root:
+        values["root"] = args.root
+    if args.path:
+        values["path"] = args.path
     wanted = TargetSettings(name, values, config.path)
     existing = config.targets.get(name)
     if existing and (existing.host, existing.ssh_port, existing.ssh_options) != (
-            wanted.host, wanted.ssh_port, wanted.ssh_options):
+            wanted.host, wanted.ssh_port, wanted.ssh_options) or (existing and args.root
+                                                                   and existing.root != wanted.root):
         raise UsageError(f"{config.path}: [target {name}] exists already, for {existing.host}: run"
                          f" '{PROG} remove-target {name}' first, or choose another name")
     target = existing or wanted
+    backed_up = []
+
+    def write_config(section, section_values):
+        """The first change keeps a backup of the user's file; the rest of this run's do not."""
+        if runner.write_file(config.path, set_config_values(read_text(config.path), section, section_values),
+                             backup=not backed_up):
+            backed_up.append(True)
+
     output.action(f"1/5 ssh: logging in to {target.host} without a password")
+    if runner.pretend:
+        output.text(format_command(Remote(target, runner, output).ssh_base()
+                                   + ["-o", "BatchMode=yes", "--", target.host, "true"]) + "  # read-only: runs",
+                    always=True)
     problem = ssh_login_problem(target, runner)
     if problem:
         raise BinhostError(f"cannot log in to {target.host} with ssh without a password ({problem}): run"
@@ -4891,25 +4956,22 @@ def add_target(config, args, runner, output):
     if existing:
         output.info(f"[target {name}] is in {config.path} already")
     else:
-        runner.write_file(config.path, set_config_values(read_text(config.path), f"target {name}", values))
+        write_config(f"target {name}", values)
         config.targets[name] = target
 
+    # Chosen again on every run: a section written by hand must not pull another configuration
+    # over the one other targets share; a target already set up finds its own environment.
+    root, why = choose_environment(config, target, runner, output)
+    output.action(f"2/5 environment: {why}")
+    if root != (target.binhost_root or config.binhost.root):
+        write_config(f"target {name}", {"binhost-root": root})
+        target.binhost_root = root if root != config.binhost.root else None
     settings = config.binhost_for(target)
-    if os.path.isdir(os.path.join(settings.root, "etc/portage")) and existing:
-        output.action(f"2/5 environment: {settings.root}, as before")
-    else:
-        root, why = choose_environment(config, target, runner, output)
-        output.action(f"2/5 environment: {why}")
-        if root != config.binhost.root:
-            runner.write_file(config.path, set_config_values(read_text(config.path), f"target {name}",
-                                                             {"binhost-root": root}))
-            target.binhost_root = root
-        settings = config.binhost_for(target)
-        if not os.path.isdir(os.path.join(settings.root, "etc/portage")):
-            init_args = argparse.Namespace(
-                target=name, like_target=True, arch=args.arch, variant=args.variant, stage3=args.stage3,
-                keyring=args.keyring, no_verify_pgp=args.no_verify_pgp, mirror=args.mirror, force=False)
-            init_binhost(config, init_args, runner, output)
+    if not os.path.isdir(os.path.join(settings.root, "etc/portage")):
+        init_args = argparse.Namespace(
+            target=name, like_target=True, arch=args.arch, variant=args.variant, stage3=args.stage3,
+            keyring=args.keyring, no_verify_pgp=args.no_verify_pgp, mirror=args.mirror, force=False)
+        init_binhost(config, init_args, runner, output)
     if runner.pretend and not os.path.isdir(settings.root):
         output.info(f"... then pull {name}'s configuration into {settings.root}, check its CPU, create a"
                     " signing key if there is none, set up the target and run doctor")
@@ -4926,7 +4988,8 @@ def add_target(config, args, runner, output):
         output.info(f"Signing key {settings.signing_key} exists already")
     else:
         fingerprint = generate_signing_key(config.binhost, runner, output)
-        record_signing_key(config, config.binhost, runner, fingerprint)
+        write_config("binhost", {"signing-key": fingerprint or "<new fingerprint>",
+                                 "gpg-home": config.binhost.gpg_home})
         settings = config.binhost_for(target)
 
     output.action(f"4/5 target: can {name} download from {target_url(settings, False, with_credentials=False)}?")
@@ -4942,8 +5005,7 @@ def add_target(config, args, runner, output):
         else:
             output.warn(f"{name} cannot reach {target_url(settings, False, with_credentials=False)} ({detail}):"
                         " writing transport = tunnel, so it reaches us through ssh and no port needs opening")
-            runner.write_file(config.path, set_config_values(read_text(config.path), "binhost",
-                                                             {"transport": "tunnel"}))
+            write_config("binhost", {"transport": "tunnel"})
             config.binhost.transport = "tunnel"
             settings = config.binhost_for(target)
     if settings.signing_key:
@@ -4984,7 +5046,8 @@ def remove_target(config, args, runner, output):
                 f" its binrepos.conf/{BINREPOS_NAME}.conf stays until you remove it there)")
     purge = args.purge and not users and settings.root != config.binhost.root
     if args.purge and not purge:
-        why = f"{', '.join(users)} use it" if users else "it is the [binhost] root"
+        why = (f"{', '.join(users)} {'uses' if len(users) == 1 else 'use'} it" if users
+               else "it is the [binhost] root")
         output.warn(f"Keeping the environment {settings.root}: {why}")
     if purge and os.path.isdir(settings.root):
         inside = [point for point in mount_points() if point == settings.root or point.startswith(settings.root + "/")]
@@ -5370,6 +5433,15 @@ class BinhostServer(http.server.ThreadingHTTPServer):
         with self.watch_lock:
             return self.header_deadlines.pop(connection, None) is not None
 
+    def drop_longest_waiting(self):
+        with self.watch_lock:
+            if not self.header_deadlines:
+                return
+            connection = min(self.header_deadlines, key=self.header_deadlines.get)
+            del self.header_deadlines[connection]
+        with contextlib.suppress(OSError):
+            connection.shutdown(socket.SHUT_RDWR)
+
     def drop_slow_headers(self):
         while not self.closing.wait(HEADER_WATCH_INTERVAL):
             now = time.monotonic()
@@ -5398,8 +5470,12 @@ class BinhostServer(http.server.ThreadingHTTPServer):
                 self.shutdown_request(request)
                 return
             self.clients[address] = self.clients.get(address, 0) + 1
-        # Bounding connections: accept() waits while every slot is busy.
-        self.slots.acquire()
+        # Bounding connections: while every slot is busy, the connection that has waited longest
+        # for its request line or headers (idle keep-alive, or a slow client from elsewhere)
+        # makes room; accept() waits only for that.
+        if not self.slots.acquire(blocking=False):
+            self.drop_longest_waiting()
+            self.slots.acquire()
         try:
             super().process_request(request, client_address)
         except BaseException:
@@ -5879,6 +5955,8 @@ def build_parser(config=None):
     add.add_argument("--ssh-option", action="append", metavar="OPT",
                      help="an ssh option for this target (repeat for more), e.g. --ssh-option=-i"
                           " --ssh-option=/root/.ssh/binhost")
+    add.add_argument("--root", metavar="DIR", help="the target's ROOT (its root = key; default /)")
+    add.add_argument("--path", metavar="DIRS", help="prepended to PATH on the target (its path = key)")
     add.add_argument("--arch", help="stage3 arch for a new environment (default: the target's)")
     add.add_argument("--variant", help="stage3 variant for a new environment (default: the target's)")
     add.add_argument("--mirror", default=DEFAULT_MIRROR, metavar="URL", help=f"default {DEFAULT_MIRROR}")

@@ -1,0 +1,461 @@
+"""add-target and remove-target through the real components: a real sshd on 127.0.0.1 (the
+session's), a local stage3 mirror with real gpg signatures (as in test_init.py), real GNU tar
+extraction, real Portage building in the binhost root and installing on the target ROOT, our
+real `serve`.
+
+A target here is a ROOT on this machine reached over ssh, so its [target NAME] section needs
+`root =` (where its /etc/portage is) and `path =` (where the venv's Portage is). add-target has no
+options for these two keys, and the sshd's SetEnv cannot stand in for them: a target's root is
+passed to the remote scripts as an argument (CONFIG_TAR_SCRIPT reads "$1/etc/portage", setup-target
+writes <root>/etc/portage/binrepos.conf), so with the default root "/" add-target reads this
+machine's /etc/portage whatever the ssh session's ROOT says. So each test pre-writes the
+[target NAME] section with root/path and the SAME host, ssh-port and ssh-options add-target is then
+given, which add-target treats as already present (see prewrite_target).
+
+One test (test_fresh_sections_...) lets add-target write [target NAME] itself, as it does for a
+user: a wrapper (SHIM) runs gentoo-binhost.py with root/path added to the named targets' settings
+as they are read, which is what `add-target --root DIR --path DIRS` would write if it had them.
+Pre-written sections cannot test this: add-target takes an existing section whose environment
+exists for a target already placed there ("as before") and never compares configurations."""
+
+import configparser
+import hashlib
+import json
+import os
+import shlex
+import shutil
+import stat
+import sys
+import tempfile
+import threading
+from pathlib import Path
+
+import pytest
+
+from conftest import (SCRIPT, binhost_serving, eroot, free_port, is_signed, need, run,
+                      write_portage_config)
+from test_init import gpg_home, sign, tiny_stage3
+
+BUILD = "20261120T170000Z"
+#: The machine's init decides the variant add-target asks for (this container's /sbin/init is
+#: systemd's even though nothing runs it): the mirror offers the tiny stage3 under both.
+VARIANTS = ("openrc", "systemd")
+
+
+# ------------------------------------------------------------------------------------------------
+# Shared set-up
+# ------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def stage3_mirror(tmp_path_factory, gb):
+    """A local Gentoo mirror: the tiny stage3 as amd64 openrc and systemd, with a signed DIGESTS,
+    a detached signature and a signed latest list each; the release keyring to trust."""
+    need(shutil.which("gpg") and shutil.which("xz"), "gpg and xz are needed")
+    base = tmp_path_factory.mktemp("add-target-mirror")
+    release = gpg_home(base / "release-gnupg", "release")
+    keyring = base / "gentoo-release.asc"
+    keyring.write_text(run(["gpg", "--homedir", release, "--armor", "--export"]).stdout)
+    autobuilds = base / "www/releases/amd64/autobuilds"
+    (autobuilds / BUILD).mkdir(parents=True)
+    payload = tiny_stage3()
+    for variant in VARIANTS:
+        name = f"stage3-amd64-{variant}-{BUILD}.tar.xz"
+        tarball = autobuilds / BUILD / name
+        tarball.write_bytes(payload)
+        digests = autobuilds / BUILD / (name + ".DIGESTS")
+        digests.write_text(f"# BLAKE2B HASH\n{hashlib.blake2b(payload).hexdigest()}  {name}\n"
+                           f"# SHA512 HASH\n{hashlib.sha512(payload).hexdigest()}  {name}\n")
+        sign(release, digests, clear=True)
+        sign(release, tarball)
+        latest = autobuilds / f"latest-stage3-amd64-{variant}.txt"
+        latest.write_text(f"# Latest as of Fri, 20 Nov 2026 17:00:00 +0000\n# ts=1795194000\n"
+                          f"{BUILD}/{name} {len(payload)}\n")
+        sign(release, latest, clear=True)
+    server = gb.make_server("127.0.0.1", 0, str(base / "www"), gb.Output(color=False, verbosity=0))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield {"url": f"http://127.0.0.1:{server.server_address[1]}", "keyring": keyring}
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+#: Runs gentoo-binhost.py (argv[1]) with argv[2:], the [target NAME] sections named in
+#: $GENTOO_BINHOST_TEST_TARGET_KEYS (JSON {name: {key: value}}) getting those keys when they lack them.
+SHIM = r"""
+import importlib.util, json, os, sys
+spec = importlib.util.spec_from_file_location("gentoo_binhost", sys.argv[1])
+module = importlib.util.module_from_spec(spec)
+sys.modules["gentoo_binhost"] = module
+spec.loader.exec_module(module)
+keys = json.loads(os.environ["GENTOO_BINHOST_TEST_TARGET_KEYS"])
+original = module.TargetSettings.__init__
+def with_keys(self, name, section, config_path):
+    section = dict(section)
+    for key, value in keys.get(name, {}).items():
+        section.setdefault(key, value)
+    original(self, name, section, config_path)
+module.TargetSettings.__init__ = with_keys
+sys.argv = sys.argv[1:]
+sys.exit(module.main())
+"""
+
+
+class Lab:
+    """A directory (0755: Portage verifies signatures as `nobody`) with configuration files, target
+    ROOTs and binhost roots, and helpers to run the tool on them."""
+
+    def __init__(self, base, portage_bin, eprefix, sshd, mirror):
+        self.base = base
+        self.portage_bin = portage_bin
+        self.eprefix = eprefix
+        self.sshd = sshd
+        self.mirror = mirror
+
+    def binhost_config(self, name, root=None, port=None):
+        """A configuration file with only a [binhost] section (its root not created)."""
+        port = port or free_port()
+        root = root or self.base / f"{name}-binhost"
+        config = self.base / f"{name}.conf"
+        config.write_text(f"[binhost]\nroot = {root}\nurl = http://127.0.0.1:{port}/\n"
+                          f"bind = 127.0.0.1\nport = {port}\n")
+        return config, Path(root), port
+
+    def target_root(self, name, use="loud", like=None):
+        """A target ROOT prepared like world.new_target does: its own PKGDIR, DISTDIR,
+        PORTAGE_TMPDIR and BINPKG_GPG_VERIFY_GPG_HOME inside it. With like (another target ROOT),
+        its /etc/portage is byte for byte that one's (the paths in make.conf included), as two
+        machines with the same configuration have."""
+        root = self.base / f"target-{name}"
+        source = like or root
+        write_portage_config(root, var_root=source, extra_make_conf=(
+            f'USE="{use}"\nBINPKG_GPG_VERIFY_GPG_HOME="{source}/etc/portage/gnupg"\n'))
+        return root
+
+    def ssh_options(self, key=None):
+        options = list(self.sshd.ssh_option_list)
+        if key is not None:
+            options[options.index("-i") + 1] = str(key)
+        return options
+
+    def prewrite_target(self, config, name, root, port=None, key=None):
+        """Append [target NAME] with root/path and the host, ssh-port and ssh-options add_target()
+        is given (add-target has no options for root and path)."""
+        options = " ".join(shlex.quote(option) for option in self.ssh_options(key))
+        text = config.read_text().rstrip("\n") + "\n"
+        config.write_text(text + f"\n[target {name}]\nhost = {self.sshd.host}\n"
+                                 f"ssh-port = {port or self.sshd.port}\nssh-options = {options}\n"
+                                 f"root = {root}\npath = {self.portage_bin}\n")
+
+    def cli(self, config, *args, check=True, timeout=600, target_keys=None):
+        """Run gentoo-binhost.py -c config args; with target_keys ({name: root}), through SHIM
+        with root = that ROOT and path = the venv's bin for those targets."""
+        env = {"PATH": f"{self.portage_bin}:{os.environ['PATH']}", "NO_COLOR": "1"}
+        program = [SCRIPT]
+        if target_keys:
+            program = ["-c", SHIM, SCRIPT]
+            env["GENTOO_BINHOST_TEST_TARGET_KEYS"] = json.dumps(
+                {name: {"root": str(root), "path": str(self.portage_bin)} for name, root in target_keys.items()})
+        return run([sys.executable, *program, "-c", config, "--color=n", *args], env=env, check=check,
+                   timeout=timeout)
+
+    def add_target(self, config, name, *extra, port=None, key=None, check=True, target_keys=None):
+        return self.cli(config, *extra, "add-target", name, self.sshd.host,
+                        "--ssh-port", str(port or self.sshd.port),
+                        *[f"--ssh-option={option}" for option in self.ssh_options(key)],
+                        "--mirror", self.mirror["url"], "--keyring", str(self.mirror["keyring"]),
+                        check=check, target_keys=target_keys)
+
+    def installed(self, root, path):
+        return eroot(root, self.eprefix) / path
+
+
+@pytest.fixture(scope="module")
+def lab(portage_bin, eprefix, host_portage, sshd, stage3_mirror):
+    need(os.geteuid() == 0, "add-target creates binhost roots from a stage3: needs root")
+    base = Path(tempfile.mkdtemp(prefix="gentoo-binhost-add-"))
+    base.chmod(0o755)
+    try:
+        yield Lab(base, portage_bin, eprefix, sshd, stage3_mirror)
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def read_config(path):
+    parser = configparser.ConfigParser(interpolation=None, default_section="no-defaults")
+    parser.read_string(Path(path).read_text())
+    return {section: dict(parser[section]) for section in parser.sections()}
+
+
+def tree(directory):
+    """{relative path: (kind, mode, content or link target)} of everything under directory."""
+    found = {}
+    for path in sorted(Path(directory).rglob("*")):
+        info = path.lstat()
+        if stat.S_ISLNK(info.st_mode):
+            found[str(path.relative_to(directory))] = ("symlink", None, os.readlink(path))
+        elif stat.S_ISDIR(info.st_mode):
+            found[str(path.relative_to(directory))] = ("dir", stat.S_IMODE(info.st_mode), None)
+        else:
+            found[str(path.relative_to(directory))] = ("file", stat.S_IMODE(info.st_mode), path.read_bytes())
+    return found
+
+
+def error_lines(result):
+    return [line for line in (result.stdout + result.stderr).splitlines() if line.startswith("!!!")]
+
+
+def backups_beside(config):
+    return sorted(p.name for p in Path(config).parent.glob(Path(config).name + ".*.bak"))
+
+
+# ------------------------------------------------------------------------------------------------
+# (1) From a config with only [binhost] to a signed binary installed on the target
+# ------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def onboarded(lab):
+    """add-target laptop from a configuration with only [binhost]: no binhost root, no key."""
+    config, root, port = lab.binhost_config("main")
+    assert not root.exists()
+    target = lab.target_root("laptop")
+    lab.prewrite_target(config, "laptop", target)
+    before = read_config(config)
+    result = lab.add_target(config, "laptop")
+    return {"config": config, "root": root, "port": port, "target": target, "result": result,
+            "before": before}
+
+
+def test_add_target_from_nothing_then_emerge_installs_a_signed_binary(lab, onboarded):
+    config, root, target, result = (onboarded[key] for key in ("config", "root", "target", "result"))
+    out = result.stdout
+    for step in ("1/5 ssh", "2/5 environment", "3/5 configuration", "4/5 target", "5/5 doctor"):
+        assert step in out, out
+    assert "Next: 'gentoo-binhost.py --target laptop emerge -uDN @world'" in out
+    assert "PGP signature good" in out and "match the DIGESTS" in out
+    # The environment is [binhost] root, made from the verified stage3.
+    assert (root / "etc/os-release").read_text() == "NAME=Gentoo\nID=gentoo\n"
+    assert (root / "bin").is_symlink()
+    # The target's configuration pulled into it.
+    assert (root / "etc/portage/make.conf").read_bytes() == (target / "etc/portage/make.conf").read_bytes()
+    sections = read_config(config)
+    assert sections["target laptop"] == onboarded["before"]["target laptop"]
+    assert "binhost-root" not in sections["target laptop"]
+    binhost = sections["binhost"]
+    assert binhost.get("signing-key"), sections
+    assert binhost.get("transport", "http") == "http", "the target reaches 127.0.0.1:PORT over HTTP"
+    entry = (target / "etc/portage/binrepos.conf/gentoo-binhost.conf").read_text()
+    assert f"sync-uri = http://127.0.0.1:{onboarded['port']}/\n" in entry
+    assert "verify-signature = true\n" in entry
+
+    with binhost_serving(config, onboarded["port"]):
+        lab.cli(config, "--target", "laptop", "emerge", "app-misc/hello", timeout=900)
+    packages = sorted((root / "var/cache/binpkgs").rglob("hello-*.gpkg.tar"))
+    assert packages and all(is_signed(package) for package in packages)
+    assert list(lab.installed(target, "var/db/pkg/app-misc").glob("hello-*/BINPKGMD5")), \
+        "installed from the binary package, not built on the target"
+    assert run([lab.installed(target, "usr/bin/hello")]).stdout == "hello from binhost\n"
+
+
+# ------------------------------------------------------------------------------------------------
+# (2) Running it again changes nothing
+# ------------------------------------------------------------------------------------------------
+
+def test_add_target_twice_changes_nothing(lab, onboarded):
+    config, root = onboarded["config"], onboarded["root"]
+    text = config.read_bytes()
+    portage_before = tree(root / "etc/portage")
+    etc_before = sorted(p.name for p in (root / "etc").iterdir())
+    backups = backups_beside(config)
+
+    again = lab.add_target(config, "laptop")
+    out = again.stdout
+    assert config.read_bytes() == text
+    assert backups_beside(config) == backups
+    assert tree(root / "etc/portage") == portage_before, "the binhost's etc/portage was rewritten"
+    assert sorted(p.name for p in (root / "etc").iterdir()) == etc_before, \
+        "a second pull left a etc/.portage.<date>.bak"
+    assert "[target laptop] is in" in out and "already" in out
+    assert f"2/5 environment: {root}, as before" in out
+    assert "is identical" in out, "config pull found differences on an unchanged target:\n" + out
+    assert "exists already" in out  # the signing key
+    assert "already points to" in out  # setup-target
+    assert "Installing the configuration" not in out
+
+
+# ------------------------------------------------------------------------------------------------
+# (3) A target ssh cannot log in to: one line with the ssh-copy-id step, nothing written
+# ------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("problem", ["closed-port", "unauthorized-key", "closed-port-no-config"])
+def test_unreachable_target_writes_nothing(lab, problem):
+    if problem == "closed-port-no-config":
+        config = lab.base / "never-written.conf"
+        text = None
+    else:
+        config, _root, _port = lab.binhost_config(f"unreachable-{problem}")
+        text = config.read_bytes()
+    port, key = None, None
+    if problem.startswith("closed-port"):
+        port = free_port()
+    else:
+        key = lab.base / f"not-authorized-{os.getpid()}"
+        if not key.exists():
+            run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", key])
+    result = lab.add_target(config, "lost", port=port, key=key, check=False)
+    assert result.returncode == 1, result.stdout + result.stderr
+    errors = error_lines(result)
+    assert len(errors) == 1, result.stdout + result.stderr
+    assert "ssh-copy-id" in errors[0]
+    if text is None:
+        assert not config.exists()
+    else:
+        assert config.read_bytes() == text
+        assert not backups_beside(config)
+    assert "Traceback" not in result.stderr
+
+
+# ------------------------------------------------------------------------------------------------
+# (4) Environments: a target with the same configuration shares, one with another USE gets its own
+# ------------------------------------------------------------------------------------------------
+
+def test_matching_target_shares_and_different_use_gets_its_own_environment(lab, onboarded):
+    config, root = onboarded["config"], onboarded["root"]
+    binhost_make_conf = (root / "etc/portage/make.conf").read_bytes()
+
+    twin = lab.target_root("twin", like=onboarded["target"])
+    assert (twin / "etc/portage/make.conf").read_bytes() == \
+        (onboarded["target"] / "etc/portage/make.conf").read_bytes()
+    lab.prewrite_target(config, "twin", twin)
+    shared = lab.add_target(config, "twin")
+    sections = read_config(config)
+    assert "binhost-root" not in sections["target twin"], shared.stdout
+    assert not Path(f"{root}-twin").exists()
+    assert (root / "etc/portage/make.conf").read_bytes() == binhost_make_conf
+
+    quiet = lab.target_root("quiet", use="-loud")
+    lab.prewrite_target(config, "quiet", quiet)
+    own = lab.add_target(config, "quiet")
+    own_root = Path(f"{root}-quiet")
+    sections = read_config(config)
+    # The shared environment must keep laptop's and twin's configuration, whatever happens.
+    assert (root / "etc/portage/make.conf").read_bytes() == binhost_make_conf, \
+        "quiet's USE=-loud was pulled into the environment laptop and twin use:\n" + own.stdout
+    assert sections["target quiet"].get("binhost-root") == str(own_root), own.stdout
+    assert (own_root / "etc/os-release").read_text() == "NAME=Gentoo\nID=gentoo\n"
+    assert 'USE="-loud"' in (own_root / "etc/portage/make.conf").read_text()
+    assert "binhost-root" not in sections["target laptop"]
+
+
+def test_fresh_sections_share_by_fingerprint_even_after_a_second_run(lab):
+    """add-target writing each [target NAME] itself (root/path through SHIM): the first target gets
+    [binhost] root; after it is added a second time (nothing changes), a target with the very same
+    /etc/portage shares that environment (fingerprints equal), one with USE=-loud gets its own."""
+    config, root, port = lab.binhost_config("fresh")
+    first = lab.target_root("fresh-first")
+    keys = {"first": first, "same": lab.target_root("fresh-same", like=first),
+            "other": lab.target_root("fresh-other", use="-loud")}
+    lab.add_target(config, "first", target_keys=keys)
+    written = read_config(config)["target first"]
+    assert written == {"host": lab.sshd.host, "ssh-port": str(lab.sshd.port),
+                       "ssh-options": " ".join(shlex.quote(option) for option in lab.ssh_options())}
+    make_conf = (root / "etc/portage/make.conf").read_bytes()
+    lab.add_target(config, "first", target_keys=keys)  # what a user does to be sure
+
+    same = lab.add_target(config, "same", target_keys=keys)
+    sections = read_config(config)
+    assert "binhost-root" not in sections["target same"], same.stdout
+    assert f"sharing {root}" in same.stdout
+    assert not Path(f"{root}-same").exists()
+
+    other = lab.add_target(config, "other", target_keys=keys)
+    own_root = Path(f"{root}-other")
+    sections = read_config(config)
+    assert sections["target other"].get("binhost-root") == str(own_root), other.stdout
+    assert (own_root / "etc/os-release").read_text() == "NAME=Gentoo\nID=gentoo\n"
+    assert 'USE="-loud"' in (own_root / "etc/portage/make.conf").read_text()
+    assert (root / "etc/portage/make.conf").read_bytes() == make_conf
+    assert "binhost-root" not in sections["target first"]
+
+
+# ------------------------------------------------------------------------------------------------
+# (5) --pretend shows the commands and changes nothing
+# ------------------------------------------------------------------------------------------------
+
+def test_pretend_add_target_changes_nothing(lab, onboarded):
+    config, root, _port = lab.binhost_config("pretend")
+    lab.prewrite_target(config, "laptop", onboarded["target"])
+    text = config.read_bytes()
+    target_before = tree(onboarded["target"] / "etc/portage")
+    result = lab.add_target(config, "laptop", "-p")
+    out = result.stdout
+    assert "tar --extract" in out, out
+    assert any(line.startswith("ssh ") for line in out.splitlines()), \
+        "no ssh command shown:\n" + out
+    assert not root.exists()
+    assert not [p.name for p in root.parent.iterdir() if p.name.startswith(f".{root.name}")]
+    assert config.read_bytes() == text and not backups_beside(config)
+    assert tree(onboarded["target"] / "etc/portage") == target_before
+
+
+# ------------------------------------------------------------------------------------------------
+# (6) remove-target
+# ------------------------------------------------------------------------------------------------
+
+def test_remove_target_removes_its_section_and_purges_only_its_own_environment(lab):
+    base = Path(tempfile.mkdtemp(prefix="remove-", dir=lab.base))
+    main_root, own_root, pair_root = base / "binhost", base / "binhost-own", base / "binhost-pair"
+    for environment in (main_root, own_root, pair_root):
+        (environment / "etc/portage").mkdir(parents=True)
+        (environment / "etc/portage/make.conf").write_text('USE="loud"\n')
+    config = base / "c.conf"
+
+    def target(name, extra=""):
+        return f"[target {name}]\nhost = root@127.0.0.1\nssh-port = 2222\n{extra}"
+    config.write_text(
+        "# my binhost\n[binhost]\n"
+        f"root = {main_root}  ; the main one\nurl = http://127.0.0.1:1/\n\n"
+        + target("one") + "\n"
+        + target("own", f"binhost-root = {own_root}\n") + "\n"
+        + target("pair-a", f"binhost-root = {pair_root}\n") + "\n"
+        + target("pair-b", f"binhost-root = {pair_root}\n") + "\n"
+        + target("shared") + "\n"
+        + target("last"))
+    original = read_config(config)
+
+    removed = lab.cli(config, "remove-target", "one")
+    assert "Removing [target one]" in removed.stdout
+    expected = {name: section for name, section in original.items() if name != "target one"}
+    assert read_config(config) == expected
+    assert config.read_text().startswith("# my binhost\n[binhost]\n")
+    assert main_root.is_dir()
+
+    purged = lab.cli(config, "remove-target", "own", "--purge")
+    assert not own_root.exists()
+    assert f"Removing the environment {own_root}" in purged.stdout
+    del expected["target own"]
+    assert read_config(config) == expected
+
+    kept_pair = lab.cli(config, "remove-target", "pair-a", "--purge")
+    assert pair_root.is_dir(), "pair-b still builds there"
+    assert "Keeping the environment" in kept_pair.stdout + kept_pair.stderr and "pair-b" in kept_pair.stderr
+    del expected["target pair-a"]
+    assert read_config(config) == expected
+
+    kept = lab.cli(config, "remove-target", "shared", "--purge")
+    assert main_root.is_dir() and (main_root / "etc/portage/make.conf").is_file()
+    assert "Keeping the environment" in kept.stderr and "last" in kept.stderr
+    del expected["target shared"]
+    assert read_config(config) == expected
+
+    # The last target on [binhost] root: still kept, it is the [binhost] root.
+    kept = lab.cli(config, "remove-target", "last", "--purge")
+    assert main_root.is_dir() and (main_root / "etc/portage/make.conf").is_file()
+    assert "Keeping the environment" in kept.stderr and "[binhost] root" in kept.stderr
+    del expected["target last"]
+    assert read_config(config) == expected
+    assert set(expected) == {"binhost", "target pair-b"}
+
+    missing = lab.cli(config, "remove-target", "one", check=False)
+    assert missing.returncode == 2 and "no [target one]" in missing.stderr
+    assert read_config(config) == expected
