@@ -4857,7 +4857,7 @@ def fingerprint_of(side, configroot, name, output, sanitize=False):
     return configuration_fingerprint(config_members(tar_bytes))
 
 
-def choose_environment(config, target, runner, output):
+def choose_environment(config, target, runner, output, known=False):
     """(root, why) of the binhost environment a new target gets: one whose configuration is the
     target's (by fingerprint, as doctor --all compares them), else one no other target uses, else
     a new one beside [binhost] root."""
@@ -4875,6 +4875,8 @@ def choose_environment(config, target, runner, output):
             continue
         with chroot_session(environment, runner, output):
             theirs = fingerprint_of(LocalShell(environment, runner, output), environment.root, "binhost", output)
+        if theirs == wanted and known and environment.root == (target.binhost_root or settings.root):
+            return environment.root, f"{environment.root}, as before (fingerprint {wanted})"
         if theirs == wanted:
             return environment.root, (f"the configuration of {', '.join(users) or 'the binhost'} is the same"
                                       f" (fingerprint {wanted}): sharing {environment.root}")
@@ -4961,7 +4963,7 @@ def add_target(config, args, runner, output):
 
     # Chosen again on every run: a section written by hand must not pull another configuration
     # over the one other targets share; a target already set up finds its own environment.
-    root, why = choose_environment(config, target, runner, output)
+    root, why = choose_environment(config, target, runner, output, known=bool(existing))
     output.action(f"2/5 environment: {why}")
     if root != (target.binhost_root or config.binhost.root):
         write_config(f"target {name}", {"binhost-root": root})
