@@ -2,10 +2,14 @@
 """gentoo-binhost.py: build binary packages on this machine for another Gentoo machine.
 
 The binhost is a separate Portage environment (default /binhost, a stage3) holding a copy of the
-target's configuration. Packages are built into it with the target's USE and CFLAGS, its PKGDIR
-is served over HTTP, and the target installs them with `emerge --getbinpkgonly`, run over ssh.
+target's configuration. Packages are built in it (chroot, or ROOT= where this CPU cannot run the
+target's code) with the target's USE and CFLAGS: everything the target would merge, so that it
+compiles nothing. Complete builds are published from PKGDIR over HTTP, and the target installs
+them with `emerge --getbinpkgonly`, run over ssh.
 
 Examples:
+    gentoo-binhost.py add-target laptop root@laptop.lan   # everything below, step by step, once
+    gentoo-binhost.py emerge -uDN @world          # build what laptop would merge, then install it
     gentoo-binhost.py init --like-target          # the binhost root from a verified stage3
     gentoo-binhost.py init --host-chroot /srv/gentoo --like-target   # no Gentoo here: a Gentoo
                                                   # chroot to build in, the binhost root inside
@@ -15,11 +19,14 @@ Examples:
     gentoo-binhost.py setup-target                # point the target's binrepos.conf at us
     gentoo-binhost.py doctor                      # does the binhost build what the target would?
     gentoo-binhost.py serve                       # serve PKGDIR (leave it running)
-    gentoo-binhost.py emerge -uDN @world          # build here, then install on the target
     gentoo-binhost.py build '>=dev-lang/python-3.12'
     gentoo-binhost.py --target laptop install -av app-editors/vim
     gentoo-binhost.py --all install -uDN @world   # every target, with a summary
-    gentoo-binhost.py --pretend emerge vim        # show every command, run none
+    gentoo-binhost.py --pretend emerge vim        # show the plan and every command, run none
+    gentoo-binhost.py build --for-target -uDN @world   # build what the target would merge, only
+    gentoo-binhost.py update                      # sync, build every target's world, publish, clean
+    gentoo-binhost.py history                     # what each publication changed
+    gentoo-binhost.py rollback                    # serve the previous publication again
 
 Configuration: /etc/gentoo-binhost.conf (or -c FILE, or $GENTOO_BINHOST_CONFIG); see README.md.
 Only the Python standard library is used, so this one file can be copied anywhere and run.
