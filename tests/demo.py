@@ -206,8 +206,9 @@ class Demo:
                                       if '"GET ' in line), "  "), end="")
 
         self.say("Step 7/7: --pretend shows every command, runs none", """
-            `emerge` builds on the binhost and then installs the same atoms on the target. With
-            --pretend, gentoo-binhost.py prints each command that would change something
+            `emerge` asks the target what it would merge, builds here whatever of that has no
+            binary yet, and then installs the same atoms on the target. With --pretend,
+            gentoo-binhost.py prints that plan and each command that would change something
             (shell-quoted, environment first, ready to paste) and runs none of them, here for
             app-misc/greet, which is not built yet.""")
         self.tool("--pretend", "emerge", "app-misc/greet")
