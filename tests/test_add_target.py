@@ -3,24 +3,18 @@ session's), a local stage3 mirror with real gpg signatures (as in test_init.py),
 extraction, real Portage building in the binhost root and installing on the target ROOT, our
 real `serve`.
 
-A target here is a ROOT on this machine reached over ssh, so its [target NAME] section needs
-`root =` (where its /etc/portage is) and `path =` (where the venv's Portage is). add-target has no
-options for these two keys, and the sshd's SetEnv cannot stand in for them: a target's root is
-passed to the remote scripts as an argument (CONFIG_TAR_SCRIPT reads "$1/etc/portage", setup-target
-writes <root>/etc/portage/binrepos.conf), so with the default root "/" add-target reads this
-machine's /etc/portage whatever the ssh session's ROOT says. So each test pre-writes the
-[target NAME] section with root/path and the SAME host, ssh-port and ssh-options add-target is then
-given, which add-target treats as already present (see prewrite_target).
+A target here is a ROOT on this machine reached over ssh, so add-target is given `--root` (where
+its /etc/portage is) and `--path` (the venv's bin, so that the target's PATH finds Portage), which it
+writes into [target NAME] as root/path. The sshd's SetEnv cannot stand in for them: a target's root
+is passed to the remote scripts as an argument (CONFIG_TAR_SCRIPT reads "$1/etc/portage",
+setup-target writes <root>/etc/portage/binrepos.conf), so with the default root "/" add-target
+would read this machine's /etc/portage whatever the ssh session's ROOT says.
 
-One test (test_fresh_sections_...) lets add-target write [target NAME] itself, as it does for a
-user: a wrapper (SHIM) runs gentoo-binhost.py with root/path added to the named targets' settings
-as they are read, which is what `add-target --root DIR --path DIRS` would write if it had them.
-Pre-written sections cannot test this: add-target takes an existing section whose environment
-exists for a target already placed there ("as before") and never compares configurations."""
+One test writes a [target NAME] section by hand before add-target (a section for a target with
+another configuration, see prewrite_target): its root/path keys are the ones --root/--path write."""
 
 import configparser
 import hashlib
-import json
 import os
 import shlex
 import shutil
@@ -80,27 +74,6 @@ def stage3_mirror(tmp_path_factory, gb):
         server.server_close()
 
 
-#: Runs gentoo-binhost.py (argv[1]) with argv[2:], the [target NAME] sections named in
-#: $GENTOO_BINHOST_TEST_TARGET_KEYS (JSON {name: {key: value}}) getting those keys when they lack them.
-SHIM = r"""
-import importlib.util, json, os, sys
-spec = importlib.util.spec_from_file_location("gentoo_binhost", sys.argv[1])
-module = importlib.util.module_from_spec(spec)
-sys.modules["gentoo_binhost"] = module
-spec.loader.exec_module(module)
-keys = json.loads(os.environ["GENTOO_BINHOST_TEST_TARGET_KEYS"])
-original = module.TargetSettings.__init__
-def with_keys(self, name, section, config_path):
-    section = dict(section)
-    for key, value in keys.get(name, {}).items():
-        section.setdefault(key, value)
-    original(self, name, section, config_path)
-module.TargetSettings.__init__ = with_keys
-sys.argv = sys.argv[1:]
-sys.exit(module.main())
-"""
-
-
 class Lab:
     """A directory (0755: Portage verifies signatures as `nobody`) with configuration files, target
     ROOTs and binhost roots, and helpers to run the tool on them."""
@@ -138,33 +111,35 @@ class Lab:
             options[options.index("-i") + 1] = str(key)
         return options
 
-    def prewrite_target(self, config, name, root, port=None, key=None):
-        """Append [target NAME] with root/path and the host, ssh-port and ssh-options add_target()
-        is given (add-target has no options for root and path)."""
-        options = " ".join(shlex.quote(option) for option in self.ssh_options(key))
-        text = config.read_text().rstrip("\n") + "\n"
-        config.write_text(text + f"\n[target {name}]\nhost = {self.sshd.host}\n"
-                                 f"ssh-port = {port or self.sshd.port}\nssh-options = {options}\n"
-                                 f"root = {root}\npath = {self.portage_bin}\n")
+    def target_section(self, root, port=None, key=None):
+        """The [target NAME] add_target(root=root, port=port, key=key) writes: host, ssh-port,
+        ssh-options, and root/path from --root/--path."""
+        return {"host": self.sshd.host, "ssh-port": str(port or self.sshd.port),
+                "ssh-options": " ".join(shlex.quote(option) for option in self.ssh_options(key)),
+                "root": str(root), "path": str(self.portage_bin)}
 
-    def cli(self, config, *args, check=True, timeout=600, target_keys=None):
-        """Run gentoo-binhost.py -c config args; with target_keys ({name: root}), through SHIM
-        with root = that ROOT and path = the venv's bin for those targets."""
+    def prewrite_target(self, config, name, root, port=None, key=None):
+        """Append [target NAME] by hand, with the very keys add_target() (same root, port, key)
+        would write."""
+        text = config.read_text().rstrip("\n") + "\n"
+        config.write_text(text + f"\n[target {name}]\n" + "".join(
+            f"{k} = {v}\n" for k, v in self.target_section(root, port, key).items()))
+
+    def cli(self, config, *args, check=True, timeout=600):
+        """Run gentoo-binhost.py -c config args."""
         env = {"PATH": f"{self.portage_bin}:{os.environ['PATH']}", "NO_COLOR": "1"}
-        program = [SCRIPT]
-        if target_keys:
-            program = ["-c", SHIM, SCRIPT]
-            env["GENTOO_BINHOST_TEST_TARGET_KEYS"] = json.dumps(
-                {name: {"root": str(root), "path": str(self.portage_bin)} for name, root in target_keys.items()})
-        return run([sys.executable, *program, "-c", config, "--color=n", *args], env=env, check=check,
+        return run([sys.executable, SCRIPT, "-c", config, "--color=n", *args], env=env, check=check,
                    timeout=timeout)
 
-    def add_target(self, config, name, *extra, port=None, key=None, check=True, target_keys=None):
+    def add_target(self, config, name, *extra, root=None, port=None, key=None, check=True):
+        """add-target NAME with the sshd's host, port and options; with root (a target ROOT),
+        --root root --path <the venv's bin>."""
+        place = ["--root", str(root), "--path", str(self.portage_bin)] if root is not None else []
         return self.cli(config, *extra, "add-target", name, self.sshd.host,
                         "--ssh-port", str(port or self.sshd.port),
-                        *[f"--ssh-option={option}" for option in self.ssh_options(key)],
+                        *[f"--ssh-option={option}" for option in self.ssh_options(key)], *place,
                         "--mirror", self.mirror["url"], "--keyring", str(self.mirror["keyring"]),
-                        check=check, target_keys=target_keys)
+                        check=check)
 
     def installed(self, root, path):
         return eroot(root, self.eprefix) / path
@@ -219,11 +194,9 @@ def onboarded(lab):
     config, root, port = lab.binhost_config("main")
     assert not root.exists()
     target = lab.target_root("laptop")
-    lab.prewrite_target(config, "laptop", target)
-    before = read_config(config)
-    result = lab.add_target(config, "laptop")
-    return {"config": config, "root": root, "port": port, "target": target, "result": result,
-            "before": before}
+    assert set(read_config(config)) == {"binhost"}
+    result = lab.add_target(config, "laptop", root=target)
+    return {"config": config, "root": root, "port": port, "target": target, "result": result}
 
 
 def test_add_target_from_nothing_then_emerge_installs_a_signed_binary(lab, onboarded):
@@ -239,7 +212,7 @@ def test_add_target_from_nothing_then_emerge_installs_a_signed_binary(lab, onboa
     # The target's configuration pulled into it.
     assert (root / "etc/portage/make.conf").read_bytes() == (target / "etc/portage/make.conf").read_bytes()
     sections = read_config(config)
-    assert sections["target laptop"] == onboarded["before"]["target laptop"]
+    assert sections["target laptop"] == lab.target_section(target)
     assert "binhost-root" not in sections["target laptop"]
     binhost = sections["binhost"]
     assert binhost.get("signing-key"), sections
@@ -264,13 +237,13 @@ def test_add_target_from_nothing_then_emerge_installs_a_signed_binary(lab, onboa
 def test_add_target_twice_changes_nothing(lab, onboarded):
     config, root = onboarded["config"], onboarded["root"]
     # Since the first run the target's world may have changed (an emerge): a run takes that in.
-    lab.add_target(config, "laptop")
+    lab.add_target(config, "laptop", root=onboarded["target"])
     text = config.read_bytes()
     portage_before = tree(root / "etc/portage")
     etc_before = sorted(p.name for p in (root / "etc").iterdir())
     backups = backups_beside(config)
 
-    again = lab.add_target(config, "laptop")
+    again = lab.add_target(config, "laptop", root=onboarded["target"])
     out = again.stdout
     assert config.read_bytes() == text
     assert backups_beside(config) == backups
@@ -328,16 +301,17 @@ def test_matching_target_shares_and_different_use_gets_its_own_environment(lab, 
     twin = lab.target_root("twin", like=onboarded["target"])
     assert (twin / "etc/portage/make.conf").read_bytes() == \
         (onboarded["target"] / "etc/portage/make.conf").read_bytes()
-    lab.prewrite_target(config, "twin", twin)
-    shared = lab.add_target(config, "twin")
+    shared = lab.add_target(config, "twin", root=twin)
     sections = read_config(config)
     assert "binhost-root" not in sections["target twin"], shared.stdout
     assert not Path(f"{root}-twin").exists()
     assert (root / "etc/portage/make.conf").read_bytes() == binhost_make_conf
 
+    # quiet's section written by hand beforehand: add-target must not take it as a target already
+    # placed in [binhost] root and pull its other configuration over the one laptop and twin share.
     quiet = lab.target_root("quiet", use="-loud")
     lab.prewrite_target(config, "quiet", quiet)
-    own = lab.add_target(config, "quiet")
+    own = lab.add_target(config, "quiet", root=quiet)
     own_root = Path(f"{root}-quiet")
     sections = read_config(config)
     # The shared environment must keep laptop's and twin's configuration, whatever happens.
@@ -350,27 +324,28 @@ def test_matching_target_shares_and_different_use_gets_its_own_environment(lab, 
 
 
 def test_fresh_sections_share_by_fingerprint_even_after_a_second_run(lab):
-    """add-target writing each [target NAME] itself (root/path through SHIM): the first target gets
+    """add-target writing each [target NAME] itself (with --root/--path): the first target gets
     [binhost] root; after it is added a second time (nothing changes), a target with the very same
     /etc/portage shares that environment (fingerprints equal), one with USE=-loud gets its own."""
     config, root, port = lab.binhost_config("fresh")
     first = lab.target_root("fresh-first")
-    keys = {"first": first, "same": lab.target_root("fresh-same", like=first),
-            "other": lab.target_root("fresh-other", use="-loud")}
-    lab.add_target(config, "first", target_keys=keys)
+    same_root = lab.target_root("fresh-same", like=first)
+    other_root = lab.target_root("fresh-other", use="-loud")
+    lab.add_target(config, "first", root=first)
     written = read_config(config)["target first"]
     assert written == {"host": lab.sshd.host, "ssh-port": str(lab.sshd.port),
-                       "ssh-options": " ".join(shlex.quote(option) for option in lab.ssh_options())}
+                       "ssh-options": " ".join(shlex.quote(option) for option in lab.ssh_options()),
+                       "root": str(first), "path": str(lab.portage_bin)}
     make_conf = (root / "etc/portage/make.conf").read_bytes()
-    lab.add_target(config, "first", target_keys=keys)  # what a user does to be sure
+    lab.add_target(config, "first", root=first)  # what a user does to be sure
 
-    same = lab.add_target(config, "same", target_keys=keys)
+    same = lab.add_target(config, "same", root=same_root)
     sections = read_config(config)
     assert "binhost-root" not in sections["target same"], same.stdout
     assert f"sharing {root}" in same.stdout
     assert not Path(f"{root}-same").exists()
 
-    other = lab.add_target(config, "other", target_keys=keys)
+    other = lab.add_target(config, "other", root=other_root)
     own_root = Path(f"{root}-other")
     sections = read_config(config)
     assert sections["target other"].get("binhost-root") == str(own_root), other.stdout
@@ -386,10 +361,9 @@ def test_fresh_sections_share_by_fingerprint_even_after_a_second_run(lab):
 
 def test_pretend_add_target_changes_nothing(lab, onboarded):
     config, root, _port = lab.binhost_config("pretend")
-    lab.prewrite_target(config, "laptop", onboarded["target"])
     text = config.read_bytes()
     target_before = tree(onboarded["target"] / "etc/portage")
-    result = lab.add_target(config, "laptop", "-p")
+    result = lab.add_target(config, "laptop", "-p", root=onboarded["target"])
     out = result.stdout
     assert "tar --extract" in out, out
     assert any(line.startswith("ssh ") for line in out.splitlines()), \
