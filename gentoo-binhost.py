@@ -884,7 +884,8 @@ def check_chroot_privileges(chroot, euid=None, capabilities=None):
 
 
 class HostMounts:
-    """/proc, /sys, /dev (with /dev/pts and /dev/shm) and /run mounted in the host chroot while
+    """/proc, /sys, /dev (with /dev/pts and /dev/shm) and /run mounted in a chroot (the host chroot,
+    or the binhost root for a chroot build, with its repositories and DISTDIR bound too) while
     commands run there. Builds share them: the first one in mounts what is missing, the last one
     out unmounts what we mounted. Each mount we make is recorded with its mount ID (a state file
     in the chroot), so mounts a killed build left behind are removed by the next one, and a
@@ -903,7 +904,10 @@ class HostMounts:
         point = os.path.join(self.chroot, name)
         # A link anywhere on the way could lead the mount out of the chroot.
         check_no_symlink_below(self.chroot, point)
-        return os.path.realpath(point)
+        real = os.path.realpath(point)
+        if not real.startswith(os.path.realpath(self.chroot) + os.sep):
+            raise BinhostError(f"{point} is not inside {self.chroot}: refusing to mount there")
+        return real
 
     def ours(self):
         """[(mount ID, point)] recorded by us and still mounted as we left them."""
@@ -1020,9 +1024,10 @@ class HostMounts:
 
 
 class BuildHost:
-    """Where Portage, gcc and the binhost's shell scripts run: this machine, or the Gentoo host
-    chroot of [host] chroot, entered as `chroot DIR env -i VAR=... COMMAND` with /proc, /sys,
-    /dev and /run mounted. Callers give host paths; in the chroot they become its own paths."""
+    """Where Portage, gcc and the binhost's shell scripts run: this machine, the Gentoo host chroot
+    of [host] chroot, or (into_root, build-method chroot) the binhost root itself, a chroot
+    entered as `chroot DIR env -i VAR=... COMMAND` with /proc, /sys, /dev and /run mounted.
+    Callers give host paths; in the chroot they become its own paths."""
 
     def __init__(self, settings, runner, output, into_root=False):
         self.runner, self.output = runner, output
@@ -1162,8 +1167,9 @@ TERMINATING_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
 
 
 def chroot_session(settings, runner, output):
-    """One mount of the host chroot for a series of commands in it, instead of a mount and an
-    unmount around each (nothing to do without a host chroot)."""
+    """One mount of the chroot Portage runs in (the host chroot, or the binhost root with the
+    chroot build method) for a series of commands in it, instead of a mount and an unmount
+    around each (nothing to do when Portage runs on this machine)."""
     host = portage_host(settings, runner, output)
     return host.mounted() if host.chroot else contextlib.nullcontext()
 
@@ -1351,6 +1357,33 @@ def build_lock(settings, runner, output):
 PORTAGE_TIMESTAMP_TOLERANCE = 5
 
 
+def index_timestamp(index_text):
+    """The TIMESTAMP of an index's header, 0 when it has none."""
+    match = re.search(r"^TIMESTAMP: *(\d+)$", index_text.split("\n\n", 1)[0], re.MULTILINE)
+    return int(match.group(1)) if match else 0
+
+
+def with_timestamp(index_text, stamp):
+    return re.sub(r"^TIMESTAMP: *\d*$", f"TIMESTAMP: {stamp}", index_text, count=1, flags=re.MULTILINE)
+
+
+def next_timestamp(at_least, earlier):
+    """A TIMESTAMP from at_least on, later than every earlier one and never exactly
+    PORTAGE_TIMESTAMP_TOLERANCE after one: a target holding that index would ask with that very
+    date (If-Modified-Since) and get a 304."""
+    stamp = max([at_least] + [each + 1 for each in earlier])
+    while any(stamp - each == PORTAGE_TIMESTAMP_TOLERANCE for each in earlier):
+        stamp += 1
+    return stamp
+
+
+def gzip_bytes(text, mtime):
+    compressed = io.BytesIO()
+    with gzip.GzipFile(filename="", mode="wb", fileobj=compressed, mtime=mtime) as stream:
+        stream.write(text.encode("utf-8", "surrogateescape"))
+    return compressed.getvalue()
+
+
 def index_state(pkgdir):
     """(TIMESTAMP, mtime, content) of PKGDIR/Packages, or None when there is none."""
     path = os.path.join(pkgdir, "Packages")
@@ -1360,9 +1393,7 @@ def index_state(pkgdir):
             mtime = int(os.fstat(handle.fileno()).st_mtime)
     except (FileNotFoundError, NotADirectoryError):
         return None
-    header = content.split(b"\n\n", 1)[0].decode("utf-8", "replace")
-    match = re.search(r"^TIMESTAMP: *(\d+)$", header, re.MULTILINE)
-    return int(match.group(1)) if match else 0, mtime, content
+    return index_timestamp(content.decode("utf-8", "replace")), mtime, content
 
 
 def advance_index(pkgdir, before, runner):
@@ -1376,28 +1407,19 @@ def advance_index(pkgdir, before, runner):
         return
     old_stamp, old_mtime, _ = before
     new_stamp, new_mtime, content = after
-    stamp = max(new_stamp, new_mtime, old_stamp + 1, old_mtime + 1)
-    if stamp - old_stamp == PORTAGE_TIMESTAMP_TOLERANCE:
-        stamp += 1
+    stamp = next_timestamp(max(new_stamp, new_mtime), [old_stamp, old_mtime])
     if (stamp, stamp) == (new_stamp, new_mtime):
         return
-    text = content.decode("utf-8", "surrogateescape")
-    text = re.sub(r"^TIMESTAMP: *\d*$", f"TIMESTAMP: {stamp}", text, count=1, flags=re.MULTILINE)
+    text = with_timestamp(content.decode("utf-8", "surrogateescape"), stamp)
     path = os.path.join(pkgdir, "Packages")
     runner.write_file(path, text, backup=False, mtime=stamp)
-    compressed = path + ".gz"
-    if os.path.isfile(compressed):
-        data = io.BytesIO()
-        with gzip.GzipFile(filename="", mode="wb", fileobj=data, mtime=stamp) as stream:
-            stream.write(text.encode("utf-8", "surrogateescape"))
-        runner.write_file(compressed, data.getvalue(), backup=False, mtime=stamp)
+    if os.path.isfile(path + ".gz"):
+        runner.write_file(path + ".gz", gzip_bytes(text, stamp), backup=False, mtime=stamp)
 
 
 # ---- build methods: inside the binhost root (chroot), or ROOT= from the build host (root) -------
 
 BUILD_METHODS = ("chroot", "root")
-# make.conf variables whose -m words say which instructions the built code uses.
-CPU_FLAG_VARIABLES = ("COMMON_FLAGS", "CFLAGS", "CXXFLAGS", "FCFLAGS", "FFLAGS")
 
 
 def make_conf_texts(root):
@@ -1413,7 +1435,7 @@ def make_conf_cpu_flags(root):
     """The -m words (-march=..., -mavx2, ...) of the CFLAGS-like variables in root's make.conf."""
     text, words = make_conf_texts(root), []
     for assignment in _assignments(text):
-        if assignment.name in CPU_FLAG_VARIABLES:
+        if assignment.name in FLAGS_VARIABLES:
             value = _unquote(text[assignment.start:assignment.end], assignment.quote)
             words += [word for word in value.split() if word.startswith("-m") and word not in words]
     return words
@@ -1445,12 +1467,23 @@ def root_has_program(root, name):
                for directory in CHROOT_PATH.split(":"))
 
 
+CHOSEN_BUILD_METHODS = {}  # what decided it -> (method, why): decided (and warned about) once
+
+
 def build_method(settings, runner, output):
     """(method, why): chroot (emerge inside the binhost root) or root (ROOT= from the build host),
-    as build-method says, else chosen once per run."""
-    chosen = getattr(settings, "chosen_build_method", None)
+    as build-method says, else chosen from what the binhost root is now."""
+    make_conf = os.path.join(settings.root, "etc/portage/make.conf")
+    with contextlib.suppress(OSError):
+        make_conf = os.stat(make_conf).st_mtime
+    decided_by = (settings.root, settings.build_method, settings.gpg_home, settings.pkgdir, make_conf,
+                  tuple(root_has_program(settings.root, name) for name in ("emerge", "gcc")))
+    chosen = CHOSEN_BUILD_METHODS.get(decided_by)
     if chosen:
         return chosen
+    outside = [what for what, path in (("pkgdir", settings.pkgdir), ("gpg-home", settings.gpg_home))
+               if os.path.relpath(path, settings.root).split(os.sep)[0] == ".."
+               and (what == "pkgdir" or settings.signing_key)]
     if settings.build_method in BUILD_METHODS:
         chosen = (settings.build_method, f"build-method = {settings.build_method} in {settings.config_path}")
     else:
@@ -1463,6 +1496,9 @@ def build_method(settings, runner, output):
         if missing:
             chosen = ("root", f"the binhost root has no {' and no '.join(missing)} in its PATH, so it is no"
                               " Gentoo system to build in yet")
+        elif outside:
+            chosen = ("root", f"{' and '.join(outside)} lie outside the binhost root, where a chroot build"
+                              " cannot reach them")
         elif lacking is None:
             chosen = ("root", "gcc here cannot tell whether this CPU runs code built with the target's flags")
         elif lacking:
@@ -1474,7 +1510,7 @@ def build_method(settings, runner, output):
         else:
             chosen = ("chroot", "this CPU runs code built with the target's flags"
                                 + (f" ({' '.join(flags)})" if flags else ""))
-    settings.chosen_build_method = chosen
+    CHOSEN_BUILD_METHODS[decided_by] = chosen
     return chosen
 
 
@@ -1484,23 +1520,43 @@ def portage_host(settings, runner, output):
     return BuildHost(settings, runner, output, into_root=build_method(settings, runner, output)[0] == "chroot")
 
 
+# Where a target's configuration may make us mount or link something: never a system directory.
+SYSTEM_PLACES = ("/bin", "/boot", "/dev", "/etc", "/home", "/lib", "/lib32", "/lib64", "/opt", "/proc",
+                 "/root", "/run", "/sbin", "/sys", "/tmp", "/usr", "/var")
+
+
+def safe_place(place):
+    """A repository or DISTDIR path from a target's configuration, fit to be mounted or linked
+    at inside the binhost root: absolute, normal, and deeper than a system directory."""
+    return (place.startswith("/") and "$" not in place and posixpath.normpath(place) == place.rstrip("/")
+            and place.rstrip("/") not in SYSTEM_PLACES and place.rstrip("/").count("/") >= 2
+            and not place.startswith(("/proc/", "/sys/", "/dev/", "/run/")))
+
+
+def on_build_host(settings, path):
+    """The build host's path for path: in the host chroot, when there is one."""
+    return os.path.join(settings.host.chroot, path.lstrip("/")) if settings.host.chroot else path
+
+
 def chroot_build_binds(settings):
     """(place inside the binhost root, build host directory) for a chroot build: each repository
-    the copied configuration names, at the place it names, and DISTDIR (downloads are shared)."""
-    chroot = settings.host.chroot
-
-    def on_build_host(path):
-        return os.path.join(chroot, path.lstrip("/")) if chroot else path
-
-    places = set(configured_repositories(settings.root).values()) | {DEFAULT_REPOSITORY}
+    the copied configuration names, at the place it names, the profile's, and DISTDIR (downloads
+    are shared). The places come from a target: only what looks like what it claims is bound."""
+    repositories = set(configured_repositories(settings.root).values()) | {DEFAULT_REPOSITORY}
+    profile_dir = profile_repository(settings.root)
+    if profile_dir:
+        repositories.add(profile_dir)
     text = make_conf_texts(settings.root)
     distdirs = [_unquote(text[a.start:a.end], a.quote) for a in _assignments(text) if a.name == "DISTDIR"]
-    places.add(distdirs[-1] if distdirs else "/var/cache/distfiles")
+    distdir = distdirs[-1] if distdirs else "/var/cache/distfiles"
     binds = []
-    for place in sorted(place for place in places if place.startswith("/") and "$" not in place):
-        source = on_build_host(place)
+    for place in sorted({place.rstrip("/") for place in repositories | {distdir} if safe_place(place)}):
+        source = on_build_host(settings, place)
         inside = os.path.join(settings.root, place.lstrip("/"))
-        if os.path.isdir(source) and os.path.realpath(source) != os.path.realpath(inside):
+        is_repository = any(os.path.exists(os.path.join(source, marker))
+                            for marker in ("profiles/repo_name", "metadata/layout.conf"))
+        if (os.path.isdir(source) and (is_repository or place == distdir.rstrip("/"))
+                and os.path.realpath(source) != os.path.realpath(inside)):
             binds.append((place, source))
     return binds
 
@@ -1527,6 +1583,8 @@ def build_packages(settings, runner, output, emerge_args):
         output.warn(f"No signing key configured: building unsigned packages, which targets refuse"
                     f" by default. Run '{PROG} keygen' to sign.")
     env = portage_environment(settings)
+    if method == "root":  # a chroot build may have left mount points where the links were
+        link_repositories_into(settings, runner, output)
     # Inside the binhost root ROOT is /: every dependency goes there anyway.
     root_deps = ["--root-deps"] if method == "root" else []
     argv = [emerge, "--buildpkg", *root_deps, "--getbinpkg=n", "--getbinpkgonly=n"] + list(emerge_args)
@@ -1602,7 +1660,7 @@ def colon_fingerprints(listing, record):
 def generate_signing_key(settings, runner, output, passphrase_file=None, force=False):
     home = settings.gpg_home
     existing = secret_key_fingerprints(home, runner)
-    if existing and not force and settings.signing_key not in existing:
+    if existing and not force and not settings.signing_key:
         # The key moved into place but the configuration was never written (an interrupted
         # keygen): that key is the binhost's.
         output.info(f"Adopting the signing key {existing[0]} in {home}, which the configuration"
@@ -1914,14 +1972,11 @@ def install_packages(settings, target, runner, output, emerge_args):
         result = remote.run(argv, target.portage_environment, tty=tty)
     if result is not None and result.returncode != 0:
         if settings.transport == "http":  # the usual cause: it cannot reach us
-            url = target_url(settings, False) + "Packages"
-            fetch = remote.run(["sh", "-c", FETCH_INDEX_SCRIPT, "gentoo-binhost", url], changes=False,
-                               capture=True)
-            if fetch.returncode != 0:
+            tool, code = fetch_index(settings, remote, runner)
+            if code != "0":
                 raise BinhostError(f"emerge failed on target {target.name}: it cannot download"
                                    f" {target_url(settings, False, with_credentials=False)}Packages"
-                                   f" ({last_line(fetch.stderr) or 'exit ' + str(fetch.returncode)}):"
-                                   " is serve running and reachable from there?")
+                                   f" ({tool} exit {code}): is serve running and reachable from there?")
         raise BinhostError(f"emerge failed on target {target.name} (exit {result.returncode}):"
                            " see its output above")
 
@@ -1932,17 +1987,25 @@ def install_packages(settings, target, runner, output, emerge_args):
 # the emerge arguments merge there? The plan is resolved from the target's own ebuild tree as if
 # it built from source, so every package it would merge is listed with its USE; with "yes", also
 # what the binary-only emerge would do (doctor). `==name` lines mark the sections.
-PLAN_SCRIPT = r"""
-url=$1 preflight=$2
-shift 2
-echo "==fetch"
+# Asks the target to download our index, as Portage's fetchers would; the URL comes on stdin (with
+# a password in it, an argv would show it to every user there). Prints "TOOL EXIT".
+FETCH_INDEX_SCRIPT = r"""
 if command -v wget >/dev/null; then
-    wget -q -O /dev/null "$url"; echo "wget $?"
+    wget -q -O /dev/null -i -; echo "wget $?"
 elif command -v curl >/dev/null; then
-    curl -fsS -o /dev/null "$url" 2>/dev/null; echo "curl $?"
+    sed 's/.*/url = "&"/' | curl -fsS -o /dev/null --config - 2>/dev/null; echo "curl $?"
 else
     echo "none 127"
 fi
+"""
+# Exit codes with which wget and curl say the server answered, with an HTTP error (auth, 404).
+FETCH_ANSWERED = {"wget": ("6", "8"), "curl": ("22",)}
+
+PLAN_SCRIPT = r"""
+preflight=$1
+shift
+echo "==fetch"
+""" + FETCH_INDEX_SCRIPT + r"""
 echo "==plan"
 emerge "$@" --pretend --verbose --color=n --usepkg=n --getbinpkg=n --ask=n --quiet=n --nospinner 2>&1
 echo "==plan-exit"
@@ -1955,8 +2018,6 @@ if [ "$preflight" = yes ]; then
     echo "$?"
 fi
 """
-# Exit codes with which wget and curl say the server answered, with an HTTP error.
-FETCH_ANSWERED = {"wget": ("6", "8"), "curl": ("22",)}
 PLAN_LINE = re.compile(r"\[(?P<kind>ebuild|binary)[^\]]*\]\s+(?P<atom>\S+)(?P<rest>.*)$")
 FLAG_GROUP = re.compile(r'\b([A-Z][A-Z0-9_]*)="([^"]*)"')
 # What Portage prints on every run in some set-ups and that says nothing about the packages.
@@ -1969,8 +2030,8 @@ PORTAGE_NOISE = re.compile(r"repos\.conf|[Rr]epositor|repo_name|layout\.conf|mas
 class PlannedPackage:
     """One package the target would merge: its CPV, slot, repository and USE as it wants them."""
 
-    def __init__(self, cpv, slot, repository, flags, line):
-        self.cpv, self.slot, self.repository, self.flags, self.line = cpv, slot, repository, flags, line
+    def __init__(self, cpv, slot, repository, flags):
+        self.cpv, self.slot, self.repository, self.flags = cpv, slot, repository, flags
         self.reason = None  # why it is built here, when it is
 
     @property
@@ -1987,8 +2048,6 @@ def parse_merge_list(text, kind="ebuild"):
             continue
         atom, _, repository = match.group("atom").partition("::")
         cpv, _, slot = atom.partition(":")
-        if kind == "binary":  # CPV-BUILD_ID
-            cpv = re.sub(r"-\d+$", "", cpv)
         flags = {}
         for name, words in FLAG_GROUP.findall(match.group("rest")):
             prefix = "" if name == "USE" else name.lower() + "_"
@@ -1997,7 +2056,7 @@ def parse_merge_list(text, kind="ebuild"):
                 word = word.strip("(){}").rstrip("*%").strip("(){}")
                 if word:
                     flags[prefix + word.lstrip("-")] = not word.startswith("-")
-        packages.append(PlannedPackage(cpv, slot, repository, flags, line.strip()))
+        packages.append(PlannedPackage(cpv, slot, repository, flags))
     return packages
 
 
@@ -2036,9 +2095,11 @@ def packages_to_build(settings, runner, output, packages):
     """The planned packages PKGDIR has no usable binary of, each with its reason."""
     index = read_packages_index(settings.pkgdir) if os.path.isfile(
         os.path.join(settings.pkgdir, "Packages")) else []
+    retired = retired_packages(settings.pkgdir)  # what publishing leaves out
     binaries = {}
     for entry in index:
-        binaries.setdefault(entry["CPV"], []).append(entry)
+        if not is_retired(entry, retired):
+            binaries.setdefault(entry["CPV"], []).append(entry)
     installed = None
     missing = []
     for package in packages:
@@ -2061,6 +2122,27 @@ def packages_to_build(settings, runner, output, packages):
     return missing
 
 
+def fetch_outcome(text):
+    """(tool, exit code) from FETCH_INDEX_SCRIPT's output (shell start-up noise before it)."""
+    found = re.findall(r"^(wget|curl|none) (\d+)$", text or "", re.MULTILINE)
+    return found[-1] if found else ("none", "127")
+
+
+def fetch_index(settings, remote, runner, forward=None):
+    """(tool, exit code) of the target downloading our index (FETCH_INDEX_SCRIPT)."""
+    url = credentials_url(settings, settings.transport == "tunnel", runner) + "Packages"
+    result = remote.run(["sh", "-c", FETCH_INDEX_SCRIPT, "gentoo-binhost"], changes=False, capture=True,
+                        input=url + "\n", forward=forward)
+    return fetch_outcome(result.stdout)
+
+
+def credentials_url(settings, tunnel, runner):
+    """target_url with the auth file's credentials, which the runner then never shows."""
+    for _user, password in read_credentials(settings):
+        runner.secrets.update({password, password.replace("%", "%%")})
+    return target_url(settings, tunnel)
+
+
 class TargetPlan:
     """What the target answered: can it fetch our index, what would it merge, and (doctor) what
     would its binary-only emerge say."""
@@ -2068,12 +2150,15 @@ class TargetPlan:
     def __init__(self, settings, target, text, shown_url):
         sections = parse_sections(text)
         self.target, self.shown_url = target, shown_url
-        self.fetch_tool, _, self.fetch_code = sections.get("fetch", "none 127").partition(" ")
+        self.fetch_tool, self.fetch_code = fetch_outcome(sections.get("fetch", ""))
         self.text = sections.get("plan", "")
-        self.exit_code = int(sections.get("plan-exit", "1") or 1)
+        # What came back is the target's: anything but a number is a failure, never a traceback.
+        number = re.compile(r"\d{1,3}")
+        self.exit_code = int(sections["plan-exit"]) if number.fullmatch(sections.get("plan-exit", "")) else 1
         self.packages = parse_merge_list(self.text)
         self.preflight = sections.get("preflight")
-        self.preflight_exit = int(sections.get("preflight-exit", "0") or 0)
+        self.preflight_exit = (0 if self.preflight is None else int(sections["preflight-exit"])
+                               if number.fullmatch(sections.get("preflight-exit", "")) else 1)
         self.index_exists = os.path.isfile(os.path.join(settings.pkgdir, "Packages"))
 
     def fetch_problem(self):
@@ -2105,10 +2190,10 @@ def ask_target(settings, target, runner, output, emerge_args, preflight=False):
     """One ssh round trip: the target's TargetPlan for emerge_args."""
     remote = Remote(target, runner, output)
     tunnel = settings.transport == "tunnel"
-    url = target_url(settings, tunnel) + "Packages"
-    argv = ["sh", "-c", PLAN_SCRIPT, "gentoo-binhost", url, "yes" if preflight else "no"] + list(emerge_args)
+    url = credentials_url(settings, tunnel, runner) + "Packages"
+    argv = ["sh", "-c", PLAN_SCRIPT, "gentoo-binhost", "yes" if preflight else "no"] + list(emerge_args)
     run_it = functools.partial(remote.run, argv, target.portage_environment, changes=False, capture=True,
-                               what="asking the target what it would merge")
+                               what="asking the target what it would merge", input=url + "\n")
     if tunnel:
         with background_server({settings.env_name: settings}, output, "127.0.0.1", 0) as server:
             result = run_it(forward=(settings.tunnel_port, server.server_address[1]))
@@ -2120,7 +2205,7 @@ def ask_target(settings, target, runner, output, emerge_args, preflight=False):
 
 def emerge_pretends(args):
     """Whether emerge's own --pretend (-p, also in -pv) is among the arguments."""
-    return any(word == "--pretend" or re.fullmatch(r"-[A-Za-z]*p[A-Za-z]*", word) for word in args)
+    return any(word == "--pretend" or re.fullmatch(r"-[A-Za-z0-9]*p[A-Za-z0-9]*", word) for word in args)
 
 
 def build_for_target(settings, target, runner, output, emerge_args, check_fetch=True):
@@ -2140,6 +2225,9 @@ def build_for_target(settings, target, runner, output, emerge_args, check_fetch=
         output.text(f"  {package.cpv}{':' + package.slot if package.slot else ''}  ({package.reason})",
                     always=True)
     if not missing:
+        # Built here before but not published (a build that failed later on): publish it now.
+        with build_lock(settings, runner, output):
+            publish(settings, runner, output, f"what {target.name} needs, built before")
         return packages
     if emerge_pretends(emerge_args):
         output.info("emerge's --pretend among the arguments: nothing is built")
@@ -2179,7 +2267,7 @@ tmp="$dir/.$name.new.$$"
 trap 'rm -f "$tmp"' EXIT
 (umask 077; printf '%s' "$content" > "$tmp")
 chmod "$mode" "$tmp"
-if [ -f "$dir/$name" ]; then cp -p "$dir/$name" "$dir/.$name.$stamp.bak"; fi
+if [ -f "$dir/$name" ]; then cp -p "$dir/$name" "$dir/.$name.$stamp.bak"; chmod "$mode" "$dir/.$name.$stamp.bak"; fi
 mv -f "$tmp" "$dir/$name"
 trap - EXIT
 """
@@ -2262,7 +2350,7 @@ def setup_target(settings, target, runner, output, verify_signature=True):
     binrepos_dir = posixpath.join(config_dir, "binrepos.conf")
     entry_path = posixpath.join(binrepos_dir, BINREPOS_NAME + ".conf")
     tunnel = settings.transport == "tunnel"
-    url = target_url(settings, tunnel)
+    url = credentials_url(settings, tunnel, runner)
     shown_url = target_url(settings, tunnel, with_credentials=False)
     kind, current = probe_target(remote)
     if kind == "file":
@@ -2276,8 +2364,6 @@ def setup_target(settings, target, runner, output, verify_signature=True):
     if not verify_signature:
         output.warn(f"verify-signature = false: {target.name} will install packages from {shown_url}"
                     " without checking who built them; anyone on the network path can swap them")
-    for _user, password in read_credentials(settings):
-        runner.secrets.update({password, password.replace("%", "%%")})
     content = binrepos_entry(url, verify_signature, target.root)
     if current == content:
         output.info(f"{target.name}:{entry_path} already points to {shown_url}")
@@ -3308,6 +3394,9 @@ def sanitized_config_tar(tar_bytes, target_name, output):
                                    " refusing a configuration that would make the binhost write through"
                                    " a link the target chose")
             seen.add(name)
+            if name.startswith("var/lib/portage/") and not member.isfile():
+                output.warn(f"{where}: a world file that is not a regular file: left out")
+                continue
             if (member.issym() and name == "etc/portage/binrepos.conf") or name == OWN_BINREPOS_MEMBER:
                 output.warn(f"{where}: where the binhost keeps its own entry: left out")
                 continue
@@ -3469,7 +3558,10 @@ def clean_packages(settings, runner, output, keep):
     with build_lock(settings, runner, output):  # a build may be adding packages
         records = package_records(settings.pkgdir)
         doomed = packages_to_clean(records, installed_in_binhost(settings, runner, output), keep)
-        retired = retired_paths(settings.pkgdir)
+        checksums = {fields.get("PATH"): fields.get("MD5", "") for fields in read_packages_index(settings.pkgdir)}
+        # A retired path rebuilt since (same path, another file) is no longer retired.
+        retired = {path: md5 for path, md5 in retired_packages(settings.pkgdir).items()
+                   if checksums.get(path, md5) == md5}
         if not doomed and not retired:
             output.info(f"Nothing to clean in {settings.pkgdir}")
             return []
@@ -3481,20 +3573,20 @@ def clean_packages(settings, runner, output, keep):
                     " names them")
         if runner.pretend:
             return doomed
-        retired |= {record["path"] for record, _ in doomed}
+        retired.update({record["path"]: checksums.get(record["path"], "") for record, _ in doomed})
         write_retired(settings.pkgdir, retired, runner)
         # What the publications kept until now name stays; only then the oldest may go.
         publish(settings, runner, output, f"clean: {len(doomed)} package(s) retired", prune=False)
         named = published_paths(settings.pkgdir)
         prune_publications(settings, output)
         pkgdir = os.path.realpath(settings.pkgdir)
-        for relative in sorted(retired - named):
+        for relative in sorted(set(retired) - named):
             path = os.path.realpath(os.path.join(pkgdir, relative))
             # The index is data: only package files inside PKGDIR are ever deleted.
             if (path.startswith(pkgdir + os.sep) and path.endswith((".gpkg.tar", ".tbz2", ".xpak"))
                     and os.path.isfile(path)):
                 os.unlink(path)
-        still = retired & named
+        still = {path: md5 for path, md5 in retired.items() if path in named}
         write_retired(settings.pkgdir, still, runner)
         if still:
             output.info(f"Keeping {len(still)} retired package(s) that an older kept publication names"
@@ -3560,12 +3652,9 @@ def publish(settings, runner, output, why, index_text=None, prune=True):
     new directory, then `current` switched to it with a rename. Its TIMESTAMP (and the file's
     mtime, Last-Modified) is later than every earlier publication's, never by exactly 5 s
     (Portage asks with its copy's TIMESTAMP + 5 s). Called under the build lock."""
-    if runner.pretend:
-        output.info(f"Would publish the index of {settings.pkgdir} ({why})")
-        return None
-    retired = retired_paths(settings.pkgdir)
+    retired = retired_packages(settings.pkgdir)
     text = index_text if index_text is not None else index_keeping(
-        read_text(os.path.join(settings.pkgdir, "Packages")), lambda fields: fields.get("PATH") not in retired)
+        read_text(os.path.join(settings.pkgdir, "Packages")), lambda fields: not is_retired(fields, retired))
     if not text:
         return None
     current = current_publication(settings.pkgdir)
@@ -3573,28 +3662,25 @@ def publish(settings, runner, output, why, index_text=None, prune=True):
             read_text(os.path.join(publications_dir(settings.pkgdir), str(current), "Packages"))):
         output.debug(f"Nothing new to publish: publication {current} has these packages")
         return None
+    if runner.pretend:
+        output.info(f"Would publish the index of {settings.pkgdir} ({why})")
+        return None
     directory = publications_dir(settings.pkgdir)
     os.makedirs(directory, exist_ok=True)
     ids = publication_ids(settings.pkgdir)
     last = ids[-1] if ids else None
-    previous_stamp = 0
-    if last is not None:
-        header = read_text(os.path.join(directory, str(last), "Packages")).split("\n\n", 1)[0]
-        match = re.search(r"^TIMESTAMP: *(\d+)$", header, re.MULTILINE)
-        previous_stamp = int(match.group(1)) if match else 0
-    stamp = max(int(time.time()), previous_stamp + 1)
-    if stamp - previous_stamp == PORTAGE_TIMESTAMP_TOLERANCE:
-        stamp += 1
-    text = re.sub(r"^TIMESTAMP: *\d*$", f"TIMESTAMP: {stamp}", text, count=1, flags=re.MULTILINE)
+    # Later than every kept publication (a target may hold any of them) and than the index served
+    # before the first one.
+    earlier = [index_timestamp(read_text(os.path.join(directory, str(each), "Packages"))) for each in ids]
+    earlier.append(index_timestamp(read_text(os.path.join(settings.pkgdir, "Packages"))) if not ids else 0)
+    stamp = next_timestamp(int(time.time()), earlier)
+    text = with_timestamp(text, stamp)
     publication = (last or 0) + 1
     staging = tempfile.mkdtemp(prefix=".new-", dir=directory)
     try:
         os.chmod(staging, 0o755)
         runner.write_file(os.path.join(staging, "Packages"), text, backup=False, mtime=stamp)
-        compressed = io.BytesIO()
-        with gzip.GzipFile(filename="", mode="wb", fileobj=compressed, mtime=stamp) as stream:
-            stream.write(text.encode("utf-8", "surrogateescape"))
-        runner.write_file(os.path.join(staging, "Packages.gz"), compressed.getvalue(), backup=False, mtime=stamp)
+        runner.write_file(os.path.join(staging, "Packages.gz"), gzip_bytes(text, stamp), backup=False, mtime=stamp)
         meta = {"id": publication, "published": stamp, "why": why}
         runner.write_file(os.path.join(staging, "meta.json"), json.dumps(meta) + "\n", backup=False)
         os.rename(staging, os.path.join(directory, str(publication)))
@@ -3615,18 +3701,28 @@ def publish(settings, runner, output, why, index_text=None, prune=True):
     return publication
 
 
-RETIRED_LIST = "retired"  # in the publications directory: package files clean has given up
+# In the publications directory: the package files clean has given up, "PATH MD5" a line. The
+# MD5 tells a retired build from a new one at the same path (without binpkg-multi-instance).
+RETIRED_LIST = "retired"
 
 
-def retired_paths(pkgdir):
-    return set(read_text(os.path.join(publications_dir(pkgdir), RETIRED_LIST)).split())
+def retired_packages(pkgdir):
+    """{PATH: MD5} of the retired package files."""
+    lines = read_text(os.path.join(publications_dir(pkgdir), RETIRED_LIST)).splitlines()
+    return dict((line.split() + [""])[:2] for line in lines if line.strip())
 
 
-def write_retired(pkgdir, paths, runner):
+def write_retired(pkgdir, retired, runner):
     path = os.path.join(publications_dir(pkgdir), RETIRED_LIST)
-    if paths or os.path.exists(path):
+    if retired or os.path.exists(path):
         os.makedirs(publications_dir(pkgdir), exist_ok=True)
-        runner.write_file(path, "".join(f"{each}\n" for each in sorted(paths)), backup=False)
+        runner.write_file(path, "".join(f"{each} {md5}\n" for each, md5 in sorted(retired.items())), backup=False)
+
+
+def is_retired(fields, retired):
+    """Whether an index entry is a retired build (the same file, not a new build at its path)."""
+    path = fields.get("PATH")
+    return path in retired and retired[path] in ("", fields.get("MD5", ""))
 
 
 def index_keeping(index_text, wanted):
@@ -3638,7 +3734,7 @@ def index_keeping(index_text, wanted):
 
 
 def without_timestamp(index_text):
-    return re.sub(r"^TIMESTAMP: *\d*$", "", index_text, count=1, flags=re.MULTILINE)
+    return with_timestamp(index_text, "")
 
 
 def prune_publications(settings, output):
@@ -3751,11 +3847,18 @@ def update_environments(config, args, runner, output):
         output.action(f"Environment {settings.root}: {', '.join(target.name for target in targets)}")
         started, before = time.monotonic(), current_publication(settings.pkgdir)
         try:
+            failures = []
             with build_lock(settings, runner, output):  # one update at a time; builds nest in it
                 if not args.no_sync:
                     sync_repositories(settings, runner, output)
-                for target in targets:
-                    build_for_target(settings, target, runner, output, WORLD_UPDATE)
+                for target in targets:  # a target asleep at night must not stop the others
+                    try:
+                        build_for_target(settings, target, runner, output, WORLD_UPDATE)
+                    except BinhostError as error:
+                        output.error(f"{target.name}: {error}")
+                        failures.append(f"{target.name}: {error}")
+            if failures:
+                raise BinhostError("; ".join(failures))
             try:
                 clean_packages(settings, runner, output, DEFAULT_KEEP)
             except BinhostError as error:
@@ -3782,14 +3885,6 @@ def update_environments(config, args, runner, output):
 
 OK, WARN, FAIL = "OK", "WARN", "FAIL"
 MIN_FREE_BYTES = 5 * 1024**3
-
-FETCH_INDEX_SCRIPT = r"""
-url=$1
-if command -v wget >/dev/null; then exec wget -q -O /dev/null "$url"; fi
-if command -v curl >/dev/null; then exec curl -fsS -o /dev/null "$url"; fi
-echo "neither wget nor curl is installed" >&2
-exit 127
-"""
 
 REPO_TIMESTAMP_SCRIPT = r"""
 for location in "$@"; do
@@ -3845,8 +3940,8 @@ def repository_locations(members):
         if kind == "file" and (name == "etc/portage/repos.conf" or name.startswith("etc/portage/repos.conf/")):
             with contextlib.suppress(configparser.Error):
                 parser.read_string(content.decode("utf-8", "replace"))
-    return {section: parser[section]["location"] for section in parser.sections()
-            if "location" in parser[section]}
+    return {section: posixpath.normpath(parser[section]["location"]) for section in parser.sections()
+            if parser[section].get("location", "").startswith("/")}
 
 
 def index_problems(pkgdir):
@@ -3988,7 +4083,7 @@ def check_binrepos(doctor, settings, target, runner, output):
     remote = Remote(target, runner, output)
     tunnel = settings.transport == "tunnel"
     kind, current = probe_target(remote)
-    expected = target_url(settings, tunnel)
+    expected = credentials_url(settings, tunnel, runner)
     shown = target_url(settings, tunnel, with_credentials=False)
     entry = configparser.ConfigParser(interpolation=None)
     with contextlib.suppress(configparser.Error):
@@ -4008,22 +4103,18 @@ def check_binrepos(doctor, settings, target, runner, output):
         verify = entry.get(BINREPOS_NAME, "verify-signature", fallback="true")
         if verify.lower() in ("false", "no", "0"):
             doctor.report(WARN, "verify-signature", f"{target.name} installs unsigned packages")
-    url = expected + "Packages"
     if tunnel:
         with background_server({settings.env_name: settings}, output, "127.0.0.1", 0) as server:
-            result = remote.run(["sh", "-c", FETCH_INDEX_SCRIPT, "gentoo-binhost", url], changes=False,
-                                capture=True, forward=(settings.tunnel_port, server.server_address[1]))
+            tool, code = fetch_index(settings, remote, runner, forward=(settings.tunnel_port, server.server_address[1]))
     else:
-        result = remote.run(["sh", "-c", FETCH_INDEX_SCRIPT, "gentoo-binhost", url], changes=False,
-                            capture=True)
-    if result.returncode == 0:
+        tool, code = fetch_index(settings, remote, runner)
+    if code == "0":
         doctor.report(OK, "fetch", f"{target.name} can download {shown}Packages")
     else:
         hint = (f"{settings.pkgdir} has no index yet: build something first"
                 if not os.path.isfile(os.path.join(settings.pkgdir, "Packages"))
                 else "is serve running and reachable from there?")
-        doctor.report(FAIL, "fetch", f"{target.name} cannot download {shown}Packages"
-                                     f" ({last_line(result.stderr) or 'exit ' + str(result.returncode)}):"
+        doctor.report(FAIL, "fetch", f"{target.name} cannot download {shown}Packages ({tool} exit {code}):"
                                      f" {hint}")
     if settings.signing_key:
         home = target_verify_home(remote)
@@ -4091,9 +4182,11 @@ def check_preflight(doctor, settings, target, runner, output, atoms):
         else:
             doctor.report(OK, "coverage", f"{have} of {len(packages)} packages from the binhost")
     text = plan.preflight or ""
+    # A [binary] line names CPV-BUILD_ID (with binpkg-multi-instance) or the CPV.
     merged = {package.cpv for package in parse_merge_list(text, "binary")}
     complaints = portage_complaints(text)
-    not_listed = [package.cpv for package in packages if package.cpv not in merged]
+    not_listed = [package.cpv for package in packages if package.cpv not in merged
+                  and not any(re.fullmatch(re.escape(package.cpv) + r"-\d+", cpv) for cpv in merged)]
     if doctor.binrepos_ok is False:
         doctor.report(FAIL, "preflight", f"{target.name} has no working binrepos entry for this binhost"
                                          f" (see binrepos above): emerge --getbinpkgonly would get nothing"
@@ -4560,15 +4653,11 @@ def link_repositories_into(settings, runner, output):
     says, on the build host (in the host chroot, with one): so each one gets a link at its place
     in the binhost root, and so does the profile's, to the build host's repository."""
     chroot = settings.host.chroot
-
-    def on_build_host(path):
-        return os.path.join(chroot, path.lstrip("/")) if chroot else path
-
     repositories = configured_repositories(settings.root)
-    wanted = {location: location for location in repositories.values() if location.startswith("/")}
+    wanted = {location.rstrip("/"): location.rstrip("/") for location in repositories.values() if safe_place(location)}
     wanted.setdefault(DEFAULT_REPOSITORY, DEFAULT_REPOSITORY)
     profile_dir = profile_repository(settings.root)
-    if profile_dir and profile_dir not in wanted:
+    if profile_dir and profile_dir not in wanted and safe_place(profile_dir):
         # Its name inside the binhost root is the target's; the repository is the one of that name.
         same_name = [location for location in repositories.values()
                      if os.path.basename(location.rstrip("/")) == os.path.basename(profile_dir)]
@@ -4579,7 +4668,8 @@ def link_repositories_into(settings, runner, output):
                 and not os.listdir(link) and not runner.pretend):
             os.rmdir(link)  # the empty mount point a chroot build left
         # Gentoo's repository is linked even before it is synced on the build host.
-        if os.path.lexists(link) or not (os.path.isdir(on_build_host(location)) or location == DEFAULT_REPOSITORY):
+        if os.path.lexists(link) or not (os.path.isdir(on_build_host(settings, location))
+                                         or location == DEFAULT_REPOSITORY):
             continue
         if not runner.pretend:
             os.makedirs(os.path.dirname(link), exist_ok=True)
@@ -4833,11 +4923,6 @@ def extract_stage3(tarball, root, runner, output, keep=()):
 
 # ---- onboarding: add-target and remove-target ----------------------------------------------------
 
-# Exit codes with which FETCH_INDEX_SCRIPT says the server answered (wget: 6 auth, 8 an HTTP
-# error such as the 404 of an index not built yet; curl -f: 22).
-FETCH_ANSWERED_CODES = (0, 6, 8, 22)
-
-
 def ssh_login_problem(target, runner):
     """None when ssh logs in to the target without asking anything, else ssh's reason."""
     remote = Remote(target, runner, runner.output)
@@ -4856,12 +4941,9 @@ def ssh_key_hint(target):
             f" to ~/.ssh/authorized_keys of the login user there)")
 
 
-def fingerprint_of(side, configroot, name, output, sanitize=False):
+def fingerprint_of(side, configroot):
     """The configuration fingerprint of one side (see configuration_fingerprint)."""
-    tar_bytes = fetch_config(side, configroot)
-    if sanitize:
-        tar_bytes = sanitized_config_tar(tar_bytes, name, output)
-    return configuration_fingerprint(config_members(tar_bytes))
+    return configuration_fingerprint(config_members(fetch_config(side, configroot)))
 
 
 def choose_environment(config, target, runner, output, known=False):
@@ -4881,7 +4963,7 @@ def choose_environment(config, target, runner, output, known=False):
             free = free or (environment.root, "a new binhost environment")
             continue
         with chroot_session(environment, runner, output):
-            theirs = fingerprint_of(LocalShell(environment, runner, output), environment.root, "binhost", output)
+            theirs = fingerprint_of(LocalShell(environment, runner, output), environment.root)
         if theirs == wanted and known and environment.root == (target.binhost_root or settings.root):
             return environment.root, f"{environment.root}, as before (fingerprint {wanted})"
         if theirs == wanted:
@@ -4899,7 +4981,6 @@ def target_reaches_us(settings, target, runner, output):
     """Whether the target can download from our URL: asked with a server on the configured
     address and port for the moment (or the one already serving there)."""
     remote = Remote(target, runner, output)
-    url = target_url(settings, False) + "Packages"
     try:
         server = start_server({settings.env_name: settings}, output, settings.bind, settings.port,
                               access_log=False)
@@ -4910,12 +4991,12 @@ def target_reaches_us(settings, target, runner, output):
         thread = threading.Thread(target=server.serve_forever, name="binhost-reach-check", daemon=True)
         thread.start()
     try:
-        result = remote.run(["sh", "-c", FETCH_INDEX_SCRIPT, "gentoo-binhost", url], changes=False, capture=True)
+        tool, code = fetch_index(settings, remote, runner)
     finally:
         if server:
             server.shutdown()
             server.server_close()
-    return result.returncode in FETCH_ANSWERED_CODES, last_line(result.stderr) or f"exit {result.returncode}"
+    return code == "0" or code in FETCH_ANSWERED.get(tool, ()), f"{tool} exit {code}"
 
 
 def record_signing_key(config, settings, runner, fingerprint):
@@ -5011,6 +5092,11 @@ def add_target(config, args, runner, output):
         reachable, detail = target_reaches_us(settings, target, runner, output)
         if reachable:
             output.info(f"{name} reaches us over HTTP")
+        elif [other for other in config.targets if other != name]:
+            raise BinhostError(f"{name} cannot reach {target_url(settings, False, with_credentials=False)}"
+                               f" ({detail}), and transport is one setting for every target: open the port"
+                               f" for it, or set transport = tunnel in [binhost] of {config.path} and run"
+                               f" '{PROG} setup-target' for each target, then add-target {name} again")
         else:
             output.warn(f"{name} cannot reach {target_url(settings, False, with_credentials=False)} ({detail}):"
                         " writing transport = tunnel, so it reaches us through ssh and no port needs opening")
@@ -5283,7 +5369,7 @@ class BinhostRequestHandler(http.server.BaseHTTPRequestHandler):
             self.send_head(301, [("Location", clean)], 0)
             return
         entries = []
-        with os.scandir(os.dup(descriptor)) as listing:
+        with os.scandir(descriptor) as listing:
             for entry in sorted(listing, key=lambda item: item.name):
                 if entry.name.startswith(".") or not (entry.is_file(follow_symlinks=False)
                                                       or entry.is_dir(follow_symlinks=False)):
@@ -5509,12 +5595,16 @@ class BinhostServer(http.server.ThreadingHTTPServer):
         if self.ssl_context is None:
             super().finish_request(request, client_address)
             return
-        # The TLS handshake runs in the connection's thread, so a slow client cannot stall accept().
+        # The TLS handshake runs in the connection's thread, so a slow client cannot stall accept(),
+        # and within the header deadline, so a slow one cannot hold its slot either.
         request.settimeout(self.client_timeout)
+        self.watch_header(request)
         try:
             tls = self.ssl_context.wrap_socket(request, server_side=True)
         except (OSError, ssl.SSLError):
             return
+        finally:
+            self.header_complete(request)
         try:
             super().finish_request(tls, client_address)
         finally:
@@ -5653,7 +5743,7 @@ def serve(environments, target, runner, output, bind, port, tunnel=False, listin
         if each.auth_file:
             entry = entry.replace("://", "://USER:PASSWORD@", 1)
         output.text(entry)
-    tunnel_process = None
+    tunnel_process = stopped_by = None
     try:
         with stop_on_sigterm(server):
             if tunnel:
@@ -5663,6 +5753,8 @@ def serve(environments, target, runner, output, bind, port, tunnel=False, listin
                 threading.Thread(target=watch_tunnel, args=(tunnel_process, server, output),
                                  daemon=True).start()
             server.serve_forever()
+    except Terminated as stop:  # SIGHUP (SIGTERM stops serve_forever itself): clean up, then say so
+        stopped_by = stop
     except KeyboardInterrupt:
         pass
     finally:
@@ -5671,6 +5763,8 @@ def serve(environments, target, runner, output, bind, port, tunnel=False, listin
             tunnel_process.wait()
         server.server_close()
     output.info("Stopped serving")
+    if stopped_by is not None:
+        raise stopped_by
     if tunnel_process is not None and tunnel_process.returncode not in (0, -signal.SIGTERM):
         raise BinhostError(f"the ssh tunnel to {target.name} ended (exit {tunnel_process.returncode}):"
                            f" is port {settings.tunnel_port} free on the target?")
@@ -6363,8 +6457,8 @@ def main(argv=None):
         output = Output(color=None if args.color is None else args.color == "y",
                         verbosity=0 if args.quiet else 2 if args.verbose else 1)
         config_path = args.config or os.environ.get(CONFIG_ENV) or DEFAULT_CONFIG
-        if config_path != DEFAULT_CONFIG and not os.path.exists(config_path) \
-                and args.command not in COMMANDS_WRITING_CONFIG:
+        explicit = args.config or os.environ.get(CONFIG_ENV)
+        if explicit and not os.path.exists(config_path) and args.command not in COMMANDS_WRITING_CONFIG:
             given = "-c" if args.config else f"${CONFIG_ENV}"
             raise UsageError(f"configuration file {config_path} ({given}) does not exist: check the"
                              f" path, or leave {given} out to use {DEFAULT_CONFIG}")

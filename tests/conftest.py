@@ -599,6 +599,19 @@ def umount_under(path):
     assert not left, "still mounted under %s: %s" % (path, left)
 
 
+def processes_inside(chroot):
+    """Processes whose root directory is chroot (a build left running in there)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if os.readlink(entry / "root") == str(chroot):
+                    found.append(int(entry.name))
+            except OSError:
+                continue
+    return found
+
+
 def remove_chroot(path):
     """Unmount everything under ``path``, then delete it (never crossing into
     another file system)."""
@@ -1174,3 +1187,40 @@ def install_from(gb, world, pkgdir, name, atom="app-misc/hello", extra_binhost="
     finally:
         server.shutdown()
         server.server_close()
+
+
+GENTOO_LIKE_TOOLS = ("emerge", "emaint", "portageq", "gpkg-sign", "ebuild")
+
+
+def configure_gentoo_like_root(root, repo, extra_make_conf=""):
+    """Make a copy of the debootstrap image (ensure_chroot_cache) look like a Gentoo system to build
+    in: the configuration in /etc/portage (Portage's prefix, /opt/portage, reads it there through
+    a link), Portage's tools in /usr/local/bin, a relative make.profile into ``repo`` (a build host
+    path, bind-mounted at the same path by a chroot build), its own PORTAGE_TMPDIR, DISTDIR and
+    PKGDIR. ``repo`` must exist (a copy of tests/repo)."""
+    root, repo = Path(root), Path(repo)
+    etc = root / "etc/portage"
+    etc.mkdir(parents=True, exist_ok=True)
+    prefix_etc = root / CHROOT_EPREFIX.lstrip("/") / "etc/portage"
+    if prefix_etc.is_dir() and not prefix_etc.is_symlink():
+        shutil.rmtree(prefix_etc)
+    prefix_etc.parent.mkdir(parents=True, exist_ok=True)
+    if not prefix_etc.is_symlink():
+        prefix_etc.symlink_to("/etc/portage")
+    for tool in GENTOO_LIKE_TOOLS:
+        link = root / "usr/local/bin" / tool
+        link.parent.mkdir(parents=True, exist_ok=True)
+        if not link.is_symlink():
+            link.symlink_to(f"{CHROOT_EPREFIX}/bin/{tool}")
+    # Relative, as on a real system: it resolves inside the root, where the repository is mounted.
+    (etc / "make.profile").symlink_to(os.path.relpath(repo / "profiles/default", "/etc/portage"))
+    (etc / "repos.conf").mkdir()
+    (etc / "repos.conf/binhost-test.conf").write_text(
+        f"[DEFAULT]\nmain-repo = binhost-test\n\n[binhost-test]\nlocation = {repo}\n")
+    (etc / "make.conf").write_text(
+        'FEATURES="-sandbox -usersandbox -userpriv -usersync -ipc-sandbox -network-sandbox'
+        ' -pid-sandbox -mount-sandbox"\nPORTAGE_USERNAME="root"\nPORTAGE_GRPNAME="root"\n'
+        'PORTAGE_TMPDIR="/var/tmp"\nDISTDIR="/var/cache/distfiles"\nCFLAGS="-O2 -pipe"\n'
+        'CLEAN_DELAY="0"\nEMERGE_WARNING_DELAY="0"\n' + extra_make_conf)
+    for directory in ("var/tmp", "var/cache/distfiles", "var/cache/binpkgs"):
+        (root / directory).mkdir(parents=True, exist_ok=True)

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import (CHROOT_EPREFIX, REPO, SCRIPT, ensure_chroot_cache, mounts_under, need, remove_chroot,
-                      run)
+from conftest import (CHROOT_EPREFIX, REPO, SCRIPT, configure_gentoo_like_root, ensure_chroot_cache,
+                      mounts_under, need, processes_inside, remove_chroot, run)
 
 LIBV_EBUILD = """EAPI=8
 DESCRIPTION="A header that says its version (binhost test package)"
@@ -61,19 +61,6 @@ src_compile() {
 	sleep 300
 }
 """
-PORTAGE_TOOLS = ("emerge", "emaint", "portageq", "gpkg-sign", "ebuild")
-
-
-def processes_inside(root):
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                if os.readlink(entry / "root") == str(root):
-                    found.append(int(entry.name))
-            except OSError:
-                continue
-    return found
 
 
 def tree_digest(path):
@@ -123,32 +110,7 @@ def chroot_build(eprefix):
                                               ("app-misc", "slow", "1.0", SLOW_EBUILD)):
             (repo / category / name).mkdir(parents=True, exist_ok=True)
             (repo / category / name / f"{name}-{version}.ebuild").write_text(text)
-        # A Gentoo-like system: the configuration in /etc/portage (Portage's prefix reads it
-        # there through a link), its tools on the usual PATH, a relative make.profile.
-        etc = root / "etc/portage"
-        etc.mkdir(parents=True, exist_ok=True)
-        prefix_etc = root / CHROOT_EPREFIX.lstrip("/") / "etc/portage"
-        if prefix_etc.is_dir() and not prefix_etc.is_symlink():
-            shutil.rmtree(prefix_etc)
-        prefix_etc.parent.mkdir(parents=True, exist_ok=True)
-        prefix_etc.symlink_to("/etc/portage")
-        for tool in PORTAGE_TOOLS:
-            link = root / "usr/local/bin" / tool
-            link.parent.mkdir(parents=True, exist_ok=True)
-            if not link.is_symlink():
-                link.symlink_to(f"{CHROOT_EPREFIX}/bin/{tool}")
-        # Relative, as on a real system: it resolves inside the root, where the repository is mounted.
-        (etc / "make.profile").symlink_to(os.path.relpath(repo / "profiles/default", "/etc/portage"))
-        (etc / "repos.conf").mkdir()
-        (etc / "repos.conf/binhost-test.conf").write_text(
-            f"[DEFAULT]\nmain-repo = binhost-test\n\n[binhost-test]\nlocation = {repo}\n")
-        (etc / "make.conf").write_text(
-            'FEATURES="-sandbox -usersandbox -userpriv -usersync -ipc-sandbox -network-sandbox'
-            ' -pid-sandbox -mount-sandbox"\nPORTAGE_USERNAME="root"\nPORTAGE_GRPNAME="root"\n'
-            'PORTAGE_TMPDIR="/var/tmp"\nDISTDIR="/var/cache/distfiles"\nCFLAGS="-O2 -pipe"\n'
-            'USE="extra"\nCLEAN_DELAY="0"\nEMERGE_WARNING_DELAY="0"\n')
-        for directory in ("var/tmp", "var/cache/distfiles", "var/cache/binpkgs"):
-            (root / directory).mkdir(parents=True, exist_ok=True)
+        configure_gentoo_like_root(root, repo, extra_make_conf='USE="extra"\n')
         world = ChrootBuild(base, root, repo)
         world.config.write_text(f"[binhost]\nroot = {root}\n")
         yield world

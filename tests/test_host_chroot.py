@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from conftest import (CHROOT_EPREFIX, CHROOT_REPO, REPO, SCRIPT, binhost_serving, eroot,
-                      ensure_chroot_cache, free_port, mounts_under, need, remove_chroot, run,
+                      ensure_chroot_cache, free_port, mounts_under, need, processes_inside, remove_chroot, run,
                       write_chroot_portage_config, write_portage_config)
 from test_init import gpg_home, sign, tiny_stage3
 
@@ -114,19 +114,6 @@ def start_slow_build(world):
             pytest.fail(f"the slow build did not start: {build.communicate()[0]}")
         time.sleep(0.2)
     return build
-
-
-def processes_inside(chroot):
-    """Processes whose root directory is chroot (a build left running in there)."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                if os.readlink(entry / "root") == str(chroot):
-                    found.append(int(entry.name))
-            except OSError:
-                continue
-    return found
 
 
 def live_processes_in_group(pgid):

@@ -51,14 +51,14 @@ TESTS = BENCH.parent
 sys.path.insert(0, str(TESTS))
 sys.path.insert(0, str(BENCH))
 
-from conftest import (CHROOT_EPREFIX, REPO, SCRIPT, binhost_serving, ensure_chroot_cache,  # noqa: E402
+from conftest import (REPO, SCRIPT, binhost_serving, configure_gentoo_like_root,  # noqa: E402
+                      ensure_chroot_cache,
                       find_portage_bin, free_port, mounts_under, portage_eprefix, remove_chroot,
                       start_sshd, write_portage_config)
 import run as serve_bench  # noqa: E402  (tests/bench/run.py: nginx and process helpers)
 
 PLAN_ATOMS = ["app-misc/hello-app", "app-misc/greet"]
 CHROOT_ATOM = "app-misc/hello"
-PORTAGE_TOOLS = ("emerge", "emaint", "portageq", "gpkg-sign", "ebuild")
 FAKE_PACKAGES = 1000
 SLOW_CLIENTS = 300
 TRICKLE_LIMIT = 20.0  # seconds a slow-client load may last, whatever happens
@@ -228,31 +228,9 @@ def report_planning(result):
 
 
 def configure_chroot_root(root, repo):
-    """The debootstrap image as a Gentoo-like binhost root, as tests/test_chroot_build.py does."""
+    """The debootstrap image as a Gentoo-like binhost root, as tests/test_chroot_build.py uses it."""
     shutil.copytree(REPO, repo, symlinks=True)
-    etc = root / "etc/portage"
-    etc.mkdir(parents=True, exist_ok=True)
-    prefix_etc = root / CHROOT_EPREFIX.lstrip("/") / "etc/portage"
-    if prefix_etc.is_dir() and not prefix_etc.is_symlink():
-        shutil.rmtree(prefix_etc)
-    prefix_etc.parent.mkdir(parents=True, exist_ok=True)
-    prefix_etc.symlink_to("/etc/portage")
-    for tool in PORTAGE_TOOLS:
-        link = root / "usr/local/bin" / tool
-        link.parent.mkdir(parents=True, exist_ok=True)
-        if not link.is_symlink():
-            link.symlink_to(f"{CHROOT_EPREFIX}/bin/{tool}")
-    (etc / "make.profile").symlink_to(os.path.relpath(repo / "profiles/default", "/etc/portage"))
-    (etc / "repos.conf").mkdir()
-    (etc / "repos.conf/binhost-test.conf").write_text(
-        f"[DEFAULT]\nmain-repo = binhost-test\n\n[binhost-test]\nlocation = {repo}\n")
-    (etc / "make.conf").write_text(
-        'FEATURES="-sandbox -usersandbox -userpriv -usersync -ipc-sandbox -network-sandbox'
-        ' -pid-sandbox -mount-sandbox"\nPORTAGE_USERNAME="root"\nPORTAGE_GRPNAME="root"\n'
-        'PORTAGE_TMPDIR="/var/tmp"\nDISTDIR="/var/cache/distfiles"\nCFLAGS="-O2 -pipe"\n'
-        'CLEAN_DELAY="0"\nEMERGE_WARNING_DELAY="0"\n')
-    for directory in ("var/tmp", "var/cache/distfiles", "var/cache/binpkgs"):
-        (root / directory).mkdir(parents=True, exist_ok=True)
+    configure_gentoo_like_root(root, repo)
 
 
 def pretended_commands(config, portage_bin, root):
