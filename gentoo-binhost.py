@@ -3383,7 +3383,7 @@ def sanitized_config_tar(tar_bytes, target_name, output):
             name = member.name
             where = f"{target_name}'s configuration: {name}"
             if (name.startswith("/") or posixpath.normpath(name) != name or ".." in name.split("/")
-                    or not any(name == place or name.startswith(place + "/") for place in CONFIG_TAR_PLACES)):
+                    or not (name in CONFIG_TAR_PLACES or name.startswith("etc/portage/"))):
                 output.warn(f"{where}: outside etc/portage and the world files: left out")
                 continue
             if name == "etc/portage/gnupg" or name.startswith("etc/portage/gnupg/"):

@@ -359,16 +359,25 @@ def test_sanitizer_keeps_only_directories_files_and_symlinks_inside_the_places(g
     [symlink("etc/portage/package.use", "/etc"), regular("etc/portage/package.use/evil")],
     [regular("etc/portage/package.use/evil"), symlink("etc/portage/package.use", "/etc")],
     [symlink("etc/portage/a", "b"), symlink("etc/portage/a/c", "/etc")],
-    [symlink("var/lib/portage/world", "/etc"), regular("var/lib/portage/world/shadow")],
     [regular("etc/portage/make.conf", b"again\n")],  # a duplicate of BASE_CONFIG's
     [directory("etc/portage")],  # etc/portage twice
     [symlink("etc/portage/make.conf", "/etc/shadow")],  # a duplicate that turns into a link
-], ids=["file-below-symlink", "symlink-after-file-below", "symlink-below-symlink", "world-symlink",
+], ids=["file-below-symlink", "symlink-after-file-below", "symlink-below-symlink",
         "duplicate-file", "duplicate-etc-portage", "duplicate-as-symlink"])
 def test_sanitizer_refuses_members_below_symlinks_and_duplicates(gb, members):
     with pytest.raises(gb.BinhostError) as refusal:
         sanitize(gb, BASE_CONFIG + members)
     assert refusal.value.exit_code == 1 and "\n" not in str(refusal.value)
+
+
+def test_sanitizer_takes_world_files_only_as_regular_files(gb):
+    """A world file that is a link (to /etc/shadow, read as atoms by the root method) or a
+    directory (with something below it) is left out, and nothing below it lands."""
+    members = BASE_CONFIG + [symlink("var/lib/portage/world", "/etc/shadow"),
+                             regular("var/lib/portage/world/shadow"), directory("var/lib/portage/world_sets")]
+    kept, warnings = sanitize(gb, members)
+    assert not [name for name in kept if name.startswith("var/lib/portage/")], sorted(kept)
+    assert "var/lib/portage/world" in warnings
 
 
 def test_sanitizer_refuses_etc_portage_as_a_link_or_file(gb):
