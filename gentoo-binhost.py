@@ -4674,8 +4674,9 @@ def link_repositories_into(settings, runner, output):
         if not runner.pretend:
             os.makedirs(os.path.dirname(link), exist_ok=True)
         runner.run(["ln", "-s", location, link], describe=f"linking {link}")
-        output.info(f"{link} -> {location} (the repository on {'the host chroot' if chroot else 'this machine'},"
-                    " so the copied make.profile resolves)")
+        if not runner.pretend:  # --pretend showed the command
+            output.info(f"{link} -> {location} (the repository on {'the host chroot' if chroot else 'this machine'},"
+                        " so the copied make.profile resolves)")
     profile = os.path.join(settings.root, "etc/portage/make.profile")
     if os.path.islink(profile) and not runner.pretend and not os.path.exists(on_build_host_path(settings, profile)):
         output.warn(f"{profile} -> {os.readlink(profile)} does not resolve: the repository it points into"
