@@ -2,7 +2,7 @@
 
 Integration tests drive real components: Portage 3.0.83 from PyPI (installed in
 the project's .venv, a *prefix* install: EPREFIX is the venv directory), a real
-OpenSSH sshd on 127.0.0.1 and real gpg. Read /work/shared/reference/
+OpenSSH sshd on 127.0.0.1 and real gpg. Read ../shared/reference/
 portage-on-debian.md (or the README) for the recipe; traps found while writing
 these fixtures that are not in those notes (all reproduced here):
 

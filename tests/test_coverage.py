@@ -7,7 +7,7 @@ flags, in the four situations where that used to fail:
 (d) a target with getuto and no keyring yet.
 
 Real components throughout: Portage from PyPI, the session's sshd (the `world` fixture), gpg,
-getuto (/work/shared/third-party/getuto), our `serve` or `transport = tunnel`. Every binhost root
+getuto (../shared/third-party/getuto), our `serve` or `transport = tunnel`. Every binhost root
 and every target has its own PKGDIR, in a mkdtemp directory under world.base made 0755 (Portage
 verifies signatures as `nobody`).
 
@@ -31,10 +31,11 @@ from pathlib import Path
 
 import pytest
 
-from conftest import (REPO, REPO_NAME, binhost_serving, eroot, free_port, http_server, need,
+from conftest import (PROJECT_DIR, REPO, REPO_NAME, binhost_serving, eroot, free_port, http_server, need,
                       portage_env, run, write_binrepo, write_portage_config)
 
-GETUTO_DIR = Path("/work/shared/third-party/getuto")
+# shared/ lies beside the checkout (on CI too, beside its clone).
+GETUTO_DIR = PROJECT_DIR.parent / "shared" / "third-party" / "getuto"
 
 #: In the target's CFLAGS, so in every build our binhost makes for it after `config pull`.
 TARGET_MARK = "-frandom-seed=gb-target-flags"
