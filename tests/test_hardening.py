@@ -16,6 +16,7 @@ import stat
 import subprocess
 import sys
 import tarfile
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -824,8 +825,24 @@ def test_stage3_subarch_takes_only_a_plain_name_from_the_list(gb, tmp_path):
 # ---- 6. Ctrl-C during keygen -------------------------------------------------------------------
 
 
-def test_keygen_adopts_the_key_an_interrupted_keygen_left(tmp_path, portage_bin):
+@pytest.fixture
+def short_tmp():
+    """A short temporary directory: gpg-agent's socket path in a gpg-home must stay under the
+    Unix limit of 107 bytes, which pytest's own directories can exceed."""
+    path = Path(tempfile.mkdtemp(prefix="gbk-"))
+    try:
+        yield path
+    finally:
+        for home in path.rglob("*gnupg*"):
+            if home.is_dir():
+                subprocess.run(["gpgconf", "--homedir", str(home), "--kill", "all"], check=False,
+                               capture_output=True)
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def test_keygen_adopts_the_key_an_interrupted_keygen_left(short_tmp, portage_bin):
     need(shutil.which("gpg") and shutil.which("gpgconf"), "gpg is needed")
+    tmp_path = short_tmp
     home = tmp_path / "keys/gnupg"
     config = tmp_path / "c.conf"
     config.write_text(f"[binhost]\nroot = {tmp_path / 'root'}\ngpg-home = {home}\n")
