@@ -3671,8 +3671,8 @@ def publish(settings, runner, output, why, index_text=None, prune=True):
     last = ids[-1] if ids else None
     # Later than every kept publication (a target may hold any of them) and than the index served
     # before the first one.
-    earlier = [index_timestamp(read_text(os.path.join(directory, str(each), "Packages"))) for each in ids]
-    earlier.append(index_timestamp(read_text(os.path.join(settings.pkgdir, "Packages"))) if not ids else 0)
+    earlier = ([index_timestamp(read_text(os.path.join(directory, str(each), "Packages"))) for each in ids]
+               or [index_timestamp(read_text(os.path.join(settings.pkgdir, "Packages")))])
     stamp = next_timestamp(int(time.time()), earlier)
     text = with_timestamp(text, stamp)
     publication = (last or 0) + 1

@@ -1224,3 +1224,11 @@ def configure_gentoo_like_root(root, repo, extra_make_conf=""):
         'CLEAN_DELAY="0"\nEMERGE_WARNING_DELAY="0"\n' + extra_make_conf)
     for directory in ("var/tmp", "var/cache/distfiles", "var/cache/binpkgs"):
         (root / directory).mkdir(parents=True, exist_ok=True)
+
+
+def slow_ebuild(marker, sleeper="sleep", seconds=300):
+    """An ebuild whose compile touches ``marker`` (a path as the build sees it) and then runs
+    ``sleeper seconds``: a build to interrupt, known to have started."""
+    return ('EAPI=8\nDESCRIPTION="Takes its time (interrupt tests)"\nHOMEPAGE="https://example.invalid/slow"\n'
+            'S="${WORKDIR}"\nLICENSE="MIT"\nSLOT="0"\nKEYWORDS="amd64"\n'
+            f"src_compile() {{\n\ttouch {marker} || die\n\t{sleeper} {seconds}\n}}\n")

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from conftest import (CHROOT_EPREFIX, REPO, SCRIPT, configure_gentoo_like_root, ensure_chroot_cache,
-                      mounts_under, need, processes_inside, remove_chroot, run)
+                      mounts_under, need, processes_inside, remove_chroot, run, slow_ebuild)
 
 LIBV_EBUILD = """EAPI=8
 DESCRIPTION="A header that says its version (binhost test package)"
@@ -47,18 +47,6 @@ src_compile() {
 }
 src_install() {
 	dobin libv-app
-}
-"""
-SLOW_EBUILD = """EAPI=8
-DESCRIPTION="Takes its time (interrupt tests)"
-HOMEPAGE="https://example.invalid/slow"
-S="${WORKDIR}"
-LICENSE="MIT"
-SLOT="0"
-KEYWORDS="amd64"
-src_compile() {
-	touch /tmp/chroot-build-slow-started || die
-	sleep 300
 }
 """
 
@@ -107,7 +95,7 @@ def chroot_build(eprefix):
         for category, name, version, text in (("dev-libs", "libv", "1", LIBV_EBUILD),
                                               ("dev-libs", "libv", "2", LIBV_EBUILD),
                                               ("app-misc", "libv-app", "1.0", LIBV_APP_EBUILD),
-                                              ("app-misc", "slow", "1.0", SLOW_EBUILD)):
+                                              ("app-misc", "slow", "1.0", slow_ebuild("/tmp/chroot-build-slow-started"))):
             (repo / category / name).mkdir(parents=True, exist_ok=True)
             (repo / category / name / f"{name}-{version}.ebuild").write_text(text)
         configure_gentoo_like_root(root, repo, extra_make_conf='USE="extra"\n')

@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 
 from conftest import (PROJECT_DIR, REPO, SCRIPT, binhost_serving, eroot, free_port, run, stop_process,
-                      wait_for_port, write_portage_config)
+                      slow_ebuild, wait_for_port, write_portage_config)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -300,18 +300,6 @@ def test_doctor_fails_for_a_target_never_set_up(world, hello_binhost):
 # 5. SIGTERM, SIGHUP, SIGINT to the tool's PID alone stop the whole build
 # ------------------------------------------------------------------------------------------------
 
-SLOW_EBUILD = """EAPI=8
-DESCRIPTION="Takes its time (interrupt tests)"
-HOMEPAGE="https://example.invalid/slow"
-S="${{WORKDIR}}"
-LICENSE="MIT"
-SLOT="0"
-KEYWORDS="amd64"
-src_compile() {{
-	touch {marker} || die
-	{sleeper} 600
-}}
-"""
 
 # Runs the tool as its child, as a shell script would: the tool is then not a process group
 # leader. The wrapper itself leads a session of its own, so nothing the tool signals can reach
@@ -372,7 +360,7 @@ def test_a_signal_to_the_tool_alone_stops_the_build_and_frees_the_lock(world, sl
     sleeper = binhost.base / sleeper_name
     shutil.copy(shutil.which("sleep"), sleeper)
     marker = binhost.base / f"slow-{token}.started"
-    (repo / "app-misc/slow/slow-1.0.ebuild").write_text(SLOW_EBUILD.format(marker=marker, sleeper=sleeper))
+    (repo / "app-misc/slow/slow-1.0.ebuild").write_text(slow_ebuild(marker, sleeper, 600))
     lock = binhost.root / "var/cache/gentoo-binhost/build.lock"
 
     env = dict(os.environ, PATH=f"{world.portage_bin}:{os.environ['PATH']}", NO_COLOR="1")

@@ -18,24 +18,12 @@ from pathlib import Path
 import pytest
 
 from conftest import (CHROOT_EPREFIX, CHROOT_REPO, REPO, SCRIPT, binhost_serving, eroot,
-                      ensure_chroot_cache, free_port, mounts_under, need, processes_inside, remove_chroot, run,
+                      ensure_chroot_cache, free_port, mounts_under, need, processes_inside, remove_chroot, run, slow_ebuild,
                       write_chroot_portage_config, write_portage_config)
 from test_init import gpg_home, sign, tiny_stage3
 
 UPSTREAM = "/srv/binhost-test-upstream"
 SNAPSHOT = "Tue, 24 Nov 2026 12:00:00 +0000"
-SLOW_EBUILD = """EAPI=8
-DESCRIPTION="Takes its time (interrupt tests)"
-HOMEPAGE="https://example.invalid/slow"
-S="${WORKDIR}"
-LICENSE="MIT"
-SLOT="0"
-KEYWORDS="amd64"
-src_compile() {
-	touch /tmp/slow-started || die
-	sleep 300
-}
-"""
 
 
 def signed_release(directory, name, payload, release):
@@ -64,7 +52,7 @@ def host_stage3(cache, base, release):
     shutil.copytree(REPO, upstream)
     (upstream / "metadata/timestamp.chk").write_text(SNAPSHOT + "\n")
     (upstream / "app-misc/slow").mkdir()
-    (upstream / "app-misc/slow/slow-1.0.ebuild").write_text(SLOW_EBUILD)
+    (upstream / "app-misc/slow/slow-1.0.ebuild").write_text(slow_ebuild("/tmp/slow-started"))
     tarball = base / "stage3-host.tar.zst"
     run(["tar", "--zstd", "--create", "--file", tarball, "--numeric-owner",
          "--directory", cache / "root", ".", "--directory", overlay, "."], timeout=300)
