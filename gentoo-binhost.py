@@ -42,7 +42,7 @@ import difflib
 import email.utils
 import errno
 import fcntl
-import functools
+import glob
 import gzip
 import hashlib
 import hmac
@@ -55,6 +55,7 @@ import math
 import os
 import posixpath
 import re
+import secrets
 import shlex
 import shutil
 import signal
@@ -1234,13 +1235,99 @@ def root_environment(settings):
     return {"ROOT": root, "PORTAGE_CONFIGROOT": root}
 
 
+# EMERGE_DEFAULT_OPTS travels with the target's make.conf into the binhost root. Every emerge we
+# run (the plan, the build, the gate, the install) gets the same filtered value in its environment,
+# so the four answer one question, and the binhost's make.conf stays an exact copy. Dropped: what
+# asks (kept for an install on a terminal), what changes the lines a plan is read from, what
+# decides whether binaries are written or used (ours decide), what only pretends or fetches, and
+# what writes the configuration. Everything else is kept: --jobs, --load-average, --with-bdeps,
+# --exclude, --changed-deps, --keep-going, ...
+EMERGE_OPTS_ASKING = frozenset({"--ask", "--ask-enter-invalid"})
+EMERGE_OPTS_DROPPED = frozenset({
+    "--columns", "--quiet-repo-display", "--tree", "--unordered-display", "--changelog", "--quiet",
+    "--verbose", "--verbose-conflicts", "--verbose-slot-rebuilds", "--color", "--nospinner", "--alert",
+    "--quiet-fail", "--buildpkg", "--buildpkgonly", "--buildpkg-exclude", "--usepkg", "--usepkgonly",
+    "--usepkg-exclude", "--usepkg-exclude-live", "--getbinpkg", "--getbinpkgonly", "--binpkg-respect-use",
+    "--binpkg-changed-deps", "--rebuilt-binaries", "--rebuilt-binaries-timestamp", "--pretend",
+    "--fetchonly", "--fetch-all-uri", "--autounmask-write", "--autounmask-continue", "--search",
+    "--searchdesc", "--regex-search-auto", "--ignore-default-opts"})
+# Short forms: -a -p -f -t -q -v -l -b -B -k -K -g -G.
+EMERGE_SHORT_OPTIONS = {"a": "--ask", "p": "--pretend", "f": "--fetchonly", "t": "--tree", "q": "--quiet",
+                        "v": "--verbose", "l": "--changelog", "b": "--buildpkg", "B": "--buildpkgonly",
+                        "k": "--usepkg", "K": "--usepkgonly", "g": "--getbinpkg", "G": "--getbinpkgonly"}
+# Options whose value may be the next word (others take one only as y/n or a number).
+EMERGE_OPTS_WITH_VALUE = frozenset({
+    "--buildpkg-exclude", "--exclude", "--usepkg-exclude", "--rebuild-exclude", "--rebuild-ignore",
+    "--reinstall-atoms", "--useoldpkg-atoms", "--getbinpkg-exclude", "--getbinpkg-include", "--backtrack",
+    "--config-root", "--root", "--sysroot", "--prefix", "--accept-properties", "--accept-restrict",
+    "--rebuilt-binaries-timestamp", "--reinstall", "--with-bdeps", "--with-test-deps", "--color",
+    "--jobs", "--load-average", "--deep", "--binpkg-respect-use", "--binpkg-changed-deps"})
+OPTIONAL_OPTION_VALUE = re.compile(r"y|n|yes|no|true|false|[0-9.]+", re.IGNORECASE)
+
+
+def filter_emerge_default_opts(value, interactive=False):
+    """EMERGE_DEFAULT_OPTS as our emerge runs may use it (see above); interactive: an install on
+    a terminal, where --ask can be answered."""
+    try:
+        words = shlex.split(value)
+    except ValueError:
+        words = value.split()
+    dropped = EMERGE_OPTS_DROPPED | (frozenset() if interactive else EMERGE_OPTS_ASKING)
+    kept, position = [], 0
+    while position < len(words):
+        word, position = words[position], position + 1
+        following = words[position] if position < len(words) else None
+        if word.startswith("--"):
+            name = word.partition("=")[0]
+            option = [word]
+            if "=" not in word and following is not None and not following.startswith("-") and (
+                    name in EMERGE_OPTS_WITH_VALUE or OPTIONAL_OPTION_VALUE.fullmatch(following)):
+                option.append(following)
+                position += 1
+            if name not in dropped:
+                kept += option
+        elif re.fullmatch(r"-[A-Za-z0-9]+", word):
+            letters = [letter for letter in re.findall(r"j[0-9]*|[A-Za-z0-9]", word[1:])
+                       if EMERGE_SHORT_OPTIONS.get(letter) not in dropped]
+            if letters:
+                kept.append("-" + "".join(letters))
+                if letters[-1] == "j" and following is not None and following.isdigit():
+                    kept.append(following)
+                    position += 1
+            elif word.endswith("j") and following is not None and following.isdigit():
+                position += 1
+        else:
+            kept.append(word)
+    return shlex.join(kept)
+
+
+def make_conf_value(text, name):
+    """The value make.conf gives name: its last assignment, with references to name itself
+    (NAME="${NAME} ...") expanded."""
+    value = ""
+    for assignment in _assignments(text):
+        if assignment.name == name:
+            raw = _unquote(text[assignment.start:assignment.end], assignment.quote)
+            previous = value
+            value = re.sub(r"\$\{%s\}|\$%s\b" % (name, name), lambda _match: previous, raw).strip()
+    return value
+
+
+def emerge_default_opts(settings, interactive=False):
+    """The filtered EMERGE_DEFAULT_OPTS of the binhost root's make.conf (the target's copy)."""
+    return filter_emerge_default_opts(make_conf_value(make_conf_texts(settings.root), "EMERGE_DEFAULT_OPTS"),
+                                      interactive)
+
+
 def portage_environment(settings):
     """Where Portage builds and what it builds with: binhost-only settings travel here, so the
     binhost's /etc/portage can stay an exact copy of the target's."""
     # Never another binhost's binaries: a copied make.conf often says FEATURES=getbinpkg, and
     # every stage3 names Gentoo's binhost in binrepos.conf (emerge also gets --getbinpkg=n).
-    env = dict(root_environment(settings), PKGDIR=settings.pkgdir, PORTAGE_BINHOST="")
-    features = ["-getbinpkg"]
+    env = dict(root_environment(settings), PKGDIR=settings.pkgdir, PORTAGE_BINHOST="",
+               EMERGE_DEFAULT_OPTS=emerge_default_opts(settings))
+    # Every build a file of its own: a publication names files a rebuild must not overwrite.
+    features = ["-getbinpkg", "binpkg-multi-instance"]
     if settings.signing_key:
         features.append("binpkg-signing")
         env.update({
@@ -1561,7 +1648,7 @@ def chroot_build_binds(settings):
     return binds
 
 
-def build_packages(settings, runner, output, emerge_args):
+def build_packages(settings, runner, output, emerge_args, publish_after=True):
     method, why = build_method(settings, runner, output)
     host = portage_host(settings, runner, output)  # refuses first what it cannot do (not root)
     check_binhost_root(settings)
@@ -1604,7 +1691,8 @@ def build_packages(settings, runner, output, emerge_args):
         if result is not None and result.returncode != 0:
             raise BinhostError(f"emerge failed on the binhost (exit {result.returncode}): see its output above;"
                                " nothing was published")
-        publish(settings, runner, output, f"build {' '.join(emerge_args)}")
+        if publish_after:
+            publish(settings, runner, output, f"build {' '.join(emerge_args)}")
 
 
 def refresh_index(settings, runner, output, host=None):
@@ -1951,42 +2039,91 @@ def has_option(args, option):
     return any(arg == option or arg.startswith(option + "=") for arg in args)
 
 
-def install_packages(settings, target, runner, output, emerge_args):
-    remote = Remote(target, runner, output)
-    args = list(emerge_args)
-    if not has_option(args, "--binpkg-respect-use"):
-        # With --getbinpkgonly, Portage otherwise installs a binary built with other USE flags.
-        args.insert(0, "--binpkg-respect-use=y")
-    argv = ["emerge", "--getbinpkgonly"] + args
-    tty = sys.stdin.isatty() and sys.stdout.isatty()
-    output.action(f"Installing on {target.name} ({target.host}): {format_command(argv)}")
-    if settings.transport == "tunnel" and runner.pretend:
-        remote.run(argv, target.portage_environment, tty=tty, forward=(settings.tunnel_port, "LOCALPORT"))
-        result = None
-    elif settings.transport == "tunnel":
-        # The target reaches a server that lives as long as this command, through this ssh session.
+def user_emerge_only_pretends(args):
+    """Whether the user's own emerge arguments only show or fetch (-p, -f, --fetchonly):
+    nothing is built, published or checked as installed then."""
+    return emerge_pretends(args) or any(
+        word in ("--fetchonly", "--fetch-all-uri") or re.fullmatch(r"-[A-Za-z0-9]*[fF][A-Za-z0-9]*", word)
+        for word in args)
+
+
+def emerge_pretends(args):
+    """Whether emerge's own --pretend (-p, also in -pv) is among the arguments."""
+    return any(word == "--pretend" or re.fullmatch(r"-[A-Za-z0-9]*p[A-Za-z0-9]*", word) for word in args)
+
+
+# ---- how targets reach PKGDIR during one command --------------------------------------------------
+
+def who_answers(host, port, tls=False, timeout=5):
+    """None when nothing listens on host:port; else the Server header of its answer to
+    HEAD /Packages ("" without one, or a description when it does not speak HTTP)."""
+    try:
+        if tls:
+            context = ssl.create_default_context()
+            context.check_hostname, context.verify_mode = False, ssl.CERT_NONE  # only asking who it is
+            connection = http.client.HTTPSConnection(host, port, timeout=timeout, context=context)
+        else:
+            connection = http.client.HTTPConnection(host, port, timeout=timeout)
+        try:
+            connection.request("HEAD", "/Packages")
+            return connection.getresponse().getheader("Server", "")
+        finally:
+            connection.close()
+    except ConnectionRefusedError:
+        return None
+    except (OSError, http.client.HTTPException) as error:
+        return f"a program that does not answer HTTP ({error})"
+
+
+def is_our_server(answer):
+    return bool(answer) and answer.startswith(BinhostRequestHandler.server_version.split("/")[0] + "/")
+
+
+class Route:
+    """How the targets reach PKGDIR for one command: forward is ssh -R's (remote, local) ports
+    with transport = tunnel, None when they use the configured url."""
+
+    def __init__(self, forward=None):
+        self.forward = forward
+
+
+@contextlib.contextmanager
+def serving_targets(settings, runner, output, route=None):
+    """A Route for one command: through a tunnel to a server of this command; or the configured
+    port, served by this command when nothing serves it (a running serve of ours is used as it
+    is, another program is named)."""
+    if route is not None:
+        yield route
+        return
+    if settings.transport == "tunnel":
+        # Asking the target (read-only) needs the server under --pretend too.
         with background_server({settings.env_name: settings}, output, "127.0.0.1", 0) as server:
-            result = remote.run(argv, target.portage_environment, tty=tty,
-                                forward=(settings.tunnel_port, server.server_address[1]))
-    else:
-        result = remote.run(argv, target.portage_environment, tty=tty)
-    if result is not None and result.returncode != 0:
-        if settings.transport == "http":  # the usual cause: it cannot reach us
-            tool, code = fetch_index(settings, remote, runner)
-            if code != "0":
-                raise BinhostError(f"emerge failed on target {target.name}: it cannot download"
-                                   f" {target_url(settings, False, with_credentials=False)}Packages"
-                                   f" ({tool} exit {code}): is serve running and reachable from there?")
-        raise BinhostError(f"emerge failed on target {target.name} (exit {result.returncode}):"
-                           " see its output above")
+            yield Route((settings.tunnel_port, server.server_address[1]))
+        return
+    host = "127.0.0.1" if settings.bind in ("", "0.0.0.0", "::") else settings.bind
+    answer = who_answers(host, settings.port, tls=bool(settings.tls_cert))
+    if answer is None and not os.path.isdir(settings.pkgdir):
+        output.debug(f"Nothing serves port {settings.port}, and there is no {settings.pkgdir} to serve yet")
+    elif answer is None:
+        if runner.pretend:
+            output.info(f"Nothing serves port {settings.port} here: this command would serve"
+                        f" {settings.pkgdir} there itself while it runs")
+            yield Route()
+            return
+        with background_server({settings.env_name: settings}, output, settings.bind, settings.port,
+                               tunnel=False) as server:
+            output.info(f"Serving {settings.pkgdir} on {settings.bind}:{server.server_address[1]} while"
+                        f" this command runs (no serve running; '{PROG} serve' serves it for good)")
+            yield Route()
+        return
+    if answer is not None and not is_our_server(answer):
+        output.warn(f"Port {settings.port} here is answered by {answer or 'a server that does not name itself'},"
+                    f" not by '{PROG} serve': targets get what it serves")
+    yield Route()
 
 
 # ---- coverage: everything the target merges comes from here ------------------------------------
 
-# One ssh round trip before anything is built: can the target download our index, and what would
-# the emerge arguments merge there? The plan is resolved from the target's own ebuild tree as if
-# it built from source, so every package it would merge is listed with its USE; with "yes", also
-# what the binary-only emerge would do (doctor). `==name` lines mark the sections.
 # Asks the target to download our index, as Portage's fetchers would; the URL comes on stdin (with
 # a password in it, an argv would show it to every user there). Prints "TOOL EXIT".
 FETCH_INDEX_SCRIPT = r"""
@@ -2001,42 +2138,118 @@ fi
 # Exit codes with which wget and curl say the server answered, with an HTTP error (auth, 404).
 FETCH_ANSWERED = {"wget": ("6", "8"), "curl": ("22",)}
 
+# One ssh round trip: can the target download our index; what would the emerge arguments merge
+# there, resolved from its own ebuild tree as if it built from source (every package with its
+# USE); and what would its binary-only emerge merge. The binary-only plan is asked either against
+# the target's own configuration (doctor: "live"), or against a staged index (the gate: the
+# index this command is about to publish): then it gets a configuration root of its own, links to
+# the target's /etc/portage with binrepos.conf copied and our entry's sync-uri pointed at the
+# staged index, so the target's binrepos.conf and its cached copy of our published index stay
+# untouched; Portage's cache of the staged index (kept per URL) is removed afterwards.
+# $1: our binrepos entry, $2: the staged token, or "live", or "-" (no binary-only plan); stdin:
+# the URL to fetch, then the binrepo URL for the binary-only plan. `==name` lines mark the
+# sections; each emerge's own exit status follows it.
 PLAN_SCRIPT = r"""
-preflight=$1
-shift
-echo "==fetch"
+entry=$1 token=$2
+shift 2
+read -r fetch_url
+read -r binary_url
+fetch_index() {
 """ + FETCH_INDEX_SCRIPT + r"""
+}
+echo "==fetch"
+printf '%s\n' "$fetch_url" | fetch_index
 echo "==plan"
-emerge "$@" --pretend --verbose --color=n --usepkg=n --getbinpkg=n --ask=n --quiet=n --nospinner 2>&1
+emerge "$@" --pretend --verbose --color=n --usepkg=n --getbinpkg=n --ask=n --quiet=n --nospinner \
+    </dev/null 2>&1
+status=$?
 echo "==plan-exit"
-echo "$?"
-if [ "$preflight" = yes ]; then
-    echo "==preflight"
-    emerge "$@" --pretend --verbose --color=n --getbinpkgonly --binpkg-respect-use=y --ask=n \
-        --quiet=n --nospinner 2>&1
-    echo "==preflight-exit"
-    echo "$?"
+echo "$status"
+[ "$token" = - ] && exit 0
+binary() {
+    emerge "$@" --pretend --verbose --color=n --getbinpkgonly --binpkg-respect-use=y --ask=n --quiet=n \
+        --nospinner </dev/null 2>&1
+    status=$?
+    echo "==binary-exit"
+    echo "$status"
+}
+if [ "$token" = live ]; then
+    echo "==binary"
+    binary "$@"
+    exit 0
 fi
+config=${PORTAGE_CONFIGROOT:-/}
+config=${config%/}/etc/portage
+staged=$(mktemp -d) || exit 1
+trap 'rm -rf "$staged"' EXIT
+mkdir -p "$staged/etc/portage/binrepos.conf" || exit 1
+for place in "$config"/* "$config"/.[!.]*; do
+    [ -e "$place" ] || continue
+    case ${place##*/} in binrepos.conf|make.profile) continue ;; esac
+    ln -s "$place" "$staged/etc/portage/" || exit 1
+done
+if [ -e "$config/make.profile" ]; then
+    ln -s "$(readlink -f "$config/make.profile")" "$staged/etc/portage/make.profile" || exit 1
+fi
+if [ -d "$config/binrepos.conf" ]; then
+    cp -RL "$config/binrepos.conf/." "$staged/etc/portage/binrepos.conf/" || exit 1
+elif [ -f "$config/binrepos.conf" ]; then
+    cp -L "$config/binrepos.conf" "$staged/etc/portage/binrepos.conf/binrepos.conf" || exit 1
+fi
+# Read last (Portage reads the directory in order): our entry's sync-uri is the staged index.
+(umask 077 && printf '[%s]\nsync-uri = %s\n' "$entry" "$binary_url" \
+    > "$staged/etc/portage/binrepos.conf/zzzz-$entry-staged.conf") || exit 1
+echo "==binary"
+PORTAGE_CONFIGROOT=$staged binary "$@"
+eroot=$(portageq envvar EROOT 2>/dev/null) && [ -d "${eroot%/}/var/cache/edb/binhost" ] &&
+    find "${eroot%/}/var/cache/edb/binhost" -type d -path "*/_staged/$token" -prune -exec rm -rf {} + 2>/dev/null
+exit 0
 """
-PLAN_LINE = re.compile(r"\[(?P<kind>ebuild|binary)[^\]]*\]\s+(?P<atom>\S+)(?P<rest>.*)$")
+PLAN_LINE = re.compile(r"\[(?P<kind>ebuild|binary)(?P<marks>[^\]]*)\]\s+(?P<atom>\S+)(?P<rest>.*)$")
 FLAG_GROUP = re.compile(r'\b([A-Z][A-Z0-9_]*)="([^"]*)"')
+# " to EROOT/": where a line merges when that is not / (lines for / have no such words).
+PLAN_ROOT = re.compile(r"\sto (/\S*)")
 # What Portage prints on every run in some set-ups and that says nothing about the packages.
 PORTAGE_NOISE = re.compile(r"repos\.conf|[Rr]epositor|repo_name|layout\.conf|masters ="
                            r"|binrepos\.conf is missing"
                            r"|Problems have been detected with your world file|emaint --check world"
                            r"|^!!!\s*$")
+# Rounds of building what the target's binary-only plan still lacks, before giving up.
+GATE_ROUNDS = 3
 
 
 class PlannedPackage:
-    """One package the target would merge: its CPV, slot, repository and USE as it wants them."""
+    """One package the target would merge: its CPV, slot, repository and USE as it wants them,
+    the marks of its line ("N", "U", "r" for a slot-operator rebuild, ...) and the ROOT it goes to
+    when the line names one."""
 
-    def __init__(self, cpv, slot, repository, flags):
+    def __init__(self, cpv, slot, repository, flags, marks="", root=None):
         self.cpv, self.slot, self.repository, self.flags = cpv, slot, repository, flags
-        self.reason = None  # why it is built here, when it is
+        self.marks, self.root = marks, root
+        self.reason = None  # why the target's binary-only emerge would not merge it from here
+        self.buildable = True  # whether a build here can change that
 
     @property
     def atom(self):
         return "=" + self.cpv + (f"::{self.repository}" if self.repository else "")
+
+    @property
+    def slot_rebuild(self):
+        """Portage merges it again because a dependency's sub-slot changed (`r` in its marks)."""
+        return "r" in self.marks
+
+    @property
+    def package_name(self):
+        return cpv_package_name(self.cpv)
+
+
+# A CPV's version (PMS 3.2), and a binary's -BUILD_ID after it.
+VERSION_SUFFIX = re.compile(r"-[0-9]+(\.[0-9]+)*[a-z]?(_(alpha|beta|pre|rc|p)[0-9]*)*(-r[0-9]+)?(-[0-9]+)?$")
+
+
+def cpv_package_name(cpv):
+    """app-misc/foo of app-misc/foo-1.2-r3 (and of a binary's app-misc/foo-1.2-r3-4)."""
+    return VERSION_SUFFIX.sub("", cpv, count=1)
 
 
 def parse_merge_list(text, kind="ebuild"):
@@ -2056,8 +2269,21 @@ def parse_merge_list(text, kind="ebuild"):
                 word = word.strip("(){}").rstrip("*%").strip("(){}")
                 if word:
                     flags[prefix + word.lstrip("-")] = not word.startswith("-")
-        packages.append(PlannedPackage(cpv, slot, repository, flags))
+        root = PLAN_ROOT.search(match.group("rest"))
+        packages.append(PlannedPackage(cpv, slot, repository, flags, match.group("marks"),
+                                       root.group(1) if root else None))
     return packages
+
+
+def for_root(packages, root):
+    """The packages of a plan that go to root: a target whose ROOT is not / also gets lines for
+    / (its own build dependencies, without "to ..."), which are not what it installs. A line's
+    EROOT is ROOT with Portage's EPREFIX (Gentoo Prefix) appended."""
+    wanted = root.rstrip("/") + "/"
+    if wanted == "/":
+        return [package for package in packages if package.root in (None, "/")]
+    return [package for package in packages
+            if package.root is not None and (package.root.rstrip("/") + "/").startswith(wanted)]
 
 
 def portage_complaints(text):
@@ -2091,35 +2317,79 @@ def describe_use_difference(entry, package):
     return " ".join(wanted)
 
 
+def binary_reason(settings, runner, output, package, entries, installed_cache):
+    """Why PKGDIR offers no usable binary of package (None when it does)."""
+    if any(usable_binary(entry, package) for entry in entries):
+        return None
+    if entries:
+        return f"its binary has other USE (the target wants {describe_use_difference(entries[0], package)})"
+    if "installed" not in installed_cache:
+        try:
+            installed_cache["installed"] = installed_in_binhost(settings, runner, output)
+        except BinhostError:
+            installed_cache["installed"] = set()
+    return ("installed in the binhost root without a binary (the stage3's generic build): rebuilt"
+            " with the target's flags" if package.cpv in installed_cache["installed"] else "no binary yet")
+
+
+def offered_binaries(settings, index_text=None):
+    """{CPV: [index entries]} of what publishing offers: index_text's, or PKGDIR's without its
+    retired builds."""
+    if index_text is not None:
+        entries = index_entries(index_text)
+    else:
+        retired = retired_packages(settings.pkgdir)
+        entries = [entry for entry in index_entries(read_text(os.path.join(settings.pkgdir, "Packages")))
+                   if not is_retired(entry, retired)]
+    binaries = {}
+    for entry in entries:
+        binaries.setdefault(entry["CPV"], []).append(entry)
+    return binaries
+
+
 def packages_to_build(settings, runner, output, packages):
     """The planned packages PKGDIR has no usable binary of, each with its reason."""
-    index = read_packages_index(settings.pkgdir) if os.path.isfile(
-        os.path.join(settings.pkgdir, "Packages")) else []
-    retired = retired_packages(settings.pkgdir)  # what publishing leaves out
-    binaries = {}
-    for entry in index:
-        if not is_retired(entry, retired):
-            binaries.setdefault(entry["CPV"], []).append(entry)
-    installed = None
-    missing = []
+    binaries, cache, missing = offered_binaries(settings), {}, []
     for package in packages:
-        entries = binaries.get(package.cpv, [])
-        if any(usable_binary(entry, package) for entry in entries):
-            continue
-        if entries:
-            package.reason = (f"its binary has other USE (the target wants"
-                              f" {describe_use_difference(entries[0], package)})")
-        else:
-            if installed is None:
-                try:
-                    installed = installed_in_binhost(settings, runner, output)
-                except BinhostError:
-                    installed = set()
-            package.reason = ("installed in the binhost root without a binary (the stage3's generic"
-                              " build): rebuilt with the target's flags" if package.cpv in installed
-                              else "no binary yet")
-        missing.append(package)
+        package.reason = binary_reason(settings, runner, output, package, binaries.get(package.cpv, []), cache)
+        if package.reason:
+            missing.append(package)
     return missing
+
+
+def binary_plan_gaps(settings, runner, output, plan, index_text):
+    """The packages of plan's source plan its binary-only plan does not merge with the same version
+    and USE from index_text's binaries, each with why (.reason) and whether a build here can
+    change that (.buildable)."""
+    merged = {}
+    for binary in parse_merge_list(plan.binary or "", "binary"):
+        merged.setdefault(binary.package_name, []).append(binary)
+    binaries, cache, gaps = offered_binaries(settings, index_text), {}, []
+    complaints = portage_complaints(plan.binary or "")
+    for package in plan.packages:
+        chosen = [binary for binary in merged.get(package.package_name, [])
+                  if binary.cpv == package.cpv or re.fullmatch(re.escape(package.cpv) + r"-\d+", binary.cpv)]
+        if any(all(binary.flags.get(flag) == enabled for flag, enabled in package.flags.items()
+                   if flag in binary.flags) for binary in chosen):
+            continue
+        reason = binary_reason(settings, runner, output, package, binaries.get(package.cpv, []), cache)
+        others = [binary.cpv for binary in merged.get(package.package_name, []) if binary not in chosen]
+        package.buildable = True
+        if reason:
+            package.reason = reason
+        elif package.slot_rebuild:
+            package.reason = ("a sub-slot rebuild (Portage's r mark): its binary was built against"
+                              " the dependency's older sub-slot")
+        elif others:
+            package.reason = (f"the target's binary-only emerge takes {', '.join(others)} instead"
+                              " (another binhost offers it?)")
+            package.buildable = False
+        else:
+            package.reason = ("its binary is not taken by the target's binary-only emerge"
+                              + (f": {' | '.join(complaints[:3])}" if complaints else
+                                 " (built against other dependencies?)"))
+        gaps.append(package)
+    return gaps
 
 
 def fetch_outcome(text):
@@ -2143,22 +2413,26 @@ def credentials_url(settings, tunnel, runner):
     return target_url(settings, tunnel)
 
 
+def section_status(sections, name):
+    """The exit status printed after a section; what came back is the target's: anything but a
+    number is a failure, never a traceback."""
+    value = sections.get(f"{name}-exit", "")
+    return int(value) if re.fullmatch(r"\d{1,3}", value) else 1
+
+
 class TargetPlan:
-    """What the target answered: can it fetch our index, what would it merge, and (doctor) what
-    would its binary-only emerge say."""
+    """What the target answered: can it fetch our index, what would it merge from source (for
+    its own ROOT), and what would its binary-only emerge say (the gate, doctor)."""
 
     def __init__(self, settings, target, text, shown_url):
         sections = parse_sections(text)
         self.target, self.shown_url = target, shown_url
         self.fetch_tool, self.fetch_code = fetch_outcome(sections.get("fetch", ""))
         self.text = sections.get("plan", "")
-        # What came back is the target's: anything but a number is a failure, never a traceback.
-        number = re.compile(r"\d{1,3}")
-        self.exit_code = int(sections["plan-exit"]) if number.fullmatch(sections.get("plan-exit", "")) else 1
-        self.packages = parse_merge_list(self.text)
-        self.preflight = sections.get("preflight")
-        self.preflight_exit = (0 if self.preflight is None else int(sections["preflight-exit"])
-                               if number.fullmatch(sections.get("preflight-exit", "")) else 1)
+        self.exit_code = section_status(sections, "plan")
+        self.packages = for_root(parse_merge_list(self.text), target.root)
+        self.binary = sections.get("binary")
+        self.binary_exit = section_status(sections, "binary") if self.binary is not None else None
         self.index_exists = os.path.isfile(os.path.join(settings.pkgdir, "Packages"))
 
     def fetch_problem(self):
@@ -2177,79 +2451,218 @@ class TargetPlan:
         return (f"{self.target.name} cannot download {self.shown_url}Packages ({self.fetch_tool} exit"
                 f" {self.fetch_code}): {hint}")
 
+    def problem(self):
+        """Why the arguments cannot be resolved on the target, in Portage's words, or None."""
+        if self.exit_code == 0:
+            return None
+        reasons = portage_complaints(self.text) or [last_line(self.text) or "no output"]
+        return (f"emerge on {self.target.name} cannot resolve these arguments (exit {self.exit_code}):"
+                f" {' | '.join(reasons[:6])}")
+
     def check(self):
         """The plan, or a one-line error with Portage's reason."""
-        if self.exit_code != 0:
-            reasons = portage_complaints(self.text) or [last_line(self.text) or "no output"]
-            raise BinhostError(f"emerge on {self.target.name} cannot resolve these arguments:"
-                               f" {' | '.join(reasons[:6])}")
+        problem = self.problem()
+        if problem:
+            raise BinhostError(problem)
         return self.packages
 
 
-def ask_target(settings, target, runner, output, emerge_args, preflight=False):
-    """One ssh round trip: the target's TargetPlan for emerge_args."""
+def remote_emerge_environment(settings, target, interactive=False):
+    """The target's ROOT and PORTAGE_CONFIGROOT, and the filtered EMERGE_DEFAULT_OPTS."""
+    return dict(target.portage_environment,
+                EMERGE_DEFAULT_OPTS=emerge_default_opts(settings, interactive))
+
+
+def ask_target(settings, target, runner, output, emerge_args, route, binary=None):
+    """One ssh round trip: the target's TargetPlan for emerge_args. binary: None (the source plan
+    only), "live" (also the binary-only plan with the target's own configuration), or a
+    StagedPublication (also the binary-only plan against it)."""
     remote = Remote(target, runner, output)
     tunnel = settings.transport == "tunnel"
-    url = credentials_url(settings, tunnel, runner) + "Packages"
-    argv = ["sh", "-c", PLAN_SCRIPT, "gentoo-binhost", "yes" if preflight else "no"] + list(emerge_args)
-    run_it = functools.partial(remote.run, argv, target.portage_environment, changes=False, capture=True,
-                               what="asking the target what it would merge", input=url + "\n")
-    if tunnel:
-        with background_server({settings.env_name: settings}, output, "127.0.0.1", 0) as server:
-            result = run_it(forward=(settings.tunnel_port, server.server_address[1]))
-    else:
-        result = run_it()
+    url = credentials_url(settings, tunnel, runner)
+    token, binary_url = "-", ""
+    if binary == "live":
+        token = "live"
+    elif binary is not None:
+        token, binary_url = binary.token, (url + binary.url_path).replace("%", "%%")
+    argv = ["sh", "-c", PLAN_SCRIPT, "gentoo-binhost", BINREPOS_NAME, token] + list(emerge_args)
+    result = remote.run(argv, remote_emerge_environment(settings, target), changes=False, capture=True,
+                        what="asking the target what it would merge", input=f"{url}Packages\n{binary_url}\n",
+                        forward=route.forward)
     script_succeeded(result, "asking what emerge would merge", f"target {target.name}")
     return TargetPlan(settings, target, result.stdout, target_url(settings, tunnel, with_credentials=False))
 
 
-def emerge_pretends(args):
-    """Whether emerge's own --pretend (-p, also in -pv) is among the arguments."""
-    return any(word == "--pretend" or re.fullmatch(r"-[A-Za-z0-9]*p[A-Za-z0-9]*", word) for word in args)
-
-
-def build_for_target(settings, target, runner, output, emerge_args, check_fetch=True):
-    """Ask the target what emerge_args would merge there, build here every package of that list
-    that PKGDIR has no usable binary of (same CPV and USE), and check that afterwards each has
-    one: the target then compiles nothing. Returns the plan's packages."""
-    output.action(f"Asking {target.name} what 'emerge {' '.join(emerge_args)}' would merge there")
-    plan = ask_target(settings, target, runner, output, emerge_args)
-    problem = plan.fetch_problem() if check_fetch else None
-    if problem:
-        raise BinhostError(problem)
-    packages = plan.check()
-    missing = packages_to_build(settings, runner, output, packages)
-    output.info(f"{target.name} would merge {len(packages)} package(s): {len(packages) - len(missing)}"
-                f" with a binary here, {len(missing)} to build")
-    for package in missing:
-        output.text(f"  {package.cpv}{':' + package.slot if package.slot else ''}  ({package.reason})",
-                    always=True)
-    if not missing:
-        # Built here before but not published (a build that failed later on): publish it now.
-        with build_lock(settings, runner, output):
-            publish(settings, runner, output, f"what {target.name} needs, built before")
-        return packages
-    if emerge_pretends(emerge_args):
-        output.info("emerge's --pretend among the arguments: nothing is built")
-        return packages
+def first_plan(settings, target, runner, output, emerge_args, route, binary=None):
+    """The first question of a command: a target that cannot fetch our index, or cannot resolve
+    the arguments, stops it (under --pretend: a warning, and the rest is still shown)."""
     try:
-        build_packages(settings, runner, output, ["--oneshot", "--usepkg=n"]
-                       + [package.atom for package in missing])
+        plan = ask_target(settings, target, runner, output, emerge_args, route, binary)
+        problem = plan.fetch_problem() or plan.problem()
     except BinhostError as error:
-        if runner.pretend:
+        if not runner.pretend:
             raise
-        still = packages_to_build(settings, runner, output, missing)
-        raise BinhostError(f"{error}; not built: {', '.join(package.cpv for package in still)}"
-                           " (the first of them failed, or was not reached)") from None
-    if runner.pretend:
-        return packages
-    still = packages_to_build(settings, runner, output, missing)
-    if still:
-        names = ", ".join(f"{package.cpv} ({package.reason})" for package in still)
-        raise BinhostError(f"after the build PKGDIR still lacks what {target.name} needs: {names};"
-                           " nothing was installed (is the binhost's ebuild repository at the"
-                           " target's snapshot? 'doctor' compares them)")
-    return packages
+        output.warn(f"{error} (--pretend goes on)")
+        return None
+    if problem:
+        if not runner.pretend:
+            raise BinhostError(problem)
+        output.warn(f"{problem} (--pretend goes on)")
+    return plan
+
+
+def describe_gaps(packages):
+    return "; ".join(f"{package.cpv} ({package.reason})" for package in packages)
+
+
+def build_for_target(settings, target, runner, output, emerge_args, route=None):
+    """Ask the target what emerge_args would merge there and build here what it would not get
+    from our binaries, until its binary-only plan (against the index this command publishes,
+    staged) merges every package of its source plan with the same version and USE: the target
+    then compiles nothing. Publishes only then. Returns the plan (None under --pretend when the
+    target could not be asked)."""
+    output.action(f"Asking {target.name} what 'emerge {' '.join(emerge_args)}' would merge there")
+    only_shown = runner.pretend or emerge_pretends(emerge_args)
+    why = f"what {target.name} needs for 'emerge {' '.join(emerge_args)}'"
+    built = set()
+    lock = contextlib.nullcontext() if only_shown else build_lock(settings, runner, output)
+    with serving_targets(settings, runner, output, route) as route, lock:
+        for round_number in range(GATE_ROUNDS + 1):
+            staged = None if only_shown else stage_publication(settings, runner, output, why)
+            try:
+                if round_number == 0:
+                    plan = first_plan(settings, target, runner, output, emerge_args, route, staged)
+                    if plan is None:
+                        return None
+                else:
+                    plan = ask_target(settings, target, runner, output, emerge_args, route, staged)
+                    plan.check()
+                if staged is None:  # nothing to stage yet, or only shown: PKGDIR's bookkeeping
+                    gaps = packages_to_build(settings, runner, output, plan.packages)
+                else:
+                    gaps = binary_plan_gaps(settings, runner, output, plan, read_text(
+                        os.path.join(staged.directory, "Packages")))
+                buildable = [package for package in gaps if package.buildable and package.cpv not in built]
+                if round_number == 0 or gaps:
+                    output.info(f"{target.name} would merge {len(plan.packages)} package(s):"
+                                f" {len(plan.packages) - len(gaps)} with a binary here, {len(gaps)} to build"
+                                if round_number == 0 else f"{target.name} would still not get {len(gaps)}"
+                                f" of {len(plan.packages)} package(s) from the binhost")
+                    for package in gaps:
+                        output.text(f"  {package.cpv}{':' + package.slot if package.slot else ''}"
+                                    f"  ({package.reason})", always=True)
+                if not gaps:
+                    if staged is not None:
+                        commit_publication(settings, runner, output, staged)
+                    if only_shown and emerge_pretends(emerge_args):
+                        output.info("emerge's --pretend among the arguments: nothing is built")
+                    return plan
+                if emerge_pretends(emerge_args):
+                    output.info("emerge's --pretend among the arguments: nothing is built")
+                    return plan
+                if runner.pretend:
+                    build_packages(settings, runner, output, ["--oneshot", "--usepkg=n"]
+                                   + [package.atom for package in gaps], publish_after=False)
+                    return plan
+                if not buildable or round_number == GATE_ROUNDS:
+                    raise BinhostError(f"{target.name} would not get everything from the binhost:"
+                                       f" {describe_gaps(gaps)}; nothing was published or installed")
+                try:
+                    build_packages(settings, runner, output, ["--oneshot", "--usepkg=n"]
+                                   + [package.atom for package in buildable], publish_after=False)
+                except BinhostError as error:
+                    raise BinhostError(f"{error}; not built: {', '.join(package.cpv for package in buildable)}"
+                                       " (the first of them failed, or was not reached)") from None
+                built.update(package.cpv for package in buildable)
+                output.action(f"Asking {target.name} again: would its binary-only emerge now take everything?")
+            finally:
+                discard_staged(staged)
+    return None
+
+
+def install_answered_no(result, args, interactive, default_opts):
+    """Whether emerge stopped because the user answered No at its --ask prompt: it then exits
+    with 128 + SIGINT (a Ctrl-C would have reached this tool too)."""
+    words = list(args) + shlex.split(default_opts)
+    asks = interactive and (has_option(words, "--ask") and "--ask=n" not in words or any(
+        re.fullmatch(r"-[A-Za-z0-9]*a[A-Za-z0-9]*", word) for word in words))
+    return asks and result is not None and result.returncode == EXIT_SIGNAL_BASE + signal.SIGINT
+
+
+# Where the install left each package of its plan: "CPV binary" (installed from a binary package),
+# "CPV source" (compiled there), "CPV missing".
+INSTALLED_SCRIPT = r"""
+eroot=$(portageq envvar EROOT) || exit 1
+for cpv in "$@"; do
+    entry=${eroot%/}/var/db/pkg/$cpv
+    if [ -f "$entry/BINPKGMD5" ]; then echo "$cpv binary"
+    elif [ -d "$entry" ]; then echo "$cpv source"
+    else echo "$cpv missing"; fi
+done
+"""
+
+
+def check_installed(settings, target, runner, output, plan, route):
+    """After the install: did the target get every package of its plan, each from a binary?
+    One ssh round trip; a one-line error naming what it lacks and the likely cause."""
+    remote = Remote(target, runner, output)
+    result = remote.script(INSTALLED_SCRIPT, *[package.cpv for package in plan.packages], changes=False,
+                           what="checking what the target installed")
+    states = dict(line.split(" ", 1) for line in result.stdout.splitlines() if line.count(" ") == 1)
+    missing = [cpv for cpv in (package.cpv for package in plan.packages) if states.get(cpv) != "binary"]
+    if not missing:
+        output.info(f"{target.name} has all {len(plan.packages)} package(s) of its plan, from binaries")
+        return
+    compiled = [cpv for cpv in missing if states.get(cpv) == "source"]
+    cause = ""
+    if settings.transport == "http" or route.forward:
+        tool, code = fetch_index(settings, remote, runner, forward=route.forward)
+        if code != "0":
+            cause = (f": it cannot download {target_url(settings, bool(route.forward), with_credentials=False)}"
+                     f"Packages ({tool} exit {code}): is the server reachable from there?")
+    if not cause:
+        cause = (": compiled there, not installed from a binary" if compiled else
+                 ": its binary-only emerge did not take them (see its output above;"
+                 f" '{PROG} doctor' compares its plans)")
+    raise BinhostError(f"{target.name} lacks what it asked for: {', '.join(missing)}{cause}")
+
+
+def install_packages(settings, target, runner, output, emerge_args, plan=None, route=None, asked=False):
+    """emerge --getbinpkgonly emerge_args on the target, then a check that it got its plan (asked
+    first unless asked: given as plan, or it could not be had under --pretend)."""
+    remote = Remote(target, runner, output)
+    args = list(emerge_args)
+    if not has_option(args, "--binpkg-respect-use"):
+        # With --getbinpkgonly, Portage otherwise installs a binary built with other USE flags.
+        args.insert(0, "--binpkg-respect-use=y")
+    argv = ["emerge", "--getbinpkgonly"] + args
+    tty = sys.stdin.isatty() and sys.stdout.isatty()
+    with serving_targets(settings, runner, output, route) as route:
+        if not asked:
+            output.action(f"Asking {target.name} what 'emerge {' '.join(emerge_args)}' would merge there")
+            plan = first_plan(settings, target, runner, output, emerge_args, route)
+        output.action(f"Installing on {target.name} ({target.host}): {format_command(argv)}")
+        env = remote_emerge_environment(settings, target, interactive=tty)
+        forward = route.forward
+        if runner.pretend and forward:
+            forward = (forward[0], "LOCALPORT")
+        result = remote.run(argv, env, tty=tty, forward=forward)
+        if result is None:
+            return
+        if install_answered_no(result, args, tty, env["EMERGE_DEFAULT_OPTS"]):
+            output.info(f"Nothing installed on {target.name}: emerge was told No")
+            return
+        if result.returncode != 0:
+            if settings.transport == "http":  # the usual cause: it cannot reach us
+                tool, code = fetch_index(settings, remote, runner)
+                if code != "0":
+                    raise BinhostError(f"emerge failed on target {target.name}: it cannot download"
+                                       f" {target_url(settings, False, with_credentials=False)}Packages"
+                                       f" ({tool} exit {code}): is serve running and reachable from there?")
+            raise BinhostError(f"emerge failed on target {target.name} (exit {result.returncode}):"
+                               " see its output above")
+        if plan is not None and not user_emerge_only_pretends(emerge_args):
+            check_installed(settings, target, runner, output, plan, route)
 
 
 PROBE_SCRIPT = r"""
@@ -3472,20 +3885,24 @@ def sync_config(direction, settings, target, runner, output, show_only=False):
 DEFAULT_KEEP = 2
 
 
+def index_entries(index_text):
+    """The entries of a Packages index as dicts of their fields (the header block left out)."""
+    entries = []
+    for block in index_text.split("\n\n")[1:]:
+        fields = dict(line.split(": ", 1) for line in block.splitlines() if ": " in line)
+        if fields.get("CPV"):
+            entries.append(fields)
+    return entries
+
+
 def read_packages_index(pkgdir):
     """The entries of PKGDIR/Packages as dicts of their fields (the header block left out)."""
     path = os.path.join(pkgdir, "Packages")
     try:
         with open(path, encoding="utf-8", errors="replace") as handle:
-            blocks = handle.read().split("\n\n")[1:]
+            return index_entries(handle.read())
     except FileNotFoundError:
         raise BinhostError(f"{path} does not exist: build something first") from None
-    entries = []
-    for block in blocks:
-        fields = dict(line.split(": ", 1) for line in block.splitlines() if ": " in line)
-        if fields.get("CPV"):
-            entries.append(fields)
-    return entries
 
 
 def package_records(pkgdir):
@@ -3632,12 +4049,7 @@ def current_publication(pkgdir):
 def publication_entries(pkgdir, publication):
     """{CPV-BUILD_ID: fields} of a publication's index."""
     text = read_text(os.path.join(publications_dir(pkgdir), str(publication), "Packages"))
-    entries = {}
-    for block in text.split("\n\n")[1:]:
-        fields = dict(line.split(": ", 1) for line in block.splitlines() if ": " in line)
-        if fields.get("CPV"):
-            entries[f"{fields['CPV']}-{fields.get('BUILD_ID', '0')}"] = fields
-    return entries
+    return {f"{fields['CPV']}-{fields.get('BUILD_ID', '0')}": fields for fields in index_entries(text)}
 
 
 def publication_meta(pkgdir, publication):
@@ -3647,46 +4059,89 @@ def publication_meta(pkgdir, publication):
         return {}
 
 
-def publish(settings, runner, output, why, index_text=None, prune=True):
-    """Publish PKGDIR's index (or index_text, a rollback) as a new publication, in one step: a
-    new directory, then `current` switched to it with a rename. Its TIMESTAMP (and the file's
-    mtime, Last-Modified) is later than every earlier publication's, never by exactly 5 s
-    (Portage asks with its copy's TIMESTAMP + 5 s). Called under the build lock."""
+# A staged publication is served at /[ENV/]_staged/<token>/ (its index; packages as under /)
+# while the gate asks the targets about it; only then does it become a publication.
+STAGED_URL_DIR = "_staged"
+STAGED_PREFIX = ".staged-"
+STAGED_TOKEN = re.compile(r"[A-Za-z0-9]{16,64}")
+
+
+class StagedPublication:
+    """An index written as the next publication would be, not yet served as the current one."""
+
+    def __init__(self, directory, token, why, changed):
+        self.directory, self.token, self.why, self.changed = directory, token, why, changed
+
+    @property
+    def url_path(self):
+        return f"{STAGED_URL_DIR}/{self.token}/"
+
+
+def stage_publication(settings, runner, output, why, index_text=None):
+    """Write PKGDIR's index (or index_text, a rollback) as the next publication would be, in a
+    directory of its own, with its TIMESTAMP (and the files' mtime, Last-Modified) later than every
+    earlier publication's, never by exactly 5 s (Portage asks with its copy's TIMESTAMP + 5 s).
+    None when there is nothing to publish, or under --pretend. Called under the build lock."""
     retired = retired_packages(settings.pkgdir)
     text = index_text if index_text is not None else index_keeping(
         read_text(os.path.join(settings.pkgdir, "Packages")), lambda fields: not is_retired(fields, retired))
     if not text:
         return None
     current = current_publication(settings.pkgdir)
-    if index_text is None and current is not None and without_timestamp(text) == without_timestamp(
-            read_text(os.path.join(publications_dir(settings.pkgdir), str(current), "Packages"))):
-        output.debug(f"Nothing new to publish: publication {current} has these packages")
-        return None
+    changed = index_text is not None or current is None or without_timestamp(text) != without_timestamp(
+        read_text(os.path.join(publications_dir(settings.pkgdir), str(current), "Packages")))
     if runner.pretend:
-        output.info(f"Would publish the index of {settings.pkgdir} ({why})")
+        if changed:
+            output.info(f"Would publish the index of {settings.pkgdir} ({why})")
         return None
     directory = publications_dir(settings.pkgdir)
     os.makedirs(directory, exist_ok=True)
+    for leftover in glob.glob(os.path.join(directory, STAGED_PREFIX + "*")):  # of a killed run
+        shutil.rmtree(leftover, ignore_errors=True)
     ids = publication_ids(settings.pkgdir)
-    last = ids[-1] if ids else None
     # Later than every kept publication (a target may hold any of them) and than the index served
     # before the first one.
     earlier = ([index_timestamp(read_text(os.path.join(directory, str(each), "Packages"))) for each in ids]
                or [index_timestamp(read_text(os.path.join(settings.pkgdir, "Packages")))])
     stamp = next_timestamp(int(time.time()), earlier)
     text = with_timestamp(text, stamp)
-    publication = (last or 0) + 1
-    staging = tempfile.mkdtemp(prefix=".new-", dir=directory)
+    token = secrets.token_hex(12)
+    staging = os.path.join(directory, STAGED_PREFIX + token)
+    os.mkdir(staging, 0o755)
     try:
         os.chmod(staging, 0o755)
         runner.write_file(os.path.join(staging, "Packages"), text, backup=False, mtime=stamp)
         runner.write_file(os.path.join(staging, "Packages.gz"), gzip_bytes(text, stamp), backup=False, mtime=stamp)
-        meta = {"id": publication, "published": stamp, "why": why}
+        meta = {"published": stamp, "why": why}
         runner.write_file(os.path.join(staging, "meta.json"), json.dumps(meta) + "\n", backup=False)
-        os.rename(staging, os.path.join(directory, str(publication)))
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+    return StagedPublication(staging, token, why, changed)
+
+
+def discard_staged(staged):
+    if staged is not None and os.path.isdir(staged.directory):
+        shutil.rmtree(staged.directory, ignore_errors=True)
+
+
+def commit_publication(settings, runner, output, staged, prune=True):
+    """Make a staged publication the current one, in one step: its directory renamed to the next
+    ID, then `current` switched to it with a rename. Nothing when it changes nothing."""
+    if staged is None:
+        return None
+    if not staged.changed:
+        discard_staged(staged)
+        output.debug(f"Nothing new to publish: publication {current_publication(settings.pkgdir)} has"
+                     " these packages")
+        return None
+    directory = publications_dir(settings.pkgdir)
+    ids = publication_ids(settings.pkgdir)
+    publication = (ids[-1] if ids else 0) + 1
+    meta_path = os.path.join(staged.directory, "meta.json")
+    meta = dict(json.loads(read_text(meta_path) or "{}"), id=publication)
+    runner.write_file(meta_path, json.dumps(meta) + "\n", backup=False)
+    os.rename(staged.directory, os.path.join(directory, str(publication)))
     link, current = os.path.join(directory, f".{CURRENT_PUBLICATION}.{os.getpid()}"), os.path.join(
         directory, CURRENT_PUBLICATION)
     with contextlib.suppress(FileNotFoundError):
@@ -3695,10 +4150,17 @@ def publish(settings, runner, output, why, index_text=None, prune=True):
         shutil.rmtree(current)  # a copy of PKGDIR that followed the link (cp -r): ours to replace
     os.symlink(str(publication), link)
     os.replace(link, current)
-    output.info(f"Published {settings.pkgdir} as publication {publication} ({why})")
+    output.info(f"Published {settings.pkgdir} as publication {publication} ({staged.why})")
     if prune:
         prune_publications(settings, output)
     return publication
+
+
+def publish(settings, runner, output, why, index_text=None, prune=True):
+    """Publish PKGDIR's index (or index_text, a rollback) as a new publication, when it changes
+    what targets are offered. Called under the build lock."""
+    staged = stage_publication(settings, runner, output, why, index_text)
+    return commit_publication(settings, runner, output, staged, prune)
 
 
 # In the publications directory: the package files clean has given up, "PATH MD5" a line. The
@@ -3836,9 +4298,17 @@ def sync_repositories(settings, runner, output):
         raise BinhostError(f"emerge --sync failed on {host.where} (exit {result.returncode})")
 
 
+def coverage_summary(plan):
+    """A summary row's words for a target whose plan passed the gate."""
+    if plan is None:
+        return "ok"
+    count = len(plan.packages)
+    return f"ok: {count} of {count} package(s) from the binhost"
+
+
 def update_environments(config, args, runner, output):
-    """update: each environment synced, every target's world built (the coverage plan), signed
-    and published, then cleaned; a summary line per environment."""
+    """update: each environment synced, every target's world built (the coverage plan and the
+    gate), signed and published, then cleaned; a summary row per target."""
     rows = []
     for settings in config.environments().values():
         targets = [target for target in config.targets.values() if config.binhost_for(target).root == settings.root]
@@ -3852,13 +4322,16 @@ def update_environments(config, args, runner, output):
                 if not args.no_sync:
                     sync_repositories(settings, runner, output)
                 for target in targets:  # a target asleep at night must not stop the others
+                    target_started = time.monotonic()
                     try:
-                        build_for_target(settings, target, runner, output, WORLD_UPDATE)
+                        plan = build_for_target(settings, target, runner, output, WORLD_UPDATE)
+                        rows.append((target.name, coverage_summary(plan), time.monotonic() - target_started))
                     except BinhostError as error:
                         output.error(f"{target.name}: {error}")
-                        failures.append(f"{target.name}: {error}")
+                        failures.append(target.name)
+                        rows.append((target.name, f"FAILED: {error}", time.monotonic() - target_started))
             if failures:
-                raise BinhostError("; ".join(failures))
+                raise BinhostError(f"failed for {', '.join(failures)}")
             try:
                 clean_packages(settings, runner, output, DEFAULT_KEEP)
             except BinhostError as error:
@@ -3872,13 +4345,13 @@ def update_environments(config, args, runner, output):
         rows.append((settings.root, result, time.monotonic() - started))
     if not rows:
         raise UsageError(f"{config.path}: no target configured: update builds what targets need")
-    width = max(len(root) for root, _, _ in rows + [("environment", None, None)])
-    output.text(f"{'environment':<{width}}  {'time':>7}  result", always=True)
-    for root, result, seconds in rows:
-        output.text(f"{root:<{width}}  {seconds:6.1f}s  {result}", always=True)
-    failed = [root for root, result, _ in rows if not result.startswith("ok")]
+    width = max(len(name) for name, _, _ in rows + [("target or environment", None, None)])
+    output.text(f"{'target or environment':<{width}}  {'time':>7}  result", always=True)
+    for name, result, seconds in rows:
+        output.text(f"{name:<{width}}  {seconds:6.1f}s  {result}", always=True)
+    failed = [name for name, result, _ in rows if not result.startswith("ok")]
     if failed:
-        raise BinhostError(f"update failed in {len(failed)} of {len(rows)} environment(s): {', '.join(failed)}")
+        raise BinhostError(f"update failed for {len(failed)} of {len(rows)} row(s): {', '.join(failed)}")
 
 
 # ---- doctor ----------------------------------------------------------------------------------------
@@ -4159,45 +4632,49 @@ def check_pkgdir(doctor, settings):
     doctor.report(OK if usage.free >= MIN_FREE_BYTES else WARN, "disk", free)
 
 
+def published_index_text(pkgdir):
+    """The index targets are offered now: the current publication's, else PKGDIR's."""
+    current = current_publication(pkgdir)
+    if current is None:
+        return read_text(os.path.join(pkgdir, "Packages"))
+    return read_text(os.path.join(publications_dir(pkgdir), str(current), "Packages"))
+
+
 def check_preflight(doctor, settings, target, runner, output, atoms):
-    """Coverage (of what the target would merge, how much has a usable binary here) and the
-    target's own binary-only emerge, in one ssh round trip."""
-    atoms = atoms or ["--update", "--deep", "--newuse", "@world"]
+    """The gate's comparison against what the target is offered now, in one ssh round trip: its
+    binary-only plan (with its own configuration) must merge every package of its source plan
+    with the same version and USE."""
+    atoms = atoms or WORLD_UPDATE
     what = " ".join(atoms)
-    plan = ask_target(settings, target, runner, output, atoms, preflight=True)
-    packages = []
-    if plan.exit_code != 0:
-        reasons = portage_complaints(plan.text) or [last_line(plan.text)]
-        doctor.report(FAIL, "coverage", f"emerge {what} cannot be resolved on {target.name}:"
-                                        f" {' | '.join(reasons[:6])}")
+    # doctor reports a stopped server, so it starts none of its own, except behind the tunnel.
+    route = serving_targets(settings, runner, output) if settings.transport == "tunnel" else \
+        contextlib.nullcontext(Route())
+    with route as route:
+        plan = ask_target(settings, target, runner, output, atoms, route, binary="live")
+    problem = plan.problem()
+    if problem:
+        doctor.report(FAIL, "coverage", f"{problem}: fix that on the target (emerge {what} must resolve)")
+        return
+    gaps = binary_plan_gaps(settings, runner, output, plan, published_index_text(settings.pkgdir))
+    have = len(plan.packages) - len(gaps)
+    if gaps:
+        doctor.report(FAIL, "coverage", f"{have} of {len(plan.packages)} packages from the binhost; not"
+                                        f" from here: {describe_gaps(gaps[:8])}: '{PROG} emerge {what}'"
+                                        " builds what can be built")
     else:
-        packages = plan.packages
-        missing = packages_to_build(settings, runner, output, packages)
-        have = len(packages) - len(missing)
-        if missing:
-            doctor.report(FAIL, "coverage", f"{have} of {len(packages)} packages from the binhost; not"
-                                            " here: " + "; ".join(f"{package.cpv} ({package.reason})"
-                                                                 for package in missing[:8])
-                                            + f": '{PROG} emerge {what}' builds them first")
-        else:
-            doctor.report(OK, "coverage", f"{have} of {len(packages)} packages from the binhost")
-    text = plan.preflight or ""
-    # A [binary] line names CPV-BUILD_ID (with binpkg-multi-instance) or the CPV.
-    merged = {package.cpv for package in parse_merge_list(text, "binary")}
-    complaints = portage_complaints(text)
-    not_listed = [package.cpv for package in packages if package.cpv not in merged
-                  and not any(re.fullmatch(re.escape(package.cpv) + r"-\d+", cpv) for cpv in merged)]
+        doctor.report(OK, "coverage", f"{have} of {len(plan.packages)} packages from the binhost")
+    complaints = portage_complaints(plan.binary or "")
     if doctor.binrepos_ok is False:
         doctor.report(FAIL, "preflight", f"{target.name} has no working binrepos entry for this binhost"
-                                         f" (see binrepos above): emerge --getbinpkgonly would get nothing"
-                                         " from here")
-    elif plan.preflight_exit != 0 or complaints or not_listed:
-        reasons = complaints + ([f"not on its merge list: {' '.join(not_listed)}"] if not_listed else [])
+                                         " (see binrepos above): emerge --getbinpkgonly would get nothing"
+                                         f" from here: run '{PROG} setup-target'")
+    elif plan.binary_exit or complaints or gaps:
+        reasons = complaints + ([f"not on its merge list: {' '.join(p.cpv for p in gaps)}"] if gaps else [])
         doctor.report(FAIL, "preflight", f"emerge --getbinpkgonly {what} on {target.name} would not get"
                                          " everything from the binhost: "
-                                         + " | ".join(reasons[:8] or [last_line(text)]))
+                                         + " | ".join(reasons[:8] or [last_line(plan.binary or "")]))
     else:
-        doctor.report(OK, "preflight", f"{len(merged)} package(s) to install, all from the binhost")
+        doctor.report(OK, "preflight", f"{len(plan.packages)} package(s) to install, all from the binhost")
 
 
 def check_other_binhosts(doctor, members, target):
@@ -5307,7 +5784,12 @@ class BinhostRequestHandler(http.server.BaseHTTPRequestHandler):
                 return None, None
             self.root = self.server.environments[parts[0]]
             parts = parts[1:]
-        if parts in (["Packages"], ["Packages.gz"]) and os.path.lexists(
+        if len(parts) > 2 and parts[0] == STAGED_URL_DIR and STAGED_TOKEN.fullmatch(parts[1]):
+            # A staged publication the gate asks a target about: its own index, PKGDIR's packages.
+            token, parts = parts[1], parts[2:]
+            if parts in (["Packages"], ["Packages.gz"]):
+                return open_inside(self.root, [PUBLISHED_DIR, STAGED_PREFIX + token, parts[0]]), parts[0]
+        elif parts in (["Packages"], ["Packages.gz"]) and os.path.lexists(
                 os.path.join(self.root, PUBLISHED_DIR, CURRENT_PUBLICATION)):
             # Targets get the last complete build's index, not the one a running build rewrites.
             parts = [PUBLISHED_DIR, CURRENT_PUBLICATION, parts[0]]
@@ -5702,9 +6184,10 @@ def start_server(environments, output, bind, port, access_log=True, listings=Fal
 
 
 @contextlib.contextmanager
-def background_server(environments, output, bind, port, access_log=False):
-    """A server thread for the duration of one command (transport = tunnel)."""
-    server = start_server(environments, output, bind, port, access_log, tunnel=True)
+def background_server(environments, output, bind, port, access_log=False, tunnel=True):
+    """A server thread for the duration of one command (through the tunnel, or on the
+    configured port when nothing serves it)."""
+    server = start_server(environments, output, bind, port, access_log, tunnel=tunnel)
     thread = threading.Thread(target=server.serve_forever, name="binhost-server", daemon=True)
     thread.start()
     try:
@@ -5841,7 +6324,11 @@ def nginx_server_block(settings, bind, port):
              f"    location = /Packages {{ try_files /{PUBLISHED_DIR}/{CURRENT_PUBLICATION}/Packages /Packages =404; }}",
              f"    location = /Packages.gz {{ try_files /{PUBLISHED_DIR}/{CURRENT_PUBLICATION}/Packages.gz"
              " /Packages.gz =404; }",
-             "    location / { try_files $uri =404; }"]
+             "    location / { try_files $uri =404; }",
+             "    # A staged publication, while the gate asks the targets about it (see the README).",
+             f"    location ~ ^/{STAGED_URL_DIR}/([A-Za-z0-9]+)/(Packages(\\.gz)?)$ {{"
+             f" try_files /{PUBLISHED_DIR}/{STAGED_PREFIX}$1/$2 =404; }}",
+             f"    location ~ ^/{STAGED_URL_DIR}/[A-Za-z0-9]+/(.+)$ {{ try_files /$1 =404; }}"]
     if settings.tls_cert:
         lines += [f"    ssl_certificate {settings.tls_cert};",
                   f"    ssl_certificate_key {settings.tls_key or settings.tls_cert};"]
@@ -6203,8 +6690,9 @@ def cmd_install(config, args, runner, output):
 def cmd_emerge(config, args, runner, output):
     def build_then_install(target):
         settings = config.binhost_for(target)
-        build_for_target(settings, target, runner, output, args.emerge_args)
-        install_packages(settings, target, runner, output, args.emerge_args)
+        with serving_targets(settings, runner, output) as route:
+            plan = build_for_target(settings, target, runner, output, args.emerge_args, route)
+            install_packages(settings, target, runner, output, args.emerge_args, plan, route, asked=True)
 
     if args.all:
         for_each_target(config, output, build_then_install)

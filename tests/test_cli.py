@@ -164,8 +164,10 @@ def test_pretend_build_shows_the_emerge_command_with_its_environment(config, tmp
     assert result.returncode == 0, result.stderr
     root = tmp_path / "binhost"
     # Whatever the copied configuration says, builds never take binaries from another binhost.
+    # EMERGE_DEFAULT_OPTS: the target's, filtered (none here); every build a file of its own.
     expected = (f"ROOT={root}/ PORTAGE_CONFIGROOT={root}/ PKGDIR={root}/var/cache/binpkgs PORTAGE_BINHOST="
-                f" FEATURES=-getbinpkg {emerge} --buildpkg --root-deps --getbinpkg=n --getbinpkgonly=n"
+                f" EMERGE_DEFAULT_OPTS= 'FEATURES=-getbinpkg binpkg-multi-instance' {emerge} --buildpkg"
+                " --root-deps --getbinpkg=n --getbinpkgonly=n"
                 " -uDN '>=dev-lang/python-3.12'")
     assert expected in result.stdout.splitlines()
     assert not (tmp_path / "ran").exists()
@@ -180,7 +182,7 @@ def test_pretend_install_quotes_every_word_for_the_remote_shell(config):
     assert argv[8] == "alice@laptop.invalid"
     remote = shlex.split(argv[9])
     assert remote == ["sudo", "env", "ROOT=/mnt/gentoo", "PORTAGE_CONFIGROOT=/mnt/gentoo",
-                      "PATH=/usr/local/bin:$PATH", "emerge", "--getbinpkgonly",
+                      "EMERGE_DEFAULT_OPTS=", "PATH=/usr/local/bin:$PATH", "emerge", "--getbinpkgonly",
                       "--binpkg-respect-use=y", "-av", ">=dev-lang/python-3.12", "foo bar"]
 
 
@@ -209,28 +211,11 @@ def test_root_login_uses_no_sudo(tmp_path):
     path.write_text("[target t]\nhost = root@h.invalid\n")
     result = cli("-p", "install", "foo", config=path)
     line = next(line for line in result.stdout.splitlines() if line.startswith("ssh "))
-    assert shlex.split(line)[-1] == "emerge --getbinpkgonly --binpkg-respect-use=y foo"
+    assert shlex.split(line)[-1] == "env EMERGE_DEFAULT_OPTS= emerge --getbinpkgonly --binpkg-respect-use=y foo"
 
 
-def test_pretend_emerge_shows_build_then_install(config, tmp_path):
-    fake_bin = tmp_path / "bin"
-    fake_bin.mkdir()
-    (fake_bin / "emerge").write_text("#!/bin/sh\nexit 0\n")
-    (fake_bin / "emerge").chmod(0o755)
-    # The target's answer to the plan query (the one read-only ssh call --pretend makes).
-    answer = tmp_path / "answer"
-    answer.write_text('==fetch\nwget 8\n==plan\n[ebuild  N     ] app-misc/hello-1.1::test  USE="-x" 0 KiB\n'
-                      "==plan-exit\n0\n")
-    (fake_bin / "ssh").write_text(f"#!/bin/sh\ncat {answer}\n")
-    (fake_bin / "ssh").chmod(0o755)
-    result = cli("-p", "emerge", "-v", "app-misc/hello", config=config,
-                 env={"PATH": f"{fake_bin}:{os.environ['PATH']}"})
-    assert result.returncode == 0, result.stderr
-    assert "  app-misc/hello-1.1  (no binary yet)" in result.stdout.splitlines()
-    commands = [line for line in result.stdout.splitlines() if line.startswith(("ssh ", "ROOT="))]
-    assert commands[0].endswith("--buildpkg --root-deps --getbinpkg=n --getbinpkgonly=n --oneshot --usepkg=n"
-                                " =app-misc/hello-1.1::test")
-    assert commands[1].startswith("ssh ") and "--getbinpkgonly" in commands[1]
+# test_pretend_emerge_shows_build_then_install moved to test_target_word.py (through the real target):
+# test_pretend_emerge_without_a_server_shows_the_plan_and_both_commands.
 
 
 # ---- expected failures are one line ---------------------------------------------------------
