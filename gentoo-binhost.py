@@ -2214,6 +2214,10 @@ PORTAGE_NOISE = re.compile(r"repos\.conf|[Rr]epositor|repo_name|layout\.conf|mas
                            r"|binrepos\.conf is missing"
                            r"|Problems have been detected with your world file|emaint --check world"
                            r"|^!!!\s*$")
+# What emerge reports with exit status 0 that still means the target cannot get what it asked for:
+# an argument or @world entry it cannot resolve, an update it skips.
+UNRESOLVED = re.compile(r"masked or don't exist:\n(?P<missing>[^\n]+)"
+                        r"|update has been skipped due to unsatisfied dependencies:[ \t]*\n\s*(?P<skipped>[^\n]+)")
 # Rounds of building what the target's binary-only plan still lacks, before giving up.
 GATE_ROUNDS = 3
 
@@ -2295,7 +2299,9 @@ def portage_complaints(text):
         if not stripped:
             listing = False
             continue
-        if stripped.startswith(("!!!", "emerge: there are no", "- ")) or "masked by" in stripped:
+        if re.fullmatch(r"(\* )?(https?://\S+|For more information about .*)", stripped):
+            continue  # where the Handbook explains it, not what happened
+        if stripped.startswith(("!!!", "emerge: there are no", "- ", "[blocks")) or "masked by" in stripped:
             listing = stripped.startswith("!!!")
             if not PORTAGE_NOISE.search(stripped):
                 complaints.append(stripped.lstrip("! ").strip())
@@ -2400,17 +2406,17 @@ def fetch_outcome(text):
 
 def fetch_index(settings, remote, runner, forward=None):
     """(tool, exit code) of the target downloading our index (FETCH_INDEX_SCRIPT)."""
-    url = credentials_url(settings, settings.transport == "tunnel", runner) + "Packages"
+    url = credentials_url(settings, settings.transport == "tunnel", runner, quoted=True) + "Packages"
     result = remote.run(["sh", "-c", FETCH_INDEX_SCRIPT, "gentoo-binhost"], changes=False, capture=True,
                         input=url + "\n", forward=forward)
     return fetch_outcome(result.stdout)
 
 
-def credentials_url(settings, tunnel, runner):
+def credentials_url(settings, tunnel, runner, quoted=False):
     """target_url with the auth file's credentials, which the runner then never shows."""
     for _user, password in read_credentials(settings):
-        runner.secrets.update({password, password.replace("%", "%%")})
-    return target_url(settings, tunnel)
+        runner.secrets.update({password, password.replace("%", "%%"), urllib.parse.quote(password, safe="")})
+    return target_url(settings, tunnel, quoted=quoted)
 
 
 def section_status(sections, name):
@@ -2453,9 +2459,15 @@ class TargetPlan:
 
     def problem(self):
         """Why the arguments cannot be resolved on the target, in Portage's words, or None."""
-        if self.exit_code == 0:
+        unresolved = [f"masked or do not exist: {match.group('missing').strip()}" if match.group("missing")
+                      else f"update skipped for unsatisfied dependencies: {match.group('skipped').strip()}"
+                      for match in UNRESOLVED.finditer(self.text)]
+        if self.exit_code == 0 and not unresolved:
             return None
-        reasons = portage_complaints(self.text) or [last_line(self.text) or "no output"]
+        complaints = [line for line in portage_complaints(self.text)
+                      if not line.startswith(("Ebuilds for the following", "masked or don't exist", "The following update"))
+                      and not any(line in reason for reason in unresolved)]
+        reasons = unresolved + complaints or [last_line(self.text) or "no output"]
         return (f"emerge on {self.target.name} cannot resolve these arguments (exit {self.exit_code}):"
                 f" {' | '.join(reasons[:6])}")
 
@@ -2480,6 +2492,7 @@ def ask_target(settings, target, runner, output, emerge_args, route, binary=None
     remote = Remote(target, runner, output)
     tunnel = settings.transport == "tunnel"
     url = credentials_url(settings, tunnel, runner)
+    fetch_url = credentials_url(settings, tunnel, runner, quoted=True) + "Packages"
     token, binary_url = "-", ""
     if binary == "live":
         token = "live"
@@ -2487,7 +2500,7 @@ def ask_target(settings, target, runner, output, emerge_args, route, binary=None
         token, binary_url = binary.token, (url + binary.url_path).replace("%", "%%")
     argv = ["sh", "-c", PLAN_SCRIPT, "gentoo-binhost", BINREPOS_NAME, token] + list(emerge_args)
     result = remote.run(argv, remote_emerge_environment(settings, target), changes=False, capture=True,
-                        what="asking the target what it would merge", input=f"{url}Packages\n{binary_url}\n",
+                        what="asking the target what it would merge", input=f"{fetch_url}\n{binary_url}\n",
                         forward=route.forward)
     script_succeeded(result, "asking what emerge would merge", f"target {target.name}")
     return TargetPlan(settings, target, result.stdout, target_url(settings, tunnel, with_credentials=False))
@@ -2614,12 +2627,17 @@ def check_installed(settings, target, runner, output, plan, route):
         output.info(f"{target.name} has all {len(plan.packages)} package(s) of its plan, from binaries")
         return
     compiled = [cpv for cpv in missing if states.get(cpv) == "source"]
+    offered = offered_binaries(settings, published_index_text(settings.pkgdir))
+    unpublished = [cpv for cpv in missing if cpv not in offered]
     cause = ""
     if settings.transport == "http" or route.forward:
         tool, code = fetch_index(settings, remote, runner, forward=route.forward)
         if code != "0":
             cause = (f": it cannot download {target_url(settings, bool(route.forward), with_credentials=False)}"
                      f"Packages ({tool} exit {code}): is the server reachable from there?")
+    if not cause and unpublished:
+        cause = (f": not on the binhost yet ({', '.join(unpublished)}): '{PROG} emerge"
+                 " ARGS' builds what the target's plan needs")
     if not cause:
         cause = (": compiled there, not installed from a binary" if compiled else
                  ": its binary-only emerge did not take them (see its output above;"
@@ -4328,10 +4346,10 @@ def update_environments(config, args, runner, output):
                         rows.append((target.name, coverage_summary(plan), time.monotonic() - target_started))
                     except BinhostError as error:
                         output.error(f"{target.name}: {error}")
-                        failures.append(target.name)
+                        failures.append(f"{target.name}: {error}")
                         rows.append((target.name, f"FAILED: {error}", time.monotonic() - target_started))
             if failures:
-                raise BinhostError(f"failed for {', '.join(failures)}")
+                raise BinhostError("; ".join(failures))
             try:
                 clean_packages(settings, runner, output, DEFAULT_KEEP)
             except BinhostError as error:
@@ -6347,9 +6365,10 @@ def watch_tunnel(process, server, output):
     server.shutdown()
 
 
-def target_url(settings, tunnel, with_credentials=True, port=None):
+def target_url(settings, tunnel, with_credentials=True, port=None, quoted=False):
     """The sync-uri a target uses: through the tunnel (plain HTTP: ssh encrypts it) or the
-    configured url (default: this host, the port served), with the auth file's credentials."""
+    configured url (default: this host, the port served), with the auth file's credentials
+    (as they are: Portage does not decode them; quoted: percent-encoded, for wget and curl)."""
     if tunnel:
         url = f"http://127.0.0.1:{settings.tunnel_port}/"
     else:
@@ -6360,6 +6379,8 @@ def target_url(settings, tunnel, with_credentials=True, port=None):
     credentials = read_credentials(settings) if with_credentials else []
     if credentials:
         user, password = credentials[0]
+        if quoted:
+            user, password = urllib.parse.quote(user, safe=""), urllib.parse.quote(password, safe="")
         scheme, _, rest = url.partition("://")
         url = f"{scheme}://{user}:{password}@{rest}"
     return url

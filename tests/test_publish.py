@@ -254,8 +254,12 @@ def test_install_during_a_build_gets_the_old_publication(pworld):
                 assert (binhost.pkgdir / entry["PATH"]).is_file(), f"the served index names {entry['PATH']}"
             assert binhost.current() == 1
 
-            binhost.cli("install", "app-misc/hello", config=config)
+            # The target gets the old publication's hello-1.1; its tree wants -r1, not published
+            # yet, and install says so instead of claiming success.
+            install = binhost.cli("install", "app-misc/hello", config=config, check=False)
             assert installed_versions(world, root) == ["hello-1.1"]
+            assert install.returncode == 1, install.stdout + install.stderr
+            assert "lacks what it asked for: app-misc/hello-1.1-r1: not on the binhost yet" in install.stderr
             assert build.poll() is None, "the build must still be waiting: the install ran mid-build"
         finally:
             hold.unlink(missing_ok=True)

@@ -538,3 +538,31 @@ def test_update_with_an_unresolvable_world_entry_fails(pair):
     assert result.returncode == 1, shown(result)
     row = summary_row(result)
     assert "FAILED" in row and "app-misc/broken" in row, row
+
+
+def test_install_that_merges_nothing_is_not_a_success(pair):
+    """The target's emerge exits 0 having merged nothing (its binrepos entry points where nothing
+    listens: Portage says so in the middle and goes on with what it has) while the plan, asked
+    through the configured url, wants an update: the check of its package database says so."""
+    add_ebuild(pair.repo, "app-misc/bump-1.0", tiny("bump", "Gets a new version"))
+    pair.cli("emerge", "app-misc/bump")
+    pair.assert_from_binary("app-misc/bump-1.0")
+    add_ebuild(pair.repo, "app-misc/bump-1.1", tiny("bump", "Gets a new version"))
+    pair.cli("build", "--for-target", "--update", "--deep", "--newuse", "@world")
+    assert pair.packages("bump-1.1")
+    binrepo = pair.etc() / "binrepos.conf/gentoo-binhost.conf"
+    saved = binrepo.read_text()
+    try:
+        binrepo.write_text(saved.replace(f"127.0.0.1:{pair.port}", f"127.0.0.1:{port_nobody_listens_on()}"))
+        direct = pair.target_emerge("--getbinpkgonly", "--update", "--deep", "--newuse", "@world")
+        assert direct.returncode == 0, shown(direct)  # the premise: Portage itself says yes
+        assert pair.installed("app-misc/bump") == ["app-misc/bump-1.0"]
+        result = pair.cli("install", "--update", "--deep", "--newuse", "@world", check=False)
+    finally:
+        binrepo.write_text(saved)
+    line = assert_fails_naming(result, "lacks what it asked for", "app-misc/bump-1.1")
+    assert pair.installed("app-misc/bump") == ["app-misc/bump-1.0"], line
+    # With the entry back, the same command installs it and says yes.
+    result = pair.cli("install", "--update", "--deep", "--newuse", "@world", check=False)
+    assert result.returncode == 0, shown(result)
+    pair.assert_from_binary("app-misc/bump-1.1")
