@@ -42,6 +42,7 @@ import difflib
 import email.utils
 import errno
 import fcntl
+import functools
 import glob
 import gzip
 import hashlib
@@ -436,7 +437,7 @@ class Config:
                 raise UsageError(f"{self.path}: no [target {name}] section (configured targets: {known})")
             return self.targets[name]
         if not self.targets:
-            raise UsageError(f"{self.path}: no target configured: add a [target NAME] section with host = ...")
+            raise UsageError(f"{self.path}: no target configured: add one with '{PROG} add-target NAME [USER@]HOST'")
         if len(self.targets) > 1:
             raise UsageError(f"{self.path}: several targets configured ({', '.join(sorted(self.targets))}):"
                              " choose one with --target NAME")
@@ -1683,6 +1684,7 @@ def build_packages(settings, runner, output, emerge_args, publish_after=True):
             ensure_verify_keyring(settings, runner, output)
         where = f" (inside {host.where})" if host.chroot else ""
         output.action(f"Building in {settings.root}{where}: {format_command(['emerge'] + argv[1:])}")
+        before = package_files(settings.pkgdir)
         try:
             result = host.run(argv, env, check=False, own_group=True)
         finally:
@@ -1691,8 +1693,17 @@ def build_packages(settings, runner, output, emerge_args, publish_after=True):
         if result is not None and result.returncode != 0:
             raise BinhostError(f"emerge failed on the binhost (exit {result.returncode}): see its output above;"
                                " nothing was published")
+        # What this build produced: only a successful emerge's builds are ever published.
+        produced = {path for path, md5 in package_files(settings.pkgdir).items() if before.get(path) != md5}
         if publish_after:
-            publish(settings, runner, output, f"build {' '.join(emerge_args)}")
+            publish(settings, runner, output, f"build {' '.join(emerge_args)}", produced)
+        return produced
+
+
+def package_files(pkgdir):
+    """{PATH: MD5} of the builds PKGDIR's index names (Portage adds each build as it is made)."""
+    return {entry_path(fields): fields.get("MD5", "") for fields, _ in index_blocks(
+        read_text(os.path.join(pkgdir, "Packages")))[1]}
 
 
 def refresh_index(settings, runner, output, host=None):
@@ -2166,6 +2177,11 @@ status=$?
 echo "==plan-exit"
 echo "$status"
 [ "$token" = - ] && exit 0
+eroot=$(portageq envvar EROOT 2>/dev/null)
+echo "==installed"
+for installed in "${eroot%/}"/var/db/pkg/*/*; do
+    [ -d "$installed" ] && echo "${installed#"${eroot%/}"/var/db/pkg/}"
+done
 binary() {
     emerge "$@" --pretend --verbose --color=n --getbinpkgonly --binpkg-respect-use=y --ask=n --quiet=n \
         --nospinner </dev/null 2>&1
@@ -2201,7 +2217,7 @@ fi
     > "$staged/etc/portage/binrepos.conf/zzzz-$entry-staged.conf") || exit 1
 echo "==binary"
 PORTAGE_CONFIGROOT=$staged binary "$@"
-eroot=$(portageq envvar EROOT 2>/dev/null) && [ -d "${eroot%/}/var/cache/edb/binhost" ] &&
+[ -n "$eroot" ] && [ -d "${eroot%/}/var/cache/edb/binhost" ] &&
     find "${eroot%/}/var/cache/edb/binhost" -type d -path "*/_staged/$token" -prune -exec rm -rf {} + 2>/dev/null
 exit 0
 """
@@ -2232,6 +2248,7 @@ class PlannedPackage:
         self.marks, self.root = marks, root
         self.reason = None  # why the target's binary-only emerge would not merge it from here
         self.buildable = True  # whether a build here can change that
+        self.held = False  # held back by a rollback: not offered, on purpose
 
     @property
     def atom(self):
@@ -2339,24 +2356,29 @@ def binary_reason(settings, runner, output, package, entries, installed_cache):
 
 
 def offered_binaries(settings, index_text=None):
-    """{CPV: [index entries]} of what publishing offers: index_text's, or PKGDIR's without its
-    retired builds."""
-    if index_text is not None:
-        entries = index_entries(index_text)
-    else:
-        retired = retired_packages(settings.pkgdir)
-        entries = [entry for entry in index_entries(read_text(os.path.join(settings.pkgdir, "Packages")))
-                   if not is_retired(entry, retired)]
+    """{CPV: [index entries]} of what a publication offers: index_text's, or the next one's."""
     binaries = {}
-    for entry in entries:
+    for entry in index_entries(next_publication_text(settings) if index_text is None else index_text):
         binaries.setdefault(entry["CPV"], []).append(entry)
     return binaries
 
 
+def held_back(package, holds):
+    """Mark package as held back by a rollback (not offered on purpose, not a failure)."""
+    hold = hold_on(package.cpv, None, holds)
+    if hold is not None:
+        package.reason = f"held back by rollback {hold['rollback']}: '{PROG} release' ends it"
+        package.held, package.buildable = True, False
+    return hold is not None
+
+
 def packages_to_build(settings, runner, output, packages):
-    """The planned packages PKGDIR has no usable binary of, each with its reason."""
-    binaries, cache, missing = offered_binaries(settings), {}, []
+    """The planned packages the next publication has no usable binary of, each with its reason."""
+    binaries, cache, missing, holds = offered_binaries(settings), {}, [], read_holds(settings.pkgdir)
     for package in packages:
+        if held_back(package, holds):
+            missing.append(package)
+            continue
         package.reason = binary_reason(settings, runner, output, package, binaries.get(package.cpv, []), cache)
         if package.reason:
             missing.append(package)
@@ -2371,8 +2393,11 @@ def binary_plan_gaps(settings, runner, output, plan, index_text):
     for binary in parse_merge_list(plan.binary or "", "binary"):
         merged.setdefault(binary.package_name, []).append(binary)
     binaries, cache, gaps = offered_binaries(settings, index_text), {}, []
-    complaints = portage_complaints(plan.binary or "")
+    complaints, holds = portage_complaints(plan.binary or ""), read_holds(settings.pkgdir)
     for package in plan.packages:
+        if held_back(package, holds):
+            gaps.append(package)
+            continue
         chosen = [binary for binary in merged.get(package.package_name, [])
                   if binary.cpv == package.cpv or re.fullmatch(re.escape(package.cpv) + r"-\d+", binary.cpv)]
         if any(all(binary.flags.get(flag) == enabled for flag, enabled in package.flags.items()
@@ -2439,6 +2464,10 @@ class TargetPlan:
         self.packages = for_root(parse_merge_list(self.text), target.root)
         self.binary = sections.get("binary")
         self.binary_exit = section_status(sections, "binary") if self.binary is not None else None
+        self.installed = ({line.strip() for line in sections["installed"].splitlines()
+                           if re.fullmatch(r"[\w+.-]+/[\w+.-]+", line.strip()) and "/-MERGING-" not in line}
+                          if "installed" in sections else None)
+        self.held = []  # the packages of the plan held back by a rollback
         self.index_exists = os.path.isfile(os.path.join(settings.pkgdir, "Packages"))
 
     def fetch_problem(self):
@@ -2528,46 +2557,64 @@ def describe_gaps(packages):
     return "; ".join(f"{package.cpv} ({package.reason})" for package in packages)
 
 
-def build_for_target(settings, target, runner, output, emerge_args, route=None):
+def record_installed(settings, target, plan, runner):
+    """Keep what the target has installed, as its plan's answer listed it: clean keeps those
+    binaries (a target that is not reached again keeps its last recorded set)."""
+    if plan.installed is None or runner.pretend:
+        return
+    directory = os.path.join(publications_dir(settings.pkgdir), INSTALLED_DIR)
+    os.makedirs(directory, exist_ok=True)
+    runner.write_file(os.path.join(directory, target.name), "".join(f"{cpv}\n" for cpv in sorted(plan.installed)),
+                      backup=False)
+
+
+def build_for_target(settings, target, runner, output, emerge_args, route=None, pending=None):
     """Ask the target what emerge_args would merge there and build here what it would not get
     from our binaries, until its binary-only plan (against the index this command publishes,
-    staged) merges every package of its source plan with the same version and USE: the target
-    then compiles nothing. Publishes only then. Returns the plan (None under --pretend when the
-    target could not be asked)."""
+    staged) merges every package of its source plan with the same version and USE, held ones
+    aside: the target then compiles nothing. Publishes only then; with pending (a command that
+    builds for several targets), its builds join what the command publishes at its end. Returns
+    the plan (None under --pretend when the target could not be asked)."""
     output.action(f"Asking {target.name} what 'emerge {' '.join(emerge_args)}' would merge there")
     only_shown = runner.pretend or emerge_pretends(emerge_args)
-    why = f"what {target.name} needs for 'emerge {' '.join(emerge_args)}'"
-    built = set()
+    publishing = pending or PendingPublication(settings, f"what {target.name} needs for 'emerge"
+                                                         f" {' '.join(emerge_args)}'")
+    built, produced = set(), set()
     lock = contextlib.nullcontext() if only_shown else build_lock(settings, runner, output)
     with serving_targets(settings, runner, output, route) as route, lock:
         for round_number in range(GATE_ROUNDS + 1):
-            staged = None if only_shown else stage_publication(settings, runner, output, why)
+            staged = None if only_shown else publishing.stage(runner, output, produced)
             try:
                 if round_number == 0:
                     plan = first_plan(settings, target, runner, output, emerge_args, route, staged)
                     if plan is None:
                         return None
+                    record_installed(settings, target, plan, runner)
                 else:
                     plan = ask_target(settings, target, runner, output, emerge_args, route, staged)
                     plan.check()
-                if staged is None:  # nothing to stage yet, or only shown: PKGDIR's bookkeeping
+                if staged is None:  # nothing to stage yet, or only shown: the next publication's bookkeeping
                     gaps = packages_to_build(settings, runner, output, plan.packages)
                 else:
-                    gaps = binary_plan_gaps(settings, runner, output, plan, read_text(
-                        os.path.join(staged.directory, "Packages")))
-                buildable = [package for package in gaps if package.buildable and package.cpv not in built]
-                if round_number == 0 or gaps:
+                    gaps = binary_plan_gaps(settings, runner, output, plan, staged.text)
+                missing = [package for package in gaps if not package.held]
+                buildable = [package for package in missing if package.buildable and package.cpv not in built]
+                if round_number == 0 or missing:
                     output.info(f"{target.name} would merge {len(plan.packages)} package(s):"
-                                f" {len(plan.packages) - len(gaps)} with a binary here, {len(gaps)} to build"
-                                if round_number == 0 else f"{target.name} would still not get {len(gaps)}"
+                                f" {len(plan.packages) - len(gaps)} with a binary here, {len(missing)} to build"
+                                + (f", {len(gaps) - len(missing)} held back" if len(gaps) > len(missing) else "")
+                                if round_number == 0 else f"{target.name} would still not get {len(missing)}"
                                 f" of {len(plan.packages)} package(s) from the binhost")
                     for package in gaps:
                         output.text(f"  {package.cpv}{':' + package.slot if package.slot else ''}"
                                     f"  ({package.reason})", always=True)
-                if not gaps:
-                    if staged is not None:
-                        commit_publication(settings, runner, output, staged)
-                    if only_shown and emerge_pretends(emerge_args):
+                plan.held = [package for package in gaps if package.held]
+                if not missing:
+                    if staged is not None and pending is None:
+                        commit_publication(settings, runner, output, staged, prune=True)
+                    elif pending is not None:
+                        pending.produced |= produced
+                    if emerge_pretends(emerge_args):
                         output.info("emerge's --pretend among the arguments: nothing is built")
                     return plan
                 if emerge_pretends(emerge_args):
@@ -2575,14 +2622,14 @@ def build_for_target(settings, target, runner, output, emerge_args, route=None):
                     return plan
                 if runner.pretend:
                     build_packages(settings, runner, output, ["--oneshot", "--usepkg=n"]
-                                   + [package.atom for package in gaps], publish_after=False)
+                                   + [package.atom for package in missing], publish_after=False)
                     return plan
                 if not buildable or round_number == GATE_ROUNDS:
                     raise BinhostError(f"{target.name} would not get everything from the binhost:"
-                                       f" {describe_gaps(gaps)}; nothing was published or installed")
+                                       f" {describe_gaps(missing)}; nothing was published or installed")
                 try:
-                    build_packages(settings, runner, output, ["--oneshot", "--usepkg=n"]
-                                   + [package.atom for package in buildable], publish_after=False)
+                    produced |= build_packages(settings, runner, output, ["--oneshot", "--usepkg=n"]
+                                               + [package.atom for package in buildable], publish_after=False)
                 except BinhostError as error:
                     raise BinhostError(f"{error}; not built: {', '.join(package.cpv for package in buildable)}"
                                        " (the first of them failed, or was not reached)") from None
@@ -2603,29 +2650,66 @@ def install_answered_no(result, args, interactive, default_opts):
 
 
 # Where the install left each package of its plan: "CPV binary" (installed from a binary package),
-# "CPV source" (compiled there), "CPV missing".
+# "CPV source" (compiled there), "CPV missing"; after "--", package names whose installed
+# versions are wanted: "CPV installed".
 INSTALLED_SCRIPT = r"""
 eroot=$(portageq envvar EROOT) || exit 1
-for cpv in "$@"; do
-    entry=${eroot%/}/var/db/pkg/$cpv
-    if [ -f "$entry/BINPKGMD5" ]; then echo "$cpv binary"
-    elif [ -d "$entry" ]; then echo "$cpv source"
-    else echo "$cpv missing"; fi
+vdb=${eroot%/}/var/db/pkg
+while [ $# -gt 0 ] && [ "$1" != -- ]; do
+    entry=$vdb/$1
+    if [ -f "$entry/BINPKGMD5" ]; then echo "$1 binary"
+    elif [ -d "$entry" ]; then echo "$1 source"
+    else echo "$1 missing"; fi
+    shift
 done
+[ $# -gt 0 ] && shift
+for name in "$@"; do
+    for entry in "$vdb/$name"-[0-9]*; do
+        [ -d "$entry" ] && echo "${entry#"$vdb"/} installed"
+    done
+done
+exit 0
 """
 
 
-def check_installed(settings, target, runner, output, plan, route):
-    """After the install: did the target get every package of its plan, each from a binary?
-    One ssh round trip; a one-line error naming what it lacks and the likely cause."""
-    remote = Remote(target, runner, output)
-    result = remote.script(INSTALLED_SCRIPT, *[package.cpv for package in plan.packages], changes=False,
+def held_names(holds):
+    return sorted({name for hold in holds["holds"] for name in hold["versions"]})
+
+
+def installed_states(remote, cpvs, names=()):
+    """({CPV: binary|source|missing}, {installed CPVs of names}) (INSTALLED_SCRIPT), in one ssh
+    round trip."""
+    result = remote.script(INSTALLED_SCRIPT, *cpvs, "--", *names, changes=False,
                            what="checking what the target installed")
-    states = dict(line.split(" ", 1) for line in result.stdout.splitlines() if line.count(" ") == 1)
-    missing = [cpv for cpv in (package.cpv for package in plan.packages) if states.get(cpv) != "binary"]
+    states, installed = {}, set()
+    for line in result.stdout.splitlines():
+        cpv, _, state = line.partition(" ")
+        if state == "installed":
+            installed.add(cpv)
+        elif state in ("binary", "source", "missing"):
+            states[cpv] = state
+    return states, installed
+
+
+def installed_held_versions(installed, holds):
+    return sorted(cpv for cpv in installed if hold_on(cpv, None, holds))
+
+
+def check_installed(settings, target, runner, output, plan, route):
+    """After the install: did the target get every package of its plan (held ones aside), each
+    from a binary? One ssh round trip; a one-line error naming what it lacks and the likely
+    cause. Returns the held versions the target has installed."""
+    remote = Remote(target, runner, output)
+    held = {package.cpv for package in plan.held}
+    wanted = [package.cpv for package in plan.packages if package.cpv not in held]
+    holds = read_holds(settings.pkgdir)
+    states, installed = installed_states(remote, wanted, held_names(holds))
+    installed_held = installed_held_versions(installed, holds)
+    missing = [cpv for cpv in wanted if states.get(cpv) != "binary"]
     if not missing:
-        output.info(f"{target.name} has all {len(plan.packages)} package(s) of its plan, from binaries")
-        return
+        output.info(f"{target.name} has all {len(wanted)} package(s) of its plan, from binaries"
+                    + (f" ({len(held)} held back)" if held else ""))
+        return installed_held
     compiled = [cpv for cpv in missing if states.get(cpv) == "source"]
     offered = offered_binaries(settings, published_index_text(settings.pkgdir))
     unpublished = [cpv for cpv in missing if cpv not in offered]
@@ -2643,6 +2727,30 @@ def check_installed(settings, target, runner, output, plan, route):
                  ": its binary-only emerge did not take them (see its output above;"
                  f" '{PROG} doctor' compares its plans)")
     raise BinhostError(f"{target.name} lacks what it asked for: {', '.join(missing)}{cause}")
+
+
+def bring_back_held(settings, target, runner, output, installed_held, tty):
+    """A target that installed a version a rollback holds back: Portage's binary-only emerge goes
+    back by itself when another version is offered (measured); where it did not, an explicit
+    --oneshot =CPV of the published version does; with none published, say so."""
+    offered = offered_binaries(settings, published_index_text(settings.pkgdir))
+    for cpv in installed_held:
+        name = cpv_package_name(cpv)
+        versions = sorted((candidate for candidate in offered if cpv_package_name(candidate) == name),
+                          key=functools.cmp_to_key(lambda one, other: compare_versions(cpv_version(one),
+                                                                                      cpv_version(other))))
+        if not versions:
+            output.warn(f"{cpv} stays on {target.name}: a rollback holds it back and no other version of"
+                        f" {name} is published ('{PROG} release {name}' offers it again)")
+            continue
+        argv = ["emerge", "--getbinpkgonly", "--oneshot", "--binpkg-respect-use=y", f"={versions[-1]}"]
+        output.action(f"{target.name} has {cpv}, which a rollback holds back: back to {versions[-1]}:"
+                      f" {format_command(argv)}")
+        result = Remote(target, runner, output).run(
+            argv, remote_emerge_environment(settings, target, interactive=tty), tty=tty)
+        if result is not None and result.returncode != 0:
+            raise BinhostError(f"emerge failed on target {target.name} (exit {result.returncode}) going back"
+                               f" from {cpv} to {versions[-1]}: see its output above")
 
 
 def install_packages(settings, target, runner, output, emerge_args, plan=None, route=None, asked=False):
@@ -2666,6 +2774,10 @@ def install_packages(settings, target, runner, output, emerge_args, plan=None, r
             forward = (forward[0], "LOCALPORT")
         result = remote.run(argv, env, tty=tty, forward=forward)
         if result is None:
+            holds = read_holds(settings.pkgdir)
+            if plan is not None and held_names(holds):  # what the real run would bring back
+                bring_back_held(settings, target, runner, output, installed_held_versions(
+                    installed_states(remote, (), held_names(holds))[1], holds), tty)
             return
         if install_answered_no(result, args, tty, env["EMERGE_DEFAULT_OPTS"]):
             output.info(f"Nothing installed on {target.name}: emerge was told No")
@@ -2680,7 +2792,9 @@ def install_packages(settings, target, runner, output, emerge_args, plan=None, r
             raise BinhostError(f"emerge failed on target {target.name} (exit {result.returncode}):"
                                " see its output above")
         if plan is not None and not user_emerge_only_pretends(emerge_args):
-            check_installed(settings, target, runner, output, plan, route)
+            installed_held = check_installed(settings, target, runner, output, plan, route)
+            if installed_held:
+                bring_back_held(settings, target, runner, output, installed_held, tty)
 
 
 PROBE_SCRIPT = r"""
@@ -3924,9 +4038,11 @@ def read_packages_index(pkgdir):
 
 
 def package_records(pkgdir):
-    """What list shows: one record per binary package, newest build of each CPV first."""
-    records = []
+    """What list shows: one record per binary package, newest build of each CPV first, with its
+    state: retired by clean, held back by a rollback, or neither."""
+    records, retired, holds = [], retired_packages(pkgdir), read_holds(pkgdir)
     for fields in read_packages_index(pkgdir):
+        hold = hold_on(fields["CPV"], entry_path(fields), holds)
         size = int(fields["SIZE"]) if fields.get("SIZE", "").isdigit() else None
         built = int(fields["BUILD_TIME"]) if fields.get("BUILD_TIME", "").isdigit() else None
         records.append({
@@ -3934,8 +4050,9 @@ def package_records(pkgdir):
             "build_id": int(fields["BUILD_ID"]) if fields.get("BUILD_ID", "").isdigit() else 0,
             "build_time": datetime.datetime.fromtimestamp(built, datetime.timezone.utc).strftime(
                 "%Y-%m-%dT%H:%M:%SZ") if built is not None else None,
-            # Without binpkg-multi-instance the index has no PATH: the file is CPV.tbz2.
-            "use": fields.get("USE", "").split(), "path": fields.get("PATH") or fields["CPV"] + ".tbz2",
+            "use": fields.get("USE", "").split(), "path": entry_path(fields),
+            "state": ("retired" if is_retired(fields, retired) else
+                      f"held back by rollback {hold['rollback']}" if hold else ""),
         })
     return sorted(records, key=lambda record: (record["cpv"], -record["build_id"]))
 
@@ -3970,35 +4087,50 @@ def installed_in_binhost(settings, runner, output):
     return installed
 
 
-def packages_to_clean(records, installed, keep):
+def targets_installed(pkgdir):
+    """Every CPV a target of this PKGDIR had installed when it was last asked (record_installed)."""
+    directory = os.path.join(publications_dir(pkgdir), INSTALLED_DIR)
+    try:
+        names = os.listdir(directory)
+    except FileNotFoundError:
+        return set()
+    return {line.strip() for name in names for line in read_text(os.path.join(directory, name)).splitlines()
+            if line.strip()}
+
+
+def packages_to_clean(records, installed, keep, on_targets=frozenset()):
     """(record, reason) for each package clean removes: a CPV no longer installed in the binhost
-    root, or a build older than the newest `keep` of its CPV."""
+    root nor on a target (as last recorded), or a build older than the newest `keep` of its CPV."""
     doomed, seen = [], {}
     for record in records:  # newest build of each CPV first
         seen[record["cpv"]] = seen.get(record["cpv"], 0) + 1
-        if record["cpv"] not in installed:
+        if record["cpv"] not in installed and record["cpv"] not in on_targets:
             doomed.append((record, "no longer installed in the binhost root"))
         elif seen[record["cpv"]] > keep:
             doomed.append((record, f"older than the newest {keep} build(s)"))
     return doomed
 
 
-def clean_packages(settings, runner, output, keep):
+def clean_packages(settings, runner, output, keep, pending=None):
     """Remove what clean's rules doom. Targets are served publications: first a new one without
-    those packages is published, then the files go, but not those an older kept publication still
-    names (rollback); they stay retired, left out of every new publication, until a later clean."""
+    those packages is published (with pending: the command's one publication, its builds too),
+    then the files go, but not those an older kept publication still names (rollback); they stay
+    retired, left out of every new publication, until a later clean."""
     if keep < 1:
         raise UsageError("--keep needs at least 1")
     check_binhost_root(settings)
     with build_lock(settings, runner, output):  # a build may be adding packages
         records = package_records(settings.pkgdir)
-        doomed = packages_to_clean(records, installed_in_binhost(settings, runner, output), keep)
+        doomed = packages_to_clean(records, installed_in_binhost(settings, runner, output), keep,
+                                   targets_installed(settings.pkgdir))
         checksums = {fields.get("PATH"): fields.get("MD5", "") for fields in read_packages_index(settings.pkgdir)}
         # A retired path rebuilt since (same path, another file) is no longer retired.
         retired = {path: md5 for path, md5 in retired_packages(settings.pkgdir).items()
                    if checksums.get(path, md5) == md5}
         if not doomed and not retired:
             output.info(f"Nothing to clean in {settings.pkgdir}")
+            if pending is not None:
+                pending.publish(runner, output)
             return []
         freed = sum(record["size"] or 0 for record, _ in doomed)
         for record, reason in doomed:
@@ -4011,7 +4143,13 @@ def clean_packages(settings, runner, output, keep):
         retired.update({record["path"]: checksums.get(record["path"], "") for record, _ in doomed})
         write_retired(settings.pkgdir, retired, runner)
         # What the publications kept until now name stays; only then the oldest may go.
-        publish(settings, runner, output, f"clean: {len(doomed)} package(s) retired", prune=False)
+        if pending is not None:
+            pending.removed |= {record["path"] for record, _ in doomed}
+            pending.why += f"; clean: {len(doomed)} package(s) retired"
+            pending.publish(runner, output)
+        else:
+            publish(settings, runner, output, f"clean: {len(doomed)} package(s) retired",
+                    removed={record["path"] for record, _ in doomed}, prune=False)
         named = published_paths(settings.pkgdir)
         prune_publications(settings, output)
         pkgdir = os.path.realpath(settings.pkgdir)
@@ -4082,27 +4220,180 @@ def publication_meta(pkgdir, publication):
 STAGED_URL_DIR = "_staged"
 STAGED_PREFIX = ".staged-"
 STAGED_TOKEN = re.compile(r"[A-Za-z0-9]{16,64}")
+# In the publications directory: the package files clean has given up, "PATH MD5" a line. The
+# MD5 tells a retired build from a new one at the same path (without binpkg-multi-instance).
+RETIRED_LIST = "retired"
+# In the publications directory: the rollbacks' holds (JSON), and per target the packages it had
+# installed when it was last asked (clean keeps their binaries).
+HOLDS_FILE = "holds.json"
+INSTALLED_DIR = "installed"
+
+
+def entry_path(fields):
+    """Where an index entry's package file is, relative to PKGDIR (old indexes omit PATH)."""
+    return fields.get("PATH") or fields["CPV"] + ".tbz2"
+
+
+def index_blocks(index_text):
+    """(header, [(fields, block text)]) of a Packages index."""
+    header, *blocks = index_text.split("\n\n") if index_text else [""]
+    entries = []
+    for block in blocks:
+        fields = dict(line.split(": ", 1) for line in block.splitlines() if ": " in line)
+        if fields.get("CPV"):
+            entries.append((fields, block.strip("\n")))
+    return header, entries
+
+
+def retired_packages(pkgdir):
+    """{PATH: MD5} of the retired package files."""
+    lines = read_text(os.path.join(publications_dir(pkgdir), RETIRED_LIST)).splitlines()
+    return dict((line.split() + [""])[:2] for line in lines if line.strip())
+
+
+def write_retired(pkgdir, retired, runner):
+    path = os.path.join(publications_dir(pkgdir), RETIRED_LIST)
+    if retired or os.path.exists(path):
+        os.makedirs(publications_dir(pkgdir), exist_ok=True)
+        runner.write_file(path, "".join(f"{each} {md5}\n" for each, md5 in sorted(retired.items())), backup=False)
+
+
+def is_retired(fields, retired):
+    """Whether an index entry is a retired build (the same file, not a new build at its path)."""
+    path = fields.get("PATH")
+    return path in retired and retired[path] in ("", fields.get("MD5", ""))
+
+
+# ---- Gentoo versions (PMS 3.3), for holds on "every newer version" --------------------------------
+
+VERSION_PARTS = re.compile(r"(?P<numbers>[0-9]+(?:\.[0-9]+)*)(?P<letter>[a-z]?)"
+                           r"(?P<suffixes>(?:_(?:alpha|beta|pre|rc|p)[0-9]*)*)(?:-r(?P<revision>[0-9]+))?")
+SUFFIX_ORDER = {"alpha": 0, "beta": 1, "pre": 2, "rc": 3, "p": 5}  # no suffix ranks 4
+
+
+def _compare(left, right):
+    return (left > right) - (left < right)
+
+
+def compare_versions(left, right):
+    """Below, equal to or above 0 as Gentoo orders the versions left and right."""
+    one, other = VERSION_PARTS.fullmatch(left), VERSION_PARTS.fullmatch(right)
+    if not one or not other:
+        return _compare(left, right)
+    numbers, others = one.group("numbers").split("."), other.group("numbers").split(".")
+    result = _compare(int(numbers[0]), int(others[0]))
+    for mine, theirs in zip(numbers[1:], others[1:]):
+        if result:
+            return result
+        # A component with a leading zero compares as a decimal fraction (1.01 < 1.1).
+        result = (_compare(mine.rstrip("0"), theirs.rstrip("0")) if mine[0] == "0" or theirs[0] == "0"
+                  else _compare(int(mine), int(theirs)))
+    result = result or _compare(len(numbers), len(others)) or _compare(one.group("letter"), other.group("letter"))
+    if result:
+        return result
+    suffixes = re.findall(r"_([a-z]+)([0-9]*)", one.group("suffixes"))
+    other_suffixes = re.findall(r"_([a-z]+)([0-9]*)", other.group("suffixes"))
+    for (kind, number), (other_kind, other_number) in zip(suffixes, other_suffixes):
+        result = _compare(SUFFIX_ORDER[kind], SUFFIX_ORDER[other_kind]) or _compare(int(number or 0),
+                                                                                  int(other_number or 0))
+        if result:
+            return result
+    if len(suffixes) != len(other_suffixes):
+        longer, sign = (suffixes, 1) if len(suffixes) > len(other_suffixes) else (other_suffixes, -1)
+        return sign if longer[min(len(suffixes), len(other_suffixes))][0] == "p" else -sign
+    return _compare(int(one.group("revision") or 0), int(other.group("revision") or 0))
+
+
+def cpv_version(cpv):
+    return cpv[len(cpv_package_name(cpv)) + 1:]
+
+
+# ---- holds: what a rollback withdrew stays out until released ------------------------------------
+
+def read_holds(pkgdir):
+    """The rollbacks' holds: [{rollback, from, to, builds: [PATH], versions: {CP: VERSION or None},
+    cpvs: [CPV]}], and the builds released since the last publication ({"released": [PATH]})."""
+    try:
+        data = json.loads(read_text(os.path.join(publications_dir(pkgdir), HOLDS_FILE)) or "{}")
+    except ValueError:
+        data = {}
+    return {"holds": list(data.get("holds", [])), "released": list(data.get("released", []))}
+
+
+def write_holds(pkgdir, holds, runner):
+    os.makedirs(publications_dir(pkgdir), exist_ok=True)
+    runner.write_file(os.path.join(publications_dir(pkgdir), HOLDS_FILE), json.dumps(holds, indent=1) + "\n",
+                      backup=False)
+
+
+def hold_on(cpv, path, holds):
+    """The hold that keeps a build (or a version) out of publications, or None: the build itself
+    was withdrawn, or its version is newer than the rolled-back-to publication's."""
+    name, version = cpv_package_name(cpv), cpv_version(cpv)
+    for hold in holds["holds"]:
+        if path is not None and path in hold["builds"]:
+            return hold
+        if name in hold["versions"] and (hold["versions"][name] is None
+                                         or compare_versions(version, hold["versions"][name]) > 0):
+            return hold
+    return None
+
+
+# ---- the next publication ---------------------------------------------------------------------------
+
+def next_publication_text(settings, produced=(), removed=()):
+    """The index the next publication offers: the current publication's builds (their fields as
+    PKGDIR's index has them now: sign rewrites files), the builds this command produced, and those
+    a release gave back; without what it retires, retired builds and held ones. Before the first
+    publication, everything PKGDIR holds. Builds an emerge left before it failed are not in it."""
+    pkgdir = settings.pkgdir
+    header, in_pkgdir = index_blocks(read_text(os.path.join(pkgdir, "Packages")))
+    by_path = {entry_path(fields): (fields, block) for fields, block in in_pkgdir}
+    current = current_publication(pkgdir)
+    holds, retired = read_holds(pkgdir), retired_packages(pkgdir)
+    if current is None:
+        chosen = list(in_pkgdir)
+    else:
+        published_header, published = index_blocks(read_text(
+            os.path.join(publications_dir(pkgdir), str(current), "Packages")))
+        header = header or published_header
+        chosen = [by_path.get(entry_path(fields)) or (fields, block) for fields, block in published
+                  if entry_path(fields) in by_path or os.path.isfile(os.path.join(pkgdir, entry_path(fields)))]
+    paths = {entry_path(fields) for fields, _ in chosen}
+    for path in sorted(set(produced) | set(holds["released"])):
+        if path in by_path and path not in paths:
+            chosen.append(by_path[path])
+            paths.add(path)
+    removed = set(removed)
+    kept = [block for fields, block in chosen if entry_path(fields) not in removed
+            and not is_retired(fields, retired) and hold_on(fields["CPV"], entry_path(fields), holds) is None]
+    if not header:
+        return ""
+    header = re.sub(r"(?m)^PACKAGES: .*$", f"PACKAGES: {len(kept)}", header.strip("\n"))
+    return "\n\n".join([header] + kept) + "\n\n"
 
 
 class StagedPublication:
     """An index written as the next publication would be, not yet served as the current one."""
 
-    def __init__(self, directory, token, why, changed):
-        self.directory, self.token, self.why, self.changed = directory, token, why, changed
+    def __init__(self, directory, token, why, changed, meta):
+        self.directory, self.token, self.why, self.changed, self.meta = directory, token, why, changed, meta
 
     @property
     def url_path(self):
         return f"{STAGED_URL_DIR}/{self.token}/"
 
+    @property
+    def text(self):
+        return read_text(os.path.join(self.directory, "Packages"))
 
-def stage_publication(settings, runner, output, why, index_text=None):
-    """Write PKGDIR's index (or index_text, a rollback) as the next publication would be, in a
+
+def stage_publication(settings, runner, output, why, index_text=None, produced=(), removed=(), meta=None):
+    """Write the next publication's index (next_publication_text, or index_text: a rollback) in a
     directory of its own, with its TIMESTAMP (and the files' mtime, Last-Modified) later than every
     earlier publication's, never by exactly 5 s (Portage asks with its copy's TIMESTAMP + 5 s).
     None when there is nothing to publish, or under --pretend. Called under the build lock."""
-    retired = retired_packages(settings.pkgdir)
-    text = index_text if index_text is not None else index_keeping(
-        read_text(os.path.join(settings.pkgdir, "Packages")), lambda fields: not is_retired(fields, retired))
+    text = index_text if index_text is not None else next_publication_text(settings, produced, removed)
     if not text:
         return None
     current = current_publication(settings.pkgdir)
@@ -4130,12 +4421,10 @@ def stage_publication(settings, runner, output, why, index_text=None):
         os.chmod(staging, 0o755)
         runner.write_file(os.path.join(staging, "Packages"), text, backup=False, mtime=stamp)
         runner.write_file(os.path.join(staging, "Packages.gz"), gzip_bytes(text, stamp), backup=False, mtime=stamp)
-        meta = {"published": stamp, "why": why}
-        runner.write_file(os.path.join(staging, "meta.json"), json.dumps(meta) + "\n", backup=False)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    return StagedPublication(staging, token, why, changed)
+    return StagedPublication(staging, token, why, changed, dict(meta or {}, published=stamp, why=why))
 
 
 def discard_staged(staged):
@@ -4143,9 +4432,20 @@ def discard_staged(staged):
         shutil.rmtree(staged.directory, ignore_errors=True)
 
 
+def set_changes(old_text, new_text):
+    """(added, updated, removed) CPVs of the index new_text compared with old_text."""
+    new = {fields["CPV"]: fields for fields, _ in index_blocks(new_text)[1]}
+    old = {fields["CPV"]: fields for fields, _ in index_blocks(old_text)[1]}
+    updated = [cpv for cpv in set(new) & set(old)
+               if (new[cpv].get("MD5"), new[cpv].get("BUILD_ID")) != (old[cpv].get("MD5"), old[cpv].get("BUILD_ID"))]
+    return sorted(set(new) - set(old)), sorted(updated), sorted(set(old) - set(new))
+
+
 def commit_publication(settings, runner, output, staged, prune=True):
     """Make a staged publication the current one, in one step: its directory renamed to the next
-    ID, then `current` switched to it with a rename. Nothing when it changes nothing."""
+    ID, then `current` switched to it with a rename. Its set, description and changes against the
+    publication before it are written once (meta.json), never recomputed. Nothing when it changes
+    nothing."""
     if staged is None:
         return None
     if not staged.changed:
@@ -4154,55 +4454,52 @@ def commit_publication(settings, runner, output, staged, prune=True):
                      " these packages")
         return None
     directory = publications_dir(settings.pkgdir)
-    ids = publication_ids(settings.pkgdir)
+    ids, current = publication_ids(settings.pkgdir), current_publication(settings.pkgdir)
     publication = (ids[-1] if ids else 0) + 1
-    meta_path = os.path.join(staged.directory, "meta.json")
-    meta = dict(json.loads(read_text(meta_path) or "{}"), id=publication)
-    runner.write_file(meta_path, json.dumps(meta) + "\n", backup=False)
+    previous = read_text(os.path.join(directory, str(current), "Packages")) if current is not None else ""
+    added, updated, removed = set_changes(previous, staged.text)
+    meta = dict(staged.meta, id=publication, previous=current, added=added, updated=updated, removed=removed)
+    runner.write_file(os.path.join(staged.directory, "meta.json"), json.dumps(meta) + "\n", backup=False)
     os.rename(staged.directory, os.path.join(directory, str(publication)))
-    link, current = os.path.join(directory, f".{CURRENT_PUBLICATION}.{os.getpid()}"), os.path.join(
+    link, current_link = os.path.join(directory, f".{CURRENT_PUBLICATION}.{os.getpid()}"), os.path.join(
         directory, CURRENT_PUBLICATION)
     with contextlib.suppress(FileNotFoundError):
         os.unlink(link)
-    if os.path.isdir(current) and not os.path.islink(current):
-        shutil.rmtree(current)  # a copy of PKGDIR that followed the link (cp -r): ours to replace
+    if os.path.isdir(current_link) and not os.path.islink(current_link):
+        shutil.rmtree(current_link)  # a copy of PKGDIR that followed the link (cp -r): ours to replace
     os.symlink(str(publication), link)
-    os.replace(link, current)
+    os.replace(link, current_link)
+    holds = read_holds(settings.pkgdir)
+    if holds["released"]:  # offered again now
+        write_holds(settings.pkgdir, dict(holds, released=[]), runner)
     output.info(f"Published {settings.pkgdir} as publication {publication} ({staged.why})")
     if prune:
         prune_publications(settings, output)
     return publication
 
 
-def publish(settings, runner, output, why, index_text=None, prune=True):
-    """Publish PKGDIR's index (or index_text, a rollback) as a new publication, when it changes
-    what targets are offered. Called under the build lock."""
-    staged = stage_publication(settings, runner, output, why, index_text)
+def publish(settings, runner, output, why, produced=(), removed=(), index_text=None, prune=True, meta=None):
+    """The one entry point of every command that publishes: the next publication (see
+    next_publication_text), when it changes what targets are offered. Called under the build
+    lock."""
+    staged = stage_publication(settings, runner, output, why, index_text, produced, removed, meta)
     return commit_publication(settings, runner, output, staged, prune)
 
 
-# In the publications directory: the package files clean has given up, "PATH MD5" a line. The
-# MD5 tells a retired build from a new one at the same path (without binpkg-multi-instance).
-RETIRED_LIST = "retired"
+class PendingPublication:
+    """What one command publishes in one environment, at its end: the builds it produced (of the
+    emerges that succeeded) and what it retires."""
 
+    def __init__(self, settings, why):
+        self.settings, self.why = settings, why
+        self.produced, self.removed = set(), set()
 
-def retired_packages(pkgdir):
-    """{PATH: MD5} of the retired package files."""
-    lines = read_text(os.path.join(publications_dir(pkgdir), RETIRED_LIST)).splitlines()
-    return dict((line.split() + [""])[:2] for line in lines if line.strip())
+    def stage(self, runner, output, produced=()):
+        return stage_publication(self.settings, runner, output, self.why, produced=self.produced | set(produced),
+                                 removed=self.removed)
 
-
-def write_retired(pkgdir, retired, runner):
-    path = os.path.join(publications_dir(pkgdir), RETIRED_LIST)
-    if retired or os.path.exists(path):
-        os.makedirs(publications_dir(pkgdir), exist_ok=True)
-        runner.write_file(path, "".join(f"{each} {md5}\n" for each, md5 in sorted(retired.items())), backup=False)
-
-
-def is_retired(fields, retired):
-    """Whether an index entry is a retired build (the same file, not a new build at its path)."""
-    path = fields.get("PATH")
-    return path in retired and retired[path] in ("", fields.get("MD5", ""))
+    def publish(self, runner, output):
+        return publish(self.settings, runner, output, self.why, self.produced, self.removed, prune=False)
 
 
 def index_keeping(index_text, wanted):
@@ -4218,11 +4515,12 @@ def without_timestamp(index_text):
 
 
 def prune_publications(settings, output):
-    """Keep the newest publish-keep publications (and the current one, always)."""
+    """Keep the newest publish-keep publications, the current one, and those a hold refers to."""
     current = current_publication(settings.pkgdir)
+    referred = {hold[key] for hold in read_holds(settings.pkgdir)["holds"] for key in ("to", "from", "rollback")}
     ids = publication_ids(settings.pkgdir)
     for old in ids[:-settings.publish_keep] if len(ids) > settings.publish_keep else []:
-        if old != current:
+        if old != current and old not in referred:
             shutil.rmtree(os.path.join(publications_dir(settings.pkgdir), str(old)), ignore_errors=True)
             output.debug(f"Removed publication {old} (publish-keep = {settings.publish_keep})")
 
@@ -4243,44 +4541,42 @@ def published_paths(pkgdir):
     """Every package file of a kept publication's set: clean never deletes those."""
     paths = set()
     for publication in publication_ids(pkgdir):
-        paths.update(fields.get("PATH") or fields["CPV"] + ".tbz2"
-                     for fields in publication_set(pkgdir, publication).values())
+        paths.update(entry_path(fields) for fields in publication_set(pkgdir, publication).values())
     return paths
 
 
-def publication_changes(pkgdir, publication, previous):
-    """(added, updated, removed) CPVs of publication compared with previous (None: nothing)."""
-    new = publication_entries(pkgdir, publication)
-    old = publication_entries(pkgdir, previous) if previous is not None else {}
-    new_cpvs = {fields["CPV"]: key for key, fields in new.items()}
-    old_cpvs = {fields["CPV"]: key for key, fields in old.items()}
-    added = sorted(set(new_cpvs) - set(old_cpvs))
-    removed = sorted(set(old_cpvs) - set(new_cpvs))
-    updated = sorted(cpv for cpv in set(new_cpvs) & set(old_cpvs)
-                     if new[new_cpvs[cpv]].get("MD5") != old[old_cpvs[cpv]].get("MD5")
-                     or new_cpvs[cpv] != old_cpvs[cpv])
-    return added, updated, removed
-
-
 def publication_history(pkgdir):
-    """[{id, published, why, current, packages, added, updated, removed}], newest first."""
+    """[{id, published, why, current, packages, added, updated, removed, holds}], newest first.
+    The changes are those written when it was published (against the publication before it);
+    a publication from before they were written is compared with the kept one before it."""
     ids, current = publication_ids(pkgdir), current_publication(pkgdir)
+    active = {hold["rollback"]: hold for hold in read_holds(pkgdir)["holds"]}
     history = []
     for index, publication in enumerate(ids):
         meta = publication_meta(pkgdir, publication)
-        added, updated, removed = publication_changes(pkgdir, publication, ids[index - 1] if index else None)
+        if "added" in meta:
+            added, updated, removed = meta["added"], meta["updated"], meta["removed"]
+        else:
+            previous = ids[index - 1] if index else None
+            added, updated, removed = set_changes(
+                read_text(os.path.join(publications_dir(pkgdir), str(previous), "Packages"))
+                if previous is not None else "",
+                read_text(os.path.join(publications_dir(pkgdir), str(publication), "Packages")))
+        hold = active.get(publication)
         history.append({
             "id": publication, "current": publication == current, "why": meta.get("why", ""),
             "published": datetime.datetime.fromtimestamp(meta.get("published", 0), datetime.timezone.utc)
             .strftime("%Y-%m-%dT%H:%M:%SZ"),
             "packages": len(publication_entries(pkgdir, publication)),
-            "added": added, "updated": updated, "removed": removed})
+            "added": added, "updated": updated, "removed": removed,
+            "holds": sorted(hold["cpvs"]) if hold else []})
     return list(reversed(history))
 
 
 def rollback(settings, runner, output, publication=None):
-    """Publish an earlier publication's set again, as a new publication (so that targets, which
-    only read a newer index, see it)."""
+    """Publish an earlier publication's set again, as a new publication (targets only read a newer
+    index), and hold back what it withdraws: every build the current set has and ID's does not,
+    and every newer version of those packages, stay out of later publications until released."""
     ids, current = publication_ids(settings.pkgdir), current_publication(settings.pkgdir)
     if publication is None:
         earlier = [each for each in ids if current is None or each < current]
@@ -4291,16 +4587,86 @@ def rollback(settings, runner, output, publication=None):
     if publication not in ids:
         raise UsageError(f"publication {publication} is not kept (kept: {', '.join(map(str, ids)) or 'none'}):"
                          f" see '{PROG} history'")
-    missing = [fields.get("PATH", key) for key, fields in publication_set(settings.pkgdir, publication).items()
-               if not os.path.isfile(os.path.join(settings.pkgdir, fields.get("PATH", "")))]
+    if publication == current:
+        output.info(f"Publication {publication} is the current one: nothing changes")
+        return None
+    chosen = publication_set(settings.pkgdir, publication)
+    missing = [entry_path(fields) for fields in chosen.values()
+               if not os.path.isfile(os.path.join(settings.pkgdir, entry_path(fields)))]
     if missing:
         raise BinhostError(f"publication {publication} names packages that are gone ({', '.join(missing[:5])}):"
                            " it cannot be published again")
     # Older builds that clean removed since are left out; the set's own builds are all there.
     text = index_keeping(read_text(os.path.join(publications_dir(settings.pkgdir), str(publication), "Packages")),
-                         lambda fields: os.path.isfile(os.path.join(settings.pkgdir, fields.get("PATH", ""))))
+                         lambda fields: os.path.isfile(os.path.join(settings.pkgdir, entry_path(fields))))
+    chosen_paths = {entry_path(fields) for fields in chosen.values()}
+    versions = {}
+    for fields in chosen.values():
+        name, version = cpv_package_name(fields["CPV"]), cpv_version(fields["CPV"])
+        if name not in versions or compare_versions(version, versions[name]) > 0:
+            versions[name] = version
+    withdrawn = [fields for fields in (publication_set(settings.pkgdir, current).values() if current else ())
+                 if entry_path(fields) not in chosen_paths]
     with build_lock(settings, runner, output):
-        return publish(settings, runner, output, f"rollback to publication {publication}", index_text=text)
+        new_id = (publication_ids(settings.pkgdir) or [0])[-1] + 1
+        hold = {"rollback": new_id, "from": current, "to": publication,
+                "builds": sorted(entry_path(fields) for fields in withdrawn),
+                "versions": {cpv_package_name(fields["CPV"]): versions.get(cpv_package_name(fields["CPV"]))
+                             for fields in withdrawn},
+                "cpvs": sorted({fields["CPV"] for fields in withdrawn})}
+        if runner.pretend:
+            output.info(f"Would publish publication {publication}'s set again"
+                        + (f", holding back {', '.join(hold['cpvs'])}" if withdrawn else ""))
+            return None
+        holds = read_holds(settings.pkgdir)
+        if withdrawn:
+            write_holds(settings.pkgdir, dict(holds, holds=holds["holds"] + [hold]), runner)
+        try:
+            made = publish(settings, runner, output, f"rollback to publication {publication}", index_text=text)
+        except BaseException:
+            write_holds(settings.pkgdir, holds, runner)
+            raise
+    if withdrawn:
+        output.info(f"Held back until '{PROG} release': {', '.join(hold['cpvs'])} (and newer versions):"
+                    " no later publication offers them, and no build makes them again")
+    return made
+
+
+def release(settings, runner, output, atoms=()):
+    """End the holds on atoms' packages (all holds without atoms); their builds still in PKGDIR
+    are offered again by the next publication."""
+    holds = read_holds(settings.pkgdir)
+    wanted = {cpv_package_name(atom.lstrip("=<>~").split(":")[0]) if re.search(r"-[0-9]", atom)
+              else atom.split(":")[0] for atom in atoms}
+    kept, released_builds, released = [], [], []
+    for hold in holds["holds"]:
+        names = set(hold["versions"])
+        ending = names if not atoms else names & wanted
+        builds = hold["builds"]
+        ending_builds = [path for path in builds if not atoms or "/".join(path.split("/")[:2]) in ending]
+        released += [cpv for cpv in hold["cpvs"] if cpv_package_name(cpv) in ending]
+        released_builds += ending_builds
+        rest = dict(hold, builds=[path for path in builds if path not in ending_builds],
+                    versions={name: version for name, version in hold["versions"].items() if name not in ending},
+                    cpvs=[cpv for cpv in hold["cpvs"] if cpv_package_name(cpv) not in ending])
+        if rest["versions"] or rest["builds"]:
+            kept.append(rest)
+    unknown = wanted - {cpv_package_name(cpv) for cpv in released}
+    if atoms and unknown:
+        raise UsageError(f"no hold on {', '.join(sorted(unknown))}: see '{PROG} history' for what is held")
+    if not released:
+        output.info("Nothing is held back")
+        return []
+    offered = [path for path in released_builds if os.path.isfile(os.path.join(settings.pkgdir, path))]
+    if runner.pretend:
+        output.info(f"Would release {', '.join(sorted(released))}")
+        return released
+    with build_lock(settings, runner, output):
+        write_holds(settings.pkgdir, {"holds": kept, "released": sorted(set(holds["released"]) | set(offered))},
+                    runner)
+    output.info(f"Released {', '.join(sorted(released))}: the next publication offers them again"
+                f" ({len(offered)} build(s) still in PKGDIR), and later builds may make their newer versions")
+    return released
 
 
 WORLD_UPDATE = ["--update", "--deep", "--newuse", "@world"]
@@ -4320,8 +4686,9 @@ def coverage_summary(plan):
     """A summary row's words for a target whose plan passed the gate."""
     if plan is None:
         return "ok"
-    count = len(plan.packages)
-    return f"ok: {count} of {count} package(s) from the binhost"
+    count, held = len(plan.packages), len(plan.held)
+    return (f"ok: {count - held} of {count} package(s) from the binhost"
+            + (f", {held} held back by a rollback" if held else ""))
 
 
 def update_environments(config, args, runner, output):
@@ -4334,6 +4701,7 @@ def update_environments(config, args, runner, output):
             continue
         output.action(f"Environment {settings.root}: {', '.join(target.name for target in targets)}")
         started, before = time.monotonic(), current_publication(settings.pkgdir)
+        pending = PendingPublication(settings, f"update for {', '.join(target.name for target in targets)}")
         try:
             failures = []
             with build_lock(settings, runner, output):  # one update at a time; builds nest in it
@@ -4342,18 +4710,24 @@ def update_environments(config, args, runner, output):
                 for target in targets:  # a target asleep at night must not stop the others
                     target_started = time.monotonic()
                     try:
-                        plan = build_for_target(settings, target, runner, output, WORLD_UPDATE)
+                        plan = build_for_target(settings, target, runner, output, WORLD_UPDATE, pending=pending)
                         rows.append((target.name, coverage_summary(plan), time.monotonic() - target_started))
                     except BinhostError as error:
                         output.error(f"{target.name}: {error}")
                         failures.append(f"{target.name}: {error}")
                         rows.append((target.name, f"FAILED: {error}", time.monotonic() - target_started))
+                # One publication: the builds of the targets that passed, and what clean retires
+                # (not after a failure: what it left may be what the next run needs).
+                try:
+                    if failures:
+                        pending.publish(runner, output)
+                    else:
+                        clean_packages(settings, runner, output, DEFAULT_KEEP, pending)
+                except BinhostError as error:
+                    output.warn(f"clean skipped: {error}")
+                    pending.publish(runner, output)
             if failures:
                 raise BinhostError("; ".join(failures))
-            try:
-                clean_packages(settings, runner, output, DEFAULT_KEEP)
-            except BinhostError as error:
-                output.warn(f"clean skipped: {error}")
             after = current_publication(settings.pkgdir)
             result = (f"ok: publication {after}" if after != before
                       else f"ok: nothing new (publication {after})" if after else "ok: nothing to publish")
@@ -6545,11 +6919,19 @@ def build_parser(config=None):
                                   description="The kept publications (publish-keep): when, why, and which"
                                               " CPVs each added, updated and removed.")
     history.add_argument("--json", action="store_true", help="print them as JSON")
-    rollback_parser = commands.add_parser("rollback", help="publish an earlier set again",
+    rollback_parser = commands.add_parser("rollback", help="publish an earlier set again, holding back the rest",
                                           description="Publish an earlier publication's packages again, as"
-                                                      " a new publication, so targets see it.")
+                                                      " a new publication, so targets see it; what it"
+                                                      " withdraws (those builds, and newer versions of those"
+                                                      " packages) is held back from every later publication"
+                                                      " until 'release'.")
     rollback_parser.add_argument("id", nargs="?", type=int, metavar="ID",
                                  help="the publication (default: the one before the current one)")
+    release_parser = commands.add_parser("release", help="end what rollbacks hold back",
+                                         description="End the holds of rollbacks on these packages (all"
+                                                     " without ATOMs): the next publication offers their"
+                                                     " builds again, and builds may make newer versions.")
+    release_parser.add_argument("atoms", nargs="*", metavar="ATOM", help="category/package names")
     update = commands.add_parser("update", help="sync, build every target's world, publish, clean",
                                  description="For each environment: sync its repositories, build what"
                                              " every target's emerge -uDN @world needs, sign, publish,"
@@ -6668,34 +7050,40 @@ def cmd_build(config, args, runner, output):
     build_packages(config.binhost_for_command(args.target), runner, output, emerge_args)
 
 
-def for_each_target(config, output, action):
-    """action(target) for every target, going on past failures, then a summary table."""
+def for_each_target(config, output, *phases, between=None):
+    """Each phase(target) for every target, going on past failures (a target that failed skips its
+    later phases; between() runs after the first phase), then a summary table."""
     if not config.targets:
-        raise UsageError(f"{config.path}: no target configured: add a [target NAME] section")
-    rows = []
-    for name in sorted(config.targets):
-        output.action(f"Target {name}")
-        started = time.monotonic()
-        try:
-            action(config.targets[name])
-            result = "ok"
-        except BinhostError as error:
-            output.error(f"{name}: {error}")
-            result = f"FAILED: {error}"
-        rows.append((name, result, time.monotonic() - started))
-    width = max(len(name) for name, _, _ in rows + [("target", None, None)])
+        raise UsageError(f"{config.path}: no target configured: add one with '{PROG} add-target NAME [USER@]HOST'")
+    names = sorted(config.targets)
+    results, seconds = dict.fromkeys(names, "ok"), dict.fromkeys(names, 0.0)
+    for number, phase in enumerate(phases):
+        if number == 1 and between is not None:
+            between()
+        for name in names:
+            if results[name] != "ok":
+                continue
+            output.action(f"Target {name}")
+            started = time.monotonic()
+            try:
+                phase(config.targets[name])
+            except BinhostError as error:
+                output.error(f"{name}: {error}")
+                results[name] = f"FAILED: {error}"
+            seconds[name] += time.monotonic() - started
+    width = max(len(name) for name in names + ["target"])
     output.text(f"{'target':<{width}}  {'time':>7}  result", always=True)
-    for name, result, seconds in rows:
-        output.text(f"{name:<{width}}  {seconds:6.1f}s  {result}", always=True)
-    failed = [name for name, result, _ in rows if result != "ok"]
+    for name in names:
+        output.text(f"{name:<{width}}  {seconds[name]:6.1f}s  {results[name]}", always=True)
+    failed = [name for name in names if results[name] != "ok"]
     if failed:
-        raise BinhostError(f"{len(failed)} of {len(rows)} target(s) failed: {', '.join(failed)}")
+        raise BinhostError(f"{len(failed)} of {len(names)} target(s) failed: {', '.join(failed)}")
 
 
 def targets_of(config, args):
     """The targets a command acts on: every one with --all, else the chosen or only one."""
     if args.all and not config.targets:
-        raise UsageError(f"{config.path}: no target configured: add a [target NAME] section")
+        raise UsageError(f"{config.path}: no target configured: add one with '{PROG} add-target NAME [USER@]HOST'")
     return list(config.targets.values()) if args.all else [config.target(args.target)]
 
 
@@ -6709,16 +7097,33 @@ def cmd_install(config, args, runner, output):
 
 
 def cmd_emerge(config, args, runner, output):
-    def build_then_install(target):
+    if not args.all:
+        target = config.target(args.target)
         settings = config.binhost_for(target)
         with serving_targets(settings, runner, output) as route:
             plan = build_for_target(settings, target, runner, output, args.emerge_args, route)
             install_packages(settings, target, runner, output, args.emerge_args, plan, route, asked=True)
+        return
+    # --all: the builds for every target, one publication per environment, then the installs.
+    plans, pending = {}, {}
 
-    if args.all:
-        for_each_target(config, output, build_then_install)
-    else:
-        build_then_install(config.target(args.target))
+    def build(target):
+        settings = config.binhost_for(target)
+        publishing = pending.setdefault(settings.root, PendingPublication(
+            settings, f"emerge --all {' '.join(args.emerge_args)}"))
+        plans[target.name] = build_for_target(settings, target, runner, output, args.emerge_args,
+                                              pending=publishing)
+
+    def publish_all():
+        for publishing in pending.values():
+            with build_lock(publishing.settings, runner, output):
+                publishing.publish(runner, output)
+
+    def install(target):
+        install_packages(config.binhost_for(target), target, runner, output, args.emerge_args,
+                         plans.get(target.name), asked=True)
+
+    for_each_target(config, output, build, install, between=publish_all)
 
 
 def cmd_setup_target(config, args, runner, output):
@@ -6834,8 +7239,9 @@ def cmd_list(config, args, runner, output):
         return
     for record in records:
         size = human_size(record["size"]) if record["size"] is not None else "?"
+        state = f"  ({record['state']})" if record["state"] else ""
         output.text(f"{record['cpv']:<40} build {record['build_id']:<3} {size:>10}"
-                    f"  {record['build_time'] or '?'}  USE=\"{' '.join(record['use'])}\"", always=True)
+                    f"  {record['build_time'] or '?'}  USE=\"{' '.join(record['use'])}\"{state}", always=True)
 
 
 def cmd_clean(config, args, runner, output):
@@ -6854,16 +7260,21 @@ def cmd_history(config, args, runner, output):
     for entry in history:
         changes = "; ".join(f"{kind} {' '.join(entry[kind])}" for kind in ("added", "updated", "removed")
                             if entry[kind]) or "no change"
+        holds = f"; holds back {' '.join(entry['holds'])} until release" if entry["holds"] else ""
         output.text(f"{entry['id']:>4}{' *' if entry['current'] else '  '} {entry['published']}"
-                    f"  {entry['packages']:>5} packages  {entry['why']}: {changes}", always=True)
+                    f"  {entry['packages']:>5} packages  {entry['why']}: {changes}{holds}", always=True)
 
 
 def cmd_rollback(config, args, runner, output):
     settings = config.binhost_for_command(args.target)
     publication = rollback(settings, runner, output, args.id)
     if publication:
-        output.info(f"Targets now get publication {publication}; the next successful build publishes"
-                    " everything PKGDIR holds again")
+        output.info(f"Targets now get publication {publication}; later builds and updates keep what it"
+                    f" holds back out until '{PROG} release'")
+
+
+def cmd_release(config, args, runner, output):
+    release(config.binhost_for_command(args.target), runner, output, args.atoms)
 
 
 def cmd_update(config, args, runner, output):
@@ -6939,7 +7350,7 @@ COMMANDS = {
     "build": cmd_build, "install": cmd_install, "emerge": cmd_emerge,
     "setup-target": cmd_setup_target, "serve": cmd_serve, "keygen": cmd_keygen, "sign": cmd_sign,
     "add-target": cmd_add_target, "remove-target": cmd_remove_target,
-    "history": cmd_history, "rollback": cmd_rollback, "update": cmd_update,
+    "history": cmd_history, "rollback": cmd_rollback, "release": cmd_release, "update": cmd_update,
 }
 
 

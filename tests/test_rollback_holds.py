@@ -1,0 +1,449 @@
+"""Rollback that holds: one publication per command, rollback holds back what it withdraws, release.
+
+* `update` makes ONE publication (its builds for every target of the environment and what its
+  clean retires); one target's failing emerge does not stop the others, and the builds that emerge
+  left in PKGDIR before it failed are not published.
+* `rollback` publishes the publication before the current one again and holds back what it
+  withdraws (the newer version, and a package that was new): the next `update` (the nightly
+  timer) keeps it out, builds nothing for it and does not fail; a target that had installed the
+  held version goes back to the published one; `release` ends the hold and the next `update`
+  offers the released build again, so the target upgrades.
+* `rollback` to the current publication changes nothing.
+* `history --json` keeps each publication's added/updated/removed as written when it was
+  published, whatever is published later.
+
+Real components only: Portage 3.0.83 from PyPI builds in fresh binhost roots (each its own PKGDIR,
+port and gpg home), our `serve` serves them, targets (each its own ROOT and PKGDIR, its own world
+file) are reached through the session's sshd and install with their real `emerge
+--getbinpkgonly`. Tiny ebuilds (nothing is compiled). The tests of a module-scoped scenario run in
+the order written: each continues where the one before it left the binhost and its targets.
+"""
+
+import json
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from conftest import eroot
+from test_publish import (BROKEN_EBUILD, Binhost, add_ebuild, copy_repo, cpvs, entries,  # noqa: F401
+                          installed_versions, pworld, summary_line)
+
+TINY = """EAPI=8
+DESCRIPTION="{description} (rollback-hold tests)"
+HOMEPAGE="https://example.invalid/{name}"
+S="${{WORKDIR}}"
+LICENSE="MIT"
+SLOT="0"
+KEYWORDS="amd64"
+RDEPEND="{rdepend}"
+
+src_install() {{
+	insinto /usr/share/{name}
+	newins - version <<<"${{PV}}"
+}}
+"""
+
+
+def tiny(name, description="A tiny package", rdepend=""):
+    return TINY.format(name=name, description=description, rdepend=rdepend)
+
+
+def shown(result):
+    return result.stdout + result.stderr
+
+
+def row(result, name):
+    """The update summary row of target ``name``."""
+    lines = [line for line in result.stdout.splitlines() if line.startswith(name + " ")]
+    assert len(lines) == 1, f"one summary row for {name} expected:\n{shown(result)}"
+    return lines[0]
+
+
+def set_world(world, root, *atoms):
+    path = eroot(root, world.eprefix) / "var/lib/portage/world"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(atom + "\n" for atom in atoms))
+
+
+def vdb_entry(world, root, cpv):
+    return eroot(root, world.eprefix) / "var/db/pkg" / cpv
+
+
+def assert_from_our_binary(world, binhost, root, cpv):
+    """cpv is installed on the target from one of our PKGDIR's package files (not compiled)."""
+    entry = vdb_entry(world, root, cpv)
+    assert entry.is_dir(), f"{cpv} is not installed in {root}"
+    assert (entry / "BINPKGMD5").is_file(), f"{cpv} was compiled on the target, not installed from a binary"
+    build_id = (entry / "BUILD_ID").read_text().strip()
+    category, pf = cpv.split("/")
+    package = binhost.pkgdir / category / re.sub(r"-\d.*$", "", pf) / f"{pf}-{build_id}.gpkg.tar"
+    assert package.is_file(), f"the target's {cpv} (build {build_id}) is not in our PKGDIR"
+    return int(build_id)
+
+
+def served(binhost):
+    """The CPVs the running serve offers (/Packages), checked against the current publication."""
+    index = binhost.fetch("Packages")
+    current = (binhost.pkgdir / ".published/current/Packages").read_bytes()
+    assert index == current, "serve answers /Packages with something else than the current publication"
+    for entry in entries(index):
+        assert (binhost.pkgdir / entry["PATH"]).is_file(), f"the served index names {entry['PATH']}, gone"
+    return cpvs(index)
+
+
+def in_pkgdir(binhost):
+    """The CPVs PKGDIR's own (working) index names."""
+    return cpvs((binhost.pkgdir / "Packages").read_text())
+
+
+def build_files(binhost, pf):
+    """The package files of one CPV's builds (PF, e.g. rb-1.1) in PKGDIR."""
+    return sorted(p.name for p in binhost.pkgdir.rglob(f"{pf}-[0-9]*.gpkg.tar"))
+
+
+def list_states(binhost, config):
+    """{(cpv, build_id): state} from `list --json`."""
+    records = json.loads(binhost.cli("list", "--json", config=config).stdout)
+    return {(record["cpv"], record["build_id"]): record["state"] for record in records}
+
+
+def written_changes(history):
+    """What history says each publication was, as written when it was published."""
+    return {entry["id"]: {key: entry[key] for key in ("why", "published", "packages", "added", "updated", "removed")}
+            for entry in history}
+
+
+def index_difference(binhost, one, other):
+    """A unified diff of two publications' indexes (what changed for the targets)."""
+    import difflib
+    texts = [(binhost.pkgdir / ".published" / str(each) / "Packages").read_text().splitlines()
+             for each in (one, other)]
+    return "\n".join(difflib.unified_diff(*texts, str(one), str(other), lineterm=""))
+
+
+def assert_no_traceback(result):
+    assert "Traceback" not in result.stderr, result.stderr
+
+
+# ------------------------------------------------------------------------------------------------
+# The scenario: one binhost, two targets (one environment), app-misc/rb 1.0 -> 1.1 -> rollback
+# ------------------------------------------------------------------------------------------------
+
+class Scenario:
+    """A binhost serving two targets of one environment; both have app-misc/rb in their world,
+    `new` also app-misc/newpkg (a package first published with rb-1.1)."""
+
+    def __init__(self, world):
+        self.world = world
+        base = Path(tempfile.mkdtemp(prefix="rollback-holds-", dir=world.base))
+        base.chmod(0o755)
+        self.repo = copy_repo(base)
+        add_ebuild(self.repo, "app-misc/rb-1.0", tiny("rb", "Gets a new version, then a rollback"))
+        self.binhost = Binhost(world, "rbh", repo=self.repo)
+        self.binhost.cli("keygen")
+        self.old_root, self.old_config = self.binhost.new_target("rbh-old")
+        self.new_root, self.new_config = self.binhost.new_target("rbh-new")
+        self.both = self.binhost.base / "both.conf"
+        self.both.write_text(self.old_config.read_text() + "\n"
+                             + "[target" + self.new_config.read_text().split("[target", 1)[1])
+        set_world(world, self.old_root, "app-misc/rb")
+        set_world(world, self.new_root, "app-misc/rb")
+        self.results = {}
+
+    def cli(self, *args, **options):
+        options.setdefault("config", self.both)
+        return self.binhost.cli(*args, **options)
+
+    def history(self):
+        return json.loads(self.cli("history", "--json").stdout)
+
+    def rb(self, root):
+        return installed_versions(self.world, root, "app-misc/rb")
+
+
+@pytest.fixture(scope="module")
+def scenario(pworld):
+    scenario = Scenario(pworld)
+    with scenario.binhost.serving():
+        for config in (scenario.old_config, scenario.new_config):
+            scenario.binhost.cli("setup-target", config=config)
+        yield scenario
+
+
+def test_update_is_one_publication_and_keeps_what_targets_run(scenario):
+    world, binhost = scenario.world, scenario.binhost
+    # The first update: rb-1.0 for both targets, one publication; they install it.
+    first = scenario.cli("update", "--no-sync", check=False)
+    assert first.returncode == 0, shown(first)
+    assert [entry["id"] for entry in scenario.history()] == [1], shown(first)
+    assert served(binhost) == ["app-misc/rb-1.0"]
+    for root, config in ((scenario.old_root, scenario.old_config), (scenario.new_root, scenario.new_config)):
+        binhost.cli("install", "-uDN", "@world", config=config)
+        assert scenario.rb(root) == ["rb-1.0"]
+
+    # The repository moves on: rb-1.1, and the `new` target wants app-misc/newpkg too.
+    add_ebuild(scenario.repo, "app-misc/rb-1.1", tiny("rb", "Gets a new version, then a rollback"))
+    add_ebuild(scenario.repo, "app-misc/newpkg-1.0", tiny("newpkg", "First published with rb-1.1"))
+    set_world(world, scenario.new_root, "app-misc/rb", "app-misc/newpkg")
+    before = scenario.history()
+    updated = scenario.cli("update", "--no-sync", check=False)
+    assert updated.returncode == 0, shown(updated)
+    after = scenario.history()
+    assert len(after) == len(before) + 1, ("update made more (or fewer) than one publication:\n"
+                                           + json.dumps(after, indent=1) + "\n" + shown(updated))
+    newest = after[0]
+    assert newest["current"] and newest["id"] == binhost.current() == 2, after
+    assert re.search(rf"\bok: publication {newest['id']}\b", summary_line(updated, binhost.root)), updated.stdout
+    assert sorted(newest["added"]) == ["app-misc/newpkg-1.0", "app-misc/rb-1.1"], newest
+    assert newest["removed"] == [], newest
+    assert "ok: 1 of 1 package(s) from the binhost" in row(updated, "rbh-old"), updated.stdout
+    assert "ok: 2 of 2 package(s) from the binhost" in row(updated, "rbh-new"), updated.stdout
+    # rb-1.0 is no longer installed in the binhost root (rb-1.1 replaced it there), but the
+    # targets had it installed at their plans: clean keeps it, published.
+    assert served(binhost) == ["app-misc/newpkg-1.0", "app-misc/rb-1.0", "app-misc/rb-1.1"]
+    scenario.results["history after the update"] = after
+
+    # The `new` target installs the new version before the rollback; `old` does not.
+    binhost.cli("install", "-uDN", "@world", config=scenario.new_config)
+    assert scenario.rb(scenario.new_root) == ["rb-1.1"]
+    assert installed_versions(world, scenario.new_root, "app-misc/newpkg") == ["newpkg-1.0"]
+    assert scenario.rb(scenario.old_root) == ["rb-1.0"]
+
+
+def test_rollback_offers_the_old_version_only_and_holds_the_new(scenario):
+    binhost = scenario.binhost
+    rb11_builds = build_files(binhost, "rb-1.1")
+    assert rb11_builds, "the scenario needs a build of rb-1.1"
+    rolled = scenario.cli("rollback", check=False)
+    assert rolled.returncode == 0, shown(rolled)
+    history = scenario.history()
+    assert [entry["id"] for entry in history] == [3, 2, 1], history
+    rollback = history[0]
+    assert rollback["current"], rollback
+    assert sorted(rollback["holds"]) == ["app-misc/newpkg-1.0", "app-misc/rb-1.1"], rollback
+    assert sorted(rollback["removed"]) == ["app-misc/newpkg-1.0", "app-misc/rb-1.1"], rollback
+    assert served(binhost) == ["app-misc/rb-1.0"]
+    text = scenario.cli("history").stdout
+    line = next((line for line in text.splitlines() if re.match(r"\s*3 \*", line)), None)
+    assert line, text
+    assert "holds back app-misc/newpkg-1.0 app-misc/rb-1.1 until release" in line, line
+    # list marks the held builds (the files stay in PKGDIR)
+    states = list_states(binhost, scenario.both)
+    held = {key: state for key, state in states.items() if key[0] in ("app-misc/rb-1.1", "app-misc/newpkg-1.0")}
+    assert held and all(state == "held back by rollback 3" for state in held.values()), states
+    assert all(state == "" for key, state in states.items() if key[0] == "app-misc/rb-1.0"), states
+    listed = scenario.cli("list").stdout
+    assert re.search(r"^app-misc/rb-1\.1\s.*\(held back by rollback 3\)$", listed, re.MULTILINE), listed
+    assert build_files(binhost, "rb-1.1") == rb11_builds
+
+
+def test_target_that_installed_the_new_version_goes_back(scenario):
+    """(b) After the rollback, `install -uDN @world` leaves the target on the published version,
+    from a binary; a held package with no other version published stays, with a warning."""
+    world, binhost = scenario.world, scenario.binhost
+    assert scenario.rb(scenario.new_root) == ["rb-1.1"]
+    result = binhost.cli("install", "-uDN", "@world", config=scenario.new_config, check=False)
+    assert_no_traceback(result)
+    assert result.returncode == 0, shown(result)
+    assert scenario.rb(scenario.new_root) == ["rb-1.0"], shown(result)
+    assert_from_our_binary(world, binhost, scenario.new_root, "app-misc/rb-1.0")
+    assert world.installed(scenario.new_root, "usr/share/rb/version").read_text() == "1.0\n"
+    # newpkg has no other version published: it stays, and install says so.
+    assert installed_versions(world, scenario.new_root, "app-misc/newpkg") == ["newpkg-1.0"]
+    assert re.search(r"app-misc/newpkg-1\.0 stays on rbh-new: a rollback holds it back and no other version"
+                     r" of app-misc/newpkg is published", result.stderr), shown(result)
+    scenario.results["went back by itself"] = "back to app-misc/rb-1.0" not in result.stdout
+
+
+def test_rollback_to_the_current_publication_changes_nothing(scenario):
+    """(c)"""
+    binhost = scenario.binhost
+    before, current = scenario.history(), binhost.current()
+    holds = (binhost.pkgdir / ".published/holds.json").read_text()
+    result = scenario.cli("rollback", str(current), check=False)
+    assert result.returncode == 0, shown(result)
+    assert f"Publication {current} is the current one: nothing changes" in shown(result), shown(result)
+    assert scenario.history() == before
+    assert binhost.current() == current
+    assert (binhost.pkgdir / ".published/holds.json").read_text() == holds
+
+
+def test_nightly_update_keeps_the_rollback(scenario):
+    """(a) The timer's `update` after the rollback: the old version is still all that is offered,
+    nothing is built for the held version, it is not a failure; the target stays on the old one."""
+    world, binhost = scenario.world, scenario.binhost
+    rb11_builds, newpkg_builds = build_files(binhost, "rb-1.1"), build_files(binhost, "newpkg-1.0")
+    publication = binhost.current()
+    updated = scenario.cli("update", "--no-sync", check=False)
+    assert_no_traceback(updated)
+    assert updated.returncode == 0, shown(updated)
+    for name in ("rbh-old", "rbh-new"):
+        assert "ok: 0 of 1 package(s) from the binhost, 1 held back by a rollback" in row(updated, name), \
+            updated.stdout
+    assert re.search(r"app-misc/rb-1\.1\S*\s+\(held back by rollback 3: '[^']*gentoo-binhost\.py release' ends it\)",
+                     updated.stdout), updated.stdout
+    assert build_files(binhost, "rb-1.1") == rb11_builds, "update built the held version again"
+    assert build_files(binhost, "newpkg-1.0") == newpkg_builds
+    assert served(binhost) == ["app-misc/rb-1.0"]
+    # Nothing changed for the targets: no new publication ("ok: nothing new").
+    assert binhost.current() == publication, (
+        f"the update published {binhost.current()} though nothing changed; the two indexes differ:\n"
+        + index_difference(binhost, publication, binhost.current()) + "\n" + updated.stdout)
+    assert "ok: nothing new" in summary_line(updated, binhost.root), updated.stdout
+
+    installed = binhost.cli("install", "-uDN", "@world", config=scenario.old_config, check=False)
+    assert_no_traceback(installed)
+    assert scenario.rb(scenario.old_root) == ["rb-1.0"], shown(installed)
+    assert installed.returncode == 0, shown(installed)
+    assert_from_our_binary(world, binhost, scenario.old_root, "app-misc/rb-1.0")
+
+
+def test_release_and_the_next_update_offer_the_new_version_again(scenario):
+    """(a) release, update: the released build is published again (not rebuilt) and the target
+    upgrades."""
+    world, binhost = scenario.world, scenario.binhost
+    rb11_builds = build_files(binhost, "rb-1.1")
+    released = scenario.cli("release", check=False)
+    assert released.returncode == 0, shown(released)
+    assert "app-misc/rb-1.1" in released.stdout and "app-misc/newpkg-1.0" in released.stdout, shown(released)
+    assert served(binhost) == ["app-misc/rb-1.0"], "release itself publishes nothing"
+    assert not [state for state in list_states(binhost, scenario.both).values() if state.startswith("held")]
+
+    before = binhost.current()
+    updated = scenario.cli("update", "--no-sync", check=False)
+    assert_no_traceback(updated)
+    assert updated.returncode == 0, shown(updated)
+    assert binhost.current() == before + 1, shown(updated)
+    assert re.search(rf"\bok: publication {before + 1}\b", summary_line(updated, binhost.root)), updated.stdout
+    assert served(binhost) == ["app-misc/newpkg-1.0", "app-misc/rb-1.0", "app-misc/rb-1.1"]
+    assert build_files(binhost, "rb-1.1") == rb11_builds, "the released build was built again"
+    newest = scenario.history()[0]
+    assert sorted(newest["added"]) == ["app-misc/newpkg-1.0", "app-misc/rb-1.1"], newest
+
+    for root, config in ((scenario.old_root, scenario.old_config), (scenario.new_root, scenario.new_config)):
+        installed = binhost.cli("install", "-uDN", "@world", config=config, check=False)
+        assert installed.returncode == 0, shown(installed)
+        assert scenario.rb(root) == ["rb-1.1"], shown(installed)
+        assert_from_our_binary(world, binhost, root, "app-misc/rb-1.1")
+        assert world.installed(root, "usr/share/rb/version").read_text() == "1.1\n"
+
+
+def test_history_keeps_what_each_publication_changed(scenario):
+    """(e) A later update (its clean retires rb-1.0: no target runs it any more) publishes again;
+    every earlier entry still says what it said."""
+    binhost = scenario.binhost
+    before = scenario.history()
+    updated = scenario.cli("update", "--no-sync", check=False)
+    assert updated.returncode == 0, shown(updated)
+    after = scenario.history()
+    assert len(after) == len(before) + 1, shown(updated)
+    assert after[0]["removed"] == ["app-misc/rb-1.0"], after[0]
+    assert "app-misc/rb-1.0" not in served(binhost)
+    states = list_states(binhost, scenario.both)
+    assert {state for (cpv, _), state in states.items() if cpv == "app-misc/rb-1.0"} == {"retired"}, states
+
+    then, now = written_changes(before), written_changes(after)
+    common = sorted(set(then) & set(now))
+    assert common, (before, after)
+    for publication in common:
+        assert now[publication] == then[publication], f"publication {publication}'s history changed"
+    # ... and the entries seen right after the first update's publication 2, too.
+    early = written_changes(scenario.results["history after the update"])
+    for publication in sorted(set(early) & set(now)):
+        assert now[publication] == early[publication], f"publication {publication}'s history changed"
+    assert now[2]["added"] == ["app-misc/newpkg-1.0", "app-misc/rb-1.1"], now[2]
+    assert sorted(now[3]["removed"]) == ["app-misc/newpkg-1.0", "app-misc/rb-1.1"], now[3]
+
+
+# ------------------------------------------------------------------------------------------------
+# (d) One publication per update; one target failing does not stop the other
+# ------------------------------------------------------------------------------------------------
+
+class FailingPair:
+    """A binhost with two targets in one environment: `bad` wants app-misc/fails (its dependency
+    app-misc/fails-dep builds; fails dies in src_compile), `good` wants app-misc/good. `bad` comes
+    first in the configuration."""
+
+    def __init__(self, world):
+        self.world = world
+        base = Path(tempfile.mkdtemp(prefix="rollback-failing-", dir=world.base))
+        base.chmod(0o755)
+        self.repo = copy_repo(base)
+        add_ebuild(self.repo, "app-misc/good-1.0", tiny("good", "The good target's package"))
+        add_ebuild(self.repo, "app-misc/fails-dep-1.0", tiny("fails-dep", "Built before fails dies"))
+        add_ebuild(self.repo, "app-misc/fails-1.0", BROKEN_EBUILD.format(rdepend="app-misc/fails-dep"))
+        self.binhost = Binhost(world, "rbf", repo=self.repo)
+        self.binhost.cli("keygen")
+        self.bad_root, self.bad_config = self.binhost.new_target("rbf-bad")
+        self.good_root, self.good_config = self.binhost.new_target("rbf-good")
+        self.both = self.binhost.base / "both.conf"
+        self.both.write_text(self.bad_config.read_text() + "\n"
+                             + "[target" + self.good_config.read_text().split("[target", 1)[1])
+        set_world(world, self.bad_root, "app-misc/fails")
+        set_world(world, self.good_root, "app-misc/good")
+
+    def update(self):
+        return self.binhost.cli("update", "--no-sync", config=self.both, check=False)
+
+    def history(self):
+        return json.loads(self.binhost.cli("history", "--json", config=self.both).stdout)
+
+
+@pytest.fixture(scope="module")
+def failing(pworld):
+    pair = FailingPair(pworld)
+    with pair.binhost.serving():
+        for config in (pair.bad_config, pair.good_config):
+            pair.binhost.cli("setup-target", config=config)
+        yield pair
+
+
+def assert_failed_update(pair, result):
+    assert_no_traceback(result)
+    assert result.returncode == 1, shown(result)
+    bad = row(result, "rbf-bad")
+    assert "FAILED" in bad, result.stdout
+    assert re.search(r"\bok\b", row(result, "rbf-good")) and "FAILED" not in row(result, "rbf-good"), result.stdout
+    assert "FAILED" in summary_line(result, pair.binhost.root), result.stdout
+    assert "app-misc/fails-dep-1.0" in in_pkgdir(pair.binhost), \
+        "the scenario needs Portage to have indexed fails-dep in PKGDIR before fails died"
+    assert not build_files(pair.binhost, "fails-1.0")
+
+
+def test_failing_target_does_not_stop_the_first_publication(failing):
+    """The very first publication of a binhost, made by an update where one target fails."""
+    result = failing.update()
+    assert_failed_update(failing, result)
+    history = failing.history()
+    assert [entry["id"] for entry in history] == [1], shown(result)
+    offered = served(failing.binhost)
+    assert "app-misc/good-1.0" in offered, shown(result)
+    assert "app-misc/fails-dep-1.0" not in offered, (
+        "the first publication offers fails-dep, which the failed emerge left in PKGDIR:\n" + shown(result))
+    assert history[0]["added"] == ["app-misc/good-1.0"], history[0]
+
+
+def test_failing_target_does_not_stop_the_others_publication(failing):
+    """One publication per update: the good target's new version is published, the failed
+    emerge's build is not."""
+    binhost = failing.binhost
+    add_ebuild(failing.repo, "app-misc/good-1.1", tiny("good", "The good target's package"))
+    before = failing.history()
+    dep_builds = build_files(binhost, "fails-dep-1.0")
+    result = failing.update()
+    assert_failed_update(failing, result)
+    assert len(build_files(binhost, "fails-dep-1.0")) > len(dep_builds), \
+        "the scenario needs the bad target's emerge to build fails-dep again before fails dies"
+    after = failing.history()
+    assert len(after) == len(before) + 1, shown(result)
+    assert after[0]["current"] and after[0]["id"] == binhost.current(), after
+    assert after[0]["added"] == ["app-misc/good-1.1"], after[0]
+    offered = served(binhost)
+    assert "app-misc/good-1.1" in offered and "app-misc/fails-dep-1.0" not in offered, offered
+    assert "ok: 1 of 1 package(s) from the binhost" in row(result, "rbf-good"), result.stdout
+    # The good target installs what was published.
+    binhost.cli("install", "-uDN", "@world", config=failing.good_config)
+    assert installed_versions(failing.world, failing.good_root, "app-misc/good") == ["good-1.1"]
