@@ -385,11 +385,21 @@ class Config:
         self.path = path
         self.binhost = binhost
         self.targets = targets
+        self._environments = None  # (what they were made from, {name: BinhostSettings})
 
     def environments(self):
         """{name: BinhostSettings} of every binhost environment. With one (the usual case) its
         PKGDIR is served at /; with several (targets with their own binhost-root), each is served
-        under /<basename of its root>/. Signing key and server settings are shared."""
+        under /<basename of its root>/. Signing key and server settings are shared. Made once
+        (again only when the targets' environments change), so a setting changed through one
+        of them stays changed."""
+        made_from = (self.binhost.root, tuple(sorted((name, target.binhost_root, target.build_method)
+                                                     for name, target in self.targets.items())))
+        if self._environments is None or self._environments[0] != made_from:
+            self._environments = (made_from, self._make_environments())
+        return self._environments[1]
+
+    def _make_environments(self):
         roots = [self.binhost.root] + sorted({target.binhost_root for target in self.targets.values()
                                               if target.binhost_root} - {self.binhost.root})
         if len(roots) == 1:
@@ -1387,7 +1397,11 @@ def check_distcc_helpers(settings, build_host, output):
                                    " is distccd running there and allowing this host?")
             with open(target, "rb") as handle:
                 match = GCC_VERSION_MARK.search(handle.read())
-            return match.group(1).decode() if match else "unknown"
+            if not match:  # fail closed: two unreadable versions are not the same version
+                raise BinhostError(f"{what}: cannot read the gcc version from the object it compiled"
+                                   " (no 'GCC: (...) VERSION' comment): refusing it, as a gcc of another"
+                                   " version would build different binaries")
+            return match.group(1).decode()
 
         local = compiled_version([gcc], None, "the local gcc")
         for host in distcc_hosts(settings.distcc_hosts):
@@ -2146,8 +2160,34 @@ else
     echo "none 127"
 fi
 """
-# Exit codes with which wget and curl say the server answered, with an HTTP error (auth, 404).
-FETCH_ANSWERED = {"wget": ("6", "8"), "curl": ("22",)}
+# Exit codes with which wget and curl say the server answered with an HTTP error (a 404 before the
+# first build; wget says 6 for refused credentials).
+FETCH_ANSWERED = {"wget": ("8",), "curl": ("22",)}
+# What wget's and curl's exit codes mean for fetching our index, and the fix (their man pages).
+FETCH_FAILURES = (
+    ({"wget": ("4",), "curl": ("5", "6", "7", "28", "52", "55", "56")},
+     "a network failure (no connection to the url's host and port): is serve running, and reachable"
+     " from there (a firewall, NAT, the url's host name)? transport = tunnel needs no open port"),
+    ({"wget": ("5",), "curl": ("35", "51", "53", "54", "58", "59", "60", "64", "66", "77", "80", "82", "83",
+                               "90", "91")},
+     "a TLS failure: the target must trust tls-cert (or its CA) and the url's host name must be in it"),
+    ({"wget": ("6",), "curl": ("67",)},
+     "the server refused the credentials: check auth-file here, then run setup-target again so the"
+     " target's entry has them"),
+    ({"wget": ("8",), "curl": ("22",)},
+     "the server answered with an HTTP error (404: nothing published at that url, or another PKGDIR"
+     " served there; 401: credentials): check url, auth-file and which PKGDIR is served"),
+)
+
+
+def describe_fetch_failure(tool, code):
+    """What a failed download of our index means, with its fix."""
+    if tool == "none":
+        return "the target has neither wget nor curl, which Portage needs to download packages: install one"
+    for codes, meaning in FETCH_FAILURES:
+        if code in codes.get(tool, ()):
+            return meaning
+    return f"{tool} failed (see its man page for exit {code}); try {tool} URL/Packages on the target"
 
 # One ssh round trip: can the target download our index; what would the emerge arguments merge
 # there, resolved from its own ebuild tree as if it built from source (every package with its
@@ -2480,11 +2520,8 @@ class TargetPlan:
         answered = self.fetch_code in FETCH_ANSWERED.get(self.fetch_tool, ())
         if answered and not self.index_exists:
             return None
-        hint = ("the server answered with an error: check url, auth-file and the served PKGDIR"
-                if answered else "is serve running, and reachable from there? ('"
-                f"{PROG} doctor' tells more; transport = tunnel needs no open port)")
         return (f"{self.target.name} cannot download {self.shown_url}Packages ({self.fetch_tool} exit"
-                f" {self.fetch_code}): {hint}")
+                f" {self.fetch_code}): {describe_fetch_failure(self.fetch_tool, self.fetch_code)}")
 
     def problem(self):
         """Why the arguments cannot be resolved on the target, in Portage's words, or None."""
@@ -2718,7 +2755,7 @@ def check_installed(settings, target, runner, output, plan, route):
         tool, code = fetch_index(settings, remote, runner, forward=route.forward)
         if code != "0":
             cause = (f": it cannot download {target_url(settings, bool(route.forward), with_credentials=False)}"
-                     f"Packages ({tool} exit {code}): is the server reachable from there?")
+                     f"Packages ({tool} exit {code}): {describe_fetch_failure(tool, code)}")
     if not cause and unpublished:
         cause = (f": not on the binhost yet ({', '.join(unpublished)}): '{PROG} emerge"
                  " ARGS' builds what the target's plan needs")
@@ -2788,7 +2825,7 @@ def install_packages(settings, target, runner, output, emerge_args, plan=None, r
                 if code != "0":
                     raise BinhostError(f"emerge failed on target {target.name}: it cannot download"
                                        f" {target_url(settings, False, with_credentials=False)}Packages"
-                                       f" ({tool} exit {code}): is serve running and reachable from there?")
+                                       f" ({tool} exit {code}): {describe_fetch_failure(tool, code)}")
             raise BinhostError(f"emerge failed on target {target.name} (exit {result.returncode}):"
                                " see its output above")
         if plan is not None and not user_emerge_only_pretends(emerge_args):
@@ -4976,9 +5013,10 @@ def check_binrepos(doctor, settings, target, runner, output):
     if code == "0":
         doctor.report(OK, "fetch", f"{target.name} can download {shown}Packages")
     else:
-        hint = (f"{settings.pkgdir} has no index yet: build something first"
-                if not os.path.isfile(os.path.join(settings.pkgdir, "Packages"))
-                else "is serve running and reachable from there?")
+        answered = code in FETCH_ANSWERED.get(tool, ())
+        hint = (f"{settings.pkgdir} has no index yet: build something first ('{PROG} emerge -uDN @world')"
+                if answered and not os.path.isfile(os.path.join(settings.pkgdir, "Packages"))
+                else describe_fetch_failure(tool, code))
         doctor.report(FAIL, "fetch", f"{target.name} cannot download {shown}Packages ({tool} exit {code}):"
                                      f" {hint}")
     if settings.signing_key:
@@ -6021,6 +6059,10 @@ def remove_target(config, args, runner, output):
                                " running; try again when it is done")
         output.info(f"Removing the environment {settings.root} (no other target uses it)")
         runner.run(["rm", "-rf", "--one-file-system", settings.root], describe=f"removing {settings.root}")
+    else:
+        record = os.path.join(publications_dir(settings.pkgdir), INSTALLED_DIR, target.name)
+        if os.path.isfile(record):  # clean no longer keeps what it had installed
+            runner.run(["rm", "-f", record], describe=f"removing {record}")
     runner.write_file(config.path, remove_config_section(read_text(config.path), f"target {target.name}"))
 
 
@@ -7031,6 +7073,7 @@ def cmd_build(config, args, runner, output):
     for_target = emerge_args[:1] == ["--for-target"]
     if for_target:  # ours, like --distcc: what the target would merge, not these arguments
         emerge_args = emerge_args[1:]
+    hosts = None
     if emerge_args[:1] == ["--distcc"] or emerge_args[:1] and emerge_args[0].startswith("--distcc="):
         # emerge has no --distcc: ours, taken before the rest
         if "=" in emerge_args[0]:
@@ -7039,15 +7082,16 @@ def cmd_build(config, args, runner, output):
             hosts, emerge_args = (emerge_args[1] if len(emerge_args) > 1 else ""), emerge_args[2:]
         if not distcc_hosts(hosts):
             raise UsageError("build --distcc needs the helper hosts, e.g. --distcc 'host1/8 host2/4'")
-        config.binhost.distcc_hosts = hosts
     if not emerge_args:
         raise UsageError("build needs emerge arguments after its own options")
+    target = config.target(args.target) if for_target else None
+    settings = config.binhost_for(target) if for_target else config.binhost_for_command(args.target)
+    if hosts is not None:
+        settings.distcc_hosts = hosts
     if for_target:
-        target = config.target(args.target)
-        settings = config.binhost_for(target)
         build_for_target(settings, target, runner, output, emerge_args)
-        return
-    build_packages(config.binhost_for_command(args.target), runner, output, emerge_args)
+    else:
+        build_packages(settings, runner, output, emerge_args)
 
 
 def for_each_target(config, output, *phases, between=None):
@@ -7337,8 +7381,9 @@ def cmd_doctor(config, args, runner, output):
                            + (f" on {', '.join(failed)}" if args.all else ""))
 
 
-# Commands that create the configuration file when it does not exist yet.
-COMMANDS_WRITING_CONFIG = ("init", "keygen", "add-target")
+# Commands that create a configuration file named with -c (or $GENTOO_BINHOST_CONFIG) when it
+# does not exist yet; add-target creates only the default one (a mistyped -c stays an error).
+COMMANDS_WRITING_CONFIG = ("init", "keygen")
 
 COMMANDS = {
     "doctor": cmd_doctor,

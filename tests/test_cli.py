@@ -81,6 +81,19 @@ def test_single_target_is_the_default(gb, config):
     assert target.portage_environment == {"ROOT": "/mnt/gentoo", "PORTAGE_CONFIGROOT": "/mnt/gentoo"}
 
 
+def test_a_setting_changed_through_one_of_several_environments_stays(gb, tmp_path):
+    path = tmp_path / "c.conf"
+    path.write_text("[binhost]\nroot = /b/main\n\n[target a]\nhost = root@a\n\n"
+                    "[target b]\nhost = root@b\nbinhost-root = /b/second\n")
+    config = gb.load_config(str(path))
+    assert sorted(config.environments()) == ["main", "second"]
+    second = config.binhost_for(config.target("b"))
+    second.distcc_hosts = "helper/4"
+    assert config.environments()["second"] is second
+    assert config.binhost_for(config.target("b")).distcc_hosts == "helper/4"
+    assert config.binhost_for(config.target("a")).distcc_hosts != "helper/4"
+
+
 def test_root_slash_sets_no_portage_environment(gb, tmp_path):
     path = tmp_path / "c.conf"
     path.write_text("[target a]\nhost = root@a\n")
@@ -277,3 +290,11 @@ def test_runner_write_file_is_atomic_with_backup(gb, tmp_path):
     assert not runner.write_file(str(path), "new\n")
     gb.Runner(output, pretend=True).write_file(str(path), "changed\n")
     assert path.read_text() == "new\n"
+
+
+def test_add_target_refuses_a_configuration_file_that_does_not_exist(tmp_path):
+    missing = tmp_path / "typo.conf"
+    result = cli("add-target", "t1", "root@t1.invalid", config=missing)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert f"configuration file {missing} (-c) does not exist" in result.stderr
+    assert not missing.exists()

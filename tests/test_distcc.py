@@ -69,7 +69,7 @@ def test_pretend_shows_the_distcc_environment(tmp_path, binhost, portage_bin):
     assert result.returncode == 0, result.stderr
     line = next(line for line in result.stdout.splitlines() if line.startswith("ROOT="))
     words = shlex.split(line)
-    assert "FEATURES=-getbinpkg distcc" in words and "DISTCC_HOSTS=10.0.0.2/8 10.0.0.3/4" in words
+    assert "FEATURES=-getbinpkg binpkg-multi-instance distcc" in words and "DISTCC_HOSTS=10.0.0.2/8 10.0.0.3/4" in words
     assert any(word.startswith("MAKEOPTS=-j12 -l") for word in words) and words[-1] == "app-misc/hello"
 
 
@@ -80,4 +80,21 @@ def test_an_unreachable_helper_stops_the_build_before_it_starts(tmp_path, binhos
     result = cli(portage_bin, config, "build", "app-misc/hello")
     assert result.returncode == 1
     assert "distcc helper 127.0.0.1:1/2 cannot compile" in result.stderr
+    assert not list((binhost / "var/cache/binpkgs").rglob("*.gpkg.tar"))
+
+
+def test_a_gcc_version_that_cannot_be_read_is_refused(tmp_path, binhost, portage_bin):
+    """Fail closed: a compiler whose objects carry no version (-fno-ident) is not taken for the
+    same version as the helper's (both used to read as "unknown")."""
+    need(shutil.which("distcc"), "distcc missing")
+    wrapper = tmp_path / "bin/gcc"
+    wrapper.parent.mkdir()
+    wrapper.write_text(f"#!/bin/sh\nexec {shutil.which('gcc')} -fno-ident \"$@\"\n")
+    wrapper.chmod(0o755)
+    config = tmp_path / "c.conf"
+    config.write_text(f"[binhost]\nroot = {binhost}\ndistcc-hosts = 127.0.0.1:1/2\n")
+    result = run([sys.executable, SCRIPT, "-c", config, "--color=n", "build", "app-misc/hello"], check=False,
+                 env={"PATH": f"{wrapper.parent}:{portage_bin}:{os.environ['PATH']}"})
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "the local gcc: cannot read the gcc version" in result.stderr
     assert not list((binhost / "var/cache/binpkgs").rglob("*.gpkg.tar"))

@@ -256,6 +256,8 @@ def test_target_that_installed_the_new_version_goes_back(scenario):
     assert re.search(r"app-misc/newpkg-1\.0 stays on rbh-new: a rollback holds it back and no other version"
                      r" of app-misc/newpkg is published", result.stderr), shown(result)
     scenario.results["went back by itself"] = "back to app-misc/rb-1.0" not in result.stdout
+    print("rbh-new went back to rb-1.0", "by Portage itself" if scenario.results["went back by itself"]
+          else "through the explicit --oneshot =app-misc/rb-1.0")
 
 
 def test_rollback_to_the_current_publication_changes_nothing(scenario):
@@ -288,17 +290,33 @@ def test_nightly_update_keeps_the_rollback(scenario):
     assert build_files(binhost, "rb-1.1") == rb11_builds, "update built the held version again"
     assert build_files(binhost, "newpkg-1.0") == newpkg_builds
     assert served(binhost) == ["app-misc/rb-1.0"]
-    # Nothing changed for the targets: no new publication ("ok: nothing new").
-    assert binhost.current() == publication, (
-        f"the update published {binhost.current()} though nothing changed; the two indexes differ:\n"
-        + index_difference(binhost, publication, binhost.current()) + "\n" + updated.stdout)
-    assert "ok: nothing new" in summary_line(updated, binhost.root), updated.stdout
+    scenario.results["nightly update"] = (publication, binhost.current(), updated)
 
+    # The tool's emerge (the gate, then the install) on the target that never had rb-1.1: it stays.
+    emerged = binhost.cli("emerge", "-uDN", "@world", config=scenario.old_config, check=False)
+    assert_no_traceback(emerged)
+    assert emerged.returncode == 0, shown(emerged)
+    assert scenario.rb(scenario.old_root) == ["rb-1.0"], shown(emerged)
+    assert build_files(binhost, "rb-1.1") == rb11_builds, "emerge built the held version again"
+    assert served(binhost) == ["app-misc/rb-1.0"]
+
+    # install, as a target's own nightly job would run it: it stays on the old version, exit 0.
     installed = binhost.cli("install", "-uDN", "@world", config=scenario.old_config, check=False)
     assert_no_traceback(installed)
     assert scenario.rb(scenario.old_root) == ["rb-1.0"], shown(installed)
-    assert installed.returncode == 0, shown(installed)
     assert_from_our_binary(world, binhost, scenario.old_root, "app-misc/rb-1.0")
+    assert installed.returncode == 0, shown(installed)
+
+
+def test_nightly_update_after_the_rollback_publishes_nothing_new(scenario):
+    """The update after the rollback changes nothing for the targets: it makes no publication
+    (its summary says 'ok: nothing new')."""
+    before, after, updated = scenario.results["nightly update"]
+    binhost = scenario.binhost
+    assert after == before, (
+        f"the update published {after} though nothing changed for the targets; the two indexes differ:\n"
+        + index_difference(binhost, before, after) + "\n" + updated.stdout)
+    assert "ok: nothing new" in summary_line(updated, binhost.root), updated.stdout
 
 
 def test_release_and_the_next_update_offer_the_new_version_again(scenario):
@@ -339,7 +357,8 @@ def test_history_keeps_what_each_publication_changed(scenario):
     updated = scenario.cli("update", "--no-sync", check=False)
     assert updated.returncode == 0, shown(updated)
     after = scenario.history()
-    assert len(after) == len(before) + 1, shown(updated)
+    assert after[0]["id"] == before[0]["id"] + 1 and after[0]["current"], shown(updated)
+    assert {entry["id"] for entry in after} - {entry["id"] for entry in before} == {after[0]["id"]}, after
     assert after[0]["removed"] == ["app-misc/rb-1.0"], after[0]
     assert "app-misc/rb-1.0" not in served(binhost)
     states = list_states(binhost, scenario.both)
@@ -362,28 +381,34 @@ def test_history_keeps_what_each_publication_changed(scenario):
 # (d) One publication per update; one target failing does not stop the other
 # ------------------------------------------------------------------------------------------------
 
+def failing_repo(base):
+    repo = copy_repo(base)
+    add_ebuild(repo, "app-misc/seed-1.0", tiny("seed", "Published before the update"))
+    add_ebuild(repo, "app-misc/good-1.0", tiny("good", "The good target's package"))
+    add_ebuild(repo, "app-misc/fails-dep-1.0", tiny("fails-dep", "Built before fails dies"))
+    add_ebuild(repo, "app-misc/fails-1.0", BROKEN_EBUILD.format(rdepend="app-misc/fails-dep"))
+    return repo
+
+
 class FailingPair:
     """A binhost with two targets in one environment: `bad` wants app-misc/fails (its dependency
     app-misc/fails-dep builds; fails dies in src_compile), `good` wants app-misc/good. `bad` comes
     first in the configuration."""
 
-    def __init__(self, world):
+    def __init__(self, world, prefix="rbf", names=("rbf-bad", "rbf-good")):
         self.world = world
-        base = Path(tempfile.mkdtemp(prefix="rollback-failing-", dir=world.base))
+        base = Path(tempfile.mkdtemp(prefix=prefix + "-", dir=world.base))
         base.chmod(0o755)
-        self.repo = copy_repo(base)
-        add_ebuild(self.repo, "app-misc/good-1.0", tiny("good", "The good target's package"))
-        add_ebuild(self.repo, "app-misc/fails-dep-1.0", tiny("fails-dep", "Built before fails dies"))
-        add_ebuild(self.repo, "app-misc/fails-1.0", BROKEN_EBUILD.format(rdepend="app-misc/fails-dep"))
-        self.binhost = Binhost(world, "rbf", repo=self.repo)
+        self.repo = failing_repo(base)
+        self.binhost = Binhost(world, prefix, repo=self.repo)
         self.binhost.cli("keygen")
-        self.bad_root, self.bad_config = self.binhost.new_target("rbf-bad")
-        self.good_root, self.good_config = self.binhost.new_target("rbf-good")
+        self.targets = [self.binhost.new_target(name) for name in names]
         self.both = self.binhost.base / "both.conf"
-        self.both.write_text(self.bad_config.read_text() + "\n"
-                             + "[target" + self.good_config.read_text().split("[target", 1)[1])
-        set_world(world, self.bad_root, "app-misc/fails")
-        set_world(world, self.good_root, "app-misc/good")
+        self.both.write_text(self.targets[0][1].read_text() + "".join(
+            "\n[target" + config.read_text().split("[target", 1)[1] for _root, config in self.targets[1:]))
+        set_world(world, self.targets[0][0], "app-misc/fails")
+        for root, _config in self.targets[1:]:
+            set_world(world, root, "app-misc/good")
 
     def update(self):
         return self.binhost.cli("update", "--no-sync", config=self.both, check=False)
@@ -392,58 +417,58 @@ class FailingPair:
         return json.loads(self.binhost.cli("history", "--json", config=self.both).stdout)
 
 
-@pytest.fixture(scope="module")
-def failing(pworld):
-    pair = FailingPair(pworld)
-    with pair.binhost.serving():
-        for config in (pair.bad_config, pair.good_config):
-            pair.binhost.cli("setup-target", config=config)
-        yield pair
-
-
-def assert_failed_update(pair, result):
+def assert_failed_update(pair, result, bad="rbf-bad", good="rbf-good"):
     assert_no_traceback(result)
     assert result.returncode == 1, shown(result)
-    bad = row(result, "rbf-bad")
-    assert "FAILED" in bad, result.stdout
-    assert re.search(r"\bok\b", row(result, "rbf-good")) and "FAILED" not in row(result, "rbf-good"), result.stdout
+    assert "FAILED" in row(result, bad), result.stdout
+    if good:
+        assert re.search(r"\bok\b", row(result, good)) and "FAILED" not in row(result, good), result.stdout
     assert "FAILED" in summary_line(result, pair.binhost.root), result.stdout
     assert "app-misc/fails-dep-1.0" in in_pkgdir(pair.binhost), \
-        "the scenario needs Portage to have indexed fails-dep in PKGDIR before fails died"
+        "the scenario needs Portage to have indexed fails-dep in PKGDIR before fails died:\n" + shown(result)
     assert not build_files(pair.binhost, "fails-1.0")
 
 
-def test_failing_target_does_not_stop_the_first_publication(failing):
-    """The very first publication of a binhost, made by an update where one target fails."""
-    result = failing.update()
-    assert_failed_update(failing, result)
-    history = failing.history()
-    assert [entry["id"] for entry in history] == [1], shown(result)
-    offered = served(failing.binhost)
-    assert "app-misc/good-1.0" in offered, shown(result)
+def test_failing_target_does_not_stop_the_others_publication(pworld):
+    """One publication for the update: the good target's build is published, the build the failed
+    emerge left in PKGDIR (fails-dep) is not."""
+    pair = FailingPair(pworld)
+    binhost = pair.binhost
+    with binhost.serving():
+        for _root, config in pair.targets:
+            binhost.cli("setup-target", config=config)
+        binhost.cli("build", "app-misc/seed", config=pair.both)
+        before = pair.history()
+        assert [entry["id"] for entry in before] == [1], before
+        assert served(binhost) == ["app-misc/seed-1.0"]
+
+        result = pair.update()
+        assert_failed_update(pair, result)
+        after = pair.history()
+        assert [entry["id"] for entry in after] == [2, 1], ("not one publication for the update:\n"
+                                                            + json.dumps(after, indent=1) + "\n" + shown(result))
+        assert after[0]["current"] and after[0]["added"] == ["app-misc/good-1.0"], after[0]
+        offered = served(binhost)
+        assert offered == ["app-misc/good-1.0", "app-misc/seed-1.0"], (
+            "the update's publication is not seed + the good target's build:\n" + shown(result))
+        assert "ok: 1 of 1 package(s) from the binhost" in row(result, "rbf-good"), result.stdout
+        # The good target installs what was published.
+        good_root, good_config = pair.targets[1]
+        binhost.cli("install", "-uDN", "@world", config=good_config)
+        assert installed_versions(pair.world, good_root, "app-misc/good") == ["good-1.0"]
+
+
+def test_failing_update_before_any_publication_publishes_no_leftover(pworld):
+    """The binhost's first publication, made by an update whose only target fails after its
+    emerge built fails-dep: what that emerge left in PKGDIR is not published."""
+    pair = FailingPair(pworld, prefix="rbf1", names=("rbf1-bad",))
+    binhost = pair.binhost
+    with binhost.serving():
+        binhost.cli("setup-target", config=pair.targets[0][1])
+        result = pair.update()
+        assert_failed_update(pair, result, bad="rbf1-bad", good=None)
+        published = binhost.current()
+        offered = cpvs((binhost.pkgdir / ".published/current/Packages").read_text()) if published else []
     assert "app-misc/fails-dep-1.0" not in offered, (
-        "the first publication offers fails-dep, which the failed emerge left in PKGDIR:\n" + shown(result))
-    assert history[0]["added"] == ["app-misc/good-1.0"], history[0]
-
-
-def test_failing_target_does_not_stop_the_others_publication(failing):
-    """One publication per update: the good target's new version is published, the failed
-    emerge's build is not."""
-    binhost = failing.binhost
-    add_ebuild(failing.repo, "app-misc/good-1.1", tiny("good", "The good target's package"))
-    before = failing.history()
-    dep_builds = build_files(binhost, "fails-dep-1.0")
-    result = failing.update()
-    assert_failed_update(failing, result)
-    assert len(build_files(binhost, "fails-dep-1.0")) > len(dep_builds), \
-        "the scenario needs the bad target's emerge to build fails-dep again before fails dies"
-    after = failing.history()
-    assert len(after) == len(before) + 1, shown(result)
-    assert after[0]["current"] and after[0]["id"] == binhost.current(), after
-    assert after[0]["added"] == ["app-misc/good-1.1"], after[0]
-    offered = served(binhost)
-    assert "app-misc/good-1.1" in offered and "app-misc/fails-dep-1.0" not in offered, offered
-    assert "ok: 1 of 1 package(s) from the binhost" in row(result, "rbf-good"), result.stdout
-    # The good target installs what was published.
-    binhost.cli("install", "-uDN", "@world", config=failing.good_config)
-    assert installed_versions(failing.world, failing.good_root, "app-misc/good") == ["good-1.1"]
+        f"publication {published}, the first, offers fails-dep, which the failed emerge left in PKGDIR"
+        f" (history: {pair.history()}):\n" + shown(result))

@@ -566,3 +566,42 @@ def test_install_that_merges_nothing_is_not_a_success(pair):
     result = pair.cli("install", "--update", "--deep", "--newuse", "@world", check=False)
     assert result.returncode == 0, shown(result)
     pair.assert_from_binary("app-misc/bump-1.1")
+
+
+# ------------------------------------------------------------------------------------------------
+# doctor tells fetch failures apart (real wget on the target)
+# ------------------------------------------------------------------------------------------------
+
+def test_doctor_tells_a_network_failure_from_an_auth_failure(pair, gb):
+    import threading
+    dead = port_nobody_listens_on()
+    config = pair.base / "fetch-dead.conf"
+    config.write_text(pair.config.read_text().replace(f"url = http://127.0.0.1:{pair.port}/",
+                                                      f"url = http://127.0.0.1:{dead}/"))
+    result = pair.cli("doctor", "--json", config=config, check=False)
+    rows = {row["check"]: row for row in json.loads(result.stdout)}
+    assert rows["fetch"]["status"] == "FAIL", rows["fetch"]
+    assert "(wget exit 4)" in rows["fetch"]["detail"] and "network failure" in rows["fetch"]["detail"], rows["fetch"]
+
+    # A server that wants credentials the configuration does not give: 401.
+    server = gb.make_server("127.0.0.1", 0, str(pair.pkgdir), gb.Output(color=False, verbosity=0),
+                            authorizations=gb.basic_authorizations([("someone", "secret")]))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        config.write_text(pair.config.read_text().replace(
+            f"url = http://127.0.0.1:{pair.port}/", f"url = http://127.0.0.1:{server.server_address[1]}/"))
+        result = pair.cli("doctor", "--json", config=config, check=False)
+    finally:
+        server.shutdown()
+        server.server_close()
+    rows = {row["check"]: row for row in json.loads(result.stdout)}
+    assert rows["fetch"]["status"] == "FAIL", rows["fetch"]
+    assert "(wget exit 6)" in rows["fetch"]["detail"] and "refused the credentials" in rows["fetch"]["detail"]
+
+
+@pytest.mark.parametrize("tool, code, meaning", [
+    ("curl", "7", "network failure"), ("curl", "60", "TLS failure"), ("wget", "5", "TLS failure"),
+    ("curl", "22", "HTTP error"), ("wget", "8", "HTTP error"), ("none", "127", "neither wget nor curl"),
+])
+def test_fetch_failures_are_told_apart(gb, tool, code, meaning):
+    assert meaning in gb.describe_fetch_failure(tool, code)
