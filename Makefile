@@ -26,6 +26,7 @@ bench: deps
 	$(PY) tests/bench/run.py
 	$(PY) tests/bench/distcc.py
 	$(PY) tests/bench/pipeline.py
+	$(PY) tests/bench/retention.py
 
 deps: $(VENV)/.installed system-deps
 

@@ -2737,9 +2737,9 @@ def check_installed(settings, target, runner, output, plan, route):
     from a binary? One ssh round trip; a one-line error naming what it lacks and the likely
     cause. Returns the held versions the target has installed."""
     remote = Remote(target, runner, output)
-    held = {package.cpv for package in plan.held}
-    wanted = [package.cpv for package in plan.packages if package.cpv not in held]
     holds = read_holds(settings.pkgdir)
+    held = {package.cpv for package in plan.packages if held_back(package, holds)}
+    wanted = [package.cpv for package in plan.packages if package.cpv not in held]
     states, installed = installed_states(remote, wanted, held_names(holds))
     installed_held = installed_held_versions(installed, holds)
     missing = [cpv for cpv in wanted if states.get(cpv) != "binary"]
@@ -4378,18 +4378,20 @@ def hold_on(cpv, path, holds):
 
 # ---- the next publication ---------------------------------------------------------------------------
 
-def next_publication_text(settings, produced=(), removed=()):
+def next_publication_text(settings, produced=None, removed=()):
     """The index the next publication offers: the current publication's builds (their fields as
     PKGDIR's index has them now: sign rewrites files), the builds this command produced, and those
     a release gave back; without what it retires, retired builds and held ones. Before the first
-    publication, everything PKGDIR holds. Builds an emerge left before it failed are not in it."""
+    publication: what this command produced, or everything PKGDIR holds for a command that builds
+    nothing (produced None: sign, clean). Builds an emerge left before it failed are not in it."""
     pkgdir = settings.pkgdir
     header, in_pkgdir = index_blocks(read_text(os.path.join(pkgdir, "Packages")))
     by_path = {entry_path(fields): (fields, block) for fields, block in in_pkgdir}
     current = current_publication(pkgdir)
     holds, retired = read_holds(pkgdir), retired_packages(pkgdir)
     if current is None:
-        chosen = list(in_pkgdir)
+        chosen = [(fields, block) for fields, block in in_pkgdir
+                  if produced is None or entry_path(fields) in produced]
     else:
         published_header, published = index_blocks(read_text(
             os.path.join(publications_dir(pkgdir), str(current), "Packages")))
@@ -4397,14 +4399,14 @@ def next_publication_text(settings, produced=(), removed=()):
         chosen = [by_path.get(entry_path(fields)) or (fields, block) for fields, block in published
                   if entry_path(fields) in by_path or os.path.isfile(os.path.join(pkgdir, entry_path(fields)))]
     paths = {entry_path(fields) for fields, _ in chosen}
-    for path in sorted(set(produced) | set(holds["released"])):
+    for path in sorted(set(produced or ()) | set(holds["released"])):
         if path in by_path and path not in paths:
             chosen.append(by_path[path])
             paths.add(path)
     removed = set(removed)
     kept = [block for fields, block in chosen if entry_path(fields) not in removed
             and not is_retired(fields, retired) and hold_on(fields["CPV"], entry_path(fields), holds) is None]
-    if not header:
+    if not header or current is None and not kept:
         return ""
     header = re.sub(r"(?m)^PACKAGES: .*$", f"PACKAGES: {len(kept)}", header.strip("\n"))
     return "\n\n".join([header] + kept) + "\n\n"
@@ -4425,7 +4427,7 @@ class StagedPublication:
         return read_text(os.path.join(self.directory, "Packages"))
 
 
-def stage_publication(settings, runner, output, why, index_text=None, produced=(), removed=(), meta=None):
+def stage_publication(settings, runner, output, why, index_text=None, produced=None, removed=(), meta=None):
     """Write the next publication's index (next_publication_text, or index_text: a rollback) in a
     directory of its own, with its TIMESTAMP (and the files' mtime, Last-Modified) later than every
     earlier publication's, never by exactly 5 s (Portage asks with its copy's TIMESTAMP + 5 s).
@@ -4434,7 +4436,7 @@ def stage_publication(settings, runner, output, why, index_text=None, produced=(
     if not text:
         return None
     current = current_publication(settings.pkgdir)
-    changed = index_text is not None or current is None or without_timestamp(text) != without_timestamp(
+    changed = index_text is not None or current is None or offered_builds(text) != offered_builds(
         read_text(os.path.join(publications_dir(settings.pkgdir), str(current), "Packages")))
     if runner.pretend:
         if changed:
@@ -4462,6 +4464,12 @@ def stage_publication(settings, runner, output, why, index_text=None, produced=(
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return StagedPublication(staging, token, why, changed, dict(meta or {}, published=stamp, why=why))
+
+
+def offered_builds(index_text):
+    """What an index offers, as a set of builds (PATH, MD5): a field Portage drops or adds when it
+    rewrites its index (REPO_REVISIONS, say) changes nothing for a target."""
+    return {(entry_path(fields), fields.get("MD5", "")) for fields, _ in index_blocks(index_text)[1]}
 
 
 def discard_staged(staged):
@@ -4515,7 +4523,7 @@ def commit_publication(settings, runner, output, staged, prune=True):
     return publication
 
 
-def publish(settings, runner, output, why, produced=(), removed=(), index_text=None, prune=True, meta=None):
+def publish(settings, runner, output, why, produced=None, removed=(), index_text=None, prune=True, meta=None):
     """The one entry point of every command that publishes: the next publication (see
     next_publication_text), when it changes what targets are offered. Called under the build
     lock."""
@@ -4583,7 +4591,8 @@ def published_paths(pkgdir):
 
 
 def publication_history(pkgdir):
-    """[{id, published, why, current, packages, added, updated, removed, holds}], newest first.
+    """[{id, published, why, current, packages, added, updated, removed, held, holds}], newest
+    first: held is what a rollback held back when it was made, holds what it still holds.
     The changes are those written when it was published (against the publication before it);
     a publication from before they were written is compared with the kept one before it."""
     ids, current = publication_ids(pkgdir), current_publication(pkgdir)
@@ -4606,7 +4615,7 @@ def publication_history(pkgdir):
             .strftime("%Y-%m-%dT%H:%M:%SZ"),
             "packages": len(publication_entries(pkgdir, publication)),
             "added": added, "updated": updated, "removed": removed,
-            "holds": sorted(hold["cpvs"]) if hold else []})
+            "held": meta.get("held", []), "holds": sorted(hold["cpvs"]) if hold else []})
     return list(reversed(history))
 
 
@@ -4659,7 +4668,8 @@ def rollback(settings, runner, output, publication=None):
         if withdrawn:
             write_holds(settings.pkgdir, dict(holds, holds=holds["holds"] + [hold]), runner)
         try:
-            made = publish(settings, runner, output, f"rollback to publication {publication}", index_text=text)
+            made = publish(settings, runner, output, f"rollback to publication {publication}", index_text=text,
+                           meta={"held": hold["cpvs"]})
         except BaseException:
             write_holds(settings.pkgdir, holds, runner)
             raise
@@ -5904,7 +5914,8 @@ def target_reaches_us(settings, target, runner, output):
         if server:
             server.shutdown()
             server.server_close()
-    return code == "0" or code in FETCH_ANSWERED.get(tool, ()), f"{tool} exit {code}"
+    answered = code in FETCH_ANSWERED.get(tool, ()) or (tool, code) == ("wget", "6")  # 404, 401: it got there
+    return code == "0" or answered, f"{tool} exit {code}"
 
 
 def record_signing_key(config, settings, runner, fingerprint):
@@ -7304,7 +7315,9 @@ def cmd_history(config, args, runner, output):
     for entry in history:
         changes = "; ".join(f"{kind} {' '.join(entry[kind])}" for kind in ("added", "updated", "removed")
                             if entry[kind]) or "no change"
-        holds = f"; holds back {' '.join(entry['holds'])} until release" if entry["holds"] else ""
+        released = sorted(set(entry["held"]) - set(entry["holds"]))
+        holds = (f"; holds back {' '.join(entry['holds'])} until release" if entry["holds"] else "") + (
+            f"; held back {' '.join(released)} (released)" if released else "")
         output.text(f"{entry['id']:>4}{' *' if entry['current'] else '  '} {entry['published']}"
                     f"  {entry['packages']:>5} packages  {entry['why']}: {changes}{holds}", always=True)
 

@@ -19,9 +19,9 @@ file) are reached through the session's sshd and install with their real `emerge
 the order written: each continues where the one before it left the binhost and its targets.
 """
 
+import difflib
 import json
 import re
-import shutil
 import tempfile
 from pathlib import Path
 
@@ -118,7 +118,6 @@ def written_changes(history):
 
 def index_difference(binhost, one, other):
     """A unified diff of two publications' indexes (what changed for the targets)."""
-    import difflib
     texts = [(binhost.pkgdir / ".published" / str(each) / "Packages").read_text().splitlines()
              for each in (one, other)]
     return "\n".join(difflib.unified_diff(*texts, str(one), str(other), lineterm=""))
@@ -255,9 +254,8 @@ def test_target_that_installed_the_new_version_goes_back(scenario):
     assert installed_versions(world, scenario.new_root, "app-misc/newpkg") == ["newpkg-1.0"]
     assert re.search(r"app-misc/newpkg-1\.0 stays on rbh-new: a rollback holds it back and no other version"
                      r" of app-misc/newpkg is published", result.stderr), shown(result)
-    scenario.results["went back by itself"] = "back to app-misc/rb-1.0" not in result.stdout
-    print("rbh-new went back to rb-1.0", "by Portage itself" if scenario.results["went back by itself"]
-          else "through the explicit --oneshot =app-misc/rb-1.0")
+    # (Measured: Portage's own binary-only -uDN @world downgraded it; install's explicit
+    # `--oneshot =app-misc/rb-1.0` was not needed, so it is not asserted either way.)
 
 
 def test_rollback_to_the_current_publication_changes_nothing(scenario):
@@ -324,9 +322,20 @@ def test_release_and_the_next_update_offer_the_new_version_again(scenario):
     upgrades."""
     world, binhost = scenario.world, scenario.binhost
     rb11_builds = build_files(binhost, "rb-1.1")
+    # One package first: the other stays held.
+    released = scenario.cli("release", "app-misc/rb", check=False)
+    assert released.returncode == 0, shown(released)
+    assert "Released app-misc/rb-1.1" in released.stdout and "newpkg" not in released.stdout, shown(released)
+    states = list_states(binhost, scenario.both)
+    assert {state for (cpv, _), state in states.items() if cpv == "app-misc/rb-1.1"} == {""}, states
+    assert {state for (cpv, _), state in states.items() if cpv == "app-misc/newpkg-1.0"} == \
+        {"held back by rollback 3"}, states
+    rollback = next(entry for entry in scenario.history() if entry["id"] == 3)
+    assert rollback["holds"] == ["app-misc/newpkg-1.0"], rollback
+    # Then every hold.
     released = scenario.cli("release", check=False)
     assert released.returncode == 0, shown(released)
-    assert "app-misc/rb-1.1" in released.stdout and "app-misc/newpkg-1.0" in released.stdout, shown(released)
+    assert "Released app-misc/newpkg-1.0" in released.stdout and "rb-1.1" not in released.stdout, shown(released)
     assert served(binhost) == ["app-misc/rb-1.0"], "release itself publishes nothing"
     assert not [state for state in list_states(binhost, scenario.both).values() if state.startswith("held")]
 

@@ -605,3 +605,48 @@ def test_doctor_tells_a_network_failure_from_an_auth_failure(pair, gb):
 ])
 def test_fetch_failures_are_told_apart(gb, tool, code, meaning):
     assert meaning in gb.describe_fetch_failure(tool, code)
+
+
+def test_no_at_emerge_ask_prompt_is_not_a_failure(pair):
+    """On a terminal, install keeps --ask; the user's No (emerge exits 128 + SIGINT) is no error."""
+    import os
+    import pty
+    import select
+    import signal
+    import sys
+    import time
+    from conftest import SCRIPT
+    pair.cli("build", "--for-target", "app-misc/plain")
+    env = dict(os.environ, PATH=f"{pair.world.portage_bin}:{os.environ['PATH']}", NO_COLOR="1")
+    pid, terminal = pty.fork()
+    if pid == 0:  # the child: our tool on a terminal
+        try:
+            os.execve(sys.executable, [sys.executable, str(SCRIPT), "-c", str(pair.config), "install", "--ask",
+                                       "app-misc/plain"], env)
+        finally:
+            os._exit(127)
+    seen, deadline, answered, status = b"", time.monotonic() + 120, False, None
+    try:
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([terminal], [], [], 1)
+            if ready:
+                try:
+                    chunk = os.read(terminal, 4096)
+                except OSError:
+                    chunk = b""
+                seen += chunk
+                if not answered and b"Would you like to merge these packages?" in seen:
+                    os.write(terminal, b"n\n")
+                    answered = True
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                break
+        else:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+    finally:
+        os.close(terminal)
+    text = seen.decode(errors="replace")
+    assert answered, text
+    assert status is not None and os.waitstatus_to_exitcode(status) == 0, text
+    assert "emerge was told No" in text, text
