@@ -470,6 +470,16 @@ def load_config(path, host_chroot=None):
         raise UsageError(f"{path} is a directory: pass the configuration file with -c FILE") from None
     except UnicodeDecodeError:
         raise UsageError(f"{path} is not UTF-8 text: is it the configuration file?") from None
+    except configparser.MissingSectionHeaderError as error:
+        raise UsageError(f"{path} line {error.lineno}: {error.line.strip()!r} comes before any section: start"
+                         " the file with [binhost]") from None
+    except configparser.ParsingError as error:
+        lineno = error.errors[0][0]
+        line = read_text(path).splitlines()[lineno - 1]
+        raise UsageError(f"{path} line {lineno}: {line.strip()!r} is neither a section header ([binhost],"
+                         " [target NAME]) nor key = value: fix or remove it") from None
+    except (configparser.DuplicateSectionError, configparser.DuplicateOptionError) as error:
+        raise UsageError(f"{path} line {error.lineno}: {str(error).split(': ', 1)[-1]}: keep one") from None
     except configparser.Error as error:
         first_line = str(error).splitlines()[0]
         raise UsageError(f"{path}: {first_line}") from None
@@ -563,6 +573,7 @@ class Runner:
         self.pretend = pretend
         self.running = None  # the command running now, to pass SIGTERM on to
         self.secrets = set()  # passwords shown as ******** wherever a command or file is shown
+        self.backed_up = set()  # one backup per file and run: the user's version, not our first step
 
     def abbreviated(self, shown):
         """Under --pretend, one of our sh scripts is shown by name (-v shows it whole)."""
@@ -660,7 +671,7 @@ class Runner:
 
     def write_file(self, path, content, mode=None, backup=True, mtime=None):
         """Write content (text, or bytes) to path atomically (temp file, then rename), keeping a
-        timestamped backup of a different existing file and its mode (else `mode`, default
+        timestamped backup of a different existing file (once per file and run) and its mode (else `mode`, default
         0644), with the modification time mtime when given. Returns False when the file already
         had this content (and mtime)."""
         binary = isinstance(content, bytes)
@@ -680,9 +691,12 @@ class Runner:
             return True
         directory = os.path.dirname(path) or "."
         os.makedirs(directory, exist_ok=True)
-        if current is not None and backup:
-            backup_path = f"{path}.{timestamp()}.bak"
+        if current is not None and backup and os.path.realpath(path) not in self.backed_up:
+            backup_path, number = f"{path}.{timestamp()}.bak", 1
+            while os.path.lexists(backup_path):  # two runs in one second keep both versions
+                backup_path, number = f"{path}.{timestamp()}-{number}.bak", number + 1
             shutil.copy2(path, backup_path)
+            self.backed_up.add(os.path.realpath(path))
             self.output.info(f"Saved the previous {path} as {backup_path}")
         if mode is None:
             mode = stat.S_IMODE(os.stat(path).st_mode) if current is not None else 0o644
@@ -1689,7 +1703,11 @@ def build_packages(settings, runner, output, emerge_args, publish_after=True):
         link_repositories_into(settings, runner, output)
     # Inside the binhost root ROOT is /: every dependency goes there anyway.
     root_deps = ["--root-deps"] if method == "root" else []
-    argv = [emerge, "--buildpkg", *root_deps, "--getbinpkg=n", "--getbinpkgonly=n"] + list(emerge_args)
+    # FEATURES=buildpkg, not --buildpkg: emerge applies the option to every root's configuration,
+    # so the build dependencies the root method merges into / were also packaged into /'s own
+    # PKGDIR (that configuration never sees ours: create_trees gives it an almost empty environment).
+    env["FEATURES"] += " buildpkg"
+    argv = [emerge, *root_deps, "--getbinpkg=n", "--getbinpkgonly=n"] + list(emerge_args)
     output.debug(f"Build method {method}: {why}")
     with build_lock(settings, runner, output), host.mounted(show_only=runner.pretend):
         if settings.distcc_hosts and not runner.pretend:
@@ -1955,6 +1973,30 @@ def sign_test_message(settings, runner, message):
 # ------------------------------------------------------------------------------------------------
 
 
+# Asks, on the target, who answers on a port of its loopback (a serve --tunnel of ours holding
+# it?): prints the answer's headers, nothing when nothing listens there.
+TUNNEL_PROBE_SCRIPT = r"""
+if command -v wget >/dev/null; then
+    wget -q -S --spider -T 5 -t 1 "$1" 2>&1
+elif command -v curl >/dev/null; then
+    curl -sI -m 5 "$1" 2>&1
+fi
+exit 0
+"""
+
+
+def is_our_server(answer):
+    """Whether a Server header names this tool's server."""
+    return bool(answer) and answer.startswith(f"{PROG.split('.')[0]}/")
+
+
+def missing_command(stderr, what):
+    """The command a remote sh could not find, from its message (dash: 'sh: 1: NAME: not found',
+    bash: 'sh: line 1: NAME: command not found')."""
+    found = re.findall(r"([^\s:]+): (?:command )?not found", as_text(stderr or ""))
+    return found[-1] if found else f"a command needed for {what}"
+
+
 class Remote:
     """Commands on one target, each an argv quoted with shlex for the remote shell."""
 
@@ -1963,6 +2005,7 @@ class Remote:
         self.runner = runner
         self.output = output
         self._user = None
+        self.tunnels_found = {}  # remote port -> held by a serve --tunnel of ours (asked once per command)
 
     def ssh_base(self, tty=False):
         argv = ["ssh"]
@@ -2015,9 +2058,31 @@ class Remote:
     def tunnel_argv(self, forward):
         return self.ssh_base() + ["-N"] + self.forward_options(forward) + ["--", self.target.host]
 
+    def existing_tunnel(self, forward):
+        """Whether a serve --tunnel of ours holds the target's end of forward already: the command
+        then goes through that tunnel instead of failing to open its own on the same port. Another
+        program there is named."""
+        remote_port = forward[0]
+        if remote_port not in self.tunnels_found:
+            probe = self.runner.read(self.ssh_argv(["sh", "-c", TUNNEL_PROBE_SCRIPT, "gentoo-binhost",
+                                                    f"http://127.0.0.1:{remote_port}/Packages"]), check=False)
+            header = re.search(r"^\s*Server:\s*(\S+)", as_text(probe.stdout or ""), re.MULTILINE | re.IGNORECASE)
+            answer = header.group(1) if header else None
+            if answer and not is_our_server(answer):
+                raise BinhostError(f"port {remote_port} on target {self.target.name} is taken by {answer}:"
+                                   f" set tunnel-port in [binhost] of {self.target.config_path} to a free port"
+                                   f" there, then run '{PROG} setup-target'")
+            if answer:
+                self.runner.output.info(f"A '{PROG} serve --tunnel' holds port {remote_port} on"
+                                        f" {self.target.name} already: going through its tunnel")
+            self.tunnels_found[remote_port] = bool(answer)
+        return self.tunnels_found[remote_port]
+
     def run(self, argv, env=None, *, tty=False, changes=True, capture=False, input=None, what=None,
             forward=None, binary=False):
         """Run argv on the target; returns the CompletedProcess (None under --pretend)."""
+        if forward is not None and self.existing_tunnel(forward):
+            forward = None
         result = self.runner.run(self.ssh_argv(argv, env, tty, forward), changes=changes,
                                  capture=capture, input=input, check=False, binary=binary)
         if result is None:
@@ -2029,7 +2094,7 @@ class Remote:
                                f" check host, ssh-port and ssh-options in [target {self.target.name}]"
                                f" of {self.target.config_path}")
         if result.returncode == COMMAND_NOT_FOUND:
-            missing = argv[0] if argv[0] != "sh" else f"a command needed for {what}"
+            missing = argv[0] if argv[0] != "sh" else missing_command(result.stderr, what)
             raise BinhostError(f"{missing} not found on target {self.target.name}: install it there,"
                                f" or set path = in [target {self.target.name}] of {self.target.config_path}")
         return result
@@ -2098,10 +2163,6 @@ def who_answers(host, port, tls=False, timeout=5):
         return None
     except (OSError, http.client.HTTPException) as error:
         return f"a program that does not answer HTTP ({error})"
-
-
-def is_our_server(answer):
-    return bool(answer) and answer.startswith(BinhostRequestHandler.server_version.split("/")[0] + "/")
 
 
 class Route:
@@ -2664,12 +2725,17 @@ def build_for_target(settings, target, runner, output, emerge_args, route=None, 
                 if not buildable or round_number == GATE_ROUNDS:
                     raise BinhostError(f"{target.name} would not get everything from the binhost:"
                                        f" {describe_gaps(missing)}; nothing was published or installed")
+                before = package_files(settings.pkgdir)
                 try:
                     produced |= build_packages(settings, runner, output, ["--oneshot", "--usepkg=n"]
                                                + [package.atom for package in buildable], publish_after=False)
                 except BinhostError as error:
-                    raise BinhostError(f"{error}; not built: {', '.join(package.cpv for package in buildable)}"
-                                       " (the first of them failed, or was not reached)") from None
+                    made = {fields.get("CPV") for fields, _ in index_blocks(read_text(
+                        os.path.join(settings.pkgdir, "Packages")))[1]
+                        if before.get(entry_path(fields)) != fields.get("MD5", "")}
+                    unbuilt = [package.cpv for package in buildable if package.cpv not in made]
+                    raise BinhostError(f"{error}; not built: {', '.join(unbuilt)}" + (
+                        " (one of them failed, the rest were not reached)" if len(unbuilt) > 1 else "")) from None
                 built.update(package.cpv for package in buildable)
                 output.action(f"Asking {target.name} again: would its binary-only emerge now take everything?")
             finally:
@@ -5841,22 +5907,83 @@ def extract_stage3(tarball, root, runner, output, keep=()):
 
 # ---- onboarding: add-target and remove-target ----------------------------------------------------
 
+SSH_LOGIN_WAIT = 10  # seconds add-target waits for an answer before calling the host unreachable
+
+
 def ssh_login_problem(target, runner):
-    """None when ssh logs in to the target without asking anything, else ssh's reason."""
+    """None when ssh logs in to the target without asking anything, else what went wrong and
+    the step that fixes it, told apart by ssh's own messages."""
     remote = Remote(target, runner, runner.output)
-    argv = remote.ssh_base() + ["-o", "BatchMode=yes", "-o", "ConnectTimeout=15", "--", target.host, "true"]
+    argv = remote.ssh_base() + ["-o", "BatchMode=yes", "-o", f"ConnectTimeout={SSH_LOGIN_WAIT}",
+                                "--", target.host, "true"]
     result = runner.read(argv, check=False)
-    return None if result.returncode == 0 else (last_line(result.stderr) or f"ssh exit {result.returncode}")
+    if result.returncode == 0:
+        return None
+    said = as_text(result.stderr or "")
+    host = target.host.rpartition("@")[2]
+    port = ssh_option_value(target, "port", "-p") or str(target.ssh_port)
+    last = last_line(said) or f"ssh exit {result.returncode}"
+    if re.search(r"Could not resolve hostname|Name or service not known|No address associated", said):
+        return f"{host} is not a host name this machine knows ({last}): check the spelling, or give its address"
+    if "Connection refused" in said:
+        return (f"nothing answers on port {port} of {host} ({last}): start sshd there, or give its"
+                " port with --ssh-port")
+    if re.search(r"timed out|No route to host|Network is unreachable", said):
+        return (f"{host} did not answer within {SSH_LOGIN_WAIT} s ({last}): check that it is on and"
+                f" the address is right, and that no firewall drops port {port}")
+    if "REMOTE HOST IDENTIFICATION HAS CHANGED" in said:
+        known = host if port == str(DEFAULT_SSH_PORT) else f"[{host}]:{port}"
+        return (f"{host}'s host key is not the one this machine knows: if it was reinstalled, run"
+                f" ssh-keygen -R {shlex.quote(known)} and log in once with ssh to accept the new key"
+                " (compare its fingerprint on the console)")
+    if "Host key verification failed" in said or "host key is known" in said:
+        return (f"{host}'s host key is not known yet ({last}): log in once with"
+                f" {format_command(ssh_login_command(target))} and accept it, comparing its fingerprint")
+    return f"cannot log in to {target.host} without a password ({last}): run {ssh_key_hint(target)}"
+
+
+def ssh_option_value(target, name, flag):
+    """The value of an ssh option given in ssh-options as '-o Name=value', '-oName value' or FLAG."""
+    options, value = target.ssh_options, None
+    for index, word in enumerate(options):
+        following = options[index + 1] if index + 1 < len(options) else ""
+        if word == flag:
+            value = following
+        elif word.startswith(flag) and len(word) > len(flag) and flag != "-o":
+            value = word[len(flag):]
+        option = following if word == "-o" else word[2:] if word.startswith("-o") else ""
+        key, _, setting = option.replace(" ", "=", 1).partition("=")
+        if key.lower() == name.lower() and setting:
+            value = setting
+    return value
+
+
+def ssh_login_command(target):
+    """ssh with the target's port and options, interactive: the user's own first login."""
+    options, words = [], list(target.ssh_options)
+    while words:
+        word = words.pop(0)
+        option = (words.pop(0) if words else "") if word == "-o" else word[2:] if word.startswith("-o") else None
+        if option is None:
+            options.append(word)
+        elif not option.lower().startswith("batchmode"):
+            options += ["-o", option]
+    port = ["-p", str(target.ssh_port)] if target.ssh_port != DEFAULT_SSH_PORT else []
+    return ["ssh", *port, *options, target.host]
 
 
 def ssh_key_hint(target):
-    """The one step that lets this machine log in to the target without a password."""
-    port = f"-p {target.ssh_port} " if target.ssh_port != DEFAULT_SSH_PORT else ""
+    """The one step that lets this machine log in to the target without a password, with the key
+    and port the target's ssh options name."""
+    identity = ssh_option_value(target, "identityfile", "-i")
+    port = ssh_option_value(target, "port", "-p") or (
+        str(target.ssh_port) if target.ssh_port != DEFAULT_SSH_PORT else None)
     keys = [path for path in (os.path.expanduser(f"~/.ssh/id_{kind}.pub") for kind in ("ed25519", "ecdsa", "rsa"))
             if os.path.isfile(path)]
-    make_key = "" if keys else "ssh-keygen -t ed25519 && "
-    return (f"{make_key}ssh-copy-id {port}{target.host} (or append {keys[0] if keys else '~/.ssh/id_ed25519.pub'}"
-            f" to ~/.ssh/authorized_keys of the login user there)")
+    make_key = "" if keys or identity else "ssh-keygen -t ed25519 && "
+    argv = ["ssh-copy-id", *(["-i", identity] if identity else []), *(["-p", port] if port else []), target.host]
+    public = f"{identity}.pub" if identity else (keys[0] if keys else "~/.ssh/id_ed25519.pub")
+    return f"{make_key}{format_command(argv)} (or append {public} to ~/.ssh/authorized_keys of the login user there)"
 
 
 def fingerprint_of(side, configroot):
@@ -5897,24 +6024,34 @@ def choose_environment(config, target, runner, output, known=False):
 
 def target_reaches_us(settings, target, runner, output):
     """Whether the target can download from our URL: asked with a server on the configured
-    address and port for the moment (or the one already serving there)."""
+    address and port for the moment, or the serve of ours already there. An HTTP error counts
+    as reaching us only when it is ours (a 404 before the first build); another program on the
+    port, or an answer our server never saw, does not."""
     remote = Remote(target, runner, output)
-    try:
+    host = "127.0.0.1" if settings.bind in ("", "0.0.0.0", "::") else settings.bind
+    answer = who_answers(host, settings.port, tls=bool(settings.tls_cert))
+    if answer is not None and not is_our_server(answer):
+        program = answer or "a server that does not name itself"
+        raise BinhostError(f"port {settings.port} here is answered by {program}, not by {PROG}: stop that"
+                           f" program, or set port (and url) in [binhost] of {settings.config_path}, then"
+                           f" add-target {target.name} again")
+    server = None
+    if answer is None:
         server = start_server({settings.env_name: settings}, output, settings.bind, settings.port,
                               access_log=False)
-    except BinhostError:  # the port is taken: most likely serve runs already
-        server = None
-    thread = None
-    if server:
-        thread = threading.Thread(target=server.serve_forever, name="binhost-reach-check", daemon=True)
-        thread.start()
+        threading.Thread(target=server.serve_forever, name="binhost-reach-check", daemon=True).start()
     try:
         tool, code = fetch_index(settings, remote, runner)
     finally:
         if server:
             server.shutdown()
             server.server_close()
-    answered = code in FETCH_ANSWERED.get(tool, ()) or (tool, code) == ("wget", "6")  # 404, 401: it got there
+    if tool == "none":
+        raise BinhostError(f"{target.name} has neither wget nor curl, which Portage fetches binary packages"
+                           " with: install one there (emerge net-misc/wget), then add-target again")
+    answered = code in FETCH_ANSWERED.get(tool, ()) or (tool, code) == ("wget", "6")  # 404, 401
+    if answered and server is not None and not server.answered:
+        return False, f"{tool} exit {code}: an HTTP error from a server that is not this one (check the url)"
     return code == "0" or answered, f"{tool} exit {code}"
 
 
@@ -5922,6 +6059,23 @@ def record_signing_key(config, settings, runner, fingerprint):
     values = {"signing-key": fingerprint or "<new fingerprint>", "gpg-home": settings.gpg_home}
     text = read_text(config.path) or f"# {PROG} configuration; see README.md for every key.\n"
     runner.write_file(config.path, set_config_values(text, "binhost", values))
+
+
+def show_first_pull(settings, target, runner, output):
+    """add-target --pretend on a root step 2 has not made: the target's configuration is read
+    (read-only) and every file the pull would write is shown, with the command that writes them."""
+    stream = fetch_config(Remote(target, runner, output), target.root)
+    output.text(describe_config_changes({}, config_members(stream), f"binhost:{settings.root}",
+                                        f"{target.name}:{target.root}"), always=True)
+    output.info(f"Would unpack it into {settings.root}/etc/portage (then link the repositories it names), with:")
+    runner.run(["sh", "-c", INSTALL_CONFIG_SCRIPT, "gentoo-binhost", settings.root,
+                hashlib.sha256(stream).hexdigest(), timestamp(), BINREPOS_NAME + ".conf"])
+    output.info(f"Would check {target.name}'s CPU against the new root's compiler, as"
+                f" '{PROG} --target {target.name} cpu' does")
+
+
+TARGET_KEYS_ADD_TARGET_SETS = {"host": "host", "ssh-port": "ssh_port", "ssh-options": "ssh_options", "root": "root",
+                               "path": "path"}
 
 
 def add_target(config, args, runner, output):
@@ -5939,34 +6093,36 @@ def add_target(config, args, runner, output):
         values["path"] = args.path
     wanted = TargetSettings(name, values, config.path)
     existing = config.targets.get(name)
-    if existing and (existing.host, existing.ssh_port, existing.ssh_options) != (
-            wanted.host, wanted.ssh_port, wanted.ssh_options) or (existing and args.root
-                                                                   and existing.root != wanted.root):
-        raise UsageError(f"{config.path}: [target {name}] exists already, for {existing.host}: run"
+    if existing and existing.host.rpartition("@")[2] != wanted.host.rpartition("@")[2]:
+        raise UsageError(f"{config.path}: [target {name}] is {existing.host}, not {wanted.host}: run"
                          f" '{PROG} remove-target {name}' first, or choose another name")
-    target = existing or wanted
-    backed_up = []
 
     def write_config(section, section_values):
-        """The first change keeps a backup of the user's file; the rest of this run's do not."""
-        if runner.write_file(config.path, set_config_values(read_text(config.path), section, section_values),
-                             backup=not backed_up):
-            backed_up.append(True)
+        runner.write_file(config.path, set_config_values(read_text(config.path), section, section_values))
 
-    output.action(f"1/5 ssh: logging in to {target.host} without a password")
+    target, changed = wanted, {}
+    if existing:  # a re-run corrects what the last one was given; what it is not given stays
+        target = copy.copy(existing)
+        for key, attribute in TARGET_KEYS_ADD_TARGET_SETS.items():
+            if key in values and getattr(existing, attribute) != getattr(wanted, attribute):
+                setattr(target, attribute, getattr(wanted, attribute))
+                changed[key] = values[key]
+    output.action(f"1/5 ssh: logging in to {target.host} without a password (waiting up to {SSH_LOGIN_WAIT} s)")
     if runner.pretend:
         output.text(format_command(Remote(target, runner, output).ssh_base()
                                    + ["-o", "BatchMode=yes", "--", target.host, "true"]) + "  # read-only: runs",
                     always=True)
     problem = ssh_login_problem(target, runner)
     if problem:
-        raise BinhostError(f"cannot log in to {target.host} with ssh without a password ({problem}): run"
-                           f" {ssh_key_hint(target)}, then add-target again; nothing was written")
-    if existing:
+        raise BinhostError(f"{problem}; then add-target again: nothing was written")
+    if existing and not changed:
         output.info(f"[target {name}] is in {config.path} already")
     else:
-        write_config(f"target {name}", values)
-        config.targets[name] = target
+        if changed:
+            output.info(f"[target {name}] is in {config.path} already: changing "
+                        + ", ".join(f"{key} = {value}" for key, value in changed.items()))
+        write_config(f"target {name}", changed or values)
+    config.targets[name] = target
 
     # Chosen again on every run: a section written by hand must not pull another configuration
     # over the one other targets share; a target already set up finds its own environment.
@@ -5981,18 +6137,16 @@ def add_target(config, args, runner, output):
             target=name, like_target=True, arch=args.arch, variant=args.variant, stage3=args.stage3,
             keyring=args.keyring, no_verify_pgp=args.no_verify_pgp, mirror=args.mirror, force=False)
         init_binhost(config, init_args, runner, output)
-    if runner.pretend and not os.path.isdir(settings.root):
-        output.info(f"... then pull {name}'s configuration into {settings.root}, check its CPU, create a"
-                    " signing key if there is none, set up the target and run doctor")
-        return
-
     output.action(f"3/5 configuration: {name}'s /etc/portage and world into {settings.root}")
-    with chroot_session(settings, runner, output):
-        sync_config("pull", settings, target, runner, output)
-        try:
-            cpu_report(settings, target, runner, output)
-        except BinhostError as error:
-            output.warn(f"CPU check skipped: {error}")
+    if runner.pretend and not os.path.isdir(settings.root):  # step 2 only said how it would make it
+        show_first_pull(settings, target, runner, output)
+    else:
+        with chroot_session(settings, runner, output):
+            sync_config("pull", settings, target, runner, output)
+            try:
+                cpu_report(settings, target, runner, output)
+            except BinhostError as error:
+                output.warn(f"CPU check skipped: {error}")
     if settings.signing_key:
         output.info(f"Signing key {settings.signing_key} exists already")
     else:
@@ -6025,7 +6179,10 @@ def add_target(config, args, runner, output):
     if settings.signing_key:
         setup_target(settings, target, runner, output)
     else:  # --pretend: the key is not made
-        output.info(f"Would write {name}'s binrepos entry and make it trust the new key (setup-target)")
+        output.info(f"Would write {name}'s binrepos entry and make it trust the new key, with"
+                    f" '{PROG} --target {name} setup-target'")
+        output.action(f"5/5 doctor {name}")
+        output.info(f"Would check the binhost against {name} with '{PROG} --target {name} doctor' (read-only)")
         return
 
     output.action(f"5/5 doctor {name}")
@@ -6348,6 +6505,7 @@ class BinhostRequestHandler(http.server.BaseHTTPRequestHandler):
         return start, min(end, size - 1)
 
     def log_request(self, code="-", size="-"):
+        self.server.answered += 1
         if self.server.access_log:
             # Clients choose the request line: no terminal escape sequences into the log.
             request_line = self.requestline.translate(CONTROL_CHARACTERS)
@@ -6436,6 +6594,7 @@ class BinhostServer(http.server.ThreadingHTTPServer):
         self.authorizations = [value.encode("latin-1") for value in authorizations]
         self.client_timeout = client_timeout
         self.access_log = access_log
+        self.answered = 0  # requests answered: add-target's proof that the target reached us
         self.listings = listings
         self.http_date = HttpDate()
         self.slots = threading.BoundedSemaphore(max_connections)
@@ -6732,6 +6891,22 @@ def service_definition(kind, config_path, tunnel):
             f"WantedBy=multi-user.target\n")
 
 
+def warn_private_tmp(config, settings, output):
+    """The unit's PrivateTmp=yes gives the service empty /tmp and /var/tmp of its own: whatever
+    serve reads from there is not found. (ProtectHome=read-only leaves /home readable: serve
+    only reads.)"""
+    needed = {"this script": os.path.abspath(__file__), "Python": sys.executable, "the configuration": config.path,
+              "tls-cert": settings.tls_cert, "tls-key": settings.tls_key, "auth-file": settings.auth_file,
+              **{f"the PKGDIR of {name or 'the binhost'}": environment.pkgdir
+                 for name, environment in config.environments().items()}}
+    for what, path in needed.items():
+        resolved = os.path.realpath(os.path.abspath(path)) if path else ""
+        if any(resolved == private or resolved.startswith(private + "/") for private in ("/tmp", "/var/tmp")):
+            output.warn(f"{what} is {path}, under {'/var/tmp' if resolved.startswith('/var/tmp') else '/tmp'}:"
+                        " the unit's PrivateTmp=yes hides it from the service; move it, or remove"
+                        " PrivateTmp=yes from the unit")
+
+
 def update_timer(kind, config_path):
     """A nightly `update`: a systemd timer with its service, or a cron line."""
     command = (f"{sys.executable} {os.path.abspath(__file__)} --color=n -c"
@@ -6825,7 +7000,32 @@ class ArgumentParser(argparse.ArgumentParser):
         super().__init__(*args, **kwargs)
 
     def error(self, message):
-        raise UsageError(f"{message} (see '{PROG} --help')")
+        """A usage error points to this command's own --help; a misspelt command gets the
+        nearest ones."""
+        unknown = re.match(r"argument COMMAND: invalid choice: '([^']*)'", message)
+        if unknown:
+            near = difflib.get_close_matches(unknown.group(1), COMMANDS_IN_ORDER, n=3, cutoff=0.6)
+            near = ", ".join(near[:-1]) + " or " + near[-1] if len(near) > 1 else "".join(near)
+            message = f"unknown command '{unknown.group(1)}'" + (f": did you mean {near}?" if near else "")
+        raise UsageError(f"{message} (see '{self.prog} --help')")
+
+
+#: The commands in the order a user meets them, as the top-level help lists them.
+COMMANDS_IN_ORDER = ("add-target", "emerge", "update", "doctor", "serve", "install", "build", "list", "history",
+                     "rollback", "release", "clean", "config", "cpu", "setup-target", "keygen", "sign", "init",
+                     "remove-target")
+#: What build, install and emerge take themselves, right after the command, before emerge's words.
+OWN_OPTIONS_HELP = {
+    "build": (("--target NAME", "build in NAME's binhost environment"),
+              ("--for-target", "build what the target's own emerge would merge for EMERGE ARGS (with"
+                               " --target NAME), not EMERGE ARGS as given here"),
+              ("--distcc HOSTS", "compile on these distcc helpers, e.g. 'host1/8 host2/4', after"
+                                 " checking their gcc version")),
+    "install": (("--target NAME", "install on this target"),
+                ("--all", "install on every target")),
+    "emerge": (("--target NAME", "build for this target and install there"),
+               ("--all", "every target: all builds and one publication first, then the installs")),
+}
 
 
 def add_global_options(parser, after_command=False, with_all=True):
@@ -6866,10 +7066,16 @@ def build_parser(config=None):
 
     commands.add_parser = command_parser
     parser.command_parsers = commands.choices  # {name: its parser}, for `build --help`
-    for name, summary in (("build", "emerge --buildpkg into the binhost"),
+    for name, summary in (("build", "emerge with FEATURES=buildpkg into the binhost"),
                           ("install", "emerge --getbinpkgonly on the target, over ssh"),
                           ("emerge", "build, then install the same arguments")):
-        command = add_parser(name, help=summary, description=summary + ".", add_help=False)
+        own = "".join(f"  {option:<16}{text}\n" for option, text in OWN_OPTIONS_HELP[name])
+        command = add_parser(name, help=summary, description=summary + ".", add_help=False,
+                             usage=f"{PROG} [OPTIONS] {name} [{name.upper()} OPTIONS] EMERGE ARGS",
+                             formatter_class=argparse.RawDescriptionHelpFormatter,
+                             epilog=f"{name} options (right after '{name}', before emerge's):\n{own}"
+                                    "  -h, --help      this help\n\nEverything else is handed to emerge"
+                                    f" untouched, e.g. '{PROG} {name} -uDN @world'.")
         command.add_argument("emerge_args", nargs=argparse.REMAINDER, metavar="EMERGE ARGS")
 
     setup = commands.add_parser("setup-target", help="make the target use this binhost",
@@ -7022,6 +7228,8 @@ def build_parser(config=None):
                                            " refresh the index.")
     sign.add_argument("--all", dest="resign", action="store_true",
                       help="re-sign every package with the configured key (after keygen --force)")
+    # Listed in the order a user meets them, not the order they are defined in.
+    commands._choices_actions.sort(key=lambda action: COMMANDS_IN_ORDER.index(action.dest))
     return parser
 
 
@@ -7203,6 +7411,8 @@ def cmd_serve(config, args, runner, output):
         raise UsageError(f"--port {port}: use a port number (0-65535)")
     if args.print_service:
         output.text(service_definition(args.print_service, config.path, args.tunnel), always=True)
+        if args.print_service == "systemd":
+            warn_private_tmp(config, settings, output)
         return
     if args.print_timer:
         output.text(update_timer(args.print_timer, config.path), always=True)
@@ -7430,7 +7640,9 @@ def main(argv=None):
     try:
         head, emerge_args = split_passthrough(argv)
         parser = build_parser(help_config(head) if {"-h", "--help"} & set(head) else None)
-        args = parser.parse_args(head)
+        args, unknown = parser.parse_known_args(head)
+        if unknown:  # said by the command's own parser, which points to its own --help
+            parser.command_parsers[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
         if emerge_args is not None:
             args.emerge_args = take_command_options(args, emerge_args, parser)
         output = Output(color=None if args.color is None else args.color == "y",

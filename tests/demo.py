@@ -141,7 +141,7 @@ class Demo:
         self.sh("grep", "-E", "^(signing-key|gpg-home) =", self.config)
 
         self.say(f"Step 3/7: build {PACKAGE} on the binhost", """
-            `build` runs emerge --buildpkg --root-deps with ROOT and PORTAGE_CONFIGROOT set to the
+            `build` runs emerge --root-deps with FEATURES=buildpkg, ROOT and PORTAGE_CONFIGROOT set to the
             binhost root; binhost-only settings (PKGDIR, the signing key) travel in the
             environment, so the copied /etc/portage stays identical to the target's. The
             dependency app-misc/hello is built too. Real C is compiled with the target's CFLAGS.

@@ -19,6 +19,7 @@ import os
 import shlex
 import shutil
 import stat
+import subprocess
 import sys
 import tempfile
 import threading
@@ -26,8 +27,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import (SCRIPT, binhost_serving, eroot, free_port, is_signed, need, run,
-                      write_portage_config)
+from conftest import (SCRIPT, binhost_serving, eroot, free_port, is_signed, need, run, stop_process,
+                      wait_for_port, write_portage_config)
 from test_init import gpg_home, sign, tiny_stage3
 
 BUILD = "20261120T170000Z"
@@ -131,13 +132,14 @@ class Lab:
         return run([sys.executable, SCRIPT, "-c", config, "--color=n", *args], env=env, check=check,
                    timeout=timeout)
 
-    def add_target(self, config, name, *extra, root=None, port=None, key=None, check=True):
+    def add_target(self, config, name, *extra, root=None, port=None, key=None, check=True, host=None,
+                   options=None):
         """add-target NAME with the sshd's host, port and options; with root (a target ROOT),
         --root root --path <the venv's bin>."""
         place = ["--root", str(root), "--path", str(self.portage_bin)] if root is not None else []
-        return self.cli(config, *extra, "add-target", name, self.sshd.host,
+        return self.cli(config, *extra, "add-target", name, host or self.sshd.host,
                         "--ssh-port", str(port or self.sshd.port),
-                        *[f"--ssh-option={option}" for option in self.ssh_options(key)], *place,
+                        *[f"--ssh-option={option}" for option in options or self.ssh_options(key)], *place,
                         "--mirror", self.mirror["url"], "--keyring", str(self.mirror["keyring"]),
                         check=check)
 
@@ -213,6 +215,7 @@ def test_add_target_from_nothing_then_emerge_installs_a_signed_binary(lab, onboa
     assert (root / "etc/portage/make.conf").read_bytes() == (target / "etc/portage/make.conf").read_bytes()
     sections = read_config(config)
     assert sections["target laptop"] == lab.target_section(target)
+    assert len(backups_beside(config)) == 1, "one backup per run: the user's file before it"
     assert "binhost-root" not in sections["target laptop"]
     binhost = sections["binhost"]
     assert binhost.get("signing-key"), sections
@@ -262,36 +265,120 @@ def test_add_target_twice_changes_nothing(lab, onboarded):
 # (3) A target ssh cannot log in to: one line with the ssh-copy-id step, nothing written
 # ------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("problem", ["closed-port", "unauthorized-key", "closed-port-no-config"])
+#: What each ssh failure is told as, and the fix the one error line must carry.
+SSH_PROBLEMS = {
+    "closed-port": ("nothing answers on port", "--ssh-port"),
+    "unauthorized-key": ("without a password", "ssh-copy-id -i {key} -p {port} root@127.0.0.1"),
+    "changed-host-key": ("host key is not the one this machine knows", "ssh-keygen -R '[127.0.0.1]:{port}'"),
+    "unknown-host-name": ("is not a host name this machine knows", "give its address"),
+    "closed-port-no-config": ("does not exist", None),
+}
+
+
+@pytest.mark.parametrize("problem", sorted(SSH_PROBLEMS))
 def test_unreachable_target_writes_nothing(lab, problem):
+    """Each ssh failure is told apart by ssh's own words, with its own fix, in one line."""
     if problem == "closed-port-no-config":
         config = lab.base / "never-written.conf"
         text = None
     else:
         config, _root, _port = lab.binhost_config(f"unreachable-{problem}")
         text = config.read_bytes()
-    port, key = None, None
+    port, key, host, options = None, None, None, None
     if problem.startswith("closed-port"):
         port = free_port()
-    else:
+    elif problem == "unauthorized-key":
         key = lab.base / f"not-authorized-{os.getpid()}"
         if not key.exists():
             run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", key])
-    result = lab.add_target(config, "lost", port=port, key=key, check=False)
+    elif problem == "changed-host-key":  # the machine was reinstalled: another host key
+        other = lab.base / "other-host-key"
+        if not other.exists():
+            run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", other])
+        known = lab.base / "changed_known_hosts"
+        kind, value = Path(f"{other}.pub").read_text().split()[:2]
+        known.write_text(f"[127.0.0.1]:{lab.sshd.port} {kind} {value}\n")
+        options = [option.replace(str(lab.sshd.known_hosts), str(known)) for option in lab.ssh_options()]
+    else:
+        host = "root@no-such-host.invalid"
+    result = lab.add_target(config, "lost", port=port, key=key, host=host, options=options, check=False)
     errors = error_lines(result)
     assert len(errors) == 1, result.stdout + result.stderr
+    cause, fix = SSH_PROBLEMS[problem]
+    assert cause in errors[0], errors[0]
+    if fix:
+        assert fix.format(key=key, port=lab.sshd.port) in errors[0], errors[0]
+    assert "waiting up to" in result.stdout or text is None
     if text is None:  # a -c FILE that does not exist is refused first (only the default is created)
         assert result.returncode == 2, result.stdout + result.stderr
-        assert "does not exist" in errors[0]
-    else:
-        assert result.returncode == 1, result.stdout + result.stderr
-        assert "ssh-copy-id" in errors[0]
-    if text is None:
         assert not config.exists()
     else:
+        assert result.returncode == 1, result.stdout + result.stderr
         assert config.read_bytes() == text
         assert not backups_beside(config)
     assert "Traceback" not in result.stderr
+
+
+def test_rerun_after_a_forgotten_path_corrects_the_section_and_another_host_is_refused(lab):
+    """A forgotten --path: the failure names the missing command; the re-run for the same NAME and
+    host takes the new path (shown, one backup per run); another host for the NAME is refused."""
+    config, _root, _port = lab.binhost_config("forgotten-path")
+    target = lab.target_root("forgotten")
+    first = lab.cli(config, "add-target", "forgot", lab.sshd.host, "--ssh-port", str(lab.sshd.port),
+                    *[f"--ssh-option={option}" for option in lab.ssh_options()], "--root", str(target),
+                    "--mirror", lab.mirror["url"], check=False)
+    assert first.returncode == 1 and "portageq not found on target forgot" in first.stderr, first.stderr
+    assert "path = in [target forgot]" in first.stderr
+    assert "path" not in read_config(config)["target forgot"]
+    assert len(backups_beside(config)) == 1
+    written = config.read_bytes()
+
+    again = lab.add_target(config, "forgot", "-p", root=target, check=False)
+    assert f"[target forgot] is in {config} already: changing path = {lab.portage_bin}" in again.stdout, \
+        again.stdout + again.stderr
+    assert f"+path = {lab.portage_bin}" in again.stdout, again.stdout
+    assert config.read_bytes() == written, "--pretend wrote the configuration"
+
+    other = lab.cli(config, "add-target", "forgot", "root@localhost", check=False)
+    assert other.returncode == 2, other.stdout + other.stderr
+    assert error_lines(other) == [f"!!! {config}: [target forgot] is {lab.sshd.host}, not root@localhost: run"
+                                  " 'gentoo-binhost.py remove-target forgot' first, or choose another name"]
+    assert config.read_bytes() == written and len(backups_beside(config)) == 1
+
+
+def test_an_http_error_from_another_program_on_the_port_is_not_reaching_us(lab, onboarded):
+    """The transport check: a 404 from some other web server on our port is no proof that the target
+    reaches us; the program is named and nothing is written."""
+    config = onboarded["config"]
+    text = config.read_bytes()
+    empty = Path(tempfile.mkdtemp(dir=lab.base))
+    other = subprocess.Popen([sys.executable, "-m", "http.server", "--bind", "127.0.0.1", str(onboarded["port"])],
+                             cwd=empty, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        assert wait_for_port(onboarded["port"], proc=other)
+        result = lab.add_target(config, "laptop", root=onboarded["target"], check=False)
+    finally:
+        stop_process(other)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert error_lines(result) == [
+        f"!!! port {onboarded['port']} here is answered by {error_lines(result)[0].split('answered by ')[1].split(',')[0]},"
+        f" not by gentoo-binhost.py: stop that program, or set port (and url) in [binhost] of {config},"
+        " then add-target laptop again"], result.stderr
+    assert "SimpleHTTP" in result.stderr
+    assert config.read_bytes() == text, "transport = tunnel written for another program's 404"
+
+
+def test_the_fetch_check_names_a_target_without_wget_or_curl(gb, tmp_path):
+    """The script the target runs: with neither fetcher in PATH it says so (add-target then names the
+    missing prerequisite instead of choosing the tunnel)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for tool in ("sh", "sed"):
+        (bin_dir / tool).symlink_to(shutil.which(tool))
+    result = subprocess.run([str(bin_dir / "sh"), "-c", gb.FETCH_INDEX_SCRIPT, "gentoo-binhost"],
+                            input="http://127.0.0.1:9/Packages\n", capture_output=True, text=True,
+                            env={"PATH": str(bin_dir)}, timeout=30)
+    assert gb.fetch_outcome(result.stdout) == ("none", "127"), result.stdout + result.stderr
 
 
 # ------------------------------------------------------------------------------------------------
@@ -370,6 +457,12 @@ def test_pretend_add_target_changes_nothing(lab, onboarded):
     result = lab.add_target(config, "laptop", "-p", root=onboarded["target"])
     out = result.stdout
     assert "tar --extract" in out, out
+    # Every step on the root step 2 would make: the files pulled, the commands that write them.
+    for step in ("3/5 configuration", "4/5 target", "5/5 doctor"):
+        assert step in out, out
+    assert "+++ etc/portage/make.conf (new)" in out and '+USE="loud"' in out
+    assert 'sh -c "$INSTALL_CONFIG_SCRIPT" gentoo-binhost ' + str(root) in out, out
+    assert "--quick-generate-key" in out and "+signing-key = <new fingerprint>" in out
     assert any(line.startswith("ssh ") for line in out.splitlines()), \
         "no ssh command shown:\n" + out
     assert not root.exists()

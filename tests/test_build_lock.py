@@ -34,5 +34,5 @@ def test_second_build_waits_for_the_first(tmp_path):
         assert build.poll() is None and not (tmp_path / "ran").exists()
         fcntl.flock(held, fcntl.LOCK_UN)
     assert build.wait(timeout=30) == 0
-    assert (tmp_path / "ran").read_text() == ("--buildpkg --root-deps --getbinpkg=n --getbinpkgonly=n"
+    assert (tmp_path / "ran").read_text() == ("--root-deps --getbinpkg=n --getbinpkgonly=n"
                                               " app-misc/hello\n")

@@ -105,7 +105,10 @@ def test_root_slash_sets_no_portage_environment(gb, tmp_path):
     ("[target laptop]\nssh-port = 22\n", ["[target laptop] has no 'host' key"]),
     ("[binhost]\nport = http\n", ["[binhost] port = http is not a port number"]),
     ("[targets laptop]\nhost = x\n", ["unknown section [targets laptop]"]),
-    ("[binhost\n", ["File contains no section headers"]),
+    ("[binhost\n", ["line 1: '[binhost' comes before any section"]),
+    ("[binhost]\nroot = /x\n[target a\nhost = x\n",
+     ["line 3: '[target a' is neither a section header", "nor key = value"]),
+    ("[binhost]\nroot = /x\n[binhost]\n", ["line 3: section 'binhost' already exists"]),
 ])
 def test_bad_configuration_is_a_one_line_usage_error(tmp_path, text, fragments):
     path = tmp_path / "bad.conf"
@@ -131,7 +134,29 @@ def test_config_from_environment_variable(config):
 
 
 def test_unknown_command_is_a_usage_error():
-    assert_one_line_error(cli("frobnicate"), 2, "invalid choice")
+    assert_one_line_error(cli("frobnicate"), 2, "unknown command 'frobnicate'", "see 'gentoo-binhost.py --help'")
+    assert_one_line_error(cli("instal", "foo"), 2, "did you mean install")
+    assert_one_line_error(cli("rolback"), 2, "did you mean rollback?")
+
+
+def test_usage_errors_point_to_the_commands_own_help(config):
+    assert_one_line_error(cli("clean", "--bogus", config=config), 2, "unrecognized arguments: --bogus",
+                          "see 'gentoo-binhost.py clean --help'")
+    assert_one_line_error(cli("rollback", "x", config=config), 2, "see 'gentoo-binhost.py rollback --help'")
+
+
+def test_help_lists_commands_as_a_user_meets_them_and_the_passthrough_commands_own_options():
+    commands = cli("--help").stdout.split("  COMMAND\n", 1)[1].split("\n\n", 1)[0]
+    listed = [line.split()[0] for line in commands.splitlines() if not line.startswith("     ")]
+    assert listed[:4] == ["add-target", "emerge", "update", "doctor"], listed
+    assert len(listed) == 19 and listed[-1] == "remove-target"
+    for command, options in (("build", ["--for-target", "--distcc HOSTS", "--target NAME"]),
+                             ("install", ["--target NAME", "--all"]),
+                             ("emerge", ["--target NAME", "--all"])):
+        shown = cli(command, "--help")
+        assert shown.returncode == 0 and "EMERGE ARGS" in shown.stdout, shown.stderr
+        for option in options:
+            assert f"\n  {option}" in shown.stdout, (command, shown.stdout)
 
 
 def test_set_config_values_understands_what_configparser_accepts(gb):
@@ -179,7 +204,7 @@ def test_pretend_build_shows_the_emerge_command_with_its_environment(config, tmp
     # Whatever the copied configuration says, builds never take binaries from another binhost.
     # EMERGE_DEFAULT_OPTS: the target's, filtered (none here); every build a file of its own.
     expected = (f"ROOT={root}/ PORTAGE_CONFIGROOT={root}/ PKGDIR={root}/var/cache/binpkgs PORTAGE_BINHOST="
-                f" EMERGE_DEFAULT_OPTS= 'FEATURES=-getbinpkg binpkg-multi-instance' {emerge} --buildpkg"
+                f" EMERGE_DEFAULT_OPTS= 'FEATURES=-getbinpkg binpkg-multi-instance buildpkg' {emerge}"
                 " --root-deps --getbinpkg=n --getbinpkgonly=n"
                 " -uDN '>=dev-lang/python-3.12'")
     assert expected in result.stdout.splitlines()
@@ -290,6 +315,22 @@ def test_runner_write_file_is_atomic_with_backup(gb, tmp_path):
     assert not runner.write_file(str(path), "new\n")
     gb.Runner(output, pretend=True).write_file(str(path), "changed\n")
     assert path.read_text() == "new\n"
+
+
+def test_one_backup_per_file_and_run_and_none_overwritten(gb, tmp_path):
+    """A run changing a file three times keeps the user's version once; two runs in the same
+    second keep two backups."""
+    output = gb.Output(color=False, verbosity=0)
+    path = tmp_path / "c.conf"
+    path.write_text("mine\n")
+    runner = gb.Runner(output)
+    for text in ("one\n", "two\n", "three\n"):
+        runner.write_file(str(path), text)
+    assert [backup.read_text() for backup in tmp_path.glob("c.conf.*.bak")] == ["mine\n"]
+    gb.Runner(output).write_file(str(path), "four\n")
+    gb.Runner(output).write_file(str(path), "five\n")
+    assert sorted(backup.read_text() for backup in tmp_path.glob("c.conf.*.bak")) == \
+        ["four\n", "mine\n", "three\n"]
 
 
 def test_add_target_refuses_a_configuration_file_that_does_not_exist(tmp_path):

@@ -205,7 +205,7 @@ def test_pretend_emerge_prints_the_plan_and_builds_nothing(world):
     assert "installed in the binhost root without a binary" in hello_line, shown
     assert re.search(r"app-misc/hello-app-1\.0\S*\s+\(no binary yet\)", shown), shown
     # The commands it would run: the build of exactly these two, then the install.
-    build = next((line for line in result.stdout.splitlines() if "--buildpkg" in line), "")
+    build = next((line for line in result.stdout.splitlines() if "--getbinpkg=n" in line), "")
     assert "=app-misc/hello-app-1.0::binhost-test" in build and "=app-misc/hello-1.1::binhost-test" in build, \
         result.stdout
     assert "--getbinpkg=n" in build, build

@@ -184,10 +184,13 @@ def test_install_through_an_ssh_tunnel_with_no_open_port(world):
     assert not wait_for_port(tunnel_port, timeout=0.2), "the tunnel ends with the command"
 
 
-def test_serve_tunnel_reaches_the_target(world):
+def test_serve_tunnel_reaches_the_target_and_install_goes_through_it(world):
+    """A running serve --tunnel holds the target's port: install (transport = tunnel) goes through
+    that tunnel instead of failing to open its own on the same port."""
     tunnel_port = free_port()
     root, config = world.new_target("serve-tunnel",
-                                    extra_binhost=f"tunnel-port = {tunnel_port}\n")
+                                    extra_binhost=f"transport = tunnel\ntunnel-port = {tunnel_port}\n")
+    world.cli("setup-target", config=config)
     env = dict(os.environ, PATH=f"{world.portage_bin}:{os.environ['PATH']}")
     server = subprocess.Popen([sys.executable, SCRIPT, "-c", config, "--color=n", "serve", "--tunnel",
                                "--port", str(free_port())], env=env,
@@ -196,6 +199,10 @@ def test_serve_tunnel_reaches_the_target(world):
         assert wait_for_port(tunnel_port, timeout=20, proc=server), server.communicate(timeout=5)
         fetched = run(world.sshd.ssh_argv("curl", "-sS", "--fail", f"http://127.0.0.1:{tunnel_port}/Packages"))
         assert fetched.stdout.startswith("ACCEPT_")
+        installed = world.cli("install", "app-misc/hello", config=config, check=False)
+        assert installed.returncode == 0, installed.stdout + installed.stderr
+        assert f"holds port {tunnel_port} on serve-tunnel already: going through its tunnel" in installed.stdout
+        assert run([world.installed(root, "usr/bin/hello")]).stdout == "hello from binhost\n"
     finally:
         server.send_signal(signal.SIGTERM)
         stdout, stderr = server.communicate(timeout=20)

@@ -24,8 +24,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import (PROJECT_DIR, REPO, SCRIPT, binhost_serving, eroot, free_port, run, stop_process,
-                      slow_ebuild, wait_for_port, write_portage_config)
+from conftest import (PROJECT_DIR, REPO, SCRIPT, binhost_serving, eroot, free_port, portage_env, run,
+                      stop_process, slow_ebuild, wait_for_port, write_portage_config)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -601,3 +601,53 @@ def test_install_when_the_target_cannot_reach_our_url(world):
     errors = [line for line in error_lines(result.stderr) if "cannot download" in line]
     assert errors and dead_url in errors[0], result.stderr
     assert not world.installed(root, "usr/bin/hello").exists()
+
+
+# ------------------------------------------------------------------------------------------------
+# The root method leaves this machine's own PKGDIR alone: emerge's --buildpkg applies to every
+# root, FEATURES in our environment only to the binhost root's configuration
+# ------------------------------------------------------------------------------------------------
+
+TOOL = "app-misc/build-tool"
+
+
+
+def host_pkgdir(portage_bin):
+    """The / configuration's PKGDIR as Portage sees it (the lab's: <eprefix>/var/cache/binpkgs)."""
+    return Path(run(["portageq", "envvar", "PKGDIR"], env=portage_env(portage_bin)).stdout.strip())
+
+
+def snapshot(directory):
+    """{relative path: (size, mtime_ns)} of every file under directory."""
+    if not directory.is_dir():
+        return {}
+    return {path.relative_to(directory).as_posix(): (path.stat().st_size, path.stat().st_mtime_ns)
+            for path in directory.rglob("*") if path.is_file()}
+
+
+def test_root_method_build_dependencies_leave_no_binary_in_the_hosts_pkgdir(
+        tmp_path, portage_bin, eprefix, host_portage):
+    unmerge = ["emerge", "--unmerge", "--quiet", TOOL]
+    run(unmerge, env=portage_env(portage_bin), check=False)  # so this build merges it into /
+    root = tmp_path / "binhost"
+    write_portage_config(root)
+    config = tmp_path / "c.conf"
+    config.write_text(f"[binhost]\nroot = {root}\nbuild-method = root\n")
+    host_binpkgs = host_pkgdir(portage_bin)
+    before = snapshot(host_binpkgs)
+    try:
+        result = run([sys.executable, SCRIPT, "-c", config, "--color=n", "build", "--oneshot",
+                      "app-misc/uses-build-tool"], check=False,
+                     env={"PATH": f"{portage_bin}:{os.environ['PATH']}"})
+        assert result.returncode == 0, result.stdout + result.stderr
+        # The test means something only when / really got the build dependency.
+        assert list((Path(eprefix) / "var/db/pkg/app-misc").glob("build-tool-*")), result.stdout
+        pkgdir = root / "var/cache/binpkgs"
+        ours = sorted(path.relative_to(pkgdir).as_posix() for path in pkgdir.rglob("*.gpkg.tar")
+                      if ".published" not in path.relative_to(pkgdir).parts)
+        # --root-deps: the binhost root has the build dependency too, and its binary is ours.
+        assert ours == ["app-misc/build-tool/build-tool-1-1.gpkg.tar",
+                        "app-misc/uses-build-tool/uses-build-tool-1.0-1.gpkg.tar"], ours
+        assert snapshot(host_binpkgs) == before, f"the build wrote into / 's PKGDIR {host_binpkgs}"
+    finally:
+        run(unmerge, env=portage_env(portage_bin), check=False)

@@ -123,7 +123,7 @@ def test_pretend_build_shows_mounts_chroot_and_unmounts_and_runs_nothing(chroot,
     assert f"mount --bind --make-slave /run {chroot}/run" in lines
     chroot_line = next(line for line in lines if line.startswith("chroot "))
     argv = shlex.split(chroot_line)
-    assert argv[-7:] == ["/usr/bin/emerge", "--buildpkg", "--root-deps", "--getbinpkg=n", "--getbinpkgonly=n",
+    assert argv[-6:] == ["/usr/bin/emerge", "--root-deps", "--getbinpkg=n", "--getbinpkgonly=n",
                          "-uDN", ">=dev-lang/python-3.12"]
     assert "ROOT=/binhost" in argv
     assert lines.index(chroot_line) < lines.index(f"umount --recursive {chroot}/proc") == len(lines) - 1

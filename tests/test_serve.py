@@ -307,6 +307,13 @@ def test_print_service(tmp_path, kind, marker):
                             capture_output=True, text=True, timeout=30)
     assert result.returncode == 0 and marker in result.stdout
     assert f"-c {config} serve" in result.stdout and os.path.abspath(SCRIPT) in result.stdout
+    # The configuration lies under /tmp: the unit's PrivateTmp=yes would hide it from the service.
+    hidden = [line for line in result.stderr.splitlines() if "PrivateTmp=yes hides it" in line]
+    if kind == "systemd" and os.path.realpath(config).startswith("/tmp/"):
+        assert "PrivateTmp=yes" in result.stdout
+        assert [line for line in hidden if f"the configuration is {config}, under /tmp" in line], result.stderr
+    else:
+        assert not hidden, result.stderr
 
 
 def test_directory_listings_only_with_index(gb, pkgdir):

@@ -335,9 +335,9 @@ def test_masked_package_stops_emerge(pair):
 # ------------------------------------------------------------------------------------------------
 
 def pretend_commands(result):
-    """The build command (ROOT=... emerge --buildpkg ...) and the install command (ssh ...)."""
+    """The build command (ROOT=... emerge --getbinpkg=n ...) and the install command (ssh ...)."""
     lines = result.stdout.splitlines()
-    build = [line for line in lines if "--buildpkg" in line and "emerge" in line]
+    build = [line for line in lines if "--getbinpkg=n" in line and "emerge" in line]
     install = [line for line in lines if line.startswith("ssh ") and "--getbinpkgonly" in line
                and "--pretend" not in line.split("emerge", 1)[-1].split("EMERGE_DEFAULT")[0]]
     return build, install
