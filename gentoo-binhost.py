@@ -1434,11 +1434,42 @@ def check_distcc_helpers(settings, build_host, output):
 HELD_BUILD_LOCKS = set()  # the build locks this process holds (flock is per open file)
 
 
+def build_lock_path(root):
+    """Beside the root, not in it: init --force renames the root and remove-target --purge
+    deletes it, both under this lock."""
+    real = os.path.realpath(root)
+    return os.path.join(os.path.dirname(real), f".{os.path.basename(real) or 'root'}.build.lock")
+
+
+@contextlib.contextmanager
+def root_replacement_lock(root, output, what):
+    """The build lock of root, for init --force and remove-target --purge: taken at once or
+    refused (a build is running), then no mount of a build may be left inside (resolved paths)."""
+    lock_path = build_lock_path(root)
+    os.makedirs(os.path.dirname(lock_path), exist_ok=True)
+    with open(lock_path, "a+") as lock_file:
+        try:
+            fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock_file.seek(0)
+            holder = lock_file.read().strip() or "another process"
+            raise BinhostError(f"a build is running on {root} ({holder}): {what} when it is done") from None
+        real = os.path.realpath(root)
+        inside = [point for point in mount_points() if point == real or point.startswith(real + "/")]
+        if inside:
+            raise BinhostError(f"{root} has mounts inside ({', '.join(inside)}): {what} once they are"
+                               " unmounted (doctor shows whose they are)")
+        try:
+            yield
+        finally:
+            fcntl.flock(lock_file, fcntl.LOCK_UN)
+
+
 @contextlib.contextmanager
 def build_lock(settings, runner, output):
     """One build per binhost at a time: a second build waits for the first. Whatever changed
     PKGDIR under the lock leaves an index newer than before (see advance_index)."""
-    lock_path = os.path.join(settings.root, "var/cache/gentoo-binhost/build.lock")
+    lock_path = build_lock_path(settings.root)
     if runner.pretend or lock_path in HELD_BUILD_LOCKS:  # update holds it around its builds
         yield
         return
@@ -2907,13 +2938,14 @@ echo "kind dir"
 if [ -f "$conf/$2" ]; then echo "content"; cat "$conf/$2"; fi
 """
 
+# Writes stdin to $1/$2 (mode $4), the previous file kept as .$2.$3.bak beside it.
 WRITE_FILE_SCRIPT = r"""
 set -e
-dir=$1 name=$2 content=$3 stamp=$4 mode=${5:-0644}
+dir=$1 name=$2 stamp=$3 mode=${4:-0644}
 mkdir -p "$dir"
 tmp="$dir/.$name.new.$$"
 trap 'rm -f "$tmp"' EXIT
-(umask 077; printf '%s' "$content" > "$tmp")
+(umask 077; cat > "$tmp")
 chmod "$mode" "$tmp"
 if [ -f "$dir/$name" ]; then cp -p "$dir/$name" "$dir/.$name.$stamp.bak"; chmod "$mode" "$dir/.$name.$stamp.bak"; fi
 mv -f "$tmp" "$dir/$name"
@@ -3022,8 +3054,9 @@ def setup_target(settings, target, runner, output, verify_signature=True):
         output.action(f"Writing {target.name}:{entry_path} (sync-uri = {shown_url})")
         # With a password in it, root only (emerge --info still prints it: see the README).
         mode = "0600" if settings.auth_file else "0644"
-        remote.script(WRITE_FILE_SCRIPT, binrepos_dir, BINREPOS_NAME + ".conf", content, timestamp(), mode,
-                      what=f"writing {entry_path}")
+        # The content on stdin: with a password in it, an argument would show it in ps to every user.
+        remote.script(WRITE_FILE_SCRIPT, binrepos_dir, BINREPOS_NAME + ".conf", timestamp(), mode,
+                      input=content, what=f"writing {entry_path}")
     if verify_signature:
         trust_signing_key(settings, remote, runner, output)
 
@@ -3676,7 +3709,8 @@ def detect_target_cpu(target, runner, output):
     return TargetCpu(machine, sections.get("gcc", "").strip(), flags, cpu_flags, source)
 
 
-UNKNOWN_GCC_FLAG = re.compile(r"(?:unrecognized command[- ]line option|bad value \(['‘]?([^'’)]*)['’]?\) for)"
+# gcc 12 says "bad value 'x' for '-march=' switch", older ones "bad value (x) for -march= switch".
+UNKNOWN_GCC_FLAG = re.compile(r"(?:unrecognized command[- ]line option|bad value \(?['‘]?([^'’)]*)['’]?\)? for)"
                               r"\s*['‘]?([^'’\s]*)")
 
 
@@ -4018,14 +4052,14 @@ def sanitized_config_tar(tar_bytes, target_name, output):
     """A target's configuration tar as the binhost accepts it: the binhost unpacks it as root,
     and a compromised target must not plant devices, setuid files or anything outside
     etc/portage and the world files there, nor make the binhost write through its symlinks.
-    Only directories, regular files and symlinks pass; modes lose setuid, setgid and sticky bits;
-    everything is owned by root. etc/portage itself, or a member below a symlink, is refused."""
+    Only directories, regular files and symlinks pass; modes lose setuid, setgid and sticky bits
+    and group and world write permission; everything is owned by root. etc/portage itself, or a member below a symlink, is refused."""
     try:
         source = tarfile.open(fileobj=io.BytesIO(tar_bytes))
     except tarfile.TarError:
         raise BinhostError("the configuration stream is not a tar: does a shell start-up file"
                            " (.bashrc) print something for non-interactive ssh sessions?") from None
-    result, symlinks, seen = io.BytesIO(), set(), set()
+    result, symlinks, seen, loosened = io.BytesIO(), set(), set(), []
     with source, tarfile.open(fileobj=result, mode="w", format=tarfile.PAX_FORMAT) as clean:
         for member in source.getmembers():
             name = member.name
@@ -4056,13 +4090,20 @@ def sanitized_config_tar(tar_bytes, target_name, output):
                 continue
             if member.mode & (stat.S_ISUID | stat.S_ISGID | stat.S_ISVTX):
                 output.warn(f"{where}: setuid, setgid or sticky bit dropped")
-            member.mode &= 0o777
+            if not member.issym() and member.mode & (stat.S_IWGRP | stat.S_IWOTH):
+                loosened.append(name)
+            # Only root may change what builds run as root: no group or world write bits here.
+            member.mode &= 0o777 if member.issym() else 0o755
             member.uid = member.gid = 0
             member.uname = member.gname = "root"
             member.pax_headers = {}
             if member.issym():
                 symlinks.add(name)
             clean.addfile(member, source.extractfile(member) if member.isfile() else None)
+    if loosened:
+        output.warn(f"{target_name}'s configuration: group and world write permission dropped from"
+                    f" {len(loosened)} file(s) ({', '.join(loosened[:3])}{', ...' if len(loosened) > 3 else ''}):"
+                    " on the binhost only root may change what builds run")
     return result.getvalue()
 
 
@@ -4253,8 +4294,8 @@ def clean_packages(settings, runner, output, keep, pending=None):
         else:
             publish(settings, runner, output, f"clean: {len(doomed)} package(s) retired",
                     removed={record["path"] for record, _ in doomed}, prune=False)
+        prune_publications(settings, output)  # first: what only a pruned publication named goes now
         named = published_paths(settings.pkgdir)
-        prune_publications(settings, output)
         pkgdir = os.path.realpath(settings.pkgdir)
         for relative in sorted(set(retired) - named):
             path = os.path.realpath(os.path.join(pkgdir, relative))
@@ -4894,7 +4935,7 @@ class Doctor:
             self.report(FAIL, check, str(error))
         except (OSError, ValueError, LookupError, tarfile.TarError) as error:
             # One check that cannot run must not hide the others' results.
-            self.report(FAIL, check, f"could not check: {error!r}")
+            self.report(FAIL, check, f"could not check: {error!r}: run doctor -v to see the commands it ran")
 
     @property
     def failed(self):
@@ -4989,13 +5030,13 @@ def check_configuration(doctor, settings, target, runner, output):
         detail = "; ".join(part for part in (
             f"not on the binhost: {' '.join(missing)}" if missing else "",
             f"only on the binhost: {' '.join(extra)}" if extra else "") if part)
-        doctor.report(FAIL, "world", detail)
+        doctor.report(FAIL, "world", f"{detail}: run '{PROG} config pull'")
     else:
         doctor.report(OK, "world", f"{len(world_lines[1])} entries, the same on both")
     profiles = [members.get("etc/portage/make.profile", ("", 0, "none"))[2] for members in (binhost, remote_members)]
     profile_path = os.path.join(settings.root, "etc/portage/make.profile")
     if profiles[0] != profiles[1]:
-        doctor.report(FAIL, "profile", f"binhost {profiles[0]}, {target.name} {profiles[1]}")
+        doctor.report(FAIL, "profile", f"binhost {profiles[0]}, {target.name} {profiles[1]}: run '{PROG} config pull'")
     elif not os.path.exists(on_build_host_path(settings, profile_path)):
         doctor.report(FAIL, "profile", f"{profile_path} -> {profiles[0]} does not resolve on the binhost:"
                                        f" '{PROG} config pull' links the repositories it points into"
@@ -5026,11 +5067,12 @@ def check_portage_variables(doctor, settings, remote, runner, output, target):
             if only_target or only_binhost:
                 doctor.report(FAIL, "USE", f"{target.name} has {' '.join(only_target) or 'nothing more'},"
                                            f" the binhost has {' '.join(only_binhost) or 'nothing more'}"
-                                           " (USE_EXPAND flags such as cpu_flags_x86_* included)")
+                                           " (USE_EXPAND flags such as cpu_flags_x86_* included): run"
+                                           f" '{PROG} config pull' (and '{PROG} cpu --apply' for CPU flags)")
             else:
                 doctor.report(OK, "USE", f"{len(mine.split())} flags, the same on both")
         elif mine != other:
-            doctor.report(FAIL, name, f"binhost {mine!r}, {target.name} {other!r}")
+            doctor.report(FAIL, name, f"binhost {mine!r}, {target.name} {other!r}: run '{PROG} config pull'")
         else:
             doctor.report(OK, name, mine)
 
@@ -5046,7 +5088,8 @@ def check_repositories(doctor, binhost_side, remote, ours, theirs, target):
     for name, ours_line, theirs_line in zip(theirs, local.stdout.splitlines(), remote_result.stdout.splitlines()):
         mine, other = ours_line.split("\t", 1)[1], theirs_line.split("\t", 1)[1]
         if name not in ours:
-            doctor.report(FAIL, f"repository {name}", "not configured on the binhost")
+            doctor.report(FAIL, f"repository {name}", f"not configured on the binhost: run '{PROG} config pull',"
+                                                      " with the repository synced on the build host")
         elif mine == other and mine != "unknown":
             doctor.report(OK, f"repository {name}", f"snapshot {mine} on both")
         elif mine == other:
@@ -5078,6 +5121,10 @@ def check_binrepos(doctor, settings, target, runner, output):
                                         f" run '{PROG} setup-target'")
     else:
         doctor.report(OK, "binrepos", f"{target.name} fetches from {shown}")
+        if re.match(r"[a-z]+://[^/@]*:[^/@]*@", uri):
+            doctor.report(WARN, "credentials", f"{target.name}'s sync-uri holds a password, which Portage puts"
+                                               " into wget's command line there while it downloads (ps shows it"
+                                               " to local users): see Basic auth in the README for the alternatives")
         verify = entry.get(BINREPOS_NAME, "verify-signature", fallback="true")
         if verify.lower() in ("false", "no", "0"):
             doctor.report(WARN, "verify-signature", f"{target.name} installs unsigned packages")
@@ -5178,7 +5225,8 @@ def check_preflight(doctor, settings, target, runner, output, atoms):
         reasons = complaints + ([f"not on its merge list: {' '.join(p.cpv for p in gaps)}"] if gaps else [])
         doctor.report(FAIL, "preflight", f"emerge --getbinpkgonly {what} on {target.name} would not get"
                                          " everything from the binhost: "
-                                         + " | ".join(reasons[:8] or [last_line(plan.binary or "")]))
+                                         + " | ".join(reasons[:8] or [last_line(plan.binary or "")])
+                                         + f": '{PROG} emerge {what}' builds and installs what can be built")
     else:
         doctor.report(OK, "preflight", f"{len(plan.packages)} package(s) to install, all from the binhost")
 
@@ -5594,7 +5642,11 @@ def install_stage3(args, arch, variant, stage3, root, runner, output, keep=()):
             keys.close()
         if downloads and os.path.isdir(downloads) and not os.listdir(downloads):
             os.rmdir(downloads)  # a refused download leaves nothing behind
-    extract_stage3(tarball, root, runner, output, keep)
+    if os.path.isdir(root) and os.listdir(root):  # --force: no build may run in the root it replaces
+        with root_replacement_lock(root, output, "init --force again"):
+            extract_stage3(tarball, root, runner, output, keep)
+    else:
+        extract_stage3(tarball, root, runner, output, keep)
     if remote:
         shutil.rmtree(downloads, ignore_errors=True)
     return name, expected["sha512"]
@@ -6221,12 +6273,10 @@ def remove_target(config, args, runner, output):
                else "it is the [binhost] root")
         output.warn(f"Keeping the environment {settings.root}: {why}")
     if purge and os.path.isdir(settings.root):
-        inside = [point for point in mount_points() if point == settings.root or point.startswith(settings.root + "/")]
-        if inside:
-            raise BinhostError(f"{settings.root} has mounts inside ({', '.join(inside)}): a build may be"
-                               " running; try again when it is done")
-        output.info(f"Removing the environment {settings.root} (no other target uses it)")
-        runner.run(["rm", "-rf", "--one-file-system", settings.root], describe=f"removing {settings.root}")
+        with root_replacement_lock(settings.root, output, "remove-target --purge again"):
+            output.info(f"Removing the environment {settings.root} (no other target uses it)")
+            runner.run(["rm", "-rf", "--one-file-system", os.path.realpath(settings.root)],
+                       describe=f"removing {settings.root}")
     else:
         record = os.path.join(publications_dir(settings.pkgdir), INSTALLED_DIR, target.name)
         if os.path.isfile(record):  # clean no longer keeps what it had installed
@@ -6729,9 +6779,9 @@ def read_credentials(settings):
         return []
     try:
         with open(settings.auth_file, encoding="utf-8") as handle:
-            if os.fstat(handle.fileno()).st_mode & (stat.S_IROTH | stat.S_IWOTH):
-                raise UsageError(f"auth file {settings.auth_file} can be read by other users: its"
-                                 f" passwords are secrets; chmod 600 {settings.auth_file}")
+            if os.fstat(handle.fileno()).st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+                raise UsageError(f"auth file {settings.auth_file} can be read or changed by its group or"
+                                 f" other users: its passwords are secrets; chmod 600 {settings.auth_file}")
             lines = [line.strip() for line in handle]
     except OSError as error:
         raise UsageError(f"cannot read auth file {settings.auth_file}: {error.strerror}") from None

@@ -18,8 +18,7 @@ def test_second_build_waits_for_the_first(tmp_path):
     bin_dir.mkdir()
     (bin_dir / "emerge").write_text(f"#!/bin/sh\necho \"$@\" >> {tmp_path}/ran\n")
     (bin_dir / "emerge").chmod(0o755)
-    lock_path = root / "var/cache/gentoo-binhost/build.lock"
-    lock_path.parent.mkdir(parents=True)
+    lock_path = tmp_path / ".binhost.build.lock"  # beside the root: init --force and purge take it too
     stderr_path = tmp_path / "stderr"
     with open(lock_path, "a+") as held, open(stderr_path, "w") as stderr:
         fcntl.flock(held, fcntl.LOCK_EX)

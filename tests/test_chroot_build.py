@@ -213,3 +213,18 @@ def test_chroot_method_refuses_a_pkgdir_outside_the_root(tmp_path):
     config.write_text(f"[binhost]\nroot = {root}\nbuild-method = sometimes\n")
     result = run([sys.executable, SCRIPT, "--color=n", "-c", config, "build", "app-misc/hello"], check=False)
     assert result.returncode == 2 and "build-method = sometimes" in result.stderr
+
+
+def test_zz_explore(chroot_build, sshd, portage_bin):
+    import time as _t
+    from conftest import write_portage_config
+    target = chroot_build.base / "target"
+    write_portage_config(target, extra_make_conf='USE="loud"\n')
+    original = chroot_build.config.read_text()
+    chroot_build.config.write_text(original + f"\n[target t]\nhost = {sshd.host}\nssh-port = {sshd.port}\nssh-options = {sshd.ssh_options}\nroot = {target}\npath = {portage_bin}\n")
+    for args in (["-v", "doctor"], ["-v", "config", "diff"], ["-v", "-p", "clean"]):
+        t = _t.monotonic()
+        r = chroot_build.cli(*args, check=False)
+        print("=====", args, r.returncode, "%.1fs" % (_t.monotonic() - t))
+        print("\n".join(l[:220] for l in r.stderr.splitlines() if l.startswith(" * Running: chroot") or l.startswith(" * Running: mount") or l.startswith(" * Running: umount")))
+    chroot_build.config.write_text(original)

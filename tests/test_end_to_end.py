@@ -332,6 +332,12 @@ def test_doctor_names_each_difference(world, config_pair):
     assert report["world"]["status"] == "FAIL" and "app-misc/greet" in report["world"]["detail"]
     assert report["binrepos"]["status"] == "FAIL" and "http://wrong.invalid/" in report["binrepos"]["detail"]
     assert report["configuration"]["status"] == "FAIL" and "make.conf" in report["configuration"]["detail"]
+    # Every FAIL line names its fix: a command of ours, or emaint's.
+    fixes = re.compile(r"'gentoo-binhost\.py [a-z-]+|'emaint |is serve running|: (check|set|install|sync) ")
+    for line in report.values():
+        if line["status"] == "FAIL":
+            assert fixes.search(line["detail"]), line
+    assert report["world"]["detail"].endswith("run 'gentoo-binhost.py config pull'"), report["world"]
 
     plain = world.cli("--color=n", "doctor", config=config, check=False).stdout
     assert any(line.startswith("FAIL USE: ") for line in plain.splitlines())

@@ -361,7 +361,7 @@ def test_a_signal_to_the_tool_alone_stops_the_build_and_frees_the_lock(world, sl
     shutil.copy(shutil.which("sleep"), sleeper)
     marker = binhost.base / f"slow-{token}.started"
     (repo / "app-misc/slow/slow-1.0.ebuild").write_text(slow_ebuild(marker, sleeper, 600))
-    lock = binhost.root / "var/cache/gentoo-binhost/build.lock"
+    lock = binhost.root.parent / f".{binhost.root.name}.build.lock"
 
     env = dict(os.environ, PATH=f"{world.portage_bin}:{os.environ['PATH']}", NO_COLOR="1")
     log = binhost.base / f"slow-{token}.log"

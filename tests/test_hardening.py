@@ -8,6 +8,7 @@ import contextlib
 import hashlib
 import http.client
 import io
+import fcntl
 import os
 import select
 import shutil
@@ -261,7 +262,9 @@ def test_pull_of_a_crafted_stream_lands_only_what_diff_shows(evil_target, portag
     assert not (binhost / "etc/shadow").exists() and not (binhost / "etc/cron.d").exists()
     assert not (binhost / "root").exists()
     assert stat.S_IMODE((binhost / "etc/portage/package.use").stat().st_mode) == 0o755
-    assert stat.S_IMODE((binhost / "etc/portage/sticky").stat().st_mode) == 0o777
+    # World-writable on the target: on the binhost no local user may change what builds run.
+    assert stat.S_IMODE((binhost / "etc/portage/sticky").stat().st_mode) == 0o755
+    assert "group and world write permission dropped from 1 file(s) (etc/portage/sticky)" in pull.stderr
     assert (binhost / "etc/portage/package.use").read_text() == "app-misc/greet loud\n"
     again = cli(portage_bin, config, "config", "diff")
     assert again.returncode == 0 and "identical" in again.stdout, again.stdout + again.stderr
@@ -666,7 +669,7 @@ def test_symlinks_into_pkgdir_are_judged_on_every_request(gb, tmp_path, pkgdir):
 # ---- 4. an auth file others can read -----------------------------------------------------------
 
 
-@pytest.mark.parametrize("mode", [0o644, 0o604], ids=["0644", "0604"])
+@pytest.mark.parametrize("mode", [0o644, 0o604, 0o640, 0o620], ids=["0644", "0604", "0640", "0620"])
 def test_serve_refuses_an_auth_file_others_can_read(tmp_path, pkgdir, mode):
     auth = tmp_path / "auth"
     auth.write_text("portage:s3cret\n")
@@ -913,3 +916,76 @@ def test_setup_target_with_an_auth_file_writes_the_entry_0600(world):
     again = world.cli("setup-target", config=config)
     assert "already points to" in again.stdout
     assert stat.S_IMODE(entry.stat().st_mode) == 0o600
+
+
+def test_no_password_on_any_command_line_the_tool_starts(world):
+    """With an auth file, setup-target, doctor and install start ssh (and through it sh, sudo and
+    emerge on the target) and gpg: the password is in none of their argv (ps shows argv to every
+    user), here or on the target; it travels on stdin."""
+    password = "argv%capture"
+    auth = world.base / "auth-argv"
+    auth.write_text(f"portage:{password}\n")
+    auth.chmod(0o600)
+    root, config = world.new_target("auth-argv", extra_binhost=f"auth-file = {auth}\n")
+    shims, log = world.base / "argv-shims", world.base / "argv.log"
+    shims.mkdir()
+    for program in ("ssh", "gpg", "wget", "curl"):
+        real = shutil.which(program)
+        if real:
+            (shims / program).write_text(f"#!/bin/sh\nprintf '%s\\0' {program} \"$@\" >> {log}\nexec {real} \"$@\"\n")
+            (shims / program).chmod(0o755)
+    env = {"PATH": f"{shims}:{world.portage_bin}:{os.environ['PATH']}", "NO_COLOR": "1"}
+    said = {}
+    for args in (["setup-target"], ["doctor"], ["install", "app-misc/hello"]):
+        result = said[args[0]] = run([sys.executable, SCRIPT, "-c", config, *args], env=env, check=False,
+                                     timeout=600)
+        assert args[0] == "doctor" or result.returncode == 0, result.stdout + result.stderr
+        assert password not in result.stdout + result.stderr
+    assert "portage:argv%%capture@" in (root / "etc/portage/binrepos.conf/gentoo-binhost.conf").read_text()
+    assert "WARN credentials: auth-argv's sync-uri holds a password" in said["doctor"].stdout, said["doctor"].stdout
+    started = log.read_bytes().split(b"\0")
+    assert any(word == b"ssh" for word in started) and len(started) > 10, started[:20]
+    assert not [word for word in started if password.encode() in word or b"argv%%capture" in word]
+
+
+def test_purge_refuses_while_a_build_holds_the_lock_or_a_mount_is_inside_even_through_a_symlink(tmp_path):
+    """remove-target --purge takes the build lock (beside the root, which it deletes) at once or
+    refuses, and looks for mounts under the resolved path: a symlink in the configured path does
+    not hide a bind mount from it."""
+    need(os.geteuid() == 0 and shutil.which("mount"), "bind mounts need root")
+    main, own = tmp_path / "binhost", tmp_path / "real-own"
+    for root in (main, own):
+        (root / "etc/portage").mkdir(parents=True)
+    (tmp_path / "own").symlink_to(own)
+    config = tmp_path / "c.conf"
+    text = (f"[binhost]\nroot = {main}\n\n[target mine]\nhost = root@127.0.0.1\n"
+            f"binhost-root = {tmp_path / 'own'}\n")
+    config.write_text(text)
+
+    def purge():
+        return subprocess.run([sys.executable, SCRIPT, "-c", str(config), "--color=n", "remove-target", "mine",
+                               "--purge"], capture_output=True, text=True, timeout=60)
+
+    with open(tmp_path / ".real-own.build.lock", "a+") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        held.write("pid 4242\n")
+        held.flush()
+        refused = purge()
+    assert refused.returncode == 1 and "a build is running on" in refused.stderr and "pid 4242" in refused.stderr, \
+        refused.stderr
+    assert own.is_dir() and config.read_text() == text
+
+    (own / "var/cache/distfiles").mkdir(parents=True)
+    (tmp_path / "outside").mkdir()
+    (tmp_path / "outside/keep-me").write_text("a file of the build machine\n")
+    run(["mount", "--bind", tmp_path / "outside", own / "var/cache/distfiles"])
+    try:
+        refused = purge()
+    finally:
+        run(["umount", own / "var/cache/distfiles"])
+    assert refused.returncode == 1 and "has mounts inside" in refused.stderr, refused.stderr
+    assert (tmp_path / "outside/keep-me").is_file() and own.is_dir() and config.read_text() == text
+
+    purged = purge()
+    assert purged.returncode == 0, purged.stderr
+    assert not own.exists() and (tmp_path / "outside/keep-me").is_file()

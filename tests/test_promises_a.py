@@ -280,7 +280,7 @@ class HeldBuildLock:
     after ``seconds`` at the latest, so a command that waits for it cannot hang the test."""
 
     def __init__(self, lab, seconds=30):
-        self.path = lab.root / "var/cache/gentoo-binhost/build.lock"
+        self.path = lab.root.parent / f".{lab.root.name}.build.lock"
         self.seconds = seconds
 
     def __enter__(self):
