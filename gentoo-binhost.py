@@ -598,7 +598,7 @@ class Runner:
                 process.terminate()
 
     def run(self, argv, env=None, *, changes=True, capture=False, input=None, check=True,
-            describe=None, cwd=None, binary=False, own_group=False):
+            describe=None, cwd=None, binary=False, own_group=False, timeout=None):
         """Run argv with env added to ours. Returns a CompletedProcess (None under --pretend for
         commands that change something). With check, a non-zero exit raises BinhostError.
         own_group (builds): the command and everything it starts run in a process group of their
@@ -626,7 +626,11 @@ class Runner:
                     if group:
                         stdout, stderr = group.wait(process, input)
                     else:
-                        stdout, stderr = process.communicate(input)
+                        stdout, stderr = process.communicate(input, timeout=timeout)
+                except subprocess.TimeoutExpired:
+                    process.kill()
+                    process.communicate()
+                    raise BinhostError(f"{describe or argv[0]} did not finish within {timeout} s: stopped it") from None
                 except KeyboardInterrupt:
                     # Ctrl-C reached the command too (SIGTERM is passed on): let it clean up.
                     with contextlib.suppress(BaseException):
@@ -2004,6 +2008,12 @@ def sign_test_message(settings, runner, message):
 # ------------------------------------------------------------------------------------------------
 
 
+# Every remote step ends: a question (a plan of @world takes minutes on a small board) within an
+# hour, a change (an install, a first push of a tree) within four; a silent connection sooner
+# (ServerAlive). A hung target then fails its own row of update, and the others go on.
+REMOTE_QUERY_TIMEOUT = 3600
+REMOTE_CHANGE_TIMEOUT = 4 * 3600
+
 # Asks, on the target, who answers on a port of its loopback (a serve --tunnel of ours holding
 # it?): prints the answer's headers, nothing when nothing listens there.
 TUNNEL_PROBE_SCRIPT = r"""
@@ -2044,7 +2054,9 @@ class Remote:
             argv.append("-t")
         if self.target.ssh_port != DEFAULT_SSH_PORT:
             argv += ["-p", str(self.target.ssh_port)]
-        return argv + self.target.ssh_options
+        # After the user's options (ssh takes the first value given): a target that stops
+        # answering ends the connection in about a minute instead of holding a nightly update.
+        return argv + self.target.ssh_options + ["-o", "ServerAliveInterval=15", "-o", "ServerAliveCountMax=4"]
 
     @property
     def user(self):
@@ -2115,7 +2127,9 @@ class Remote:
         if forward is not None and self.existing_tunnel(forward):
             forward = None
         result = self.runner.run(self.ssh_argv(argv, env, tty, forward), changes=changes,
-                                 capture=capture, input=input, check=False, binary=binary)
+                                 capture=capture, input=input, check=False, binary=binary,
+                                 timeout=REMOTE_CHANGE_TIMEOUT if changes else REMOTE_QUERY_TIMEOUT,
+                                 describe=f"{what or argv[0]} on target {self.target.name}")
         if result is None:
             return None
         what = what or argv[0]
@@ -6963,7 +6977,8 @@ def update_timer(kind, config_path):
                f" {shlex.quote(os.path.abspath(config_path))} update")
     if kind == "cron":
         return (f"# /etc/cron.d/gentoo-binhost-update (from {PROG} serve --print-timer cron)\n"
-                f"30 3 * * * root {command} >>/var/log/gentoo-binhost-update.log 2>&1\n")
+                # Through syslog (logger): a log file of its own would grow without rotation.
+                f"30 3 * * * root {command} 2>&1 | logger -t gentoo-binhost-update\n")
     return (f"# /etc/systemd/system/gentoo-binhost-update.service (from {PROG} serve --print-timer systemd)\n"
             f"[Unit]\nDescription=Build and publish what the Gentoo targets need\n"
             f"Wants=network-online.target\nAfter=network-online.target\n\n"

@@ -215,16 +215,164 @@ def test_chroot_method_refuses_a_pkgdir_outside_the_root(tmp_path):
     assert result.returncode == 2 and "build-method = sometimes" in result.stderr
 
 
-def test_zz_explore(chroot_build, sshd, portage_bin):
-    import time as _t
+# ---- sign, clean, config and doctor run Portage where builds do; the build method and why ----------
+
+
+def running(result, prefix):
+    """The commands -v says it ran (" * Running: ..."), those starting with prefix."""
+    return [line[len(" * Running: "):] for line in result.stderr.splitlines()
+            if line.startswith(" * Running: " + prefix)]
+
+
+def test_sign_clean_config_and_doctor_run_portage_inside_the_binhost_root(chroot_build, sshd, portage_bin):
+    """README (Build methods): `sign`, `clean`, `config` and `doctor` run Portage in the same place as
+    builds do: `chroot ROOT env -i ...` with the root's own tools and paths as the root sees them."""
     from conftest import write_portage_config
+    root = chroot_build.root
+    inside = f"chroot {root} env -i "
+    if "signing-key" not in chroot_build.config.read_text():
+        chroot_build.cli("keygen")
+    if not list(chroot_build.pkgdir.rglob("*.gpkg.tar")):
+        chroot_build.cli("build", "--oneshot", "dev-libs/libv")
+    original = chroot_build.config.read_text()
     target = chroot_build.base / "target"
     write_portage_config(target, extra_make_conf='USE="loud"\n')
-    original = chroot_build.config.read_text()
-    chroot_build.config.write_text(original + f"\n[target t]\nhost = {sshd.host}\nssh-port = {sshd.port}\nssh-options = {sshd.ssh_options}\nroot = {target}\npath = {portage_bin}\n")
-    for args in (["-v", "doctor"], ["-v", "config", "diff"], ["-v", "-p", "clean"]):
-        t = _t.monotonic()
-        r = chroot_build.cli(*args, check=False)
-        print("=====", args, r.returncode, "%.1fs" % (_t.monotonic() - t))
-        print("\n".join(l[:220] for l in r.stderr.splitlines() if l.startswith(" * Running: chroot") or l.startswith(" * Running: mount") or l.startswith(" * Running: umount")))
-    chroot_build.config.write_text(original)
+    try:
+        signed = chroot_build.cli("-v", "sign", "--all")
+        assert "Signed" in signed.stdout
+        gpkg_sign = [c for c in running(signed, "") if "gpkg-sign " in c]
+        assert gpkg_sign and all(c.startswith(inside) and " ROOT=/ " in c and " PKGDIR=/var/cache/binpkgs " in c
+                                 and "/usr/local/bin/gpkg-sign /var/cache/binpkgs/" in c for c in gpkg_sign), gpkg_sign
+        assert any(c.startswith(inside) and c.endswith("/usr/local/bin/emaint binhost --fix") for c in running(signed, ""))
+        assert mounts_under(root) == []
+
+        cleaned = chroot_build.cli("-v", "--pretend", "clean")
+        assert any(c.startswith(inside) and c.endswith("/usr/local/bin/portageq envvar EROOT")
+                   for c in running(cleaned, "chroot ")), cleaned.stderr
+        assert f"--pretend: mounting /proc, /sys, /dev and /run in {root} for the read-only queries" in cleaned.stdout
+        assert mounts_under(root) == []
+
+        chroot_build.config.write_text(original + (
+            f"\n[target t]\nhost = {sshd.host}\nssh-port = {sshd.port}\nssh-options = {sshd.ssh_options}\n"
+            f"root = {target}\npath = {portage_bin}\n"))
+        diff = chroot_build.cli("-v", "config", "diff")
+        assert '-USE="extra"' in diff.stdout and '+USE="loud"' in diff.stdout
+        assert running(diff, inside) and not running(diff, "sh -c"), "the binhost side was read outside the root"
+
+        doctor = chroot_build.cli("-v", "doctor", check=False)
+        assert "OK   build method: chroot: this CPU runs code built with the target's flags" in doctor.stdout
+        portageq = [c for c in running(doctor, "") if "portageq envvar -v CHOST" in c and not c.startswith("ssh ")]
+        assert portageq and all(c.startswith(inside) and "/usr/local/bin/portageq" in c for c in portageq), portageq
+        # The binhost side's USE is the root's own make.conf (USE="extra"), read by the root's Portage.
+        assert "t has loud, the binhost has extra" in doctor.stdout
+        assert mounts_under(root) == [] and processes_inside(root) == []
+    finally:
+        chroot_build.config.write_text(original)
+
+
+def test_distdir_is_bound_from_the_build_host_only_when_it_exists_there(chroot_build):
+    """README: each repository and `DISTDIR`, bind-mounted from this machine at the same path inside
+    the root when they exist there."""
+    make_conf = chroot_build.inside("/etc/portage/make.conf")
+    original = make_conf.read_text()
+    distdir = chroot_build.base / "distfiles"
+    mount = f"mount --bind --make-slave {distdir} {chroot_build.root}{distdir}"
+    try:
+        make_conf.write_text(original + f'DISTDIR="{distdir}"\n')
+        absent = chroot_build.cli("-p", "build", "dev-libs/libv")
+        assert mount not in absent.stdout.splitlines()
+        distdir.mkdir()
+        present = chroot_build.cli("-p", "build", "dev-libs/libv")
+        lines = present.stdout.splitlines()
+        assert mount in lines
+        chroot_line = next(i for i, line in enumerate(lines) if line.startswith(f"chroot {chroot_build.root} env -i"))
+        assert lines.index(mount) < chroot_line < lines.index(f"umount --recursive {chroot_build.root}{distdir}")
+        assert mounts_under(chroot_build.root) == []
+    finally:
+        make_conf.write_text(original)
+        shutil.rmtree(distdir, ignore_errors=True)
+
+
+def test_a_targets_own_build_method_decides_for_its_environment(chroot_build, tmp_path):
+    """README: set build-method ... in a `[target NAME]` with its own `binhost-root`, for that
+    environment: [binhost] says root, the target's environment (the real binhost root) is built
+    with chroot, and the other target keeps [binhost]'s method."""
+    plain = tmp_path / "plain"
+    (plain / "etc/portage").mkdir(parents=True)
+    config = tmp_path / "c.conf"
+    config.write_text(f"[binhost]\nroot = {plain}\nbuild-method = root\n\n"
+                      f"[target cb]\nhost = 127.0.0.1\nbinhost-root = {chroot_build.root}\nbuild-method = chroot\n\n"
+                      f"[target other]\nhost = 127.0.0.1\n")
+    fake_bin = tmp_path / "bin"
+    fake_bin.mkdir()
+    (fake_bin / "emerge").write_text("#!/bin/sh\nexit 0\n")
+    (fake_bin / "emerge").chmod(0o755)
+
+    def pretend_build(target):
+        return run([sys.executable, SCRIPT, "--color=n", "-c", config, "-v", "-p", "--target", target,
+                    "build", "dev-libs/libv"], env={"PATH": f"{fake_bin}:{os.environ['PATH']}"})
+
+    own = pretend_build("cb")
+    assert f"Build method chroot: build-method = chroot in {config}" in own.stderr
+    emerge = next(line for line in own.stdout.splitlines()
+                  if "emerge --getbinpkg=n" in line and not line.startswith(">>>"))
+    assert emerge.startswith(f"chroot {chroot_build.root} env -i") and "--root-deps" not in emerge
+    other = pretend_build("other")
+    assert f"Build method root: build-method = root in {config}" in other.stderr
+    emerge = next(line for line in other.stdout.splitlines()
+                  if "emerge --root-deps" in line and not line.startswith(">>>"))
+    assert f"ROOT={plain}" in emerge and not emerge.startswith("chroot ")
+    assert mounts_under(chroot_build.root) == []
+
+
+def fake_gentoo_root(root, make_conf=""):
+    """A directory that looks like a system to build in (emerge and gcc in its PATH)."""
+    for program in ("usr/bin/emerge", "usr/bin/gcc"):
+        (root / program).parent.mkdir(parents=True, exist_ok=True)
+        (root / program).write_text("")
+    (root / "etc/portage").mkdir(parents=True, exist_ok=True)
+    (root / "etc/portage/make.conf").write_text(make_conf)
+
+
+def test_doctor_shows_the_build_method_and_why_and_auto_falls_back_for_an_outside_pkgdir(tmp_path):
+    """README: `doctor` shows the method in use and why (WARN when `auto` chose `root` because this CPU
+    lacks an instruction set of the target's flags); with `auto`, a pkgdir outside the binhost root is
+    built with the root method (no refusal)."""
+    root = tmp_path / "binhost"
+    fake_gentoo_root(root, 'COMMON_FLAGS="-O2"\n')
+    config = tmp_path / "c.conf"
+    from conftest import free_port
+    target = f"\n[target t]\nhost = 127.0.0.1\nssh-port = {free_port()}\n"  # unreachable: binhost rows only
+    fake_bin = tmp_path / "bin"
+    fake_bin.mkdir()
+    (fake_bin / "emerge").write_text("#!/bin/sh\nexit 0\n")
+    (fake_bin / "emerge").chmod(0o755)
+
+    def gb(*args):
+        return run([sys.executable, SCRIPT, "--color=n", "-c", config, *args], check=False,
+                   env={"PATH": f"{fake_bin}:{os.environ['PATH']}"})
+
+    def method_row(result):
+        return next((line for line in result.stdout.splitlines() if line[5:].startswith("build method:")),
+                    result.stdout + result.stderr)
+
+    config.write_text(f"[binhost]\nroot = {root}\npkgdir = {tmp_path}/elsewhere\n" + target)
+    assert method_row(gb("doctor")).startswith("OK   build method: root: pkgdir lie outside the binhost root")
+    built = gb("-p", "build", "app-misc/hello")
+    assert built.returncode == 0, built.stderr
+    assert any(line.startswith("ROOT=") and "--root-deps" in line for line in built.stdout.splitlines())
+
+    config.write_text(f"[binhost]\nroot = {root}\nbuild-method = root\n" + target)
+    assert method_row(gb("doctor")) == f"OK   build method: root: build-method = root in {config}"
+
+    need(shutil.which("gcc"), "gcc missing")
+    native = set(run(["gcc", "-march=native", "-dM", "-E", "-x", "c", "/dev/null"]).stdout.split())
+    usable = [(flag, macro) for flag, macro in (("-mavx512vp2intersect", "__AVX512VP2INTERSECT__"),
+                                                ("-mamx-tile", "__AMX_TILE__"), ("-mavx512f", "__AVX512F__"),
+                                                ("-mavx2", "__AVX2__"))
+              if macro not in native and run(["gcc", flag, "-E", "-x", "c", "/dev/null"], check=False).returncode == 0]
+    need(usable, "this CPU has every instruction set gcc knows here")
+    flag, macro = usable[0]
+    (root / "etc/portage/make.conf").write_text(f'COMMON_FLAGS="-O2 {flag}"\n')
+    config.write_text(f"[binhost]\nroot = {root}\n" + target)
+    assert method_row(gb("doctor")).startswith(f"WARN build method: root: this CPU lacks {macro}")

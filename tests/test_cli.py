@@ -216,9 +216,10 @@ def test_pretend_install_quotes_every_word_for_the_remote_shell(config):
     assert result.returncode == 0, result.stderr
     ssh_line = next(line for line in result.stdout.splitlines() if line.startswith("ssh "))
     argv = shlex.split(ssh_line)
-    assert argv[:8] == ["ssh", "-p", "2222", "-i", "/root/.ssh/binhost", "-o", "ConnectTimeout=5", "--"]
-    assert argv[8] == "alice@laptop.invalid"
-    remote = shlex.split(argv[9])
+    assert argv[:12] == ["ssh", "-p", "2222", "-i", "/root/.ssh/binhost", "-o", "ConnectTimeout=5",
+                         "-o", "ServerAliveInterval=15", "-o", "ServerAliveCountMax=4", "--"]
+    assert argv[12] == "alice@laptop.invalid"
+    remote = shlex.split(argv[13])
     assert remote == ["sudo", "env", "ROOT=/mnt/gentoo", "PORTAGE_CONFIGROOT=/mnt/gentoo",
                       "EMERGE_DEFAULT_OPTS=", "PATH=/usr/local/bin:$PATH", "emerge", "--getbinpkgonly",
                       "--binpkg-respect-use=y", "-av", ">=dev-lang/python-3.12", "foo bar"]

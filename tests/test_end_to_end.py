@@ -455,6 +455,30 @@ def test_all_targets_go_on_past_a_failure_with_a_summary(world):
     assert doctor.returncode == 1
 
 
+def test_a_hung_target_fails_its_own_row_and_the_others_go_on(gb, world, monkeypatch, capsys):
+    """Every remote step has a time limit: a target whose emerge hangs (here for 30 s; the limit
+    lowered to 3 s) fails its row, the other target installs."""
+    _, good = world.new_target("hung-good")
+    world.cli("setup-target", config=good)
+    hung_root, _ = world.new_target("hung")
+    hanging = world.base / "hanging-bin"
+    hanging.mkdir()
+    (hanging / "emerge").write_text("#!/bin/sh\nexec sleep 30\n")
+    (hanging / "emerge").chmod(0o755)
+    both = world.base / "hung.conf"
+    both.write_text(good.read_text() + (
+        f"\n[target hung]\nhost = {world.sshd.host}\nssh-port = {world.sshd.port}\n"
+        f"ssh-options = {world.sshd.ssh_options}\nroot = {hung_root}\npath = {hanging}:{world.portage_bin}\n"))
+    monkeypatch.setattr(gb, "REMOTE_QUERY_TIMEOUT", 3)
+    monkeypatch.setenv("PATH", f"{world.portage_bin}:{os.environ['PATH']}")
+    code = gb.main(["-c", str(both), "--color=n", "--all", "install", "app-misc/hello"])
+    out, err = capsys.readouterr()
+    assert code == 1, out + err
+    assert "1 of 2 target(s) failed: hung" in err and "did not finish within 3 s" in err, err
+    table = out[out.index("target "):]
+    assert re.search(r"hung-good\s+\d+\.\ds\s+ok", table), table
+
+
 def test_several_binhost_environments_served_side_by_side(world):
     """A target with its own binhost-root gets its own environment, served under /<name>/."""
     port = free_port()

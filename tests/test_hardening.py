@@ -5,10 +5,10 @@ and the mode of the binrepos entry a password goes into. Every wait and every at
 in count and time; the network is 127.0.0.0/8 only; no test asserts how fast anything is."""
 
 import contextlib
+import fcntl
 import hashlib
 import http.client
 import io
-import fcntl
 import os
 import select
 import shutil

@@ -7,6 +7,7 @@ from PyPI (emaint, gpkg-sign, emerge on the target). Everything reuses the sessi
 what a test changes (a target root, a PKGDIR, a binhost root, a GnuPG home) is a copy of its own.
 """
 
+import contextlib
 import gzip
 import io
 import json
@@ -573,26 +574,113 @@ def test_key_rotation_recipe_then_sign_all_resigns_every_package(world, short_di
     assert run([world.installed(root, "usr/bin/hello")]).stdout == "hello from binhost\n"
 
 
-def test_doctor_all_says_which_targets_could_share_an_environment(world, tmp_path):
+def test_doctor_all_groups_by_fingerprint_and_notices_a_moved_url(world, tmp_path):
     """--all: "doctor --all also says which targets have the same configuration fingerprint and so
-    could share one binhost environment". Two targets with byte-identical /etc/portage, one other."""
+    could share one binhost environment"; and "Adding a second environment moves the first one's URL
+    from / to /<name>/: run setup-target on its targets again (doctor notices)". Two targets with
+    byte-identical /etc/portage; the second gets an environment of its own after the first's
+    setup-target."""
     shared = tmp_path / "var-shared"
-    sections = ""
-    for name, use in (("pb-twin1", "loud"), ("pb-twin2", "loud"), ("pb-other", "-loud")):
-        root = tmp_path / name
-        write_portage_config(root, var_root=shared, extra_make_conf=f'USE="{use}"\n')
-        sections += (f"\n[target {name}]\nhost = {world.sshd.host}\nssh-port = {world.sshd.port}\n"
-                     f"ssh-options = {world.sshd.ssh_options}\nroot = {root}\npath = {world.portage_bin}\n")
+    roots = {}
+    for name in ("pb-twin1", "pb-twin2"):
+        roots[name] = tmp_path / name
+        write_portage_config(roots[name], var_root=shared, extra_make_conf='USE="loud"\n')
+
+    def section(name, extra=""):
+        return (f"\n[target {name}]\nhost = {world.sshd.host}\nssh-port = {world.sshd.port}\n"
+                f"ssh-options = {world.sshd.ssh_options}\nroot = {roots[name]}\npath = {world.portage_bin}\n"
+                + extra)
     config = tmp_path / "all.conf"
-    config.write_text(world.binhost_section() + sections)
+    config.write_text(world.config.read_text() + section("pb-twin1"))
+    world.cli("setup-target", config=config)
+    entry = (roots["pb-twin1"] / "etc/portage/binrepos.conf/gentoo-binhost.conf").read_text()
+    assert f"sync-uri = http://127.0.0.1:{world.port}/\n" in entry, entry
+
+    second = tmp_path / "binhost-b"
+    write_portage_config(second, extra_make_conf='USE="loud"\n')
+    config.write_text(config.read_text() + section("pb-twin2", f"binhost-root = {second}\n"))
     result = world.cli("--all", "doctor", config=config, check=False)
     said = result.stdout + result.stderr
-    import time as T; t=T.monotonic(); v = world.cli("-v", "--target", "pb-twin1", "doctor", config=config, check=False); print("DEBUG", T.monotonic()-t, v.stdout, v.stderr)
+    assert result.returncode == 1, said
     shared_line = [line for line in said.splitlines() if "have the same configuration" in line]
     assert len(shared_line) == 1 and "pb-twin1, pb-twin2" in shared_line[0], said
-    assert "pb-other" not in shared_line[0] and "share one binhost environment" in shared_line[0]
-    assert re.search(r"pb-other: configuration of its own \(fingerprint [0-9a-f]{16}\)", said), said
-    fingerprint = re.search(r"\(fingerprint ([0-9a-f]{16})\)", shared_line[0]).group(1)
-    assert fingerprint not in next(line for line in said.splitlines() if "pb-other: configuration" in line)
+    assert re.search(r"\(fingerprint [0-9a-f]{16}\): they can share one binhost environment", shared_line[0])
     table = result.stdout[result.stdout.rindex("target "):]
-    assert all(name in table for name in ("pb-twin1", "pb-twin2", "pb-other")), table
+    assert "pb-twin1" in table and "pb-twin2" in table, table
+    moved = [line for line in said.splitlines() if line.startswith("FAIL binrepos") and "pb-twin1" in line]
+    assert moved and f"http://127.0.0.1:{world.port}/binhost/" in moved[0], said
+    assert "setup-target" in moved[0]
+
+
+def process_stat(pid):
+    """(state, ppid, pgrp, session, tty_nr, tpgid) of a process, from /proc/PID/stat."""
+    with open(f"/proc/{pid}/stat") as handle:
+        fields = handle.read().rsplit(")", 1)[1].split()
+    return fields[0], int(fields[1]), int(fields[2]), int(fields[3]), int(fields[4]), int(fields[5])
+
+
+def group_commands(pgid):
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if process_stat(entry.name)[2] == pgid:
+                    found.append((entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace"))
+            except (OSError, IndexError):
+                continue
+    return found
+
+
+@pytest.mark.parametrize("answer, code", [(b"No\r", 0), (b"\x03", 130)], ids=["No", "Ctrl-C"])
+def test_on_a_terminal_the_build_is_the_foreground_job_and_emerge_ask_asks(world, tmp_path, answer, code):
+    """Signals: "On a terminal the build is the foreground job: Ctrl-C reaches all of it, and
+    `emerge --ask` can still ask." The tool runs on a pseudo-terminal of its own."""
+    import pty
+    import select
+    import signal
+    import sys
+    from conftest import SCRIPT
+    root = tmp_path / "binhost"
+    write_portage_config(root)
+    config = tmp_path / "ask.conf"
+    config.write_text(f"[binhost]\nroot = {root}\nbuild-method = root\n")
+    env = dict(os.environ, PATH=f"{world.portage_bin}:{os.environ['PATH']}", NO_COLOR="1", TERM="dumb")
+    pid, terminal = pty.fork()
+    if pid == 0:  # the child: the session leader on the new terminal
+        try:
+            os.execve(sys.executable, [sys.executable, str(SCRIPT), "-c", str(config), "--color=n", "build",
+                                       "--ask", "app-misc/hello"], env)
+        finally:
+            os._exit(127)
+    seen, status = b"", None
+
+    def read_until(predicate, seconds):
+        nonlocal seen
+        deadline = time.monotonic() + seconds
+        while not predicate() and time.monotonic() < deadline:
+            if select.select([terminal], [], [], 0.5)[0]:
+                try:
+                    chunk = os.read(terminal, 4096)
+                except OSError:  # EIO: every process on the terminal is gone
+                    return
+                if not chunk:
+                    return
+                seen += chunk
+    try:
+        read_until(lambda: b"[Yes/No]" in seen, 120)
+        assert b"[Yes/No]" in seen, seen.decode(errors="replace")
+        _, _, tool_group, _, _, foreground = process_stat(pid)
+        assert foreground != tool_group, "the tool, not the build, is the terminal's foreground job"
+        assert any("emerge" in command for command in group_commands(foreground)), group_commands(foreground)
+        os.write(terminal, answer)
+        read_until(lambda: False, 60)
+        waited, status = os.waitpid(pid, 0)
+    finally:
+        if status is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+        os.close(terminal)
+    said = seen.decode(errors="replace")
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == code, (status, said)
+    assert not list((root / "var/cache/binpkgs").rglob("*.gpkg.tar")), said

@@ -510,6 +510,9 @@ def test_print_timer_cron_runs_update_with_this_config(plain_config):
     assert fields[5] == "root", lines[0]
     command = fields[6:]
     assert "update" in command and str(config) in command and str(SCRIPT) in command, lines[0]
+    # Logged through syslog, which rotates, not into a file that grows forever.
+    assert lines[0].endswith("2>&1 | logger -t gentoo-binhost-update"), lines[0]
+    assert ">>" not in lines[0]
 
 
 def test_print_nginx_serves_the_index_from_the_current_publication(plain_config):
