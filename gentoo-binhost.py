@@ -103,7 +103,7 @@ GLOBAL_OPTIONS_WITH_VALUE = ("-c", "--config", "--target", "--color")  # --all t
 CONFIG_KEYS = {
     "binhost": ("root", "pkgdir", "url", "bind", "port", "signing-key", "gpg-home", "tls-cert",
                 "tls-key", "auth-file", "transport", "tunnel-port", "timeout", "stage3", "stage3-sha512",
-                "stage3-installed", "distcc-hosts", "build-method", "publish-keep"),
+                "stage3-installed", "distcc-hosts", "build-method", "publish-keep", "distdir"),
     "target": ("host", "ssh-port", "ssh-options", "root", "path", "binhost-root", "build-method"),
     "host": ("chroot", "path"),
 }
@@ -302,6 +302,9 @@ class BinhostSettings:
         # Set when the config has several binhost environments: served under /<env_name>/.
         self.env_name = None
         self.distcc_hosts = section.get("distcc-hosts", "")
+        # Downloads shared by chroot builds: only this directory of the build machine is ever bound
+        # at the target's DISTDIR (never a place the target's make.conf names here).
+        self.distdir = os.path.abspath(section["distdir"]) if section.get("distdir") else ""
         self.build_method = parse_build_method(section.get("build-method", ""), config_path, "binhost")
         keep = section.get("publish-keep", str(DEFAULT_PUBLISH_KEEP))
         if not keep.isdigit() or int(keep) < 1:
@@ -926,9 +929,10 @@ class HostMounts:
         self.state_dir = os.path.join(chroot, "var/cache/gentoo-binhost")
         self.state_path = os.path.join(self.state_dir, "mounts")
         self.users = None
-        # (place inside, host directory): the repositories and DISTDIR of a chroot build.
+        # (place inside, host directory, read-only): the repositories and DISTDIR of a chroot build.
         self.mounts = list(CHROOT_MOUNTS) + [
-            (inside.strip("/"), ["mount", "--bind", "--make-slave", source, "{}"]) for inside, source in binds]
+            (inside.strip("/"), ["mount", "--bind", *(["-o", "ro"] if read_only else []), "--make-slave", source, "{}"])
+            for inside, source, read_only in binds]
 
     def mount_point(self, name):
         point = os.path.join(self.chroot, name)
@@ -1676,6 +1680,12 @@ SYSTEM_PLACES = ("/bin", "/boot", "/dev", "/etc", "/home", "/lib", "/lib32", "/l
                  "/root", "/run", "/sbin", "/sys", "/tmp", "/usr", "/var")
 
 
+# What a stage3 fills with programs, libraries and state: a writable download directory is never
+# bound over them.
+SYSTEM_CONTENT_PLACES = ("/etc", "/usr/bin", "/usr/sbin", "/usr/lib", "/usr/lib32", "/usr/lib64", "/usr/libexec",
+                         "/usr/include", "/usr/share", "/usr/src", "/var/db", "/var/lib", "/var/log")
+
+
 def safe_place(place):
     """A repository or DISTDIR path from a target's configuration, fit to be mounted or linked
     at inside the binhost root: absolute, normal, and deeper than a system directory."""
@@ -1690,25 +1700,36 @@ def on_build_host(settings, path):
 
 
 def chroot_build_binds(settings):
-    """(place inside the binhost root, build host directory) for a chroot build: each repository
-    the copied configuration names, at the place it names, the profile's, and DISTDIR (downloads
-    are shared). The places come from a target: only what looks like what it claims is bound."""
+    """(place inside the binhost root, build host directory, read-only) for a chroot build: each
+    repository the copied configuration names, at the place it names, and the profile's, read-only;
+    [binhost] distdir, when set, read-write at the target's DISTDIR. The places come from a target:
+    only what looks like what it claims is bound, and nothing it names is bound writable."""
     repositories = set(configured_repositories(settings.root).values()) | {DEFAULT_REPOSITORY}
     profile_dir = profile_repository(settings.root)
     if profile_dir:
         repositories.add(profile_dir)
-    text = make_conf_texts(settings.root)
-    distdirs = [_unquote(text[a.start:a.end], a.quote) for a in _assignments(text) if a.name == "DISTDIR"]
-    distdir = distdirs[-1] if distdirs else "/var/cache/distfiles"
     binds = []
-    for place in sorted({place.rstrip("/") for place in repositories | {distdir} if safe_place(place)}):
+    for place in sorted({place.rstrip("/") for place in repositories if safe_place(place)}):
         source = on_build_host(settings, place)
         inside = os.path.join(settings.root, place.lstrip("/"))
         is_repository = any(os.path.exists(os.path.join(source, marker))
                             for marker in ("profiles/repo_name", "metadata/layout.conf"))
-        if (os.path.isdir(source) and (is_repository or place == distdir.rstrip("/"))
-                and os.path.realpath(source) != os.path.realpath(inside)):
-            binds.append((place, source))
+        if os.path.isdir(source) and is_repository and os.path.realpath(source) != os.path.realpath(inside):
+            binds.append((place, source, True))
+    if settings.distdir:
+        text = make_conf_texts(settings.root)
+        distdirs = [_unquote(text[a.start:a.end], a.quote) for a in _assignments(text) if a.name == "DISTDIR"]
+        distdir = (distdirs[-1] if distdirs else "/var/cache/distfiles").rstrip("/")
+        if (not safe_place(distdir) or distdir in {place for place, _, _ in binds}
+                or any(distdir == place or distdir.startswith(place + "/") for place in SYSTEM_CONTENT_PLACES)):
+            raise BinhostError(f"DISTDIR = {distdir} in {settings.root}/etc/portage/make.conf (the target's) is"
+                               f" not a place to bind [binhost] distdir = {settings.distdir} at (a system"
+                               " directory, or a repository): set DISTDIR to a directory of its own on the"
+                               " target, e.g. /var/cache/distfiles, and run config pull")
+        if not os.path.isdir(settings.distdir):
+            raise BinhostError(f"[binhost] distdir = {settings.distdir} does not exist: create it, or remove"
+                               f" the key from {settings.config_path}")
+        binds.append((distdir, settings.distdir, False))
     return binds
 
 

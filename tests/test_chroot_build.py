@@ -115,7 +115,8 @@ def test_pretend_shows_mounts_chroot_and_emerge_and_chooses_chroot(chroot_build)
     lines = result.stdout.splitlines()
     root = chroot_build.root
     assert f"mount --types proc proc {root}/proc" in lines
-    assert f"mount --bind --make-slave {chroot_build.repo} {root}{chroot_build.repo}" in lines
+    # Read-only: a build's root phase cannot change the build machine's repository.
+    assert f"mount --bind -o ro --make-slave {chroot_build.repo} {root}{chroot_build.repo}" in lines
     emerge = next(line for line in lines if line.startswith(f"chroot {root} env -i"))
     assert emerge.endswith("/usr/local/bin/emerge --getbinpkg=n --getbinpkgonly=n app-misc/libv-app")
     assert "buildpkg" in next(word for word in shlex.split(emerge) if word.startswith("FEATURES="))
@@ -270,27 +271,37 @@ def test_sign_clean_config_and_doctor_run_portage_inside_the_binhost_root(chroot
         chroot_build.config.write_text(original)
 
 
-def test_distdir_is_bound_from_the_build_host_only_when_it_exists_there(chroot_build):
-    """README: each repository and `DISTDIR`, bind-mounted from this machine at the same path inside
-    the root when they exist there."""
+def test_only_binhost_distdir_is_ever_bound_writable_at_the_targets_distdir(chroot_build):
+    """README: DISTDIR is bound only from [binhost] distdir, at the place the target's DISTDIR names;
+    a directory of this machine the target's make.conf names is never bound, and a DISTDIR that is
+    a system directory is refused, naming the setting."""
     make_conf = chroot_build.inside("/etc/portage/make.conf")
-    original = make_conf.read_text()
-    distdir = chroot_build.base / "distfiles"
-    mount = f"mount --bind --make-slave {distdir} {chroot_build.root}{distdir}"
+    original, config_text = make_conf.read_text(), chroot_build.config.read_text()
+    named = chroot_build.base / "distfiles"  # exists on this machine: the target names it
+    shared = chroot_build.base / "shared-distfiles"
     try:
-        make_conf.write_text(original + f'DISTDIR="{distdir}"\n')
-        absent = chroot_build.cli("-p", "build", "dev-libs/libv")
-        assert mount not in absent.stdout.splitlines()
-        distdir.mkdir()
-        present = chroot_build.cli("-p", "build", "dev-libs/libv")
-        lines = present.stdout.splitlines()
-        assert mount in lines
-        chroot_line = next(i for i, line in enumerate(lines) if line.startswith(f"chroot {chroot_build.root} env -i"))
-        assert lines.index(mount) < chroot_line < lines.index(f"umount --recursive {chroot_build.root}{distdir}")
+        named.mkdir()
+        make_conf.write_text(original + f'DISTDIR="{named}"\n')
+        alone = chroot_build.cli("-p", "build", "dev-libs/libv")
+        assert not [line for line in alone.stdout.splitlines() if line.startswith("mount --bind") and str(named) in line]
+        shared.mkdir()
+        chroot_build.config.write_text(config_text + f"distdir = {shared}\n")
+        bound = chroot_build.cli("-p", "build", "dev-libs/libv").stdout.splitlines()
+        mount = f"mount --bind --make-slave {shared} {chroot_build.root}{named}"
+        assert mount in bound, bound
+        chroot_line = next(i for i, line in enumerate(bound) if line.startswith(f"chroot {chroot_build.root} env -i"))
+        assert bound.index(mount) < chroot_line < bound.index(f"umount --recursive {chroot_build.root}{named}")
+        make_conf.write_text(original + 'DISTDIR="/usr/lib"\n')
+        refused = chroot_build.cli("-p", "build", "dev-libs/libv", check=False)
+        assert refused.returncode == 1, refused.stdout + refused.stderr
+        assert "DISTDIR = /usr/lib in" in refused.stderr and f"distdir = {shared}" in refused.stderr, refused.stderr
+        assert not [line for line in refused.stdout.splitlines() if "/usr/lib" in line and "mount" in line]
         assert mounts_under(chroot_build.root) == []
     finally:
         make_conf.write_text(original)
-        shutil.rmtree(distdir, ignore_errors=True)
+        chroot_build.config.write_text(config_text)
+        shutil.rmtree(named, ignore_errors=True)
+        shutil.rmtree(shared, ignore_errors=True)
 
 
 def test_a_targets_own_build_method_decides_for_its_environment(chroot_build, tmp_path):

@@ -4,6 +4,8 @@ like Gentoo's), syncs its repository for real (emerge --sync from a file:// rsyn
 every build runs inside it: signed packages built in DIR/binhost, served by `serve`, installed on
 a target reached through a real sshd. Failing and interrupted builds leave no mounts behind."""
 
+import datetime
+import email.utils
 import hashlib
 import os
 import shutil
@@ -329,3 +331,158 @@ def test_sign_config_pull_and_cpu_apply_work_through_the_chroot(world):
     assert "Traceback" not in cpu.stderr
     assert "-march=" in (world.binhost / "etc/portage/make.conf").read_text()
     assert world.mounts() == [] and world.state() == ""
+
+
+# ---- README promises about the host chroot that need no build -----------------------------------
+
+
+def test_doctor_warns_about_a_snapshot_older_than_30_days_and_resolv_conf_follows_the_host(world):
+    """README: doctor adds the age of each repository snapshot (a warning after 30 days);
+    /etc/resolv.conf is copied in again before every command, so a laptop's changing DNS follows."""
+    stamp = world.chroot / CHROOT_REPO.lstrip("/") / "metadata/timestamp.chk"
+    original = stamp.read_text()
+    resolv = world.chroot / "etc/resolv.conf"
+    try:
+        resolv.write_text("nameserver 192.0.2.53\n")  # what the DHCP of another network said
+        old = datetime.datetime.now(datetime.timezone.utc) - datetime.timedelta(days=40)
+        stamp.write_text(email.utils.format_datetime(old) + "\n")
+        doctor = world.cli("doctor", check=False)
+        assert (f"WARN snapshot: binhost-test: {old:%Y-%m-%d %H:%M} UTC, older than 30 days: sync with"
+                f" 'gentoo-binhost.py init --host-chroot {world.chroot}'") in doctor.stdout, doctor.stdout
+        assert resolv.read_text() == Path("/etc/resolv.conf").read_text()
+        assert world.mounts() == []
+    finally:
+        stamp.write_text(original)
+
+
+def test_pretend_says_it_mounts_for_its_read_only_queries_and_unmounts(world):
+    """README: the read-only queries --pretend still runs in the chroot (portageq, the binhost side of
+    clean, ...) mount and unmount for real; it says so."""
+    result = world.cli("-v", "--pretend", "clean")
+    assert (f"--pretend: mounting /proc, /sys, /dev and /run in {world.chroot} for the read-only queries it"
+            " runs there, unmounted after them") in result.stdout
+    ran = [line for line in result.stderr.splitlines() if line.startswith(" * Running: ")]
+    assert any(f"Running: chroot {world.chroot} env -i" in line and "portageq" in line for line in ran)
+    assert any(line == f" * Running: mount --types proc proc {world.chroot}/proc" for line in ran)
+    assert world.mounts() == [] and world.state() == ""
+
+
+def test_a_failed_webrsync_is_named_and_https_proxy_is_passed_in(world):
+    """README: `emerge-webrsync failed in the host chroot` ... behind a proxy export https_proxy,
+    which is passed in. (A stand-in emerge-webrsync that fails, as without network.)"""
+    webrsync = world.chroot / CHROOT_EPREFIX.lstrip("/") / "bin/emerge-webrsync"
+    saved = webrsync.with_name("emerge-webrsync.saved")
+    webrsync.rename(saved)
+    try:
+        webrsync.write_text('#!/bin/sh\necho "proxy seen: $https_proxy"\nexit 7\n')
+        webrsync.chmod(0o755)
+        result = run([sys.executable, SCRIPT, "--color=n", "-c", world.config, "init", "--keyring",
+                      world.base / "gentoo-release.asc"], env={"https_proxy": "http://proxy.example:3128"},
+                     check=False)
+        assert result.returncode == 1, result.stdout + result.stderr
+        assert "proxy seen: http://proxy.example:3128" in result.stdout + result.stderr
+        errors = [line for line in result.stderr.splitlines() if line.startswith("!!!")]
+        assert errors and "emerge-webrsync failed in the host chroot" in errors[-1] \
+            and "exit 7" in errors[-1] and "again to retry" in errors[-1], errors
+        assert world.mounts() == [] and world.state() == ""
+    finally:
+        webrsync.unlink(missing_ok=True)
+        saved.rename(webrsync)
+
+
+def bad_release(world, name, payload, damage):
+    """A signed release of payload beside the real ones, then damaged: "payload" after signing, or
+    "signature" (a good signature by the release key, of other data)."""
+    directory = world.base / "bad-release"
+    directory.mkdir(exist_ok=True)
+    path = signed_release(directory, name, payload, world.base / "release-gnupg")
+    if damage == "payload":
+        path.write_bytes(payload + b"tampered")
+    else:
+        other = directory / "other"
+        other.write_bytes(b"not the stage3")
+        sign(world.base / "release-gnupg", other)
+        (directory / "other.asc").replace(path.with_name(path.name + ".asc"))
+    return path
+
+
+@pytest.mark.parametrize("damage, options, message", [
+    ("signature", [], "PGP signature"),
+    ("payload", [], "does not match its DIGESTS"),
+    ("payload", ["--no-verify-pgp"], "does not match its DIGESTS"),
+])
+def test_a_bad_host_stage3_is_refused_before_anything_is_extracted(world, damage, options, message):
+    """README: `--host-stage3 FILE` is verified the same way (FILE.DIGESTS and FILE.asc beside it);
+    a digest mismatch is always fatal, --no-verify-pgp or not; a failed init leaves nothing behind."""
+    tarball = bad_release(world, f"stage3-amd64-openrc-2026112{len(options)}T000000Z.tar.xz", tiny_stage3(), damage)
+    directory = world.base / "other-host"
+    config = world.base / "bad-host.conf"
+    config.write_text("[binhost]\nport = 8080\n")
+    keyring = [] if options else ["--keyring", world.base / "gentoo-release.asc"]
+    result = run([sys.executable, SCRIPT, "--color=n", "-c", config, "init", "--host-chroot", directory,
+                  "--host-stage3", tarball, "--no-sync", *keyring, *options], check=False)
+    assert result.returncode == 1, result.stdout + result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("!!!")]
+    assert len(errors) == 1 and message in errors[0] and tarball.name in errors[0], result.stderr
+    assert "Traceback" not in result.stderr and "Extracting" not in result.stdout
+    assert not directory.exists() and not list(world.base.glob(".other-host*"))
+    assert tarball.exists()  # the user's own file: only a download is deleted
+    assert config.read_text() == "[binhost]\nport = 8080\n"
+
+
+def test_init_with_target_creates_that_targets_binhost_root_inside(world):
+    """README: `--host-chroot DIR` (or [host] chroot; with `--target NAME`, that target's binhost root
+    is created inside)."""
+    second = world.chroot / "second"
+    config = world.base / "second.conf"
+    config.write_text(world.config.read_text() + f"\n[target second]\nhost = 127.0.0.1\nbinhost-root = {second}\n")
+    stage3 = world.base / "release/stage3-amd64-openrc-20261120T170000Z.tar.xz"
+    before = sorted(p.name for p in world.binhost.iterdir())
+    try:
+        result = run([sys.executable, SCRIPT, "--color=n", "-c", config, "init", "--target", "second",
+                      "--no-sync", "--stage3", stage3, "--keyring", world.base / "gentoo-release.asc"])
+        assert "Using the existing host environment" in result.stdout
+        assert (second / "etc/os-release").read_text().startswith("NAME=Gentoo")
+        assert (second / "usr/bin/hello").is_file() and (second / "var/cache/binpkgs").is_dir()
+        assert sorted(p.name for p in world.binhost.iterdir()) == before  # the other root untouched
+        assert world.mounts() == []
+    finally:
+        remove_chroot(second)
+        config.unlink(missing_ok=True)
+
+
+def test_init_force_replaces_the_binhost_root_checked_with_the_host_environments_keys(world):
+    """Last: it replaces the binhost root. README: the binhost's own stage3 is checked with the keys
+    the verified host stage3 brought along (a --keyring given is used instead); an existing binhost
+    root is kept, --force replaces it: the signing key and PKGDIR move into the new one, the rest of
+    the old root is kept as ROOT.<date>.bak."""
+    host_keys = world.chroot / "usr/share/openpgp-keys/gentoo-release.asc"
+    need(not Path("/usr/share/openpgp-keys/gentoo-release.asc").exists(), "this machine has Gentoo's keys")
+    host_keys.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy(world.base / "gentoo-release.asc", host_keys)
+    stage3 = world.base / "release/stage3-amd64-openrc-20261120T170000Z.tar.xz"
+    packages = sorted(p.relative_to(world.pkgdir) for p in world.pkgdir.rglob("*.gpkg.tar"))
+    gnupg = world.binhost / "etc/gentoo-binhost/gnupg"
+    key_files = sorted(p.relative_to(gnupg) for p in gnupg.rglob("*") if p.is_file() and not p.name.startswith("S."))
+    assert packages and key_files and (world.binhost / "etc/portage/make.conf").exists()
+
+    # A --keyring that does not hold the release key is used for the binhost's stage3 too: refused.
+    other = gpg_home(world.base / "other-gnupg", "other")
+    other_keys = world.base / "other.asc"
+    other_keys.write_text(run(["gpg", "--homedir", other, "--armor", "--export"]).stdout)
+    refused = world.cli("init", "--force", "--no-sync", "--stage3", stage3, "--keyring", other_keys, check=False)
+    assert refused.returncode == 1 and "Extracting" not in refused.stdout, refused.stdout + refused.stderr
+    assert (world.binhost / "etc/portage/make.conf").exists()
+
+    result = world.cli("init", "--force", "--no-sync", "--stage3", stage3)
+    out = result.stdout
+    assert f"Verifying the binhost's stage3 with the release keys of the host environment, {host_keys}" in out
+    assert f"PGP signature good (a key from {host_keys})" in out
+    backups = [p for p in world.chroot.iterdir() if p.name.startswith("binhost.") and p.name.endswith(".bak")]
+    assert len(backups) == 1 and (backups[0] / "etc/portage/make.conf").exists()  # the old root, kept
+    assert not (world.binhost / "etc/portage/make.conf").exists()  # a fresh stage3
+    assert (world.binhost / "etc/os-release").read_text().startswith("NAME=Gentoo")
+    assert sorted(p.relative_to(world.pkgdir) for p in world.pkgdir.rglob("*.gpkg.tar")) == packages
+    assert sorted(p.relative_to(gnupg) for p in gnupg.rglob("*") if p.is_file()
+                  and not p.name.startswith("S.")) == key_files
+    assert world.mounts() == []
