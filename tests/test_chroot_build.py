@@ -238,9 +238,13 @@ def test_sign_clean_config_and_doctor_run_portage_inside_the_binhost_root(chroot
     original = chroot_build.config.read_text()
     target = chroot_build.base / "target"
     write_portage_config(target, extra_make_conf='USE="loud"\n')
+    resolv = chroot_build.inside("/etc/resolv.conf")
     try:
+        resolv.unlink(missing_ok=True)
+        resolv.write_text("nameserver 192.0.2.53\n")  # README: /etc/resolv.conf is copied in
         signed = chroot_build.cli("-v", "sign", "--all")
         assert "Signed" in signed.stdout
+        assert resolv.read_text() == Path("/etc/resolv.conf").read_text()
         gpkg_sign = [c for c in running(signed, "") if "gpkg-sign " in c]
         assert gpkg_sign and all(c.startswith(inside) and " ROOT=/ " in c and " PKGDIR=/var/cache/binpkgs " in c
                                  and "/usr/local/bin/gpkg-sign /var/cache/binpkgs/" in c for c in gpkg_sign), gpkg_sign

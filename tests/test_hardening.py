@@ -195,7 +195,7 @@ def test_pull_drops_devices_fifos_and_setuid_bits_and_diff_shows_what_lands(pull
     pulled = binhost / "etc/portage"
     assert stat.S_IMODE((pulled / "bin/suid-helper").stat().st_mode) == 0o755
     assert stat.S_IMODE((pulled / "bin/sgid-helper").stat().st_mode) == 0o755
-    assert stat.S_IMODE((pulled / "sgid-dir").stat().st_mode) == 0o775
+    assert stat.S_IMODE((pulled / "sgid-dir").stat().st_mode) == 0o755  # no group write either
     assert (pulled / "sgid-dir/file").read_text() == "plain\n"
     # What landed is what the diff showed: the same (sanitized) stream now compares identical.
     again = cli(portage_bin, config, "config", "diff")
@@ -600,6 +600,77 @@ def test_a_small_server_caps_each_address_at_a_quarter_of_its_slots(gb, pkgdir):
                 sock.close()
 
 
+def test_connections_count_against_the_address_or_its_ipv6_64(gb):
+    assert gb.client_key("192.0.2.7") == "192.0.2.7"
+    assert gb.client_key("2001:db8:1:2:aaaa::1") == gb.client_key("2001:db8:1:2:ffff::9") == "2001:db8:1:2::/64"
+    assert gb.client_key("2001:db8:1:3::1") != gb.client_key("2001:db8:1:2::1")
+    assert gb.client_key("::ffff:192.0.2.7") == "192.0.2.7"
+
+
+def big_file(pkgdir, megabytes=48):
+    path = pkgdir / "big.gpkg.tar"
+    with open(path, "wb") as handle:
+        handle.truncate(megabytes * 1024 * 1024)
+    return path
+
+
+def stalled_download(source, port):
+    """A connection from source that asked for the big file and reads nothing: it holds its slot
+    in the body, where no header watch can reclaim it."""
+    sock = connect_from(source, port)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.sendall(b"GET /big.gpkg.tar HTTP/1.1\r\nHost: x\r\n\r\n")
+    return sock
+
+
+def test_with_every_slot_downloading_a_new_client_gets_503_at_once_not_a_hang(gb, pkgdir):
+    big_file(pkgdir)
+    held = []
+    with serving(gb, pkgdir, client_timeout=30, max_connections=4) as port:
+        try:
+            held += [stalled_download(f"127.0.2.{index}", port) for index in range(1, 5)]
+            time.sleep(0.5)  # every one is in its body now
+            started = time.monotonic()
+            status, _ = get(port, "/Packages", source="127.0.2.9", timeout=10)
+            assert status == 503 and time.monotonic() - started < 5
+            with connect_from("127.0.2.10", port) as raw:
+                raw.sendall(b"GET /Packages HTTP/1.1\r\nHost: x\r\n\r\n")
+                assert b"Retry-After: 10" in raw.recv(4096)
+            for sock in held:
+                sock.close()
+            held.clear()
+            deadline = time.monotonic() + 20
+            while get(port, "/Packages", source="127.0.2.9")[0] != 200:
+                assert time.monotonic() < deadline, "the slots were not given back"
+                time.sleep(0.2)
+        finally:
+            for sock in held:
+                sock.close()
+
+
+def test_a_download_slower_than_the_floor_is_dropped_and_a_fast_one_is_not(gb, pkgdir):
+    path = big_file(pkgdir, megabytes=8)
+    with serving(gb, pkgdir, client_timeout=2, download_floor=(1_000_000, 1)) as port:
+        with stalled_download("127.0.3.1", port) as slow:
+            slow.settimeout(1)
+            received, dropped, deadline = 0, False, time.monotonic() + 20
+            while time.monotonic() < deadline:
+                try:
+                    chunk = slow.recv(2048)
+                except ConnectionResetError:
+                    chunk = b""
+                except socket.timeout:
+                    continue
+                if not chunk:
+                    dropped = True
+                    break
+                received += len(chunk)
+                time.sleep(0.05)  # about 40 kB/s: far below the floor
+            assert dropped and received < path.stat().st_size, received
+        status, body = get(port, "/big.gpkg.tar", source="127.0.3.2")
+        assert status == 200 and len(body) == path.stat().st_size
+
+
 def test_a_client_trickling_its_headers_is_dropped_after_the_client_timeout(gb, pkgdir):
     with serving(gb, pkgdir, client_timeout=2) as port:
         with connect_from("127.0.0.1", port) as slow:
@@ -785,7 +856,8 @@ def test_init_force_with_a_stage3_that_fails_to_extract_keeps_everything(short_d
     assert_one_line_refusal(failed)
     assert snapshot(root) == before
     assert secret_fingerprints(root / "etc/gentoo-binhost/gnupg") == [fingerprint]
-    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith((".binhost.", "binhost."))]
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith((".binhost.", "binhost."))
+                and p.name != ".binhost.build.lock"]
 
 
 def test_a_refused_download_leaves_no_download_directory(tmp_path, stage3_mirror):

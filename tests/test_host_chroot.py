@@ -451,6 +451,84 @@ def test_init_with_target_creates_that_targets_binhost_root_inside(world):
         config.unlink(missing_ok=True)
 
 
+def test_a_busy_leftover_mount_is_detached_lazily_by_the_next_command(world):
+    """README: `... is busy: detaching it lazily`: a process still has a file open under a mount in
+    the chroot; the mount is detached at once. Mounts left by a killed build are removed by the next
+    command that runs in the chroot."""
+    run_dir = world.chroot / "run"
+    state = world.chroot / "var/cache/gentoo-binhost/mounts"
+    run(["mount", "--bind", "--make-slave", "/run", run_dir])  # as a build killed with SIGKILL left it
+    holder = None
+    try:
+        state.write_text(f"{mount_id(run_dir)} {run_dir}\n")
+        holder = subprocess.Popen(["sleep", "120"], cwd=run_dir)  # keeps the mount busy
+        result = world.cli("config", "diff", check=False)
+        assert result.returncode in (0, 1) and "Traceback" not in result.stderr, result.stderr
+        assert f"{run_dir} is busy" in result.stderr and "detaching it lazily" in result.stderr, result.stderr
+        assert world.mounts() == [] and world.state() == ""
+    finally:
+        if holder:
+            holder.kill()
+            holder.wait()
+        if str(run_dir) in world.mounts():
+            run(["umount", "--recursive", "--lazy", run_dir], check=False)
+
+
+def test_cpu_warns_about_isa_this_machine_lacks_and_writes_cpu_flags_where_they_are_kept(gb, world):
+    """README (cpu): a warning names the ISA extensions the target has and this machine lacks;
+    `cpu --apply` writes CPU_FLAGS_X86 where the configuration keeps it (a package.use file that
+    mentions it, else make.conf if it is set there), each with a backup (FILE.<date>.bak). The target
+    reports its CPU through cpuid2cpuflags; a stand-in there claims an extension this CPU lacks."""
+    need(os.uname().machine == "x86_64", "CPU_FLAGS_X86 only on x86")
+    lacking = sorted(set(gb.CPU_FLAGS_X86_NAMES) - set(gb.host_cpu_flags_x86()))
+    need(lacking, "this CPU has every CPU_FLAGS_X86 flag")
+    fake = world.base / "fake-cpuid2cpuflags"
+    fake.mkdir(exist_ok=True)
+    (fake / "cpuid2cpuflags").write_text(f"#!/bin/sh\necho 'CPU_FLAGS_X86: mmx sse sse2 {lacking[0]}'\n")
+    (fake / "cpuid2cpuflags").chmod(0o755)
+    config = world.base / "cpu.conf"
+    config.write_text(world.config.read_text().replace(f"path = {world.portage_bin}\n",
+                                                       f"path = {fake}:{world.portage_bin}\n"))
+    portage = world.binhost / "etc/portage"
+    package_use, aside = portage / "package.use", portage / ".package.use.test-aside"
+    make_conf = portage / "make.conf"
+    saved = make_conf.read_bytes()
+    earlier_backups = set(portage.glob("make.conf.*.bak"))
+    try:
+        if os.path.lexists(package_use):
+            package_use.rename(aside)  # whatever an earlier cpu --apply wrote there
+        package_use.mkdir()
+        (package_use / "zz-cpu").write_text("*/* CPU_FLAGS_X86: mmx  # kept here by the target\n")
+        make_conf.write_text(saved.decode() + 'CPU_FLAGS_X86="sse"\n')
+
+        def cpu_apply():
+            return run([sys.executable, SCRIPT, "--color=n", "-c", config, "cpu", "--apply"])
+
+        flags = " ".join(sorted(["mmx", "sse", "sse2", lacking[0]]))
+        result = cpu_apply()
+        assert (f"laptop's CPU has {lacking[0]}, this machine's does not" in result.stderr
+                and "SIGILL" in result.stderr), result.stderr
+        assert f"*/* CPU_FLAGS_X86: {flags}" in (package_use / "zz-cpu").read_text()
+        assert 'CPU_FLAGS_X86="sse"' in make_conf.read_text()  # the package.use file wins
+        assert list(package_use.glob("zz-cpu.*.bak")) and not (package_use / "00cpu-flags").exists()
+        (package_use / "zz-cpu").unlink()
+        for backup in set(package_use.glob("zz-cpu.*.bak")) | set(portage.glob("make.conf.*.bak")) - earlier_backups:
+            backup.unlink()
+        before = make_conf.read_text()
+        cpu_apply()  # no package.use file mentions it: make.conf, where it is set
+        assert f'CPU_FLAGS_X86="{flags}"' in make_conf.read_text()
+        backups = set(portage.glob("make.conf.*.bak")) - earlier_backups
+        assert [b.read_text() for b in backups] == [before] and not (package_use / "00cpu-flags").exists()
+    finally:
+        for path in set(portage.glob("make.conf.*.bak")) - earlier_backups:
+            path.unlink()
+        make_conf.write_bytes(saved)
+        shutil.rmtree(package_use, ignore_errors=True)
+        if os.path.lexists(aside):
+            aside.rename(package_use)
+        config.unlink(missing_ok=True)
+
+
 def test_init_force_replaces_the_binhost_root_checked_with_the_host_environments_keys(world):
     """Last: it replaces the binhost root. README: the binhost's own stage3 is checked with the keys
     the verified host stage3 brought along (a --keyring given is used instead); an existing binhost
@@ -472,6 +550,7 @@ def test_init_force_replaces_the_binhost_root_checked_with_the_host_environments
     other_keys.write_text(run(["gpg", "--homedir", other, "--armor", "--export"]).stdout)
     refused = world.cli("init", "--force", "--no-sync", "--stage3", stage3, "--keyring", other_keys, check=False)
     assert refused.returncode == 1 and "Extracting" not in refused.stdout, refused.stdout + refused.stderr
+    assert f"the PGP signature of {stage3.name}.DIGESTS is not valid for Gentoo's release keys" in refused.stderr
     assert (world.binhost / "etc/portage/make.conf").exists()
 
     result = world.cli("init", "--force", "--no-sync", "--stage3", stage3)
