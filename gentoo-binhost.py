@@ -1451,6 +1451,16 @@ def build_lock_path(root):
     return os.path.join(os.path.dirname(real), f".{os.path.basename(real) or 'root'}.build.lock")
 
 
+def lock_at_once(lock_file):
+    """None when the lock was free and is ours now, else who holds it (as the holder wrote)."""
+    try:
+        fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return None
+    except BlockingIOError:
+        lock_file.seek(0)
+        return lock_file.read().strip() or "another process"
+
+
 @contextlib.contextmanager
 def root_replacement_lock(root, output, what):
     """The build lock of root, for init --force and remove-target --purge: taken at once or
@@ -1458,12 +1468,9 @@ def root_replacement_lock(root, output, what):
     lock_path = build_lock_path(root)
     os.makedirs(os.path.dirname(lock_path), exist_ok=True)
     with open(lock_path, "a+") as lock_file:
-        try:
-            fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            lock_file.seek(0)
-            holder = lock_file.read().strip() or "another process"
-            raise BinhostError(f"a build is running on {root} ({holder}): {what} when it is done") from None
+        holder = lock_at_once(lock_file)
+        if holder:
+            raise BinhostError(f"a build is running on {root} ({holder}): {what} when it is done")
         real = os.path.realpath(root)
         inside = [point for point in mount_points() if point == real or point.startswith(real + "/")]
         if inside:
@@ -1485,11 +1492,8 @@ def build_lock(settings, runner, output):
         return
     os.makedirs(os.path.dirname(lock_path), exist_ok=True)
     with open(lock_path, "a+") as lock_file:
-        try:
-            fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            lock_file.seek(0)
-            holder = lock_file.read().strip() or "another process"
+        holder = lock_at_once(lock_file)
+        if holder:
             output.warn(f"Another build is running on {settings.root} ({holder}); waiting for it"
                         f" to finish (lock {lock_path})")
             fcntl.flock(lock_file, fcntl.LOCK_EX)

@@ -1226,6 +1226,32 @@ def configure_gentoo_like_root(root, repo, extra_make_conf=""):
         (root / directory).mkdir(parents=True, exist_ok=True)
 
 
+TINY_EBUILD = """EAPI=8
+DESCRIPTION="{description} (binhost test package)"
+HOMEPAGE="https://example.invalid/{name}"
+S="${{WORKDIR}}"
+LICENSE="MIT"
+SLOT="{slot}"
+KEYWORDS="amd64"
+IUSE="{iuse}"
+RDEPEND="{rdepend}"
+BDEPEND="{bdepend}"
+
+src_install() {{
+	insinto /usr/share/{name}
+	newins - version <<<"${{PV}}"
+	newins - built <<<"${{PVR}} ${{USE}}"
+}}
+"""
+
+
+def tiny_ebuild(name, description="A tiny package", slot="0", iuse="", rdepend="", bdepend=""):
+    """An ebuild that compiles nothing: it installs /usr/share/NAME/version (PV) and built (PVR and
+    USE), so a test can tell which build a target got."""
+    return TINY_EBUILD.format(name=name, description=description, slot=slot, iuse=iuse, rdepend=rdepend,
+                              bdepend=bdepend)
+
+
 def slow_ebuild(marker, sleeper="sleep", seconds=300):
     """An ebuild whose compile touches ``marker`` (a path as the build sees it) and then runs
     ``sleeper seconds``: a build to interrupt, known to have started."""

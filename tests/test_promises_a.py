@@ -34,22 +34,8 @@ import pytest
 
 from conftest import (REPO, SCRIPT, World, eroot, free_port, http_server, need, portage_env, run,
                       start_sshd, write_portage_config)
+from conftest import tiny_ebuild as tiny
 
-TINY = """EAPI=8
-DESCRIPTION="{description} (promise tests)"
-HOMEPAGE="https://example.invalid/{name}"
-S="${{WORKDIR}}"
-LICENSE="MIT"
-SLOT="0"
-KEYWORDS="amd64"
-IUSE="{iuse}"
-RDEPEND="{rdepend}"
-
-src_install() {{
-	insinto /usr/share/{name}
-	newins - built <<<"${{PVR}} ${{USE}}"
-}}
-"""
 
 BROKEN = """EAPI=8
 DESCRIPTION="Dies in src_compile (promise tests)"
@@ -64,10 +50,6 @@ src_compile() {
 	die "this package does not build (on purpose)"
 }
 """
-
-
-def tiny(name, description="A tiny package", iuse="", rdepend=""):
-    return TINY.format(name=name, description=description, iuse=iuse, rdepend=rdepend)
 
 
 EBUILDS = {

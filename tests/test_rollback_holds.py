@@ -28,27 +28,9 @@ from pathlib import Path
 import pytest
 
 from conftest import eroot
+from conftest import tiny_ebuild as tiny
 from test_publish import (BROKEN_EBUILD, Binhost, add_ebuild, copy_repo, cpvs, entries,  # noqa: F401
                           installed_versions, pworld, summary_line)
-
-TINY = """EAPI=8
-DESCRIPTION="{description} (rollback-hold tests)"
-HOMEPAGE="https://example.invalid/{name}"
-S="${{WORKDIR}}"
-LICENSE="MIT"
-SLOT="0"
-KEYWORDS="amd64"
-RDEPEND="{rdepend}"
-
-src_install() {{
-	insinto /usr/share/{name}
-	newins - version <<<"${{PV}}"
-}}
-"""
-
-
-def tiny(name, description="A tiny package", rdepend=""):
-    return TINY.format(name=name, description=description, rdepend=rdepend)
 
 
 def shown(result):

@@ -28,27 +28,12 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO, World, eroot, free_port, portage_env, run, write_portage_config
+from conftest import tiny_ebuild as tiny
 
 # ------------------------------------------------------------------------------------------------
 # The repository: tests/repo plus tiny ebuilds (no compiler involved)
 # ------------------------------------------------------------------------------------------------
 
-TINY = """EAPI=8
-DESCRIPTION="{description} (target-word tests)"
-HOMEPAGE="https://example.invalid/{name}"
-S="${{WORKDIR}}"
-LICENSE="MIT"
-SLOT="{slot}"
-KEYWORDS="amd64"
-IUSE="{iuse}"
-RDEPEND="{rdepend}"
-BDEPEND="{bdepend}"
-
-src_install() {{
-	insinto /usr/share/{name}
-	newins - built <<<"${{PVR}} ${{USE}}"
-}}
-"""
 
 VIRTUAL = """EAPI=8
 DESCRIPTION="A virtual (target-word tests)"
@@ -56,11 +41,6 @@ SLOT="0"
 KEYWORDS="amd64"
 RDEPEND="{rdepend}"
 """
-
-
-def tiny(name, description="A tiny package", slot="0", iuse="", rdepend="", bdepend=""):
-    return TINY.format(name=name, description=description, slot=slot, iuse=iuse, rdepend=rdepend,
-                       bdepend=bdepend)
 
 
 EBUILDS = {
