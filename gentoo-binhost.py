@@ -3957,7 +3957,7 @@ class LocalShell:
         return script_succeeded(result, what, "the binhost")
 
 
-def fetch_config(side, configroot):
+def read_config_tar(side, configroot):
     """The side's configuration as tar bytes (read-only, so it also runs under --pretend)."""
     result = side.script(CONFIG_TAR_SCRIPT, configroot, BINREPOS_NAME + ".conf", changes=False,
                          what="reading the Portage configuration", binary=True)
@@ -4079,8 +4079,8 @@ def fetch_both_configs(settings, target, runner, output):
     check_binhost_root(settings)
     binhost_side = LocalShell(settings, runner, output)
     remote = Remote(target, runner, output)
-    target_tar = sanitized_config_tar(fetch_config(remote, target.root), target.name, output)
-    return binhost_side, remote, fetch_config(binhost_side, settings.root), target_tar
+    target_tar = sanitized_config_tar(read_config_tar(remote, target.root), target.name, output)
+    return binhost_side, remote, read_config_tar(binhost_side, settings.root), target_tar
 
 
 # What a target's configuration stream may hold: the rest is left out.
@@ -5032,7 +5032,7 @@ def configuration_fingerprint(members):
     return digest.hexdigest()[:16]
 
 
-def check_binhost_root_shape(doctor, settings):
+def doctor_binhost_root_shape(doctor, settings):
     check_binhost_root(settings)
     release = next((os.path.join(settings.root, name) for name in ("etc/os-release", "usr/lib/os-release")
                     if os.path.isfile(os.path.join(settings.root, name))), None)
@@ -5044,13 +5044,13 @@ def check_binhost_root_shape(doctor, settings):
                                             " is it an extracted stage3?")
 
 
-def check_build_method(doctor, settings, runner, output):
+def doctor_build_method(doctor, settings, runner, output):
     method, why = build_method(settings, runner, output)
     automatic_root = method == "root" and settings.build_method not in BUILD_METHODS and "CPU lacks" in why
     doctor.report(WARN if automatic_root else OK, "build method", f"{method}: {why}")
 
 
-def check_configuration(doctor, settings, target, runner, output):
+def doctor_configuration(doctor, settings, target, runner, output):
     binhost_side, remote, binhost_tar, target_tar = fetch_both_configs(settings, target, runner, output)
     target_tar = resolve_march_native_in(target_tar, settings, target, runner, output)
     binhost, remote_members = config_members(binhost_tar), config_members(target_tar)
@@ -5084,13 +5084,13 @@ def check_configuration(doctor, settings, target, runner, output):
                                        " (the repository must exist on the build host)")
     else:
         doctor.report(OK, "profile", f"{profiles[1]}")
-    check_other_binhosts(doctor, remote_members, target)
-    check_repositories(doctor, binhost_side, remote, repository_locations(binhost),
+    doctor_other_binhosts(doctor, remote_members, target)
+    doctor_repositories(doctor, binhost_side, remote, repository_locations(binhost),
                        repository_locations(remote_members), target)
-    check_portage_variables(doctor, settings, remote, runner, output, target)
+    doctor_portage_variables(doctor, settings, remote, runner, output, target)
 
 
-def check_portage_variables(doctor, settings, remote, runner, output, target):
+def doctor_portage_variables(doctor, settings, remote, runner, output, target):
     names = ["CHOST", "ARCH", "USE"]
     host = portage_host(settings, runner, output)
     local = host.read([host.program("portageq", "put Portage's bin directory in PATH"), "envvar", "-v"]
@@ -5118,7 +5118,7 @@ def check_portage_variables(doctor, settings, remote, runner, output, target):
             doctor.report(OK, name, mine)
 
 
-def check_repositories(doctor, binhost_side, remote, ours, theirs, target):
+def doctor_repositories(doctor, binhost_side, remote, ours, theirs, target):
     if not theirs:
         doctor.report(WARN, "repositories", f"no repos.conf in {target.name}'s configuration")
         return
@@ -5141,7 +5141,7 @@ def check_repositories(doctor, binhost_side, remote, ours, theirs, target):
                                                       f" {target.name}: sync both to the same snapshot")
 
 
-def check_binrepos(doctor, settings, target, runner, output):
+def doctor_binrepos(doctor, settings, target, runner, output):
     remote = Remote(target, runner, output)
     tunnel = settings.transport == "tunnel"
     kind, current = probe_target(remote)
@@ -5199,7 +5199,7 @@ def check_binrepos(doctor, settings, target, runner, output):
         doctor.report(WARN, "signing key", f"none configured: run '{PROG} keygen'")
 
 
-def check_pkgdir(doctor, settings):
+def doctor_pkgdir(doctor, settings):
     if not os.path.isfile(os.path.join(settings.pkgdir, "Packages")):
         doctor.report(WARN, "index", f"{settings.pkgdir}/Packages does not exist yet: build something")
     else:
@@ -5234,7 +5234,7 @@ def published_index_text(pkgdir):
     return read_text(os.path.join(publications_dir(pkgdir), str(current), "Packages"))
 
 
-def check_preflight(doctor, settings, target, runner, output, atoms):
+def doctor_preflight(doctor, settings, target, runner, output, atoms):
     """The gate's comparison against what the target is offered now, in one ssh round trip: its
     binary-only plan (with its own configuration) must merge every package of its source plan
     with the same version and USE."""
@@ -5272,7 +5272,7 @@ def check_preflight(doctor, settings, target, runner, output, atoms):
         doctor.report(OK, "preflight", f"{len(plan.packages)} package(s) to install, all from the binhost")
 
 
-def check_other_binhosts(doctor, members, target):
+def doctor_other_binhosts(doctor, members, target):
     """Other binhosts the target uses (a stage3 names Gentoo's): Portage takes the best version
     from any of them, and priority only decides between equal versions."""
     others = []
@@ -5296,7 +5296,7 @@ def check_other_binhosts(doctor, members, target):
                                               " for what this binhost does not build")
 
 
-def check_host_chroot(doctor, settings, runner, output):
+def doctor_host_chroot(doctor, settings, runner, output):
     chroot = settings.host.chroot
     if not os.path.isdir(chroot):
         doctor.report(FAIL, "host chroot", f"{chroot} does not exist: run '{PROG} init --host-chroot {chroot}'")
@@ -5341,14 +5341,14 @@ def check_host_chroot(doctor, settings, runner, output):
 def run_doctor(settings, target, runner, output, atoms):
     doctor = Doctor(output)
     if settings.host.chroot:  # first: before anything of ours is mounted there
-        doctor.run("host chroot", check_host_chroot, settings, runner, output)
+        doctor.run("host chroot", doctor_host_chroot, settings, runner, output)
     with chroot_session(settings, runner, output) if not doctor.failed else contextlib.nullcontext():
-        doctor.run("binhost root", check_binhost_root_shape, settings)
-        doctor.run("build method", check_build_method, settings, runner, output)
-        doctor.run("configuration", check_configuration, settings, target, runner, output)
-        doctor.run("binrepos", check_binrepos, settings, target, runner, output)
-        doctor.run("index", check_pkgdir, settings)
-        doctor.run("preflight", check_preflight, settings, target, runner, output, atoms)
+        doctor.run("binhost root", doctor_binhost_root_shape, settings)
+        doctor.run("build method", doctor_build_method, settings, runner, output)
+        doctor.run("configuration", doctor_configuration, settings, target, runner, output)
+        doctor.run("binrepos", doctor_binrepos, settings, target, runner, output)
+        doctor.run("index", doctor_pkgdir, settings)
+        doctor.run("preflight", doctor_preflight, settings, target, runner, output, atoms)
     return doctor
 
 
@@ -6081,7 +6081,7 @@ def ssh_key_hint(target):
 
 def fingerprint_of(side, configroot):
     """The configuration fingerprint of one side (see configuration_fingerprint)."""
-    return configuration_fingerprint(config_members(fetch_config(side, configroot)))
+    return configuration_fingerprint(config_members(read_config_tar(side, configroot)))
 
 
 def choose_environment(config, target, runner, output, known=False):
@@ -6090,7 +6090,7 @@ def choose_environment(config, target, runner, output, known=False):
     a new one beside [binhost] root."""
     settings = config.binhost
     remote = Remote(target, runner, output)
-    target_tar = sanitized_config_tar(fetch_config(remote, target.root), target.name, output)
+    target_tar = sanitized_config_tar(read_config_tar(remote, target.root), target.name, output)
     target_tar = resolve_march_native_in(target_tar, settings, target, runner, output)
     wanted = configuration_fingerprint(config_members(target_tar))
     free = None
@@ -6157,7 +6157,7 @@ def record_signing_key(config, settings, runner, fingerprint):
 def show_first_pull(settings, target, runner, output):
     """add-target --pretend on a root step 2 has not made: the target's configuration is read
     (read-only) and every file the pull would write is shown, with the command that writes them."""
-    stream = fetch_config(Remote(target, runner, output), target.root)
+    stream = read_config_tar(Remote(target, runner, output), target.root)
     output.text(describe_config_changes({}, config_members(stream), f"binhost:{settings.root}",
                                         f"{target.name}:{target.root}"), always=True)
     output.info(f"Would unpack it into {settings.root}/etc/portage (then link the repositories it names), with:")
