@@ -580,14 +580,23 @@ class Runner:
         self.secrets = set()  # passwords shown as ******** wherever a command or file is shown
         self.backed_up = set()  # one backup per file and run: the user's version, not our first step
 
-    def abbreviated(self, shown):
-        """Under --pretend, one of our sh scripts is shown by name (-v shows it whole)."""
+    def abbreviated(self, argv, env=None):
+        """argv as shown under --pretend: our sh scripts by name (-v shows them whole), here or
+        inside the command line ssh sends to a target."""
         if self.output.verbosity > 1:
-            return shown
+            return self.masked(format_command(argv, env))
+        named = []
         for name, script in shell_scripts().items():
-            if shlex.quote(script) in shown:
-                shown = shown.replace(shlex.quote(script), f'"${name}"')
-                self.output.info(f"${name}: a sh script of {PROG} (-v shows it)")
+            quoted = shlex.quote(script)
+            if any(quoted in word for word in argv if word != script):
+                argv = [word.replace(quoted, f'"${name}"') if word != script else word for word in argv]
+                named.append(name)
+            if script in argv and name not in named:
+                named.append(name)
+        shown = self.masked(format_command(argv, env))
+        for name in named:
+            shown = shown.replace(shlex.quote(shell_scripts()[name]), f'"${name}"')
+            self.output.info(f"${name}: a sh script of {PROG} (-v shows it)")
         return shown
 
     def masked(self, text):
@@ -612,7 +621,7 @@ class Runner:
         argv = [str(word) for word in argv]
         shown = self.masked(format_command(argv, env))
         if self.pretend and changes:
-            self.output.text(self.abbreviated(shown), always=True)
+            self.output.text(self.abbreviated(argv, env), always=True)
             return None
         self.output.debug(f"Running: {shown}")
         full_env = dict(os.environ, **env) if env else None
@@ -635,7 +644,8 @@ class Runner:
                 except subprocess.TimeoutExpired:
                     process.kill()
                     process.communicate()
-                    raise BinhostError(f"{describe or argv[0]} did not finish within {timeout} s: stopped it") from None
+                    raise BinhostError(f"{describe or argv[0]} did not finish within {timeout} s:"
+                                       " stopped it") from None
                 except KeyboardInterrupt:
                     # Ctrl-C reached the command too (SIGTERM is passed on): let it clean up.
                     with contextlib.suppress(BaseException):
@@ -680,9 +690,9 @@ class Runner:
 
     def write_file(self, path, content, mode=None, backup=True, mtime=None):
         """Write content (text, or bytes) to path atomically (temp file, then rename), keeping a
-        timestamped backup of a different existing file (once per file and run) and its mode (else `mode`, default
-        0644), with the modification time mtime when given. Returns False when the file already
-        had this content (and mtime)."""
+        timestamped backup of a different existing file (once per file and run) and its mode
+        (else `mode`, default 0644), with the modification time mtime when given. Returns False
+        when the file already had this content (and mtime)."""
         binary = isinstance(content, bytes)
         try:
             with open(path, "rb") as handle:
@@ -933,7 +943,8 @@ class HostMounts:
         self.users = None
         # (place inside, host directory, read-only): the repositories and DISTDIR of a chroot build.
         self.mounts = list(CHROOT_MOUNTS) + [
-            (inside.strip("/"), ["mount", "--bind", *(["-o", "ro"] if read_only else []), "--make-slave", source, "{}"])
+            (inside.strip("/"), ["mount", "--bind", *(["-o", "ro"] if read_only else []), "--make-slave",
+                                 source, "{}"])
             for inside, source, read_only in binds]
 
     def mount_point(self, name):
@@ -2663,6 +2674,9 @@ class TargetPlan:
                       for match in UNRESOLVED.finditer(self.text)]
         if self.exit_code == 0 and not unresolved:
             return None
+        if self.exit_code == COMMAND_NOT_FOUND and re.search(r"\bemerge: (command )?not found", self.text):
+            return (f"emerge not found on target {self.target.name}: install it there, or set path = in"
+                    f" [target {self.target.name}] of {self.target.config_path}")
         complaints = [line for line in portage_complaints(self.text)
                       if not line.startswith(("Ebuilds for the following", "masked or don't exist", "The following update"))
                       and not any(line in reason for reason in unresolved)]
@@ -4094,7 +4108,8 @@ def sanitized_config_tar(tar_bytes, target_name, output):
     and a compromised target must not plant devices, setuid files or anything outside
     etc/portage and the world files there, nor make the binhost write through its symlinks.
     Only directories, regular files and symlinks pass; modes lose setuid, setgid and sticky bits
-    and group and world write permission; everything is owned by root. etc/portage itself, or a member below a symlink, is refused."""
+    and group and world write permission; everything is owned by root. etc/portage itself, or a
+    member below a symlink, is refused."""
     try:
         source = tarfile.open(fileobj=io.BytesIO(tar_bytes))
     except tarfile.TarError:
@@ -4335,8 +4350,10 @@ def clean_packages(settings, runner, output, keep, pending=None):
         else:
             publish(settings, runner, output, f"clean: {len(doomed)} package(s) retired",
                     removed={record["path"] for record, _ in doomed}, prune=False)
-        prune_publications(settings, output)  # first: what only a pruned publication named goes now
+        # Named before the prune: what the publication this clean replaced names stays until the
+        # next clean (a target that fetched its index a moment ago may still be downloading).
         named = published_paths(settings.pkgdir)
+        prune_publications(settings, output)
         pkgdir = os.path.realpath(settings.pkgdir)
         for relative in sorted(set(retired) - named):
             path = os.path.realpath(os.path.join(pkgdir, relative))

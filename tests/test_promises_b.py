@@ -261,10 +261,15 @@ def test_clean_moves_the_index_forward(world):
 
 
 def test_clean_deletes_what_no_kept_publication_names(world):
+    """With publish-keep = 1: the first clean keeps greet's file (the publication it replaces names
+    it: a target may still be fetching it); the next clean, with that publication pruned, deletes it."""
     pkgdir, config = clean_situation(world, keep=1)
     world.cli("clean", config=config)
     assert sorted(p.name for p in (pkgdir / ".published").iterdir() if p.name.isdigit()) \
         == [os.readlink(pkgdir / ".published/current")]
+    assert list(pkgdir.rglob("greet-*.gpkg.tar")), "deleted while the replaced publication named it"
+    assert "greet" in (pkgdir / ".published/retired").read_text()
+    world.cli("clean", config=config)
     assert not list(pkgdir.rglob("greet-*.gpkg.tar"))
 
 
@@ -572,6 +577,8 @@ def test_key_rotation_recipe_then_sign_all_resigns_every_package(world, short_di
     installed = world.cli("install", "app-misc/hello", config=config, check=False)
     assert installed.returncode == 0, installed.stdout + installed.stderr
     assert run([world.installed(root, "usr/bin/hello")]).stdout == "hello from binhost\n"
+    for gnupg in [home, f"{home}-verify", target_home] + kept:
+        run(["gpgconf", "--homedir", gnupg, "--kill", "all"], check=False)
 
 
 def test_doctor_all_groups_by_fingerprint_and_notices_a_moved_url(world, tmp_path):
@@ -634,7 +641,7 @@ def group_commands(pgid):
 
 @pytest.mark.parametrize("answer, said_by_emerge", [(b"No\r", "Quitting."), (b"\x03", "Interrupted.")],
                          ids=["No", "Ctrl-C"])
-def test_on_a_terminal_the_build_is_the_foreground_job_and_emerge_ask_asks(world, tmp_path, answer,
+def test_on_a_terminal_the_build_is_the_foreground_job_and_emerge_ask_asks(portage_bin, tmp_path, answer,
                                                                            said_by_emerge):
     """Signals: "On a terminal the build is the foreground job: Ctrl-C reaches all of it, and
     `emerge --ask` can still ask." The tool runs on a pseudo-terminal of its own; the answer is
@@ -648,7 +655,7 @@ def test_on_a_terminal_the_build_is_the_foreground_job_and_emerge_ask_asks(world
     write_portage_config(root)
     config = tmp_path / "ask.conf"
     config.write_text(f"[binhost]\nroot = {root}\nbuild-method = root\n")
-    env = dict(os.environ, PATH=f"{world.portage_bin}:{os.environ['PATH']}", NO_COLOR="1", TERM="dumb")
+    env = dict(os.environ, PATH=f"{portage_bin}:{os.environ['PATH']}", NO_COLOR="1", TERM="dumb")
     pid, terminal = pty.fork()
     if pid == 0:  # the child: the session leader on the new terminal
         try:
@@ -695,3 +702,218 @@ def test_on_a_terminal_the_build_is_the_foreground_job_and_emerge_ask_asks(world
     assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 130, (status, said)
     assert not group_commands(build_group), "the build outlived the tool"
     assert not list((root / "var/cache/binpkgs").rglob("*.gpkg.tar")), said
+
+
+def test_init_like_target_asks_the_target_over_ssh_and_picks_the_variant(world, tmp_path, serving_pkgdir):
+    """init: "--like-target asks the target (one ssh round trip) for its machine, CHOST, init system
+    and profile and picks the matching variant, saying why (... a no-multilib profile is
+    nomultilib-openrc, systemd is systemd, ...)". The target is the session's sshd; its ROOT's
+    make.profile (a no-multilib systemd profile) and this machine's uname are what it answers. The
+    local mirror offers only that variant, so its signed latest list decides what would be taken."""
+    import hashlib
+    from test_init import gpg_home, sign, tiny_stage3
+    need(shutil.which("gpg") and shutil.which("xz"), "gpg and xz are needed")
+    build, variant = "20261120T170000Z", "nomultilib-systemd"
+    release = gpg_home(tmp_path / "release-gnupg", "release")
+    keyring = tmp_path / "gentoo-release.asc"
+    keyring.write_text(run(["gpg", "--homedir", release, "--armor", "--export"]).stdout)
+    autobuilds = tmp_path / "www/releases/amd64/autobuilds"
+    (autobuilds / build).mkdir(parents=True)
+    name = f"stage3-amd64-{variant}-{build}.tar.xz"
+    payload = tiny_stage3()
+    (autobuilds / build / name).write_bytes(payload)
+    digests = autobuilds / build / (name + ".DIGESTS")
+    digests.write_text(f"# BLAKE2B HASH\n{hashlib.blake2b(payload).hexdigest()}  {name}\n"
+                       f"# SHA512 HASH\n{hashlib.sha512(payload).hexdigest()}  {name}\n")
+    sign(release, digests, clear=True)
+    sign(release, autobuilds / build / name)
+    latest = autobuilds / f"latest-stage3-amd64-{variant}.txt"
+    latest.write_text(f"# ts=1795194000\n{build}/{name} {len(payload)}\n")
+    sign(release, latest, clear=True)
+    mirror = f"http://127.0.0.1:{serving_pkgdir(tmp_path / 'www')}"
+
+    target = tmp_path / "target"
+    (target / "etc/portage").mkdir(parents=True)
+    (target / "etc/portage/make.profile").symlink_to(
+        "../../var/db/repos/gentoo/profiles/default/linux/amd64/23.0/no-multilib/systemd")
+    root = tmp_path / "new-binhost"
+    config = tmp_path / "like.conf"
+    config.write_text(f"[binhost]\nroot = {root}\n\n[target far]\nhost = {world.sshd.host}\n"
+                      f"ssh-port = {world.sshd.port}\nssh-options = {world.sshd.ssh_options}\n"
+                      f"root = {target}\npath = {world.portage_bin}\n")
+    logins = world.sshd.log_text().count("Accepted publickey")
+    result = world.cli("-p", "init", "--like-target", "--mirror", mirror, "--keyring", keyring, config=config,
+                       check=False)
+    said = result.stdout + result.stderr
+    assert result.returncode == 0, said
+    machine = os.uname().machine
+    assert machine == "x86_64" or pytest.skip(f"the variant names are amd64's; this machine is {machine}")
+    chosen = next((line for line in said.splitlines() if "far: stage3-" in line), said)
+    assert f"far: stage3-amd64-{variant}, because x86_64 is amd64" in chosen, chosen
+    assert "the profile is no-multilib" in chosen and "systemd" in chosen, chosen
+    assert f"Would download {mirror}/releases/amd64/autobuilds/{build}/{name}" in said, said
+    assert world.sshd.log_text().count("Accepted publickey") == logins + 1, "one ssh round trip"
+    assert not root.exists()
+
+
+@pytest.fixture
+def options_target(world):
+    """A target whose config names an auth file, with a binrepos entry of someone else's."""
+    auth = world.base / "pb-auth"
+    auth.write_text("portage:pbs3cret\n")
+    auth.chmod(0o600)
+    root, config = world.new_target("pb-options", extra_binhost=f"auth-file = {auth}\n")
+    entry = root / "etc/portage/binrepos.conf/gentoo-binhost.conf"
+    entry.parent.mkdir(parents=True)
+    entry.write_text("[gentoo-binhost]\nsync-uri = http://old.invalid/pb/\n")
+    return root, config, entry
+
+
+def test_pretend_runs_read_only_queries_masks_the_password_and_quiet_and_verbose_work(world, options_target):
+    """Global options: -p "print every command that would change something ... and run none.
+    Read-only queries (the target's current binrepos.conf, ...) still run ... setup-target shows
+    the auth file's password as ********"; -v "also show every command as it runs, read-only ones
+    included"; -q "only warnings and errors"."""
+    root, config, entry = options_target
+    pretend = world.cli("-p", "setup-target", config=config)
+    said = pretend.stdout + pretend.stderr
+    # The diff is against what the target has: the read-only query ran; nothing was written.
+    assert "-sync-uri = http://old.invalid/pb/" in said, said
+    assert re.search(r"^\+sync-uri = http://portage:\*{8}@127\.0\.0\.1:\d+/$", said, re.MULTILINE), said
+    assert "pbs3cret" not in said
+    assert entry.read_text() == "[gentoo-binhost]\nsync-uri = http://old.invalid/pb/\n"
+    assert not (root / "etc/portage/gnupg").exists()
+    assert "Running:" not in said
+    verbose = world.cli("-p", "-v", "setup-target", config=config)
+    verbose = verbose.stdout + verbose.stderr
+    assert re.search(r"Running: ssh .*binrepos\.conf", verbose, re.DOTALL), verbose
+    assert "pbs3cret" not in verbose
+
+    config.write_text(re.sub(r"^auth-file = .*\n", "", config.read_text(), flags=re.MULTILINE))
+    assert ">>> Writing" in pretend.stdout  # what a plain run says as it writes
+    quiet = world.cli("-q", "setup-target", config=config)
+    assert quiet.stdout.strip() == "" and ">>>" not in quiet.stderr, quiet.stdout + quiet.stderr
+    assert "sync-uri = http://127.0.0.1:" in entry.read_text()
+
+
+def test_pretend_shows_the_scripts_run_on_the_target_by_name(world, options_target):
+    """Global options: "Our own sh scripts are shown by name (sh -c "$INSTALL_CONFIG_SCRIPT" ...;
+    with -v in full)": also those setup-target runs on the target over ssh."""
+    _, config, _ = options_target
+    body = 'if [ -f "$dir/$name" ]; then cp -p "$dir/$name"'  # a line of WRITE_FILE_SCRIPT
+    full = world.cli("-p", "-v", "setup-target", config=config).stdout
+    assert body in full, full
+    shown = world.cli("-p", "setup-target", config=config).stdout
+    assert "$WRITE_FILE_SCRIPT" in shown and "$TRUST_KEY_SCRIPT" in shown, shown
+    assert body not in shown, shown
+
+
+def test_clean_pretend_lists_what_would_go_why_and_the_space_it_frees(world, gb):
+    """clean: "--pretend lists what would go, and why, and how much space it frees"."""
+    pkgdir, config = clean_situation(world)
+    doomed = sorted(p for p in pkgdir.rglob("greet-*.gpkg.tar") if ".published" not in p.parts)
+    assert doomed
+    current = os.readlink(pkgdir / ".published/current")
+    result = world.cli("clean", "--pretend", config=config)
+    said = result.stdout + result.stderr
+    for package in doomed:
+        path = package.relative_to(pkgdir).as_posix()
+        assert f"{path}  (no longer installed in the binhost root)" in said, said
+        assert package.exists()
+    freed = gb.human_size(sum(p.stat().st_size for p in doomed))
+    assert f"Would free {freed} ({len(doomed)} package(s))" in said, said
+    assert "hello" not in said.replace(str(pkgdir), ""), said
+    assert os.readlink(pkgdir / ".published/current") == current
+
+
+def test_keygen_records_the_key_keeps_the_old_file_and_sets_a_passphrase_only_when_asked(world, short_dir):
+    """keygen: "records signing-key and gpg-home in the configuration file (the previous file is
+    kept as FILE.<date>.bak). It also builds the verify keyring beside it (<gpg-home>-verify). The
+    key has no passphrase so builds run unattended; --passphrase-file FILE sets one"."""
+    def signs(home, fingerprint, passphrase, what):
+        gpg = ["gpg", "--homedir", home, "--batch", "--pinentry-mode", "loopback"]
+        run(["gpgconf", "--homedir", home, "--kill", "gpg-agent"], check=False)  # nothing cached
+        return run(gpg + ["--passphrase", passphrase, "--local-user", fingerprint, "--output", "-",
+                          "--detach-sign", what], check=False).returncode == 0
+
+    for name, options, passphrase in (("plain", [], ""), ("secret", ["--passphrase-file"], "pb pass phrase")):
+        root = short_dir / name
+        (root / "etc/portage").mkdir(parents=True)
+        config = short_dir / f"{name}.conf"
+        before = f"[binhost]\nroot = {root}\n# a comment of the user's\n"
+        config.write_text(before)
+        if options:
+            (short_dir / "pass").write_text(passphrase + "\n")
+            options = options + [short_dir / "pass"]
+        world.cli("keygen", *options, config=config)
+        fingerprint = config_value(config, "signing-key")
+        home = Path(config_value(config, "gpg-home"))
+        assert home == root / "etc/gentoo-binhost/gnupg" and (home.stat().st_mode & 0o777) == 0o700
+        assert "# a comment of the user's" in config.read_text()
+        backups = list(short_dir.glob(f"{name}.conf.*.bak"))
+        assert len(backups) == 1 and backups[0].read_text() == before, backups
+        verify = run(["gpg", "--homedir", f"{home}-verify", "--batch", "--with-colons", "--list-keys"]).stdout
+        assert fingerprint in verify
+        assert "sec:" not in run(["gpg", "--homedir", f"{home}-verify", "--batch", "--with-colons",
+                                  "--list-secret-keys"], check=False).stdout
+        if not options:
+            assert signs(home, fingerprint, "", config), "the key needs a passphrase"
+        else:
+            assert not signs(home, fingerprint, "", config), "--passphrase-file set no passphrase"
+            assert signs(home, fingerprint, passphrase, config)
+        run(["gpgconf", "--homedir", home, "--kill", "all"], check=False)
+
+
+def test_emerge_missing_on_the_target_says_to_set_path(world):
+    """Troubleshooting: "`emerge not found on target`: a non-interactive ssh session has a minimal
+    PATH. Set `path =` in the target's section". The session's sshd logs in with root's own PATH,
+    which lacks the venv's Portage: the target section without its path line."""
+    root, config = world.new_target("pb-nopath")
+    config.write_text(re.sub(r"^path = .*\n", "", config.read_text(), flags=re.MULTILINE))
+    result = world.cli("install", "app-misc/hello", config=config, check=False)
+    said = result.stdout + result.stderr
+    assert result.returncode == 1, said
+    errors = [line for line in said.splitlines() if line.startswith("!!!")]
+    assert len(errors) == 1 and re.search(r"(emerge|portageq) not found on target pb-nopath", errors[0]), said
+    assert "set path = in [target pb-nopath]" in errors[0] and str(config) in errors[0], said
+    assert not world.installed(root, "usr/bin/hello").exists()
+
+
+def test_a_chatty_shell_start_up_is_named_when_the_configuration_stream_is_no_tar(world, tmp_path):
+    """Troubleshooting: "`the configuration stream is not a tar` (config pull/diff, doctor):
+    something on the target prints to stdout for non-interactive ssh sessions (an echo in
+    .bashrc)". An sshd of its own prints a line before every command, as such a .bashrc does."""
+    from conftest import start_sshd
+    need(Path("/usr/sbin/sshd").exists() and shutil.which("ssh-keygen"), "sshd/ssh-keygen missing")
+    chatty = 'ForceCommand echo "Welcome back"; eval "$SSH_ORIGINAL_COMMAND"\n'
+    with start_sshd(tmp_path / "sshd", extra_config=chatty) as server:
+        root, config = world.new_target("pb-chatty", sshd=server)
+        result = world.cli("config", "diff", config=config, check=False)
+    said = result.stdout + result.stderr
+    assert result.returncode == 1, said
+    errors = [line for line in said.splitlines() if line.startswith("!!!")]
+    assert len(errors) == 1 and "the configuration stream is not a tar" in errors[0], said
+    assert ".bashrc" in errors[0], said
+
+
+def test_build_features_add_to_make_conf_and_to_an_exported_one(portage_bin, tmp_path):
+    """build: "FEATURES adds to make.conf's and to one you exported". The environment --pretend
+    shows for the build is given to Portage's own portageq: every one of the three sources counts."""
+    import sys
+    from conftest import SCRIPT
+    root = tmp_path / "binhost"
+    write_portage_config(root, extra_make_conf='FEATURES="${FEATURES} nostrip"\n')
+    config = tmp_path / "f.conf"
+    config.write_text(f"[binhost]\nroot = {root}\nbuild-method = root\n")
+    path = f"{portage_bin}:{os.environ['PATH']}"
+    shown = run([sys.executable, SCRIPT, "-c", config, "--color=n", "-p", "build", "app-misc/hello"],
+                env={"PATH": path, "FEATURES": "noclean"}).stdout
+    line = next(line for line in shown.splitlines() if "--root-deps" in line and "FEATURES=" in line)
+    words = shlex.split(line)
+    env = dict(word.split("=", 1) for word in words[:next(i for i, w in enumerate(words) if "=" not in w)])
+    assert env["FEATURES"].split()[0] == "noclean", env["FEATURES"]
+    features = run([portage_bin / "portageq", "envvar", "FEATURES"], inherit_env=False,
+                   env=dict(env, PATH=path, PORTAGE_USERNAME="root", PORTAGE_GRPNAME="root")).stdout.split()
+    for feature in ("nostrip", "noclean", "buildpkg", "binpkg-multi-instance"):
+        assert feature in features, (feature, features)
+    assert "getbinpkg" not in features
