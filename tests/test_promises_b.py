@@ -233,8 +233,10 @@ def clean_situation(world, keep=None):
     of its PKGDIR, indexes dated ahead; returns (pkgdir, config)."""
     base = Path(tempfile.mkdtemp(prefix="pb-clean-", dir=world.base))
     root = base / "binhost"
+    top_level = {str(world.binhost / "var/cache"): {"binpkgs", "distfiles"}, str(world.binhost / "var"): {"tmp"}}
+    # Only those directories of the root: EROOT's path (ROOT + EPREFIX) may hold a "tmp" of its own.
     shutil.copytree(world.binhost, root, symlinks=True,
-                    ignore=shutil.ignore_patterns("binpkgs", "distfiles", "tmp"))
+                    ignore=lambda directory, names: top_level.get(directory, set()) & set(names))
     vdb = eroot(root, world.eprefix) / "var/db/pkg/app-misc"
     greet = sorted(vdb.glob("greet-*"))
     assert greet, sorted(vdb.iterdir())
