@@ -1,6 +1,6 @@
-"""README promises that had no test that would catch them breaking (second share of
-../shared/reference/readme-promises.md, "No test, or only a partial one" from the gcc flag check
-on).
+"""README promises that had no test that would catch them breaking: gcc's flag check, setup-target,
+keygen and the key rotation, doctor's FAIL rows, the index dates, clean, sudo, config pull and
+push, serve's details, the options, the terminal, --like-target.
 
 Real components only: the binhost's own gcc, ssh (-G and the session's sshd), gpg, Portage 3.0.83
 from PyPI (emaint, gpkg-sign, emerge on the target). Everything reuses the session's `world`;

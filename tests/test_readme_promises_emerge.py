@@ -1,5 +1,5 @@
-"""README promises that had no test (audit of 2a80b1e, first share): each test fails if its
-promise breaks.
+"""README promises of emerge, build --for-target and update that had no test that would catch
+them breaking: each test here fails if its promise breaks.
 
 * `emerge` stops before anything is published or installed after a failing build, and when a
   package it built is still not one the target's binary-only emerge takes (naming it and why);
