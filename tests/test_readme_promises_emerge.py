@@ -58,6 +58,7 @@ EBUILDS = {
     "app-misc/pa-fails-dep-1.0": tiny("pa-fails-dep", "Built before pa-fails dies"),
     "app-misc/pa-fails-1.0": BROKEN,
     "app-misc/pa-flags-1.0": tiny("pa-flags", "Has a USE flag", iuse="extra"),
+    "app-misc/pa-all-1.0": tiny("pa-all", "Wanted by every target"),
 }
 
 
@@ -411,3 +412,36 @@ def test_update_syncs_the_repositories_on_this_machine_unless_no_sync(lab):
     assert result.returncode == 0, shown(result)
     assert "emerge --sync" not in result.stdout, shown(result)
     assert not later.exists(), f"update --no-sync synced:\n{shown(result)}"
+
+
+# ------------------------------------------------------------------------------------------------
+# emerge --all: every target's build first (once for what they share), one publication, then the
+# installs
+# ------------------------------------------------------------------------------------------------
+
+def test_emerge_all_builds_once_publishes_once_and_installs_on_every_target(lab):
+    second = lab.base / "target-pb"
+    write_portage_config(second, repo=lab.repo, extra_make_conf=(
+        f'USE="loud"\nBINPKG_GPG_VERIFY_GPG_HOME="{second}/etc/portage/gnupg"\n'))
+    both = lab.target_section + lab.target_section.replace("[target pa]", "[target pb]").replace(
+        f"root = {lab.target}\n", f"root = {second}\n")
+    config = lab.config_with("all.conf", binhost_section=lab.config.read_text().split("\n[target")[0] + "\n",
+                             target_section=both)
+    lab.cli("--target", "pb", "setup-target", config=config)
+    _, before = lab.publications()
+    try:
+        result = lab.cli("--all", "emerge", "app-misc/pa-all", config=config, check=False)
+        assert result.returncode == 0, shown(result)
+        assert lab.packages("pa-all") == ["pa-all-1.0-1.gpkg.tar"], "built more than once:\n" + shown(result)
+        _, after = lab.publications()
+        assert len(after) == len(before) + 1, f"not one publication: {before} -> {after}\n{shown(result)}"
+        for root in (lab.target, second):
+            assert list((eroot(root, lab.world.eprefix) / "var/db/pkg/app-misc").glob("pa-all-1.0/BINPKGMD5")), \
+                f"{root}: not installed from the binary:\n{shown(result)}"
+        table = result.stdout[result.stdout.index("target "):]
+        assert re.search(r"^pa\s+\d+\.\ds\s+ok$", table, re.MULTILINE), table
+        assert re.search(r"^pb\s+\d+\.\ds\s+ok$", table, re.MULTILINE), table
+    finally:
+        for root in (lab.target, second):
+            run(["emerge", "--unmerge", "--quiet", "app-misc/pa-all"],
+                env=portage_env(lab.world.portage_bin, root, NO_COLOR="1"), check=False, timeout=300)
