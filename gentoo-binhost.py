@@ -753,6 +753,7 @@ class ProcessGroup:
             if os.isatty(descriptor) and os.tcgetpgrp(descriptor) == os.getpgrp():
                 self.terminal = descriptor
         self.received = []
+        self.signalled_at = None
         self.pgid = None
 
     def enter(self):
@@ -766,6 +767,7 @@ class ProcessGroup:
 
     def forward(self, signum, _frame):
         self.received.append(signum)
+        self.signalled_at = self.signalled_at or time.monotonic()
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self.pgid, signum)
 
@@ -778,7 +780,17 @@ class ProcessGroup:
                 self.take_terminal(self.pgid)
         previous = {number: signal.signal(number, self.forward) for number in FORWARDED_SIGNALS}
         try:
-            output = process.communicate(input)
+            while True:
+                try:
+                    output = process.communicate(input, timeout=0.5)
+                    break
+                except subprocess.TimeoutExpired:
+                    input = None  # sent already: communicate() refuses it a second time
+                    # emerge waits for a job that ignores the signal passed on: all of it gets
+                    # SIGKILL once the grace period is over.
+                    if self.signalled_at and time.monotonic() > self.signalled_at + STOP_GRACE_SECONDS:
+                        with contextlib.suppress(ProcessLookupError, PermissionError):
+                            os.killpg(self.pgid, signal.SIGKILL)
             self.drain()
             return output
         finally:

@@ -5,6 +5,7 @@ Real components throughout (Portage from PyPI, the session's sshd, gpg, our `ser
 session's `world` (tests/conftest.py) or on fresh binhost roots of their own where a test changes
 PKGDIR. Fresh roots live under world.base (0755: Portage verifies signatures as `nobody`)."""
 
+import contextlib
 import email.utils
 import fcntl
 import http.client
@@ -411,6 +412,60 @@ def test_a_signal_to_the_tool_alone_stops_the_build_and_frees_the_lock(world, sl
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+        wrapper.wait(timeout=30)
+        wrapper.stdout.close()
+
+
+# The tool, imported as a module, with a grace period of 2 s instead of 10 (the one constant a
+# test may change: the behaviour is the same, the wait shorter).
+SHORT_GRACE = """
+import importlib.util, sys
+spec = importlib.util.spec_from_file_location("gentoo_binhost", sys.argv[1])
+tool = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(tool)
+tool.STOP_GRACE_SECONDS = 2
+sys.exit(tool.main(sys.argv[2:]))
+"""
+
+
+def test_a_build_process_that_ignores_sigterm_is_killed_after_the_grace_period(world, slow_binhost):
+    """README: the build is sent the signal, then SIGKILL after the grace period; the lock is held
+    until every process of the build is gone."""
+    binhost, repo = slow_binhost
+    token = uuid.uuid4().hex[:12]
+    sleeper_name = f"gb-stubborn-{token}"
+    sleeper = binhost.base / sleeper_name
+    shutil.copy(shutil.which("sleep"), sleeper)
+    marker = binhost.base / f"stubborn-{token}.started"
+    (repo / "app-misc/slow/slow-1.0.ebuild").write_text(slow_ebuild(marker, f"trap '' TERM; {sleeper}", 600))
+    lock = binhost.root.parent / f".{binhost.root.name}.build.lock"
+    env = dict(os.environ, PATH=f"{world.portage_bin}:{os.environ['PATH']}", NO_COLOR="1")
+    log = binhost.base / f"stubborn-{token}.log"
+    wrapper = subprocess.Popen([sys.executable, "-c", WRAPPER, str(log), sys.executable, "-c", SHORT_GRACE,
+                                str(SCRIPT), "-c", str(binhost.config), "build", "--oneshot", "app-misc/slow"],
+                               env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                               start_new_session=True)
+    try:
+        tool_pid = int(wrapper.stdout.readline())
+        deadline = time.monotonic() + 120
+        while not processes_named(sleeper_name):
+            assert wrapper.poll() is None, f"the build ended before its compile:\n{log.read_text()}"
+            assert time.monotonic() < deadline, "the stubborn compile did not start in 120 s"
+            time.sleep(0.2)
+        os.kill(tool_pid, signal.SIGTERM)
+        time.sleep(1)
+        assert processes_named(sleeper_name), "the compile was meant to outlive SIGTERM for a while"
+        assert not lock_is_free(lock), "the lock was free while the build still ran"
+        wrapper.wait(timeout=60)
+        assert wrapper.stdout.read().strip() == "143", log.read_text()
+        assert not processes_named(sleeper_name), "SIGKILL did not follow the grace period"
+        assert lock_is_free(lock)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(wrapper.pid, signal.SIGKILL)
+        for pid in processes_named(sleeper_name):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
         wrapper.wait(timeout=30)
         wrapper.stdout.close()
 
