@@ -1499,9 +1499,14 @@ def root_replacement_lock(root, output, what):
         if inside:
             raise BinhostError(f"{root} has mounts inside ({', '.join(inside)}): {what} once they are"
                                " unmounted (doctor shows whose they are)")
+        lock_file.seek(0)
+        lock_file.truncate()
+        lock_file.write(f"pid {os.getpid()}, replacing or removing the root\n")  # what a waiting build says
+        lock_file.flush()
         try:
             yield
         finally:
+            lock_file.truncate(0)
             fcntl.flock(lock_file, fcntl.LOCK_UN)
 
 

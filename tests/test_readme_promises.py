@@ -760,11 +760,14 @@ def test_init_like_target_asks_the_target_over_ssh_and_picks_the_variant(world, 
 
 @pytest.fixture
 def options_target(world):
-    """A target whose config names an auth file, with a binrepos entry of someone else's."""
+    """A target of its own (for each test) whose config names an auth file, with a binrepos entry
+    of someone else's."""
     auth = world.base / "pb-auth"
     auth.write_text("portage:pbs3cret\n")
     auth.chmod(0o600)
-    root, config = world.new_target("pb-options", extra_binhost=f"auth-file = {auth}\n")
+    name = os.path.basename(tempfile.mkdtemp(prefix="pb-options-", dir=world.base))
+    shutil.rmtree(world.base / name)
+    root, config = world.new_target(name, extra_binhost=f"auth-file = {auth}\n")
     entry = root / "etc/portage/binrepos.conf/gentoo-binhost.conf"
     entry.parent.mkdir(parents=True)
     entry.write_text("[gentoo-binhost]\nsync-uri = http://old.invalid/pb/\n")
