@@ -1,13 +1,16 @@
 # gentoo-binhost.py: developer tasks. `make test` is the one command CI runs.
 PYTHON ?= python3
 VENV   ?= .venv
+# Test files run in this many processes (pytest-xdist; a file's tests stay together, so module
+# fixtures are made once). The tests share only what is safe to share: see tests/conftest.py.
+TEST_WORKERS ?= 2
 PY      = $(VENV)/bin/python
 DEBIAN_PACKAGES = openssh-server gnupg zstd xz-utils wget curl bash gcc openssl distcc debootstrap
 
 .PHONY: test check lint demo bench deps system-deps clean
 
 test: deps
-	$(PY) -m pytest tests $(PYTEST_ARGS)
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile tests $(PYTEST_ARGS)
 
 check: lint test
 
@@ -30,9 +33,10 @@ bench: deps
 
 deps: $(VENV)/.installed system-deps
 
-$(VENV)/.installed:
+# Made again when this file changes (a package added here reaches existing checkouts too).
+$(VENV)/.installed: Makefile
 	$(PYTHON) -m venv $(VENV)
-	$(VENV)/bin/pip install --quiet pytest portage==3.0.83 vermin
+	$(VENV)/bin/pip install --quiet pytest pytest-xdist portage==3.0.83 vermin
 	touch $@
 
 # Debian packages the integration tests drive; installed only when missing and running as root.

@@ -32,6 +32,13 @@ these fixtures that are not in those notes (all reproduced here):
   commands need PATH=<venv>/bin:... or absolute paths.
 * The packaged default repos.conf always adds a broken [gentoo] section; its
   "!!! ... /var/db/repos/gentoo" warnings on stderr are expected noise.
+
+`make test` runs the files in two processes (pytest-xdist, --dist loadfile). Each has its own
+session fixtures (sshd, world, chroot copy, temporary directories). What they share is safe to
+share: the venv's own /etc/portage (written atomically, the same content from both), the chroot
+image cache (built under a lock), and the prefix's package database and metadata cache (Portage
+locks them). A test that changes something global must use names of its own (ports from
+free_port, unique package or target names).
 """
 
 import contextlib
