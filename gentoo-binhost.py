@@ -260,6 +260,33 @@ def unified_diff(old, new, name):
 
 
 # ------------------------------------------------------------------------------------------------
+# File helpers
+# ------------------------------------------------------------------------------------------------
+
+
+def read_text(path):
+    """A file's text ("" when missing); bytes that are not UTF-8 survive a write_file round trip."""
+    try:
+        with open(path, encoding="utf-8", errors="surrogateescape") as handle:
+            return handle.read()
+    except FileNotFoundError:
+        return ""
+
+
+def check_no_symlink_below(base, path):
+    """The configuration in the binhost root came from a target: never write through a symlink
+    in it (etc/portage/package.use -> /etc/cron.d, say)."""
+    relative = os.path.relpath(path, base)
+    current = base
+    for part in relative.split(os.sep):
+        current = os.path.join(current, part)
+        if os.path.islink(current):
+            raise BinhostError(f"{current} is a symbolic link (to {os.readlink(current)}): refusing to"
+                               f" write or mount {path} through it; replace the link with a real file or"
+                               " directory")
+
+
+# ------------------------------------------------------------------------------------------------
 # Configuration
 # ------------------------------------------------------------------------------------------------
 
@@ -2059,7 +2086,7 @@ def sign_test_message(settings, runner, message):
 
 
 # ------------------------------------------------------------------------------------------------
-# Operations on the target (over ssh)
+# The targets: ssh, how they reach PKGDIR, and what their emerge would merge
 # ------------------------------------------------------------------------------------------------
 
 
@@ -3183,6 +3210,12 @@ def trust_signing_key(settings, remote, runner, output):
                        f" ({reason}): check that the directory is readable by nobody and the key trusted")
 
 
+# ------------------------------------------------------------------------------------------------
+# Capabilities: CPU flags, configuration parity, the package store and its publications, doctor,
+# init, onboarding
+# ------------------------------------------------------------------------------------------------
+
+
 # ---- CPU flags: what -march=native means on the target, as flags the binhost's gcc can use -----
 
 # One ssh round trip to the target, run as `sh -c CPU_PROBE_SCRIPT`. Prints sections headed by
@@ -3836,28 +3869,6 @@ def cpu_flags_location(settings):
     if os.path.isfile(package_use):
         return package_use, "package.use"
     return os.path.join(package_use, "00cpu-flags"), "package.use"
-
-
-def read_text(path):
-    """A file's text ("" when missing); bytes that are not UTF-8 survive a write_file round trip."""
-    try:
-        with open(path, encoding="utf-8", errors="surrogateescape") as handle:
-            return handle.read()
-    except FileNotFoundError:
-        return ""
-
-
-def check_no_symlink_below(base, path):
-    """The configuration in the binhost root came from a target: never write through a symlink
-    in it (etc/portage/package.use -> /etc/cron.d, say)."""
-    relative = os.path.relpath(path, base)
-    current = base
-    for part in relative.split(os.sep):
-        current = os.path.join(current, part)
-        if os.path.islink(current):
-            raise BinhostError(f"{current} is a symbolic link (to {os.readlink(current)}): refusing to"
-                               f" write or mount {path} through it; replace the link with a real file or"
-                               " directory")
 
 
 def cpu_report(settings, target, runner, output, apply=False):
