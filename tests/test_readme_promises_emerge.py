@@ -35,6 +35,7 @@ import pytest
 from conftest import (REPO, SCRIPT, World, eroot, free_port, http_server, need, portage_env, run,
                       start_sshd, write_portage_config)
 from conftest import tiny_ebuild as tiny
+from test_target_word import assert_fails_naming, shown
 
 
 BROKEN = """EAPI=8
@@ -73,23 +74,6 @@ def add_ebuild(repo, cpv, text):
 def git(*args, cwd):
     return run(["git", "-c", "user.name=t", "-c", "user.email=t@example.invalid",
                 "-c", "init.defaultBranch=master", "-c", "safe.directory=*"] + list(args), cwd=cwd)
-
-
-def shown(result):
-    return result.stdout + result.stderr
-
-
-def error_lines(result):
-    return [line for line in result.stderr.splitlines() if line.startswith("!!!")]
-
-
-def assert_fails_naming(result, *fragments):
-    """Exit 1, no traceback, and one `!!!` line naming every fragment; returns that line."""
-    assert result.returncode == 1, shown(result)
-    assert "Traceback" not in result.stderr, result.stderr
-    lines = [line for line in error_lines(result) if all(f in line for f in fragments)]
-    assert lines, f"no '!!!' line names {fragments}:\n{shown(result)}"
-    return lines[0]
 
 
 class Lab:
