@@ -7078,9 +7078,11 @@ def serve(environments, target, runner, output, bind, port, tunnel=False, listin
                            f" is port {settings.tunnel_port} free on the target?")
 
 
-def service_definition(kind, config_path, tunnel):
+def service_definition(kind, config_path, serve_options):
+    """serve_options: the options of this serve command line, which the service runs again."""
     script = os.path.abspath(__file__)
-    arguments = f"-c {shlex.quote(os.path.abspath(config_path))} serve" + (" --tunnel" if tunnel else "")
+    arguments = " ".join(["-c", shlex.quote(os.path.abspath(config_path)), "serve"]
+                         + [shlex.quote(word) for word in serve_options])
     if kind == "openrc":
         return (f"#!/sbin/openrc-run\n"
                 f"# /etc/init.d/gentoo-binhost: serve the binhost's PKGDIR (from {PROG} serve --print-service)\n"
@@ -7631,7 +7633,14 @@ def cmd_serve(config, args, runner, output):
     if not 0 <= port <= 65535:
         raise UsageError(f"--port {port}: use a port number (0-65535)")
     if args.print_service:
-        output.text(service_definition(args.print_service, config.path, args.tunnel), always=True)
+        options = [word for flag, value in (("--bind", args.bind), ("--port", args.port),
+                                            ("--tls-cert", settings.tls_cert if args.tls_cert else None),
+                                            ("--tls-key", settings.tls_key if args.tls_key else None),
+                                            ("--auth-file", settings.auth_file if args.auth_file else None),
+                                            ("--timeout", args.timeout))
+                   if value is not None for word in (flag, str(value))]
+        options += [flag for flag, given in (("--index", args.index), ("--tunnel", args.tunnel)) if given]
+        output.text(service_definition(args.print_service, config.path, options), always=True)
         if args.print_service == "systemd":
             warn_private_tmp(config, settings, output)
         return

@@ -307,6 +307,12 @@ def test_print_service(tmp_path, kind, marker):
                             capture_output=True, text=True, timeout=30)
     assert result.returncode == 0 and marker in result.stdout
     assert f"-c {config} serve" in result.stdout and os.path.abspath(SCRIPT) in result.stdout
+    # The serve options of that command line are the service's too.
+    cert = tmp_path / "cert.pem"
+    given = subprocess.run([sys.executable, SCRIPT, "-c", str(config), "serve", "--print-service", kind,
+                            "--port", "8443", "--tls-cert", str(cert), "--index"],
+                           capture_output=True, text=True, timeout=30)
+    assert f"-c {config} serve --port 8443 --tls-cert {cert} --index" in given.stdout, given.stdout + given.stderr
     # The configuration lies under /tmp: the unit's PrivateTmp=yes would hide it from the service.
     hidden = [line for line in result.stderr.splitlines() if "PrivateTmp=yes hides it" in line]
     if kind == "systemd" and os.path.realpath(config).startswith("/tmp/"):
