@@ -270,6 +270,7 @@ SSH_PROBLEMS = {
     "closed-port": ("nothing answers on port", "--ssh-port"),
     "unauthorized-key": ("without a password", "ssh-copy-id -i {key} -p {port} root@127.0.0.1"),
     "changed-host-key": ("host key is not the one this machine knows", "ssh-keygen -R '[127.0.0.1]:{port}'"),
+    "unknown-host-key": ("host key is not known yet", "log in once with ssh -p {port}"),
     "unknown-host-name": ("is not a host name this machine knows", "give its address"),
     "closed-port-no-config": ("does not exist", None),
 }
@@ -299,6 +300,10 @@ def test_unreachable_target_writes_nothing(lab, problem):
         kind, value = Path(f"{other}.pub").read_text().split()[:2]
         known.write_text(f"[127.0.0.1]:{lab.sshd.port} {kind} {value}\n")
         options = [option.replace(str(lab.sshd.known_hosts), str(known)) for option in lab.ssh_options()]
+    elif problem == "unknown-host-key":  # a first login: nothing in known_hosts yet
+        empty = lab.base / "empty_known_hosts"
+        empty.write_text("")
+        options = [option.replace(str(lab.sshd.known_hosts), str(empty)) for option in lab.ssh_options()]
     else:
         host = "root@no-such-host.invalid"
     result = lab.add_target(config, "lost", port=port, key=key, host=host, options=options, check=False)

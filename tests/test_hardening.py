@@ -812,6 +812,17 @@ def test_init_force_keeps_the_key_and_the_packages(short_dir, stage3_mirror, por
     package.parent.mkdir(parents=True)
     package.write_bytes(b"a package built before\n")
 
+    # While a build holds the root's lock (beside the root), --force refuses and changes nothing.
+    with open(tmp_path / ".binhost.build.lock", "a+") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        held.write("pid 4242\n")
+        held.flush()
+        busy, _, _ = init(tmp_path, mirror["url"], mirror["keyring"], "--force")
+    assert busy.returncode == 1 and "a build is running on" in busy.stderr and "pid 4242" in busy.stderr, \
+        busy.stderr
+    assert package.read_bytes() == b"a package built before\n"
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith("binhost.") and p.name.endswith(".bak")]
+
     again, _, _ = init(tmp_path, mirror["url"], mirror["keyring"], "--force")
     assert again.returncode == 0, again.stderr
     assert f"a key from {mirror['keyring']}" in again.stdout
