@@ -310,6 +310,11 @@ class HostSettings:
                              " the host chroot; set chroot = DIR too")
 
 
+def default_gpg_home(config_path):
+    """/etc/gentoo-binhost/gnupg for /etc/gentoo-binhost.conf."""
+    return os.path.join(os.path.dirname(os.path.abspath(config_path)), "gentoo-binhost", "gnupg")
+
+
 class BinhostSettings:
     def __init__(self, section, config_path, host=None):
         self.config_path = config_path
@@ -326,8 +331,8 @@ class BinhostSettings:
         # Without a url, the default follows the port actually served (see served_url).
         self.url = url if not url or url.endswith("/") else url + "/"
         self.signing_key = section.get("signing-key", "")
-        self.gpg_home = os.path.abspath(
-            section.get("gpg-home") or os.path.join(self.root, "etc/gentoo-binhost/gnupg"))
+        # Beside the configuration, never inside a binhost root, where builds run as root.
+        self.gpg_home = os.path.abspath(section.get("gpg-home") or default_gpg_home(config_path))
         # Set when the config has several binhost environments: served under /<env_name>/.
         self.env_name = None
         self.distcc_hosts = section.get("distcc-hosts", "")
@@ -354,11 +359,6 @@ class BinhostSettings:
         if not (math.isfinite(self.client_timeout) and self.client_timeout > 0):
             raise UsageError(f"{config_path}: [binhost] timeout = {section.get('timeout')}:"
                              " use a number of seconds")
-
-    @property
-    def verify_gpg_home(self):
-        """Public keyring Portage checks our own signatures with right after signing (read as nobody)."""
-        return self.gpg_home + "-verify"
 
 
 class TargetSettings:
@@ -547,8 +547,7 @@ def load_config(path, host_chroot=None):
 def check_inside_chroot(config):
     """Builds run inside the host chroot, so everything Portage touches must be in there too."""
     chroot = config.binhost.host.chroot
-    places = [("[binhost] root", config.binhost.root), ("[binhost] pkgdir", config.binhost.pkgdir),
-              ("[binhost] gpg-home", config.binhost.gpg_home)]
+    places = [("[binhost] root", config.binhost.root), ("[binhost] pkgdir", config.binhost.pkgdir)]
     places += [(f"[target {target.name}] binhost-root", target.binhost_root)
                for target in config.targets.values() if target.binhost_root]
     for what, place in places:
@@ -1238,16 +1237,6 @@ class BuildHost:
         with tempfile.TemporaryDirectory(prefix=prefix, dir=parent) as directory:
             yield directory
 
-    def stop_gpg_agent(self, home):
-        """A gpg-agent a signing build started must not outlive it (in a chroot it holds /dev)."""
-        if not os.path.isdir(home):
-            return
-        if not self.chroot:
-            stop_gpg_agent(home, self.runner)
-        elif os.path.lexists(self.outside("/usr/bin/gpgconf")):
-            self.run(["gpgconf", "--homedir", home, "--kill", "all"], check=False, capture=True,
-                     changes=False)
-
 
 TERMINATING_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
 
@@ -1412,15 +1401,13 @@ def portage_environment(settings):
     env = dict(root_environment(settings), PKGDIR=settings.pkgdir, PORTAGE_BINHOST="",
                EMERGE_DEFAULT_OPTS=emerge_default_opts(settings))
     # Every build a file of its own: a publication names files a rebuild must not overwrite.
-    features = ["-getbinpkg", "binpkg-multi-instance"]
+    # Builds never sign (a target's make.conf may ask to): the key stays out of their reach, and
+    # this tool signs what they made (see sign_builds). What they read back from PKGDIR is what
+    # they wrote themselves, so Portage need not verify it here.
+    features = ["-getbinpkg", "binpkg-multi-instance", "-binpkg-signing", "-binpkg-request-signature",
+                "binpkg-ignore-signature"]
     if settings.signing_key:
-        features.append("binpkg-signing")
-        env.update({
-            "BINPKG_FORMAT": "gpkg",
-            "BINPKG_GPG_SIGNING_GPG_HOME": settings.gpg_home,
-            "BINPKG_GPG_SIGNING_KEY": "0x" + settings.signing_key,
-            "BINPKG_GPG_VERIFY_GPG_HOME": settings.verify_gpg_home,
-        })
+        env["BINPKG_FORMAT"] = "gpkg"
     if settings.distcc_hosts:
         features.append("distcc")
         env["DISTCC_HOSTS"] = settings.distcc_hosts
@@ -1692,14 +1679,12 @@ def build_method(settings, runner, output):
     make_conf = os.path.join(settings.root, "etc/portage/make.conf")
     with contextlib.suppress(OSError):
         make_conf = os.stat(make_conf).st_mtime
-    decided_by = (settings.root, settings.build_method, settings.gpg_home, settings.pkgdir, make_conf,
+    decided_by = (settings.root, settings.build_method, settings.pkgdir, make_conf,
                   tuple(root_has_program(settings.root, name) for name in ("emerge", "gcc")))
     chosen = CHOSEN_BUILD_METHODS.get(decided_by)
     if chosen:
         return chosen
-    outside = [what for what, path in (("pkgdir", settings.pkgdir), ("gpg-home", settings.gpg_home))
-               if os.path.relpath(path, settings.root).split(os.sep)[0] == ".."
-               and (what == "pkgdir" or settings.signing_key)]
+    outside = os.path.relpath(settings.pkgdir, settings.root).split(os.sep)[0] == ".."
     if settings.build_method in BUILD_METHODS:
         chosen = (settings.build_method, f"build-method = {settings.build_method} in {settings.config_path}")
     else:
@@ -1713,8 +1698,7 @@ def build_method(settings, runner, output):
             chosen = ("root", f"the binhost root has no {' and no '.join(missing)} in its PATH, so it is no"
                               " Gentoo system to build in yet")
         elif outside:
-            chosen = ("root", f"{' and '.join(outside)} lie outside the binhost root, where a chroot build"
-                              " cannot reach them")
+            chosen = ("root", "pkgdir lies outside the binhost root, where a chroot build cannot reach it")
         elif lacking is None:
             chosen = ("root", "gcc here cannot tell whether this CPU runs code built with the target's flags")
         elif lacking:
@@ -1799,14 +1783,11 @@ def build_packages(settings, runner, output, emerge_args, publish_after=True):
     host = portage_host(settings, runner, output)  # refuses first what it cannot do (not root)
     check_binhost_root(settings)
     if method == "chroot":
-        for what, path in (("pkgdir", settings.pkgdir), ("gpg-home", settings.gpg_home)):
-            if what == "gpg-home" and not settings.signing_key:
-                continue
-            relative = os.path.relpath(path, settings.root)
-            if relative == ".." or relative.startswith("../"):
-                raise BinhostError(f"{what} = {path} is outside the binhost root {settings.root}: builds run"
-                                   " inside it (build-method = chroot), so put it inside, or set"
-                                   " build-method = root")
+        relative = os.path.relpath(settings.pkgdir, settings.root)
+        if relative == ".." or relative.startswith("../"):
+            raise BinhostError(f"pkgdir = {settings.pkgdir} is outside the binhost root {settings.root}:"
+                               " builds run inside it (build-method = chroot), so put it inside, or set"
+                               " build-method = root")
         host.program("gcc", "the binhost root must be a Gentoo system to build in (a stage3), or set"
                             " build-method = root")
     emerge = host.program("emerge", "build runs Portage on this host: run it on Gentoo, put Portage's"
@@ -1829,21 +1810,17 @@ def build_packages(settings, runner, output, emerge_args, publish_after=True):
     with build_lock(settings, runner, output), host.mounted(show_only=runner.pretend):
         if settings.distcc_hosts and not runner.pretend:
             check_distcc_helpers(settings, host, output)
-        if settings.signing_key:
-            ensure_verify_keyring(settings, runner, output)
         where = f" (inside {host.where})" if host.chroot else ""
         output.action(f"Building in {settings.root}{where}: {format_command(['emerge'] + argv[1:])}")
         before = package_files(settings.pkgdir)
-        try:
-            result = host.run(argv, env, check=False, own_group=True)
-        finally:
-            if settings.signing_key and not runner.pretend:
-                host.stop_gpg_agent(settings.gpg_home)
+        result = host.run(argv, env, check=False, own_group=True)
         if result is not None and result.returncode != 0:
             raise BinhostError(f"emerge failed on the binhost (exit {result.returncode}): see its output above;"
                                " nothing was published")
         # What this build produced: only a successful emerge's builds are ever published.
         produced = {path for path, md5 in package_files(settings.pkgdir).items() if before.get(path) != md5}
+        if settings.signing_key and produced:
+            sign_builds(settings, runner, output, host, sorted(produced))
         if publish_after:
             publish(settings, runner, output, f"build {' '.join(emerge_args)}", produced)
         return produced
@@ -1914,8 +1891,6 @@ def generate_signing_key(settings, runner, output, passphrase_file=None, force=F
         output.info(f"Adopting the signing key {existing[0]} in {home}, which the configuration"
                     " does not name yet (an interrupted keygen?)")
         settings.signing_key = existing[0]
-        if not runner.pretend:
-            build_verify_keyring(settings, runner, output)
         return existing[0]
     if existing and not force:
         raise BinhostError(f"a signing key already exists in {home} ({existing[0]}): keep it, or"
@@ -1931,8 +1906,7 @@ def generate_signing_key(settings, runner, output, passphrase_file=None, force=F
     if runner.pretend:
         # The key is made in a temporary home that becomes gpg-home; shown here as gpg-home.
         generate(home)
-        output.info(f"Would create {home} (0700) with that key, a world-readable verify keyring"
-                    f" {settings.verify_gpg_home}, and record the key in {settings.config_path}")
+        output.info(f"Would create {home} (0700) with that key and record the key in {settings.config_path}")
         return None
     parent = os.path.dirname(home)
     os.makedirs(parent, exist_ok=True)
@@ -1951,7 +1925,6 @@ def generate_signing_key(settings, runner, output, passphrase_file=None, force=F
         shutil.rmtree(staging, ignore_errors=True)
         raise
     settings.signing_key = fingerprint
-    build_verify_keyring(settings, runner, output)
     return fingerprint
 
 
@@ -1967,66 +1940,264 @@ def export_public_key(settings, runner):
     return result.stdout
 
 
-def build_verify_keyring(settings, runner, output):
-    """The keyring Portage verifies freshly signed packages with: it runs gpg as `nobody`, so the
-    directory must be world-readable and the key ultimately trusted (with the trustdb checked)."""
-    public_key = export_public_key(settings, runner)
-    target = settings.verify_gpg_home
-    parent = os.path.dirname(target)
-    staging = tempfile.mkdtemp(prefix=".verify-new.", dir=parent)
+def enclosing_place(path, places):
+    """The first of places (resolved) that path lies in, else None."""
+    path = os.path.realpath(path)
+    for place in filter(None, places):
+        place = os.path.realpath(place)
+        if path == place or path.startswith(place.rstrip("/") + "/"):
+            return place
+    return None
+
+
+def move_signing_home_out(config, runner, output):
+    """A gpg-home inside a binhost root or the host chroot (where earlier versions kept it),
+    in reach of every build's root phases, moves to the default beside the configuration: copied,
+    checked to hold the key, recorded in the configuration, and only then removed there."""
+    home = os.path.realpath(config.binhost.gpg_home)
+    place = enclosing_place(home, [config.binhost.root, config.binhost.host.chroot]
+                            + [target.binhost_root for target in config.targets.values()])
+    if place is None:
+        return
+    destination = default_gpg_home(config.path)
+    why = f"gpg-home {config.binhost.gpg_home} lies inside {place}, where builds run as root and could read the key"
+    if os.path.lexists(destination):
+        raise BinhostError(f"{why}, and {destination} exists already: move the key out yourself and set"
+                           f" gpg-home in {config.path}")
+    if runner.pretend:
+        output.warn(f"{why}: would move it to {destination} and set gpg-home there in {config.path}")
+        return
+    if os.path.isdir(home):
+        stop_gpg_agent(home, runner)
+        os.makedirs(os.path.dirname(destination), exist_ok=True)
+        staging = tempfile.mkdtemp(prefix=".gnupg-moving.", dir=os.path.dirname(destination))
+        try:
+            # Sockets of a stopped agent are no key material.
+            shutil.copytree(home, staging, symlinks=True, dirs_exist_ok=True, ignore=lambda directory, names: [
+                name for name in names if stat.S_ISSOCK(os.lstat(os.path.join(directory, name)).st_mode)])
+            os.chmod(staging, 0o700)
+            key = config.binhost.signing_key
+            if key and key not in secret_key_fingerprints(staging, runner):
+                raise BinhostError(f"{why}; its copy lacks the signing key {key}, so nothing was moved:"
+                                   f" check {home}")
+            os.rename(staging, destination)
+        except BaseException:
+            stop_gpg_agent(staging, runner)
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+    runner.write_file(config.path, set_config_values(read_text(config.path), "binhost", {"gpg-home": destination}))
+    config.binhost.gpg_home = destination
+    for leftover in (home, home + "-verify"):  # the public keyring builds used to verify with
+        shutil.rmtree(leftover, ignore_errors=True)
+    output.warn(f"Moved the signing key's GnuPG home out of {place}, where builds could read it:"
+                f" {home} is now {destination} (gpg-home in {config.path})")
+
+
+class TrustedKeys:
+    """A throwaway GnuPG home holding only the given public keys: a signature counts when one of
+    them made it (Gentoo's release keys for a stage3, our own public key for our packages)."""
+
+    def __init__(self, keys, source, runner):
+        self.runner, self.source = runner, source
+        self.home = tempfile.mkdtemp(prefix="gentoo-binhost-keys.")
+        try:
+            runner.run(gpg_command(self.home, "--import"), input=keys, capture=True, changes=False,
+                       describe=f"gpg --import ({source})")
+            listing = runner.read(gpg_command(self.home, "--with-colons", "--list-keys")).stdout
+            self.fingerprints = set(colon_fingerprints(listing, "pub"))
+            if not self.fingerprints:
+                raise BinhostError(f"no public key in {source}: pass the right keyring")
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self):
+        stop_gpg_agent(self.home, self.runner)
+        shutil.rmtree(self.home, ignore_errors=True)
+
+    def good_signature(self, argv, input=None):
+        """Run gpg with its machine-readable status in a file of its own (messages on stderr can
+        quote attacker-chosen text such as armor headers); True for exactly one valid signature
+        by one of the keys and no bad one. Returns (good, stdout)."""
+        status_path = os.path.join(self.home, "status")
+        result = self.runner.run(gpg_command(self.home, "--status-file", status_path, *argv), input=input,
+                                 capture=True, check=False, changes=False, binary=True)
+        with open(status_path, encoding="utf-8", errors="replace") as handle:
+            status = [line.split() for line in handle if line.startswith("[GNUPG:] ")]
+        valid = [words for words in status if words[1] == "VALIDSIG"]
+        bad = [words for words in status if words[1] in ("BADSIG", "ERRSIG", "EXPKEYSIG", "REVKEYSIG",
+                                                         "NO_PUBKEY")]
+        good = (result.returncode == 0 and len(valid) == 1 and not bad
+                and (valid[0][-1] in self.fingerprints or valid[0][2] in self.fingerprints))
+        return good, result.stdout
+
+    def verified_text(self, clearsigned, what):
+        """The text of a clearsigned file, once its signature is good."""
+        if not clearsigned.lstrip().startswith(b"-----BEGIN PGP SIGNED MESSAGE-----"):
+            raise BinhostError(f"{what} is not PGP-signed: refusing it")
+        good, text = self.good_signature(["--decrypt"], input=clearsigned)
+        if not good:
+            raise BinhostError(f"the PGP signature of {what} is not valid for {self.source}: refusing it")
+        return text.decode("utf-8", "replace")
+
+    def verify_detached(self, signature_path, data_path, what):
+        good, _ = self.good_signature(["--verify", signature_path, data_path])
+        if not good:
+            raise BinhostError(f"the PGP signature {os.path.basename(signature_path)} does not match"
+                               f" {what} for {self.source}: refusing it")
+
+
+# A GPKG is a plain tar of one directory: gpkg-1, metadata.tar.X, image.tar.X, Manifest. Signed,
+# an armored detached signature follows each inner archive (Portage checks a remote package's
+# metadata signature only when it is the next member) and the Manifest (each member's size,
+# BLAKE2B and SHA512, last) is clear-signed: what Portage's gpkg-sign writes.
+GPKG_VERSION = "gpkg-1"
+GPKG_HASHES = {"BLAKE2B": hashlib.blake2b, "SHA512": hashlib.sha512}
+
+
+def gpkg_tar_format(handle):
+    """The container's tar format, as Portage tells it (a signed copy keeps it); None: no tar."""
+    head = handle.read(512)
+    handle.seek(0)
+    if head[0x101:0x109] == b"ustar  \x00":
+        return tarfile.GNU_FORMAT
+    if head[0x101:0x109] == b"ustar\x0000":
+        return tarfile.PAX_FORMAT if head[0x9C:0x9D] in (b"x", b"g") else tarfile.USTAR_FORMAT
+    return None
+
+
+def gpkg_inner_archives(archive, path):
+    """(version member, inner archives) of a GPKG laid out as Portage requires: regular files
+    with unique names in one directory, the version file among them."""
+    members = archive.getmembers()
+    names = [member.name for member in members]
+    version = [member for member in members if member.name.endswith("/" + GPKG_VERSION)]
+    if (len({name.split("/")[0] for name in names}) != 1 or len(set(names)) != len(names) or len(version) != 1
+            or any(name.count("/") != 1 or not member.isfile() for name, member in zip(names, members))):
+        raise BinhostError(f"{path} is not a GPKG as Portage writes it: remove it and rebuild")
+    inner = [member for member in members
+             if member is not version[0] and not member.name.endswith(("/Manifest", ".sig"))]
+    return version[0], inner
+
+
+def manifest_record(name, size, chunks):
+    digests = {algorithm: new() for algorithm, new in GPKG_HASHES.items()}
+    for chunk in chunks:
+        for digest in digests.values():
+            digest.update(chunk)
+    return " ".join(["DATA", name, str(size)] + [word for algorithm, digest in digests.items()
+                                                 for word in (algorithm, digest.hexdigest())])
+
+
+def copy_chunks(source, destination):
+    """Copy a stream, yielding each chunk on its way (hashed while copied)."""
+    for chunk in iter(lambda: source.read(1 << 20), b""):
+        destination.write(chunk)
+        yield chunk
+
+
+def open_package(path):
+    """A package file of PKGDIR for reading, never through a symlink (a build writes PKGDIR)."""
     try:
-        # Public-key work needs no agent; one started here would leave sockets in the keyring.
-        runner.run(gpg_command(staging, "--no-autostart", "--import"), input=public_key, capture=True,
-                   describe="gpg --import")
-        runner.run(gpg_command(staging, "--no-autostart", "--import-ownertrust"),
-                   input=f"{settings.signing_key}:6:\n", capture=True, describe="gpg --import-ownertrust")
-        runner.run(gpg_command(staging, "--no-autostart", "--check-trustdb"), capture=True,
-                   describe="gpg --check-trustdb")
-        make_world_readable(staging)
-        old = None
-        if os.path.exists(target):
-            # Moved aside, not deleted first: a build starting now still finds a keyring.
-            old = tempfile.mkdtemp(prefix=".verify-old.", dir=parent)
-            os.rename(target, os.path.join(old, "keyring"))
-        os.rename(staging, target)
-        if old:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    warn_untraversable(target, output)
+        handle = os.fdopen(os.open(path, os.O_RDONLY | os.O_NOFOLLOW), "rb")
+    except OSError as error:
+        raise BinhostError(f"{path}: {error.strerror} (a symlink?): remove it and rebuild") from None
+    if not stat.S_ISREG(os.fstat(handle.fileno()).st_mode):
+        handle.close()
+        raise BinhostError(f"{path} is not a regular file: remove it and rebuild")
+    return handle
 
 
-def make_world_readable(directory):
-    os.chmod(directory, 0o755)
-    for entry in os.scandir(directory):
-        if entry.is_file(follow_symlinks=False):
-            os.chmod(entry.path, 0o644)
-        elif entry.is_dir(follow_symlinks=False):
-            make_world_readable(entry.path)
+class PackageSigner:
+    """Signs GPKGs with the binhost's key in gpg-home, here, outside every binhost root, and
+    checks each signature against the public key alone before the signed file replaces the
+    unsigned one."""
 
+    def __init__(self, settings, runner):
+        self.settings, self.runner = settings, runner
+        self.keys = TrustedKeys(export_public_key(settings, runner).encode(),
+                                f"the signing key {settings.signing_key}", runner)
+        self.env = {}
+        with contextlib.suppress(OSError):  # a passphrase is asked for by gpg-agent's pinentry
+            self.env["GPG_TTY"] = os.ttyname(sys.stdout.fileno())
 
-def warn_untraversable(path, output):
-    """Portage reads the verify keyring as `nobody`: every parent directory must let others in."""
-    current = os.path.dirname(os.path.abspath(path))
-    while current != "/":
-        if not os.stat(current).st_mode & stat.S_IXOTH:
-            output.warn(f"{current} is not searchable by other users, so Portage (as nobody) cannot"
-                        f" read {path}: chmod o+x {current}")
-            return
-        current = os.path.dirname(current)
+    def close(self):
+        self.keys.close()
+        stop_gpg_agent(self.settings.gpg_home, self.runner)
 
+    def signature(self, how, data_path=None, data=None):
+        argv = gpg_command(self.settings.gpg_home, "--local-user", "0x" + self.settings.signing_key,
+                           "--digest-algo", "SHA512", "--armor", how, "--output", "-", *filter(None, [data_path]))
+        return self.runner.run(argv, self.env, input=data, capture=True, binary=True, changes=False,
+                               describe=f"gpg {how}").stdout
 
-def ensure_verify_keyring(settings, runner, output):
-    pubring = os.path.join(settings.verify_gpg_home, "pubring.kbx")
-    if not os.path.exists(pubring) and not runner.pretend:
-        build_verify_keyring(settings, runner, output)
+    def sign(self, path):
+        with open_package(path) as handle:
+            tar_format = gpkg_tar_format(handle)
+            if tar_format is None:
+                raise BinhostError(f"{path} is not a GPKG (no tar file): remove it and rebuild")
+            descriptor, temporary = tempfile.mkstemp(dir=os.path.dirname(path), prefix=f".{os.path.basename(path)}.")
+            try:
+                with os.fdopen(descriptor, "wb") as out, tarfile.open(fileobj=handle) as old, \
+                        tarfile.TarFile(fileobj=out, mode="w", format=tar_format) as new:
+                    self.write_signed(old, new, path)
+                os.chmod(temporary, stat.S_IMODE(os.fstat(handle.fileno()).st_mode))
+                self.check(temporary)
+                os.replace(temporary, path)
+            except BaseException:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(temporary)
+                raise
+
+    def write_signed(self, old, new, path):
+        version, inner = gpkg_inner_archives(old, path)
+        directory = version.name.split("/")[0]
+        new.addfile(copy.copy(version), old.extractfile(version))
+        records = [manifest_record(GPKG_VERSION, version.size, [old.extractfile(version).read()])]
+        for member in inner:
+            with tempfile.NamedTemporaryFile(dir=os.path.dirname(path), prefix=".inner.") as spool:
+                chunks = copy_chunks(old.extractfile(member), spool)
+                records.append(manifest_record(os.path.basename(member.name), member.size, chunks))
+                spool.flush()
+                signature = self.signature("--detach-sign", data_path=spool.name)
+                spool.seek(0)
+                new.addfile(copy.copy(member), spool)
+            info = tarfile.TarInfo(member.name + ".sig")
+            info.size, info.mtime, info.mode = len(signature), int(time.time()), 0o644
+            new.addfile(info, io.BytesIO(signature))
+            records.append(manifest_record(os.path.basename(info.name), info.size, [signature]))
+        manifest = self.signature("--clear-sign", data="".join(record + "\n" for record in records).encode())
+        info = tarfile.TarInfo(f"{directory}/Manifest")
+        info.size, info.mtime, info.mode = len(manifest), int(time.time()), 0o644
+        new.addfile(info, io.BytesIO(manifest))
+
+    def check(self, path):
+        """Every member as the clear-signed Manifest records it, every inner archive's detached
+        signature good for the public key: what a target's emerge checks."""
+        with tarfile.open(path) as archive, tempfile.TemporaryDirectory(prefix="gentoo-binhost-check.") as scratch:
+            members = {os.path.basename(member.name): member for member in archive.getmembers()}
+            manifest = archive.extractfile(members.pop("Manifest")).read()
+            records = {line.split()[1]: line for line in
+                       self.keys.verified_text(manifest, f"the Manifest of {path}").splitlines() if line.strip()}
+            if set(records) != set(members):
+                raise BinhostError(f"the signed Manifest of {path} does not list its members: not published")
+            for name, member in members.items():
+                data_path = os.path.join(scratch, "data")
+                with open(data_path, "wb") as data:
+                    record = manifest_record(name, member.size, copy_chunks(archive.extractfile(member), data))
+                if record != records[name]:
+                    raise BinhostError(f"{name} in {path} does not match its signed Manifest: not published")
+                if name != GPKG_VERSION and not name.endswith(".sig"):
+                    signature_path = os.path.join(scratch, "signature")
+                    with open(signature_path, "wb") as signature:
+                        signature.write(archive.extractfile(members[name + ".sig"]).read())
+                    self.keys.verify_detached(signature_path, data_path, f"{name} in {path}")
 
 
 def is_signed_gpkg(path):
     """A GPKG is signed when its tar holds `.sig` members (checked without reading the image)."""
     try:
-        with tarfile.open(path) as archive:
+        with open_package(path) as handle, tarfile.open(fileobj=handle) as archive:
             return any(name.endswith(".sig") for name in archive.getnames())
     except (tarfile.TarError, OSError) as error:
         raise BinhostError(f"{path} is not a readable GPKG ({error}): remove it and rebuild") from None
@@ -2041,14 +2212,30 @@ def unsigned_packages(pkgdir):
     return [path for path in all_packages(pkgdir) if not is_signed_gpkg(path)]
 
 
+def sign_builds(settings, runner, output, host, packages):
+    """Sign packages (paths relative to PKGDIR) here, then refresh the index, which names their
+    old sizes and digests. The caller holds the build lock."""
+    if runner.pretend:
+        output.info(f"Would sign {len(packages)} package(s) with gpg here ({settings.gpg_home}), check"
+                    " each signature, and refresh the index")
+        return
+    signer = PackageSigner(settings, runner)
+    try:
+        for package in packages:
+            if package.endswith(".gpkg.tar"):
+                output.action(f"Signing {package}")
+                signer.sign(os.path.join(settings.pkgdir, package))
+    finally:
+        signer.close()
+    refresh_index(settings, runner, output, host)
+
+
 def sign_packages(settings, runner, output, resign=False):
     if not settings.signing_key:
         raise UsageError(f"no signing key configured in {settings.config_path}: run '{PROG} keygen'")
     if not os.path.isdir(settings.pkgdir):
         raise BinhostError(f"PKGDIR {settings.pkgdir} does not exist: build something first")
     host = portage_host(settings, runner, output)
-    gpkg_sign = host.program("gpkg-sign", "it comes with Portage: put Portage's bin directory in PATH")
-    ensure_verify_keyring(settings, runner, output)
     packages = all_packages(settings.pkgdir) if resign else unsigned_packages(settings.pkgdir)
     xpaks = sorted(os.path.relpath(os.path.join(directory, name), settings.pkgdir)
                    for directory, _dirs, files in os.walk(settings.pkgdir)
@@ -2062,21 +2249,10 @@ def sign_packages(settings, runner, output, resign=False):
         output.info(f"Every GPKG in {settings.pkgdir} is already signed"
                     + (f"; {len(xpaks)} xpak package(s) cannot be (see above)" if xpaks else ""))
         return 0
-    env = portage_environment(settings)
-    if resign:
-        # The current signatures may be by a retired key the verify keyring no longer holds.
-        env["FEATURES"] += " binpkg-ignore-signature"
     # A build may be writing PKGDIR.
     with build_lock(settings, runner, output), host.mounted(show_only=runner.pretend):
-        try:
-            for package in packages:
-                output.action(f"Signing {os.path.relpath(package, settings.pkgdir)}")
-                host.run([gpkg_sign, package], env, capture=True, describe=f"gpkg-sign {package}")
-            refresh_index(settings, runner, output, host)
-            publish(settings, runner, output, f"sign {len(packages)} package(s)")
-        finally:
-            if not runner.pretend:
-                host.stop_gpg_agent(settings.gpg_home)
+        sign_builds(settings, runner, output, host, [os.path.relpath(path, settings.pkgdir) for path in packages])
+        publish(settings, runner, output, f"sign {len(packages)} package(s)")
     return len(packages)
 
 
@@ -5093,6 +5269,11 @@ def doctor_build_method(doctor, settings, runner, output):
     method, why = build_method(settings, runner, output)
     automatic_root = method == "root" and settings.build_method not in BUILD_METHODS and "CPU lacks" in why
     doctor.report(WARN if automatic_root else OK, "build method", f"{method}: {why}")
+    place = enclosing_place(settings.gpg_home, [settings.root, settings.host.chroot])
+    if place:
+        doctor.report(WARN, "signing key", f"gpg-home {settings.gpg_home} lies inside {place}, where builds"
+                                           f" could read it: the next build, sign or keygen moves it to"
+                                           f" {default_gpg_home(settings.config_path)}")
 
 
 def doctor_configuration(doctor, settings, target, runner, output):
@@ -5479,62 +5660,6 @@ def parse_digests(text, name):
     return {algorithm: value for algorithm, value in digests.items() if algorithm in ("sha512", "blake2b")}
 
 
-class ReleaseKeys:
-    """A throwaway GnuPG home holding only Gentoo's release keys: the only trust anchor."""
-
-    def __init__(self, keyring, runner):
-        self.runner = runner
-        self.home = tempfile.mkdtemp(prefix="gentoo-binhost-keys.")
-        try:
-            with open(keyring, "rb") as handle:
-                keys = handle.read()
-            runner.run(gpg_command(self.home, "--import"), input=keys, capture=True, changes=False,
-                       describe=f"importing the release keys from {keyring}")
-            listing = runner.read(gpg_command(self.home, "--with-colons", "--list-keys")).stdout
-            self.fingerprints = set(colon_fingerprints(listing, "pub"))
-            if not self.fingerprints:
-                raise BinhostError(f"{keyring} holds no public key: pass Gentoo's release keys")
-        except BaseException:
-            self.close()
-            raise
-
-    def close(self):
-        stop_gpg_agent(self.home, self.runner)
-        shutil.rmtree(self.home, ignore_errors=True)
-
-    def good_signature(self, argv, input=None):
-        """Run gpg with its machine-readable status in a file of its own (messages on stderr can
-        quote attacker-chosen text such as armor headers); True for exactly one valid signature
-        by one of the release keys and no bad one. Returns (good, stdout)."""
-        status_path = os.path.join(self.home, "status")
-        result = self.runner.run(gpg_command(self.home, "--status-file", status_path, *argv), input=input,
-                                 capture=True, check=False, changes=False, binary=True)
-        with open(status_path, encoding="utf-8", errors="replace") as handle:
-            status = [line.split() for line in handle if line.startswith("[GNUPG:] ")]
-        valid = [words for words in status if words[1] == "VALIDSIG"]
-        bad = [words for words in status if words[1] in ("BADSIG", "ERRSIG", "EXPKEYSIG", "REVKEYSIG",
-                                                         "NO_PUBKEY")]
-        good = (result.returncode == 0 and len(valid) == 1 and not bad
-                and (valid[0][-1] in self.fingerprints or valid[0][2] in self.fingerprints))
-        return good, result.stdout
-
-    def verified_text(self, clearsigned, what):
-        """The text of a clearsigned file, once its signature is good."""
-        if not clearsigned.lstrip().startswith(b"-----BEGIN PGP SIGNED MESSAGE-----"):
-            raise BinhostError(f"{what} is not PGP-signed: refusing it")
-        good, text = self.good_signature(["--decrypt"], input=clearsigned)
-        if not good:
-            raise BinhostError(f"the PGP signature of {what} is not valid for Gentoo's release keys:"
-                               " refusing it")
-        return text.decode("utf-8", "replace")
-
-    def verify_detached(self, signature_path, data_path, what):
-        good, _ = self.good_signature(["--verify", signature_path, data_path])
-        if not good:
-            raise BinhostError(f"the PGP signature {os.path.basename(signature_path)} does not match"
-                               f" {what}: refusing to extract it")
-
-
 MAX_SMALL_FILE = 1024 * 1024
 
 
@@ -5639,8 +5764,8 @@ def init_binhost(config, args, runner, output):
         output.info(f"{target.name}: stage3-{like_arch}-{like_variant}, because {', '.join(reasons)}")
     arch = arch or GENTOO_ARCHES.get(os.uname().machine, os.uname().machine)
     variant = variant or DEFAULT_VARIANT
-    # init --force replaces the root, but not the signing key and the packages kept in it.
-    keep = [os.path.relpath(path, root) for path in (settings.gpg_home, settings.verify_gpg_home, settings.pkgdir)
+    # init --force replaces the root, but not the packages kept in it (the key lives outside).
+    keep = [os.path.relpath(path, root) for path in (settings.pkgdir,)
             if os.path.relpath(path, root).split(os.sep)[0] not in ("..", ".")]
     installed = install_stage3(args, arch, variant, args.stage3, root, runner, output, keep)
     if installed is None:  # --pretend
@@ -5669,7 +5794,10 @@ def install_stage3(args, arch, variant, stage3, root, runner, output, keep=()):
     if not verify_pgp:
         output.warn("--no-verify-pgp: the stage3 is checked against its DIGESTS only, which came"
                     " from the same server")
-    keys = ReleaseKeys(keyring, runner) if verify_pgp else None
+    keys = None
+    if verify_pgp:
+        with open(keyring, "rb") as handle:
+            keys = TrustedKeys(handle.read(), "Gentoo's release keys", runner)
     downloads = None
     try:
         url = stage3_url(args, arch, variant, stage3, keys, output)
@@ -7234,6 +7362,8 @@ class ArgumentParser(argparse.ArgumentParser):
 
 
 #: The commands in the order a user meets them, as the top-level help lists them.
+# Commands that sign or make the key: they first move a gpg-home out of the builds' reach.
+COMMANDS_SIGNING = ("emerge", "update", "install", "build", "sign", "keygen", "init")
 COMMANDS_IN_ORDER = ("add-target", "emerge", "update", "doctor", "serve", "install", "build", "list", "history",
                      "rollback", "release", "clean", "config", "cpu", "setup-target", "keygen", "sign", "init",
                      "remove-target")
@@ -7890,6 +8020,8 @@ def main(argv=None):
             raise UsageError("--all and --target exclude each other")
         if args.all and args.command not in ("install", "emerge", "doctor", "config"):
             raise UsageError(f"--all works with install, emerge, doctor and config diff, not {args.command}")
+        if args.command in COMMANDS_SIGNING:
+            move_signing_home_out(config, runner, output)
         with terminate_as_interrupt(runner):  # SIGTERM and SIGHUP clean up like Ctrl-C
             COMMANDS[args.command](config, args, runner, output)
         return EXIT_OK

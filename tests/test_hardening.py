@@ -806,7 +806,7 @@ def test_init_force_keeps_the_key_and_the_packages(short_dir, stage3_mirror, por
     keygen = cli(portage_bin, config, "keygen")
     assert keygen.returncode == 0, keygen.stderr
     fingerprint = signing_key_of(config)
-    home = root / "etc/gentoo-binhost/gnupg"
+    home = tmp_path / "gentoo-binhost/gnupg"  # beside the configuration, outside the root
     assert secret_fingerprints(home) == [fingerprint]
     package = root / "var/cache/binpkgs/app-misc/fake/fake-1-1.gpkg.tar"
     package.parent.mkdir(parents=True)
@@ -829,7 +829,6 @@ def test_init_force_keeps_the_key_and_the_packages(short_dir, stage3_mirror, por
     assert (root / "etc/os-release").is_file()
     assert secret_fingerprints(home) == [fingerprint]
     assert stat.S_IMODE(home.stat().st_mode) == 0o700
-    assert (root / "etc/gentoo-binhost/gnupg-verify/pubring.kbx").is_file()
     assert package.read_bytes() == b"a package built before\n"
     backups = [p for p in tmp_path.iterdir() if p.name.startswith("binhost.") and p.name.endswith(".bak")]
     assert len(backups) == 1 and (backups[0] / "etc/os-release").is_file()
@@ -866,7 +865,7 @@ def test_init_force_with_a_stage3_that_fails_to_extract_keeps_everything(short_d
     failed, _, _ = init(tmp_path, mirror["url"], mirror["keyring"], "--force", "--stage3", str(broken))
     assert_one_line_refusal(failed)
     assert snapshot(root) == before
-    assert secret_fingerprints(root / "etc/gentoo-binhost/gnupg") == [fingerprint]
+    assert secret_fingerprints(tmp_path / "gentoo-binhost/gnupg") == [fingerprint]
     assert not [p.name for p in tmp_path.iterdir() if p.name.startswith((".binhost.", "binhost."))
                 and p.name != ".binhost.build.lock"]
 
@@ -936,10 +935,8 @@ def test_keygen_adopts_the_key_an_interrupted_keygen_left(short_tmp, portage_bin
     made = cli(portage_bin, config, "keygen")
     assert made.returncode == 0, made.stderr
     fingerprint = signing_key_of(config)
-    # Interrupted after the key moved into place: neither the configuration nor the verify
-    # keyring was written.
+    # Interrupted after the key moved into place: the configuration was not written.
     config.write_text(before)
-    shutil.rmtree(tmp_path / "keys/gnupg-verify")
     hint = cli(portage_bin, config, "keygen", "--export")
     assert hint.returncode == 2 and "keygen" in hint.stderr
 
@@ -948,7 +945,6 @@ def test_keygen_adopts_the_key_an_interrupted_keygen_left(short_tmp, portage_bin
     assert "Adopting" in adopted.stdout and fingerprint in adopted.stdout
     assert signing_key_of(config) == fingerprint
     assert secret_fingerprints(home) == [fingerprint]
-    assert (tmp_path / "keys/gnupg-verify/pubring.kbx").is_file()
     assert not [p.name for p in (tmp_path / "keys").iterdir() if p.name.startswith(".gnupg-new.")]
     exported = cli(portage_bin, config, "keygen", "--export")
     assert exported.returncode == 0 and "BEGIN PGP PUBLIC KEY BLOCK" in exported.stdout

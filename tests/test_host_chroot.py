@@ -532,15 +532,15 @@ def test_cpu_warns_about_isa_this_machine_lacks_and_writes_cpu_flags_where_they_
 def test_init_force_replaces_the_binhost_root_checked_with_the_host_environments_keys(world):
     """Last: it replaces the binhost root. README: the binhost's own stage3 is checked with the keys
     the verified host stage3 brought along (a --keyring given is used instead); an existing binhost
-    root is kept, --force replaces it: the signing key and PKGDIR move into the new one, the rest of
-    the old root is kept as ROOT.<date>.bak."""
+    root is kept, --force replaces it: PKGDIR moves into the new one (the signing key lives outside
+    every root, untouched), the rest of the old root is kept as ROOT.<date>.bak."""
     host_keys = world.chroot / "usr/share/openpgp-keys/gentoo-release.asc"
     need(not Path("/usr/share/openpgp-keys/gentoo-release.asc").exists(), "this machine has Gentoo's keys")
     host_keys.parent.mkdir(parents=True, exist_ok=True)
     shutil.copy(world.base / "gentoo-release.asc", host_keys)
     stage3 = world.base / "release/stage3-amd64-openrc-20261120T170000Z.tar.xz"
     packages = sorted(p.relative_to(world.pkgdir) for p in world.pkgdir.rglob("*.gpkg.tar"))
-    gnupg = world.binhost / "etc/gentoo-binhost/gnupg"
+    gnupg = world.base / "gentoo-binhost/gnupg"  # the default: beside the configuration
     key_files = sorted(p.relative_to(gnupg) for p in gnupg.rglob("*") if p.is_file() and not p.name.startswith("S."))
     assert packages and key_files and (world.binhost / "etc/portage/make.conf").exists()
 
