@@ -247,9 +247,11 @@ class Output:
 
 
 def format_command(argv, env=None):
-    """The exact command line a user could paste into a shell, environment first."""
+    """The exact command line a user could paste into a shell, environment first (the
+    confinement program, a constant of this file, by name: a command is one line)."""
     words = [shlex.quote(f"{key}={value}") for key, value in (env or {}).items()]
-    return " ".join(words + [shlex.quote(str(word)) for word in argv])
+    return " ".join(words + ['"$CONFINE_PROGRAM"' if word is CONFINE_PROGRAM else shlex.quote(str(word))
+                             for word in argv])
 
 
 def unified_diff(old, new, name):
@@ -795,7 +797,13 @@ class ProcessGroup:
         self.received.append(signum)
         self.signalled_at = self.signalled_at or time.monotonic()
         with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self.pgid, signum)
+            os.killpg(self.pgid, self.passed_on(signum))
+
+    @staticmethod
+    def passed_on(signum):
+        """SIGHUP is passed on as SIGTERM: unshare (a confined build's parent) dies of SIGHUP at
+        once, and its namespace with it, before the build could stop by itself."""
+        return signal.SIGTERM if signum == signal.SIGHUP else signum
 
     def wait(self, process, input):
         """communicate() with signals passed on, then wait for the rest of the group."""
@@ -854,7 +862,7 @@ class ProcessGroup:
         if not self.members():
             return
         with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self.pgid, self.received[-1] if self.received else signal.SIGTERM)
+            os.killpg(self.pgid, self.passed_on(self.received[-1]) if self.received else signal.SIGTERM)
         deadline = time.monotonic() + STOP_GRACE_SECONDS
         while self.members():
             if time.monotonic() > deadline:
@@ -1108,6 +1116,164 @@ class HostMounts:
         return [os.path.join(self.chroot, name) for name, _ in missing]
 
 
+# ---- confinement: what runs in a chroot cannot leave it ------------------------------------------
+# Builds run the target's configuration as root. A plain chroot is no boundary: the build
+# machine's files through /proc/*/root or open_by_handle_at, its block devices in /dev, its
+# loopback services. So every command in a chroot runs in namespaces of its own (unshare, from
+# util-linux), under this script, run by this tool's interpreter as their PID 1: a new /proc,
+# a read-only /sys, a minimal /dev and an empty /run, lo only (--net), the chroot, and no
+# capability that leaves or remounts it. When the kernel or a container refuses namespaces,
+# commands run in the plain chroot, and build and doctor say so.
+CONFINE_UNSHARE = ["unshare", "--pid", "--fork", "--kill-child", "--mount", "--propagation", "private",
+                   "--ipc", "--uts"]
+CONFINE_PROGRAM = r'''
+import ctypes, fcntl, os, signal, socket, struct, sys, warnings  # os.execvp imports warnings
+libc = ctypes.CDLL(None, use_errno=True)  # all loaded before the chroot: nothing is imported after it
+RDONLY, NOSUID, NODEV, NOEXEC, REMOUNT, BIND, REC = 1, 2, 4, 8, 32, 4096, 16384
+# Kept: what Portage needs as root (chown/chmod, setuid/setgid for userpriv, setcap via setfcap, kill
+# its portage-uid jobs, low ports in tests). Every other capability, today's or a future one, goes:
+# SYS_ADMIN (mount, setns), SYS_CHROOT (the classic chroot escape), MKNOD (block devices),
+# DAC_READ_SEARCH (open_by_handle_at opens any file of ROOT's file system, outside ROOT too),
+# SYS_PTRACE, SYS_RAWIO, SYS_MODULE, NET_ADMIN, NET_RAW, SYS_TIME, SYS_BOOT, SYS_NICE, BPF...
+KEEP = {0: "chown", 1: "dac_override", 3: "fowner", 4: "fsetid", 5: "kill", 6: "setgid",
+        7: "setuid", 8: "setpcap", 10: "net_bind_service", 29: "audit_write", 31: "setfcap"}
+
+def fail(what):
+    raise OSError(ctypes.get_errno(), "%s: %s" % (what, os.strerror(ctypes.get_errno())))
+
+def mount(source, target, fstype, flags, data=None):
+    if libc.mount(source.encode(), target.encode(), fstype and fstype.encode(), flags,
+                  data and data.encode()) != 0:
+        fail("mount %s on %s" % (fstype or source, target))
+
+def prctl(*args):
+    if libc.prctl(*[ctypes.c_ulong(a) for a in (args + (0,) * 4)[:5]]) != 0:
+        fail("prctl%r" % (args,))
+
+def point(name):
+    # A fresh mount point, never through a link (that could lead out of ROOT); what the tool
+    # mounted there (the host's /proc, /sys, /dev, /run) is detached, in our namespace only.
+    path = os.path.join(root, name)
+    if os.path.islink(path) or not os.path.realpath(path).startswith(root + "/"):
+        raise SystemExit("gentoo-binhost confine: %s is a link or leads out of %s" % (path, root))
+    os.makedirs(path, exist_ok=True)
+    while libc.umount2(path.encode(), 2) == 0:  # MNT_DETACH
+        pass
+    return path
+
+if os.getpid() != 1 or sys.argv[2:3] != ["--"] or len(sys.argv) < 4:
+    raise SystemExit("gentoo-binhost confine: run as unshare --pid --fork --mount ... -c HELPER ROOT -- ARGV...")
+if " shared:" in open("/proc/self/mountinfo").read():  # our umounts must not reach the host
+    raise SystemExit("gentoo-binhost confine: mounts are shared with the host: unshare --propagation private")
+root, argv = os.path.realpath(sys.argv[1]), sys.argv[3:]
+stat = open("/proc/self/stat").read().rsplit(")", 1)[1].split()  # still the host's /proc
+foreground = os.isatty(0) and stat[2] == stat[5]  # pgrp == tpgid: the tool gave us the terminal
+
+proc = point("proc")
+mount("proc", proc, "proc", NOSUID | NODEV | NOEXEC)  # only this namespace's processes
+for name in ("sys", "sysrq-trigger", "irq", "bus", "fs"):  # kernel knobs (core_pattern...): read-only
+    if os.path.exists(os.path.join(proc, name)):
+        mount(os.path.join(proc, name), os.path.join(proc, name), None, BIND | REC)
+        mount("none", os.path.join(proc, name), None, REMOUNT | BIND | RDONLY | NOSUID | NODEV | NOEXEC)
+try:
+    mount("sysfs", point("sys"), "sysfs", RDONLY | NOSUID | NODEV | NOEXEC)
+except OSError as error:  # e.g. in a user namespace without --net: go on without /sys
+    print("gentoo-binhost confine: no /sys: %s" % error, file=sys.stderr)
+dev = point("dev")
+mount("tmpfs", dev, "tmpfs", NOSUID | NOEXEC, "mode=755,size=64k")
+for name, major, minor in (("null", 1, 3), ("zero", 1, 5), ("full", 1, 7), ("random", 1, 8),
+                           ("urandom", 1, 9), ("tty", 5, 0)):
+    node = os.path.join(dev, name)
+    try:
+        os.mknod(node, 0o20666, os.makedev(major, minor))
+        os.chmod(node, 0o666)  # not masked by the umask
+    except PermissionError:  # no CAP_MKNOD (user namespace): the host's node, bound
+        open(node, "w").close()
+        mount("/dev/" + name, node, None, BIND)
+for name, fstype, flags, options in (("pts", "devpts", NOSUID | NOEXEC, "newinstance,ptmxmode=0666,mode=620,gid=5"),
+                                     ("shm", "tmpfs", NOSUID | NODEV, "mode=1777")):
+    os.mkdir(os.path.join(dev, name))
+    try:
+        mount(fstype, os.path.join(dev, name), fstype, flags, options)
+    except OSError:  # gid 5 (tty) unmapped in a user namespace
+        mount(fstype, os.path.join(dev, name), fstype, flags, options.replace(",gid=5", ""))
+for name, target in (("ptmx", "pts/ptmx"), ("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"),
+                     ("stdout", "/proc/self/fd/1"), ("stderr", "/proc/self/fd/2")):
+    os.symlink(target, os.path.join(dev, name))
+run = point("run")
+mount("tmpfs", run, "tmpfs", NOSUID | NODEV, "mode=755")  # not the host's sockets (systemd, docker)
+os.mkdir(os.path.join(run, "lock"))  # /var/lock -> /run/lock
+os.chmod(os.path.join(run, "lock"), 0o1777)
+
+with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:  # lo is down in a new network namespace
+    flags = struct.unpack("16sH14x", fcntl.ioctl(sock, 0x8913, struct.pack("16sH14x", b"lo", 0)))[1]
+    if not flags & 1:  # SIOCGIFFLAGS, then SIOCSIFFLAGS with IFF_UP
+        fcntl.ioctl(sock, 0x8914, struct.pack("16sH14x", b"lo", flags | 1))
+socket.sethostname("localhost")  # our UTS namespace: not the build machine's name (as Portage does)
+os.chroot(root)
+os.chdir("/")
+# Out of the bounding set (no execve, of a setuid or file-capability binary either, brings them
+# back), then out of our own sets; inheritable and ambient emptied, no new privileges on execve.
+prctl(38, 1)  # PR_SET_NO_NEW_PRIVS: setuid() as root still works (userpriv), su/sudo gain nothing
+for cap in range(64):
+    if cap not in KEEP and libc.prctl(24, cap, 0, 0, 0) != 0:  # PR_CAPBSET_DROP
+        if ctypes.get_errno() != 22:  # EINVAL: past the kernel's last capability
+            fail("dropping capability %d" % cap)
+        break
+prctl(47, 4)  # PR_CAP_AMBIENT_CLEAR_ALL
+header = (ctypes.c_uint32 * 2)(0x20080522, 0)  # _LINUX_CAPABILITY_VERSION_3, this process
+data = (ctypes.c_uint32 * 6)()  # (effective, permitted, inheritable) for caps 0-31, then 32-63
+if libc.capget(header, data) != 0:
+    fail("capget")
+mask = sum(1 << cap for cap in KEEP) & (data[1] | data[4] << 32)
+data[:] = [mask & 0xffffffff, mask & 0xffffffff, 0, mask >> 32, mask >> 32, 0]
+if libc.capset(header, data) != 0:
+    fail("capset")
+prctl(4, 0)  # PR_SET_DUMPABLE 0: this init's /proc/1/* is out of its children's reach
+
+# As init: the command runs in a process group of its own (in the terminal's foreground if we
+# were); SIGINT/TERM/HUP the tool sends to our group are passed on; orphans are reaped; we exit
+# with the command's status, and the kernel then kills whatever is left in the namespace.
+forwarded = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+signal.pthread_sigmask(signal.SIG_BLOCK, forwarded)
+child = os.fork()
+if child == 0:
+    try:
+        os.setpgid(0, 0)
+        if foreground:
+            signal.signal(signal.SIGTTOU, signal.SIG_IGN)
+            os.tcsetpgrp(0, os.getpid())
+        for signum in forwarded + (signal.SIGTTOU, signal.SIGPIPE, signal.SIGXFSZ):
+            signal.signal(signum, signal.SIG_DFL)  # Python ignores SIGPIPE, SIGXFSZ; exec would keep it
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, forwarded)
+        os.closerange(3, 65536)
+        os.execvp(argv[0], argv)
+    except BaseException as error:
+        print("gentoo-binhost confine: %s: %s" % (argv[0], error), file=sys.stderr)
+    os._exit(127)
+try:
+    os.setpgid(child, child)
+except OSError:
+    pass  # the child did it already and exec'd
+def forward(signum, frame):
+    try:
+        os.killpg(child, signum)
+    except OSError:
+        pass
+for signum in forwarded:
+    signal.signal(signum, forward)
+signal.pthread_sigmask(signal.SIG_UNBLOCK, forwarded)
+while True:
+    pid, status = os.wait()  # orphans too, until the command itself
+    if pid == child:
+        code = os.waitstatus_to_exitcode(status)
+        os._exit(128 - code if code < 0 else code)
+'''
+# Portage's own namespaces need CAP_SYS_ADMIN, which a confined build lacks: asked for, each
+# phase would print "Unable to unshare: EPERM" (and go on); the confinement does their job.
+CONFINED_FEATURES = "-ipc-sandbox -network-sandbox -pid-sandbox -mount-sandbox"
+
+
 class BuildHost:
     """Where Portage, gcc and the binhost's shell scripts run: this machine, the Gentoo host chroot
     of [host] chroot, or (into_root, build-method chroot) the binhost root itself, a chroot
@@ -1115,7 +1281,7 @@ class BuildHost:
     Callers give host paths; in the chroot they become its own paths."""
 
     def __init__(self, settings, runner, output, into_root=False):
-        self.runner, self.output = runner, output
+        self.settings, self.runner, self.output = settings, runner, output
         self.into_root = into_root
         binds = ()
         if into_root:
@@ -1166,15 +1332,37 @@ class BuildHost:
                 return candidate
         raise BinhostError(f"{name} not found in {self.where} (PATH {self.search_path()}): {hint}")
 
-    def command(self, argv, env=None):
-        """(argv, env) to hand to the Runner."""
+    def confinement_problem(self):
+        """None when commands in the chroot run confined (see CONFINE_PROGRAM), else why not:
+        asked once per environment and command, by running `true` confined."""
+        asked = self.settings.__dict__.setdefault("confinement_problems", {})
+        if self.chroot not in asked:
+            if not shutil.which("unshare"):
+                asked[self.chroot] = "unshare (util-linux) not found"
+            else:
+                result = self.runner.read(self.confined(["true"], offline=True), check=False,
+                                          describe="unshare")
+                asked[self.chroot] = None if result.returncode == 0 else (
+                    last_line(result.stderr) or f"exit {result.returncode}")
+        return asked[self.chroot]
+
+    def confined(self, inner, offline=False):
+        return (CONFINE_UNSHARE + (["--net"] if offline else [])
+                + ["--", sys.executable, "-c", CONFINE_PROGRAM, self.chroot, "--"] + inner)
+
+    def command(self, argv, env=None, offline=False):
+        """(argv, env) to hand to the Runner. offline: no network but lo (when confined)."""
         if not self.chroot:
             return [str(word) for word in argv], env
         passed = {name: os.environ[name] for name in CHROOT_PASSED_VARIABLES if name in os.environ}
         passed.update({"PATH": self.search_path(), "HOME": "/root"})
         passed.update({name: self.translate(value) for name, value in (env or {}).items()})
-        return (["chroot", self.chroot, "env", "-i"] + [f"{name}={value}" for name, value in passed.items()]
-                + [self.translate(word) for word in argv]), None
+        confined = self.confinement_problem() is None
+        if confined:
+            passed["FEATURES"] = " ".join(filter(None, [passed.get("FEATURES", ""), CONFINED_FEATURES]))
+        inner = (["env", "-i"] + [f"{name}={value}" for name, value in passed.items()]
+                 + [self.translate(word) for word in argv])
+        return (self.confined(inner, offline) if confined else ["chroot", self.chroot] + inner), None
 
     @contextlib.contextmanager
     def mounted(self, show_only=False):
@@ -1222,8 +1410,8 @@ class BuildHost:
         if host_conf and not self.runner.pretend:
             self.runner.write_file(os.path.join(self.chroot, "etc/resolv.conf"), host_conf, backup=False)
 
-    def run(self, argv, env=None, *, changes=True, **options):
-        argv, env = self.command(argv, env)
+    def run(self, argv, env=None, *, changes=True, offline=False, **options):
+        argv, env = self.command(argv, env, offline)
         with self.mounted(show_only=self.runner.pretend and changes):
             return self.runner.run(argv, env, changes=changes, **options)
 
@@ -1811,9 +1999,22 @@ def build_packages(settings, runner, output, emerge_args, publish_after=True):
         if settings.distcc_hosts and not runner.pretend:
             check_distcc_helpers(settings, host, output)
         where = f" (inside {host.where})" if host.chroot else ""
+        offline = False
+        if host.chroot and host.confinement_problem():
+            output.warn(f"Building without confinement in {host.where} ({host.confinement_problem()}): the"
+                        " build's root phases can reach this machine's files, devices and loopback services"
+                        " (README: 'Confinement')")
+        elif host.chroot and not settings.distcc_hosts:  # distcc helpers are reached over the network
+            output.action(f"Fetching first, the build runs without network: {format_command(['emerge'] + argv[1:])}"
+                          " --fetchonly")
+            fetched = host.run(argv + ["--fetchonly", "--ask=n"], env, check=False, own_group=True)
+            if fetched is not None and fetched.returncode != 0:
+                raise BinhostError(f"emerge --fetchonly failed on the binhost (exit {fetched.returncode}): see"
+                                   " its output above; nothing was built")
+            offline = True
         output.action(f"Building in {settings.root}{where}: {format_command(['emerge'] + argv[1:])}")
         before = package_files(settings.pkgdir)
-        result = host.run(argv, env, check=False, own_group=True)
+        result = host.run(argv, env, check=False, own_group=True, offline=offline)
         if result is not None and result.returncode != 0:
             raise BinhostError(f"emerge failed on the binhost (exit {result.returncode}): see its output above;"
                                " nothing was published")
@@ -5269,6 +5470,19 @@ def doctor_build_method(doctor, settings, runner, output):
     method, why = build_method(settings, runner, output)
     automatic_root = method == "root" and settings.build_method not in BUILD_METHODS and "CPU lacks" in why
     doctor.report(WARN if automatic_root else OK, "build method", f"{method}: {why}")
+    host = portage_host(settings, runner, output)
+    if not host.chroot:
+        doctor.report(WARN, "confinement", "none: the root method runs Portage on this machine itself, so a"
+                                           " build's root phases can change it (README: 'Confinement')")
+    elif host.confinement_problem():
+        doctor.report(WARN, "confinement", f"builds in {host.where} run in a plain chroot"
+                                           f" ({host.confinement_problem()}): their root phases can reach this"
+                                           " machine's files, devices and loopback services; allow namespaces"
+                                           " (unshare as root) to confine them")
+    else:
+        network = "with the network (distcc-hosts)" if settings.distcc_hosts else "without network"
+        doctor.report(OK, "confinement", f"builds in {host.where} run in namespaces of their own: their own"
+                                         f" /proc, /dev and /run, {network}, no capability to leave")
     place = enclosing_place(settings.gpg_home, [settings.root, settings.host.chroot])
     if place:
         doctor.report(WARN, "signing key", f"gpg-home {settings.gpg_home} lies inside {place}, where builds"
