@@ -2009,8 +2009,8 @@ def build_packages(settings, runner, output, emerge_args, publish_after=True):
                           " --fetchonly")
             fetched = host.run(argv + ["--fetchonly", "--ask=n"], env, check=False, own_group=True)
             if fetched is not None and fetched.returncode != 0:
-                raise BinhostError(f"emerge --fetchonly failed on the binhost (exit {fetched.returncode}): see"
-                                   " its output above; nothing was built")
+                raise BinhostError(f"emerge failed on the binhost (exit {fetched.returncode}) fetching the sources"
+                                   " (--fetchonly): see its output above; nothing was built")
             offline = True
         output.action(f"Building in {settings.root}{where}: {format_command(['emerge'] + argv[1:])}")
         before = package_files(settings.pkgdir)

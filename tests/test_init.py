@@ -230,7 +230,7 @@ def test_parse_latest_and_digests(gb):
 def test_a_forged_clearsignature_is_refused(gb, tmp_path, mirror):
     """gpg quotes unknown armor headers on stderr: status text there must not count."""
     output = gb.Output(color=False, verbosity=0)
-    keys = gb.ReleaseKeys(str(mirror["keyring"]), gb.Runner(output))
+    keys = gb.TrustedKeys(Path(mirror["keyring"]).read_bytes(), "Gentoo's release keys", gb.Runner(output))
     try:
         plain = tmp_path / "latest.txt"
         plain.write_text(f"{BUILD}/evil.tar.xz 1\n")

@@ -1,0 +1,154 @@
+"""README: Confinement. A chroot build cannot leave the binhost root. Measured from a package's
+root phase (pkg_setup) in a real chroot build (the debootstrap + PyPI Portage image): it finds
+no private key, no file of the build machine through /proc/*/root, no capability to leave or
+remount, no block device, and cannot connect to the test sshd on 127.0.0.1, while its own
+loopback works; the package is still built and signed. Where namespaces cannot be had, the build
+still runs in the plain chroot, says so, and doctor names what is missing."""
+
+import os
+import socket
+import sys
+import tarfile
+import uuid
+from pathlib import Path
+
+import pytest
+
+from conftest import SCRIPT, free_port, need, run
+from test_chroot_build import chroot_build  # noqa: F401 - a module fixture: this file's own copy
+
+# Capabilities that allow leaving the root or remounting (linux/capability.h bit numbers).
+ESCAPING_CAPABILITIES = {16: "SYS_MODULE", 17: "SYS_RAWIO", 18: "SYS_CHROOT", 19: "SYS_PTRACE",
+                         21: "SYS_ADMIN", 27: "MKNOD", 2: "DAC_READ_SEARCH"}
+
+PROBE_EBUILD = r"""EAPI=8
+DESCRIPTION="Looks for a way out of the binhost root from a root phase (binhost test package)"
+HOMEPAGE="https://example.invalid/probe"
+S="${WORKDIR}"
+LICENSE="MIT"
+SLOT="0"
+KEYWORDS="amd64"
+pkg_setup() {
+	local found=() entry bit capeff capbnd
+	while IFS= read -r -d '' entry; do
+		found+=("key ${entry}")
+	done < <(find / -xdev \( -name private-keys-v1.d -o -name secring.gpg -o -name '*.key' \) -print0 2>/dev/null)
+	for entry in /proc/[0-9]*/root /proc/[0-9]*/cwd; do
+		[[ -e ${entry}@MARKER@ ]] && found+=("host-file ${entry}@MARKER@")
+	done
+	capeff=$(awk '/^CapEff/ {print $2}' /proc/self/status)
+	capbnd=$(awk '/^CapBnd/ {print $2}' /proc/self/status)
+	for bit in @BITS@; do
+		(( (0x${capeff} >> bit) & 1 )) && found+=("effective ${bit}")
+		(( (0x${capbnd} >> bit) & 1 )) && found+=("bounding ${bit}")
+	done
+	for entry in /dev/* /dev/*/*; do
+		[[ -b ${entry} ]] && found+=("block-device ${entry}")
+	done
+	if (exec 3<>/dev/tcp/127.0.0.1/@PORT@) 2>/dev/null; then
+		found+=("connected 127.0.0.1:@PORT@")
+	fi
+	python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); s.listen(); socket.create_connection(s.getsockname()); print("own-loopback works")' \
+		>> /var/tmp/confinement-report.new || found+=("no own loopback")
+	printf '%s\n' "ran" "${found[@]}" >> /var/tmp/confinement-report.new
+	mv /var/tmp/confinement-report.new /var/tmp/confinement-report
+}
+src_install() {
+	insinto /usr/share/probe
+	newins - probe <<<"probed"
+}
+"""
+
+
+def probe_report(chroot_build, marker, port):
+    """Build the probe package; returns (build result, the lines its pkg_setup wrote)."""
+    directory = chroot_build.repo / "app-misc/probe"
+    directory.mkdir(parents=True, exist_ok=True)
+    bits = " ".join(str(bit) for bit in sorted(ESCAPING_CAPABILITIES))
+    (directory / "probe-1.ebuild").write_text(
+        PROBE_EBUILD.replace("@MARKER@", str(marker)).replace("@PORT@", str(port)).replace("@BITS@", bits))
+    report = chroot_build.inside("/var/tmp/confinement-report")
+    report.unlink(missing_ok=True)
+    built = chroot_build.cli("build", "--oneshot", "app-misc/probe", check=False)
+    return built, report.read_text().splitlines() if report.exists() else []
+
+
+def test_a_root_phase_finds_no_way_out_and_the_package_is_still_signed(chroot_build, sshd):
+    if "signing-key" not in chroot_build.config.read_text():
+        chroot_build.cli("keygen")
+    # A file of the build machine, outside the root: /proc/*/root/<it> must lead nowhere.
+    marker = Path("/tmp") / f"gb-confinement-marker-{uuid.uuid4().hex}"
+    marker.write_text("the build machine's own file\n")
+    try:
+        with socket.create_connection(("127.0.0.1", sshd.port), timeout=5):
+            pass  # the test sshd answers here, on the build machine's loopback
+        built, report = probe_report(chroot_build, marker, sshd.port)
+    finally:
+        marker.unlink()
+    assert built.returncode == 0, built.stdout + built.stderr
+    assert report == ["own-loopback works", "ran"], report  # nothing found
+    assert "Fetching first, the build runs without network" in built.stdout, built.stdout
+    assert "without confinement" not in built.stderr, built.stderr
+    packages = sorted(chroot_build.pkgdir.glob("app-misc/probe/probe-1-*.gpkg.tar"))
+    assert packages
+    with tarfile.open(packages[-1]) as archive:
+        names = [os.path.basename(name) for name in archive.getnames()]
+    assert names[-1] == "Manifest" and any(name.endswith(".sig") for name in names), names
+
+
+def test_without_namespaces_the_build_still_runs_says_so_and_doctor_names_it(chroot_build, tmp_path):
+    """Where namespaces cannot be had (here: unshare refused as in a container that forbids them,
+    with unshare's own message, measured), the build runs in the plain chroot with a warning, and
+    doctor's confinement row says which protection is missing and why."""
+    refusing = tmp_path / "bin"
+    refusing.mkdir()
+    (refusing / "unshare").write_text("#!/bin/sh\necho 'unshare: unshare failed: Operation not permitted' >&2\n"
+                                      "exit 1\n")
+    (refusing / "unshare").chmod(0o755)
+    config = tmp_path / "confinement.conf"
+    unreachable = f"[target t]\nhost = 127.0.0.1\nssh-port = {free_port()}\n"  # binhost rows only
+    config.write_text(chroot_build.config.read_text() + "\n" + unreachable)
+
+    def gb(*args, path=None):
+        environment = {"PATH": path or os.environ["PATH"], "NO_COLOR": "1"}
+        return run([sys.executable, SCRIPT, "--color=n", "-c", config, *args], check=False, env=environment)
+
+    def confinement_row(result):
+        return next((line for line in result.stdout.splitlines() if line[5:].startswith("confinement:")),
+                    result.stdout + result.stderr)
+
+    assert confinement_row(gb("doctor")).startswith(
+        f"OK   confinement: builds in the binhost root {chroot_build.root} run in namespaces of their own")
+    refused_path = f"{refusing}:{os.environ['PATH']}"
+    row = confinement_row(gb("doctor", path=refused_path))
+    assert row.startswith(f"WARN confinement: builds in the binhost root {chroot_build.root} run in a plain"
+                          " chroot (unshare: unshare failed: Operation not permitted)"), row
+    directory = chroot_build.repo / "app-misc/plain"
+    directory.mkdir(parents=True, exist_ok=True)
+    from conftest import tiny_ebuild
+    (directory / "plain-1.ebuild").write_text(tiny_ebuild("plain"))
+    built = gb("build", "--oneshot", "app-misc/plain", path=refused_path)
+    assert built.returncode == 0, built.stdout + built.stderr
+    assert ("Building without confinement in the binhost root"
+            f" {chroot_build.root} (unshare: unshare failed: Operation not permitted)") in built.stderr, built.stderr
+    assert "Fetching first" not in built.stdout
+    assert sorted(chroot_build.pkgdir.glob("app-misc/plain/plain-1-*.gpkg.tar"))
+
+
+def test_a_confined_command_exits_with_its_own_status_and_leaves_nothing(chroot_build, gb):
+    """The confinement passes the command's exit status through (a failing build stays a failure)
+    and leaves no mount behind in the host's namespace."""
+    from conftest import mounts_under
+    config = chroot_build.config
+    settings = gb.load_config(str(config)).binhost
+    output = gb.Output(color=False, verbosity=1)
+    host = gb.BuildHost(settings, gb.Runner(output), output, into_root=True)
+    need(host.confinement_problem() is None, f"no namespaces here: {host.confinement_problem()}")
+    for code in (0, 3, 127):
+        assert host.run(["sh", "-c", f"exit {code}"], check=False, offline=True).returncode == code
+    status = host.read(["sh", "-c", "grep -E '^Cap(Eff|Bnd)' /proc/self/status; ls /dev"]).stdout.split()
+    effective, bounding = int(status[1], 16), int(status[3], 16)
+    assert not [name for bit, name in ESCAPING_CAPABILITIES.items() if (effective | bounding) >> bit & 1]
+    assert set(status[4:]) == {"fd", "full", "null", "ptmx", "pts", "random", "shm", "stderr", "stdin",
+                               "stdout", "tty", "urandom", "zero"}, status
+    assert mounts_under(chroot_build.root) == []
