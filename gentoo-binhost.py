@@ -1605,6 +1605,20 @@ def portage_environment(settings):
     return env
 
 
+def check_no_signing_in_builds(settings):
+    """Portage's package step (gpkg-helper) reads make.conf again, where a target's
+    FEATURES=binpkg-signing comes back whatever the build's environment says: the build would
+    sign with the target's key settings, or fail. Measured: no signing command makes it write a
+    usable unsigned package then."""
+    words = make_conf_value(make_conf_texts(settings.root), "FEATURES").split()
+    last = next((word for word in reversed(words) if word in ("binpkg-signing", "-binpkg-signing", "-*")), None)
+    if last == "binpkg-signing":
+        raise BinhostError(f"FEATURES in {settings.root}/etc/portage/make.conf (the target's) has binpkg-signing,"
+                           " which Portage's package step reads again in every build: the binhost signs its"
+                           " packages itself (README: 'Signing outside the build'); remove binpkg-signing from"
+                           " the target's make.conf, then run config pull")
+
+
 def distcc_hosts(spec):
     """The helper hosts of a DISTCC_HOSTS value (options such as --randomize left out)."""
     return [word for word in spec.split() if not word.startswith("-")]
@@ -1981,6 +1995,7 @@ def build_packages(settings, runner, output, emerge_args, publish_after=True):
     emerge = host.program("emerge", "build runs Portage on this host: run it on Gentoo, put Portage's"
                                     " bin directory in PATH, or set up a Gentoo host chroot"
                                     f" ('{PROG} init --host-chroot DIR')")
+    check_no_signing_in_builds(settings)
     if not settings.signing_key:
         output.warn(f"No signing key configured: building unsigned packages, which targets refuse"
                     f" by default. Run '{PROG} keygen' to sign.")
@@ -2396,10 +2411,11 @@ class PackageSigner:
 
 
 def is_signed_gpkg(path):
-    """A GPKG is signed when its tar holds `.sig` members (checked without reading the image)."""
+    """A GPKG is signed when its Manifest is (checked without reading the image)."""
     try:
         with open_package(path) as handle, tarfile.open(fileobj=handle) as archive:
-            return any(name.endswith(".sig") for name in archive.getnames())
+            manifest = next((member for member in archive.getmembers() if member.name.endswith("/Manifest")), None)
+            return manifest is not None and b"-----BEGIN PGP SIGNATURE-----" in archive.extractfile(manifest).read()
     except (tarfile.TarError, OSError) as error:
         raise BinhostError(f"{path} is not a readable GPKG ({error}): remove it and rebuild") from None
 
@@ -2409,8 +2425,9 @@ def all_packages(pkgdir):
                   for name in files if name.endswith(".gpkg.tar"))
 
 
-def unsigned_packages(pkgdir):
-    return [path for path in all_packages(pkgdir) if not is_signed_gpkg(path)]
+def indexed_packages(pkgdir):
+    """The GPKGs PKGDIR's index names (not the empty file a failed build leaves behind)."""
+    return sorted(os.path.join(pkgdir, path) for path in package_files(pkgdir) if path.endswith(".gpkg.tar"))
 
 
 def sign_builds(settings, runner, output, host, packages):
@@ -2437,7 +2454,7 @@ def sign_packages(settings, runner, output, resign=False):
     if not os.path.isdir(settings.pkgdir):
         raise BinhostError(f"PKGDIR {settings.pkgdir} does not exist: build something first")
     host = portage_host(settings, runner, output)
-    packages = all_packages(settings.pkgdir) if resign else unsigned_packages(settings.pkgdir)
+    packages = [path for path in indexed_packages(settings.pkgdir) if resign or not is_signed_gpkg(path)]
     xpaks = sorted(os.path.relpath(os.path.join(directory, name), settings.pkgdir)
                    for directory, _dirs, files in os.walk(settings.pkgdir)
                    for name in files if name.endswith((".tbz2", ".xpak")))
