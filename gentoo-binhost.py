@@ -2357,7 +2357,12 @@ class PackageSigner:
                 with os.fdopen(descriptor, "wb") as out, tarfile.open(fileobj=handle) as old, \
                         tarfile.TarFile(fileobj=out, mode="w", format=tar_format) as new:
                     self.write_signed(old, new, path)
-                os.chmod(temporary, stat.S_IMODE(os.fstat(handle.fileno()).st_mode))
+                before = os.fstat(handle.fileno())
+                os.chmod(temporary, stat.S_IMODE(before.st_mode))
+                # Portage's index notices a changed package by its size and its mtime in whole
+                # seconds, and tar pads both versions to the same 10 KiB: the mtime must move.
+                mtime = max(time.time(), int(before.st_mtime) + 1)
+                os.utime(temporary, (mtime, mtime))
                 self.check(temporary)
                 os.replace(temporary, path)
             except BaseException:
@@ -3175,6 +3180,108 @@ def first_plan(settings, target, runner, output, emerge_args, route, binary=None
     return plan
 
 
+def binhost_repositories(settings):
+    """{repository name: its directory on the build host} as the binhost root's repos.conf (the
+    target's copy) names them; Gentoo's at its default place unless named."""
+    locations = dict({"gentoo": DEFAULT_REPOSITORY}, **configured_repositories(settings.root))
+    return {name: on_build_host(settings, location) for name, location in locations.items()}
+
+
+def tree_lacks(settings, packages):
+    """{CPV: why} of the planned packages whose ebuild the binhost's tree does not have (the two
+    sides' trees were synced at different times): a build here cannot make them."""
+    repositories, lacking = binhost_repositories(settings), {}
+    for package in packages:
+        if not package.repository:
+            continue
+        name = package.package_name
+        version = package.cpv[len(name) + 1:]
+        location = repositories.get(package.repository)
+        directory = os.path.join(location or "", name)
+        if location is None or not os.path.isdir(location):
+            lacking[package.cpv] = (f"the binhost has no repository {package.repository}: add it there"
+                                    " as the target has it")
+            continue
+        with contextlib.suppress(OSError):
+            if os.path.isfile(os.path.join(directory, f"{name.split('/')[1]}-{version}.ebuild")):
+                continue
+        prefix = name.split("/")[1] + "-"
+        versions = sorted((entry[len(prefix):-len(".ebuild")] for entry in (
+            os.listdir(directory) if os.path.isdir(directory) else []) if entry.startswith(prefix)
+            and entry.endswith(".ebuild") and VERSION_PARTS.fullmatch(entry[len(prefix):-len(".ebuild")])),
+            key=functools.cmp_to_key(compare_versions))
+        newer_there = versions and all(compare_versions(each, version) > 0 for each in versions)
+        lacking[package.cpv] = ((f"the binhost's tree has {', '.join(versions)} only" if versions else
+                                 "the binhost's tree does not have it")
+                                + (": sync the target" if newer_there else
+                                   ": sync the binhost's repositories (emerge --sync there)"))
+    return lacking
+
+
+def repository_state(directory):
+    """What a repository directory holds now: its git commit, else its snapshot's date
+    (metadata/timestamp.chk), and the digest of its top Manifest (an rsync snapshot's) if any."""
+    state, git = {}, os.path.join(directory, ".git")
+    if os.path.isfile(git) and read_text(git).startswith("gitdir: "):  # a worktree or submodule
+        git = os.path.join(directory, read_text(git)[len("gitdir: "):].strip())
+    head = read_text(os.path.join(git, "HEAD")).strip() if os.path.isdir(git) else ""
+    if head.startswith("ref: "):
+        ref = head[len("ref: "):]
+        head = read_text(os.path.join(git, ref)).strip() or next(
+            (line.split()[0] for line in read_text(os.path.join(git, "packed-refs")).splitlines()
+             if line.endswith(" " + ref)), "")
+    stamp = read_text(os.path.join(directory, "metadata/timestamp.chk")).strip().splitlines()
+    if re.fullmatch(r"[0-9a-f]{40,64}", head):
+        state["revision"] = f"git {head}"
+    elif stamp:
+        state["revision"] = f"timestamp {stamp[0]}"
+    with contextlib.suppress(OSError):
+        with open(os.path.join(directory, "Manifest"), "rb") as handle:
+            state["manifest"] = "sha256 " + hashlib.sha256(handle.read()).hexdigest()
+    return state
+
+
+def repository_states(settings):
+    """{repository: repository_state} of the binhost's tree, as a publication records it."""
+    return {name: repository_state(directory) for name, directory in sorted(binhost_repositories(settings).items())
+            if os.path.isdir(directory)}
+
+
+def describe_tree(states):
+    """gentoo@2026-12-01 03:45 UTC, overlay@1a2b3c4d5e6f (history's words for a publication's trees)."""
+    words = []
+    for name, state in sorted(states.items()):
+        kind, _, value = state.get("revision", "unknown ?").partition(" ")
+        if kind == "timestamp":
+            with contextlib.suppress(TypeError, ValueError):
+                value = describe_snapshot(email.utils.parsedate_to_datetime(value))
+        words.append(f"{name}@{value[:12] if kind == 'git' else value or 'unknown'}")
+    return ", ".join(words)
+
+
+def package_arguments(emerge_args):
+    """The positions of emerge_args that name packages or sets (not options, nor their values)."""
+    return [position for position, word in enumerate(emerge_args) if not word.startswith("-")
+            and not (position and emerge_args[position - 1] in EMERGE_OPTS_WITH_VALUE)]
+
+
+def without_packages(emerge_args, names):
+    """emerge_args with the packages named (CATEGORY/PN) left out: an argument naming one is
+    dropped (emerge's --exclude does not apply to its arguments), --exclude keeps it out of sets
+    and dependencies. None when no argument is left."""
+    dropped = set()
+    for position in package_arguments(emerge_args):
+        word = emerge_args[position]
+        atom = re.sub(r"(::.*|:[^/]*|\[.*\])$", "", word.lstrip("=<>~!"))
+        name = cpv_package_name(atom) if word[:1] in "=<>~" else atom
+        if any(name in (each, each.split("/")[1]) for each in names):
+            dropped.add(position)
+    kept = [word for position, word in enumerate(emerge_args) if position not in dropped]
+    if not package_arguments(kept):
+        return None
+    return kept + [word for name in sorted(names) for word in ("--exclude", name)]
+
+
 def describe_gaps(packages):
     return "; ".join(f"{package.cpv} ({package.reason})" for package in packages)
 
@@ -3202,24 +3309,34 @@ def build_for_target(settings, target, runner, output, emerge_args, route=None, 
     publishing = pending or PendingPublication(settings, f"what {target.name} needs for 'emerge"
                                                          f" {' '.join(emerge_args)}'")
     built, produced = set(), set()
+    absent = {}  # {CPV: PlannedPackage} the binhost's tree lacks: reported, the rest still built
     lock = contextlib.nullcontext() if only_shown else build_lock(settings, runner, output)
     with serving_targets(settings, runner, output, route) as route, lock:
-        for round_number in range(GATE_ROUNDS + 1):
+        for round_number in range(GATE_ROUNDS + 2):  # one round more when the tree lacks something
             staged = None if only_shown else publishing.stage(runner, output, produced)
+            # Left out of the question: the binary-only emerge fails as a whole on one package it
+            # has no binary of, and would hide whether the target gets the rest.
+            asked = without_packages(emerge_args, {cpv_package_name(cpv) for cpv in absent}) if absent \
+                else list(emerge_args)
             try:
                 if round_number == 0:
-                    plan = first_plan(settings, target, runner, output, emerge_args, route, staged)
+                    plan = first_plan(settings, target, runner, output, asked, route, staged)
                     if plan is None:
                         return None
                     record_installed(settings, target, plan, runner)
                 else:
-                    plan = ask_target(settings, target, runner, output, emerge_args, route, staged)
+                    plan = ask_target(settings, target, runner, output, asked, route, staged)
                     plan.check()
                 if staged is None:  # nothing to stage yet, or only shown: the next publication's bookkeeping
                     gaps = packages_to_build(settings, runner, output, plan.packages)
                 else:
                     gaps = binary_plan_gaps(settings, runner, output, plan, staged.text)
                 missing = [package for package in gaps if not package.held]
+                lacking = tree_lacks(settings, missing)
+                for package in missing:
+                    if package.cpv in lacking:
+                        package.buildable, package.reason = False, lacking[package.cpv]
+                        absent[package.cpv] = package
                 buildable = [package for package in missing if package.buildable and package.cpv not in built]
                 if round_number == 0 or missing:
                     output.info(f"{target.name} would merge {len(plan.packages)} package(s):"
@@ -3231,22 +3348,31 @@ def build_for_target(settings, target, runner, output, emerge_args, route=None, 
                         output.text(f"  {package.cpv}{':' + package.slot if package.slot else ''}"
                                     f"  ({package.reason})", always=True)
                 plan.held = [package for package in gaps if package.held]
-                if not missing:
+                if lacking and not only_shown and without_packages(emerge_args, {
+                        cpv_package_name(cpv) for cpv in absent}) is not None:
+                    output.action(f"Asking {target.name} again, without what the binhost's tree lacks")
+                    continue
+                if all(package.cpv in absent for package in missing):  # what the tree lacks aside, done
                     if staged is not None and pending is None:
                         commit_publication(settings, runner, output, staged, prune=True)
                     elif pending is not None:
                         pending.produced |= produced
                     if emerge_pretends(emerge_args):
                         output.info("emerge's --pretend among the arguments: nothing is built")
+                    if absent and not only_shown:
+                        raise BinhostError(f"{target.name}: incomplete: the binhost's tree lacks {len(absent)}"
+                                           f" package(s) of the plan: {describe_gaps(absent.values())}; the rest"
+                                           " was built and published, nothing was installed")
                     return plan
                 if emerge_pretends(emerge_args):
                     output.info("emerge's --pretend among the arguments: nothing is built")
                     return plan
                 if runner.pretend:
-                    build_packages(settings, runner, output, ["--oneshot", "--usepkg=n"]
-                                   + [package.atom for package in missing], publish_after=False)
+                    if buildable:
+                        build_packages(settings, runner, output, ["--oneshot", "--usepkg=n"]
+                                       + [package.atom for package in buildable], publish_after=False)
                     return plan
-                if not buildable or round_number == GATE_ROUNDS:
+                if not buildable or round_number == GATE_ROUNDS + bool(absent):
                     raise BinhostError(f"{target.name} would not get everything from the binhost:"
                                        f" {describe_gaps(missing)}; nothing was published or installed")
                 before = package_files(settings.pkgdir)
@@ -5090,7 +5216,8 @@ def commit_publication(settings, runner, output, staged, prune=True):
     publication = (ids[-1] if ids else 0) + 1
     previous = read_text(os.path.join(directory, str(current), "Packages")) if current is not None else ""
     added, updated, removed = set_changes(previous, staged.text)
-    meta = dict(staged.meta, id=publication, previous=current, added=added, updated=updated, removed=removed)
+    meta = dict(staged.meta, id=publication, previous=current, added=added, updated=updated, removed=removed,
+                trees=repository_states(settings))
     runner.write_file(os.path.join(staged.directory, "meta.json"), json.dumps(meta) + "\n", backup=False)
     os.rename(staged.directory, os.path.join(directory, str(publication)))
     link, current_link = os.path.join(directory, f".{CURRENT_PUBLICATION}.{os.getpid()}"), os.path.join(
@@ -5178,7 +5305,7 @@ def published_paths(pkgdir):
 
 
 def publication_history(pkgdir):
-    """[{id, published, why, current, packages, added, updated, removed, held, holds}], newest
+    """[{id, published, why, current, packages, added, updated, removed, held, holds, trees}], newest
     first: held is what a rollback held back when it was made, holds what it still holds.
     The changes are those written when it was published (against the publication before it);
     a publication from before they were written is compared with the kept one before it."""
@@ -5202,7 +5329,8 @@ def publication_history(pkgdir):
             .strftime("%Y-%m-%dT%H:%M:%SZ"),
             "packages": len(publication_entries(pkgdir, publication)),
             "added": added, "updated": updated, "removed": removed,
-            "held": meta.get("held", []), "holds": sorted(hold["cpvs"]) if hold else []})
+            "held": meta.get("held", []), "holds": sorted(hold["cpvs"]) if hold else [],
+            "trees": meta.get("trees", {})})
     return list(reversed(history))
 
 
@@ -8119,8 +8247,9 @@ def cmd_history(config, args, runner, output):
         released = sorted(set(entry["held"]) - set(entry["holds"]))
         holds = (f"; holds back {' '.join(entry['holds'])} until release" if entry["holds"] else "") + (
             f"; held back {' '.join(released)} (released)" if released else "")
+        trees = f"; built from {describe_tree(entry['trees'])}" if entry["trees"] else ""
         output.text(f"{entry['id']:>4}{' *' if entry['current'] else '  '} {entry['published']}"
-                    f"  {entry['packages']:>5} packages  {entry['why']}: {changes}{holds}", always=True)
+                    f"  {entry['packages']:>5} packages  {entry['why']}: {changes}{holds}{trees}", always=True)
 
 
 def cmd_rollback(config, args, runner, output):

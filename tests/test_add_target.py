@@ -90,7 +90,9 @@ class Lab:
         """A configuration file with only a [binhost] section (its root not created)."""
         port = port or free_port()
         root = root or self.base / f"{name}-binhost"
-        config = self.base / f"{name}.conf"
+        # A directory of its own: the default gpg-home lies beside the configuration.
+        config = self.base / f"{name}-etc" / "gentoo-binhost.conf"
+        config.parent.mkdir(exist_ok=True)
         config.write_text(f"[binhost]\nroot = {root}\nurl = http://127.0.0.1:{port}/\n"
                           f"bind = 127.0.0.1\nport = {port}\n")
         return config, Path(root), port

@@ -204,7 +204,7 @@ def test_pretend_build_shows_the_emerge_command_with_its_environment(config, tmp
     # Whatever the copied configuration says, builds never take binaries from another binhost.
     # EMERGE_DEFAULT_OPTS: the target's, filtered (none here); every build a file of its own.
     expected = (f"ROOT={root}/ PORTAGE_CONFIGROOT={root}/ PKGDIR={root}/var/cache/binpkgs PORTAGE_BINHOST="
-                f" EMERGE_DEFAULT_OPTS= 'FEATURES=-getbinpkg binpkg-multi-instance buildpkg' {emerge}"
+                f" EMERGE_DEFAULT_OPTS= 'FEATURES=-getbinpkg binpkg-multi-instance -binpkg-signing -binpkg-request-signature binpkg-ignore-signature buildpkg' {emerge}"
                 " --root-deps --getbinpkg=n --getbinpkgonly=n"
                 " -uDN '>=dev-lang/python-3.12'")
     assert expected in result.stdout.splitlines()

@@ -69,7 +69,7 @@ def test_pretend_shows_the_distcc_environment(tmp_path, binhost, portage_bin):
     assert result.returncode == 0, result.stderr
     line = next(line for line in result.stdout.splitlines() if line.startswith("ROOT="))
     words = shlex.split(line)
-    assert "FEATURES=-getbinpkg binpkg-multi-instance distcc buildpkg" in words and "DISTCC_HOSTS=10.0.0.2/8 10.0.0.3/4" in words
+    assert "FEATURES=-getbinpkg binpkg-multi-instance -binpkg-signing -binpkg-request-signature binpkg-ignore-signature distcc buildpkg" in words and "DISTCC_HOSTS=10.0.0.2/8 10.0.0.3/4" in words
     assert any(word.startswith("MAKEOPTS=-j12 -l") for word in words) and words[-1] == "app-misc/hello"
 
 
