@@ -337,6 +337,9 @@ class BinhostSettings:
         self.gpg_home = os.path.abspath(section.get("gpg-home") or default_gpg_home(config_path))
         # Set when the config has several binhost environments: served under /<env_name>/.
         self.env_name = None
+        # What this command decided about the environment once (the build method, whether
+        # commands in its chroot can be confined), by what it was decided from.
+        self.decisions = {}
         self.distcc_hosts = section.get("distcc-hosts", "")
         # Downloads shared by chroot builds: only this directory of the build machine is ever bound
         # at the target's DISTDIR (never a place the target's make.conf names here).
@@ -441,6 +444,7 @@ class Config:
         environments = {}
         for root in roots:
             settings = copy.copy(self.binhost)
+            settings.decisions = {}
             if root != self.binhost.root:
                 settings.root, settings.pkgdir = root, os.path.join(root, "var/cache/binpkgs")
                 methods = {target.build_method for target in self.targets.values()
@@ -1335,16 +1339,16 @@ class BuildHost:
     def confinement_problem(self):
         """None when commands in the chroot run confined (see CONFINE_PROGRAM), else why not:
         asked once per environment and command, by running `true` confined."""
-        asked = self.settings.__dict__.setdefault("confinement_problems", {})
-        if self.chroot not in asked:
+        asked, key = self.settings.decisions, ("confinement", self.chroot)
+        if key not in asked:
             if not shutil.which("unshare"):
-                asked[self.chroot] = "unshare (util-linux) not found"
+                asked[key] = "unshare (util-linux) not found"
             else:
                 result = self.runner.read(self.confined(["true"], offline=True), check=False,
                                           describe="unshare")
-                asked[self.chroot] = None if result.returncode == 0 else (
+                asked[key] = None if result.returncode == 0 else (
                     last_line(result.stderr) or f"exit {result.returncode}")
-        return asked[self.chroot]
+        return asked[key]
 
     def confined(self, inner, offline=False):
         return (CONFINE_UNSHARE + (["--net"] if offline else [])
@@ -1872,9 +1876,6 @@ def root_has_program(root, name):
                for directory in CHROOT_PATH.split(":"))
 
 
-CHOSEN_BUILD_METHODS = {}  # what decided it -> (method, why): decided (and warned about) once
-
-
 def build_method(settings, runner, output):
     """(method, why): chroot (emerge inside the binhost root) or root (ROOT= from the build host),
     as build-method says, else chosen from what the binhost root is now."""
@@ -1883,7 +1884,7 @@ def build_method(settings, runner, output):
         make_conf = os.stat(make_conf).st_mtime
     decided_by = (settings.root, settings.build_method, settings.pkgdir, make_conf,
                   tuple(root_has_program(settings.root, name) for name in ("emerge", "gcc")))
-    chosen = CHOSEN_BUILD_METHODS.get(decided_by)
+    chosen = settings.decisions.get(decided_by)  # decided (and warned about) once
     if chosen:
         return chosen
     outside = os.path.relpath(settings.pkgdir, settings.root).split(os.sep)[0] == ".."
@@ -1912,7 +1913,7 @@ def build_method(settings, runner, output):
         else:
             chosen = ("chroot", "this CPU runs code built with the target's flags"
                                 + (f" ({' '.join(flags)})" if flags else ""))
-    CHOSEN_BUILD_METHODS[decided_by] = chosen
+    settings.decisions[decided_by] = chosen
     return chosen
 
 
