@@ -247,8 +247,8 @@ class Output:
 
 
 def format_command(argv, env=None):
-    """The exact command line a user could paste into a shell, environment first (the
-    confinement program, a constant of this file, by name: a command is one line)."""
+    """The exact command line, environment first, as a user could paste it into a shell; but
+    the confinement program, a constant of this file, by name (a command is one line)."""
     words = [shlex.quote(f"{key}={value}") for key, value in (env or {}).items()]
     return " ".join(words + ['"$CONFINE_PROGRAM"' if word is CONFINE_PROGRAM else shlex.quote(str(word))
                              for word in argv])
@@ -1170,8 +1170,6 @@ if os.getpid() != 1 or sys.argv[2:3] != ["--"] or len(sys.argv) < 4:
 if " shared:" in open("/proc/self/mountinfo").read():  # our umounts must not reach the host
     raise SystemExit("gentoo-binhost confine: mounts are shared with the host: unshare --propagation private")
 root, argv = os.path.realpath(sys.argv[1]), sys.argv[3:]
-stat = open("/proc/self/stat").read().rsplit(")", 1)[1].split()  # still the host's /proc
-foreground = os.isatty(0) and stat[2] == stat[5]  # pgrp == tpgid: the tool gave us the terminal
 
 proc = point("proc")
 mount("proc", proc, "proc", NOSUID | NODEV | NOEXEC)  # only this namespace's processes
@@ -1234,19 +1232,19 @@ data[:] = [mask & 0xffffffff, mask & 0xffffffff, 0, mask >> 32, mask >> 32, 0]
 if libc.capset(header, data) != 0:
     fail("capset")
 prctl(4, 0)  # PR_SET_DUMPABLE 0: this init's /proc/1/* is out of its children's reach
+if argv == ["--probe"]:  # the tool asks whether all of the above works here, nothing of ROOT's runs
+    os._exit(0)
 
-# As init: the command runs in a process group of its own (in the terminal's foreground if we
-# were); SIGINT/TERM/HUP the tool sends to our group are passed on; orphans are reaped; we exit
-# with the command's status, and the kernel then kills whatever is left in the namespace.
+# As init: the command runs in a session of its own, so the terminal it may read (emerge --ask)
+# is not its controlling terminal, and it cannot push input into the shell it came from (TIOCSTI);
+# SIGINT/TERM/HUP the tool (or the terminal) sends to our group are passed on; orphans are reaped;
+# we exit with the command's status, and the kernel then kills whatever is left in the namespace.
 forwarded = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 signal.pthread_sigmask(signal.SIG_BLOCK, forwarded)
 child = os.fork()
 if child == 0:
     try:
-        os.setpgid(0, 0)
-        if foreground:
-            signal.signal(signal.SIGTTOU, signal.SIG_IGN)
-            os.tcsetpgrp(0, os.getpid())
+        os.setsid()
         for signum in forwarded + (signal.SIGTTOU, signal.SIGPIPE, signal.SIGXFSZ):
             signal.signal(signum, signal.SIG_DFL)  # Python ignores SIGPIPE, SIGXFSZ; exec would keep it
         signal.pthread_sigmask(signal.SIG_UNBLOCK, forwarded)
@@ -1255,10 +1253,6 @@ if child == 0:
     except BaseException as error:
         print("gentoo-binhost confine: %s: %s" % (argv[0], error), file=sys.stderr)
     os._exit(127)
-try:
-    os.setpgid(child, child)
-except OSError:
-    pass  # the child did it already and exec'd
 def forward(signum, frame):
     try:
         os.killpg(child, signum)
@@ -1281,8 +1275,9 @@ CONFINED_FEATURES = "-ipc-sandbox -network-sandbox -pid-sandbox -mount-sandbox"
 class BuildHost:
     """Where Portage, gcc and the binhost's shell scripts run: this machine, the Gentoo host chroot
     of [host] chroot, or (into_root, build-method chroot) the binhost root itself, a chroot
-    entered as `chroot DIR env -i VAR=... COMMAND` with /proc, /sys, /dev and /run mounted.
-    Callers give host paths; in the chroot they become its own paths."""
+    entered confined (CONFINE_PROGRAM, else `chroot DIR`) as `env -i VAR=... COMMAND`, with
+    /proc, /sys, /dev and /run mounted. Callers give host paths; in the chroot they become its
+    own paths."""
 
     def __init__(self, settings, runner, output, into_root=False):
         self.settings, self.runner, self.output = settings, runner, output
@@ -1344,15 +1339,19 @@ class BuildHost:
             if not shutil.which("unshare"):
                 asked[key] = "unshare (util-linux) not found"
             else:
-                result = self.runner.read(self.confined(["true"], offline=True), check=False,
+                # Nothing of the root runs: a build can change the root, never this answer.
+                result = self.runner.read(self.confined(["--probe"], offline=True), check=False,
                                           describe="unshare")
-                asked[key] = None if result.returncode == 0 else (
-                    last_line(result.stderr) or f"exit {result.returncode}")
+                problem = last_line(result.stderr) or f"exit {result.returncode}"
+                if result.returncode != 0 and not problem.startswith("unshare:"):
+                    raise BinhostError(f"commands cannot be confined in {self.where}: {problem}: a build"
+                                       " there changed it? Look at it before building there again")
+                asked[key] = None if result.returncode == 0 else problem
         return asked[key]
 
     def confined(self, inner, offline=False):
         return (CONFINE_UNSHARE + (["--net"] if offline else [])
-                + ["--", sys.executable, "-c", CONFINE_PROGRAM, self.chroot, "--"] + inner)
+                + ["--", sys.executable, "-I", "-c", CONFINE_PROGRAM, self.chroot, "--"] + inner)
 
     def command(self, argv, env=None, offline=False):
         """(argv, env) to hand to the Runner. offline: no network but lo (when confined)."""
@@ -1981,68 +1980,6 @@ def chroot_build_binds(settings):
     return binds
 
 
-def build_packages(settings, runner, output, emerge_args, publish_after=True):
-    method, why = build_method(settings, runner, output)
-    host = portage_host(settings, runner, output)  # refuses first what it cannot do (not root)
-    check_binhost_root(settings)
-    if method == "chroot":
-        relative = os.path.relpath(settings.pkgdir, settings.root)
-        if relative == ".." or relative.startswith("../"):
-            raise BinhostError(f"pkgdir = {settings.pkgdir} is outside the binhost root {settings.root}:"
-                               " builds run inside it (build-method = chroot), so put it inside, or set"
-                               " build-method = root")
-        host.program("gcc", "the binhost root must be a Gentoo system to build in (a stage3), or set"
-                            " build-method = root")
-    emerge = host.program("emerge", "build runs Portage on this host: run it on Gentoo, put Portage's"
-                                    " bin directory in PATH, or set up a Gentoo host chroot"
-                                    f" ('{PROG} init --host-chroot DIR')")
-    check_no_signing_in_builds(settings)
-    if not settings.signing_key:
-        output.warn(f"No signing key configured: building unsigned packages, which targets refuse"
-                    f" by default. Run '{PROG} keygen' to sign.")
-    env = portage_environment(settings)
-    if method == "root":  # a chroot build may have left mount points where the links were
-        link_repositories_into(settings, runner, output)
-    # Inside the binhost root ROOT is /: every dependency goes there anyway.
-    root_deps = ["--root-deps"] if method == "root" else []
-    # FEATURES=buildpkg, not --buildpkg: emerge applies the option to every root's configuration,
-    # so the build dependencies the root method merges into / were also packaged into /'s own
-    # PKGDIR (that configuration never sees ours: create_trees gives it an almost empty environment).
-    env["FEATURES"] += " buildpkg"
-    argv = [emerge, *root_deps, "--getbinpkg=n", "--getbinpkgonly=n"] + list(emerge_args)
-    output.debug(f"Build method {method}: {why}")
-    with build_lock(settings, runner, output), host.mounted(show_only=runner.pretend):
-        if settings.distcc_hosts and not runner.pretend:
-            check_distcc_helpers(settings, host, output)
-        where = f" (inside {host.where})" if host.chroot else ""
-        offline = False
-        if host.chroot and host.confinement_problem():
-            output.warn(f"Building without confinement in {host.where} ({host.confinement_problem()}): the"
-                        " build's root phases can reach this machine's files, devices and loopback services"
-                        " (README: 'Confinement')")
-        elif host.chroot and not settings.distcc_hosts:  # distcc helpers are reached over the network
-            output.action(f"Fetching first, the build runs without network: {format_command(['emerge'] + argv[1:])}"
-                          " --fetchonly")
-            fetched = host.run(argv + ["--fetchonly", "--ask=n"], env, check=False, own_group=True)
-            if fetched is not None and fetched.returncode != 0:
-                raise BinhostError(f"emerge failed on the binhost (exit {fetched.returncode}) fetching the sources"
-                                   " (--fetchonly): see its output above; nothing was built")
-            offline = True
-        output.action(f"Building in {settings.root}{where}: {format_command(['emerge'] + argv[1:])}")
-        before = package_files(settings.pkgdir)
-        result = host.run(argv, env, check=False, own_group=True, offline=offline)
-        if result is not None and result.returncode != 0:
-            raise BinhostError(f"emerge failed on the binhost (exit {result.returncode}): see its output above;"
-                               " nothing was published")
-        # What this build produced: only a successful emerge's builds are ever published.
-        produced = {path for path, md5 in package_files(settings.pkgdir).items() if before.get(path) != md5}
-        if settings.signing_key and produced:
-            sign_builds(settings, runner, output, host, sorted(produced))
-        if publish_after:
-            publish(settings, runner, output, f"build {' '.join(emerge_args)}", produced)
-        return produced
-
-
 def package_files(pkgdir):
     """{PATH: MD5} of the builds PKGDIR's index names (Portage adds each build as it is made)."""
     return {entry_path(fields): fields.get("MD5", "") for fields, _ in index_blocks(
@@ -2065,7 +2002,7 @@ def gpg_command(home, *args):
 
 
 def stop_gpg_agent(home, runner):
-    """Portage's keyrings must not keep agent sockets around (and tests must not leak agents)."""
+    """A GnuPG home we used must not keep an agent running (and tests must not leak agents)."""
     if os.path.isdir(home) and shutil.which("gpgconf"):
         runner.run(["gpgconf", "--homedir", home, "--kill", "all"], check=False, capture=True,
                    changes=False)
@@ -2167,6 +2104,42 @@ def enclosing_place(path, places):
     return None
 
 
+# What a GnuPG home's keys are; its configuration files (gpg.conf, gpg-agent.conf name programs
+# gpg runs) are not taken from a place builds could write.
+GNUPG_KEY_FILES = ("pubring.kbx", "pubring.gpg", "secring.gpg", "trustdb.gpg")
+GNUPG_KEY_DIRECTORIES = {"private-keys-v1.d": ".key", "openpgp-revocs.d": ".rev"}
+
+
+def copy_key_material(home, destination, why):
+    """Copy the keys of a GnuPG home builds could write, regular files only (never through a
+    symlink: a build could have pointed one back into its root)."""
+    def copy_file(source, target):
+        try:
+            descriptor = os.open(source, os.O_RDONLY | os.O_NOFOLLOW)
+        except OSError as error:
+            raise BinhostError(f"{why}; {source}: {error.strerror} (a symlink?): nothing was moved;"
+                               " check it, or make a new key with keygen --force") from None
+        with os.fdopen(descriptor, "rb") as handle:
+            if not stat.S_ISREG(os.fstat(handle.fileno()).st_mode):
+                raise BinhostError(f"{why}; {source} is not a regular file: nothing was moved")
+            with open(target, "wb", opener=lambda path, flags: os.open(path, flags, 0o600)) as out:
+                shutil.copyfileobj(handle, out)
+
+    for name in GNUPG_KEY_FILES:
+        if os.path.lexists(os.path.join(home, name)):
+            copy_file(os.path.join(home, name), os.path.join(destination, name))
+    for name, suffix in GNUPG_KEY_DIRECTORIES.items():
+        directory = os.path.join(home, name)
+        if not os.path.lexists(directory):
+            continue
+        if os.path.islink(directory) or not os.path.isdir(directory):
+            raise BinhostError(f"{why}; {directory} is not a directory (a symlink?): nothing was moved")
+        os.mkdir(os.path.join(destination, name), 0o700)
+        for entry in sorted(os.listdir(directory)):
+            if entry.endswith(suffix):
+                copy_file(os.path.join(directory, entry), os.path.join(destination, name, entry))
+
+
 def move_signing_home_out(config, runner, output):
     """A gpg-home inside a binhost root or the host chroot (where earlier versions kept it),
     in reach of every build's root phases, moves to the default beside the configuration: copied,
@@ -2185,13 +2158,10 @@ def move_signing_home_out(config, runner, output):
         output.warn(f"{why}: would move it to {destination} and set gpg-home there in {config.path}")
         return
     if os.path.isdir(home):
-        stop_gpg_agent(home, runner)
         os.makedirs(os.path.dirname(destination), exist_ok=True)
         staging = tempfile.mkdtemp(prefix=".gnupg-moving.", dir=os.path.dirname(destination))
         try:
-            # Sockets of a stopped agent are no key material.
-            shutil.copytree(home, staging, symlinks=True, dirs_exist_ok=True, ignore=lambda directory, names: [
-                name for name in names if stat.S_ISSOCK(os.lstat(os.path.join(directory, name)).st_mode)])
+            copy_key_material(home, staging, why)
             os.chmod(staging, 0o700)
             key = config.binhost.signing_key
             if key and key not in secret_key_fingerprints(staging, runner):
@@ -2207,7 +2177,10 @@ def move_signing_home_out(config, runner, output):
     for leftover in (home, home + "-verify"):  # the public keyring builds used to verify with
         shutil.rmtree(leftover, ignore_errors=True)
     output.warn(f"Moved the signing key's GnuPG home out of {place}, where builds could read it:"
-                f" {home} is now {destination} (gpg-home in {config.path})")
+                f" {home} is now {destination} (gpg-home in {config.path}). Builds there could read the key"
+                f" until now: rotate it ('{PROG} keygen --force', setup-target on every target, then sign --all)")
+    for kept in glob.glob(glob.escape(home) + ".*.bak"):
+        output.warn(f"{kept} (an earlier key's GnuPG home, from keygen --force) lies inside {place}: remove it")
 
 
 class TrustedKeys:
@@ -2396,7 +2369,9 @@ class PackageSigner:
     def check(self, path):
         """Every member as the clear-signed Manifest records it, every inner archive's detached
         signature good for the public key: what a target's emerge checks."""
-        with tarfile.open(path) as archive, tempfile.TemporaryDirectory(prefix="gentoo-binhost-check.") as scratch:
+        # Scratch beside the package: an image may be larger than a tmpfs /tmp.
+        with tarfile.open(path) as archive, tempfile.TemporaryDirectory(
+                prefix=".gentoo-binhost-check.", dir=os.path.dirname(path)) as scratch:
             members = {os.path.basename(member.name): member for member in archive.getmembers()}
             manifest = archive.extractfile(members.pop("Manifest")).read()
             records = {line.split()[1]: line for line in
@@ -2433,7 +2408,17 @@ def all_packages(pkgdir):
 
 def indexed_packages(pkgdir):
     """The GPKGs PKGDIR's index names (not the empty file a failed build leaves behind)."""
-    return sorted(os.path.join(pkgdir, path) for path in package_files(pkgdir) if path.endswith(".gpkg.tar"))
+    return sorted(package_in(pkgdir, path) for path in package_files(pkgdir) if path.endswith(".gpkg.tar"))
+
+
+def package_in(pkgdir, relative):
+    """PKGDIR/relative, for a PATH a build wrote into the index: inside PKGDIR, through no link."""
+    path = os.path.join(pkgdir, relative)
+    if (relative.startswith("/") or ".." in relative.split("/")
+            or os.path.realpath(path) != os.path.normpath(os.path.join(os.path.realpath(pkgdir), relative))):
+        raise BinhostError(f"{path}: the index names a package outside {pkgdir} or through a link:"
+                           " remove it and rebuild")
+    return path
 
 
 def sign_builds(settings, runner, output, host, packages):
@@ -2446,9 +2431,12 @@ def sign_builds(settings, runner, output, host, packages):
     signer = PackageSigner(settings, runner)
     try:
         for package in packages:
-            if package.endswith(".gpkg.tar"):
-                output.action(f"Signing {package}")
-                signer.sign(os.path.join(settings.pkgdir, package))
+            if not package.endswith(".gpkg.tar"):
+                output.warn(f"Not signed: {package} is no GPKG (the xpak format carries no signature; targets"
+                            " that verify signatures ignore it): set BINPKG_FORMAT=gpkg")
+                continue
+            output.action(f"Signing {package}")
+            signer.sign(package_in(settings.pkgdir, package))
     finally:
         signer.close()
     refresh_index(settings, runner, output, host)
@@ -2483,6 +2471,71 @@ def sign_packages(settings, runner, output, resign=False):
 def sign_test_message(settings, runner, message):
     return gpg_read(runner, settings.gpg_home, "--armor", "--detach-sign", "--local-user",
                     settings.signing_key, input=message, describe="gpg --detach-sign").stdout
+
+
+# ---- building: emerge in the binhost root, then sign what it made --------------------------------
+
+
+def build_packages(settings, runner, output, emerge_args, publish_after=True):
+    method, why = build_method(settings, runner, output)
+    host = portage_host(settings, runner, output)  # refuses first what it cannot do (not root)
+    check_binhost_root(settings)
+    if method == "chroot":
+        relative = os.path.relpath(settings.pkgdir, settings.root)
+        if relative == ".." or relative.startswith("../"):
+            raise BinhostError(f"pkgdir = {settings.pkgdir} is outside the binhost root {settings.root}:"
+                               " builds run inside it (build-method = chroot), so put it inside, or set"
+                               " build-method = root")
+        host.program("gcc", "the binhost root must be a Gentoo system to build in (a stage3), or set"
+                            " build-method = root")
+    emerge = host.program("emerge", "build runs Portage on this host: run it on Gentoo, put Portage's"
+                                    " bin directory in PATH, or set up a Gentoo host chroot"
+                                    f" ('{PROG} init --host-chroot DIR')")
+    check_no_signing_in_builds(settings)
+    if not settings.signing_key:
+        output.warn(f"No signing key configured: building unsigned packages, which targets refuse"
+                    f" by default. Run '{PROG} keygen' to sign.")
+    env = portage_environment(settings)
+    if method == "root":  # a chroot build may have left mount points where the links were
+        link_repositories_into(settings, runner, output)
+    # Inside the binhost root ROOT is /: every dependency goes there anyway.
+    root_deps = ["--root-deps"] if method == "root" else []
+    # FEATURES=buildpkg, not --buildpkg: emerge applies the option to every root's configuration,
+    # so the build dependencies the root method merges into / were also packaged into /'s own
+    # PKGDIR (that configuration never sees ours: create_trees gives it an almost empty environment).
+    env["FEATURES"] += " buildpkg"
+    argv = [emerge, *root_deps, "--getbinpkg=n", "--getbinpkgonly=n"] + list(emerge_args)
+    output.debug(f"Build method {method}: {why}")
+    with build_lock(settings, runner, output), host.mounted(show_only=runner.pretend):
+        if settings.distcc_hosts and not runner.pretend:
+            check_distcc_helpers(settings, host, output)
+        where = f" (inside {host.where})" if host.chroot else ""
+        offline = False
+        if host.chroot and host.confinement_problem():
+            output.warn(f"Building without confinement in {host.where} ({host.confinement_problem()}): the"
+                        " build's root phases can reach this machine's files, devices and loopback services"
+                        " (README: 'Confinement')")
+        elif host.chroot and not settings.distcc_hosts:  # distcc helpers are reached over the network
+            output.action(f"Fetching first, the build runs without network: {format_command(['emerge'] + argv[1:])}"
+                          " --fetchonly")
+            fetched = host.run(argv + ["--fetchonly", "--ask=n"], env, check=False, own_group=True)
+            if fetched is not None and fetched.returncode != 0:
+                raise BinhostError(f"emerge failed on the binhost (exit {fetched.returncode}) fetching the sources"
+                                   " (--fetchonly): see its output above; nothing was built")
+            offline = True
+        output.action(f"Building in {settings.root}{where}: {format_command(['emerge'] + argv[1:])}")
+        before = package_files(settings.pkgdir)
+        result = host.run(argv, env, check=False, own_group=True, offline=offline)
+        if result is not None and result.returncode != 0:
+            raise BinhostError(f"emerge failed on the binhost (exit {result.returncode}): see its output above;"
+                               " nothing was published")
+        # What this build produced: only a successful emerge's builds are ever published.
+        produced = {path for path, md5 in package_files(settings.pkgdir).items() if before.get(path) != md5}
+        if settings.signing_key and produced:
+            sign_builds(settings, runner, output, host, sorted(produced))
+        if publish_after:
+            publish(settings, runner, output, f"build {' '.join(emerge_args)}", produced)
+        return produced
 
 
 # ------------------------------------------------------------------------------------------------
@@ -3252,7 +3305,7 @@ def describe_tree(states):
     """gentoo@2026-12-01 03:45 UTC, overlay@1a2b3c4d5e6f (history's words for a publication's trees)."""
     words = []
     for name, state in sorted(states.items()):
-        kind, _, value = state.get("revision", "unknown ?").partition(" ")
+        kind, _, value = state.get("revision", "unknown").partition(" ")
         if kind == "timestamp":
             with contextlib.suppress(TypeError, ValueError):
                 value = describe_snapshot(email.utils.parsedate_to_datetime(value))
@@ -3311,6 +3364,18 @@ def build_for_target(settings, target, runner, output, emerge_args, route=None, 
                                                          f" {' '.join(emerge_args)}'")
     built, produced = set(), set()
     absent = {}  # {CPV: PlannedPackage} the binhost's tree lacks: reported, the rest still built
+
+    def incomplete(staged):
+        """The rest is built: offered (now, or at the command's end), then the stop."""
+        if staged is not None and pending is None:
+            commit_publication(settings, runner, output, staged, prune=True)
+        elif pending is not None:
+            pending.produced |= produced
+        raise BinhostError(f"{target.name}: incomplete: the binhost's tree lacks {len(absent)} package(s) of the"
+                           f" plan: {describe_gaps(absent.values())};"
+                           f" {'the rest was built and published' if built else 'the rest has binaries already'},"
+                           " nothing was installed")
+
     lock = contextlib.nullcontext() if only_shown else build_lock(settings, runner, output)
     with serving_targets(settings, runner, output, route) as route, lock:
         for round_number in range(GATE_ROUNDS + 2):  # one round more when the tree lacks something
@@ -3333,7 +3398,7 @@ def build_for_target(settings, target, runner, output, emerge_args, route=None, 
                 else:
                     gaps = binary_plan_gaps(settings, runner, output, plan, staged.text)
                 missing = [package for package in gaps if not package.held]
-                lacking = tree_lacks(settings, missing)
+                lacking, known = tree_lacks(settings, missing), set(absent)
                 for package in missing:
                     if package.cpv in lacking:
                         package.buildable, package.reason = False, lacking[package.cpv]
@@ -3349,21 +3414,21 @@ def build_for_target(settings, target, runner, output, emerge_args, route=None, 
                         output.text(f"  {package.cpv}{':' + package.slot if package.slot else ''}"
                                     f"  ({package.reason})", always=True)
                 plan.held = [package for package in gaps if package.held]
-                if lacking and not only_shown and without_packages(emerge_args, {
-                        cpv_package_name(cpv) for cpv in absent}) is not None:
-                    output.action(f"Asking {target.name} again, without what the binhost's tree lacks")
-                    continue
+                if lacking and not only_shown:
+                    if without_packages(emerge_args, {cpv_package_name(cpv) for cpv in absent}) is None:
+                        incomplete(staged)  # nothing else asked for: its dependencies are of no use
+                    if set(lacking) - known:
+                        output.action(f"Asking {target.name} again, without what the binhost's tree lacks")
+                        continue
                 if all(package.cpv in absent for package in missing):  # what the tree lacks aside, done
+                    if absent and not only_shown:
+                        incomplete(staged)
                     if staged is not None and pending is None:
                         commit_publication(settings, runner, output, staged, prune=True)
                     elif pending is not None:
                         pending.produced |= produced
                     if emerge_pretends(emerge_args):
                         output.info("emerge's --pretend among the arguments: nothing is built")
-                    if absent and not only_shown:
-                        raise BinhostError(f"{target.name}: incomplete: the binhost's tree lacks {len(absent)}"
-                                           f" package(s) of the plan: {describe_gaps(absent.values())}; the rest"
-                                           " was built and published, nothing was installed")
                     return plan
                 if emerge_pretends(emerge_args):
                     output.info("emerge's --pretend among the arguments: nothing is built")
@@ -3391,7 +3456,11 @@ def build_for_target(settings, target, runner, output, emerge_args, route=None, 
                 output.action(f"Asking {target.name} again: would its binary-only emerge now take everything?")
             finally:
                 discard_staged(staged)
-    return None
+    if only_shown:
+        return None
+    raise BinhostError(f"{target.name} would not get everything from the binhost: the binhost's tree lacks"
+                       f" {describe_gaps(absent.values())}, and asking without them found more each time;"
+                       " nothing was installed")
 
 
 def install_answered_no(result, args, interactive, default_opts):
@@ -5177,6 +5246,8 @@ def stage_publication(settings, runner, output, why, index_text=None, produced=N
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+    if produced:  # the trees these builds came from (a rollback, clean or sign builds nothing)
+        meta = dict(meta or {}, trees=repository_states(settings))
     return StagedPublication(staging, token, why, changed, dict(meta or {}, published=stamp, why=why))
 
 
@@ -5217,8 +5288,7 @@ def commit_publication(settings, runner, output, staged, prune=True):
     publication = (ids[-1] if ids else 0) + 1
     previous = read_text(os.path.join(directory, str(current), "Packages")) if current is not None else ""
     added, updated, removed = set_changes(previous, staged.text)
-    meta = dict(staged.meta, id=publication, previous=current, added=added, updated=updated, removed=removed,
-                trees=repository_states(settings))
+    meta = dict(staged.meta, id=publication, previous=current, added=added, updated=updated, removed=removed)
     runner.write_file(os.path.join(staged.directory, "meta.json"), json.dumps(meta) + "\n", backup=False)
     os.rename(staged.directory, os.path.join(directory, str(publication)))
     link, current_link = os.path.join(directory, f".{CURRENT_PUBLICATION}.{os.getpid()}"), os.path.join(
@@ -5632,8 +5702,8 @@ def doctor_build_method(doctor, settings, runner, output):
     place = enclosing_place(settings.gpg_home, [settings.root, settings.host.chroot])
     if place:
         doctor.report(WARN, "signing key", f"gpg-home {settings.gpg_home} lies inside {place}, where builds"
-                                           f" could read it: the next build, sign or keygen moves it to"
-                                           f" {default_gpg_home(settings.config_path)}")
+                                           f" could read it: the next build, emerge, update, sign, keygen or"
+                                           f" setup-target moves it to {default_gpg_home(settings.config_path)}")
 
 
 def doctor_configuration(doctor, settings, target, runner, output):
@@ -5769,7 +5839,10 @@ def doctor_binrepos(doctor, settings, target, runner, output):
                 else describe_fetch_failure(tool, code))
         doctor.report(FAIL, "fetch", f"{target.name} cannot download {shown}Packages ({tool} exit {code}):"
                                      f" {hint}")
-    if settings.signing_key:
+    if settings.signing_key and enclosing_place(settings.gpg_home, [settings.root, settings.host.chroot]):
+        doctor.report(WARN, "signing key", f"not checked: gpg-home {settings.gpg_home} lies where builds could"
+                                           " write it (see the row above)")
+    elif settings.signing_key:
         home = target_verify_home(remote)
         try:
             reason = target_accepts_signature(settings, remote, runner, home)
@@ -7722,8 +7795,9 @@ class ArgumentParser(argparse.ArgumentParser):
 
 
 #: The commands in the order a user meets them, as the top-level help lists them.
-# Commands that sign or make the key: they first move a gpg-home out of the builds' reach.
-COMMANDS_SIGNING = ("emerge", "update", "install", "build", "sign", "keygen", "init")
+# Commands that use the key (sign, make, export it): they first move a gpg-home out of the builds'
+# reach (gpg would read a gpg.conf a build could have written there).
+COMMANDS_SIGNING = ("emerge", "update", "build", "sign", "keygen", "init", "setup-target", "add-target")
 COMMANDS_IN_ORDER = ("add-target", "emerge", "update", "doctor", "serve", "install", "build", "list", "history",
                      "rollback", "release", "clean", "config", "cpu", "setup-target", "keygen", "sign", "init",
                      "remove-target")

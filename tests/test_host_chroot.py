@@ -364,7 +364,7 @@ def test_pretend_says_it_mounts_for_its_read_only_queries_and_unmounts(world):
     ran = [line for line in result.stderr.splitlines() if line.startswith(" * Running: ")]
     # Confined (README: Confinement): unshare ... -- PYTHON -c "$CONFINE_PROGRAM" CHROOT -- env -i ...
     assert any(line.startswith(" * Running: unshare --pid --fork --kill-child --mount")
-               and f' -c "$CONFINE_PROGRAM" {world.chroot} -- env -i ' in line and "portageq" in line
+               and f' -I -c "$CONFINE_PROGRAM" {world.chroot} -- env -i ' in line and "portageq" in line
                for line in ran), ran
     assert any(line == f" * Running: mount --types proc proc {world.chroot}/proc" for line in ran)
     assert world.mounts() == [] and world.state() == ""
