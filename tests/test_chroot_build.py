@@ -680,11 +680,18 @@ def test_a_gpg_home_inside_the_binhost_root_is_moved_out_once(chroot_build):
     from conftest import free_port
     unreachable = f"\n[target t]\nhost = 127.0.0.1\nssh-port = {free_port()}\n"  # doctor: binhost rows only
 
+    # What a build could have planted beside the key: gpg runs the program gpg.conf names.
+    planted = chroot_build.base / "planted-agent"
+    ran = chroot_build.base / "planted-agent-ran"
+    planted.write_text(f"#!/bin/sh\ntouch {ran}\nexit 1\n")
+    planted.chmod(0o755)
+
     def old_layout(directory):
         """A configuration in directory whose key lives where earlier versions kept it."""
         shutil.rmtree(old_parent, ignore_errors=True)
         old_parent.mkdir(parents=True)
         copy_gnupg_home(signing_home(chroot_build), old_home)
+        (old_home / "gpg.conf").write_text(f"agent-program {planted}\n")
         old_verify.mkdir()
         (old_verify / "pubring.kbx").write_text("")
         directory.mkdir()
@@ -707,12 +714,16 @@ def test_a_gpg_home_inside_the_binhost_root_is_moved_out_once(chroot_build):
         assert pretend.returncode == 0, pretend.stdout + pretend.stderr
         assert f"would move it to {default}" in pretend.stderr, pretend.stderr
         assert config.read_text() == text and not list(config.parent.glob("*.bak"))
-        assert not default.parent.exists() and secret_fingerprints(old_home) == [fingerprint]
+        # (The old home is looked at as files: its planted gpg.conf would run for gpg here too.)
+        assert not default.parent.exists() and list((old_home / "private-keys-v1.d").glob("*.key"))
         assert old_verify.is_dir()
 
         moved = gb(config, "sign", "--all")
         assert moved.returncode == 0, moved.stdout + moved.stderr
         assert f"Moved the signing key's GnuPG home out of {root}" in moved.stderr, moved.stderr
+        assert "rotate it ('gentoo-binhost.py keygen --force', setup-target on every target, then sign --all)" \
+            in moved.stderr, moved.stderr
+        assert not (default / "gpg.conf").exists() and not ran.exists(), "the planted gpg.conf came along"
         assert config_value(config, "gpg-home") == str(default)
         [backup] = config.parent.glob("gentoo-binhost.conf.*.bak")
         assert backup.read_text() == text
@@ -736,8 +747,22 @@ def test_a_gpg_home_inside_the_binhost_root_is_moved_out_once(chroot_build):
         errors = [line for line in refused.stderr.splitlines() if line.startswith("!!!")]
         assert len(errors) == 1 and f"{default} exists already" in errors[0], refused.stderr
         assert config.read_text() == text and not list(config.parent.glob("*.bak"))
-        assert secret_fingerprints(old_home) == [fingerprint] and old_verify.is_dir()
+        assert list((old_home / "private-keys-v1.d").glob("*.key")) and old_verify.is_dir()
         assert not list(default.iterdir())
+
+        # A key directory that is a link (back into the root, say) is refused: nothing moves.
+        config, default = old_layout(chroot_build.base / "migrate-linked")
+        keys = old_home / "private-keys-v1.d"
+        shutil.move(keys, old_parent / "keys-elsewhere")
+        keys.symlink_to(old_parent / "keys-elsewhere")
+        text = config.read_text()
+        linked = gb(config, "sign", "--all")
+        assert linked.returncode == 1, linked.stdout + linked.stderr
+        errors = [line for line in linked.stderr.splitlines() if line.startswith("!!!")]
+        assert len(errors) == 1 and f"{keys} is not a directory (a symlink?): nothing was moved" in errors[0], \
+            linked.stderr
+        assert config.read_text() == text and not default.exists() and keys.is_symlink()
+        assert not ran.exists()
     finally:
         shutil.rmtree(old_parent, ignore_errors=True)
 

@@ -152,3 +152,103 @@ def test_a_confined_command_exits_with_its_own_status_and_leaves_nothing(chroot_
     assert set(status[4:]) == {"fd", "full", "null", "ptmx", "pts", "random", "shm", "stderr", "stdin",
                                "stdout", "tty", "urandom", "zero"}, status
     assert mounts_under(chroot_build.root) == []
+
+
+def test_a_build_cannot_switch_the_confinement_off_for_later_commands(chroot_build, tmp_path, gb):
+    """The probe runs nothing of the root (a build there could remove or replace `true`), and only
+    unshare's own refusal means "no namespaces here": a mount point a build made a link is an
+    error, never a quiet fall back to the plain chroot."""
+    trues = sorted({Path(os.path.realpath(chroot_build.inside(path))) for path in ("/bin/true", "/usr/bin/true")
+                    if chroot_build.inside(path).exists()})
+    config = tmp_path / "c.conf"
+    config.write_text(chroot_build.config.read_text()
+                      + f"\n[target t]\nhost = 127.0.0.1\nssh-port = {free_port()}\n")
+
+    def cli(*args):
+        return run([sys.executable, SCRIPT, "--color=n", "-c", config, *args], check=False, env={"NO_COLOR": "1"})
+
+    def confinement_row(result):
+        return next((line for line in result.stdout.splitlines() if line[5:].startswith("confinement:")),
+                    result.stdout + result.stderr)
+
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    run_dir = chroot_build.inside("/run")
+    try:
+        for index, path in enumerate(trues):
+            os.rename(path, kept / str(index))
+        assert confinement_row(cli("doctor")).startswith("OK   confinement:")
+        for index, path in enumerate(trues):
+            os.rename(kept / str(index), path)
+        os.rename(run_dir, kept / "run")
+        run_dir.symlink_to("/etc")
+        refused = cli("build", "--oneshot", "app-misc/plain")  # the mounts refuse it first
+        errors = [line for line in refused.stderr.splitlines() if line.startswith("!!!")]
+        assert refused.returncode == 1 and len(errors) == 1, refused.stdout + refused.stderr
+        assert f"{run_dir} is a symbolic link (to /etc)" in errors[0], errors
+        assert "Building" not in refused.stdout and "without confinement" not in refused.stderr
+        doctored = cli("doctor")
+        assert doctored.returncode == 1 and "plain chroot" not in doctored.stdout, doctored.stdout + doctored.stderr
+        # The confinement program itself refuses it too (when nothing mounted there first).
+        settings = gb.load_config(str(config)).binhost
+        output = gb.Output(color=False, verbosity=0)
+        host = gb.BuildHost(settings, gb.Runner(output), output, into_root=True)
+        with pytest.raises(gb.BinhostError, match=f"commands cannot be confined in the binhost root"
+                                                               f" {chroot_build.root}: .* is a link or leads out of"):
+            host.confinement_problem()
+    finally:
+        for index, path in enumerate(trues):
+            if not os.path.lexists(path):
+                os.rename(kept / str(index), path)
+        if run_dir.is_symlink():
+            run_dir.unlink()
+            os.rename(kept / "run", run_dir)
+
+
+PTY_DRIVER = r"""
+import importlib.util, sys
+spec = importlib.util.spec_from_file_location("gentoo_binhost", sys.argv[1])
+gb = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(gb)
+output = gb.Output(color=False, verbosity=1)
+settings = gb.load_config(sys.argv[2]).binhost
+host = gb.BuildHost(settings, gb.Runner(output), output, into_root=True)
+script = ("python3 -c 'import fcntl, termios\ntry:\n    fcntl.ioctl(0, termios.TIOCSTI, b\"X\")\n"
+          "    print(\"TIOCSTI worked\")\nexcept OSError as error:\n    print(\"TIOCSTI refused\", error.errno)'\n"
+          "printf 'answer? '; read answer; echo \"got $answer\"")
+with host.mounted():
+    result = host.run(["sh", "-c", script], check=False, own_group=True)
+print("exit", result.returncode, flush=True)
+"""
+
+
+def test_a_confined_command_on_a_terminal_reads_it_but_cannot_type_into_it(chroot_build, tmp_path):
+    """On a terminal (emerge --ask), the confined command reads its answer, but the terminal is not
+    its controlling terminal (a session of its own): TIOCSTI, which would push input into the
+    shell the tool was started from, is refused."""
+    import pty
+    import select
+    import time
+    driver = tmp_path / "driver.py"
+    driver.write_text(PTY_DRIVER)
+    pid, terminal = pty.fork()
+    if pid == 0:
+        os.execv(sys.executable, [sys.executable, str(driver), str(SCRIPT), str(chroot_build.config)])
+    said, answered, deadline = b"", False, time.monotonic() + 60
+    try:
+        while time.monotonic() < deadline and b"exit " not in said:
+            if select.select([terminal], [], [], 0.5)[0]:
+                try:
+                    data = os.read(terminal, 1024)
+                except OSError:
+                    break
+                said += data
+                if b"answer? " in said and not answered:
+                    os.write(terminal, b"yes\n")
+                    answered = True
+    finally:
+        os.waitpid(pid, 0)
+        os.close(terminal)
+    text = said.decode(errors="replace")
+    assert "TIOCSTI refused 1" in text and "TIOCSTI worked" not in text, text
+    assert "got yes" in text and "exit 0" in text, text
