@@ -313,8 +313,11 @@ class HostSettings:
 
 
 def default_gpg_home(config_path):
-    """/etc/gentoo-binhost/gnupg for /etc/gentoo-binhost.conf."""
-    return os.path.join(os.path.dirname(os.path.abspath(config_path)), "gentoo-binhost", "gnupg")
+    """/etc/gentoo-binhost/gnupg for /etc/gentoo-binhost.conf: named after the configuration, so
+    two configurations in one directory have keys of their own."""
+    directory, name = os.path.split(os.path.abspath(config_path))
+    stem = os.path.splitext(name)[0]
+    return os.path.join(directory, stem if stem != name else f"{name}.d", "gnupg")
 
 
 class BinhostSettings:

@@ -806,7 +806,7 @@ def test_init_force_keeps_the_key_and_the_packages(short_dir, stage3_mirror, por
     keygen = cli(portage_bin, config, "keygen")
     assert keygen.returncode == 0, keygen.stderr
     fingerprint = signing_key_of(config)
-    home = tmp_path / "gentoo-binhost/gnupg"  # beside the configuration, outside the root
+    home = tmp_path / "c/gnupg"  # beside the configuration c.conf, outside the root
     assert secret_fingerprints(home) == [fingerprint]
     package = root / "var/cache/binpkgs/app-misc/fake/fake-1-1.gpkg.tar"
     package.parent.mkdir(parents=True)
@@ -865,7 +865,7 @@ def test_init_force_with_a_stage3_that_fails_to_extract_keeps_everything(short_d
     failed, _, _ = init(tmp_path, mirror["url"], mirror["keyring"], "--force", "--stage3", str(broken))
     assert_one_line_refusal(failed)
     assert snapshot(root) == before
-    assert secret_fingerprints(tmp_path / "gentoo-binhost/gnupg") == [fingerprint]
+    assert secret_fingerprints(tmp_path / "c/gnupg") == [fingerprint]
     assert not [p.name for p in tmp_path.iterdir() if p.name.startswith((".binhost.", "binhost."))
                 and p.name != ".binhost.build.lock"]
 

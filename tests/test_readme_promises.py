@@ -854,7 +854,7 @@ def test_keygen_records_the_key_keeps_the_old_file_and_sets_a_passphrase_only_wh
         world.cli("keygen", *options, config=config)
         fingerprint = config_value(config, "signing-key")
         home = Path(config_value(config, "gpg-home"))
-        assert home == config.parent / "gentoo-binhost/gnupg" and (home.stat().st_mode & 0o777) == 0o700
+        assert home == config.parent / "binhost/gnupg" and (home.stat().st_mode & 0o777) == 0o700
         assert "# a comment of the user's" in config.read_text()
         backups = list(config.parent.glob("binhost.conf.*.bak"))
         assert len(backups) == 1 and backups[0].read_text() == before, backups
