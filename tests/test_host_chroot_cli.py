@@ -96,7 +96,10 @@ def test_commands_in_the_chroot_get_its_paths_and_a_clean_environment(gb, chroot
     argv, env = host.command(["emerge", "--buildpkg", ">=dev-lang/python-3.12", f"{chroot}/binhost/x"],
                              gb.portage_environment(settings))
     assert env is None
-    assert argv[:4] == ["chroot", str(chroot), "env", "-i"]
+    # Confined (README: Confinement): unshare ... -- PYTHON -I -c PROGRAM CHROOT -- env -i ...
+    assert argv[:len(gb.CONFINE_UNSHARE)] == gb.CONFINE_UNSHARE
+    assert argv[argv.index(str(chroot)) - 3:argv.index(str(chroot)) + 4] == [
+        "-I", "-c", gb.CONFINE_PROGRAM, str(chroot), "--", "env", "-i"]
     assert "ROOT=/binhost" in argv and "PORTAGE_CONFIGROOT=/binhost" in argv
     assert "PKGDIR=/binhost/var/cache/binpkgs" in argv
     assert "MAKEOPTS=-j3" in argv
@@ -121,7 +124,10 @@ def test_pretend_build_shows_mounts_chroot_and_unmounts_and_runs_nothing(chroot,
     assert f"mount --rbind --make-rslave /dev {chroot}/dev" in lines
     assert f"mount --rbind --make-rslave /sys {chroot}/sys" in lines
     assert f"mount --bind --make-slave /run {chroot}/run" in lines
-    chroot_line = next(line for line in lines if line.startswith("chroot "))
+    # Confined: the fetch first, then the build (README: Confinement).
+    fetch_line, chroot_line = [line for line in lines if line.startswith("unshare ")]
+    assert f' -I -c "$CONFINE_PROGRAM" {chroot} -- env -i ' in chroot_line and " --net " in chroot_line
+    assert fetch_line.endswith(" --fetchonly --ask=n") and " --net " not in fetch_line
     argv = shlex.split(chroot_line)
     assert argv[-6:] == ["/usr/bin/emerge", "--root-deps", "--getbinpkg=n", "--getbinpkgonly=n",
                          "-uDN", ">=dev-lang/python-3.12"]
@@ -136,7 +142,7 @@ def test_pretend_init_on_an_existing_chroot_shows_the_sync_and_the_config_change
     result = cli("--pretend", "init", "--host-chroot", str(chroot), config=config)
     assert result.returncode == 0, result.stderr
     assert f"Using the existing host environment in {chroot}" in result.stdout
-    webrsync = next(line for line in result.stdout.splitlines() if line.startswith("chroot "))
+    webrsync = next(line for line in result.stdout.splitlines() if line.startswith("unshare "))
     assert shlex.split(webrsync)[-1] == "/usr/bin/emerge-webrsync"
     assert f"Keeping the binhost root {chroot}/binhost" in result.stdout
     assert f"+chroot = {chroot}" in result.stdout  # the diff of the config file it would write
