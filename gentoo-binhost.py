@@ -2175,10 +2175,15 @@ def move_signing_home_out(config, runner, output):
             stop_gpg_agent(staging, runner)
             shutil.rmtree(staging, ignore_errors=True)
             raise
+    moved = os.path.isdir(home)
     runner.write_file(config.path, set_config_values(read_text(config.path), "binhost", {"gpg-home": destination}))
     config.binhost.gpg_home = destination
     for leftover in (home, home + "-verify"):  # the public keyring builds used to verify with
         shutil.rmtree(leftover, ignore_errors=True)
+    if not moved:
+        output.info(f"gpg-home is now {destination}, outside {place} (gpg-home in {config.path}); there was no"
+                    f" key in {home}")
+        return
     output.warn(f"Moved the signing key's GnuPG home out of {place}, where builds could read it:"
                 f" {home} is now {destination} (gpg-home in {config.path}). Builds there could read the key"
                 f" until now: rotate it ('{PROG} keygen --force', setup-target on every target, then sign --all)")
