@@ -5750,7 +5750,7 @@ def doctor_configuration(doctor, settings, target, runner, output):
         doctor.report(OK, "profile", f"{profiles[1]}")
     doctor_other_binhosts(doctor, remote_members, target)
     doctor_repositories(doctor, binhost_side, remote, repository_locations(binhost),
-                       repository_locations(remote_members), target)
+                       repository_locations(remote_members), target, published_trees(settings.pkgdir))
     doctor_portage_variables(doctor, settings, remote, runner, output, target)
 
 
@@ -5782,7 +5782,21 @@ def doctor_portage_variables(doctor, settings, remote, runner, output, target):
             doctor.report(OK, name, mine)
 
 
-def doctor_repositories(doctor, binhost_side, remote, ours, theirs, target):
+def published_trees(pkgdir):
+    """The trees the newest kept publication with builds was built from ({} before any)."""
+    for publication in reversed(publication_ids(pkgdir)):
+        trees = publication_meta(pkgdir, publication).get("trees")
+        if trees:
+            return trees
+    return {}
+
+
+def doctor_repositories(doctor, binhost_side, remote, ours, theirs, target, published=None):
+    """Per repository: its snapshot on both sides, and the one the latest builds came from."""
+    def built_from(name):
+        return (f"; the latest published builds came from {describe_tree({name: published[name]})}"
+                if published and name in published else "")
+
     if not theirs:
         doctor.report(WARN, "repositories", f"no repos.conf in {target.name}'s configuration")
         return
@@ -5796,13 +5810,13 @@ def doctor_repositories(doctor, binhost_side, remote, ours, theirs, target):
             doctor.report(FAIL, f"repository {name}", f"not configured on the binhost: run '{PROG} config pull',"
                                                       " with the repository synced on the build host")
         elif mine == other and mine != "unknown":
-            doctor.report(OK, f"repository {name}", f"snapshot {mine} on both")
+            doctor.report(OK, f"repository {name}", f"snapshot {mine} on both{built_from(name)}")
         elif mine == other:
             doctor.report(WARN, f"repository {name}", "no metadata/timestamp.chk on either side: cannot"
-                                                      " compare snapshots")
+                                                      f" compare snapshots{built_from(name)}")
         else:
             doctor.report(FAIL, f"repository {name}", f"snapshot {mine} on the binhost, {other} on"
-                                                      f" {target.name}: sync both to the same snapshot")
+                                                      f" {target.name}: sync both to the same snapshot{built_from(name)}")
 
 
 def doctor_binrepos(doctor, settings, target, runner, output):

@@ -298,6 +298,10 @@ def test_publication_records_the_binhosts_trees(lab):
     assert len(text) == 1, text
     assert f"; built from {REPO_NAME}@{BINHOST_STAMP_SHOWN}" in text[0], text[0]
     assert TARGET_STAMP not in text[0], text[0]
+    # doctor's repository row names the snapshot the latest published builds came from.
+    doctor = lab.cli("doctor", check=False).stdout
+    row = next((line for line in doctor.splitlines() if line[5:].startswith(f"repository {REPO_NAME}:")), doctor)
+    assert row.endswith(f"; the latest published builds came from {REPO_NAME}@{BINHOST_STAMP_SHOWN}"), row
 
     need(lab.overlays, "git missing: the git overlays' commits are not checked")
     for name, path in lab.overlays.items():
