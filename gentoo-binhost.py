@@ -3249,14 +3249,18 @@ def binhost_repositories(settings):
     return {name: on_build_host(settings, location) for name, location in locations.items()}
 
 
+PACKAGE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9+_.-]*/[A-Za-z0-9_][A-Za-z0-9+_-]*")
+
+
 def tree_lacks(settings, packages):
     """{CPV: why} of the planned packages whose ebuild the binhost's tree does not have (the two
     sides' trees were synced at different times): a build here cannot make them."""
     repositories, lacking = binhost_repositories(settings), {}
     for package in packages:
-        if not package.repository:
-            continue
         name = package.package_name
+        # The plan is the target's words: only a CATEGORY/PN (PMS 3.1) becomes a path here.
+        if not package.repository or not PACKAGE_NAME.fullmatch(name):
+            continue
         version = package.cpv[len(name) + 1:]
         location = repositories.get(package.repository)
         directory = os.path.join(location or "", name)

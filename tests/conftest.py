@@ -1091,6 +1091,18 @@ def sshd(tmp_path_factory):
 # The end-to-end world: a binhost root with packages built, signed and served
 # ---------------------------------------------------------------------------
 
+@contextlib.contextmanager
+def own_world(prefix, portage_bin, eprefix, sshd):
+    """A World in a directory of its own, removed afterwards (for a module's own binhost and
+    targets). Portage verifies signatures as nobody: every directory above the roots is 0755."""
+    base = Path(tempfile.mkdtemp(prefix=prefix))
+    base.chmod(0o755)
+    try:
+        yield World(base, portage_bin, eprefix, sshd), base
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
 class World:
     """A binhost root with packages built, signed and served, plus helpers to add targets."""
 

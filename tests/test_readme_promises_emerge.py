@@ -26,13 +26,12 @@ import re
 import shutil
 import socket
 import sys
-import tempfile
 import threading
 from pathlib import Path
 
 import pytest
 
-from conftest import (REPO, SCRIPT, World, eroot, free_port, http_server, need, portage_env, run,
+from conftest import (REPO, SCRIPT, eroot, free_port, http_server, need, own_world, portage_env, run,
                       start_sshd, write_portage_config)
 from conftest import tiny_ebuild as tiny
 from test_target_word import assert_fails_naming, shown
@@ -165,13 +164,8 @@ class Lab:
 @pytest.fixture(scope="module")
 def lab(portage_bin, eprefix, host_portage, sshd):
     need(shutil.which("git"), "git missing (the sync test's repository is a git clone)")
-    # Portage verifies signatures as nobody: every directory above the roots must be 0755.
-    base = Path(tempfile.mkdtemp(prefix="gb-pa-"))
-    base.chmod(0o755)
-    try:
-        yield Lab(World(base, portage_bin, eprefix, sshd), base)
-    finally:
-        shutil.rmtree(base, ignore_errors=True)
+    with own_world("gb-pa-", portage_bin, eprefix, sshd) as (world, base):
+        yield Lab(world, base)
 
 
 # ------------------------------------------------------------------------------------------------

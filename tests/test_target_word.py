@@ -22,12 +22,12 @@ import json
 import re
 import shutil
 import socket
-import tempfile
 from pathlib import Path
 
 import pytest
 
-from conftest import REPO, World, eroot, free_port, portage_env, run, write_portage_config
+from conftest import REPO, eroot, free_port, own_world, portage_env, run, write_portage_config
+eroot, free_port, portage_env, run, write_portage_config
 from conftest import tiny_ebuild as tiny
 
 # ------------------------------------------------------------------------------------------------
@@ -199,13 +199,8 @@ class Pair:
 
 @pytest.fixture(scope="module")
 def pair(portage_bin, eprefix, host_portage, sshd):
-    # Portage verifies signatures as nobody: every directory above the roots must be 0755.
-    base = Path(tempfile.mkdtemp(prefix="gb-word-"))
-    base.chmod(0o755)
-    try:
-        yield Pair(World(base, portage_bin, eprefix, sshd), base)
-    finally:
-        shutil.rmtree(base, ignore_errors=True)
+    with own_world("gb-word-", portage_bin, eprefix, sshd) as (world, base):
+        yield Pair(world, base)
 
 
 def shown(result):

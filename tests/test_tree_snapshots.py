@@ -20,12 +20,12 @@ import json
 import os
 import re
 import shutil
-import tempfile
 from pathlib import Path
 
 import pytest
 
-from conftest import REPO, REPO_NAME, World, eroot, free_port, need, run, write_portage_config
+from conftest import REPO, REPO_NAME, eroot, free_port, need, own_world, run, write_portage_config
+eroot, free_port, need, run, write_portage_config
 from conftest import tiny_ebuild as tiny
 
 TARGET_ONLY_REPO = "ts-target-only"
@@ -172,13 +172,8 @@ class Lab:
 
 @pytest.fixture(scope="module")
 def lab(portage_bin, eprefix, host_portage, sshd):
-    # Portage verifies signatures as nobody: every directory above the roots must be 0755.
-    base = Path(tempfile.mkdtemp(prefix="gb-trees-"))
-    base.chmod(0o755)
-    try:
-        yield Lab(World(base, portage_bin, eprefix, sshd), base)
-    finally:
-        shutil.rmtree(base, ignore_errors=True)
+    with own_world("gb-trees-", portage_bin, eprefix, sshd) as (world, base):
+        yield Lab(world, base)
 
 
 def shown(result):
