@@ -106,7 +106,7 @@ CONFIG_KEYS = {
     "binhost": ("root", "pkgdir", "url", "bind", "port", "signing-key", "gpg-home", "tls-cert",
                 "tls-key", "auth-file", "transport", "tunnel-port", "timeout", "stage3", "stage3-sha512",
                 "stage3-installed", "distcc-hosts", "build-method", "publish-keep", "distdir"),
-    "target": ("host", "ssh-port", "ssh-options", "root", "path", "binhost-root", "build-method"),
+    "target": ("host", "ssh-port", "ssh-options", "root", "path", "binhost-root", "build-method", "tree"),
     "host": ("chroot", "path"),
 }
 
@@ -389,6 +389,11 @@ class TargetSettings:
         binhost_root = section.get("binhost-root", "")
         self.binhost_root = os.path.abspath(binhost_root) if binhost_root else None
         self.build_method = parse_build_method(section.get("build-method", ""), config_path, f"target {name}")
+        # binhost: the target follows the binhost's ebuild snapshot; own (or no key): its own tree.
+        self.tree = section.get("tree", "")
+        if self.tree not in ("", "binhost", "own"):
+            raise UsageError(f"{config_path}: [target {name}] tree = {self.tree}: use binhost (the target follows"
+                             " the binhost's snapshot) or own (it keeps its own)")
 
     @property
     def portage_config_dir(self):
@@ -3157,6 +3162,7 @@ class TargetPlan:
                            if re.fullmatch(r"[\w+.-]+/[\w+.-]+", line.strip()) and "/-MERGING-" not in line}
                           if "installed" in sections else None)
         self.held = []  # the packages of the plan held back by a rollback
+        self.trees = None  # the TargetTrees this plan was asked against (tree = binhost)
         self.index_exists = os.path.isfile(os.path.join(settings.pkgdir, "Packages"))
 
     def fetch_problem(self):
@@ -3203,10 +3209,11 @@ def remote_emerge_environment(settings, target, interactive=False):
                 EMERGE_DEFAULT_OPTS=emerge_default_opts(settings, interactive))
 
 
-def ask_target(settings, target, runner, output, emerge_args, route, binary=None):
+def ask_target(settings, target, runner, output, emerge_args, route, binary=None, trees=None):
     """One ssh round trip: the target's TargetPlan for emerge_args. binary: None (the source plan
     only), "live" (also the binary-only plan with the target's own configuration), or a
-    StagedPublication (also the binary-only plan against it)."""
+    StagedPublication (also the binary-only plan against it). trees: the staged snapshot the
+    target plans from, instead of its live tree."""
     remote = Remote(target, runner, output)
     tunnel = settings.transport == "tunnel"
     url = credentials_url(settings, tunnel, runner)
@@ -3217,18 +3224,19 @@ def ask_target(settings, target, runner, output, emerge_args, route, binary=None
     elif binary is not None:
         token, binary_url = binary.token, (url + binary.url_path).replace("%", "%%")
     argv = ["sh", "-c", PLAN_SCRIPT, "gentoo-binhost", BINREPOS_NAME, token] + list(emerge_args)
-    result = remote.run(argv, remote_emerge_environment(settings, target), changes=False, capture=True,
+    environment = dict(remote_emerge_environment(settings, target), **(trees.environment if trees else {}))
+    result = remote.run(argv, environment, changes=False, capture=True,
                         what="asking the target what it would merge", input=f"{fetch_url}\n{binary_url}\n",
                         forward=route.forward)
     script_succeeded(result, "asking what emerge would merge", f"target {target.name}")
     return TargetPlan(settings, target, result.stdout, target_url(settings, tunnel, with_credentials=False))
 
 
-def first_plan(settings, target, runner, output, emerge_args, route, binary=None):
+def first_plan(settings, target, runner, output, emerge_args, route, binary=None, trees=None):
     """The first question of a command: a target that cannot fetch our index, or cannot resolve
     the arguments, stops it (under --pretend: a warning, and the rest is still shown)."""
     try:
-        plan = ask_target(settings, target, runner, output, emerge_args, route, binary)
+        plan = ask_target(settings, target, runner, output, emerge_args, route, binary, trees)
         problem = plan.fetch_problem() or plan.problem()
     except BinhostError as error:
         if not runner.pretend:
@@ -3325,6 +3333,266 @@ def describe_tree(states):
     return ", ".join(words)
 
 
+# ---- one tree: a target follows the binhost's snapshot -------------------------------------------
+
+# On a target, below its root: staged/NAME holds the snapshot the next publication is built from
+# (its plans are asked against it), published/NAME the current publication's (the repository's
+# sync-uri there, so the user's own emerge --sync follows it too), NAME.staged, NAME.published
+# and NAME.live which revision each holds.
+TARGET_TREES = "var/cache/gentoo-binhost/trees"
+# Read after the target's own repos.conf files (Portage reads them in name order and the last
+# value wins); never copied to the binhost, never compared.
+OWN_REPOS_ENTRY = f"zz-{BINREPOS_NAME}.conf"
+OWN_REPOS_MEMBER = f"etc/portage/repos.conf/{OWN_REPOS_ENTRY}"
+REPOSITORY_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_-]*")  # PMS 3.1.5: the only names that become paths
+# What a snapshot leaves out, as Portage's own rsync does, and the binhost's git directory.
+SNAPSHOT_EXCLUDES = ("/.git", "/distfiles", "/local", "/packages")
+TREE_MARKS = ("staged", "published", "live")
+
+# Reads, on the target: its repository configuration as Portage resolves it, the snapshot date
+# of each live tree, our marks, and what repos.conf is.
+TREE_STATE_SCRIPT = r"""
+base=$1
+eroot=$(portageq envvar EROOT) || exit 1
+eroot=${eroot%/}
+echo "==repos"
+portageq repos_config "${eroot:-/}" || exit 1
+echo "==stamps"
+for name in $(portageq get_repos "${eroot:-/}"); do
+    location=$(portageq get_repo_path "${eroot:-/}" "$name")
+    if [ -d "$location" ]; then present=present; else present=absent; fi
+    printf '%s\t%s\t%s\n' "$name" "$present" "$(head -n 1 "$location/metadata/timestamp.chk" 2>/dev/null)"
+done
+echo "==marks"
+for mark in "$base"/*.staged "$base"/*.published "$base"/*.live; do
+    if [ -f "$mark" ]; then printf '%s\t%s\n' "${mark##*/}" "$(head -n 1 "$mark")"; fi
+done
+config=${PORTAGE_CONFIGROOT:-/}
+config=${config%/}/etc/portage/repos.conf
+echo "==repos.conf"
+if [ -L "$config" ]; then echo link; elif [ -d "$config" ]; then echo dir; elif [ -e "$config" ]; then echo file; else echo none; fi
+exit 0
+"""
+
+# Writes one line into each mark file named: base, then MARK NAME VALUE triples. The mark
+# "date" is the staged copy's metadata/timestamp.chk instead, for a snapshot that has none:
+# Portage's rsync asks the source for it, and syncs only when it is newer.
+WRITE_MARKS_SCRIPT = r"""
+set -e
+base=$1
+shift
+mkdir -p "$base/staged" "$base/published"
+while [ $# -ge 3 ]; do
+    file="$base/$2.$1"
+    if [ "$1" = date ]; then mkdir -p "$base/staged/$2/metadata"; file="$base/staged/$2/metadata/timestamp.chk"; fi
+    printf '%s\n' "$3" > "$file.new"
+    mv -f "$file.new" "$file"
+    shift 3
+done
+"""
+
+# Makes the staged snapshots the published ones (hard links: unchanged files cost nothing) and
+# writes our repos.conf entry (on stdin) beside the target's own: base, repos.conf directory,
+# entry name, then the repository names.
+PROMOTE_SCRIPT = r"""
+set -e
+base=$1 confdir=$2 entry=$3
+shift 3
+for name in "$@"; do
+    mkdir -p "$base/published/$name"
+    rsync --recursive --links --perms --times --omit-dir-times --delete \
+        --link-dest="$base/staged/$name" "$base/staged/$name/" "$base/published/$name/"
+    cp -f "$base/$name.staged" "$base/$name.published.new"
+    mv -f "$base/$name.published.new" "$base/$name.published"
+done
+mkdir -p "$confdir"
+tmp="$confdir/.$entry.new.$$"
+trap 'rm -f "$tmp"' EXIT
+cat > "$tmp"
+chmod 0644 "$tmp"
+mv -f "$tmp" "$confdir/$entry"
+trap - EXIT
+"""
+
+# Removes what following the binhost left on a target: base, repos.conf directory, entry name.
+UNFOLLOW_SCRIPT = r"""
+set -e
+rm -f "$2/$3"
+rm -rf "$1"
+"""
+
+
+def snapshot_date(stamp):
+    """A metadata/timestamp.chk line as a datetime, or None."""
+    with contextlib.suppress(TypeError, ValueError, IndexError):
+        return email.utils.parsedate_to_datetime(stamp.strip())
+    return None
+
+
+def sync_repositories(settings, runner, output):
+    """emerge --sync where the build's repositories are: the host chroot, else this machine."""
+    host = BuildHost(settings, runner, output)
+    emerge = host.program("emerge", "put Portage's bin directory in PATH")
+    output.action(f"Syncing the ebuild repositories on {host.where}: emerge --sync")
+    result = host.run([emerge, "--sync"], check=False, own_group=True)
+    if result is not None and result.returncode != 0:
+        raise BinhostError(f"emerge --sync failed on {host.where} (exit {result.returncode})")
+
+
+def own_repos_entry(base, followed, states):
+    """Our repos.conf entry on the target: each followed repository syncs from its published
+    snapshot there, with Portage's own rsync (and its verification, where the snapshot has the
+    signed Manifest to verify)."""
+    text = (f"# Written by {PROG}: these repositories follow the binhost's snapshots (tree = binhost).\n"
+            f"# '{PROG} remove-target' removes this file; the settings before it are in the other files here.\n")
+    for name in followed:
+        text += (f"\n[{name}]\nsync-type = rsync\nsync-uri = file://{posixpath.join(base, 'published', name)}\n"
+                 "sync-rsync-vcs-ignore = true\n")
+        if "manifest" not in states.get(name, {}):
+            # A git checkout on the binhost has no signed top Manifest to verify (its commits are
+            # what its own sync verifies).
+            text += "sync-rsync-verify-metamanifest = no\n"
+    return text.replace("%", "%%")
+
+
+class TargetTrees:
+    """A target that follows the binhost's snapshot (tree = binhost): each repository both have
+    is pushed into a staging copy there (rsync over our ssh: what changed only), its plans are
+    asked against that copy, and only once the publication built from it is made does the
+    target's live tree move to it, with Portage's own emerge --sync."""
+
+    def __init__(self, settings, target, runner, output):
+        self.settings, self.target, self.runner, self.output = settings, target, runner, output
+        self.remote = Remote(target, runner, output)
+        self.base = posixpath.join(target.root, TARGET_TREES)
+        self.followed, self.states, self.marks = [], {}, {}
+        self.environment = {}  # PORTAGE_REPOSITORIES for the plans: the staged copies
+
+    def read(self):
+        """(repository configuration, {name: (whether its tree exists, its snapshot date line)},
+        {(name, mark): revision}, what repos.conf is) on the target."""
+        result = self.remote.script(TREE_STATE_SCRIPT, self.base, changes=False,
+                                    what="reading the repositories' state")
+        sections = parse_sections(result.stdout)
+        repos = configparser.ConfigParser(interpolation=None, strict=False)
+        try:
+            repos.read_string(sections.get("repos", ""))
+        except configparser.Error as error:
+            raise BinhostError(f"{self.target.name}: portageq repos_config printed no repository"
+                               f" configuration ({str(error).splitlines()[0]})") from None
+        stamps = {fields[0]: (fields[1] == "present", fields[2]) for fields in (
+            line.split("\t", 2) for line in sections.get("stamps", "").splitlines()) if len(fields) == 3}
+        marks = {}
+        for line in sections.get("marks", "").splitlines():
+            file_name, _, revision = line.partition("\t")
+            name, _, mark = file_name.rpartition(".")
+            if mark in TREE_MARKS and REPOSITORY_NAME.fullmatch(name):
+                marks[(name, mark)] = revision
+        return repos, stamps, marks, sections.get("repos.conf", "none").strip()
+
+    def stage(self, may_sync=True):
+        """Push the binhost's snapshot of each repository the target has into its staging copy,
+        and point the plans at those copies. A target whose tree is newer makes the binhost sync
+        first (may_sync), never the target go back."""
+        repos, stamps, self.marks, kind = self.read()
+        if kind in ("file", "link"):
+            confdir = posixpath.join(self.target.portage_config_dir, "repos.conf")
+            raise BinhostError(f"{self.target.name}:{confdir} is a {'symlink' if kind == 'link' else 'file'},"
+                               f" not a directory, so {PROG} cannot add its entry beside it: on the target run"
+                               f" 'mv {confdir} {confdir}.old && mkdir {confdir} && mv {confdir}.old"
+                               f" {confdir}/gentoo.conf', or set tree = own in [target {self.target.name}]")
+        theirs = [name for name in repos.sections() if REPOSITORY_NAME.fullmatch(name)]
+        for attempt in (1, 2):
+            ours = {name: directory for name, directory in binhost_repositories(self.settings).items()
+                    if os.path.isdir(directory)}
+            newer = {}
+            for name in theirs:
+                if name in ours:
+                    mine = read_text(os.path.join(ours[name], "metadata/timestamp.chk")).strip().splitlines()
+                    stamp = stamps.get(name, (False, ""))[1]
+                    target_date, binhost_date = snapshot_date(stamp), snapshot_date(mine[0] if mine else "")
+                    if target_date and binhost_date and target_date > binhost_date:
+                        newer[name] = (stamp, mine[0])
+            if not newer:
+                break
+            which = ", ".join(f"{name} ({target} there, {binhost} here)" for name, (target, binhost) in newer.items())
+            if attempt == 2 or not may_sync:
+                raise BinhostError(f"{self.target.name}'s tree is newer than the binhost's: {which}; the target's"
+                                   " tree does not go back: sync the binhost's repositories from a mirror at least"
+                                   " as new (emerge --sync there), then run this again")
+            self.output.info(f"{self.target.name}'s tree is newer than the binhost's ({which}): syncing the binhost first")
+            sync_repositories(self.settings, self.runner, self.output)
+        lacking = [name for name in theirs if name not in ours and stamps.get(name, (False, ""))[0]]
+        if lacking:
+            self.output.warn(f"{self.target.name} has repositories the binhost does not: {', '.join(lacking)}:"
+                             " they keep their own sync there, and what the target plans from them is reported"
+                             " as not built (add them on the binhost as the target has them)")
+        self.followed = [name for name in theirs if name in ours]
+        self.states = {name: repository_state(ours[name]) for name in self.followed}
+        if not self.followed:
+            return self
+        self.output.action(f"Staging the binhost's snapshot on {self.target.name} (not live):"
+                           f" {describe_tree(self.states)}")
+        self.remote.script(WRITE_MARKS_SCRIPT, self.base, changes=False, what="preparing the staging copies")
+        ssh = shlex.join(self.remote.ssh_base())
+        for name in self.followed:
+            staged = posixpath.join(self.base, "staged", name)
+            argv = (["rsync", "--recursive", "--links", "--safe-links", "--perms", "--times", "--omit-dir-times",
+                     "--delete", "--protect-args", "--rsh", ssh, "--rsync-path", self.remote.command_line(["rsync"])]
+                    + [f"--exclude={pattern}" for pattern in SNAPSHOT_EXCLUDES])
+            if (name, "published") in self.marks:
+                argv.append(f"--link-dest={posixpath.join(self.base, 'published', name)}")
+            self.runner.run(argv + [ours[name].rstrip("/") + "/", f"{self.target.host}:{staged}/"], changes=False,
+                            describe=f"rsync of {name} to {self.target.name}", timeout=REMOTE_CHANGE_TIMEOUT)
+        now = email.utils.format_datetime(datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0))
+        undated = [name for name in self.followed
+                   if not os.path.isfile(os.path.join(ours[name], "metadata/timestamp.chk"))]
+        self.remote.script(WRITE_MARKS_SCRIPT, self.base, *[word for name in self.followed for word in (
+            "staged", name, self.revision(name))], *[word for name in undated for word in ("date", name, now)],
+            changes=False, what="recording the staged snapshot")
+        for name in self.followed:
+            if repos.has_section(name):
+                repos.set(name, "location", posixpath.join(self.base, "staged", name))
+        text = io.StringIO()
+        repos.write(text)
+        self.environment = {"PORTAGE_REPOSITORIES": text.getvalue()}
+        return self
+
+    def revision(self, name):
+        return json.dumps(self.states.get(name, {}), sort_keys=True)
+
+    def move(self):
+        """The live tree moves to the staged snapshot: published there first (our repos.conf entry
+        points Portage at it), then emerge --sync of those repositories on the target."""
+        if not self.followed:
+            return
+        moving = [name for name in self.followed
+                  if not self.states[name] or self.marks.get((name, "live")) != self.revision(name)]
+        if not moving:
+            self.output.info(f"{self.target.name}'s live tree is at the published snapshot already")
+            return
+        confdir = posixpath.join(self.target.portage_config_dir, "repos.conf")
+        self.output.action(f"Moving {self.target.name}'s live tree to the published snapshot: emerge --sync"
+                           f" {' '.join(moving)} there")
+        self.remote.script(PROMOTE_SCRIPT, self.base, confdir, OWN_REPOS_ENTRY, *moving,
+                           input=own_repos_entry(self.base, self.followed, self.states),
+                           what="publishing the staged snapshot")
+        result = self.remote.run(["emerge", "--sync", "--quiet"] + moving, self.target.portage_environment,
+                                 capture=True, what="emerge --sync")
+        if result is None:
+            return
+        if result.returncode != 0:
+            # Portage's own complaints about the configuration come first; the sync's last.
+            said = [line.strip() for text in (result.stdout, result.stderr) for line in as_text(text).splitlines()]
+            complaint = next((line for line in reversed(said) if line.startswith(("!!!", "rsync", ">>> SERVER"))),
+                             next((line for line in reversed(said) if line), ""))
+            raise BinhostError(f"emerge --sync {' '.join(moving)} failed on {self.target.name} (exit {result.returncode}):"
+                               f" {complaint.strip()}; its live tree is where an interrupted emerge --sync leaves it,"
+                               " and the next run moves it again")
+        self.remote.script(WRITE_MARKS_SCRIPT, self.base, *[word for name in moving for word in (
+            "live", name, self.revision(name))], what="recording the live snapshot")
+
+
 def package_arguments(emerge_args):
     """The positions of emerge_args that name packages or sets (not options, nor their values)."""
     return [position for position, word in enumerate(emerge_args) if not word.startswith("-")
@@ -3363,13 +3631,35 @@ def record_installed(settings, target, plan, runner):
                       backup=False)
 
 
-def build_for_target(settings, target, runner, output, emerge_args, route=None, pending=None):
+def build_for_target(settings, target, runner, output, emerge_args, route=None, pending=None, may_sync=True):
     """Ask the target what emerge_args would merge there and build here what it would not get
     from our binaries, until its binary-only plan (against the index this command publishes,
     staged) merges every package of its source plan with the same version and USE, held ones
     aside: the target then compiles nothing. Publishes only then; with pending (a command that
-    builds for several targets), its builds join what the command publishes at its end. Returns
+    builds for several targets), its builds join what the command publishes at its end. A target
+    that follows the binhost's snapshot plans from it, staged there, and its live tree moves
+    once the publication is made (with pending: by the caller, after its publication). Returns
     the plan (None under --pretend when the target could not be asked)."""
+    only_shown = runner.pretend or emerge_pretends(emerge_args)
+    with contextlib.nullcontext() if only_shown else build_lock(settings, runner, output):
+        trees = None
+        if target.tree == "binhost":
+            try:
+                trees = TargetTrees(settings, target, runner, output).stage(may_sync)
+            except BinhostError as error:
+                if not runner.pretend:
+                    raise
+                output.warn(f"{error} (--pretend goes on with {target.name}'s live tree)")
+        plan = build_until_covered(settings, target, runner, output, emerge_args, route, pending, trees)
+        if plan is not None:
+            plan.trees = trees
+            if trees is not None and pending is None and not emerge_pretends(emerge_args):
+                trees.move()
+    return plan
+
+
+def build_until_covered(settings, target, runner, output, emerge_args, route, pending, trees):
+    """build_for_target's rounds: ask, build what is missing, ask again (the gate)."""
     output.action(f"Asking {target.name} what 'emerge {' '.join(emerge_args)}' would merge there")
     only_shown = runner.pretend or emerge_pretends(emerge_args)
     publishing = pending or PendingPublication(settings, f"what {target.name} needs for 'emerge"
@@ -3388,8 +3678,7 @@ def build_for_target(settings, target, runner, output, emerge_args, route=None, 
                            f" {'the rest was built and published' if built else 'the rest has binaries already'},"
                            " nothing was installed")
 
-    lock = contextlib.nullcontext() if only_shown else build_lock(settings, runner, output)
-    with serving_targets(settings, runner, output, route) as route, lock:
+    with serving_targets(settings, runner, output, route) as route:
         for round_number in range(GATE_ROUNDS + 2):  # one round more when the tree lacks something
             staged = None if only_shown else publishing.stage(runner, output, produced)
             # Left out of the question: the binary-only emerge fails as a whole on one package it
@@ -3398,12 +3687,12 @@ def build_for_target(settings, target, runner, output, emerge_args, route=None, 
                 else list(emerge_args)
             try:
                 if round_number == 0:
-                    plan = first_plan(settings, target, runner, output, asked, route, staged)
+                    plan = first_plan(settings, target, runner, output, asked, route, staged, trees)
                     if plan is None:
                         return None
                     record_installed(settings, target, plan, runner)
                 else:
-                    plan = ask_target(settings, target, runner, output, asked, route, staged)
+                    plan = ask_target(settings, target, runner, output, asked, route, staged, trees)
                     plan.check()
                 if staged is None:  # nothing to stage yet, or only shown: the next publication's bookkeeping
                     gaps = packages_to_build(settings, runner, output, plan.packages)
@@ -3760,6 +4049,12 @@ def setup_target(settings, target, runner, output, verify_signature=True):
                       input=content, what=f"writing {entry_path}")
     if verify_signature:
         trust_signing_key(settings, remote, runner, output)
+    if current is None and not target.tree:  # a new target follows the binhost's snapshot
+        output.info(f"{target.name} is new here: writing tree = binhost to [target {target.name}] of"
+                    f" {target.config_path}, so it plans from the binhost's snapshot (tree = own keeps its own)")
+        runner.write_file(target.config_path, set_config_values(read_text(target.config_path),
+                                                                f"target {target.name}", {"tree": "binhost"}))
+        target.tree = "binhost"
 
 
 def target_verify_home(remote):
@@ -4513,10 +4808,11 @@ def cpu_report(settings, target, runner, output, apply=False):
 
 # Streams the Portage configuration of one side as a tar: <configroot>/etc/portage and the world
 # files under <EROOT>, keeping symlinks (make.profile) and modes. What must not travel stays out:
-# the keyring, our own binrepos entry (each side keeps its own), editor and etc-update leftovers.
+# the keyring, our own binrepos and repos.conf entries (each side keeps its own), editor and
+# etc-update leftovers.
 CONFIG_TAR_SCRIPT = r"""
 set -e
-configroot=${1%/} own_entry=$2
+configroot=${1%/} own_entry=$2 own_repos=$3
 eroot=$(portageq envvar EROOT)
 eroot=${eroot%/}
 [ -d "$configroot/etc/portage" ] || { echo "$configroot/etc/portage does not exist" >&2; exit 3; }
@@ -4529,7 +4825,8 @@ for f in world world_sets; do
     if [ -e "$eroot/var/lib/portage/$f" ]; then set -- "$@" -C "${eroot:-/}" "var/lib/portage/$f"; fi
 done
 exec tar -cf - --numeric-owner --exclude=etc/portage/gnupg \
-    --exclude="etc/portage/binrepos.conf/$own_entry" --exclude='*~' --exclude='.*.sw[a-p]' \
+    --exclude="etc/portage/binrepos.conf/$own_entry" --exclude="etc/portage/repos.conf/$own_repos" \
+    --exclude='*~' --exclude='.*.sw[a-p]' \
     --exclude='*.bak' --exclude='._cfg[0-9][0-9][0-9][0-9]_*' --exclude='._mrg[0-9][0-9][0-9][0-9]_*' "$@"
 """
 
@@ -4538,7 +4835,7 @@ exec tar -cf - --numeric-owner --exclude=etc/portage/gnupg \
 # binrepos entry carried over; then swapped in, the old one kept as a timestamped backup.
 INSTALL_CONFIG_SCRIPT = r"""
 set -e
-configroot=${1%/} sum=$2 stamp=$3 own_entry=$4
+configroot=${1%/} sum=$2 stamp=$3 own_entry=$4 own_repos=$5
 eroot=$(portageq envvar EROOT)
 eroot=${eroot%/}
 mkdir -p "$configroot/etc"
@@ -4562,6 +4859,12 @@ if [ -f "$live/binrepos.conf/$own_entry" ] && [ ! -f "$stage/new/etc/portage/bin
     mkdir -p "$stage/new/etc/portage/binrepos.conf"
     rm -f "$stage/new/etc/portage/binrepos.conf/$own_entry"  # cp would write through a link there
     cp -p "$live/binrepos.conf/$own_entry" "$stage/new/etc/portage/binrepos.conf/"
+fi
+if [ -n "$own_repos" ] && [ -f "$live/repos.conf/$own_repos" ] && [ ! -L "$stage/new/etc/portage/repos.conf" ] \
+        && [ ! -f "$stage/new/etc/portage/repos.conf" ]; then
+    mkdir -p "$stage/new/etc/portage/repos.conf"
+    rm -f "$stage/new/etc/portage/repos.conf/$own_repos"
+    cp -p "$live/repos.conf/$own_repos" "$stage/new/etc/portage/repos.conf/"
 fi
 # Signals wait until the swap is done: the two renames must not be separated.
 trap '' INT TERM HUP
@@ -4603,7 +4906,7 @@ class LocalShell:
 
 def read_config_tar(side, configroot):
     """The side's configuration as tar bytes (read-only, so it also runs under --pretend)."""
-    result = side.script(CONFIG_TAR_SCRIPT, configroot, BINREPOS_NAME + ".conf", changes=False,
+    result = side.script(CONFIG_TAR_SCRIPT, configroot, BINREPOS_NAME + ".conf", OWN_REPOS_ENTRY, changes=False,
                          what="reading the Portage configuration", binary=True)
     return result.stdout
 
@@ -4765,7 +5068,8 @@ def sanitized_config_tar(tar_bytes, target_name, output):
             if name.startswith("var/lib/portage/") and not member.isfile():
                 output.warn(f"{where}: a world file that is not a regular file: left out")
                 continue
-            if (member.issym() and name == "etc/portage/binrepos.conf") or name == OWN_BINREPOS_MEMBER:
+            if (member.issym() and name == "etc/portage/binrepos.conf") or name in (OWN_BINREPOS_MEMBER,
+                                                                                  OWN_REPOS_MEMBER):
                 output.warn(f"{where}: where the binhost keeps its own entry: left out")
                 continue
             if name == "etc/portage" and not member.isdir():
@@ -4831,7 +5135,7 @@ def sync_config(direction, settings, target, runner, output, show_only=False):
                     " kept as etc/.portage.<date>.bak), with:")
     stream = source[0]
     result = writer.script(INSTALL_CONFIG_SCRIPT, configroot, hashlib.sha256(stream).hexdigest(),
-                           timestamp(), BINREPOS_NAME + ".conf", input=stream, binary=True,
+                           timestamp(), BINREPOS_NAME + ".conf", OWN_REPOS_ENTRY, input=stream, binary=True,
                            what="installing the Portage configuration")
     if result is not None:
         kept = last_line(as_text(result.stdout))
@@ -5517,16 +5821,6 @@ def release(settings, runner, output, atoms=()):
 WORLD_UPDATE = ["--update", "--deep", "--newuse", "@world"]
 
 
-def sync_repositories(settings, runner, output):
-    """emerge --sync where the build's repositories are: the host chroot, else this machine."""
-    host = BuildHost(settings, runner, output)
-    emerge = host.program("emerge", "put Portage's bin directory in PATH")
-    output.action(f"Syncing the ebuild repositories on {host.where}: emerge --sync")
-    result = host.run([emerge, "--sync"], check=False, own_group=True)
-    if result is not None and result.returncode != 0:
-        raise BinhostError(f"emerge --sync failed on {host.where} (exit {result.returncode})")
-
-
 def coverage_summary(plan):
     """A summary row's words for a target whose plan passed the gate."""
     if plan is None:
@@ -5548,15 +5842,18 @@ def update_environments(config, args, runner, output):
         started, before = time.monotonic(), current_publication(settings.pkgdir)
         pending = PendingPublication(settings, f"update for {', '.join(target.name for target in targets)}")
         try:
-            failures = []
+            failures, following = [], []
             with build_lock(settings, runner, output):  # one update at a time; builds nest in it
                 if not args.no_sync:
                     sync_repositories(settings, runner, output)
                 for target in targets:  # a target asleep at night must not stop the others
                     target_started = time.monotonic()
                     try:
-                        plan = build_for_target(settings, target, runner, output, WORLD_UPDATE, pending=pending)
+                        plan = build_for_target(settings, target, runner, output, WORLD_UPDATE, pending=pending,
+                                                may_sync=False)
                         rows.append((target.name, coverage_summary(plan), time.monotonic() - target_started))
+                        if plan is not None and plan.trees is not None:
+                            following.append((len(rows) - 1, plan.trees))
                     except BinhostError as error:
                         output.error(f"{target.name}: {error}")
                         failures.append(f"{target.name}: {error}")
@@ -5571,6 +5868,13 @@ def update_environments(config, args, runner, output):
                 except BinhostError as error:
                     output.warn(f"clean skipped: {error}")
                     pending.publish(runner, output)
+                for row, trees in following:  # published: their live trees follow now
+                    try:
+                        trees.move()
+                    except BinhostError as error:
+                        output.error(f"{trees.target.name}: {error}")
+                        failures.append(f"{trees.target.name}: {error}")
+                        rows[row] = (rows[row][0], f"FAILED: {error}", rows[row][2])
             if failures:
                 raise BinhostError("; ".join(failures))
             after = current_publication(settings.pkgdir)
@@ -5818,9 +6122,58 @@ def doctor_repositories(doctor, binhost_side, remote, ours, theirs, target, publ
         elif mine == other:
             doctor.report(WARN, f"repository {name}", "no metadata/timestamp.chk on either side: cannot"
                                                       f" compare snapshots{built_from(name)}")
+        elif target.tree == "binhost":
+            doctor.report(OK, f"repository {name}", f"snapshot {mine} on the binhost, {other} on {target.name}, which"
+                                                    f" follows the binhost's (see the tree rows){built_from(name)}")
         else:
             doctor.report(FAIL, f"repository {name}", f"snapshot {mine} on the binhost, {other} on"
-                                                      f" {target.name}: sync both to the same snapshot{built_from(name)}")
+                                                      f" {target.name}: sync both to the same snapshot, or set"
+                                                      f" tree = binhost in [target {target.name}]{built_from(name)}")
+
+
+def doctor_tree(doctor, settings, target, runner, output):
+    """Whose ebuild tree the target plans from; following the binhost's: per repository the
+    revision live there, staged there, published there, and the binhost's."""
+    if target.tree != "binhost":
+        if target.tree == "own":
+            doctor.report(OK, "tree", f"own: {target.name} plans from its own tree (tree = own): sync it and the"
+                                      " binhost's alike")
+        else:
+            doctor.report(WARN, "tree", f"{target.name} plans from its own tree, synced at other times than the"
+                                        f" binhost's, so versions it plans may be gone here: set tree = binhost in"
+                                        f" [target {target.name}] of {target.config_path} to follow the binhost's"
+                                        " snapshot (tree = own keeps its own without this warning)")
+        return
+    repos, _stamps, marks, kind = TargetTrees(settings, target, runner, output).read()
+    if kind in ("file", "link"):
+        doctor.report(FAIL, "tree", f"{target.name}'s repos.conf is a {kind}, not a directory: {PROG} cannot add"
+                                    " its entry beside it; make it a directory (the README's Troubleshooting)")
+        return
+
+    def shown(name, revision):
+        if revision is None:
+            return "none"
+        with contextlib.suppress(ValueError, AttributeError):
+            return describe_tree({name: json.loads(revision)}).split("@", 1)[1]
+        return "unknown"
+
+    followed = 0
+    for name, directory in sorted(binhost_repositories(settings).items()):
+        if not os.path.isdir(directory) or not repos.has_section(name):
+            continue
+        followed += 1
+        binhost = json.dumps(repository_state(directory), sort_keys=True)
+        live, staged, published = (marks.get((name, mark)) for mark in ("live", "staged", "published"))
+        detail = (f"{target.name} live {shown(name, live)}, staged {shown(name, staged)}, published"
+                  f" {shown(name, published)}; the binhost's {shown(name, binhost)}")
+        if live is not None and live == binhost and binhost != "{}":
+            doctor.report(OK, f"tree {name}", detail)
+        else:
+            doctor.report(WARN, f"tree {name}", f"{detail}: the next '{PROG} emerge' or 'update' stages it, builds,"
+                                                " publishes, then moves the live tree")
+    if not followed:
+        doctor.report(WARN, "tree", f"tree = binhost, but {target.name} has none of the binhost's repositories"
+                                    f" configured: run '{PROG} config push', or set tree = own")
 
 
 def doctor_binrepos(doctor, settings, target, runner, output):
@@ -6032,6 +6385,7 @@ def run_doctor(settings, target, runner, output, atoms):
         doctor.run("build method", doctor_build_method, settings, runner, output)
         doctor.run("configuration", doctor_configuration, settings, target, runner, output)
         doctor.run("binrepos", doctor_binrepos, settings, target, runner, output)
+        doctor.run("tree", doctor_tree, settings, target, runner, output)
         doctor.run("index", doctor_pkgdir, settings)
         doctor.run("preflight", doctor_preflight, settings, target, runner, output, atoms)
     return doctor
@@ -6794,7 +7148,7 @@ def show_first_pull(settings, target, runner, output):
                                         f"{target.name}:{target.root}"), always=True)
     output.info(f"Would unpack it into {settings.root}/etc/portage (then link the repositories it names), with:")
     runner.run(["sh", "-c", INSTALL_CONFIG_SCRIPT, "gentoo-binhost", settings.root,
-                hashlib.sha256(stream).hexdigest(), timestamp(), BINREPOS_NAME + ".conf"])
+                hashlib.sha256(stream).hexdigest(), timestamp(), BINREPOS_NAME + ".conf", OWN_REPOS_ENTRY])
     output.info(f"Would check {target.name}'s CPU against the new root's compiler, as"
                 f" '{PROG} --target {target.name} cpu' does")
 
@@ -6816,8 +7170,10 @@ def add_target(config, args, runner, output):
         values["root"] = args.root
     if args.path:
         values["path"] = args.path
-    wanted = TargetSettings(name, values, config.path)
     existing = config.targets.get(name)
+    if not existing:  # a new target follows the binhost's snapshot; one set up before keeps its choice
+        values["tree"] = "binhost"
+    wanted = TargetSettings(name, values, config.path)
     if existing and existing.host.rpartition("@")[2] != wanted.host.rpartition("@")[2]:
         raise UsageError(f"{config.path}: [target {name}] is {existing.host}, not {wanted.host}: run"
                          f" '{PROG} remove-target {name}' first, or choose another name")
@@ -6933,13 +7289,31 @@ def remove_config_section(text, section):
     return "\n".join(kept) + "\n"
 
 
+def give_back_own_tree(target, runner, output):
+    """A target that followed the binhost's snapshot syncs its repositories as it did before: our
+    repos.conf entry and the snapshot copies go; when it cannot be reached, what to remove there."""
+    base = posixpath.join(target.root, TARGET_TREES)
+    confdir = posixpath.join(target.portage_config_dir, "repos.conf")
+    try:
+        Remote(target, runner, output).script(UNFOLLOW_SCRIPT, base, confdir, OWN_REPOS_ENTRY,
+                                              what="removing the binhost's repos.conf entry")
+        if not runner.pretend:
+            output.info(f"{target.name} syncs its repositories with its own settings again (removed"
+                        f" {confdir}/{OWN_REPOS_ENTRY} and {base})")
+    except BinhostError as error:
+        output.warn(f"{error}: {target.name} still syncs from the binhost's snapshot: on it, run"
+                    f" 'rm -f {shlex.quote(posixpath.join(confdir, OWN_REPOS_ENTRY))} && rm -rf {shlex.quote(base)}'")
+
+
 def remove_target(config, args, runner, output):
     target = config.target(args.name)
     settings = config.binhost_for(target)
     users = sorted(other.name for other in config.targets.values()
                    if other.name != target.name and config.binhost_for(other).root == settings.root)
-    output.info(f"Removing [target {target.name}] from {config.path} (the target itself is not changed:"
-                f" its binrepos.conf/{BINREPOS_NAME}.conf stays until you remove it there)")
+    output.info(f"Removing [target {target.name}] from {config.path} (its binrepos.conf/{BINREPOS_NAME}.conf"
+                " stays until you remove it there)")
+    if target.tree == "binhost":
+        give_back_own_tree(target, runner, output)
     purge = args.purge and not users and settings.root != config.binhost.root
     if args.purge and not purge:
         why = (f"{', '.join(users)} {'uses' if len(users) == 1 else 'use'} it" if users
@@ -8196,8 +8570,10 @@ def cmd_emerge(config, args, runner, output):
                 publishing.publish(runner, output)
 
     def install(target):
-        install_packages(config.binhost_for(target), target, runner, output, args.emerge_args,
-                         plans.get(target.name), asked=True)
+        plan = plans.get(target.name)
+        if plan is not None and plan.trees is not None:  # published: the live tree follows, then installs
+            plan.trees.move()
+        install_packages(config.binhost_for(target), target, runner, output, args.emerge_args, plan, asked=True)
 
     for_each_target(config, output, build, install, between=publish_all)
 
