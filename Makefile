@@ -30,6 +30,7 @@ bench: deps
 	$(PY) tests/bench/distcc.py
 	$(PY) tests/bench/pipeline.py
 	$(PY) tests/bench/retention.py
+	$(PY) tests/bench/trees.py
 
 deps: $(VENV)/.installed system-deps
 

@@ -3439,6 +3439,18 @@ def sync_repositories(settings, runner, output):
         raise BinhostError(f"emerge --sync failed on {host.where} (exit {result.returncode})")
 
 
+def snapshot_push_argv(source, destination, remote_shell=(), unchanged=None):
+    """rsync of one repository into a staging copy: only what changed travels (size and time, as
+    Portage's own rsync compares), files unchanged since the published copy (unchanged) become hard
+    links to it, what the source lacks goes."""
+    argv = (["rsync", "--recursive", "--links", "--safe-links", "--perms", "--times", "--omit-dir-times",
+             "--delete", "--compress", "--protect-args"] + list(remote_shell)
+            + [f"--exclude={pattern}" for pattern in SNAPSHOT_EXCLUDES])
+    if unchanged:
+        argv.append(f"--link-dest={unchanged}")
+    return argv + [source.rstrip("/") + "/", destination.rstrip("/") + "/"]
+
+
 def own_repos_entry(base, followed, states):
     """Our repos.conf entry on the target: each followed repository syncs from its published
     snapshot there, with Portage's own rsync (and its verification, where the snapshot has the
@@ -3531,22 +3543,24 @@ class TargetTrees:
         self.states = {name: repository_state(ours[name]) for name in self.followed}
         if not self.followed:
             return self
+        # As Portage's own sync trusts timestamp.chk: a staged copy at the binhost's revision
+        # (a commit, or a snapshot's date and Manifest) is not walked again; one without is.
+        pushed = [name for name in self.followed
+                  if not self.states[name] or self.marks.get((name, "staged")) != self.revision(name)]
         self.output.action(f"Staging the binhost's snapshot on {self.target.name} (not live):"
-                           f" {describe_tree(self.states)}")
-        self.remote.script(WRITE_MARKS_SCRIPT, self.base, changes=False, what="preparing the staging copies")
-        ssh = shlex.join(self.remote.ssh_base())
-        for name in self.followed:
-            staged = posixpath.join(self.base, "staged", name)
-            argv = (["rsync", "--recursive", "--links", "--safe-links", "--perms", "--times", "--omit-dir-times",
-                     "--delete", "--protect-args", "--rsh", ssh, "--rsync-path", self.remote.command_line(["rsync"])]
-                    + [f"--exclude={pattern}" for pattern in SNAPSHOT_EXCLUDES])
-            if (name, "published") in self.marks:
-                argv.append(f"--link-dest={posixpath.join(self.base, 'published', name)}")
-            self.runner.run(argv + [ours[name].rstrip("/") + "/", f"{self.target.host}:{staged}/"], changes=False,
-                            describe=f"rsync of {name} to {self.target.name}", timeout=REMOTE_CHANGE_TIMEOUT)
+                           f" {describe_tree(self.states)}" + ("" if pushed else " (staged there already)"))
+        # A push that is cut short leaves no mark claiming a revision.
+        self.remote.script(WRITE_MARKS_SCRIPT, self.base, *[word for name in pushed for word in ("staged", name, "{}")],
+                           changes=False, what="preparing the staging copies")
+        remote_shell = ["--rsh", shlex.join(self.remote.ssh_base()), "--rsync-path", self.remote.command_line(["rsync"])]
+        for name in pushed:
+            unchanged = posixpath.join(self.base, "published", name) if (name, "published") in self.marks else None
+            argv = snapshot_push_argv(ours[name], f"{self.target.host}:{posixpath.join(self.base, 'staged', name)}",
+                                      remote_shell, unchanged)
+            self.runner.run(argv, changes=False, describe=f"rsync of {name} to {self.target.name}",
+                            timeout=REMOTE_CHANGE_TIMEOUT)
         now = email.utils.format_datetime(datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0))
-        undated = [name for name in self.followed
-                   if not os.path.isfile(os.path.join(ours[name], "metadata/timestamp.chk"))]
+        undated = [name for name in pushed if not os.path.isfile(os.path.join(ours[name], "metadata/timestamp.chk"))]
         self.remote.script(WRITE_MARKS_SCRIPT, self.base, *[word for name in self.followed for word in (
             "staged", name, self.revision(name))], *[word for name in undated for word in ("date", name, now)],
             changes=False, what="recording the staged snapshot")
@@ -6153,7 +6167,7 @@ def doctor_tree(doctor, settings, target, runner, output):
     def shown(name, revision):
         if revision is None:
             return "none"
-        with contextlib.suppress(ValueError, AttributeError):
+        with contextlib.suppress(ValueError, AttributeError, RecursionError):  # the target's words
             return describe_tree({name: json.loads(revision)}).split("@", 1)[1]
         return "unknown"
 

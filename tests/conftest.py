@@ -1148,7 +1148,7 @@ class World:
         sshd = sshd or self.sshd
         config.write_text(binhost + f"\n[target {name}]\nhost = {sshd.host}\n"
                           f"ssh-port = {sshd.port}\nssh-options = {sshd.ssh_options}\n"
-                          f"root = {root}\npath = {self.portage_bin}\n")
+                          f"root = {root}\npath = {self.portage_bin}\ntree = own\n")
         return root, config
 
     def installed(self, root, path):

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import (SCRIPT, binhost_serving, eroot, free_port, is_signed, need, run, stop_process,
+from conftest import (REPO, REPO_NAME, SCRIPT, binhost_serving, eroot, free_port, is_signed, need, run, stop_process,
                       wait_for_port, write_portage_config)
 from test_init import gpg_home, sign, tiny_stage3
 
@@ -97,15 +97,23 @@ class Lab:
                           f"bind = 127.0.0.1\nport = {port}\n")
         return config, Path(root), port
 
-    def target_root(self, name, use="loud", like=None):
+    def target_root(self, name, use="loud", like=None, own_tree=False):
         """A target ROOT prepared like world.new_target does: its own PKGDIR, DISTDIR,
         PORTAGE_TMPDIR and BINPKG_GPG_VERIFY_GPG_HOME inside it. With like (another target ROOT),
         its /etc/portage is byte for byte that one's (the paths in make.conf included), as two
-        machines with the same configuration have."""
+        machines with the same configuration have. With own_tree, its ebuild repository is a copy
+        of its own in it (a real target's tree, which following the binhost's snapshot moves), and
+        portageq reads its configuration (the prefix link)."""
         root = self.base / f"target-{name}"
         source = like or root
-        write_portage_config(root, var_root=source, extra_make_conf=(
-            f'USE="{use}"\nBINPKG_GPG_VERIFY_GPG_HOME="{source}/etc/portage/gnupg"\n'))
+        repo = REPO
+        if own_tree:
+            repo = root / "var/db/repos" / REPO_NAME
+            shutil.copytree(REPO, repo)
+        elif like and (like / "var/db/repos" / REPO_NAME).is_dir():  # the same configuration: its tree
+            repo, own_tree = like / "var/db/repos" / REPO_NAME, True
+        write_portage_config(root, var_root=source, repo=repo, eprefix=self.eprefix if own_tree else None,
+                             extra_make_conf=f'USE="{use}"\nBINPKG_GPG_VERIFY_GPG_HOME="{source}/etc/portage/gnupg"\n')
         return root
 
     def ssh_options(self, key=None):
@@ -119,7 +127,7 @@ class Lab:
         ssh-options, and root/path from --root/--path."""
         return {"host": self.sshd.host, "ssh-port": str(port or self.sshd.port),
                 "ssh-options": " ".join(shlex.quote(option) for option in self.ssh_options(key)),
-                "root": str(root), "path": str(self.portage_bin)}
+                "root": str(root), "path": str(self.portage_bin), "tree": "binhost"}
 
     def prewrite_target(self, config, name, root, port=None, key=None):
         """Append [target NAME] by hand, with the very keys add_target() (same root, port, key)
@@ -197,7 +205,7 @@ def onboarded(lab):
     """add-target laptop from a configuration with only [binhost]: no binhost root, no key."""
     config, root, port = lab.binhost_config("main")
     assert not root.exists()
-    target = lab.target_root("laptop")
+    target = lab.target_root("laptop", own_tree=True)
     assert set(read_config(config)) == {"binhost"}
     result = lab.add_target(config, "laptop", root=target)
     return {"config": config, "root": root, "port": port, "target": target, "result": result}
@@ -227,7 +235,12 @@ def test_add_target_from_nothing_then_emerge_installs_a_signed_binary(lab, onboa
     assert "verify-signature = true\n" in entry
 
     with binhost_serving(config, onboarded["port"]):
-        lab.cli(config, "--target", "laptop", "emerge", "app-misc/hello", timeout=900)
+        emerged = lab.cli(config, "--target", "laptop", "emerge", "app-misc/hello", timeout=900)
+    # add-target wrote tree = binhost: the laptop planned from the binhost's snapshot, staged there,
+    # and its tree followed once the build was published.
+    assert "Staging the binhost's snapshot on laptop (not live)" in emerged.stdout, emerged.stdout
+    assert "Moving laptop's live tree to the published snapshot" in emerged.stdout, emerged.stdout
+    assert (target / "etc/portage/repos.conf/zz-gentoo-binhost.conf").is_file()
     packages = sorted((root / "var/cache/binpkgs").rglob("hello-*.gpkg.tar"))
     assert packages and all(is_signed(package) for package in packages)
     assert list(lab.installed(target, "var/db/pkg/app-misc").glob("hello-*/BINPKGMD5")), \
@@ -433,7 +446,7 @@ def test_fresh_sections_share_by_fingerprint_even_after_a_second_run(lab):
     written = read_config(config)["target first"]
     assert written == {"host": lab.sshd.host, "ssh-port": str(lab.sshd.port),
                        "ssh-options": " ".join(shlex.quote(option) for option in lab.ssh_options()),
-                       "root": str(first), "path": str(lab.portage_bin)}
+                       "root": str(first), "path": str(lab.portage_bin), "tree": "binhost"}
     make_conf = (root / "etc/portage/make.conf").read_bytes()
     lab.add_target(config, "first", root=first)  # what a user does to be sure
 

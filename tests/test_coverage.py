@@ -88,7 +88,7 @@ class Binhost:
         with open(self.config, "a") as config:
             config.write(f"\n[target {self.name}]\nhost = {sshd.host}\nssh-port = {sshd.port}\n"
                          f"ssh-options = {sshd.ssh_options}\nroot = {self.target}\n"
-                         f"path = {path or self.world.portage_bin}\n")
+                         f"path = {path or self.world.portage_bin}\ntree = own\n")
         return self.target
 
     def cli(self, *args, **options):

@@ -249,7 +249,7 @@ def config_pair(world, tmp_path):
     config = tmp_path / "cfg.conf"
     config.write_text(f"[binhost]\nroot = {binhost}\n\n[target t]\nhost = {world.sshd.host}\n"
                       f"ssh-port = {world.sshd.port}\nssh-options = {world.sshd.ssh_options}\n"
-                      f"root = {target}\npath = {world.portage_bin}\n")
+                      f"root = {target}\npath = {world.portage_bin}\ntree = own\n")
     return binhost, target, config
 
 
@@ -468,7 +468,8 @@ def test_a_hung_target_fails_its_own_row_and_the_others_go_on(gb, world, monkeyp
     both = world.base / "hung.conf"
     both.write_text(good.read_text() + (
         f"\n[target hung]\nhost = {world.sshd.host}\nssh-port = {world.sshd.port}\n"
-        f"ssh-options = {world.sshd.ssh_options}\nroot = {hung_root}\npath = {hanging}:{world.portage_bin}\n"))
+        f"ssh-options = {world.sshd.ssh_options}\nroot = {hung_root}\npath = {hanging}:{world.portage_bin}\n"
+        "tree = own\n"))
     monkeypatch.setattr(gb, "REMOTE_QUERY_TIMEOUT", 3)
     monkeypatch.setenv("PATH", f"{world.portage_bin}:{os.environ['PATH']}")
     code = gb.main(["-c", str(both), "--color=n", "--all", "install", "app-misc/hello"])

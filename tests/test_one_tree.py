@@ -174,11 +174,25 @@ def test_target_follows_the_binhosts_snapshot(lab):
     assert "live 2025-12-02 03:45 UTC, staged 2025-12-02 03:45 UTC, published 2025-12-02 03:45 UTC" in row, row
 
 
+def test_doctor_suggests_tree_binhost_to_a_target_without_the_key(lab):
+    saved = lab.config.read_text()
+    try:
+        lab.config.write_text(saved.replace("tree = binhost\n", ""))
+        doctor = lab.cli("doctor", check=False).stdout
+        row = next(line for line in doctor.splitlines() if line[5:].startswith("tree:"))
+        assert row.startswith("WARN tree: ot plans from its own tree"), row
+        assert f"set tree = binhost in [target ot] of {lab.config}" in row, row
+        assert not [line for line in doctor.splitlines() if line[5:].startswith(f"tree {REPO_NAME}:")], doctor
+    finally:
+        lab.config.write_text(saved)
+
+
 def test_a_failed_build_leaves_the_tree_and_index(lab):
-    """ot-broken exists only in the binhost's tree: the target plans it from the staged snapshot,
-    the build fails, and the target's live tree and the published index stay as they were."""
+    """ot-broken and ot-newer are new in the binhost's overlay: the target plans them from the
+    staged snapshot, one build fails, and the target's live tree and the published index stay as
+    they were."""
     before = lab.published_cpvs()
-    broken = lab.binhost_repo / "app-misc/ot-broken"
+    broken = lab.binhost_overlay / "app-misc/ot-broken"
     broken.mkdir(parents=True)
     (broken / "ot-broken-1.0.ebuild").write_text(BROKEN_EBUILD)
     (lab.binhost_overlay / "app-misc/ot-newer").mkdir(parents=True)
@@ -188,23 +202,37 @@ def test_a_failed_build_leaves_the_tree_and_index(lab):
     assert result.returncode == 1, shown(result)
     assert "Traceback" not in result.stderr
     assert "not built: app-misc/ot-broken-1.0" in result.stderr, shown(result)
-    assert ebuilds(lab.target_repo, "ot-broken") == [], "the live tree moved after a failed build"
+    assert ebuilds(lab.target_overlay, "ot-broken") == [], "the live tree moved after a failed build"
     assert ebuilds(lab.target_overlay, "ot-newer") == [], "the live overlay moved after a failed build"
     assert ebuilds(lab.trees / "staged" / OVERLAY, "ot-newer") == ["ot-newer-1.0.ebuild"], "not staged"
     assert ebuilds(lab.trees / "published" / OVERLAY, "ot-newer") == [], "published without a publication"
     assert lab.published_cpvs() == before
     assert lab.mark(REPO_NAME, "live") == live_before
     assert "ot-broken" not in " ".join(lab.installed())
-    (lab.binhost_repo / "app-misc/ot-broken/ot-broken-1.0.ebuild").unlink()
-    (lab.binhost_repo / "app-misc/ot-broken").rmdir()
+    shutil.rmtree(broken)
+
+
+def test_pretend_stages_but_never_moves_the_live_tree(lab):
+    """--pretend: the plan is asked against the staged snapshot (ot-newer is only there), the move
+    is shown, not run; a repository already staged at the binhost's revision is not pushed again."""
+    result = lab.cli("--pretend", "emerge", "app-misc/ot-newer", check=False)
+    assert result.returncode == 0, shown(result)
+    assert re.search(r"^  app-misc/ot-newer-1\.0(:0)?  \(", result.stdout, re.MULTILINE), shown(result)
+    assert "(staged there already)" not in result.stdout  # the overlay has no revision: always pushed
+    assert "emerge --sync --quiet binhost-test ot-overlay" in result.stdout or \
+        "emerge --sync --quiet ot-overlay" in result.stdout, shown(result)
+    assert ebuilds(lab.target_overlay, "ot-newer") == [], "--pretend moved the live tree"
+    assert "ot-newer-1.0" not in lab.installed()
 
 
 def test_the_next_run_repairs_an_interrupted_update_over_the_tunnel(lab):
-    """A staging copy cut short and a live tree whose sync was interrupted (Portage then leaves it
-    without its timestamp): the next emerge, through the tunnel, repairs both."""
+    """A staging copy cut short (before its mark is written: the mark says no revision) and a live
+    tree whose sync was interrupted (Portage then removes its timestamp, and our live mark is not
+    written): the next emerge, through the tunnel, repairs both."""
     lab.set_transport("tunnel")
     try:
         shutil.rmtree(lab.trees / "staged" / REPO_NAME / "app-misc")
+        (lab.trees / f"{REPO_NAME}.staged").write_text("{}\n")
         (lab.target_repo / "metadata/timestamp.chk").unlink()
         (lab.trees / f"{REPO_NAME}.live").unlink()
         (lab.target_repo / "app-misc/ot-notary/ot-notary-0.6.ebuild").unlink()

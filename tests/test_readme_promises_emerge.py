@@ -103,7 +103,7 @@ class Lab:
                                 f"bind = 127.0.0.1\nport = {self.port}\ngpg-home = {base}/g\n")
         self.target_section = (f"\n[target pa]\nhost = {sshd.host}\nssh-port = {sshd.port}\n"
                                f"ssh-options = {sshd.ssh_options}\nroot = {self.target}\n"
-                               f"path = {world.portage_bin}\n")
+                               f"path = {world.portage_bin}\ntree = own\n")
         self.config.write_text(self.binhost_section + self.target_section)
         self.cli("config", "pull")
         self.cli("keygen")
@@ -349,7 +349,7 @@ def test_emerge_stops_before_building_when_the_target_has_neither_wget_nor_curl(
         assert "found=1" in found.stdout, f"the premise: no wget or curl there\n{shown(found)}"
         config = lab.config_with("no-fetcher.conf", target_section=(
             f"\n[target pa]\nhost = {sshd.host}\nssh-port = {sshd.port}\nssh-options = {sshd.ssh_options}\n"
-            f"root = {lab.target}\npath = {lab.world.portage_bin}\n"))
+            f"root = {lab.target}\npath = {lab.world.portage_bin}\ntree = own\n"))
         result = lab.cli("emerge", "app-misc/pa-good", config=config, check=False)
     assert_fails_naming(result, "pa has neither wget nor curl")
     assert_stopped_before_building(lab, result, packages)

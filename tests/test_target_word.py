@@ -119,7 +119,7 @@ class Pair:
             f"[binhost]\nroot = {self.root}\nurl = http://127.0.0.1:{self.port}/\nbind = 127.0.0.1\n"
             f"port = {self.port}\ngpg-home = {base}/g\n\n"
             f"[target t1]\nhost = {sshd.host}\nssh-port = {sshd.port}\nssh-options = {sshd.ssh_options}\n"
-            f"root = {self.target}\npath = {world.portage_bin}\n")
+            f"root = {self.target}\npath = {world.portage_bin}\ntree = own\n")
         self.cli("config", "pull")
         self.cli("keygen")
         self.cli("setup-target")
