@@ -1287,14 +1287,14 @@ class BuildHost:
     /proc, /sys, /dev and /run mounted. Callers give host paths; in the chroot they become its
     own paths."""
 
-    def __init__(self, settings, runner, output, into_root=False):
+    def __init__(self, settings, runner, output, into_root=False, trees_writable=False):
         self.settings, self.runner, self.output = settings, runner, output
         self.into_root = into_root
         binds = ()
         if into_root:
             # build-method = chroot: Portage runs inside the binhost root itself.
             self.chroot, self.extra_path = settings.root, ""
-            binds = chroot_build_binds(settings)
+            binds = chroot_build_binds(settings, trees_writable)
         else:
             self.chroot = settings.host.chroot
             self.extra_path = settings.host.path
@@ -1954,9 +1954,48 @@ def on_build_host(settings, path):
     return os.path.join(settings.host.chroot, path.lstrip("/")) if settings.host.chroot else path
 
 
-def chroot_build_binds(settings):
+def holds_repository(directory):
+    return any(os.path.isfile(os.path.join(directory, marker)) for marker in ("profiles/repo_name", "metadata/layout.conf"))
+
+
+def repository_name(directory):
+    """The name a repository directory gives itself (profiles/repo_name, else layout.conf's
+    repo-name), or None."""
+    name = read_text(os.path.join(directory, "profiles/repo_name")).strip().splitlines()
+    if name:
+        return name[0].strip()
+    layout = re.search(r"^\s*repo-name\s*=\s*(\S+)", read_text(os.path.join(directory, "metadata/layout.conf")),
+                       re.MULTILINE)
+    return layout.group(1) if layout else None
+
+
+def repository_directory(settings, location):
+    """Where a repository the binhost root's configuration names is, seen from here: on the build
+    host; else, on a build machine without it (no host chroot), inside the binhost root."""
+    on_host = on_build_host(settings, location)
+    inside = os.path.join(settings.root, location.lstrip("/"))
+    if (not os.path.isdir(on_host) and not settings.host.chroot and not os.path.islink(inside)
+            and holds_repository(inside)):
+        return inside
+    return on_host
+
+
+def repositories_kept_in_root(settings):
+    """{name: location} of the repositories that live inside the binhost root (build-method
+    chroot on a build machine without Gentoo: no host chroot, and not on this machine), as its
+    configuration names them, Portage's default Gentoo entry included: synced there, and seen
+    read-only by builds."""
+    if settings.host.chroot:
+        return {}
+    configured = dict({"gentoo": DEFAULT_REPOSITORY}, **configured_repositories(settings.root))
+    return {name: location.rstrip("/") for name, location in configured.items()
+            if safe_place(location) and not os.path.isdir(location)}
+
+
+def chroot_build_binds(settings, trees_writable=False):
     """(place inside the binhost root, build host directory, read-only) for a chroot build: each
     repository the copied configuration names, at the place it names, and the profile's, read-only;
+    a repository kept inside the root, onto itself read-only (unless trees_writable: its sync);
     [binhost] distdir, when set, read-write at the target's DISTDIR. The places come from a target:
     only what looks like what it claims is bound, and nothing it names is bound writable."""
     repositories = set(configured_repositories(settings.root).values()) | {DEFAULT_REPOSITORY}
@@ -1971,6 +2010,11 @@ def chroot_build_binds(settings):
                             for marker in ("profiles/repo_name", "metadata/layout.conf"))
         if os.path.isdir(source) and is_repository and os.path.realpath(source) != os.path.realpath(inside):
             binds.append((place, source, True))
+    if not trees_writable:
+        for place in sorted(set(repositories_kept_in_root(settings).values()) - {place for place, _, _ in binds}):
+            inside = os.path.join(settings.root, place.lstrip("/"))
+            if not os.path.islink(inside) and holds_repository(inside):
+                binds.append((place, inside, True))
     if settings.distdir:
         text = make_conf_texts(settings.root)
         distdirs = [_unquote(text[a.start:a.end], a.quote) for a in _assignments(text) if a.name == "DISTDIR"]
@@ -2493,6 +2537,9 @@ def build_packages(settings, runner, output, emerge_args, publish_after=True):
     method, why = build_method(settings, runner, output)
     host = portage_host(settings, runner, output)  # refuses first what it cannot do (not root)
     check_binhost_root(settings)
+    # The first build after init on a machine without Gentoo: its repositories into the root first.
+    if method == "chroot" and sync_repositories(settings, runner, output, missing_only=True):
+        host = portage_host(settings, runner, output)  # builds see them read-only now
     if method == "chroot":
         relative = os.path.relpath(settings.pkgdir, settings.root)
         if relative == ".." or relative.startswith("../"):
@@ -2859,6 +2906,37 @@ entry=$1 token=$2
 shift 2
 read -r fetch_url
 read -r binary_url
+trees= staged=
+trap 'rm -rf ${trees:+"$trees"} ${staged:+"$staged"}' EXIT
+if [ -n "${GB_STAGED_TREES:-}" ]; then
+    # Plans from a staged snapshot take its profile too: the configuration with make.profile
+    # pointing into the staged copy of the repository it points into (GB_STAGED_TREES: lines
+    # LIVE<TAB>STAGED).
+    config=${PORTAGE_CONFIGROOT:-/}
+    config=${config%/}/etc/portage
+    trees=$(mktemp -d) || exit 1
+    mkdir -p "$trees/etc/portage" || exit 1
+    for place in "$config"/* "$config"/.[!.]*; do
+        [ -e "$place" ] || [ -L "$place" ] || continue
+        [ "${place##*/}" = make.profile ] && continue
+        ln -s "$place" "$trees/etc/portage/" || exit 1
+    done
+    if [ -e "$config/make.profile" ]; then
+        profile=$(readlink -f "$config/make.profile")
+        set -f
+        saved_ifs=$IFS IFS='
+'
+        for pair in $GB_STAGED_TREES; do
+            live=$(readlink -f "${pair%%	*}") || continue
+            case $profile in "$live"/*) profile=${pair#*	}${profile#"$live"}; break ;; esac
+        done
+        IFS=$saved_ifs
+        set +f
+        ln -s "$profile" "$trees/etc/portage/make.profile" || exit 1
+    fi
+    PORTAGE_CONFIGROOT=$trees
+    export PORTAGE_CONFIGROOT
+fi
 fetch_index() {
 """ + FETCH_INDEX_SCRIPT + r"""
 }
@@ -2891,7 +2969,6 @@ fi
 config=${PORTAGE_CONFIGROOT:-/}
 config=${config%/}/etc/portage
 staged=$(mktemp -d) || exit 1
-trap 'rm -rf "$staged"' EXIT
 mkdir -p "$staged/etc/portage/binrepos.conf" || exit 1
 for place in "$config"/* "$config"/.[!.]*; do
     [ -e "$place" ] || continue
@@ -3254,7 +3331,8 @@ def binhost_repositories(settings):
     """{repository name: its directory on the build host} as the binhost root's repos.conf (the
     target's copy) names them; Gentoo's at its default place unless named."""
     locations = dict({"gentoo": DEFAULT_REPOSITORY}, **configured_repositories(settings.root))
-    return {name: on_build_host(settings, location) for name, location in locations.items()}
+    return {name: repository_directory(settings, location) for name, location in locations.items()
+            if safe_place(location)}
 
 
 PACKAGE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9+_.-]*/[A-Za-z0-9_][A-Za-z0-9+_-]*")
@@ -3374,17 +3452,17 @@ if [ -L "$config" ]; then echo link; elif [ -d "$config" ]; then echo dir; elif 
 exit 0
 """
 
-# Writes one line into each mark file named: base, then MARK NAME VALUE triples. The mark
-# "date" is the staged copy's metadata/timestamp.chk instead, for a snapshot that has none:
-# Portage's rsync asks the source for it, and syncs only when it is newer.
+# Writes one line into each mark file named: base, the staging place, then MARK NAME VALUE
+# triples. The mark "date" is the staged copy's metadata/timestamp.chk instead, for a snapshot
+# that has none: Portage's rsync asks the source for it.
 WRITE_MARKS_SCRIPT = r"""
 set -e
-base=$1
-shift
-mkdir -p "$base/staged" "$base/published"
+base=$1 place=$2
+shift 2
+mkdir -p "$base/$place" "$base/published"
 while [ $# -ge 3 ]; do
     file="$base/$2.$1"
-    if [ "$1" = date ]; then mkdir -p "$base/staged/$2/metadata"; file="$base/staged/$2/metadata/timestamp.chk"; fi
+    if [ "$1" = date ]; then mkdir -p "$base/$place/$2/metadata"; file="$base/$place/$2/metadata/timestamp.chk"; fi
     printf '%s\n' "$3" > "$file.new"
     mv -f "$file.new" "$file"
     shift 3
@@ -3393,17 +3471,26 @@ done
 
 # Makes the staged snapshots the published ones (hard links: unchanged files cost nothing) and
 # writes our repos.conf entry (on stdin) beside the target's own: base, repos.conf directory,
-# entry name, then the repository names.
+# entry name, then NAME REVISION LIVE-LOCATION triples. A staged copy at another revision than
+# this run's (a later run staged since) stops it. The live timestamp.chk goes, as an interrupted
+# sync leaves it: Portage's rsync then syncs whatever the two stamps say.
 PROMOTE_SCRIPT = r"""
 set -e
 base=$1 confdir=$2 entry=$3
 shift 3
-for name in "$@"; do
+while [ $# -ge 3 ]; do
+    name=$1 revision=$2 live=$3
+    shift 3
+    if [ "$(head -n 1 "$base/$name.staged" 2>/dev/null)" != "$revision" ]; then
+        echo "$base/staged/$name is not the snapshot this run built from (another run staged since)" >&2
+        exit 3
+    fi
     mkdir -p "$base/published/$name"
     rsync --recursive --links --perms --times --omit-dir-times --delete \
         --link-dest="$base/staged/$name" "$base/staged/$name/" "$base/published/$name/"
     cp -f "$base/$name.staged" "$base/$name.published.new"
     mv -f "$base/$name.published.new" "$base/$name.published"
+    if [ -n "$live" ] && [ -d "$live" ]; then rm -f "$live/metadata/timestamp.chk"; fi
 done
 mkdir -p "$confdir"
 tmp="$confdir/.$entry.new.$$"
@@ -3429,14 +3516,36 @@ def snapshot_date(stamp):
     return None
 
 
-def sync_repositories(settings, runner, output):
-    """emerge --sync where the build's repositories are: the host chroot, else this machine."""
-    host = BuildHost(settings, runner, output)
-    emerge = host.program("emerge", "put Portage's bin directory in PATH")
-    output.action(f"Syncing the ebuild repositories on {host.where}: emerge --sync")
-    result = host.run([emerge, "--sync"], check=False, own_group=True)
+def sync_repositories(settings, runner, output, missing_only=False):
+    """emerge --sync where the build's repositories are: the host chroot, else this machine; and
+    inside the binhost root for those kept there (its own Portage, with its own verification of
+    Gentoo's snapshot). missing_only: only the ones kept there that are not there yet (init)."""
+    kept = repositories_kept_in_root(settings)
+    if kept and build_method(settings, runner, output)[0] != "chroot":
+        kept = {}  # the root method reads them on the build host, synced or not
+    # A machine without Gentoo has nothing to sync itself, unless it has some repository after all.
+    on_host = [directory for name, directory in binhost_repositories(settings).items() if name not in kept]
+    if not missing_only and (not kept or any(os.path.isdir(directory) for directory in on_host)):
+        host = BuildHost(settings, runner, output)
+        emerge = host.program("emerge", "put Portage's bin directory in PATH")
+        output.action(f"Syncing the ebuild repositories on {host.where}: emerge --sync")
+        result = host.run([emerge, "--sync"], check=False, own_group=True)
+        if result is not None and result.returncode != 0:
+            raise BinhostError(f"emerge --sync failed on {host.where} (exit {result.returncode})")
+        link_repositories_into(settings, runner, output)
+    automatic = repository_auto_sync(settings.root)
+    names = [name for name, location in sorted(kept.items()) if automatic.get(name, True)
+             and not (missing_only and holds_repository(os.path.join(settings.root, location.lstrip("/"))))]
+    if not names:
+        return False
+    host = BuildHost(settings, runner, output, into_root=True, trees_writable=True)
+    emerge = host.program("emerge", "the binhost root has no Portage: is it a stage3?")
+    output.action(f"Syncing {', '.join(names)} inside {host.where} (not on this machine): emerge --sync {' '.join(names)}")
+    result = host.run([emerge, "--sync"] + names, root_environment(settings), check=False, own_group=True)
     if result is not None and result.returncode != 0:
-        raise BinhostError(f"emerge --sync failed on {host.where} (exit {result.returncode})")
+        raise BinhostError(f"emerge --sync {' '.join(names)} failed in {host.where} (exit {result.returncode}):"
+                           " its output above says why")
+    return True
 
 
 def snapshot_push_argv(source, destination, remote_shell=(), unchanged=None):
@@ -3451,19 +3560,25 @@ def snapshot_push_argv(source, destination, remote_shell=(), unchanged=None):
     return argv + [source.rstrip("/") + "/", destination.rstrip("/") + "/"]
 
 
-def own_repos_entry(base, followed, states):
+def rsync_destination(host, path):
+    """USER@HOST:PATH for rsync, an IPv6 address in brackets (rsync reads HOST::PATH as a daemon)."""
+    user, at, address = host.rpartition("@")
+    if ":" in address and not address.startswith("["):
+        address = f"[{address}]"
+    return f"{user}{at}{address}:{path}"
+
+
+def own_repos_entry(base, followed):
     """Our repos.conf entry on the target: each followed repository syncs from its published
-    snapshot there, with Portage's own rsync (and its verification, where the snapshot has the
-    signed Manifest to verify)."""
+    snapshot there, with Portage's own rsync. Portage verifies no Manifest for a file:// source
+    (its rsync module returns before that), but would still refresh its OpenPGP keys over the
+    network first: the snapshot is the one the binhost's own sync verified, as its binaries are
+    the binhost's."""
     text = (f"# Written by {PROG}: these repositories follow the binhost's snapshots (tree = binhost).\n"
             f"# '{PROG} remove-target' removes this file; the settings before it are in the other files here.\n")
     for name in followed:
         text += (f"\n[{name}]\nsync-type = rsync\nsync-uri = file://{posixpath.join(base, 'published', name)}\n"
-                 "sync-rsync-vcs-ignore = true\n")
-        if "manifest" not in states.get(name, {}):
-            # A git checkout on the binhost has no signed top Manifest to verify (its commits are
-            # what its own sync verifies).
-            text += "sync-rsync-verify-metamanifest = no\n"
+                 "sync-rsync-vcs-ignore = true\nsync-rsync-verify-metamanifest = no\n")
     return text.replace("%", "%%")
 
 
@@ -3478,6 +3593,7 @@ class TargetTrees:
         self.remote = Remote(target, runner, output)
         self.base = posixpath.join(target.root, TARGET_TREES)
         self.followed, self.states, self.marks = [], {}, {}
+        self.place, self.live = "staged", {}  # where the copies are staged; {name: live location}
         self.environment = {}  # PORTAGE_REPOSITORIES for the plans: the staged copies
 
     def read(self):
@@ -3502,10 +3618,12 @@ class TargetTrees:
                 marks[(name, mark)] = revision
         return repos, stamps, marks, sections.get("repos.conf", "none").strip()
 
-    def stage(self, may_sync=True):
+    def stage(self, may_sync=True, private=False):
         """Push the binhost's snapshot of each repository the target has into its staging copy,
         and point the plans at those copies. A target whose tree is newer makes the binhost sync
-        first (may_sync), never the target go back."""
+        first (may_sync), never the target go back. private (a command that only shows, and takes
+        no lock): a copy of its own, never the one a real run promotes, and no marks."""
+        self.place = "pretend" if private else "staged"
         repos, stamps, self.marks, kind = self.read()
         if kind in ("file", "link"):
             confdir = posixpath.join(self.target.portage_config_dir, "repos.conf")
@@ -3515,8 +3633,10 @@ class TargetTrees:
                                f" {confdir}/gentoo.conf', or set tree = own in [target {self.target.name}]")
         theirs = [name for name in repos.sections() if REPOSITORY_NAME.fullmatch(name)]
         for attempt in (1, 2):
+            # The locations come from the target's configuration: only a directory that is the
+            # repository of that name is ever read and sent (never, say, the signing key's).
             ours = {name: directory for name, directory in binhost_repositories(self.settings).items()
-                    if os.path.isdir(directory)}
+                    if os.path.isdir(directory) and repository_name(directory) == name}
             newer = {}
             for name in theirs:
                 if name in ours:
@@ -3543,33 +3663,44 @@ class TargetTrees:
         self.states = {name: repository_state(ours[name]) for name in self.followed}
         if not self.followed:
             return self
-        # As Portage's own sync trusts timestamp.chk: a staged copy at the binhost's revision
-        # (a commit, or a snapshot's date and Manifest) is not walked again; one without is.
-        pushed = [name for name in self.followed
-                  if not self.states[name] or self.marks.get((name, "staged")) != self.revision(name)]
+        # As Portage's own sync trusts timestamp.chk: a staged copy at the binhost's snapshot
+        # (its date and Manifest) is not walked again. A git checkout is: its HEAD does not say
+        # whether its files were changed since.
+        pushed = [name for name in self.followed if private or self.marks.get((name, "staged")) != self.revision(name)
+                  or not self.states[name].get("revision", "").startswith("timestamp ")]
         self.output.action(f"Staging the binhost's snapshot on {self.target.name} (not live):"
                            f" {describe_tree(self.states)}" + ("" if pushed else " (staged there already)"))
         # A push that is cut short leaves no mark claiming a revision.
-        self.remote.script(WRITE_MARKS_SCRIPT, self.base, *[word for name in pushed for word in ("staged", name, "{}")],
-                           changes=False, what="preparing the staging copies")
+        self.remote.script(WRITE_MARKS_SCRIPT, self.base, self.place, *[
+            word for name in pushed if not private for word in ("staged", name, "{}")],
+            changes=False, what="preparing the staging copies")
         remote_shell = ["--rsh", shlex.join(self.remote.ssh_base()), "--rsync-path", self.remote.command_line(["rsync"])]
         for name in pushed:
             unchanged = posixpath.join(self.base, "published", name) if (name, "published") in self.marks else None
-            argv = snapshot_push_argv(ours[name], f"{self.target.host}:{posixpath.join(self.base, 'staged', name)}",
-                                      remote_shell, unchanged)
+            argv = snapshot_push_argv(ours[name], rsync_destination(self.target.host, posixpath.join(
+                self.base, self.place, name)), remote_shell, unchanged)
             self.runner.run(argv, changes=False, describe=f"rsync of {name} to {self.target.name}",
                             timeout=REMOTE_CHANGE_TIMEOUT)
         now = email.utils.format_datetime(datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0))
         undated = [name for name in pushed if not os.path.isfile(os.path.join(ours[name], "metadata/timestamp.chk"))]
-        self.remote.script(WRITE_MARKS_SCRIPT, self.base, *[word for name in self.followed for word in (
-            "staged", name, self.revision(name))], *[word for name in undated for word in ("date", name, now)],
+        self.remote.script(WRITE_MARKS_SCRIPT, self.base, self.place, *[
+            word for name in self.followed if not private for word in ("staged", name, self.revision(name))],
+            *[word for name in undated for word in ("date", name, now)],
             changes=False, what="recording the staged snapshot")
+        self.live = {name: repos.get(name, "location", fallback="") for name in self.followed}
         for name in self.followed:
-            if repos.has_section(name):
-                repos.set(name, "location", posixpath.join(self.base, "staged", name))
+            repos.set(name, "location", posixpath.join(self.base, self.place, name))
+        # Portage reads PORTAGE_REPOSITORIES with interpolation: a % in a value is written %%.
+        escaped = configparser.ConfigParser(interpolation=None)
+        escaped.read_dict({section: {key: value.replace("%", "%%") for key, value in repos.items(section, raw=True)}
+                           for section in repos.sections()})
+        escaped.read_dict({"DEFAULT": {key: value.replace("%", "%%") for key, value in repos.defaults().items()}})
         text = io.StringIO()
-        repos.write(text)
-        self.environment = {"PORTAGE_REPOSITORIES": text.getvalue()}
+        escaped.write(text)
+        # The profile too comes from the staged copy (PLAN_SCRIPT links make.profile into it).
+        self.environment = {"PORTAGE_REPOSITORIES": text.getvalue(), "GB_STAGED_TREES": "\n".join(
+            f"{self.live[name]}\t{posixpath.join(self.base, self.place, name)}" for name in self.followed
+            if self.live[name])}
         return self
 
     def revision(self, name):
@@ -3588,9 +3719,9 @@ class TargetTrees:
         confdir = posixpath.join(self.target.portage_config_dir, "repos.conf")
         self.output.action(f"Moving {self.target.name}'s live tree to the published snapshot: emerge --sync"
                            f" {' '.join(moving)} there")
-        self.remote.script(PROMOTE_SCRIPT, self.base, confdir, OWN_REPOS_ENTRY, *moving,
-                           input=own_repos_entry(self.base, self.followed, self.states),
-                           what="publishing the staged snapshot")
+        self.remote.script(PROMOTE_SCRIPT, self.base, confdir, OWN_REPOS_ENTRY, *[
+            word for name in moving for word in (name, self.revision(name), self.live.get(name, ""))],
+            input=own_repos_entry(self.base, self.followed), what="publishing the staged snapshot")
         result = self.remote.run(["emerge", "--sync", "--quiet"] + moving, self.target.portage_environment,
                                  capture=True, what="emerge --sync")
         if result is None:
@@ -3603,7 +3734,7 @@ class TargetTrees:
             raise BinhostError(f"emerge --sync {' '.join(moving)} failed on {self.target.name} (exit {result.returncode}):"
                                f" {complaint.strip()}; its live tree is where an interrupted emerge --sync leaves it,"
                                " and the next run moves it again")
-        self.remote.script(WRITE_MARKS_SCRIPT, self.base, *[word for name in moving for word in (
+        self.remote.script(WRITE_MARKS_SCRIPT, self.base, "staged", *[word for name in moving for word in (
             "live", name, self.revision(name))], what="recording the live snapshot")
 
 
@@ -3659,7 +3790,7 @@ def build_for_target(settings, target, runner, output, emerge_args, route=None, 
         trees = None
         if target.tree == "binhost":
             try:
-                trees = TargetTrees(settings, target, runner, output).stage(may_sync)
+                trees = TargetTrees(settings, target, runner, output).stage(may_sync, private=only_shown)
             except BinhostError as error:
                 if not runner.pretend:
                     raise
@@ -6600,6 +6731,7 @@ def init_binhost(config, args, runner, output):
     name, sha512 = installed
     os.makedirs(os.path.join(root, "var/cache/binpkgs"), exist_ok=True)
     link_repositories_into(settings, runner, output)
+    sync_repositories(settings, runner, output, missing_only=True)
     note = {"stage3": name, "stage3-sha512": sha512,
             "stage3-installed": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")}
     if settings.root == config.binhost.root:  # the notes describe [binhost] root
@@ -6709,6 +6841,20 @@ def configured_repositories(configroot):
     return repository_locations(members)
 
 
+def repository_auto_sync(configroot):
+    """{name: whether emerge --sync syncs it} as the repos.conf under configroot/etc/portage says
+    (auto-sync, default yes)."""
+    base = os.path.join(configroot, "etc/portage/repos.conf")
+    paths = [base] if os.path.isfile(base) else sorted(
+        os.path.join(directory, name) for directory, _dirs, names in os.walk(base) for name in names)
+    parser = configparser.ConfigParser(interpolation=None)
+    for path in paths:
+        with contextlib.suppress(OSError, UnicodeDecodeError, configparser.Error):
+            parser.read_string(read_text(path))
+    return {name: parser[name].get("auto-sync", "yes").strip().lower() in ("yes", "true")
+            for name in parser.sections()}
+
+
 def profile_repository(configroot):
     """Where make.profile's repository is inside configroot (e.g. /var/db/repos/gentoo for
     ../../var/db/repos/gentoo/profiles/default/linux/amd64/23.0), or None."""
@@ -6743,9 +6889,10 @@ def link_repositories_into(settings, runner, output):
         if (os.path.isdir(link) and not os.path.islink(link) and not os.path.ismount(link)
                 and not os.listdir(link) and not runner.pretend):
             os.rmdir(link)  # the empty mount point a chroot build left
-        # Gentoo's repository is linked even before it is synced on the build host.
+        # Gentoo's repository is linked before it is synced in a host chroot; a build machine
+        # without it keeps it inside the binhost root instead (repositories_kept_in_root).
         if os.path.lexists(link) or not (os.path.isdir(on_build_host(settings, location))
-                                         or location == DEFAULT_REPOSITORY):
+                                         or (location == DEFAULT_REPOSITORY and chroot)):
             continue
         if not runner.pretend:
             os.makedirs(os.path.dirname(link), exist_ok=True)
@@ -7242,6 +7389,9 @@ def add_target(config, args, runner, output):
                 cpu_report(settings, target, runner, output)
             except BinhostError as error:
                 output.warn(f"CPU check skipped: {error}")
+        # A build machine without Gentoo: the repositories the target's configuration names, verified
+        # by the binhost root's own Portage as it syncs them there.
+        sync_repositories(settings, runner, output, missing_only=True)
     if settings.signing_key:
         output.info(f"Signing key {settings.signing_key} exists already")
     else:
@@ -8586,7 +8736,8 @@ def cmd_emerge(config, args, runner, output):
     def install(target):
         plan = plans.get(target.name)
         if plan is not None and plan.trees is not None:  # published: the live tree follows, then installs
-            plan.trees.move()
+            with build_lock(config.binhost_for(target), runner, output):
+                plan.trees.move()
         install_packages(config.binhost_for(target), target, runner, output, args.emerge_args, plan, asked=True)
 
     for_each_target(config, output, build, install, between=publish_all)

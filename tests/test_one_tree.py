@@ -60,6 +60,13 @@ class Lab:
         # modification time, and these two stamps have the same size).
         os.utime(self.target_repo / "metadata/timestamp.chk", (1_700_000_000, 1_700_000_000))
         (self.binhost_repo / "Manifest").write_text("TIMESTAMP 2025-12-02T03:45:00Z\n")
+        # The binhost's newer profile enables a flag by default that the target's older one does not.
+        defaults = self.binhost_repo / "profiles/default/make.defaults"
+        defaults.write_text(defaults.read_text().replace('USE=""', 'USE="otflag"'))
+        for repo in (self.target_repo, self.binhost_repo):
+            add_ebuild(repo, "app-misc/ot-flagged-1.0", "its default USE comes from the profile")
+            ebuild = repo / "app-misc/ot-flagged/ot-flagged-1.0.ebuild"
+            ebuild.write_text(ebuild.read_text().replace('IUSE=""', 'IUSE="otflag"'))
         make_overlay(self.target_overlay, OVERLAY, ebuilds=["app-misc/ot-old-1.0"])
         make_overlay(self.binhost_overlay, OVERLAY, ebuilds=["app-misc/ot-new-1.0"])
         self.target_only = base / TARGET_ONLY
@@ -88,6 +95,11 @@ class Lab:
         pulled = self.root / "etc/portage/repos.conf"
         for path in pulled.iterdir():
             path.unlink()
+        # As a real make.profile (relative, into /var/db/repos/gentoo) resolves on the binhost: into
+        # the binhost's own tree.
+        profile = self.root / "etc/portage/make.profile"
+        profile.unlink()
+        profile.symlink_to(self.binhost_repo / "profiles/default")
         (pulled / f"{REPO_NAME}.conf").write_text(repos_conf((REPO_NAME, self.binhost_repo),
                                                              (OVERLAY, self.binhost_overlay)))
         self.trees = self.target / "var/cache/gentoo-binhost/trees"
@@ -134,13 +146,23 @@ def test_setup_target_writes_tree_binhost_for_a_new_target(lab):
     assert "writing tree = binhost" in lab.setup.stdout, shown(lab.setup)
 
 
+def test_the_plan_takes_the_profile_of_the_staged_snapshot(lab):
+    """The binhost's profile (newer) enables otflag, the target's live one does not: planned with the
+    staged profile, the target wants what the binhost builds, and the gate passes."""
+    result = lab.cli("emerge", "app-misc/ot-flagged", check=False)
+    assert result.returncode == 0, shown(result)
+    built = eroot(lab.target, lab.world.eprefix) / "usr/share/ot-flagged/built"
+    assert "otflag" in built.read_text().split(), built.read_text()
+    assert "Moving ot's live tree to the published snapshot" in result.stdout, shown(result)
+
+
 def test_target_follows_the_binhosts_snapshot(lab):
     """The target's tree has ot-notary 0.5, which the binhost's dropped for 0.6: emerge plans 0.6
     from the staged snapshot, builds and publishes it, moves the target's tree, installs it."""
     result = lab.cli("emerge", "app-misc/ot-notary", "app-misc/ot-new", check=False)
     assert result.returncode == 0, shown(result)
     assert "Traceback" not in result.stderr
-    assert sorted(lab.installed()) == ["ot-new-1.0", "ot-notary-0.6"], shown(result)
+    assert {"ot-new-1.0", "ot-notary-0.6"} <= set(lab.installed()), shown(result)
     assert {"app-misc/ot-notary-0.6", "app-misc/ot-new-1.0"} <= set(lab.published_cpvs())
     # The live trees are the binhost's now, moved by Portage's own sync from the published copy.
     assert ebuilds(lab.target_repo, "ot-notary") == ["ot-notary-0.6.ebuild"], shown(result)
@@ -223,6 +245,31 @@ def test_pretend_stages_but_never_moves_the_live_tree(lab):
         "emerge --sync --quiet ot-overlay" in result.stdout, shown(result)
     assert ebuilds(lab.target_overlay, "ot-newer") == [], "--pretend moved the live tree"
     assert "ot-newer-1.0" not in lab.installed()
+
+
+def test_a_location_that_is_not_that_repository_is_never_sent(lab):
+    """The binhost root's repos.conf is the target's copy: a target naming the binhost's gpg-home as
+    the location of a repository it has gets nothing from there (only a directory that is the
+    repository of that name is sent)."""
+    secret = lab.base / "g"
+    assert secret.is_dir(), "the premise: the signing key's home"
+    theirs = lab.base / "target-secret"
+    make_overlay(theirs, "ot-secret")
+    binhost_entry = lab.root / "etc/portage/repos.conf/secret.conf"
+    target_entry = lab.target / "etc/portage/repos.conf/secret.conf"
+    binhost_entry.write_text(f"[ot-secret]\nlocation = {secret}\n")
+    target_entry.write_text(f"[ot-secret]\nlocation = {theirs}\n")
+    try:
+        result = lab.cli("--pretend", "emerge", "app-misc/ot-notary", check=False)
+        assert result.returncode == 0, shown(result)
+        assert "has repositories the binhost does not: ot-secret" in result.stderr.replace(f"{TARGET_ONLY}, ", ""), \
+            shown(result)
+        for place in ("pretend", "staged", "published"):
+            assert not (lab.trees / place / "ot-secret").exists(), place
+        assert (lab.trees / "pretend" / REPO_NAME).is_dir(), "--pretend stages in a place of its own"
+    finally:
+        binhost_entry.unlink()
+        target_entry.unlink()
 
 
 def test_the_next_run_repairs_an_interrupted_update_over_the_tunnel(lab):
