@@ -3553,7 +3553,7 @@ def snapshot_push_argv(source, destination, remote_shell=(), unchanged=None):
     Portage's own rsync compares), files unchanged since the published copy (unchanged) become hard
     links to it, what the source lacks goes."""
     argv = (["rsync", "--recursive", "--links", "--safe-links", "--perms", "--times", "--omit-dir-times",
-             "--delete", "--compress", "--protect-args"] + list(remote_shell)
+             "--delete", "--protect-args"] + list(remote_shell)
             + [f"--exclude={pattern}" for pattern in SNAPSHOT_EXCLUDES])
     if unchanged:
         argv.append(f"--link-dest={unchanged}")
@@ -3674,7 +3674,9 @@ class TargetTrees:
         self.remote.script(WRITE_MARKS_SCRIPT, self.base, self.place, *[
             word for name in pushed if not private for word in ("staged", name, "{}")],
             changes=False, what="preparing the staging copies")
-        remote_shell = ["--rsh", shlex.join(self.remote.ssh_base()), "--rsync-path", self.remote.command_line(["rsync"])]
+        # ssh compresses rsync's file list too (most of what a small change sends), not only the data.
+        remote_shell = ["--rsh", shlex.join(self.remote.ssh_base() + ["-o", "Compression=yes"]),
+                        "--rsync-path", self.remote.command_line(["rsync"])]
         for name in pushed:
             unchanged = posixpath.join(self.base, "published", name) if (name, "published") in self.marks else None
             argv = snapshot_push_argv(ours[name], rsync_destination(self.target.host, posixpath.join(
