@@ -1287,14 +1287,14 @@ class BuildHost:
     /proc, /sys, /dev and /run mounted. Callers give host paths; in the chroot they become its
     own paths."""
 
-    def __init__(self, settings, runner, output, into_root=False, trees_writable=False):
+    def __init__(self, settings, runner, output, into_root=False):
         self.settings, self.runner, self.output = settings, runner, output
         self.into_root = into_root
         binds = ()
         if into_root:
             # build-method = chroot: Portage runs inside the binhost root itself.
             self.chroot, self.extra_path = settings.root, ""
-            binds = chroot_build_binds(settings, trees_writable)
+            binds = chroot_build_binds(settings)
         else:
             self.chroot = settings.host.chroot
             self.extra_path = settings.host.path
@@ -1954,10 +1954,6 @@ def on_build_host(settings, path):
     return os.path.join(settings.host.chroot, path.lstrip("/")) if settings.host.chroot else path
 
 
-def holds_repository(directory):
-    return any(os.path.isfile(os.path.join(directory, marker)) for marker in ("profiles/repo_name", "metadata/layout.conf"))
-
-
 def repository_name(directory):
     """The name a repository directory gives itself (profiles/repo_name, else layout.conf's
     repo-name), or None."""
@@ -1969,33 +1965,9 @@ def repository_name(directory):
     return layout.group(1) if layout else None
 
 
-def repository_directory(settings, location):
-    """Where a repository the binhost root's configuration names is, seen from here: on the build
-    host; else, on a build machine without it (no host chroot), inside the binhost root."""
-    on_host = on_build_host(settings, location)
-    inside = os.path.join(settings.root, location.lstrip("/"))
-    if (not os.path.isdir(on_host) and not settings.host.chroot and not os.path.islink(inside)
-            and holds_repository(inside)):
-        return inside
-    return on_host
-
-
-def repositories_kept_in_root(settings):
-    """{name: location} of the repositories that live inside the binhost root (build-method
-    chroot on a build machine without Gentoo: no host chroot, and not on this machine), as its
-    configuration names them, Portage's default Gentoo entry included: synced there, and seen
-    read-only by builds."""
-    if settings.host.chroot:
-        return {}
-    configured = dict({"gentoo": DEFAULT_REPOSITORY}, **configured_repositories(settings.root))
-    return {name: location.rstrip("/") for name, location in configured.items()
-            if safe_place(location) and not os.path.isdir(location)}
-
-
-def chroot_build_binds(settings, trees_writable=False):
+def chroot_build_binds(settings):
     """(place inside the binhost root, build host directory, read-only) for a chroot build: each
     repository the copied configuration names, at the place it names, and the profile's, read-only;
-    a repository kept inside the root, onto itself read-only (unless trees_writable: its sync);
     [binhost] distdir, when set, read-write at the target's DISTDIR. The places come from a target:
     only what looks like what it claims is bound, and nothing it names is bound writable."""
     repositories = set(configured_repositories(settings.root).values()) | {DEFAULT_REPOSITORY}
@@ -2010,11 +1982,6 @@ def chroot_build_binds(settings, trees_writable=False):
                             for marker in ("profiles/repo_name", "metadata/layout.conf"))
         if os.path.isdir(source) and is_repository and os.path.realpath(source) != os.path.realpath(inside):
             binds.append((place, source, True))
-    if not trees_writable:
-        for place in sorted(set(repositories_kept_in_root(settings).values()) - {place for place, _, _ in binds}):
-            inside = os.path.join(settings.root, place.lstrip("/"))
-            if not os.path.islink(inside) and holds_repository(inside):
-                binds.append((place, inside, True))
     if settings.distdir:
         text = make_conf_texts(settings.root)
         distdirs = [_unquote(text[a.start:a.end], a.quote) for a in _assignments(text) if a.name == "DISTDIR"]
@@ -2537,9 +2504,6 @@ def build_packages(settings, runner, output, emerge_args, publish_after=True):
     method, why = build_method(settings, runner, output)
     host = portage_host(settings, runner, output)  # refuses first what it cannot do (not root)
     check_binhost_root(settings)
-    # The first build after init on a machine without Gentoo: its repositories into the root first.
-    if method == "chroot" and sync_repositories(settings, runner, output, missing_only=True):
-        host = portage_host(settings, runner, output)  # builds see them read-only now
     if method == "chroot":
         relative = os.path.relpath(settings.pkgdir, settings.root)
         if relative == ".." or relative.startswith("../"):
@@ -3331,8 +3295,7 @@ def binhost_repositories(settings):
     """{repository name: its directory on the build host} as the binhost root's repos.conf (the
     target's copy) names them; Gentoo's at its default place unless named."""
     locations = dict({"gentoo": DEFAULT_REPOSITORY}, **configured_repositories(settings.root))
-    return {name: repository_directory(settings, location) for name, location in locations.items()
-            if safe_place(location)}
+    return {name: on_build_host(settings, location) for name, location in locations.items()}
 
 
 PACKAGE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9+_.-]*/[A-Za-z0-9_][A-Za-z0-9+_-]*")
@@ -3478,13 +3441,19 @@ PROMOTE_SCRIPT = r"""
 set -e
 base=$1 confdir=$2 entry=$3
 shift 3
+checked=0
+for word in "$@"; do  # every staged copy first: nothing moves unless all are this run's
+    case $((checked % 3)) in 0) name=$word ;; 1)
+        if [ "$(head -n 1 "$base/$name.staged" 2>/dev/null)" != "$word" ]; then
+            echo "$base/staged/$name is not the snapshot this run built from (another run staged since)" >&2
+            exit 3
+        fi ;;
+    esac
+    checked=$((checked + 1))
+done
 while [ $# -ge 3 ]; do
-    name=$1 revision=$2 live=$3
+    name=$1 live=$3
     shift 3
-    if [ "$(head -n 1 "$base/$name.staged" 2>/dev/null)" != "$revision" ]; then
-        echo "$base/staged/$name is not the snapshot this run built from (another run staged since)" >&2
-        exit 3
-    fi
     mkdir -p "$base/published/$name"
     rsync --recursive --links --perms --times --omit-dir-times --delete \
         --link-dest="$base/staged/$name" "$base/staged/$name/" "$base/published/$name/"
@@ -3516,36 +3485,14 @@ def snapshot_date(stamp):
     return None
 
 
-def sync_repositories(settings, runner, output, missing_only=False):
-    """emerge --sync where the build's repositories are: the host chroot, else this machine; and
-    inside the binhost root for those kept there (its own Portage, with its own verification of
-    Gentoo's snapshot). missing_only: only the ones kept there that are not there yet (init)."""
-    kept = repositories_kept_in_root(settings)
-    if kept and build_method(settings, runner, output)[0] != "chroot":
-        kept = {}  # the root method reads them on the build host, synced or not
-    # A machine without Gentoo has nothing to sync itself, unless it has some repository after all.
-    on_host = [directory for name, directory in binhost_repositories(settings).items() if name not in kept]
-    if not missing_only and (not kept or any(os.path.isdir(directory) for directory in on_host)):
-        host = BuildHost(settings, runner, output)
-        emerge = host.program("emerge", "put Portage's bin directory in PATH")
-        output.action(f"Syncing the ebuild repositories on {host.where}: emerge --sync")
-        result = host.run([emerge, "--sync"], check=False, own_group=True)
-        if result is not None and result.returncode != 0:
-            raise BinhostError(f"emerge --sync failed on {host.where} (exit {result.returncode})")
-        link_repositories_into(settings, runner, output)
-    automatic = repository_auto_sync(settings.root)
-    names = [name for name, location in sorted(kept.items()) if automatic.get(name, True)
-             and not (missing_only and holds_repository(os.path.join(settings.root, location.lstrip("/"))))]
-    if not names:
-        return False
-    host = BuildHost(settings, runner, output, into_root=True, trees_writable=True)
-    emerge = host.program("emerge", "the binhost root has no Portage: is it a stage3?")
-    output.action(f"Syncing {', '.join(names)} inside {host.where} (not on this machine): emerge --sync {' '.join(names)}")
-    result = host.run([emerge, "--sync"] + names, root_environment(settings), check=False, own_group=True)
+def sync_repositories(settings, runner, output):
+    """emerge --sync where the build's repositories are: the host chroot, else this machine."""
+    host = BuildHost(settings, runner, output)
+    emerge = host.program("emerge", "put Portage's bin directory in PATH")
+    output.action(f"Syncing the ebuild repositories on {host.where}: emerge --sync")
+    result = host.run([emerge, "--sync"], check=False, own_group=True)
     if result is not None and result.returncode != 0:
-        raise BinhostError(f"emerge --sync {' '.join(names)} failed in {host.where} (exit {result.returncode}):"
-                           " its output above says why")
-    return True
+        raise BinhostError(f"emerge --sync failed on {host.where} (exit {result.returncode})")
 
 
 def snapshot_push_argv(source, destination, remote_shell=(), unchanged=None):
@@ -3635,8 +3582,10 @@ class TargetTrees:
         for attempt in (1, 2):
             # The locations come from the target's configuration: only a directory that is the
             # repository of that name is ever read and sent (never, say, the signing key's).
+            locations = dict({"gentoo": DEFAULT_REPOSITORY}, **configured_repositories(self.settings.root))
             ours = {name: directory for name, directory in binhost_repositories(self.settings).items()
-                    if os.path.isdir(directory) and repository_name(directory) == name}
+                    if safe_place(locations.get(name, "")) and os.path.isdir(directory)
+                    and repository_name(directory) == name}
             newer = {}
             for name in theirs:
                 if name in ours:
@@ -6733,7 +6682,6 @@ def init_binhost(config, args, runner, output):
     name, sha512 = installed
     os.makedirs(os.path.join(root, "var/cache/binpkgs"), exist_ok=True)
     link_repositories_into(settings, runner, output)
-    sync_repositories(settings, runner, output, missing_only=True)
     note = {"stage3": name, "stage3-sha512": sha512,
             "stage3-installed": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")}
     if settings.root == config.binhost.root:  # the notes describe [binhost] root
@@ -6843,20 +6791,6 @@ def configured_repositories(configroot):
     return repository_locations(members)
 
 
-def repository_auto_sync(configroot):
-    """{name: whether emerge --sync syncs it} as the repos.conf under configroot/etc/portage says
-    (auto-sync, default yes)."""
-    base = os.path.join(configroot, "etc/portage/repos.conf")
-    paths = [base] if os.path.isfile(base) else sorted(
-        os.path.join(directory, name) for directory, _dirs, names in os.walk(base) for name in names)
-    parser = configparser.ConfigParser(interpolation=None)
-    for path in paths:
-        with contextlib.suppress(OSError, UnicodeDecodeError, configparser.Error):
-            parser.read_string(read_text(path))
-    return {name: parser[name].get("auto-sync", "yes").strip().lower() in ("yes", "true")
-            for name in parser.sections()}
-
-
 def profile_repository(configroot):
     """Where make.profile's repository is inside configroot (e.g. /var/db/repos/gentoo for
     ../../var/db/repos/gentoo/profiles/default/linux/amd64/23.0), or None."""
@@ -6891,10 +6825,9 @@ def link_repositories_into(settings, runner, output):
         if (os.path.isdir(link) and not os.path.islink(link) and not os.path.ismount(link)
                 and not os.listdir(link) and not runner.pretend):
             os.rmdir(link)  # the empty mount point a chroot build left
-        # Gentoo's repository is linked before it is synced in a host chroot; a build machine
-        # without it keeps it inside the binhost root instead (repositories_kept_in_root).
+        # Gentoo's repository is linked even before it is synced on the build host.
         if os.path.lexists(link) or not (os.path.isdir(on_build_host(settings, location))
-                                         or (location == DEFAULT_REPOSITORY and chroot)):
+                                         or location == DEFAULT_REPOSITORY):
             continue
         if not runner.pretend:
             os.makedirs(os.path.dirname(link), exist_ok=True)
@@ -7391,9 +7324,7 @@ def add_target(config, args, runner, output):
                 cpu_report(settings, target, runner, output)
             except BinhostError as error:
                 output.warn(f"CPU check skipped: {error}")
-        # A build machine without Gentoo: the repositories the target's configuration names, verified
-        # by the binhost root's own Portage as it syncs them there.
-        sync_repositories(settings, runner, output, missing_only=True)
+
     if settings.signing_key:
         output.info(f"Signing key {settings.signing_key} exists already")
     else:
