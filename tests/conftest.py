@@ -1146,6 +1146,8 @@ class World:
         binhost = binhost.rstrip("\n") + "\n" + extra_binhost
         config = self.base / f"{name}.conf"
         sshd = sshd or self.sshd
+        # tree = own: this target's live tree is tests/repo itself, the binhost's too; following the
+        # binhost's snapshot (tests/test_one_tree.py) needs a tree of its own.
         config.write_text(binhost + f"\n[target {name}]\nhost = {sshd.host}\n"
                           f"ssh-port = {sshd.port}\nssh-options = {sshd.ssh_options}\n"
                           f"root = {root}\npath = {self.portage_bin}\ntree = own\n")

@@ -342,6 +342,69 @@ def test_emerge_syncs_the_binhost_first_when_the_target_is_newer(lab):
     assert lab.mark(REPO_NAME, "live")["revision"] == f"timestamp {NEWER_STAMP}"
 
 
+def test_the_move_refuses_when_another_run_staged_since(gb, tmp_path):
+    """PROMOTE_SCRIPT, as the target runs it: every staged copy must be the one this run built from
+    before any moves (here the second is not): nothing is published, no live stamp goes."""
+    base, live = tmp_path / "trees", tmp_path / "live"
+    for name, mark in (("first", "r1"), ("second", "someone else's")):
+        (base / "staged" / name).mkdir(parents=True)
+        (base / "staged" / name / "file").write_text(name)
+        (base / f"{name}.staged").write_text(mark + "\n")
+    (live / "metadata").mkdir(parents=True)
+    (live / "metadata/timestamp.chk").write_text(BINHOST_STAMP + "\n")
+    done = subprocess.run(["sh", "-c", gb.PROMOTE_SCRIPT, "gentoo-binhost", str(base), str(tmp_path / "repos.conf"),
+                           "zz-gentoo-binhost.conf", "first", "r1", str(live), "second", "r2", str(live)],
+                          input="", capture_output=True, text=True, timeout=60)
+    assert done.returncode == 3, done.stdout + done.stderr
+    assert "second is not the snapshot this run built from (another run staged since)" in done.stderr
+    assert not (base / "published").exists() and not (base / "first.published").exists()
+    assert (live / "metadata/timestamp.chk").is_file()
+    assert not (tmp_path / "repos.conf").exists()
+
+
+def test_config_push_keeps_the_targets_own_entry_and_a_pull_never_takes_one(gb, tmp_path, portage_bin):
+    """INSTALL_CONFIG_SCRIPT (config push, as the target runs it) carries the target's own repos.conf
+    entry over into the configuration it installs; a target's stream that brings one is left out
+    on the binhost (sanitized_config_tar), as the binrepos entry is."""
+    import hashlib
+    import io
+    import tarfile
+    configroot = tmp_path / "target"
+    portage = configroot / "etc/portage"
+    (portage / "repos.conf").mkdir(parents=True)
+    (portage / "make.conf").write_text('USE="old"\n')
+    (portage / "repos.conf/zz-gentoo-binhost.conf").write_text("[binhost-test]\nsync-type = rsync\n")
+    stream = io.BytesIO()
+    with tarfile.open(fileobj=stream, mode="w") as archive:
+        for name, text in (("etc/portage/make.conf", 'USE="new"\n'),
+                           ("etc/portage/repos.conf/gentoo.conf", "[gentoo]\nlocation = /var/db/repos/gentoo\n")):
+            data = text.encode()
+            member = tarfile.TarInfo(name)
+            member.size = len(data)
+            archive.addfile(member, io.BytesIO(data))
+    data = stream.getvalue()
+    done = subprocess.run(["sh", "-c", gb.INSTALL_CONFIG_SCRIPT, "gentoo-binhost", str(configroot),
+                           hashlib.sha256(data).hexdigest(), "20261203", "gentoo-binhost.conf", gb.OWN_REPOS_ENTRY],
+                          input=data, capture_output=True, timeout=120,
+                          env=dict(os.environ, PATH=f"{portage_bin}:{os.environ['PATH']}"))
+    assert done.returncode == 0, done.stderr.decode()
+    assert (portage / "make.conf").read_text() == 'USE="new"\n'
+    assert (portage / "repos.conf/zz-gentoo-binhost.conf").read_text() == "[binhost-test]\nsync-type = rsync\n"
+
+    output = gb.Output(color=False, verbosity=1)
+    planted = io.BytesIO()
+    with tarfile.open(fileobj=planted, mode="w") as archive:
+        for name in ("etc/portage", "etc/portage/repos.conf"):
+            member = tarfile.TarInfo(name)
+            member.type = tarfile.DIRTYPE
+            archive.addfile(member)
+        member = tarfile.TarInfo(gb.OWN_REPOS_MEMBER)
+        member.size = 3
+        archive.addfile(member, io.BytesIO(b"[x]"))
+    kept = gb.config_members(gb.sanitized_config_tar(planted.getvalue(), "ot", output))
+    assert gb.OWN_REPOS_MEMBER not in kept
+
+
 def test_remove_target_gives_the_target_its_own_sync_back(lab):
     assert lab.own_entry.is_file()
     pretend = lab.cli("--pretend", "remove-target", "ot")
