@@ -3615,8 +3615,8 @@ class TargetTrees:
         # As Portage's own sync trusts timestamp.chk: a staged copy at the binhost's snapshot
         # (its date and Manifest) is not walked again. A git checkout is: its HEAD does not say
         # whether its files were changed since.
-        pushed = [name for name in self.followed if private or self.marks.get((name, "staged")) != self.revision(name)
-                  or not self.states[name].get("revision", "").startswith("timestamp ")]
+        pushed = [name for name in self.followed
+                  if private or not self.dated(name) or self.marks.get((name, "staged")) != self.revision(name)]
         self.output.action(f"Staging the binhost's snapshot on {self.target.name} (not live):"
                            f" {describe_tree(self.states)}" + ("" if pushed else " (staged there already)"))
         # A push that is cut short leaves no mark claiming a revision.
@@ -3657,13 +3657,17 @@ class TargetTrees:
     def revision(self, name):
         return json.dumps(self.states.get(name, {}), sort_keys=True)
 
+    def dated(self, name):
+        """Whether the binhost's copy is a dated snapshot, which its revision describes whole."""
+        return self.states.get(name, {}).get("revision", "").startswith("timestamp ")
+
     def move(self):
         """The live tree moves to the staged snapshot: published there first (our repos.conf entry
         points Portage at it), then emerge --sync of those repositories on the target."""
         if not self.followed:
             return
         moving = [name for name in self.followed
-                  if not self.states[name] or self.marks.get((name, "live")) != self.revision(name)]
+                  if not self.dated(name) or self.marks.get((name, "live")) != self.revision(name)]
         if not moving:
             self.output.info(f"{self.target.name}'s live tree is at the published snapshot already")
             return
