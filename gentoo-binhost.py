@@ -6508,6 +6508,7 @@ DOWNLOAD_CHUNK = 1024 * 1024
 # What the target runs: its arch, libc, init system, profile and multilib choice.
 TARGET_SYSTEM_SCRIPT = r"""
 echo "machine $(uname -m)"
+echo "arch $(portageq envvar ARCH 2>/dev/null)"
 echo "chost $(portageq envvar CHOST 2>/dev/null)"
 if [ -d /run/systemd/system ] || readlink /sbin/init 2>/dev/null | grep -q systemd; then
     echo "init systemd"
@@ -6518,10 +6519,25 @@ echo "profile $(readlink "${1%/}/etc/portage/make.profile" 2>/dev/null)"
 """
 
 
-def stage3_variant(machine, chost, init, profile):
-    """(arch, variant, reasons) matching what the target runs, as Gentoo names its stage3s."""
-    arch = GENTOO_ARCHES.get(machine, machine)
-    parts, reasons = [], [f"{machine} is {arch}"]
+# A CHOST's first word, for a target whose Portage names no ARCH.
+CHOST_ARCHES = (("x86_64", "amd64"), ("aarch64", "arm64"), ("arm", "arm"), ("i686", "x86"), ("i586", "x86"),
+                ("riscv64", "riscv"), ("powerpc64", "ppc64"))
+
+
+def stage3_variant(machine, chost, init, profile, portage_arch=""):
+    """(arch, variant, reasons) matching what the target runs, as Gentoo names its stage3s. The
+    userland decides the arch: Portage's ARCH, else its CHOST, and the kernel's machine (uname -m)
+    only without them (a 64-bit kernel may run a 32-bit userland: aarch64 under arm)."""
+    kernel = GENTOO_ARCHES.get(machine, machine)
+    portage_arch = portage_arch if re.fullmatch(r"[a-z0-9][a-z0-9_-]*", portage_arch) else ""  # a URL's path word
+    from_chost = next((arch for prefix, arch in CHOST_ARCHES if chost.startswith(prefix)), "")
+    arch = portage_arch or from_chost or kernel
+    if arch == kernel:
+        reasons = [f"{machine} is {arch}"]
+    else:
+        said = f"Portage's ARCH is {arch}" if portage_arch else f"its CHOST {chost} is {arch}"
+        reasons = [f"{said} (uname -m says {machine}: the kernel's)"]
+    parts = []
     if "musl" in chost or "/musl" in profile:
         parts.append("musl")
         reasons.append(f"{chost or profile} is musl")
@@ -6671,7 +6687,8 @@ def init_binhost(config, args, runner, output):
                                                       what="asking the target what it runs")
         facts = dict(line.split(" ", 1) for line in probe.stdout.splitlines() if " " in line)
         like_arch, like_variant, reasons = stage3_variant(facts.get("machine", ""), facts.get("chost", ""),
-                                                          facts.get("init", ""), facts.get("profile", ""))
+                                                          facts.get("init", ""), facts.get("profile", ""),
+                                                          facts.get("arch", "").strip())
         arch, variant = arch or like_arch, variant or like_variant  # explicit options win
         args.target_machine = facts.get("machine")
         output.info(f"{target.name}: stage3-{like_arch}-{like_variant}, because {', '.join(reasons)}")

@@ -215,6 +215,22 @@ def test_like_target_picks_the_matching_variant(gb, facts, expected):
     assert (arch, variant) == expected and reasons
 
 
+@pytest.mark.parametrize("facts, expected, why", [
+    # A Raspberry Pi with a 64-bit kernel and a 32-bit userland: uname -m says aarch64.
+    (("aarch64", "armv7a-unknown-linux-gnueabihf", "openrc", "default/linux/arm/23.0/armv7a", "arm"),
+     ("arm", "openrc"), "Portage's ARCH is arm (uname -m says aarch64: the kernel's)"),
+    (("aarch64", "armv7a-unknown-linux-gnueabihf", "openrc", "default/linux/arm/23.0/armv7a", ""),
+     ("arm", "openrc"), "its CHOST armv7a-unknown-linux-gnueabihf is arm (uname -m says aarch64: the kernel's)"),
+    (("aarch64", "aarch64-unknown-linux-musl", "openrc", "default/linux/arm64/23.0/musl", "arm64"),
+     ("arm64", "musl"), "aarch64 is arm64"),
+    # A word that is no arch name is not taken (it ends up in the mirror's URL).
+    (("x86_64", "", "openrc", "", "../../etc"), ("amd64", "openrc"), "x86_64 is amd64"),
+])
+def test_like_target_takes_the_userlands_arch_over_the_kernels(gb, facts, expected, why):
+    arch, variant, reasons = gb.stage3_variant(*facts)
+    assert (arch, variant) == expected and reasons[0] == why, reasons
+
+
 def test_parse_latest_and_digests(gb):
     latest = f"# Latest as of ...\n# ts=1\n{BUILD}/{NAME} 123\n"
     assert gb.parse_latest(latest) == (f"{BUILD}/{NAME}", 123)

@@ -756,6 +756,54 @@ def test_init_like_target_asks_the_target_over_ssh_and_picks_the_variant(world, 
     assert not root.exists()
 
 
+def test_init_like_target_takes_the_arch_portage_says_over_uname(world, tmp_path, serving_pkgdir):
+    """init --like-target: the arch is the target's userland's, as its Portage says (ARCH), not what
+    uname -m says (a 64-bit kernel may run another userland). Here the target's profile says arm64
+    on this x86_64 machine: the arm64 list of the local mirror is the one taken."""
+    import hashlib
+    from test_init import gpg_home, sign, tiny_stage3
+    need(shutil.which("gpg") and shutil.which("xz"), "gpg and xz are needed")
+    build = "20261120T170000Z"
+    release = gpg_home(tmp_path / "release-gnupg", "release")
+    keyring = tmp_path / "gentoo-release.asc"
+    keyring.write_text(run(["gpg", "--homedir", release, "--armor", "--export"]).stdout)
+    autobuilds = tmp_path / "www/releases/arm64/autobuilds"
+    (autobuilds / build).mkdir(parents=True)
+    name = f"stage3-arm64-systemd-{build}.tar.xz"
+    payload = tiny_stage3()
+    (autobuilds / build / name).write_bytes(payload)
+    digests = autobuilds / build / (name + ".DIGESTS")
+    digests.write_text(f"# BLAKE2B HASH\n{hashlib.blake2b(payload).hexdigest()}  {name}\n"
+                       f"# SHA512 HASH\n{hashlib.sha512(payload).hexdigest()}  {name}\n")
+    sign(release, digests, clear=True)
+    latest = autobuilds / "latest-stage3-arm64-systemd.txt"
+    latest.write_text(f"# ts=1795194000\n{build}/{name} {len(payload)}\n")
+    sign(release, latest, clear=True)
+    (autobuilds / "latest-stage3.txt").write_text(f"# ts=1795194000\n{build}/{name} {len(payload)}\n")
+    mirror = f"http://127.0.0.1:{serving_pkgdir(tmp_path / 'www')}"
+
+    target = tmp_path / "target"
+    profile = tmp_path / "profiles/default/linux/arm64/23.0/systemd"  # a systemd profile: init decided
+    profile.mkdir(parents=True)
+    (profile / "eapi").write_text("5\n")
+    (profile / "make.defaults").write_text('ARCH="arm64"\nCHOST="aarch64-unknown-linux-gnu"\n')
+    (target / "etc/portage").mkdir(parents=True)
+    (target / "etc/portage/make.profile").symlink_to(profile)
+    config = tmp_path / "arm.conf"
+    config.write_text(f"[binhost]\nroot = {tmp_path / 'new-binhost'}\n\n[target pi]\nhost = {world.sshd.host}\n"
+                      f"ssh-port = {world.sshd.port}\nssh-options = {world.sshd.ssh_options}\n"
+                      f"root = {target}\npath = {world.portage_bin}\n")
+    result = world.cli("-p", "init", "--like-target", "--mirror", mirror, "--keyring", keyring, config=config,
+                       check=False)
+    said = result.stdout + result.stderr
+    machine = os.uname().machine
+    assert machine == "x86_64" or pytest.skip(f"the premise is a kernel that is not arm64's; this one is {machine}")
+    chosen = next((line for line in said.splitlines() if "pi: stage3-" in line), said)
+    assert "pi: stage3-arm64-systemd, because Portage's ARCH is arm64 (uname -m says x86_64: the kernel's)" \
+        in chosen, said
+    assert f"Would download {mirror}/releases/arm64/autobuilds/{build}/{name}" in said, said
+
+
 @pytest.fixture
 def options_target(world):
     """A target of its own (for each test) whose config names an auth file, with a binrepos entry
