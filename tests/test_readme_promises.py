@@ -704,22 +704,18 @@ def test_on_a_terminal_the_build_is_the_foreground_job_and_emerge_ask_asks(porta
     assert not list((root / "var/cache/binpkgs").rglob("*.gpkg.tar")), said
 
 
-def test_init_like_target_asks_the_target_over_ssh_and_picks_the_variant(world, tmp_path, serving_pkgdir):
-    """init: "--like-target asks the target (one ssh round trip) for its machine, CHOST, init system
-    and profile and picks the matching variant, saying why (... a no-multilib profile is
-    nomultilib-openrc, systemd is systemd, ...)". The target is the session's sshd; its ROOT's
-    make.profile (a no-multilib systemd profile) and this machine's uname are what it answers. The
-    local mirror offers only that variant, so its signed latest list decides what would be taken."""
+def signed_stage3_mirror(tmp_path, serving_pkgdir, arch, variant, build="20261120T170000Z"):
+    """A local mirror offering one stage3 (arch, variant) as Gentoo's does: signed DIGESTS, detached
+    signature, signed latest list, and the arch's latest-stage3.txt. Returns (url, keyring, name)."""
     import hashlib
     from test_init import gpg_home, sign, tiny_stage3
     need(shutil.which("gpg") and shutil.which("xz"), "gpg and xz are needed")
-    build, variant = "20261120T170000Z", "nomultilib-systemd"
     release = gpg_home(tmp_path / "release-gnupg", "release")
     keyring = tmp_path / "gentoo-release.asc"
     keyring.write_text(run(["gpg", "--homedir", release, "--armor", "--export"]).stdout)
-    autobuilds = tmp_path / "www/releases/amd64/autobuilds"
+    autobuilds = tmp_path / f"www/releases/{arch}/autobuilds"
     (autobuilds / build).mkdir(parents=True)
-    name = f"stage3-amd64-{variant}-{build}.tar.xz"
+    name = f"stage3-{arch}-{variant}-{build}.tar.xz"
     payload = tiny_stage3()
     (autobuilds / build / name).write_bytes(payload)
     digests = autobuilds / build / (name + ".DIGESTS")
@@ -727,10 +723,22 @@ def test_init_like_target_asks_the_target_over_ssh_and_picks_the_variant(world, 
                        f"# SHA512 HASH\n{hashlib.sha512(payload).hexdigest()}  {name}\n")
     sign(release, digests, clear=True)
     sign(release, autobuilds / build / name)
-    latest = autobuilds / f"latest-stage3-amd64-{variant}.txt"
-    latest.write_text(f"# ts=1795194000\n{build}/{name} {len(payload)}\n")
+    listing = f"# ts=1795194000\n{build}/{name} {len(payload)}\n"
+    latest = autobuilds / f"latest-stage3-{arch}-{variant}.txt"
+    latest.write_text(listing)
     sign(release, latest, clear=True)
-    mirror = f"http://127.0.0.1:{serving_pkgdir(tmp_path / 'www')}"
+    (autobuilds / "latest-stage3.txt").write_text(listing)
+    return f"http://127.0.0.1:{serving_pkgdir(tmp_path / 'www')}", keyring, f"{build}/{name}"
+
+
+def test_init_like_target_asks_the_target_over_ssh_and_picks_the_variant(world, tmp_path, serving_pkgdir):
+    """init: "--like-target asks the target (one ssh round trip) for its machine, CHOST, init system
+    and profile and picks the matching variant, saying why (... a no-multilib profile is
+    nomultilib-openrc, systemd is systemd, ...)". The target is the session's sshd; its ROOT's
+    make.profile (a no-multilib systemd profile) and this machine's uname are what it answers. The
+    local mirror offers only that variant, so its signed latest list decides what would be taken."""
+    variant = "nomultilib-systemd"
+    mirror, keyring, path = signed_stage3_mirror(tmp_path, serving_pkgdir, "amd64", variant)
 
     target = tmp_path / "target"
     (target / "etc/portage").mkdir(parents=True)
@@ -751,7 +759,7 @@ def test_init_like_target_asks_the_target_over_ssh_and_picks_the_variant(world, 
     chosen = next((line for line in said.splitlines() if "far: stage3-" in line), said)
     assert f"far: stage3-amd64-{variant}, because x86_64 is amd64" in chosen, chosen
     assert "the profile is no-multilib" in chosen and "systemd" in chosen, chosen
-    assert f"Would download {mirror}/releases/amd64/autobuilds/{build}/{name}" in said, said
+    assert f"Would download {mirror}/releases/amd64/autobuilds/{path}" in said, said
     assert world.sshd.log_text().count("Accepted publickey") == logins + 1, "one ssh round trip"
     assert not root.exists()
 
@@ -760,27 +768,7 @@ def test_init_like_target_takes_the_arch_portage_says_over_uname(world, tmp_path
     """init --like-target: the arch is the target's userland's, as its Portage says (ARCH), not what
     uname -m says (a 64-bit kernel may run another userland). Here the target's profile says arm64
     on this x86_64 machine: the arm64 list of the local mirror is the one taken."""
-    import hashlib
-    from test_init import gpg_home, sign, tiny_stage3
-    need(shutil.which("gpg") and shutil.which("xz"), "gpg and xz are needed")
-    build = "20261120T170000Z"
-    release = gpg_home(tmp_path / "release-gnupg", "release")
-    keyring = tmp_path / "gentoo-release.asc"
-    keyring.write_text(run(["gpg", "--homedir", release, "--armor", "--export"]).stdout)
-    autobuilds = tmp_path / "www/releases/arm64/autobuilds"
-    (autobuilds / build).mkdir(parents=True)
-    name = f"stage3-arm64-systemd-{build}.tar.xz"
-    payload = tiny_stage3()
-    (autobuilds / build / name).write_bytes(payload)
-    digests = autobuilds / build / (name + ".DIGESTS")
-    digests.write_text(f"# BLAKE2B HASH\n{hashlib.blake2b(payload).hexdigest()}  {name}\n"
-                       f"# SHA512 HASH\n{hashlib.sha512(payload).hexdigest()}  {name}\n")
-    sign(release, digests, clear=True)
-    latest = autobuilds / "latest-stage3-arm64-systemd.txt"
-    latest.write_text(f"# ts=1795194000\n{build}/{name} {len(payload)}\n")
-    sign(release, latest, clear=True)
-    (autobuilds / "latest-stage3.txt").write_text(f"# ts=1795194000\n{build}/{name} {len(payload)}\n")
-    mirror = f"http://127.0.0.1:{serving_pkgdir(tmp_path / 'www')}"
+    mirror, keyring, path = signed_stage3_mirror(tmp_path, serving_pkgdir, "arm64", "systemd")
 
     target = tmp_path / "target"
     profile = tmp_path / "profiles/default/linux/arm64/23.0/systemd"  # a systemd profile: init decided
@@ -801,7 +789,7 @@ def test_init_like_target_takes_the_arch_portage_says_over_uname(world, tmp_path
     chosen = next((line for line in said.splitlines() if "pi: stage3-" in line), said)
     assert "pi: stage3-arm64-systemd, because Portage's ARCH is arm64 (uname -m says x86_64: the kernel's)" \
         in chosen, said
-    assert f"Would download {mirror}/releases/arm64/autobuilds/{build}/{name}" in said, said
+    assert f"Would download {mirror}/releases/arm64/autobuilds/{path}" in said, said
 
 
 @pytest.fixture
