@@ -639,6 +639,22 @@ def group_commands(pgid):
     return found
 
 
+def wait_until_reading_terminal(pgid, seconds=20):
+    """Until a process of the group sleeps in the terminal's read. Python checks for signals
+    before it calls read(): a Ctrl-C typed between emerge's prompt and that call is caught
+    but interrupts nothing, and emerge then waits for a line (a person is never that quick;
+    a test under load is)."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        for entry in Path("/proc").iterdir():
+            if entry.name.isdigit():
+                with contextlib.suppress(OSError, IndexError):
+                    if process_stat(entry.name)[2] == pgid and \
+                            (entry / "wchan").read_text() in ("wait_woken", "n_tty_read"):
+                        return
+        time.sleep(0.05)
+
+
 @pytest.mark.parametrize("answer, said_by_emerge", [(b"No\r", "Quitting."), (b"\x03", "Interrupted.")],
                          ids=["No", "Ctrl-C"])
 def test_on_a_terminal_the_build_is_the_foreground_job_and_emerge_ask_asks(portage_bin, tmp_path, answer,
@@ -687,6 +703,7 @@ def test_on_a_terminal_the_build_is_the_foreground_job_and_emerge_ask_asks(porta
         _, _, tool_group, _, _, build_group = process_stat(pid)
         assert build_group != tool_group, "the tool, not the build, is the terminal's foreground job"
         assert any("emerge" in command for command in group_commands(build_group)), group_commands(build_group)
+        wait_until_reading_terminal(build_group)
         os.write(terminal, answer)
         read_until(lambda: status is not None, 60)
     finally:
