@@ -275,17 +275,85 @@ def read_text(path):
         return ""
 
 
+def symlink_below(base, path):
+    """The first symbolic link on the way from base down to path (path included), or None."""
+    current = base
+    for part in os.path.relpath(path, base).split(os.sep):
+        current = os.path.join(current, part)
+        if os.path.islink(current):
+            return current
+    return None
+
+
 def check_no_symlink_below(base, path):
     """The configuration in the binhost root came from a target: never write through a symlink
     in it (etc/portage/package.use -> /etc/cron.d, say)."""
-    relative = os.path.relpath(path, base)
-    current = base
-    for part in relative.split(os.sep):
-        current = os.path.join(current, part)
-        if os.path.islink(current):
-            raise BinhostError(f"{current} is a symbolic link (to {os.readlink(current)}): refusing to"
-                               f" write or mount {path} through it; replace the link with a real file or"
-                               " directory")
+    link = symlink_below(base, path)
+    if link:
+        raise BinhostError(f"{link} is a symbolic link (to {os.readlink(link)}): refusing to"
+                           f" write or mount {path} through it; replace the link with a real file or"
+                           " directory")
+
+
+MAX_SYMLINKS = 40
+
+
+def open_inside(root, parts):
+    """A descriptor of root/parts..., or None when it does not exist or leads out of root. Each
+    component is opened relative to its directory with O_NOFOLLOW; a symlink met on the way is
+    resolved by hand when it stays inside root (its `..` never above it, never absolute)."""
+    flags = os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK  # NONBLOCK: a FIFO must not hang us
+    try:
+        descriptor = os.open(root, os.O_RDONLY | os.O_CLOEXEC | os.O_DIRECTORY)
+    except OSError:
+        return None
+    parents, pending, links = [], list(parts), 0
+    try:
+        while pending:
+            part = pending.pop(0)
+            if part in ("", "."):
+                continue
+            if part == "..":
+                if not parents:
+                    return None
+                os.close(descriptor)
+                descriptor = parents.pop()
+                continue
+            try:
+                child = os.open(part, flags, dir_fd=descriptor)
+            except OSError as error:
+                if error.errno != errno.ELOOP:
+                    return None
+                try:
+                    target = os.readlink(part, dir_fd=descriptor)
+                except OSError:
+                    return None
+                links += 1
+                if links > MAX_SYMLINKS or target.startswith("/"):
+                    return None
+                pending[:0] = target.split("/")
+                continue
+            parents.append(descriptor)
+            descriptor = child
+        result, descriptor = descriptor, None
+        return result
+    finally:
+        for leftover in parents + ([descriptor] if descriptor is not None else []):
+            os.close(leftover)
+
+
+def read_inside(directory, relative):
+    """The text of directory/relative ("" when missing), never through a link that leads out of
+    directory: a repository inside the binhost root is written by its sync, and a link there that
+    is absolute means a path of the chroot, not of this machine."""
+    descriptor = open_inside(directory, relative.split("/"))
+    if descriptor is None:
+        return ""
+    try:
+        with os.fdopen(descriptor, "rb") as handle:
+            return handle.read(1 << 20).decode("utf-8", "replace")
+    except OSError:  # a directory, a FIFO with no writer
+        return ""
 
 
 # ------------------------------------------------------------------------------------------------
@@ -1287,14 +1355,14 @@ class BuildHost:
     /proc, /sys, /dev and /run mounted. Callers give host paths; in the chroot they become its
     own paths."""
 
-    def __init__(self, settings, runner, output, into_root=False):
+    def __init__(self, settings, runner, output, into_root=False, trees_writable=False):
         self.settings, self.runner, self.output = settings, runner, output
         self.into_root = into_root
         binds = ()
         if into_root:
             # build-method = chroot: Portage runs inside the binhost root itself.
             self.chroot, self.extra_path = settings.root, ""
-            binds = chroot_build_binds(settings)
+            binds = chroot_build_binds(settings, trees_writable)
         else:
             self.chroot = settings.host.chroot
             self.extra_path = settings.host.path
@@ -1954,20 +2022,79 @@ def on_build_host(settings, path):
     return os.path.join(settings.host.chroot, path.lstrip("/")) if settings.host.chroot else path
 
 
+DEFAULT_REPOSITORY = "/var/db/repos/gentoo"
+
+
+def configured_repositories(configroot):
+    """{name: location} of the repos.conf under configroot/etc/portage (a file or a directory)."""
+    base = os.path.join(configroot, "etc/portage/repos.conf")
+    paths = [base] if os.path.isfile(base) else sorted(
+        os.path.join(directory, name) for directory, _dirs, names in os.walk(base) for name in names)
+    members = {}
+    for path in paths:
+        with contextlib.suppress(OSError):
+            with open(path, "rb") as handle:
+                members["etc/portage/repos.conf/" + os.path.relpath(path, base)] = ("file", 0, handle.read())
+    return repository_locations(members)
+
+
+def profile_repository(configroot):
+    """Where make.profile's repository is inside configroot (e.g. /var/db/repos/gentoo for
+    ../../var/db/repos/gentoo/profiles/default/linux/amd64/23.0), or None."""
+    link = os.path.join(configroot, "etc/portage/make.profile")
+    if not os.path.islink(link):
+        return None
+    target = os.readlink(link)
+    if target.startswith("/") or "/profiles" not in "/" + target:
+        return None
+    inside = os.path.normpath(os.path.join("/etc/portage", target))
+    return inside.split("/profiles", 1)[0] or None
+
+
 def repository_name(directory):
     """The name a repository directory gives itself (profiles/repo_name, else layout.conf's
     repo-name), or None."""
-    name = read_text(os.path.join(directory, "profiles/repo_name")).strip().splitlines()
+    name = read_inside(directory, "profiles/repo_name").strip().splitlines()
     if name:
         return name[0].strip()
-    layout = re.search(r"^\s*repo-name\s*=\s*(\S+)", read_text(os.path.join(directory, "metadata/layout.conf")),
-                       re.MULTILINE)
+    layout = re.search(r"^\s*repo-name\s*=\s*(\S+)", read_inside(directory, "metadata/layout.conf"), re.MULTILINE)
     return layout.group(1) if layout else None
 
 
-def chroot_build_binds(settings):
+def holds_repository(directory):
+    return any(os.path.isfile(os.path.join(directory, marker)) for marker in ("profiles/repo_name", "metadata/layout.conf"))
+
+
+def repositories_kept_in_root(settings, method="chroot"):
+    """{name: location} of the repositories that live inside the binhost root: on a build machine
+    without Gentoo (no host chroot) that builds with the chroot method, each one the root's
+    repos.conf names (the target's) at a place this machine does not have, and Gentoo's when
+    make.profile points into its default place. They are synced there, by the root's Portage."""
+    if settings.host.chroot or method != "chroot":
+        return {}
+    configured = configured_repositories(settings.root)
+    if profile_repository(settings.root) == DEFAULT_REPOSITORY and DEFAULT_REPOSITORY not in configured.values():
+        configured.setdefault("gentoo", DEFAULT_REPOSITORY)
+    return {name: location.rstrip("/") for name, location in configured.items()
+            if safe_place(location) and not os.path.isdir(location)}
+
+
+def repository_directory(settings, location):
+    """Where a repository the binhost root's configuration names is, seen from here: on the build
+    host; else, on a build machine without it (no host chroot), inside the binhost root, when it
+    is there, reached through no link (the root's own content is not this machine's)."""
+    on_host = on_build_host(settings, location)
+    inside = os.path.join(settings.root, location.lstrip("/"))
+    if (not settings.host.chroot and safe_place(location) and not os.path.isdir(on_host)
+            and symlink_below(settings.root, inside) is None and holds_repository(inside)):
+        return inside
+    return on_host
+
+
+def chroot_build_binds(settings, trees_writable=False):
     """(place inside the binhost root, build host directory, read-only) for a chroot build: each
     repository the copied configuration names, at the place it names, and the profile's, read-only;
+    a repository kept inside the root, onto itself read-only (unless trees_writable: its sync);
     [binhost] distdir, when set, read-write at the target's DISTDIR. The places come from a target:
     only what looks like what it claims is bound, and nothing it names is bound writable."""
     repositories = set(configured_repositories(settings.root).values()) | {DEFAULT_REPOSITORY}
@@ -1982,6 +2109,11 @@ def chroot_build_binds(settings):
                             for marker in ("profiles/repo_name", "metadata/layout.conf"))
         if os.path.isdir(source) and is_repository and os.path.realpath(source) != os.path.realpath(inside):
             binds.append((place, source, True))
+    if not trees_writable:
+        for place in sorted(set(repositories_kept_in_root(settings).values()) - {place for place, _, _ in binds}):
+            inside = os.path.join(settings.root, place.lstrip("/"))
+            if symlink_below(settings.root, inside) is None and holds_repository(inside):
+                binds.append((place, inside, True))
     if settings.distdir:
         text = make_conf_texts(settings.root)
         distdirs = [_unquote(text[a.start:a.end], a.quote) for a in _assignments(text) if a.name == "DISTDIR"]
@@ -2504,6 +2636,10 @@ def build_packages(settings, runner, output, emerge_args, publish_after=True):
     method, why = build_method(settings, runner, output)
     host = portage_host(settings, runner, output)  # refuses first what it cannot do (not root)
     check_binhost_root(settings)
+    # The first build after init on a build machine without Gentoo: its repositories into the root.
+    with build_lock(settings, runner, output):
+        if sync_repositories(settings, runner, output, missing_only=True):
+            host = portage_host(settings, runner, output)  # with the builds' read-only view of them
     if method == "chroot":
         relative = os.path.relpath(settings.pkgdir, settings.root)
         if relative == ".." or relative.startswith("../"):
@@ -3295,7 +3431,7 @@ def binhost_repositories(settings):
     """{repository name: its directory on the build host} as the binhost root's repos.conf (the
     target's copy) names them; Gentoo's at its default place unless named."""
     locations = dict({"gentoo": DEFAULT_REPOSITORY}, **configured_repositories(settings.root))
-    return {name: on_build_host(settings, location) for name, location in locations.items()}
+    return {name: repository_directory(settings, location) for name, location in locations.items()}
 
 
 PACKAGE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9+_.-]*/[A-Za-z0-9_][A-Za-z0-9+_-]*")
@@ -3345,13 +3481,14 @@ def repository_state(directory):
         head = read_text(os.path.join(git, ref)).strip() or next(
             (line.split()[0] for line in read_text(os.path.join(git, "packed-refs")).splitlines()
              if line.endswith(" " + ref)), "")
-    stamp = read_text(os.path.join(directory, "metadata/timestamp.chk")).strip().splitlines()
+    stamp = read_inside(directory, "metadata/timestamp.chk").strip().splitlines()
     if re.fullmatch(r"[0-9a-f]{40,64}", head):
         state["revision"] = f"git {head}"
     elif stamp:
         state["revision"] = f"timestamp {stamp[0]}"
-    with contextlib.suppress(OSError):
-        with open(os.path.join(directory, "Manifest"), "rb") as handle:
+    manifest = open_inside(directory, ["Manifest"])
+    if manifest is not None:
+        with contextlib.suppress(OSError), os.fdopen(manifest, "rb") as handle:
             state["manifest"] = "sha256 " + hashlib.sha256(handle.read()).hexdigest()
     return state
 
@@ -3485,14 +3622,63 @@ def snapshot_date(stamp):
     return None
 
 
-def sync_repositories(settings, runner, output):
-    """emerge --sync where the build's repositories are: the host chroot, else this machine."""
-    host = BuildHost(settings, runner, output)
-    emerge = host.program("emerge", "put Portage's bin directory in PATH")
-    output.action(f"Syncing the ebuild repositories on {host.where}: emerge --sync")
-    result = host.run([emerge, "--sync"], check=False, own_group=True)
+def repository_auto_sync(configroot):
+    """{name: whether emerge --sync syncs it} as the repos.conf under configroot/etc/portage says
+    (auto-sync, default yes)."""
+    base = os.path.join(configroot, "etc/portage/repos.conf")
+    paths = [base] if os.path.isfile(base) else sorted(
+        os.path.join(directory, name) for directory, _dirs, names in os.walk(base) for name in names)
+    parser = configparser.ConfigParser(interpolation=None, strict=False)
+    for path in paths:
+        with contextlib.suppress(OSError, UnicodeDecodeError, configparser.Error):
+            parser.read_string(read_text(path))
+    return {name: parser[name].get("auto-sync", "yes").strip().lower() in ("yes", "true")
+            for name in parser.sections()}
+
+
+def sync_repositories(settings, runner, output, missing_only=False):
+    """emerge --sync where the build's repositories are: the host chroot, else this machine; and,
+    for those kept inside the binhost root (repositories_kept_in_root), there, by the root's own
+    Portage, so Gentoo's snapshot is verified with the keys the stage3 brought. missing_only (the
+    first build, init, add-target): only the kept ones that are not there yet. Call it outside
+    any mount of the root (the builds' read-only view of a kept repository is such a mount).
+    Returns whether it synced inside the root."""
+    kept = repositories_kept_in_root(settings, build_method(settings, runner, output)[0])
+    on_host = [directory for name, directory in binhost_repositories(settings).items() if name not in kept]
+    # A machine without Gentoo has nothing to sync itself, unless it has some repository after all.
+    if not missing_only and (not kept or any(os.path.isdir(directory) for directory in on_host)):
+        host = BuildHost(settings, runner, output)
+        emerge = host.program("emerge", "put Portage's bin directory in PATH")
+        output.action(f"Syncing the ebuild repositories on {host.where}: emerge --sync")
+        result = host.run([emerge, "--sync"], check=False, own_group=True)
+        if result is not None and result.returncode != 0:
+            raise BinhostError(f"emerge --sync failed on {host.where} (exit {result.returncode})")
+    automatic = repository_auto_sync(settings.root)
+    names = []
+    for name, location in sorted(kept.items()):
+        inside = os.path.join(settings.root, location.lstrip("/"))
+        if not automatic.get(name, True) or (missing_only and holds_repository(inside)):
+            continue
+        older_link = os.path.islink(inside) and os.readlink(inside) == location  # older versions made it
+        if older_link:
+            runner.run(["rm", inside], describe=f"removing the link {inside} to this machine's missing {location}")
+        if not (older_link and runner.pretend):
+            check_no_symlink_below(settings.root, inside)
+        if os.path.realpath(inside) in mount_points():
+            raise BinhostError(f"{inside} is mounted (a build or a query of ours is using the binhost root):"
+                               " run this again once it has finished")
+        names.append(name)
+    if not names:
+        return False
+    host = BuildHost(settings, runner, output, into_root=True, trees_writable=True)
+    emerge = host.program("emerge", "the binhost root has no Portage: is it a stage3?")
+    output.action(f"Syncing {', '.join(names)} inside {host.where} (this machine has no such repository):"
+                  f" emerge --sync {' '.join(names)}")
+    result = host.run([emerge, "--sync"] + names, root_environment(settings), check=False, own_group=True)
     if result is not None and result.returncode != 0:
-        raise BinhostError(f"emerge --sync failed on {host.where} (exit {result.returncode})")
+        raise BinhostError(f"emerge --sync {' '.join(names)} failed in {host.where} (exit {result.returncode}):"
+                           " its output above says why")
+    return True
 
 
 def snapshot_push_argv(source, destination, remote_shell=(), unchanged=None):
@@ -3589,7 +3775,7 @@ class TargetTrees:
             newer = {}
             for name in theirs:
                 if name in ours:
-                    mine = read_text(os.path.join(ours[name], "metadata/timestamp.chk")).strip().splitlines()
+                    mine = read_inside(ours[name], "metadata/timestamp.chk").strip().splitlines()
                     stamp = stamps.get(name, (False, ""))[1]
                     target_date, binhost_date = snapshot_date(stamp), snapshot_date(mine[0] if mine else "")
                     if target_date and binhost_date and target_date > binhost_date:
@@ -3742,6 +3928,7 @@ def build_for_target(settings, target, runner, output, emerge_args, route=None, 
     the plan (None under --pretend when the target could not be asked)."""
     only_shown = runner.pretend or emerge_pretends(emerge_args)
     with contextlib.nullcontext() if only_shown else build_lock(settings, runner, output):
+        sync_repositories(settings, runner, output, missing_only=True)  # before anything reads them
         trees = None
         if target.tree == "binhost":
             try:
@@ -6150,6 +6337,11 @@ def doctor_configuration(doctor, settings, target, runner, output):
     profile_path = os.path.join(settings.root, "etc/portage/make.profile")
     if profiles[0] != profiles[1]:
         doctor.report(FAIL, "profile", f"binhost {profiles[0]}, {target.name} {profiles[1]}: run '{PROG} config pull'")
+    elif not os.path.exists(on_build_host_path(settings, profile_path)) and profile_repository(settings.root) in \
+            repositories_kept_in_root(settings, build_method(settings, runner, output)[0]).values():
+        doctor.report(WARN, "profile", f"{profile_path} -> {profiles[0]} resolves once"
+                                       f" {profile_repository(settings.root)} is synced inside the binhost root:"
+                                       f" the next build or '{PROG} update' does it")
     elif not os.path.exists(on_build_host_path(settings, profile_path)):
         doctor.report(FAIL, "profile", f"{profile_path} -> {profiles[0]} does not resolve on the binhost:"
                                        f" '{PROG} config pull' links the repositories it points into"
@@ -6703,6 +6895,7 @@ def init_binhost(config, args, runner, output):
     name, sha512 = installed
     os.makedirs(os.path.join(root, "var/cache/binpkgs"), exist_ok=True)
     link_repositories_into(settings, runner, output)
+    sync_repositories(settings, runner, output, missing_only=True)
     note = {"stage3": name, "stage3-sha512": sha512,
             "stage3-installed": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")}
     if settings.root == config.binhost.root:  # the notes describe [binhost] root
@@ -6796,35 +6989,6 @@ def install_stage3(args, arch, variant, stage3, root, runner, output, keep=()):
     return name, expected["sha512"]
 
 
-DEFAULT_REPOSITORY = "/var/db/repos/gentoo"
-
-
-def configured_repositories(configroot):
-    """{name: location} of the repos.conf under configroot/etc/portage (a file or a directory)."""
-    base = os.path.join(configroot, "etc/portage/repos.conf")
-    paths = [base] if os.path.isfile(base) else sorted(
-        os.path.join(directory, name) for directory, _dirs, names in os.walk(base) for name in names)
-    members = {}
-    for path in paths:
-        with contextlib.suppress(OSError):
-            with open(path, "rb") as handle:
-                members["etc/portage/repos.conf/" + os.path.relpath(path, base)] = ("file", 0, handle.read())
-    return repository_locations(members)
-
-
-def profile_repository(configroot):
-    """Where make.profile's repository is inside configroot (e.g. /var/db/repos/gentoo for
-    ../../var/db/repos/gentoo/profiles/default/linux/amd64/23.0), or None."""
-    link = os.path.join(configroot, "etc/portage/make.profile")
-    if not os.path.islink(link):
-        return None
-    target = os.readlink(link)
-    if target.startswith("/") or "/profiles" not in "/" + target:
-        return None
-    inside = os.path.normpath(os.path.join("/etc/portage", target))
-    return inside.split("/profiles", 1)[0] or None
-
-
 def link_repositories_into(settings, runner, output):
     """On a real system make.profile is a relative link into the ebuild repository
     (../../var/db/repos/gentoo/profiles/...); copied into the binhost root, it points into the
@@ -6846,9 +7010,10 @@ def link_repositories_into(settings, runner, output):
         if (os.path.isdir(link) and not os.path.islink(link) and not os.path.ismount(link)
                 and not os.listdir(link) and not runner.pretend):
             os.rmdir(link)  # the empty mount point a chroot build left
-        # Gentoo's repository is linked even before it is synced on the build host.
+        # Gentoo's repository is linked before it is synced in a host chroot; a build machine
+        # without it keeps it inside the binhost root instead (repositories_kept_in_root).
         if os.path.lexists(link) or not (os.path.isdir(on_build_host(settings, location))
-                                         or location == DEFAULT_REPOSITORY):
+                                         or (location == DEFAULT_REPOSITORY and chroot)):
             continue
         if not runner.pretend:
             os.makedirs(os.path.dirname(link), exist_ok=True)
@@ -6858,6 +7023,10 @@ def link_repositories_into(settings, runner, output):
                         " so the copied make.profile resolves)")
     profile = os.path.join(settings.root, "etc/portage/make.profile")
     if os.path.islink(profile) and not runner.pretend and not os.path.exists(on_build_host_path(settings, profile)):
+        if profile_dir in repositories_kept_in_root(settings, build_method(settings, runner, output)[0]).values():
+            output.info(f"{profile} -> {os.readlink(profile)} resolves once {profile_dir} is synced inside the"
+                        " binhost root, which comes before any build there")
+            return
         output.warn(f"{profile} -> {os.readlink(profile)} does not resolve: the repository it points into"
                     f" is not on {'the host chroot' if chroot else 'this machine'}; sync it there"
                     f" ('{PROG} doctor' checks this)")
@@ -7345,7 +7514,9 @@ def add_target(config, args, runner, output):
                 cpu_report(settings, target, runner, output)
             except BinhostError as error:
                 output.warn(f"CPU check skipped: {error}")
-
+        # A build machine without Gentoo: the repositories the target's configuration names, each
+        # verified by the binhost root's own Portage as it syncs it into the root.
+        sync_repositories(settings, runner, output, missing_only=True)
     if settings.signing_key:
         output.info(f"Signing key {settings.signing_key} exists already")
     else:
@@ -7777,7 +7948,6 @@ class BinhostRequestHandler(http.server.BaseHTTPRequestHandler):
             self.server.output.text(f"{self.client_address[0]} - - {format % args}")
 
 
-MAX_SYMLINKS = 40
 # Connections one client address may hold at once (a target fetches with one or a few).
 MAX_CONNECTIONS_PER_CLIENT = 32
 HEADER_WATCH_INTERVAL = 0.25
@@ -7808,50 +7978,6 @@ def client_key(address):
     if ip.version == 6 and ip.ipv4_mapped:
         return str(ip.ipv4_mapped)
     return str(ipaddress.ip_network(f"{ip}/64", strict=False)) if ip.version == 6 else str(ip)
-
-
-def open_inside(root, parts):
-    """A descriptor of root/parts..., or None when it does not exist or leads out of root. Each
-    component is opened relative to its directory with O_NOFOLLOW; a symlink met on the way is
-    resolved by hand when it stays inside root (its `..` never above it, never absolute)."""
-    flags = os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK  # NONBLOCK: a FIFO must not hang us
-    try:
-        descriptor = os.open(root, os.O_RDONLY | os.O_CLOEXEC | os.O_DIRECTORY)
-    except OSError:
-        return None
-    parents, pending, links = [], list(parts), 0
-    try:
-        while pending:
-            part = pending.pop(0)
-            if part in ("", "."):
-                continue
-            if part == "..":
-                if not parents:
-                    return None
-                os.close(descriptor)
-                descriptor = parents.pop()
-                continue
-            try:
-                child = os.open(part, flags, dir_fd=descriptor)
-            except OSError as error:
-                if error.errno != errno.ELOOP:
-                    return None
-                try:
-                    target = os.readlink(part, dir_fd=descriptor)
-                except OSError:
-                    return None
-                links += 1
-                if links > MAX_SYMLINKS or target.startswith("/"):
-                    return None
-                pending[:0] = target.split("/")
-                continue
-            parents.append(descriptor)
-            descriptor = child
-        result, descriptor = descriptor, None
-        return result
-    finally:
-        for leftover in parents + ([descriptor] if descriptor is not None else []):
-            os.close(leftover)
 
 
 def content_type(path):

@@ -1,0 +1,152 @@
+"""A build machine without Gentoo (build-method = chroot, no host chroot): the ebuild repositories
+live inside the binhost root.
+
+* Nothing links to a build-host path that does not exist.
+* The first build syncs a repository the root's configuration names, and this machine lacks, into
+  the root, with the root's own Portage (`emerge --sync NAME` inside it; here the zipfile sync
+  module from a local HTTP server, since the test image has no rsync); builds see it read-only.
+* `update` syncs it there again (and not on this machine); a repository with `auto-sync = no`
+  (here Portage's default Gentoo entry) is left alone.
+* What a sync wrote inside the root is read through no link that leads out of it.
+
+Real components: the debootstrap + PyPI Portage image as the binhost root, its own Portage for the
+sync and the builds, the session's sshd for a target, our server."""
+
+import os
+import re
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from conftest import (REPO, REPO_NAME, SCRIPT, configure_gentoo_like_root, ensure_chroot_cache, http_server,
+                      mounts_under, need, processes_inside, remove_chroot, run, tiny_ebuild, write_portage_config)
+
+#: Where the root's configuration puts the repository: a path no build machine has.
+LOCATION = "/var/db/repos/gentoo-binhost-test-kept-in-root"
+
+
+def add(repo, name, version):
+    directory = Path(repo) / "app-misc" / name
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / f"{name}-{version}.ebuild").write_text(tiny_ebuild(name, "kept in the root"))
+
+
+class Lab:
+    def __init__(self, base, root, www, url):
+        self.base, self.root, self.www, self.url = base, root, www, url
+        self.config = base / "gentoo-binhost.conf"
+        self.pkgdir = root / "var/cache/binpkgs"
+        self.inside = root / LOCATION.lstrip("/")
+
+    def publish_tree(self, *versions):
+        """The mirror's snapshot: tests/repo and app-misc/ir-tiny at these versions, as a zip."""
+        source = self.base / "snapshot" / "tree"
+        shutil.rmtree(source.parent, ignore_errors=True)
+        shutil.copytree(REPO, source)
+        for version in versions:
+            add(source, "ir-tiny", version)
+        shutil.make_archive(str(self.www / "tree"), "zip", root_dir=source.parent, base_dir="tree")
+
+    def cli(self, *args, check=True, timeout=900):
+        return run([sys.executable, SCRIPT, "--color=n", "-c", self.config] + list(args),
+                   env={"NO_COLOR": "1"}, check=check, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def lab(eprefix):
+    need(os.geteuid() == 0, "a chroot build needs root")
+    assert not os.path.exists(LOCATION), f"the premise: this machine has no {LOCATION}"
+    cache, _timings = ensure_chroot_cache()
+    base = Path(tempfile.mkdtemp(prefix="gbir-"))
+    base.chmod(0o755)
+    root = base / "binhost"
+    www = base / "www"
+    www.mkdir()
+    try:
+        run(["cp", "-a", str(cache / "root") + "/.", root])
+        root.chmod(0o755)
+        with http_server(www) as url:
+            configure_gentoo_like_root(root, Path(LOCATION))
+            (root / "etc/portage/repos.conf/binhost-test.conf").write_text(
+                f"[DEFAULT]\nmain-repo = {REPO_NAME}\n\n[{REPO_NAME}]\nlocation = {LOCATION}\nsync-type = zipfile\n"
+                f"sync-uri = {url}tree.zip\n\n[gentoo]\nauto-sync = no\n")
+            lab = Lab(base, root, www, url)
+            lab.config.write_text(f"[binhost]\nroot = {root}\nbuild-method = chroot\ngpg-home = {base}/g\n")
+            lab.publish_tree("1.0")
+            yield lab
+    finally:
+        for pid in processes_inside(root):
+            os.kill(pid, 9)
+        remove_chroot(base)
+
+
+def test_the_first_build_syncs_the_repository_into_the_root_and_builds_see_it_read_only(lab):
+    assert not lab.inside.exists()
+    pretend = lab.cli("--pretend", "build", "app-misc/ir-tiny")
+    assert "emerge --sync binhost-test" in pretend.stdout, pretend.stdout
+    assert not lab.inside.exists(), "--pretend synced"
+    result = lab.cli("build", "--oneshot", "app-misc/ir-tiny", check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"Syncing {REPO_NAME} inside the binhost root {lab.root} (this machine has no such repository)" \
+        in result.stdout, result.stdout
+    assert (lab.inside / "app-misc/ir-tiny/ir-tiny-1.0.ebuild").is_file()
+    assert [p.name for p in lab.pkgdir.rglob("ir-tiny-*.gpkg.tar")] == ["ir-tiny-1.0-1.gpkg.tar"]
+    assert not os.path.exists(LOCATION), "the sync wrote on this machine"
+    assert not (lab.root / "var/db/repos/gentoo").is_symlink(), "a link to this machine's missing Gentoo tree"
+    assert mounts_under(lab.root) == []
+    # Builds see it read-only: bound onto itself with ro (shown under --pretend).
+    shown = lab.cli("--pretend", "build", "app-misc/ir-tiny").stdout
+    inside = f"{lab.root}{LOCATION}"
+    assert f"mount --bind -o ro --make-slave {inside} {inside}" in shown.splitlines(), shown
+    assert "emerge --sync" not in shown, "synced again though it is there"
+
+
+def test_update_syncs_the_repository_inside_the_root(lab, sshd, portage_bin):
+    """update: emerge --sync of the kept repository inside the root (the mirror has 2.0 now), not on
+    this machine; Gentoo's default entry (auto-sync = no here) is not synced."""
+    target = lab.base / "target"
+    write_portage_config(target, extra_make_conf='USE="loud"\n')
+    original = lab.config.read_text()
+    lab.publish_tree("1.0", "2.0")
+    try:
+        lab.config.write_text(original + (
+            f"\n[target t]\nhost = {sshd.host}\nssh-port = {sshd.port}\nssh-options = {sshd.ssh_options}\n"
+            f"root = {target}\npath = {portage_bin}\ntree = own\n"))
+        result = lab.cli("update", check=False)
+        said = result.stdout + result.stderr
+        assert f"Syncing {REPO_NAME} inside the binhost root {lab.root} (this machine has no such repository):" \
+               f" emerge --sync {REPO_NAME}" in said, said
+        assert not re.search(r"Syncing the ebuild repositories on this machine", said), said
+        assert "gentoo" not in said.split("emerge --sync", 1)[1].splitlines()[0], said
+        assert (lab.inside / "app-misc/ir-tiny/ir-tiny-2.0.ebuild").is_file(), said
+        assert not os.path.exists(LOCATION)
+        assert mounts_under(lab.root) == []
+    finally:
+        lab.config.write_text(original)
+
+
+def test_what_the_sync_wrote_is_read_through_no_link_out_of_the_root(gb, tmp_path):
+    """A repository inside the root is the root's content: its sync (or a build that could write
+    there) may leave absolute links, which mean paths of the chroot, never this machine's files."""
+    from types import SimpleNamespace
+    secret = tmp_path / "secret"
+    secret.write_text("this machine's secret\n")
+    root = tmp_path / "root"
+    repository = root / "var/db/repos/planted"
+    (repository / "profiles").mkdir(parents=True)
+    (repository / "profiles/repo_name").write_text("planted\n")
+    (repository / "metadata").mkdir()
+    (repository / "metadata/timestamp.chk").symlink_to(secret)
+    (repository / "Manifest").symlink_to(secret)
+    assert gb.repository_name(str(repository)) == "planted"
+    assert gb.repository_state(str(repository)) == {}, "read through a link to this machine"
+    settings = SimpleNamespace(root=str(root), host=SimpleNamespace(chroot=None))
+    assert gb.repository_directory(settings, "/var/db/repos/planted") == str(repository)
+    # A link on the way to it: the repository is not taken from there.
+    elsewhere = tmp_path / "elsewhere"
+    (root / "var/db/repos").rename(elsewhere)
+    (root / "var/db/repos").symlink_to(elsewhere)
+    assert gb.repository_directory(settings, "/var/db/repos/planted") == "/var/db/repos/planted"
