@@ -349,11 +349,14 @@ def read_inside(directory, relative):
     descriptor = open_inside(directory, relative.split("/"))
     if descriptor is None:
         return ""
-    try:
-        with os.fdopen(descriptor, "rb") as handle:
-            return handle.read(1 << 20).decode("utf-8", "replace")
-    except OSError:  # a directory, a FIFO with no writer
+    if not stat.S_ISREG(os.fstat(descriptor).st_mode):  # a directory; a FIFO would never end
+        os.close(descriptor)
         return ""
+    with os.fdopen(descriptor, "rb") as handle:
+        try:
+            return handle.read(1 << 20).decode("utf-8", "replace")
+        except OSError:
+            return ""
 
 
 # ------------------------------------------------------------------------------------------------
@@ -1144,6 +1147,12 @@ class HostMounts:
             # Shared while in use: the last one out sees no other holder.
             self.users = open(os.path.join(self.state_dir, "mounts.users"), "a")
             fcntl.flock(self.users, fcntl.LOCK_SH)
+
+    def remove_leftovers(self):
+        """Unmount what a killed command of ours left mounted here, when no command uses it now."""
+        with self.guard():
+            if not self.in_use():
+                self.record(self.unmount(self.ours()))
 
     def leave(self):
         with self.guard():
@@ -2027,15 +2036,18 @@ DEFAULT_REPOSITORY = "/var/db/repos/gentoo"
 
 def configured_repositories(configroot):
     """{name: location} of the repos.conf under configroot/etc/portage (a file or a directory)."""
+    return repository_locations({name: ("file", 0, text.encode("utf-8", "surrogateescape"))
+                                 for name, text in repos_conf_files(configroot).items()})
+
+
+def repos_conf_files(configroot):
+    """{etc/portage/repos.conf/...: text} under configroot (the file, or the files of the
+    directory), read through no link out of configroot: in the binhost root it is a target's."""
     base = os.path.join(configroot, "etc/portage/repos.conf")
     paths = [base] if os.path.isfile(base) else sorted(
         os.path.join(directory, name) for directory, _dirs, names in os.walk(base) for name in names)
-    members = {}
-    for path in paths:
-        with contextlib.suppress(OSError):
-            with open(path, "rb") as handle:
-                members["etc/portage/repos.conf/" + os.path.relpath(path, base)] = ("file", 0, handle.read())
-    return repository_locations(members)
+    return {os.path.relpath(path, configroot): read_inside(configroot, os.path.relpath(path, configroot))
+            for path in paths}
 
 
 def profile_repository(configroot):
@@ -2094,7 +2106,8 @@ def repository_directory(settings, location):
 def chroot_build_binds(settings, trees_writable=False):
     """(place inside the binhost root, build host directory, read-only) for a chroot build: each
     repository the copied configuration names, at the place it names, and the profile's, read-only;
-    a repository kept inside the root, onto itself read-only (unless trees_writable: its sync);
+    a repository kept inside the root, onto itself read-only (writable for its sync: trees_writable,
+    so a query that starts meanwhile finds it mounted and does not cover it read-only);
     [binhost] distdir, when set, read-write at the target's DISTDIR. The places come from a target:
     only what looks like what it claims is bound, and nothing it names is bound writable."""
     repositories = set(configured_repositories(settings.root).values()) | {DEFAULT_REPOSITORY}
@@ -2109,16 +2122,18 @@ def chroot_build_binds(settings, trees_writable=False):
                             for marker in ("profiles/repo_name", "metadata/layout.conf"))
         if os.path.isdir(source) and is_repository and os.path.realpath(source) != os.path.realpath(inside):
             binds.append((place, source, True))
-    if not trees_writable:
-        for place in sorted(set(repositories_kept_in_root(settings).values()) - {place for place, _, _ in binds}):
-            inside = os.path.join(settings.root, place.lstrip("/"))
-            if symlink_below(settings.root, inside) is None and holds_repository(inside):
-                binds.append((place, inside, True))
+    for place in sorted(set(repositories_kept_in_root(settings).values()) - {place for place, _, _ in binds}):
+        inside = os.path.join(settings.root, place.lstrip("/"))
+        if symlink_below(settings.root, inside) is None and holds_repository(inside):
+            binds.append((place, "{}", not trees_writable))  # "{}": the very mount point, as checked
     if settings.distdir:
         text = make_conf_texts(settings.root)
         distdirs = [_unquote(text[a.start:a.end], a.quote) for a in _assignments(text) if a.name == "DISTDIR"]
         distdir = (distdirs[-1] if distdirs else "/var/cache/distfiles").rstrip("/")
+        # A repository kept in the root is this machine's nowhere: a writable DISTDIR must not reach it.
+        kept_places = [place for place, source, _ in binds if source == "{}"]
         if (not safe_place(distdir) or distdir in {place for place, _, _ in binds}
+                or any(distdir.startswith(place + "/") or place.startswith(distdir + "/") for place in kept_places)
                 or any(distdir == place or distdir.startswith(place + "/") for place in SYSTEM_CONTENT_PLACES)):
             raise BinhostError(f"DISTDIR = {distdir} in {settings.root}/etc/portage/make.conf (the target's) is"
                                f" not a place to bind [binhost] distdir = {settings.distdir} at (a system"
@@ -2637,9 +2652,8 @@ def build_packages(settings, runner, output, emerge_args, publish_after=True):
     host = portage_host(settings, runner, output)  # refuses first what it cannot do (not root)
     check_binhost_root(settings)
     # The first build after init on a build machine without Gentoo: its repositories into the root.
-    with build_lock(settings, runner, output):
-        if sync_repositories(settings, runner, output, missing_only=True):
-            host = portage_host(settings, runner, output)  # with the builds' read-only view of them
+    if sync_repositories(settings, runner, output, missing_only=True):
+        host = portage_host(settings, runner, output)  # with the builds' read-only view of them
     if method == "chroot":
         relative = os.path.relpath(settings.pkgdir, settings.root)
         if relative == ".." or relative.startswith("../"):
@@ -3469,33 +3483,52 @@ def tree_lacks(settings, packages):
     return lacking
 
 
-def repository_state(directory):
+def repository_state(directory, root):
     """What a repository directory holds now: its git commit, else its snapshot's date
-    (metadata/timestamp.chk), and the digest of its top Manifest (an rsync snapshot's) if any."""
-    state, git = {}, os.path.join(directory, ".git")
-    if os.path.isfile(git) and read_text(git).startswith("gitdir: "):  # a worktree or submodule
-        git = os.path.join(directory, read_text(git)[len("gitdir: "):].strip())
-    head = read_text(os.path.join(git, "HEAD")).strip() if os.path.isdir(git) else ""
-    if head.startswith("ref: "):
-        ref = head[len("ref: "):]
-        head = read_text(os.path.join(git, ref)).strip() or next(
-            (line.split()[0] for line in read_text(os.path.join(git, "packed-refs")).splitlines()
-             if line.endswith(" " + ref)), "")
+    (metadata/timestamp.chk), and the digest of its top Manifest (an rsync snapshot's) if any.
+    One inside the binhost root (root) is read within itself only: a git worktree's gitdir there
+    names a path of the chroot."""
+    confined = os.path.realpath(directory).startswith(os.path.realpath(root) + os.sep)
+
+    def read(relative):
+        if confined:
+            return read_inside(directory, relative)
+        with contextlib.suppress(OSError):
+            return read_text(os.path.join(directory, relative))
+        return ""
+
+    state, git = {}, ".git"
+    gitdir = read(git)
+    if gitdir.startswith("gitdir: ") and not (confined and gitdir[len("gitdir: "):].startswith("/")):
+        git = posixpath.normpath(gitdir[len("gitdir: "):].strip())  # a worktree's or submodule's
+    head = read(os.path.join(git, "HEAD")).strip()
+    ref = head[len("ref: "):] if head.startswith("ref: ") else None
+    if ref is not None:
+        head = ""
+        if re.fullmatch(r"refs/[A-Za-z0-9._/-]+", ref) and ".." not in ref:
+            head = read(os.path.join(git, ref)).strip() or next(
+                (line.split()[0] for line in read(os.path.join(git, "packed-refs")).splitlines()
+                 if line.endswith(" " + ref)), "")
     stamp = read_inside(directory, "metadata/timestamp.chk").strip().splitlines()
     if re.fullmatch(r"[0-9a-f]{40,64}", head):
         state["revision"] = f"git {head}"
     elif stamp:
         state["revision"] = f"timestamp {stamp[0]}"
     manifest = open_inside(directory, ["Manifest"])
-    if manifest is not None:
+    if manifest is not None and not stat.S_ISREG(os.fstat(manifest).st_mode):
+        os.close(manifest)
+    elif manifest is not None:
         with contextlib.suppress(OSError), os.fdopen(manifest, "rb") as handle:
-            state["manifest"] = "sha256 " + hashlib.sha256(handle.read()).hexdigest()
+            digest = hashlib.sha256()
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+            state["manifest"] = "sha256 " + digest.hexdigest()
     return state
 
 
 def repository_states(settings):
     """{repository: repository_state} of the binhost's tree, as a publication records it."""
-    return {name: repository_state(directory) for name, directory in sorted(binhost_repositories(settings).items())
+    return {name: repository_state(directory, settings.root) for name, directory in sorted(binhost_repositories(settings).items())
             if os.path.isdir(directory)}
 
 
@@ -3622,28 +3655,34 @@ def snapshot_date(stamp):
     return None
 
 
-def repository_auto_sync(configroot):
-    """{name: whether emerge --sync syncs it} as the repos.conf under configroot/etc/portage says
-    (auto-sync, default yes)."""
-    base = os.path.join(configroot, "etc/portage/repos.conf")
-    paths = [base] if os.path.isfile(base) else sorted(
-        os.path.join(directory, name) for directory, _dirs, names in os.walk(base) for name in names)
+def repository_sync(configroot):
+    """{name: (auto-sync, whether it says how to sync)} as the repos.conf under configroot says:
+    a repository without sync-type and sync-uri (a local overlay) is never synced, and naming it
+    to emerge --sync would stop the sync of all. Gentoo's get both from Portage's own default."""
     parser = configparser.ConfigParser(interpolation=None, strict=False)
-    for path in paths:
-        with contextlib.suppress(OSError, UnicodeDecodeError, configparser.Error):
-            parser.read_string(read_text(path))
-    return {name: parser[name].get("auto-sync", "yes").strip().lower() in ("yes", "true")
+    for text in repos_conf_files(configroot).values():
+        with contextlib.suppress(configparser.Error):
+            parser.read_string(text)
+    return {name: (parser[name].get("auto-sync", "yes").strip().lower() in ("yes", "true"),
+                   name == "gentoo" or bool(parser[name].get("sync-type", "").strip()
+                                            and parser[name].get("sync-uri", "").strip()))
             for name in parser.sections()}
+
+
+def kept_repositories(settings, runner, output):
+    """repositories_kept_in_root with the build method in use (asked only without a host chroot)."""
+    if settings.host.chroot:
+        return {}
+    return repositories_kept_in_root(settings, build_method(settings, runner, output)[0])
 
 
 def sync_repositories(settings, runner, output, missing_only=False):
     """emerge --sync where the build's repositories are: the host chroot, else this machine; and,
     for those kept inside the binhost root (repositories_kept_in_root), there, by the root's own
-    Portage, so Gentoo's snapshot is verified with the keys the stage3 brought. missing_only (the
-    first build, init, add-target): only the kept ones that are not there yet. Call it outside
-    any mount of the root (the builds' read-only view of a kept repository is such a mount).
-    Returns whether it synced inside the root."""
-    kept = repositories_kept_in_root(settings, build_method(settings, runner, output)[0])
+    Portage, with its own verification of Gentoo's snapshot, under the build lock. missing_only
+    (init, add-target, before a build): only the kept ones that are not there yet. Returns
+    whether it synced inside the root."""
+    kept = kept_repositories(settings, runner, output)
     on_host = [directory for name, directory in binhost_repositories(settings).items() if name not in kept]
     # A machine without Gentoo has nothing to sync itself, unless it has some repository after all.
     if not missing_only and (not kept or any(os.path.isdir(directory) for directory in on_host)):
@@ -3653,28 +3692,42 @@ def sync_repositories(settings, runner, output, missing_only=False):
         result = host.run([emerge, "--sync"], check=False, own_group=True)
         if result is not None and result.returncode != 0:
             raise BinhostError(f"emerge --sync failed on {host.where} (exit {result.returncode})")
-    automatic = repository_auto_sync(settings.root)
+    sync = repository_sync(settings.root)
     names = []
     for name, location in sorted(kept.items()):
         inside = os.path.join(settings.root, location.lstrip("/"))
-        if not automatic.get(name, True) or (missing_only and holds_repository(inside)):
+        automatic, syncable = sync.get(name, (True, name == "gentoo"))
+        if not automatic or (missing_only and holds_repository(inside)):
             continue
+        if not syncable:
+            if not holds_repository(inside):
+                output.warn(f"{name} ({location}) is on neither this machine nor in the binhost root, and its"
+                            f" repos.conf entry has no sync-type and sync-uri: put it at {inside}")
+            continue
+        check_no_symlink_below(settings.root, os.path.dirname(inside))
         older_link = os.path.islink(inside) and os.readlink(inside) == location  # older versions made it
         if older_link:
             runner.run(["rm", inside], describe=f"removing the link {inside} to this machine's missing {location}")
         if not (older_link and runner.pretend):
             check_no_symlink_below(settings.root, inside)
-        if os.path.realpath(inside) in mount_points():
-            raise BinhostError(f"{inside} is mounted (a build or a query of ours is using the binhost root):"
-                               " run this again once it has finished")
         names.append(name)
-    if not names:
+    shown = ("sync shown", tuple(names))  # --pretend: one build command may ask twice
+    if not names or (runner.pretend and settings.decisions.get(shown)):
         return False
-    host = BuildHost(settings, runner, output, into_root=True, trees_writable=True)
-    emerge = host.program("emerge", "the binhost root has no Portage: is it a stage3?")
-    output.action(f"Syncing {', '.join(names)} inside {host.where} (this machine has no such repository):"
-                  f" emerge --sync {' '.join(names)}")
-    result = host.run([emerge, "--sync"] + names, root_environment(settings), check=False, own_group=True)
+    settings.decisions[shown] = runner.pretend
+    with build_lock(settings, runner, output):  # no build sees the tree half-written
+        host = BuildHost(settings, runner, output, into_root=True, trees_writable=True)
+        emerge = host.program("emerge", "the binhost root has no Portage: is it a stage3?")
+        if not runner.pretend:
+            host.mounts.remove_leftovers()
+        busy = [name for name in names if os.path.realpath(os.path.join(settings.root, kept[name].lstrip("/")))
+                in mount_points()]
+        if busy:  # the builds' read-only view, held by a query of ours (doctor, config diff), or a mount not ours
+            raise BinhostError(f"{', '.join(busy)} is mounted in {settings.root} (another command using the"
+                               " binhost root: doctor, config diff?): run this again once it has finished")
+        output.action(f"Syncing {', '.join(names)} inside {host.where} (this machine has no such repository):"
+                      f" emerge --sync {' '.join(names)}")
+        result = host.run([emerge, "--sync"] + names, root_environment(settings), check=False, own_group=True)
     if result is not None and result.returncode != 0:
         raise BinhostError(f"emerge --sync {' '.join(names)} failed in {host.where} (exit {result.returncode}):"
                            " its output above says why")
@@ -3795,7 +3848,7 @@ class TargetTrees:
                              " they keep their own sync there, and what the target plans from them is reported"
                              " as not built (add them on the binhost as the target has them)")
         self.followed = [name for name in theirs if name in ours]
-        self.states = {name: repository_state(ours[name]) for name in self.followed}
+        self.states = {name: repository_state(ours[name], self.settings.root) for name in self.followed}
         if not self.followed:
             return self
         # As Portage's own sync trusts timestamp.chk: a staged copy at the binhost's snapshot
@@ -3814,6 +3867,8 @@ class TargetTrees:
                         "--rsync-path", self.remote.command_line(["rsync"])]
         for name in pushed:
             unchanged = posixpath.join(self.base, "published", name) if (name, "published") in self.marks else None
+            if ours[name].startswith(self.settings.root.rstrip("/") + "/"):  # kept in the root: checked again now
+                check_no_symlink_below(self.settings.root, ours[name])
             argv = snapshot_push_argv(ours[name], rsync_destination(self.target.host, posixpath.join(
                 self.base, self.place, name)), remote_shell, unchanged)
             self.runner.run(argv, changes=False, describe=f"rsync of {name} to {self.target.name}",
@@ -6454,7 +6509,7 @@ def doctor_tree(doctor, settings, target, runner, output):
         if not os.path.isdir(directory) or not repos.has_section(name):
             continue
         followed += 1
-        binhost = json.dumps(repository_state(directory), sort_keys=True)
+        binhost = json.dumps(repository_state(directory, settings.root), sort_keys=True)
         live, staged, published = (marks.get((name, mark)) for mark in ("live", "staged", "published"))
         detail = (f"{target.name} live {shown(name, live)}, staged {shown(name, staged)}, published"
                   f" {shown(name, published)}; the binhost's {shown(name, binhost)}")
@@ -6891,6 +6946,9 @@ def init_binhost(config, args, runner, output):
             if os.path.relpath(path, root).split(os.sep)[0] not in ("..", ".")]
     installed = install_stage3(args, arch, variant, args.stage3, root, runner, output, keep)
     if installed is None:  # --pretend
+        output.info("Would then sync inside the root, with its own Portage (emerge --sync NAME), each repository"
+                    " its configuration names that this machine lacks, when it builds with the chroot method"
+                    " (README: 'Build methods')")
         return
     name, sha512 = installed
     os.makedirs(os.path.join(root, "var/cache/binpkgs"), exist_ok=True)

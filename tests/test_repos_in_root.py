@@ -26,6 +26,8 @@ from conftest import (REPO, REPO_NAME, SCRIPT, configure_gentoo_like_root, ensur
 
 #: Where the root's configuration puts the repository: a path no build machine has.
 LOCATION = "/var/db/repos/gentoo-binhost-test-kept-in-root"
+#: A local overlay (eselect repository create): no sync-type, so never named to emerge --sync.
+LOCAL = "gbir-local"
 
 
 def add(repo, name, version):
@@ -72,7 +74,8 @@ def lab(eprefix):
             configure_gentoo_like_root(root, Path(LOCATION))
             (root / "etc/portage/repos.conf/binhost-test.conf").write_text(
                 f"[DEFAULT]\nmain-repo = {REPO_NAME}\n\n[{REPO_NAME}]\nlocation = {LOCATION}\nsync-type = zipfile\n"
-                f"sync-uri = {url}tree.zip\n\n[gentoo]\nauto-sync = no\n")
+                f"sync-uri = {url}tree.zip\n\n[gentoo]\nauto-sync = no\n\n"
+                f"[{LOCAL}]\nlocation = /var/db/repos/{LOCAL}\n")
             lab = Lab(base, root, www, url)
             lab.config.write_text(f"[binhost]\nroot = {root}\nbuild-method = chroot\ngpg-home = {base}/g\n")
             lab.publish_tree("1.0")
@@ -91,7 +94,8 @@ def test_the_first_build_syncs_the_repository_into_the_root_and_builds_see_it_re
     result = lab.cli("build", "--oneshot", "app-misc/ir-tiny", check=False)
     assert result.returncode == 0, result.stdout + result.stderr
     assert f"Syncing {REPO_NAME} inside the binhost root {lab.root} (this machine has no such repository)" \
-        in result.stdout, result.stdout
+        f": emerge --sync {REPO_NAME}\n" in result.stdout, result.stdout
+    assert f"{LOCAL} (/var/db/repos/{LOCAL}) is on neither this machine nor in the binhost root" in result.stderr
     assert (lab.inside / "app-misc/ir-tiny/ir-tiny-1.0.ebuild").is_file()
     assert [p.name for p in lab.pkgdir.rglob("ir-tiny-*.gpkg.tar")] == ["ir-tiny-1.0-1.gpkg.tar"]
     assert not os.path.exists(LOCATION), "the sync wrote on this machine"
@@ -142,7 +146,15 @@ def test_what_the_sync_wrote_is_read_through_no_link_out_of_the_root(gb, tmp_pat
     (repository / "metadata/timestamp.chk").symlink_to(secret)
     (repository / "Manifest").symlink_to(secret)
     assert gb.repository_name(str(repository)) == "planted"
-    assert gb.repository_state(str(repository)) == {}, "read through a link to this machine"
+    assert gb.repository_state(str(repository), str(root)) == {}, "read through a link to this machine"
+    # A git worktree's gitdir, absolute, names a path of the chroot: not followed either.
+    fake_git = tmp_path / "fake.git"
+    fake_git.mkdir()
+    (fake_git / "HEAD").write_text("0123456789abcdef0123456789abcdef01234567\n")
+    (repository / ".git").write_text(f"gitdir: {fake_git}\n")
+    assert gb.repository_state(str(repository), str(root)) == {}
+    assert gb.repository_state(str(repository), str(tmp_path / "other-root")) == {
+        "revision": "git 0123456789abcdef0123456789abcdef01234567"}, "a repository of this machine's own"
     settings = SimpleNamespace(root=str(root), host=SimpleNamespace(chroot=None))
     assert gb.repository_directory(settings, "/var/db/repos/planted") == str(repository)
     # A link on the way to it: the repository is not taken from there.
