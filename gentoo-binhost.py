@@ -298,10 +298,11 @@ def check_no_symlink_below(base, path):
 MAX_SYMLINKS = 40
 
 
-def open_inside(root, parts):
+def open_inside(root, parts, absolute_from_root=False):
     """A descriptor of root/parts..., or None when it does not exist or leads out of root. Each
     component is opened relative to its directory with O_NOFOLLOW; a symlink met on the way is
-    resolved by hand when it stays inside root (its `..` never above it, never absolute)."""
+    resolved by hand when it stays inside root (its `..` never above it, never absolute; with
+    absolute_from_root, root is a chroot's and an absolute link starts from it)."""
     flags = os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK  # NONBLOCK: a FIFO must not hang us
     try:
         descriptor = os.open(root, os.O_RDONLY | os.O_CLOEXEC | os.O_DIRECTORY)
@@ -329,8 +330,11 @@ def open_inside(root, parts):
                 except OSError:
                     return None
                 links += 1
-                if links > MAX_SYMLINKS or target.startswith("/"):
+                if links > MAX_SYMLINKS or (target.startswith("/") and not absolute_from_root):
                     return None
+                while target.startswith("/") and parents:  # back to root
+                    os.close(descriptor)
+                    descriptor = parents.pop()
                 pending[:0] = target.split("/")
                 continue
             parents.append(descriptor)
@@ -342,11 +346,14 @@ def open_inside(root, parts):
             os.close(leftover)
 
 
-def read_inside(directory, relative):
+def read_inside(directory, relative, absolute_from_root=False):
     """The text of directory/relative ("" when missing), never through a link that leads out of
     directory: a repository inside the binhost root is written by its sync, and a link there that
     is absolute means a path of the chroot, not of this machine."""
-    descriptor = open_inside(directory, relative.split("/"))
+    try:
+        descriptor = open_inside(directory, relative.split("/"), absolute_from_root=absolute_from_root)
+    except ValueError:  # a NUL in a name
+        return ""
     if descriptor is None:
         return ""
     if not stat.S_ISREG(os.fstat(descriptor).st_mode):  # a directory; a FIFO would never end
@@ -997,6 +1004,620 @@ def find_program(name, hint):
 
 
 # ------------------------------------------------------------------------------------------------
+# HTTP server: what targets download from, and the ssh tunnel's watch
+# ------------------------------------------------------------------------------------------------
+
+HTTP_REASONS = {200: "OK", 206: "Partial Content", 301: "Moved Permanently", 304: "Not Modified",
+                400: "Bad Request",
+                401: "Unauthorized", 404: "Not Found", 405: "Method Not Allowed",
+                416: "Range Not Satisfiable", 431: "Request Header Fields Too Large",
+                505: "HTTP Version Not Supported"}
+MAX_REQUEST_LINE = 8192
+MAX_HEADERS = 100
+LOOPBACK_ADDRESSES = ("127.0.0.1", "::1", "localhost")
+CONTROL_CHARACTERS = {code: f"\\x{code:02x}" for code in [*range(0x20), *range(0x7f, 0xa0)]}
+
+
+class HttpDate:
+    """The Date header, formatted once per second instead of once per request."""
+
+    def __init__(self):
+        self.second, self.text = None, ""
+
+    def now(self):
+        second = int(datetime.datetime.now(datetime.timezone.utc).timestamp())
+        if second != self.second:
+            self.second, self.text = second, email.utils.formatdate(second, usegmt=True)
+        return self.text
+
+
+class BinhostRequestHandler(http.server.BaseHTTPRequestHandler):
+    """Serves regular files under PKGDIR, read-only, the way Portage's fetcher needs them.
+
+    The generic request parsing of http.server (an email.message per request) costs more than
+    sending the file; this handler reads the request line and headers itself, answers only GET
+    and HEAD, and writes each header block with one call."""
+
+    protocol_version = "HTTP/1.1"
+    server_version = f"gentoo-binhost/{VERSION}"
+    # Headers and body go out in separate calls: without TCP_NODELAY the tail of each response
+    # waits for the client's delayed ACK.
+    disable_nagle_algorithm = True
+
+    def setup(self):
+        if isinstance(self.request, ssl.SSLSocket):
+            self.timeout = self.server.client_timeout
+        else:
+            # Kernel-side timeouts: a Python socket timeout costs a poll() before every recv/send.
+            seconds = self.server.client_timeout
+            value = struct.pack("ll", int(seconds), int((seconds % 1) * 1_000_000))
+            self.request.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, value)
+            self.request.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, value)
+        super().setup()
+
+    def handle_one_request(self):
+        self.close_connection = True
+        # The socket timeout bounds each recv; the server's header watch bounds the request line
+        # and headers together, so a client trickling a byte at a time cannot hold its slot.
+        self.server.watch_header(self.connection)
+        try:
+            line = self.rfile.readline(MAX_REQUEST_LINE + 1)
+            if not line:
+                return
+            self.raw_requestline = line
+            self.requestline = line.decode("latin-1").rstrip("\r\n")
+            parts = self.requestline.split()
+            if len(line) > MAX_REQUEST_LINE or len(parts) != 3:
+                self.command, self.request_version = "", "HTTP/1.0"
+                self.reply_plain(400)
+                return
+            self.command, self.path, self.request_version = parts
+            self.headers = {}
+            while True:
+                header = self.rfile.readline(MAX_REQUEST_LINE + 1)
+                if header in (b"\r\n", b"\n", b""):
+                    break
+                if len(self.headers) >= MAX_HEADERS or len(header) > MAX_REQUEST_LINE:
+                    self.reply_plain(431)
+                    return
+                name, _, value = header.decode("latin-1").partition(":")
+                self.headers[name.strip().lower()] = value.strip()
+            if not self.server.header_complete(self.connection) or header == b"":
+                return  # too slow, or gone: the connection was shut down
+            connection = self.headers.get("connection", "").lower()
+            if self.request_version == "HTTP/1.1":
+                self.close_connection = connection == "close"
+            elif self.request_version == "HTTP/1.0":
+                self.close_connection = connection != "keep-alive"
+            else:
+                self.reply_plain(505)
+                return
+            if self.command not in ("GET", "HEAD"):
+                self.close_connection = True
+                self.reply_plain(405, [("Allow", "GET, HEAD")])
+            elif self.headers.get("content-length", "0") != "0" or "transfer-encoding" in self.headers:
+                # A body we do not read would be parsed as the next request.
+                self.close_connection = True
+                self.reply_plain(400)
+            elif self.authorized():
+                self.serve_file()
+            else:
+                self.reply_plain(401, [("WWW-Authenticate", 'Basic realm="gentoo-binhost"')])
+        except (OSError, ssl.SSLError):  # timeouts (EAGAIN), resets, TLS errors: drop the client
+            self.close_connection = True
+        finally:
+            self.server.header_complete(self.connection)
+
+    def authorized(self):
+        accepted = self.server.authorizations
+        if not accepted:
+            return True
+        offered = self.headers.get("authorization", "").encode("latin-1", "replace")
+        # Compare with every entry, so timing does not tell which user exists.
+        return sum(hmac.compare_digest(offered, expected) for expected in accepted) > 0
+
+    def send_head(self, code, headers, length):
+        lines = [f"HTTP/1.1 {code} {HTTP_REASONS[code]}",
+                 f"Date: {self.server.http_date.now()}",
+                 f"Server: {self.server_version}"]
+        lines += [f"{name}: {value}" for name, value in headers]
+        if code != 304:
+            lines.append(f"Content-Length: {length}")
+        if self.close_connection:
+            lines.append("Connection: close")
+        self.wfile.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
+        self.log_request(code, length)
+
+    def reply_plain(self, code, headers=()):
+        body = f"{code} {HTTP_REASONS[code]}\n".encode()
+        self.send_head(code, [("Content-Type", "text/plain; charset=utf-8")] + list(headers), len(body))
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+    def path_parts(self):
+        """The decoded, non-empty segments of the request path (query and fragment dropped)."""
+        raw_path = self.path.split("?", 1)[0].split("#", 1)[0]
+        return [part for part in urllib.parse.unquote(raw_path).split("/") if part]
+
+    def open_requested(self):
+        """(descriptor, name) of the regular file or directory the request path names inside
+        PKGDIR, or (None, None). Opened component by component relative to PKGDIR, a symlink
+        never followed by the kernel: one that stays inside (the old All/ layout) is resolved
+        here, one that leads out is refused. Decided on every request, never from a cache: a
+        symlink placed after a 404 is judged like any other."""
+        parts = self.path_parts()
+        if any(part.startswith(".") or "\0" in part or "\\" in part for part in parts):
+            return None, None
+        self.root = self.server.document_root
+        if self.server.environments is not None:
+            # Several binhost environments: /<name>/... is the PKGDIR of environment <name>.
+            if not parts or parts[0] not in self.server.environments:
+                return None, None
+            self.root = self.server.environments[parts[0]]
+            parts = parts[1:]
+        if len(parts) > 2 and parts[0] == STAGED_URL_DIR and STAGED_TOKEN.fullmatch(parts[1]):
+            # A staged publication the gate asks a target about: its own index, PKGDIR's packages.
+            token, parts = parts[1], parts[2:]
+            if parts in (["Packages"], ["Packages.gz"]):
+                return open_inside(self.root, [PUBLISHED_DIR, STAGED_PREFIX + token, parts[0]]), parts[0]
+        elif parts in (["Packages"], ["Packages.gz"]) and os.path.lexists(
+                os.path.join(self.root, PUBLISHED_DIR, CURRENT_PUBLICATION)):
+            # Targets get the last complete build's index, not the one a running build rewrites.
+            parts = [PUBLISHED_DIR, CURRENT_PUBLICATION, parts[0]]
+        return open_inside(self.root, parts), parts[-1] if parts else ""
+
+    def serve_file(self):
+        descriptor, name = self.open_requested()
+        if descriptor is None:
+            # Portage falls back from Packages.gz to Packages only on a 404, never on a 403.
+            self.reply_plain(404)
+            return
+        try:
+            info = os.fstat(descriptor)
+            if stat.S_ISDIR(info.st_mode) and self.server.listings:
+                self.serve_listing(descriptor)
+                return
+            if not stat.S_ISREG(info.st_mode):
+                self.reply_plain(404)
+                return
+            size, mtime = info.st_size, int(info.st_mtime)
+            last_modified = ("Last-Modified", email.utils.formatdate(mtime, usegmt=True))
+            if self.not_modified_since(mtime):
+                self.send_head(304, [last_modified], 0)
+                return
+            byte_range = self.requested_range(size)
+            if byte_range == "unsatisfiable":
+                self.send_head(416, [("Content-Range", f"bytes */{size}")], 0)
+                return
+            start, end = byte_range or (0, size - 1)
+            length = max(0, end - start + 1)
+            # Never Content-Encoding for .gz: a client would hand Portage the decompressed file.
+            headers = [("Content-Type", content_type(name)), last_modified, ("Accept-Ranges", "bytes")]
+            if byte_range:
+                headers.append(("Content-Range", f"bytes {start}-{end}/{size}"))
+            # Header and body leave in full packets together (nginx's tcp_nopush): measured faster
+            # for big packages (make bench).
+            cork = self.command == "GET" and length > 65536 and not isinstance(self.connection, ssl.SSLSocket)
+            if cork:
+                self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 1)
+            self.send_head(206 if byte_range else 200, headers, length)
+            if self.command == "GET" and length:
+                self.send_body(descriptor, start, length)
+            if cork:
+                self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 0)
+        finally:
+            os.close(descriptor)
+
+    def send_body(self, descriptor, offset, length):
+        """The file's bytes, dropping a client that reads slower than the server's floor over
+        each window, or not at all for the client timeout. Without TLS the socket is written
+        without blocking, so the floor is checked at least once a second whatever the client
+        does (a blocking sendfile would wait for a trickling reader chunk after chunk)."""
+        rate, window = self.server.download_floor
+        progress = {"started": time.monotonic(), "sent": 0}
+
+        def check(sent):
+            now = time.monotonic()
+            progress["sent"] += sent
+            if now - progress["started"] >= window:
+                if progress["sent"] < rate * (now - progress["started"]):
+                    drop_at_once(self.connection)
+                    raise ConnectionAbortedError(f"slower than {rate} bytes/s over {window} s: dropped")
+                progress["started"], progress["sent"] = now, 0
+
+        if isinstance(self.connection, ssl.SSLSocket):
+            while length > 0:  # the socket's timeout bounds each chunk
+                chunk = os.pread(descriptor, min(length, TLS_BODY_CHUNK), offset)
+                if not chunk:
+                    raise ConnectionResetError("file shrank")
+                self.connection.sendall(chunk)
+                offset, length = offset + len(chunk), length - len(chunk)
+                check(len(chunk))
+            return
+        waiting = select.poll()
+        waiting.register(self.connection, select.POLLOUT)
+        idle_since = time.monotonic()
+        self.connection.setblocking(False)
+        try:
+            while length > 0:
+                try:
+                    sent = os.sendfile(self.connection.fileno(), descriptor, offset, min(length, BODY_CHUNK))
+                except BlockingIOError:
+                    sent = None
+                if sent == 0:
+                    raise ConnectionResetError("file shrank or client went away")
+                if sent:
+                    offset, length, idle_since = offset + sent, length - sent, time.monotonic()
+                    check(sent)
+                    continue
+                waiting.poll(1000)
+                check(0)
+                if time.monotonic() - idle_since > self.server.client_timeout:
+                    drop_at_once(self.connection)
+                    raise TimeoutError("the client stopped reading")
+        finally:
+            self.connection.setblocking(True)
+
+    def serve_listing(self, descriptor):
+        """A plain HTML index of a directory (only with serve --index): its regular files and
+        directories, no dotfiles, no symlinks."""
+        clean = "/" + "".join(urllib.parse.quote(part) + "/" for part in self.path_parts())
+        if not self.path.split("?", 1)[0].endswith("/"):
+            # Built from the checked parts: `//evil.example` must not become an open redirect.
+            self.send_head(301, [("Location", clean)], 0)
+            return
+        entries = []
+        with os.scandir(descriptor) as listing:
+            for entry in sorted(listing, key=lambda item: item.name):
+                if entry.name.startswith(".") or not (entry.is_file(follow_symlinks=False)
+                                                      or entry.is_dir(follow_symlinks=False)):
+                    continue
+                name = entry.name + ("/" if entry.is_dir(follow_symlinks=False) else "")
+                entries.append(f'<a href="{urllib.parse.quote(name)}">{html.escape(name)}</a>')
+        title = html.escape(urllib.parse.unquote(clean))
+        body = (f"<!DOCTYPE html>\n<title>{title}</title>\n<h1>{title}</h1>\n<pre>\n"
+                + "\n".join(entries) + "\n</pre>\n").encode()
+        self.send_head(200, [("Content-Type", "text/html; charset=utf-8")], len(body))
+        if self.command == "GET":
+            self.wfile.write(body)
+
+    def not_modified_since(self, mtime):
+        header = self.headers.get("if-modified-since")
+        if not header or "range" in self.headers:
+            return False
+        try:
+            since = email.utils.parsedate_to_datetime(header)
+        except (TypeError, ValueError, IndexError):
+            return False
+        if since is None:
+            return False
+        if since.tzinfo is None:
+            since = since.replace(tzinfo=datetime.timezone.utc)
+        # Exact, as nginx's default (if_modified_since exact): Portage asks with its copy's
+        # TIMESTAMP + 5 s, so "not newer than that" would hide an index rewritten within 5 s.
+        return int(since.timestamp()) == mtime
+
+    def requested_range(self, size):
+        """(start, end) for one satisfiable `bytes=` range, "unsatisfiable", or None for the whole."""
+        unit, _, spec = self.headers.get("range", "").partition("=")
+        if unit.strip() != "bytes" or "," in spec:
+            return None
+        first, dash, last = spec.strip().partition("-")
+        if not dash:
+            return None
+        try:
+            if first:
+                start = int(first)
+                end = int(last) if last else size - 1
+            else:
+                start, end = max(0, size - int(last)), size - 1
+        except ValueError:
+            return None
+        if start < 0 or start >= size or (first and last and end < start):
+            return "unsatisfiable"
+        return start, min(end, size - 1)
+
+    def log_request(self, code="-", size="-"):
+        self.server.answered += 1
+        if self.server.access_log:
+            # Clients choose the request line: no terminal escape sequences into the log.
+            request_line = self.requestline.translate(CONTROL_CHARACTERS)
+            self.server.output.text(f'{self.client_address[0]} - - [{self.log_date_time_string()}]'
+                                    f' "{request_line}" {code} {size}')
+
+    def log_message(self, format, *args):  # noqa: A002 - the base class's signature
+        """http.server's own messages (none on our request path) go to the access log too."""
+        if self.server.access_log:
+            self.server.output.text(f"{self.client_address[0]} - - {format % args}")
+
+
+# Connections one client address may hold at once (a target fetches with one or a few).
+MAX_CONNECTIONS_PER_CLIENT = 32
+HEADER_WATCH_INTERVAL = 0.25
+# A download slower than this over each window is dropped: a slow reader holds a slot, and enough
+# of them would hold every slot. (A real target on a bad link still gets far more.)
+MIN_DOWNLOAD_RATE = 1024  # bytes per second
+DOWNLOAD_RATE_WINDOW = 30  # seconds
+BODY_CHUNK = 4 * 1024 * 1024
+TLS_BODY_CHUNK = 256 * 1024
+# Told to a client when every slot is busy and no waiting connection could make room.
+BUSY_REPLY = b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: 10\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+
+
+def drop_at_once(connection):
+    """Close with a reset: what the send buffer still holds (megabytes) is not trickled out to
+    the client being dropped."""
+    with contextlib.suppress(OSError):
+        connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+
+
+def client_key(address):
+    """Whom a connection counts against: its IPv4 address, or its IPv6 /64 (one host gets a
+    whole /64 and could otherwise take every slot from its addresses)."""
+    try:
+        ip = ipaddress.ip_address(address.split("%", 1)[0])
+    except ValueError:
+        return address
+    if ip.version == 6 and ip.ipv4_mapped:
+        return str(ip.ipv4_mapped)
+    return str(ipaddress.ip_network(f"{ip}/64", strict=False)) if ip.version == 6 else str(ip)
+
+
+def content_type(path):
+    name = os.path.basename(path)
+    if name == "Packages":
+        return "text/plain; charset=utf-8"
+    if name.endswith(".gz"):
+        return "application/gzip"
+    return "application/octet-stream"
+
+
+class BinhostServer(http.server.ThreadingHTTPServer):
+    daemon_threads = True
+    request_queue_size = 128
+
+    def __init__(self, address, document_root, output, *, ssl_context=None, authorizations=(),
+                 client_timeout=30, max_connections=256, access_log=True, listings=False,
+                 download_floor=(MIN_DOWNLOAD_RATE, DOWNLOAD_RATE_WINDOW)):
+        if isinstance(document_root, dict):  # {environment name: its PKGDIR}
+            self.environments = {name: os.path.realpath(path) for name, path in document_root.items()}
+            self.document_root = "/nonexistent"
+        else:
+            self.environments = None
+            self.document_root = os.path.realpath(document_root)
+        self.output = output
+        self.ssl_context = ssl_context
+        self.authorizations = [value.encode("latin-1") for value in authorizations]
+        self.client_timeout = client_timeout
+        self.access_log = access_log
+        self.answered = 0  # requests answered: add-target's proof that the target reached us
+        self.listings = listings
+        self.http_date = HttpDate()
+        self.slots = threading.BoundedSemaphore(max_connections)
+        self.max_per_client = max(1, min(MAX_CONNECTIONS_PER_CLIENT, max_connections // 4))
+        self.download_floor = download_floor  # (bytes per second, window in seconds)
+        self.clients = {}  # address -> open connections
+        self.header_deadlines = {}  # connection -> when its request line and headers must be in
+        self.watch_lock = threading.Lock()
+        self.closing = threading.Event()
+        super().__init__(address, BinhostRequestHandler)
+        threading.Thread(target=self.drop_slow_headers, name="binhost-header-watch", daemon=True).start()
+
+    def watch_header(self, connection):
+        with self.watch_lock:
+            self.header_deadlines[connection] = time.monotonic() + self.client_timeout
+
+    def header_complete(self, connection):
+        """Stop watching; False when the watch had already dropped the connection."""
+        with self.watch_lock:
+            return self.header_deadlines.pop(connection, None) is not None
+
+    def drop_longest_waiting(self):
+        with self.watch_lock:
+            if not self.header_deadlines:
+                return
+            connection = min(self.header_deadlines, key=self.header_deadlines.get)
+            del self.header_deadlines[connection]
+        with contextlib.suppress(OSError):
+            connection.shutdown(socket.SHUT_RDWR)
+
+    def drop_slow_headers(self):
+        while not self.closing.wait(HEADER_WATCH_INTERVAL):
+            now = time.monotonic()
+            with self.watch_lock:
+                late = [connection for connection, deadline in self.header_deadlines.items() if deadline < now]
+                for connection in late:
+                    del self.header_deadlines[connection]
+            for connection in late:  # the blocked read returns, and the handler gives up
+                with contextlib.suppress(OSError):
+                    connection.shutdown(socket.SHUT_RDWR)
+
+    def server_close(self):
+        self.closing.set()
+        super().server_close()
+
+    def handle_error(self, request, client_address):
+        """One line instead of socketserver's traceback: a broken request must not flood stderr."""
+        error = sys.exc_info()[1]
+        self.output.warn(f"{client_address[0]}: request failed: {error!r}")
+
+    def process_request(self, request, client_address):
+        # One address (an IPv6 /64) cannot take every slot: past its share, its new connections
+        # are closed.
+        address = client_key(client_address[0])
+        with self.watch_lock:
+            if self.clients.get(address, 0) >= self.max_per_client:
+                self.shutdown_request(request)
+                return
+            self.clients[address] = self.clients.get(address, 0) + 1
+        # Bounding connections: while every slot is busy, the connection that has waited longest
+        # for its request line or headers (idle keep-alive, or a slow client from elsewhere)
+        # makes room. The accept loop never waits longer than that: with no room, a 503.
+        if not self.slots.acquire(blocking=False):
+            self.drop_longest_waiting()
+            if not self.slots.acquire(timeout=0.1):
+                self.refuse_busy(request)
+                self.forget_client(address)
+                return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self.slots.release()
+            self.forget_client(address)
+            raise
+
+    def refuse_busy(self, request):
+        if self.ssl_context is None:  # a fresh socket's send buffer is empty: this never blocks
+            with contextlib.suppress(OSError):
+                request.setblocking(False)
+                request.send(BUSY_REPLY)
+        self.shutdown_request(request)
+
+    def forget_client(self, address):
+        with self.watch_lock:
+            self.clients[address] -= 1
+            if not self.clients[address]:
+                del self.clients[address]
+
+    def process_request_thread(self, request, client_address):
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self.slots.release()
+            self.forget_client(client_key(client_address[0]))
+
+    def finish_request(self, request, client_address):
+        if self.ssl_context is None:
+            super().finish_request(request, client_address)
+            return
+        # The TLS handshake runs in the connection's thread, so a slow client cannot stall accept(),
+        # and within the header deadline, so a slow one cannot hold its slot either.
+        request.settimeout(self.client_timeout)
+        self.watch_header(request)
+        try:
+            tls = self.ssl_context.wrap_socket(request, server_side=True)
+        except (OSError, ssl.SSLError):
+            return
+        finally:
+            self.header_complete(request)
+        try:
+            super().finish_request(tls, client_address)
+        finally:
+            tls.close()
+
+
+def make_server(bind, port, document_root, output, **options):
+    family = socket.AF_INET6 if ":" in bind else socket.AF_INET
+    server_class = type("BinhostServerV6", (BinhostServer,), {"address_family": family})
+    try:
+        return server_class((bind, port), document_root, output, **options)
+    except OSError as error:
+        if error.errno == errno.EADDRINUSE:
+            raise BinhostError(f"port {port} on {bind} is already in use: stop the other server or"
+                               " choose another with --port") from None
+        raise BinhostError(f"cannot listen on {bind}:{port}: {error.strerror}") from None
+
+
+def tls_context(settings):
+    if not settings.tls_cert:
+        return None
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        context.load_cert_chain(settings.tls_cert, settings.tls_key or None)
+    except (OSError, ssl.SSLError) as error:
+        raise UsageError(f"cannot load TLS certificate {settings.tls_cert} / key"
+                         f" {settings.tls_key or '(in the certificate file)'}: {error}") from None
+    return context
+
+
+def read_credentials(settings):
+    """user:password lines of the auth file; blank lines and # comments are skipped."""
+    if not settings.auth_file:
+        return []
+    try:
+        with open(settings.auth_file, encoding="utf-8") as handle:
+            if os.fstat(handle.fileno()).st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+                raise UsageError(f"auth file {settings.auth_file} can be read or changed by its group or"
+                                 f" other users: its passwords are secrets; chmod 600 {settings.auth_file}")
+            lines = [line.strip() for line in handle]
+    except OSError as error:
+        raise UsageError(f"cannot read auth file {settings.auth_file}: {error.strerror}") from None
+    credentials = []
+    for number, line in enumerate(lines, 1):
+        if not line or line.startswith("#"):
+            continue
+        user, colon, password = line.partition(":")
+        # Portage does not percent-decode credentials in sync-uri: they must be URL-safe as they are.
+        if not colon or not user or not password or any(c in line for c in "@/ \t?#"):
+            raise UsageError(f"{settings.auth_file}:{number}: expected user:password without"
+                             " spaces, '@', '/', '?' or '#'")
+        credentials.append((user, password))
+    if not credentials:
+        raise UsageError(f"auth file {settings.auth_file} has no user:password line")
+    return credentials
+
+
+def basic_authorizations(credentials):
+    return ["Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
+            for user, password in credentials]
+
+
+@contextlib.contextmanager
+def stop_on_sigterm(server):
+    """SIGTERM ends serve_forever() normally: shutdown() must come from another thread, and an
+    exception raised at an arbitrary point of the accept loop could leave it half-done."""
+    def stop(_signum, _frame):
+        threading.Thread(target=server.shutdown, name="binhost-stop", daemon=True).start()
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def start_server(environments, output, bind, port, access_log=True, listings=False, tunnel=False):
+    """A server for every binhost environment of the configuration (Config.environments())."""
+    missing = [settings.pkgdir for settings in environments.values() if not os.path.isdir(settings.pkgdir)]
+    if len(missing) == len(environments):
+        raise BinhostError(f"PKGDIR {missing[0]} does not exist: build packages first,"
+                           f" or set pkgdir = in [binhost] of {next(iter(environments.values())).config_path}")
+    for pkgdir in missing:
+        output.warn(f"PKGDIR {pkgdir} does not exist yet: its targets get 404s until it is built")
+    settings = next(iter(environments.values()))  # server settings are shared
+    document_root = settings.pkgdir if None in environments else {
+        name: each.pkgdir for name, each in environments.items()}
+    return make_server(bind, port, document_root, output,
+                       ssl_context=None if tunnel else tls_context(settings),
+                       authorizations=basic_authorizations(read_credentials(settings)),
+                       client_timeout=settings.client_timeout, access_log=access_log,
+                       listings=listings)
+
+
+@contextlib.contextmanager
+def background_server(environments, output, bind, port, access_log=False, tunnel=True):
+    """A server thread for the duration of one command (through the tunnel, or on the
+    configured port when nothing serves it)."""
+    server = start_server(environments, output, bind, port, access_log, tunnel=tunnel)
+    thread = threading.Thread(target=server.serve_forever, name="binhost-server", daemon=True)
+    thread.start()
+    try:
+        yield server
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def watch_tunnel(process, server, output):
+    """Stop serving when the tunnel dies: without it no target can reach us."""
+    process.wait()
+    if process.returncode != -signal.SIGTERM:  # not our own stop
+        output.warn(f"ssh tunnel exited (exit {process.returncode})")
+    server.shutdown()
+
+
+# ------------------------------------------------------------------------------------------------
 # Operations on the binhost
 # ------------------------------------------------------------------------------------------------
 
@@ -1070,6 +1691,7 @@ class HostMounts:
         self.state_dir = os.path.join(chroot, "var/cache/gentoo-binhost")
         self.state_path = os.path.join(self.state_dir, "mounts")
         self.users = None
+        self.exclusive = ()  # places that must not be mounted already when this command enters
         # (place inside, host directory, read-only): the repositories and DISTDIR of a chroot build.
         self.mounts = list(CHROOT_MOUNTS) + [
             (inside.strip("/"), ["mount", "--bind", *(["-o", "ro"] if read_only else []), "--make-slave",
@@ -1085,20 +1707,25 @@ class HostMounts:
             raise BinhostError(f"{point} is not inside {self.chroot}: refusing to mount there")
         return real
 
-    def ours(self):
-        """[(mount ID, point)] recorded by us and still mounted as we left them."""
+    def recorded(self, ours):
+        """[(mount ID, point)] recorded and still mounted as we left them: ours (at a place of this
+        command's list), or not (another command's list: a sync's view of a repository)."""
         allowed = {os.path.realpath(os.path.join(self.chroot, name)) for name, _ in self.mounts}
         present = {(identity, point) for identity, point, _ in mount_table()}
         recorded = [tuple(line.split(" ", 1)) for line in read_text(self.state_path).splitlines()
                     if " " in line]
         return [(identity, point) for identity, point in recorded
-                if point in allowed and (identity, point) in present]
+                if (point in allowed) == ours and (identity, point) in present]
+
+    def ours(self):
+        return self.recorded(ours=True)
 
     def record(self, mounts):
+        """Records mounts, and keeps the records of other commands' places still mounted."""
         # Also under --pretend: the read-only queries it runs in the chroot mount for real.
         temporary = f"{self.state_path}.{os.getpid()}"
         with open(temporary, "w", encoding="utf-8") as handle:
-            handle.write("".join(f"{identity} {point}\n" for identity, point in mounts))
+            handle.write("".join(f"{identity} {point}\n" for identity, point in self.recorded(ours=False) + mounts))
         os.replace(temporary, self.state_path)
 
     @contextlib.contextmanager
@@ -1125,8 +1752,14 @@ class HostMounts:
     def enter(self):
         check_chroot_privileges(self.chroot)
         with self.guard():
+            if not self.in_use():  # what a killed command left is not used as it is (a sync's writable view)
+                self.record(self.unmount(self.ours()))
             ours, new = self.ours(), []
             present = set(mount_points())
+            busy = [point for point in self.exclusive if point in present]
+            if busy:  # the builds' read-only view, held by a query of ours, or a mount not ours
+                raise BinhostError(f"{', '.join(busy)} is mounted (another command using {self.chroot}: doctor,"
+                                   " config diff?): run this again once it has finished")
             try:
                 for name, command in self.mounts:
                     point = self.mount_point(name)
@@ -1147,12 +1780,6 @@ class HostMounts:
             # Shared while in use: the last one out sees no other holder.
             self.users = open(os.path.join(self.state_dir, "mounts.users"), "a")
             fcntl.flock(self.users, fcntl.LOCK_SH)
-
-    def remove_leftovers(self):
-        """Unmount what a killed command of ours left mounted here, when no command uses it now."""
-        with self.guard():
-            if not self.in_use():
-                self.record(self.unmount(self.ours()))
 
     def leave(self):
         with self.guard():
@@ -1845,6 +2472,48 @@ def build_lock(settings, runner, output):
             fcntl.flock(lock_file, fcntl.LOCK_UN)
 
 
+# ---- the Packages index: the one parser of its entries ----------------------------------------
+
+def index_fields(block):
+    """{field: value} of one block of a Packages index."""
+    return dict(line.split(": ", 1) for line in block.splitlines() if ": " in line)
+
+
+def index_blocks(index_text):
+    """(header, [(fields, block text)]) of a Packages index: the one parser of its entries."""
+    header, *blocks = index_text.split("\n\n") if index_text else [""]
+    entries = [(fields, block.strip("\n")) for fields, block in ((index_fields(block), block) for block in blocks)
+               if fields.get("CPV")]
+    return header, entries
+
+
+def entry_path(fields):
+    """Where an index entry's package file is, relative to PKGDIR (old indexes omit PATH)."""
+    return fields.get("PATH") or fields["CPV"] + ".tbz2"
+
+
+def index_entries(index_text):
+    """The entries of a Packages index as dicts of their fields (the header block left out)."""
+    return [fields for fields, _ in index_blocks(index_text)[1]]
+
+
+def index_keeping(index_text, wanted):
+    """The index with only the entries whose fields wanted(fields) accepts."""
+    header, *blocks = index_text.split("\n\n")
+    kept = [block for block in blocks if not block.strip() or wanted(index_fields(block))]
+    return "\n\n".join([header] + kept)
+
+
+def read_packages_index(pkgdir):
+    """The entries of PKGDIR/Packages as dicts of their fields (the header block left out)."""
+    path = os.path.join(pkgdir, "Packages")
+    try:
+        with open(path, encoding="utf-8", errors="replace") as handle:
+            return index_entries(handle.read())
+    except FileNotFoundError:
+        raise BinhostError(f"{path} does not exist: build something first") from None
+
+
 # Portage asks for the index with If-Modified-Since = its copy's TIMESTAMP + this many seconds
 # (TIMESTAMP_TOLERANCE in portage/util/_urlopen.py).
 PORTAGE_TIMESTAMP_TOLERANCE = 5
@@ -2046,7 +2715,8 @@ def repos_conf_files(configroot):
     base = os.path.join(configroot, "etc/portage/repos.conf")
     paths = [base] if os.path.isfile(base) else sorted(
         os.path.join(directory, name) for directory, _dirs, names in os.walk(base) for name in names)
-    return {os.path.relpath(path, configroot): read_inside(configroot, os.path.relpath(path, configroot))
+    return {os.path.relpath(path, configroot): read_inside(configroot, os.path.relpath(path, configroot),
+                                                           absolute_from_root=True)
             for path in paths}
 
 
@@ -2131,7 +2801,7 @@ def chroot_build_binds(settings, trees_writable=False):
         distdirs = [_unquote(text[a.start:a.end], a.quote) for a in _assignments(text) if a.name == "DISTDIR"]
         distdir = (distdirs[-1] if distdirs else "/var/cache/distfiles").rstrip("/")
         # A repository kept in the root is this machine's nowhere: a writable DISTDIR must not reach it.
-        kept_places = [place for place, source, _ in binds if source == "{}"]
+        kept_places = repositories_kept_in_root(settings).values()
         if (not safe_place(distdir) or distdir in {place for place, _, _ in binds}
                 or any(distdir.startswith(place + "/") or place.startswith(distdir + "/") for place in kept_places)
                 or any(distdir == place or distdir.startswith(place + "/") for place in SYSTEM_CONTENT_PLACES)):
@@ -3493,7 +4163,7 @@ def repository_state(directory, root):
     def read(relative):
         if confined:
             return read_inside(directory, relative)
-        with contextlib.suppress(OSError):
+        with contextlib.suppress(OSError, ValueError):  # ValueError: a NUL in a name
             return read_text(os.path.join(directory, relative))
         return ""
 
@@ -3505,7 +4175,7 @@ def repository_state(directory, root):
     ref = head[len("ref: "):] if head.startswith("ref: ") else None
     if ref is not None:
         head = ""
-        if re.fullmatch(r"refs/[A-Za-z0-9._/-]+", ref) and ".." not in ref:
+        if ref:
             head = read(os.path.join(git, ref)).strip() or next(
                 (line.split()[0] for line in read(os.path.join(git, "packed-refs")).splitlines()
                  if line.endswith(" " + ref)), "")
@@ -3711,20 +4381,16 @@ def sync_repositories(settings, runner, output, missing_only=False):
         if not (older_link and runner.pretend):
             check_no_symlink_below(settings.root, inside)
         names.append(name)
-    shown = ("sync shown", tuple(names))  # --pretend: one build command may ask twice
-    if not names or (runner.pretend and settings.decisions.get(shown)):
+    if runner.pretend:  # one command may ask twice: shown once
+        names = [name for name in names if not settings.decisions.get(("sync shown", name))]
+        settings.decisions.update({("sync shown", name): True for name in names})
+    if not names:
         return False
-    settings.decisions[shown] = runner.pretend
     with build_lock(settings, runner, output):  # no build sees the tree half-written
         host = BuildHost(settings, runner, output, into_root=True, trees_writable=True)
         emerge = host.program("emerge", "the binhost root has no Portage: is it a stage3?")
-        if not runner.pretend:
-            host.mounts.remove_leftovers()
-        busy = [name for name in names if os.path.realpath(os.path.join(settings.root, kept[name].lstrip("/")))
-                in mount_points()]
-        if busy:  # the builds' read-only view, held by a query of ours (doctor, config diff), or a mount not ours
-            raise BinhostError(f"{', '.join(busy)} is mounted in {settings.root} (another command using the"
-                               " binhost root: doctor, config diff?): run this again once it has finished")
+        host.mounts.exclusive = [os.path.realpath(os.path.join(settings.root, kept[name].lstrip("/")))
+                                 for name in names]
         output.action(f"Syncing {', '.join(names)} inside {host.where} (this machine has no such repository):"
                       f" emerge --sync {' '.join(names)}")
         result = host.run([emerge, "--sync"] + names, root_environment(settings), check=False, own_group=True)
@@ -5493,26 +6159,6 @@ def sync_config(direction, settings, target, runner, output, show_only=False):
 DEFAULT_KEEP = 2
 
 
-def index_entries(index_text):
-    """The entries of a Packages index as dicts of their fields (the header block left out)."""
-    entries = []
-    for block in index_text.split("\n\n")[1:]:
-        fields = dict(line.split(": ", 1) for line in block.splitlines() if ": " in line)
-        if fields.get("CPV"):
-            entries.append(fields)
-    return entries
-
-
-def read_packages_index(pkgdir):
-    """The entries of PKGDIR/Packages as dicts of their fields (the header block left out)."""
-    path = os.path.join(pkgdir, "Packages")
-    try:
-        with open(path, encoding="utf-8", errors="replace") as handle:
-            return index_entries(handle.read())
-    except FileNotFoundError:
-        raise BinhostError(f"{path} does not exist: build something first") from None
-
-
 def package_records(pkgdir):
     """What list shows: one record per binary package, newest build of each CPV first, with its
     state: retired by clean, held back by a rollback, or neither."""
@@ -5599,7 +6245,7 @@ def clean_packages(settings, runner, output, keep, pending=None):
         records = package_records(settings.pkgdir)
         doomed = packages_to_clean(records, installed_in_binhost(settings, runner, output), keep,
                                    targets_installed(settings.pkgdir))
-        checksums = {fields.get("PATH"): fields.get("MD5", "") for fields in read_packages_index(settings.pkgdir)}
+        checksums = {entry_path(fields): fields.get("MD5", "") for fields in read_packages_index(settings.pkgdir)}
         # A retired path rebuilt since (same path, another file) is no longer retired.
         retired = {path: md5 for path, md5 in retired_packages(settings.pkgdir).items()
                    if checksums.get(path, md5) == md5}
@@ -5707,22 +6353,6 @@ HOLDS_FILE = "holds.json"
 INSTALLED_DIR = "installed"
 
 
-def entry_path(fields):
-    """Where an index entry's package file is, relative to PKGDIR (old indexes omit PATH)."""
-    return fields.get("PATH") or fields["CPV"] + ".tbz2"
-
-
-def index_blocks(index_text):
-    """(header, [(fields, block text)]) of a Packages index."""
-    header, *blocks = index_text.split("\n\n") if index_text else [""]
-    entries = []
-    for block in blocks:
-        fields = dict(line.split(": ", 1) for line in block.splitlines() if ": " in line)
-        if fields.get("CPV"):
-            entries.append((fields, block.strip("\n")))
-    return header, entries
-
-
 def retired_packages(pkgdir):
     """{PATH: MD5} of the retired package files."""
     lines = read_text(os.path.join(publications_dir(pkgdir), RETIRED_LIST)).splitlines()
@@ -5738,7 +6368,7 @@ def write_retired(pkgdir, retired, runner):
 
 def is_retired(fields, retired):
     """Whether an index entry is a retired build (the same file, not a new build at its path)."""
-    path = fields.get("PATH")
+    path = entry_path(fields)
     return path in retired and retired[path] in ("", fields.get("MD5", ""))
 
 
@@ -5988,18 +6618,6 @@ class PendingPublication:
 
     def publish(self, runner, output):
         return publish(self.settings, runner, output, self.why, self.produced, self.removed, prune=False)
-
-
-def index_keeping(index_text, wanted):
-    """The index with only the entries whose fields wanted(fields) accepts."""
-    header, *blocks = index_text.split("\n\n")
-    kept = [block for block in blocks if not block.strip() or wanted(
-        dict(line.split(": ", 1) for line in block.splitlines() if ": " in line))]
-    return "\n\n".join([header] + kept)
-
-
-def without_timestamp(index_text):
-    return with_timestamp(index_text, "")
 
 
 def prune_publications(settings, output):
@@ -6304,9 +6922,7 @@ def index_problems(pkgdir):
     """Differences between PKGDIR/Packages and the files: (missing or wrong size, not indexed)."""
     broken, indexed = [], set()
     for fields in read_packages_index(pkgdir):
-        path = fields.get("PATH")
-        if not path:
-            continue
+        path = entry_path(fields)
         indexed.add(path)
         full = os.path.join(pkgdir, path)
         if not os.path.isfile(full):
@@ -6393,7 +7009,7 @@ def doctor_configuration(doctor, settings, target, runner, output):
     if profiles[0] != profiles[1]:
         doctor.report(FAIL, "profile", f"binhost {profiles[0]}, {target.name} {profiles[1]}: run '{PROG} config pull'")
     elif not os.path.exists(on_build_host_path(settings, profile_path)) and profile_repository(settings.root) in \
-            repositories_kept_in_root(settings, build_method(settings, runner, output)[0]).values():
+            kept_repositories(settings, runner, output).values():
         doctor.report(WARN, "profile", f"{profile_path} -> {profiles[0]} resolves once"
                                        f" {profile_repository(settings.root)} is synced inside the binhost root:"
                                        f" the next build or '{PROG} update' does it")
@@ -6598,8 +7214,8 @@ def doctor_pkgdir(doctor, settings):
             doctor.report(OK, "index", f"{settings.pkgdir}/Packages matches the files")
     current = current_publication(settings.pkgdir)
     if current is not None:
-        gone = [fields.get("PATH", key) for key, fields in publication_set(settings.pkgdir, current).items()
-                if not os.path.isfile(os.path.join(settings.pkgdir, fields.get("PATH", "")))]
+        gone = [entry_path(fields) for fields in publication_set(settings.pkgdir, current).values()
+                if not os.path.isfile(os.path.join(settings.pkgdir, entry_path(fields)))]
         if gone:
             doctor.report(FAIL, "publication", f"publication {current}, which targets get, names missing files"
                                                f" ({', '.join(gone[:5])}): build again, or '{PROG} rollback'")
@@ -6946,9 +7562,10 @@ def init_binhost(config, args, runner, output):
             if os.path.relpath(path, root).split(os.sep)[0] not in ("..", ".")]
     installed = install_stage3(args, arch, variant, args.stage3, root, runner, output, keep)
     if installed is None:  # --pretend
-        output.info("Would then sync inside the root, with its own Portage (emerge --sync NAME), each repository"
-                    " its configuration names that this machine lacks, when it builds with the chroot method"
-                    " (README: 'Build methods')")
+        if not settings.host.chroot and settings.build_method != "root":
+                output.info("Would then sync inside the root, with its own Portage (emerge --sync NAME), each repository"
+                        " its configuration names that this machine lacks, when it builds with the chroot method"
+                        " (README: 'Build methods')")
         return
     name, sha512 = installed
     os.makedirs(os.path.join(root, "var/cache/binpkgs"), exist_ok=True)
@@ -7081,7 +7698,7 @@ def link_repositories_into(settings, runner, output):
                         " so the copied make.profile resolves)")
     profile = os.path.join(settings.root, "etc/portage/make.profile")
     if os.path.islink(profile) and not runner.pretend and not os.path.exists(on_build_host_path(settings, profile)):
-        if profile_dir in repositories_kept_in_root(settings, build_method(settings, runner, output)[0]).values():
+        if profile_dir in kept_repositories(settings, runner, output).values():
             output.info(f"{profile} -> {os.readlink(profile)} resolves once {profile_dir} is synced inside the"
                         " binhost root, which comes before any build there")
             return
@@ -7679,610 +8296,8 @@ def remove_target(config, args, runner, output):
 
 
 # ------------------------------------------------------------------------------------------------
-# HTTP server
+# Serving: the serve command, services and timers, nginx
 # ------------------------------------------------------------------------------------------------
-
-HTTP_REASONS = {200: "OK", 206: "Partial Content", 301: "Moved Permanently", 304: "Not Modified",
-                400: "Bad Request",
-                401: "Unauthorized", 404: "Not Found", 405: "Method Not Allowed",
-                416: "Range Not Satisfiable", 431: "Request Header Fields Too Large",
-                505: "HTTP Version Not Supported"}
-MAX_REQUEST_LINE = 8192
-MAX_HEADERS = 100
-LOOPBACK_ADDRESSES = ("127.0.0.1", "::1", "localhost")
-CONTROL_CHARACTERS = {code: f"\\x{code:02x}" for code in [*range(0x20), *range(0x7f, 0xa0)]}
-
-
-class HttpDate:
-    """The Date header, formatted once per second instead of once per request."""
-
-    def __init__(self):
-        self.second, self.text = None, ""
-
-    def now(self):
-        second = int(datetime.datetime.now(datetime.timezone.utc).timestamp())
-        if second != self.second:
-            self.second, self.text = second, email.utils.formatdate(second, usegmt=True)
-        return self.text
-
-
-class BinhostRequestHandler(http.server.BaseHTTPRequestHandler):
-    """Serves regular files under PKGDIR, read-only, the way Portage's fetcher needs them.
-
-    The generic request parsing of http.server (an email.message per request) costs more than
-    sending the file; this handler reads the request line and headers itself, answers only GET
-    and HEAD, and writes each header block with one call."""
-
-    protocol_version = "HTTP/1.1"
-    server_version = f"gentoo-binhost/{VERSION}"
-    # Headers and body go out in separate calls: without TCP_NODELAY the tail of each response
-    # waits for the client's delayed ACK.
-    disable_nagle_algorithm = True
-
-    def setup(self):
-        if isinstance(self.request, ssl.SSLSocket):
-            self.timeout = self.server.client_timeout
-        else:
-            # Kernel-side timeouts: a Python socket timeout costs a poll() before every recv/send.
-            seconds = self.server.client_timeout
-            value = struct.pack("ll", int(seconds), int((seconds % 1) * 1_000_000))
-            self.request.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, value)
-            self.request.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, value)
-        super().setup()
-
-    def handle_one_request(self):
-        self.close_connection = True
-        # The socket timeout bounds each recv; the server's header watch bounds the request line
-        # and headers together, so a client trickling a byte at a time cannot hold its slot.
-        self.server.watch_header(self.connection)
-        try:
-            line = self.rfile.readline(MAX_REQUEST_LINE + 1)
-            if not line:
-                return
-            self.raw_requestline = line
-            self.requestline = line.decode("latin-1").rstrip("\r\n")
-            parts = self.requestline.split()
-            if len(line) > MAX_REQUEST_LINE or len(parts) != 3:
-                self.command, self.request_version = "", "HTTP/1.0"
-                self.reply_plain(400)
-                return
-            self.command, self.path, self.request_version = parts
-            self.headers = {}
-            while True:
-                header = self.rfile.readline(MAX_REQUEST_LINE + 1)
-                if header in (b"\r\n", b"\n", b""):
-                    break
-                if len(self.headers) >= MAX_HEADERS or len(header) > MAX_REQUEST_LINE:
-                    self.reply_plain(431)
-                    return
-                name, _, value = header.decode("latin-1").partition(":")
-                self.headers[name.strip().lower()] = value.strip()
-            if not self.server.header_complete(self.connection) or header == b"":
-                return  # too slow, or gone: the connection was shut down
-            connection = self.headers.get("connection", "").lower()
-            if self.request_version == "HTTP/1.1":
-                self.close_connection = connection == "close"
-            elif self.request_version == "HTTP/1.0":
-                self.close_connection = connection != "keep-alive"
-            else:
-                self.reply_plain(505)
-                return
-            if self.command not in ("GET", "HEAD"):
-                self.close_connection = True
-                self.reply_plain(405, [("Allow", "GET, HEAD")])
-            elif self.headers.get("content-length", "0") != "0" or "transfer-encoding" in self.headers:
-                # A body we do not read would be parsed as the next request.
-                self.close_connection = True
-                self.reply_plain(400)
-            elif self.authorized():
-                self.serve_file()
-            else:
-                self.reply_plain(401, [("WWW-Authenticate", 'Basic realm="gentoo-binhost"')])
-        except (OSError, ssl.SSLError):  # timeouts (EAGAIN), resets, TLS errors: drop the client
-            self.close_connection = True
-        finally:
-            self.server.header_complete(self.connection)
-
-    def authorized(self):
-        accepted = self.server.authorizations
-        if not accepted:
-            return True
-        offered = self.headers.get("authorization", "").encode("latin-1", "replace")
-        # Compare with every entry, so timing does not tell which user exists.
-        return sum(hmac.compare_digest(offered, expected) for expected in accepted) > 0
-
-    def send_head(self, code, headers, length):
-        lines = [f"HTTP/1.1 {code} {HTTP_REASONS[code]}",
-                 f"Date: {self.server.http_date.now()}",
-                 f"Server: {self.server_version}"]
-        lines += [f"{name}: {value}" for name, value in headers]
-        if code != 304:
-            lines.append(f"Content-Length: {length}")
-        if self.close_connection:
-            lines.append("Connection: close")
-        self.wfile.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
-        self.log_request(code, length)
-
-    def reply_plain(self, code, headers=()):
-        body = f"{code} {HTTP_REASONS[code]}\n".encode()
-        self.send_head(code, [("Content-Type", "text/plain; charset=utf-8")] + list(headers), len(body))
-        if self.command != "HEAD":
-            self.wfile.write(body)
-
-    def path_parts(self):
-        """The decoded, non-empty segments of the request path (query and fragment dropped)."""
-        raw_path = self.path.split("?", 1)[0].split("#", 1)[0]
-        return [part for part in urllib.parse.unquote(raw_path).split("/") if part]
-
-    def open_requested(self):
-        """(descriptor, name) of the regular file or directory the request path names inside
-        PKGDIR, or (None, None). Opened component by component relative to PKGDIR, a symlink
-        never followed by the kernel: one that stays inside (the old All/ layout) is resolved
-        here, one that leads out is refused. Decided on every request, never from a cache: a
-        symlink placed after a 404 is judged like any other."""
-        parts = self.path_parts()
-        if any(part.startswith(".") or "\0" in part or "\\" in part for part in parts):
-            return None, None
-        self.root = self.server.document_root
-        if self.server.environments is not None:
-            # Several binhost environments: /<name>/... is the PKGDIR of environment <name>.
-            if not parts or parts[0] not in self.server.environments:
-                return None, None
-            self.root = self.server.environments[parts[0]]
-            parts = parts[1:]
-        if len(parts) > 2 and parts[0] == STAGED_URL_DIR and STAGED_TOKEN.fullmatch(parts[1]):
-            # A staged publication the gate asks a target about: its own index, PKGDIR's packages.
-            token, parts = parts[1], parts[2:]
-            if parts in (["Packages"], ["Packages.gz"]):
-                return open_inside(self.root, [PUBLISHED_DIR, STAGED_PREFIX + token, parts[0]]), parts[0]
-        elif parts in (["Packages"], ["Packages.gz"]) and os.path.lexists(
-                os.path.join(self.root, PUBLISHED_DIR, CURRENT_PUBLICATION)):
-            # Targets get the last complete build's index, not the one a running build rewrites.
-            parts = [PUBLISHED_DIR, CURRENT_PUBLICATION, parts[0]]
-        return open_inside(self.root, parts), parts[-1] if parts else ""
-
-    def serve_file(self):
-        descriptor, name = self.open_requested()
-        if descriptor is None:
-            # Portage falls back from Packages.gz to Packages only on a 404, never on a 403.
-            self.reply_plain(404)
-            return
-        try:
-            info = os.fstat(descriptor)
-            if stat.S_ISDIR(info.st_mode) and self.server.listings:
-                self.serve_listing(descriptor)
-                return
-            if not stat.S_ISREG(info.st_mode):
-                self.reply_plain(404)
-                return
-            size, mtime = info.st_size, int(info.st_mtime)
-            last_modified = ("Last-Modified", email.utils.formatdate(mtime, usegmt=True))
-            if self.not_modified_since(mtime):
-                self.send_head(304, [last_modified], 0)
-                return
-            byte_range = self.requested_range(size)
-            if byte_range == "unsatisfiable":
-                self.send_head(416, [("Content-Range", f"bytes */{size}")], 0)
-                return
-            start, end = byte_range or (0, size - 1)
-            length = max(0, end - start + 1)
-            # Never Content-Encoding for .gz: a client would hand Portage the decompressed file.
-            headers = [("Content-Type", content_type(name)), last_modified, ("Accept-Ranges", "bytes")]
-            if byte_range:
-                headers.append(("Content-Range", f"bytes {start}-{end}/{size}"))
-            # Header and body leave in full packets together (nginx's tcp_nopush): measured faster
-            # for big packages (make bench).
-            cork = self.command == "GET" and length > 65536 and not isinstance(self.connection, ssl.SSLSocket)
-            if cork:
-                self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 1)
-            self.send_head(206 if byte_range else 200, headers, length)
-            if self.command == "GET" and length:
-                self.send_body(descriptor, start, length)
-            if cork:
-                self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 0)
-        finally:
-            os.close(descriptor)
-
-    def send_body(self, descriptor, offset, length):
-        """The file's bytes, dropping a client that reads slower than the server's floor over
-        each window, or not at all for the client timeout. Without TLS the socket is written
-        without blocking, so the floor is checked at least once a second whatever the client
-        does (a blocking sendfile would wait for a trickling reader chunk after chunk)."""
-        rate, window = self.server.download_floor
-        progress = {"started": time.monotonic(), "sent": 0}
-
-        def check(sent):
-            now = time.monotonic()
-            progress["sent"] += sent
-            if now - progress["started"] >= window:
-                if progress["sent"] < rate * (now - progress["started"]):
-                    drop_at_once(self.connection)
-                    raise ConnectionAbortedError(f"slower than {rate} bytes/s over {window} s: dropped")
-                progress["started"], progress["sent"] = now, 0
-
-        if isinstance(self.connection, ssl.SSLSocket):
-            while length > 0:  # the socket's timeout bounds each chunk
-                chunk = os.pread(descriptor, min(length, TLS_BODY_CHUNK), offset)
-                if not chunk:
-                    raise ConnectionResetError("file shrank")
-                self.connection.sendall(chunk)
-                offset, length = offset + len(chunk), length - len(chunk)
-                check(len(chunk))
-            return
-        waiting = select.poll()
-        waiting.register(self.connection, select.POLLOUT)
-        idle_since = time.monotonic()
-        self.connection.setblocking(False)
-        try:
-            while length > 0:
-                try:
-                    sent = os.sendfile(self.connection.fileno(), descriptor, offset, min(length, BODY_CHUNK))
-                except BlockingIOError:
-                    sent = None
-                if sent == 0:
-                    raise ConnectionResetError("file shrank or client went away")
-                if sent:
-                    offset, length, idle_since = offset + sent, length - sent, time.monotonic()
-                    check(sent)
-                    continue
-                waiting.poll(1000)
-                check(0)
-                if time.monotonic() - idle_since > self.server.client_timeout:
-                    drop_at_once(self.connection)
-                    raise TimeoutError("the client stopped reading")
-        finally:
-            self.connection.setblocking(True)
-
-    def serve_listing(self, descriptor):
-        """A plain HTML index of a directory (only with serve --index): its regular files and
-        directories, no dotfiles, no symlinks."""
-        clean = "/" + "".join(urllib.parse.quote(part) + "/" for part in self.path_parts())
-        if not self.path.split("?", 1)[0].endswith("/"):
-            # Built from the checked parts: `//evil.example` must not become an open redirect.
-            self.send_head(301, [("Location", clean)], 0)
-            return
-        entries = []
-        with os.scandir(descriptor) as listing:
-            for entry in sorted(listing, key=lambda item: item.name):
-                if entry.name.startswith(".") or not (entry.is_file(follow_symlinks=False)
-                                                      or entry.is_dir(follow_symlinks=False)):
-                    continue
-                name = entry.name + ("/" if entry.is_dir(follow_symlinks=False) else "")
-                entries.append(f'<a href="{urllib.parse.quote(name)}">{html.escape(name)}</a>')
-        title = html.escape(urllib.parse.unquote(clean))
-        body = (f"<!DOCTYPE html>\n<title>{title}</title>\n<h1>{title}</h1>\n<pre>\n"
-                + "\n".join(entries) + "\n</pre>\n").encode()
-        self.send_head(200, [("Content-Type", "text/html; charset=utf-8")], len(body))
-        if self.command == "GET":
-            self.wfile.write(body)
-
-    def not_modified_since(self, mtime):
-        header = self.headers.get("if-modified-since")
-        if not header or "range" in self.headers:
-            return False
-        try:
-            since = email.utils.parsedate_to_datetime(header)
-        except (TypeError, ValueError, IndexError):
-            return False
-        if since is None:
-            return False
-        if since.tzinfo is None:
-            since = since.replace(tzinfo=datetime.timezone.utc)
-        # Exact, as nginx's default (if_modified_since exact): Portage asks with its copy's
-        # TIMESTAMP + 5 s, so "not newer than that" would hide an index rewritten within 5 s.
-        return int(since.timestamp()) == mtime
-
-    def requested_range(self, size):
-        """(start, end) for one satisfiable `bytes=` range, "unsatisfiable", or None for the whole."""
-        unit, _, spec = self.headers.get("range", "").partition("=")
-        if unit.strip() != "bytes" or "," in spec:
-            return None
-        first, dash, last = spec.strip().partition("-")
-        if not dash:
-            return None
-        try:
-            if first:
-                start = int(first)
-                end = int(last) if last else size - 1
-            else:
-                start, end = max(0, size - int(last)), size - 1
-        except ValueError:
-            return None
-        if start < 0 or start >= size or (first and last and end < start):
-            return "unsatisfiable"
-        return start, min(end, size - 1)
-
-    def log_request(self, code="-", size="-"):
-        self.server.answered += 1
-        if self.server.access_log:
-            # Clients choose the request line: no terminal escape sequences into the log.
-            request_line = self.requestline.translate(CONTROL_CHARACTERS)
-            self.server.output.text(f'{self.client_address[0]} - - [{self.log_date_time_string()}]'
-                                    f' "{request_line}" {code} {size}')
-
-    def log_message(self, format, *args):  # noqa: A002 - the base class's signature
-        """http.server's own messages (none on our request path) go to the access log too."""
-        if self.server.access_log:
-            self.server.output.text(f"{self.client_address[0]} - - {format % args}")
-
-
-# Connections one client address may hold at once (a target fetches with one or a few).
-MAX_CONNECTIONS_PER_CLIENT = 32
-HEADER_WATCH_INTERVAL = 0.25
-# A download slower than this over each window is dropped: a slow reader holds a slot, and enough
-# of them would hold every slot. (A real target on a bad link still gets far more.)
-MIN_DOWNLOAD_RATE = 1024  # bytes per second
-DOWNLOAD_RATE_WINDOW = 30  # seconds
-BODY_CHUNK = 4 * 1024 * 1024
-TLS_BODY_CHUNK = 256 * 1024
-# Told to a client when every slot is busy and no waiting connection could make room.
-BUSY_REPLY = b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: 10\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
-
-
-def drop_at_once(connection):
-    """Close with a reset: what the send buffer still holds (megabytes) is not trickled out to
-    the client being dropped."""
-    with contextlib.suppress(OSError):
-        connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-
-
-def client_key(address):
-    """Whom a connection counts against: its IPv4 address, or its IPv6 /64 (one host gets a
-    whole /64 and could otherwise take every slot from its addresses)."""
-    try:
-        ip = ipaddress.ip_address(address.split("%", 1)[0])
-    except ValueError:
-        return address
-    if ip.version == 6 and ip.ipv4_mapped:
-        return str(ip.ipv4_mapped)
-    return str(ipaddress.ip_network(f"{ip}/64", strict=False)) if ip.version == 6 else str(ip)
-
-
-def content_type(path):
-    name = os.path.basename(path)
-    if name == "Packages":
-        return "text/plain; charset=utf-8"
-    if name.endswith(".gz"):
-        return "application/gzip"
-    return "application/octet-stream"
-
-
-class BinhostServer(http.server.ThreadingHTTPServer):
-    daemon_threads = True
-    request_queue_size = 128
-
-    def __init__(self, address, document_root, output, *, ssl_context=None, authorizations=(),
-                 client_timeout=30, max_connections=256, access_log=True, listings=False,
-                 download_floor=(MIN_DOWNLOAD_RATE, DOWNLOAD_RATE_WINDOW)):
-        if isinstance(document_root, dict):  # {environment name: its PKGDIR}
-            self.environments = {name: os.path.realpath(path) for name, path in document_root.items()}
-            self.document_root = "/nonexistent"
-        else:
-            self.environments = None
-            self.document_root = os.path.realpath(document_root)
-        self.output = output
-        self.ssl_context = ssl_context
-        self.authorizations = [value.encode("latin-1") for value in authorizations]
-        self.client_timeout = client_timeout
-        self.access_log = access_log
-        self.answered = 0  # requests answered: add-target's proof that the target reached us
-        self.listings = listings
-        self.http_date = HttpDate()
-        self.slots = threading.BoundedSemaphore(max_connections)
-        self.max_per_client = max(1, min(MAX_CONNECTIONS_PER_CLIENT, max_connections // 4))
-        self.download_floor = download_floor  # (bytes per second, window in seconds)
-        self.clients = {}  # address -> open connections
-        self.header_deadlines = {}  # connection -> when its request line and headers must be in
-        self.watch_lock = threading.Lock()
-        self.closing = threading.Event()
-        super().__init__(address, BinhostRequestHandler)
-        threading.Thread(target=self.drop_slow_headers, name="binhost-header-watch", daemon=True).start()
-
-    def watch_header(self, connection):
-        with self.watch_lock:
-            self.header_deadlines[connection] = time.monotonic() + self.client_timeout
-
-    def header_complete(self, connection):
-        """Stop watching; False when the watch had already dropped the connection."""
-        with self.watch_lock:
-            return self.header_deadlines.pop(connection, None) is not None
-
-    def drop_longest_waiting(self):
-        with self.watch_lock:
-            if not self.header_deadlines:
-                return
-            connection = min(self.header_deadlines, key=self.header_deadlines.get)
-            del self.header_deadlines[connection]
-        with contextlib.suppress(OSError):
-            connection.shutdown(socket.SHUT_RDWR)
-
-    def drop_slow_headers(self):
-        while not self.closing.wait(HEADER_WATCH_INTERVAL):
-            now = time.monotonic()
-            with self.watch_lock:
-                late = [connection for connection, deadline in self.header_deadlines.items() if deadline < now]
-                for connection in late:
-                    del self.header_deadlines[connection]
-            for connection in late:  # the blocked read returns, and the handler gives up
-                with contextlib.suppress(OSError):
-                    connection.shutdown(socket.SHUT_RDWR)
-
-    def server_close(self):
-        self.closing.set()
-        super().server_close()
-
-    def handle_error(self, request, client_address):
-        """One line instead of socketserver's traceback: a broken request must not flood stderr."""
-        error = sys.exc_info()[1]
-        self.output.warn(f"{client_address[0]}: request failed: {error!r}")
-
-    def process_request(self, request, client_address):
-        # One address (an IPv6 /64) cannot take every slot: past its share, its new connections
-        # are closed.
-        address = client_key(client_address[0])
-        with self.watch_lock:
-            if self.clients.get(address, 0) >= self.max_per_client:
-                self.shutdown_request(request)
-                return
-            self.clients[address] = self.clients.get(address, 0) + 1
-        # Bounding connections: while every slot is busy, the connection that has waited longest
-        # for its request line or headers (idle keep-alive, or a slow client from elsewhere)
-        # makes room. The accept loop never waits longer than that: with no room, a 503.
-        if not self.slots.acquire(blocking=False):
-            self.drop_longest_waiting()
-            if not self.slots.acquire(timeout=0.1):
-                self.refuse_busy(request)
-                self.forget_client(address)
-                return
-        try:
-            super().process_request(request, client_address)
-        except BaseException:
-            self.slots.release()
-            self.forget_client(address)
-            raise
-
-    def refuse_busy(self, request):
-        if self.ssl_context is None:  # a fresh socket's send buffer is empty: this never blocks
-            with contextlib.suppress(OSError):
-                request.setblocking(False)
-                request.send(BUSY_REPLY)
-        self.shutdown_request(request)
-
-    def forget_client(self, address):
-        with self.watch_lock:
-            self.clients[address] -= 1
-            if not self.clients[address]:
-                del self.clients[address]
-
-    def process_request_thread(self, request, client_address):
-        try:
-            super().process_request_thread(request, client_address)
-        finally:
-            self.slots.release()
-            self.forget_client(client_key(client_address[0]))
-
-    def finish_request(self, request, client_address):
-        if self.ssl_context is None:
-            super().finish_request(request, client_address)
-            return
-        # The TLS handshake runs in the connection's thread, so a slow client cannot stall accept(),
-        # and within the header deadline, so a slow one cannot hold its slot either.
-        request.settimeout(self.client_timeout)
-        self.watch_header(request)
-        try:
-            tls = self.ssl_context.wrap_socket(request, server_side=True)
-        except (OSError, ssl.SSLError):
-            return
-        finally:
-            self.header_complete(request)
-        try:
-            super().finish_request(tls, client_address)
-        finally:
-            tls.close()
-
-
-def make_server(bind, port, document_root, output, **options):
-    family = socket.AF_INET6 if ":" in bind else socket.AF_INET
-    server_class = type("BinhostServerV6", (BinhostServer,), {"address_family": family})
-    try:
-        return server_class((bind, port), document_root, output, **options)
-    except OSError as error:
-        if error.errno == errno.EADDRINUSE:
-            raise BinhostError(f"port {port} on {bind} is already in use: stop the other server or"
-                               " choose another with --port") from None
-        raise BinhostError(f"cannot listen on {bind}:{port}: {error.strerror}") from None
-
-
-def tls_context(settings):
-    if not settings.tls_cert:
-        return None
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
-    try:
-        context.load_cert_chain(settings.tls_cert, settings.tls_key or None)
-    except (OSError, ssl.SSLError) as error:
-        raise UsageError(f"cannot load TLS certificate {settings.tls_cert} / key"
-                         f" {settings.tls_key or '(in the certificate file)'}: {error}") from None
-    return context
-
-
-def read_credentials(settings):
-    """user:password lines of the auth file; blank lines and # comments are skipped."""
-    if not settings.auth_file:
-        return []
-    try:
-        with open(settings.auth_file, encoding="utf-8") as handle:
-            if os.fstat(handle.fileno()).st_mode & (stat.S_IRWXG | stat.S_IRWXO):
-                raise UsageError(f"auth file {settings.auth_file} can be read or changed by its group or"
-                                 f" other users: its passwords are secrets; chmod 600 {settings.auth_file}")
-            lines = [line.strip() for line in handle]
-    except OSError as error:
-        raise UsageError(f"cannot read auth file {settings.auth_file}: {error.strerror}") from None
-    credentials = []
-    for number, line in enumerate(lines, 1):
-        if not line or line.startswith("#"):
-            continue
-        user, colon, password = line.partition(":")
-        # Portage does not percent-decode credentials in sync-uri: they must be URL-safe as they are.
-        if not colon or not user or not password or any(c in line for c in "@/ \t?#"):
-            raise UsageError(f"{settings.auth_file}:{number}: expected user:password without"
-                             " spaces, '@', '/', '?' or '#'")
-        credentials.append((user, password))
-    if not credentials:
-        raise UsageError(f"auth file {settings.auth_file} has no user:password line")
-    return credentials
-
-
-def basic_authorizations(credentials):
-    return ["Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
-            for user, password in credentials]
-
-
-@contextlib.contextmanager
-def stop_on_sigterm(server):
-    """SIGTERM ends serve_forever() normally: shutdown() must come from another thread, and an
-    exception raised at an arbitrary point of the accept loop could leave it half-done."""
-    def stop(_signum, _frame):
-        threading.Thread(target=server.shutdown, name="binhost-stop", daemon=True).start()
-
-    previous = signal.signal(signal.SIGTERM, stop)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
-def start_server(environments, output, bind, port, access_log=True, listings=False, tunnel=False):
-    """A server for every binhost environment of the configuration (Config.environments())."""
-    missing = [settings.pkgdir for settings in environments.values() if not os.path.isdir(settings.pkgdir)]
-    if len(missing) == len(environments):
-        raise BinhostError(f"PKGDIR {missing[0]} does not exist: build packages first,"
-                           f" or set pkgdir = in [binhost] of {next(iter(environments.values())).config_path}")
-    for pkgdir in missing:
-        output.warn(f"PKGDIR {pkgdir} does not exist yet: its targets get 404s until it is built")
-    settings = next(iter(environments.values()))  # server settings are shared
-    document_root = settings.pkgdir if None in environments else {
-        name: each.pkgdir for name, each in environments.items()}
-    return make_server(bind, port, document_root, output,
-                       ssl_context=None if tunnel else tls_context(settings),
-                       authorizations=basic_authorizations(read_credentials(settings)),
-                       client_timeout=settings.client_timeout, access_log=access_log,
-                       listings=listings)
-
-
-@contextlib.contextmanager
-def background_server(environments, output, bind, port, access_log=False, tunnel=True):
-    """A server thread for the duration of one command (through the tunnel, or on the
-    configured port when nothing serves it)."""
-    server = start_server(environments, output, bind, port, access_log, tunnel=tunnel)
-    thread = threading.Thread(target=server.serve_forever, name="binhost-server", daemon=True)
-    thread.start()
-    try:
-        yield server
-    finally:
-        server.shutdown()
-        server.server_close()
-
 
 def serve(environments, target, runner, output, bind, port, tunnel=False, listings=False):
     settings = next(iter(environments.values()))  # what the environments share: server settings
@@ -8443,14 +8458,6 @@ def nginx_server_block(settings, bind, port):
                   "    # nginx needs hashed passwords: htpasswd -c /etc/nginx/gentoo-binhost.htpasswd USER",
                   "    auth_basic_user_file /etc/nginx/gentoo-binhost.htpasswd;"]
     return "\n".join(lines + ["}"]) + "\n"
-
-
-def watch_tunnel(process, server, output):
-    """Stop serving when the tunnel dies: without it no target can reach us."""
-    process.wait()
-    if process.returncode != -signal.SIGTERM:  # not our own stop
-        output.warn(f"ssh tunnel exited (exit {process.returncode})")
-    server.shutdown()
 
 
 def target_url(settings, tunnel, with_credentials=True, port=None, quoted=False):

@@ -162,3 +162,68 @@ def test_what_the_sync_wrote_is_read_through_no_link_out_of_the_root(gb, tmp_pat
     (root / "var/db/repos").rename(elsewhere)
     (root / "var/db/repos").symlink_to(elsewhere)
     assert gb.repository_directory(settings, "/var/db/repos/planted") == "/var/db/repos/planted"
+
+
+MOUNTS_DRIVER = r"""
+import importlib.util, os, sys
+spec = importlib.util.spec_from_file_location("gentoo_binhost", sys.argv[1])
+gb = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(gb)
+root = sys.argv[2]
+repository = os.path.join(root, "var/db/repos/kept")
+point = os.path.realpath(repository)
+output = gb.Output(color=False, verbosity=0)
+runner = gb.Runner(output)
+
+def mounts(writable, exclusive=()):
+    made = gb.HostMounts(root, runner, output, [("var/db/repos/kept", "{}", not writable)])
+    made.exclusive = exclusive
+    return made
+
+def writable():
+    try:
+        with open(os.path.join(repository, "probe"), "w"):
+            return "writable"
+    except OSError:
+        return "read-only"
+
+# A sync's writable view; a query that started before the repository was there joins it; the
+# sync leaves first: the query, last out, leaves the view (not its place) mounted, and recorded.
+sync, query = mounts(writable=True), gb.HostMounts(root, runner, output)
+sync.enter()
+query.enter()
+print("joined", writable())
+sync.leave()
+query.leave()
+print("left", point in gb.mount_points())
+# The next command finds nobody using the mounts: the leftover is not used as it is.
+build = mounts(writable=False)
+build.enter()
+print("build", writable())
+# A sync while a command holds the read-only view: refused, nothing mounted over it.
+try:
+    mounts(writable=True, exclusive=[point]).enter()
+    print("sync entered")
+except gb.BinhostError as error:
+    print("sync refused:", error)
+build.leave()
+print("end", point in gb.mount_points())
+"""
+
+
+def test_the_sync_view_of_a_kept_repository_never_outlives_its_record(tmp_path):
+    """The mounts of the binhost root are shared by the commands using it; the sync sees a kept
+    repository writable, builds see it read-only. Run in a mount namespace of its own."""
+    need(os.geteuid() == 0 and shutil.which("unshare"), "mounts need root and unshare")
+    root = tmp_path / "root"
+    (root / "var/db/repos/kept/profiles").mkdir(parents=True)
+    (root / "var/db/repos/kept/profiles/repo_name").write_text("kept\n")
+    driver = tmp_path / "driver.py"
+    driver.write_text(MOUNTS_DRIVER)
+    result = run(["unshare", "--mount", "--propagation", "private", sys.executable, driver, SCRIPT, root],
+                 check=False)
+    said = result.stdout + result.stderr
+    assert result.returncode == 0, said
+    assert said.splitlines()[:3] == ["joined writable", "left True", "build read-only"], said
+    assert "sync refused:" in said and "is mounted (another command using" in said, said
+    assert said.splitlines()[-1] == "end False", said
