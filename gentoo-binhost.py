@@ -5423,6 +5423,45 @@ def cpu_flags_x86_from_cpuinfo(flags_line):
     return sorted(names)
 
 
+# CPU_FLAGS_ARM as cpuid2cpuflags sets it (src/arm.c, 2025), from the kernel's names for the
+# hwcap bits it tests, which /proc/cpuinfo's Features line prints: {flag: features it needs}.
+# aarch64 has every 32-bit unit (neon is asimd there); a 32-bit kernel names its own.
+CPU_FLAGS_ARM_AARCH64 = {
+    "edsp": (), "thumb": (), "neon": ("asimd",), "neon-fp16": ("asimd",), "vfp": ("asimd",),
+    "vfpv3": ("asimd",), "vfpv4": ("asimd",), "vfp-d32": ("asimd",), "asimd": ("asimd",),
+    "aes": ("aes",), "sha1": ("sha1",), "sha2": ("sha2",), "crc32": ("crc32",), "sm4": ("sm4",),
+    "asimddp": ("asimddp",), "asimdfhm": ("asimdfhm",), "asimdhp": ("asimdhp",), "sve": ("sve",),
+    "sve2": ("sve2",), "i8mm": ("i8mm",)}
+CPU_FLAGS_ARM_32 = {
+    "edsp": ("edsp",), "iwmmxt": ("iwmmxt",), "neon": ("neon",), "neon-fp16": ("neon", "half"),
+    "thumb": ("thumb",), "vfp": ("vfp",), "vfpv3": ("vfpv3",), "vfpv4": ("vfpv4",), "vfp-d32": ("vfpd32",),
+    "asimddp": ("asimddp",), "asimdfhm": ("asimdfhm",), "asimdhp": ("asimdhp",), "i8mm": ("i8mm",),
+    "aes": ("aes",), "sha1": ("sha1",), "sha2": ("sha2",), "crc32": ("crc32",)}
+# The architecture versions each `uname -m` (its endianness letter off) implies, and thumb2 from v6t2.
+ARM_SUBARCH_FLAGS = {"aarch64": "v4 v5 v6 v7 v8 thumb2", "armv8": "v4 v5 v6 v7 v8 thumb2",
+                     "armv7": "v4 v5 v6 v7 thumb2", "armv6": "v4 v5 v6", "armv5tej": "v4 v5",
+                     "armv5te": "v4 v5", "armv5t": "v4 v5", "armv4t": "v4", "armv4": "v4"}
+
+
+def cpu_flags_arm_from_cpuinfo(features_line, machine):
+    """Sorted CPU_FLAGS_ARM names from the `Features : ...` line of an arm or aarch64
+    /proc/cpuinfo and `uname -m`, as cpuid2cpuflags derives them from the same hwcap bits. A
+    32-bit userland under a 64-bit kernel reads 32-bit names while uname says aarch64: an
+    ARMv8 CPU in its 32-bit state."""
+    features = set(features_line.partition(":")[2].split() if ":" in features_line else features_line.split())
+    machine = machine.strip()
+    machine = machine[:-1] if machine.endswith(("l", "b")) and machine != "aarch64" else machine
+    if not features or machine not in ARM_SUBARCH_FLAGS:
+        return []
+    if machine == "aarch64" and "asimd" not in features and features & {"neon", "vfp", "edsp", "half"}:
+        machine = "armv8"
+    table = CPU_FLAGS_ARM_AARCH64 if machine == "aarch64" else CPU_FLAGS_ARM_32
+    names = {flag for flag, needed in table.items() if set(needed) <= features}
+    if machine == "armv8" and "neon" in features:
+        names.add("asimd")
+    return sorted(names | set(ARM_SUBARCH_FLAGS[machine].split()))
+
+
 def parse_cpuid2cpuflags(output, variable="CPU_FLAGS_X86"):
     """The names cpuid2cpuflags printed for `variable` (`CPU_FLAGS_X86: aes avx ...`), sorted.
 
@@ -5627,12 +5666,12 @@ def set_common_flags(make_conf_text, flags):
     return make_conf_text
 
 
-def set_cpu_flags_x86(text, flags, kind):
-    """`text` with CPU_FLAGS_X86 set to `flags` (a list of names, or a string).
+def set_cpu_flags(text, flags, kind, variable="CPU_FLAGS_X86"):
+    """`text` with variable (CPU_FLAGS_X86, CPU_FLAGS_ARM) set to `flags` (a list of names, or a string).
 
-    kind "make.conf": every CPU_FLAGS_X86=... assignment gets the value (quotes kept), or
-    CPU_FLAGS_X86="..." is appended. kind "package.use" (cpuid2cpuflags' recommended
-    `*/* CPU_FLAGS_X86: ...` in package.use/00cpu-flags): the CPU_FLAGS_X86 group of every
+    kind "make.conf": every VARIABLE=... assignment gets the value (quotes kept), or
+    VARIABLE="..." is appended. kind "package.use" (cpuid2cpuflags' recommended
+    `*/* CPU_FLAGS_X86: ...` in package.use/00cpu-flags): the variable's group of every
     `*/*` line is replaced (a leading -* reset is kept), or such a line is appended.
     Per-package lines (dev-libs/foo CPU_FLAGS_X86: -avx2) are the user's and stay.
     """
@@ -5640,14 +5679,14 @@ def set_cpu_flags_x86(text, flags, kind):
         flags = flags.split()
     value = " ".join(flags)
     if kind == "make.conf":
-        found = [a for a in _assignments(text) if a.name == "CPU_FLAGS_X86"]
+        found = [a for a in _assignments(text) if a.name == variable]
         for assignment in reversed(found):
             text = (text[:assignment.start] + _requote(value, assignment.quote or '"')
                     + text[assignment.end:])
         if found:
             return text
         separator = "" if not text or text.endswith("\n") else "\n"
-        return text + separator + 'CPU_FLAGS_X86="%s"\n' % value
+        return text + separator + f'{variable}="{value}"\n'
     if kind != "package.use":
         raise ValueError("unknown kind %r (make.conf or package.use)" % kind)
 
@@ -5655,9 +5694,9 @@ def set_cpu_flags_x86(text, flags, kind):
     for index, line in enumerate(lines):
         body = line.rstrip("\r\n")
         words = body.split("#", 1)[0].split()
-        if len(words) < 2 or words[0] != "*/*" or "CPU_FLAGS_X86:" not in words:
+        if len(words) < 2 or words[0] != "*/*" or variable + ":" not in words:
             continue
-        group = words.index("CPU_FLAGS_X86:")
+        group = words.index(variable + ":")
         end = next((i for i in range(group + 1, len(words)) if words[i].endswith(":")),
                    len(words))
         reset = ["-*"] if "-*" in words[group + 1:end] else []
@@ -5669,7 +5708,7 @@ def set_cpu_flags_x86(text, flags, kind):
     if replaced:
         return text
     separator = "" if not text or text.endswith("\n") else "\n"
-    return text + separator + "*/* CPU_FLAGS_X86: %s\n" % value
+    return text + separator + f"*/* {variable}: {value}\n"
 
 
 def missing_isa(target_flags, host_flags):
@@ -5688,16 +5727,23 @@ def missing_isa(target_flags, host_flags):
 class TargetCpu:
     """What the target's gcc and CPU report, resolved to flags for the binhost's make.conf."""
 
-    def __init__(self, machine, gcc_version, common_flags, cpu_flags_x86, cpu_flags_source):
+    def __init__(self, machine, gcc_version, common_flags, cpu_flags, cpu_flags_source):
         self.machine = machine
         self.gcc_version = gcc_version
         self.common_flags = common_flags
-        self.cpu_flags_x86 = cpu_flags_x86
+        self.cpu_flags = cpu_flags  # of cpu_flags_variable
         self.cpu_flags_source = cpu_flags_source
 
     @property
     def is_x86(self):
         return self.machine in ("x86_64", "i386", "i486", "i586", "i686")
+
+    @property
+    def cpu_flags_variable(self):
+        """CPU_FLAGS_X86, CPU_FLAGS_ARM (arm and arm64 both), or None (no such variable known)."""
+        if self.is_x86:
+            return "CPU_FLAGS_X86"
+        return "CPU_FLAGS_ARM" if self.machine.startswith(("arm", "aarch64")) else None
 
 
 def detect_target_cpu(target, runner, output):
@@ -5712,11 +5758,15 @@ def detect_target_cpu(target, runner, output):
     if not flags:
         raise BinhostError(f"gcc {sections.get('gcc', '').strip()} on target {target.name} cannot name"
                            " its CPU: set COMMON_FLAGS in the binhost's make.conf by hand")
-    machine = sections.get("arch", "").strip()
-    cpu_flags, source = parse_cpuid2cpuflags(sections.get("cpuid2cpuflags", "")), "cpuid2cpuflags"
-    if not cpu_flags:
-        cpu_flags, source = cpu_flags_x86_from_cpuinfo(sections.get("cpuinfo", "")), "/proc/cpuinfo"
-    return TargetCpu(machine, sections.get("gcc", "").strip(), flags, cpu_flags, source)
+    cpu = TargetCpu(sections.get("arch", "").strip(), sections.get("gcc", "").strip(), flags, [], "")
+    if cpu.cpu_flags_variable:
+        cpu.cpu_flags, cpu.cpu_flags_source = parse_cpuid2cpuflags(
+            sections.get("cpuid2cpuflags", ""), cpu.cpu_flags_variable), "cpuid2cpuflags"
+    if cpu.cpu_flags_variable and not cpu.cpu_flags:
+        cpuinfo = sections.get("cpuinfo", "")
+        cpu.cpu_flags, cpu.cpu_flags_source = (cpu_flags_x86_from_cpuinfo(cpuinfo) if cpu.is_x86 else
+                                               cpu_flags_arm_from_cpuinfo(cpuinfo, cpu.machine)), "/proc/cpuinfo"
+    return cpu
 
 
 # gcc 12 says "bad value 'x' for '-march=' switch", older ones "bad value (x) for -march= switch".
@@ -5758,17 +5808,17 @@ def host_cpu_flags_x86():
     return cpu_flags_x86_from_cpuinfo(line)
 
 
-def cpu_flags_location(settings):
-    """Where the binhost copy (the target's configuration) keeps CPU_FLAGS_X86: (path, kind)."""
+def cpu_flags_location(settings, variable="CPU_FLAGS_X86"):
+    """Where the binhost copy (the target's configuration) keeps variable: (path, kind)."""
     portage_dir = os.path.join(settings.root, "etc/portage")
     package_use = os.path.join(portage_dir, "package.use")
     if os.path.isdir(package_use):
         for name in sorted(os.listdir(package_use)):
             path = os.path.join(package_use, name)
-            if os.path.isfile(path) and "CPU_FLAGS_X86" in open(path, encoding="utf-8", errors="replace").read():
+            if os.path.isfile(path) and variable in open(path, encoding="utf-8", errors="replace").read():
                 return path, "package.use"
     make_conf = os.path.join(portage_dir, "make.conf")
-    if os.path.isfile(make_conf) and re.search(r"^\s*CPU_FLAGS_X86\s*=",
+    if os.path.isfile(make_conf) and re.search(rf"^\s*{variable}\s*=",
                                                open(make_conf, encoding="utf-8").read(), re.M):
         return make_conf, "make.conf"
     if os.path.isfile(package_use):
@@ -5780,7 +5830,7 @@ def cpu_report(settings, target, runner, output, apply=False):
     cpu = detect_target_cpu(target, runner, output)
     cpu.common_flags = check_flags_with_local_gcc(cpu.common_flags, settings, runner, output)
     if cpu.is_x86:
-        beyond = missing_isa(cpu.cpu_flags_x86, host_cpu_flags_x86())
+        beyond = missing_isa(cpu.cpu_flags, host_cpu_flags_x86())
         if beyond:
             output.warn(f"{target.name}'s CPU has {' '.join(beyond)}, this machine's does not: a"
                         " program built and run during a build (tests, code generators) may die with"
@@ -5792,23 +5842,24 @@ def cpu_report(settings, target, runner, output, apply=False):
                        f'COMMON_FLAGS="{" ".join(cpu.common_flags)}"')
     output.info(f"{target.name}: {cpu.machine}, gcc {cpu.gcc_version}")
     output.text(common_line, always=True)
-    if cpu.is_x86:
-        output.info(f"CPU_FLAGS_X86 from {cpu.cpu_flags_source}:")
-        output.text(f'CPU_FLAGS_X86="{" ".join(cpu.cpu_flags_x86)}"', always=True)
+    variable = cpu.cpu_flags_variable if cpu.cpu_flags else None
+    if variable:
+        output.info(f"{variable} from {cpu.cpu_flags_source}:")
+        output.text(f'{variable}="{" ".join(cpu.cpu_flags)}"', always=True)
     if not apply:
         return cpu
     check_binhost_root(settings)
     if os.path.isdir(make_conf):
         raise BinhostError(f"{make_conf} is a directory: put the lines above into a file in it yourself")
     done = "would be set" if runner.pretend else "set"
-    path, kind = cpu_flags_location(settings) if cpu.is_x86 else (None, None)
+    path, kind = cpu_flags_location(settings, variable) if variable else (None, None)
     for destination in filter(None, (make_conf, path)):  # both checked before either is written
         check_no_symlink_below(settings.root, destination)
     if runner.write_file(make_conf, new_make_conf):
         output.action(f"COMMON_FLAGS of {make_conf} {done} for {target.name}")
-    if cpu.is_x86:
-        if runner.write_file(path, set_cpu_flags_x86(read_text(path), cpu.cpu_flags_x86, kind)):
-            output.action(f"CPU_FLAGS_X86 in {path} {done} for {target.name}")
+    if variable:
+        if runner.write_file(path, set_cpu_flags(read_text(path), cpu.cpu_flags, kind, variable)):
+            output.action(f"{variable} in {path} {done} for {target.name}")
     return cpu
 
 

@@ -435,11 +435,11 @@ def test_set_common_flags_with_resolved_probe_flags(gb):
 
 def test_set_cpu_flags_x86_make_conf(gb):
     text = 'USE="X"\nCPU_FLAGS_X86="mmx sse sse2"\n'
-    assert gb.set_cpu_flags_x86(text, ["aes", "avx"], "make.conf") \
+    assert gb.set_cpu_flags(text, ["aes", "avx"], "make.conf") \
         == 'USE="X"\nCPU_FLAGS_X86="aes avx"\n'
-    assert gb.set_cpu_flags_x86("CPU_FLAGS_X86='mmx'\n", "aes sse", "make.conf") \
+    assert gb.set_cpu_flags("CPU_FLAGS_X86='mmx'\n", "aes sse", "make.conf") \
         == "CPU_FLAGS_X86='aes sse'\n"
-    assert gb.set_cpu_flags_x86('USE="X"', ["aes"], "make.conf") \
+    assert gb.set_cpu_flags('USE="X"', ["aes"], "make.conf") \
         == 'USE="X"\nCPU_FLAGS_X86="aes"\n'
 
 
@@ -448,17 +448,17 @@ def test_set_cpu_flags_x86_package_use(gb):
             "*/* CPU_FLAGS_X86: mmx sse sse2  # from the old box\n"
             "media-video/ffmpeg CPU_FLAGS_X86: -avx2\n"
             "*/* -* CPU_FLAGS_ARM: neon\n")
-    result = gb.set_cpu_flags_x86(text, ["aes", "avx", "sse4_2"], "package.use")
+    result = gb.set_cpu_flags(text, ["aes", "avx", "sse4_2"], "package.use")
     assert result == ("# cpuid2cpuflags\n"
                       "*/* CPU_FLAGS_X86: aes avx sse4_2 # from the old box\n"
                       "media-video/ffmpeg CPU_FLAGS_X86: -avx2\n"
                       "*/* -* CPU_FLAGS_ARM: neon\n")
-    assert gb.set_cpu_flags_x86(result, ["aes", "avx", "sse4_2"], "package.use") == result
-    assert gb.set_cpu_flags_x86("*/* CPU_FLAGS_X86: -* mmx VIDEO_CARDS: intel\n", ["sse"],
+    assert gb.set_cpu_flags(result, ["aes", "avx", "sse4_2"], "package.use") == result
+    assert gb.set_cpu_flags("*/* CPU_FLAGS_X86: -* mmx VIDEO_CARDS: intel\n", ["sse"],
                                 "package.use") == "*/* CPU_FLAGS_X86: -* sse VIDEO_CARDS: intel\n"
-    assert gb.set_cpu_flags_x86("", ["aes"], "package.use") == "*/* CPU_FLAGS_X86: aes\n"
+    assert gb.set_cpu_flags("", ["aes"], "package.use") == "*/* CPU_FLAGS_X86: aes\n"
     with pytest.raises(ValueError):
-        gb.set_cpu_flags_x86("", ["aes"], "make.defaults")
+        gb.set_cpu_flags("", ["aes"], "make.defaults")
 
 
 # ---- the probe script ------------------------------------------------------------------------
@@ -631,3 +631,54 @@ def test_recorded_cpu_macro_criterion_on_this_gcc(gb, name):
         assert resolved[:2] == ["-march=sandybridge", "-mno-avx"]
     if name == "core2-harpertown-sse41-only.probe":
         assert resolved == ["-march=core2", "-msse4.1", "-mxsave"]
+
+
+# ---- CPU_FLAGS_ARM ---------------------------------------------------------------------------
+
+ARM_BOARDS = json.loads((TESTS_DIR / "data" / "cpu_flags_arm" / "boards.json").read_text())
+
+
+@pytest.mark.parametrize("board", sorted(ARM_BOARDS))
+def test_cpu_flags_arm_from_cpuinfo_as_cpuid2cpuflags_names_them(gb, board):
+    """What the kernel prints in /proc/cpuinfo gives the flags cpuid2cpuflags names from the same
+    hwcap bits (tests/data/cpu_flags_arm/README.md)."""
+    recorded = ARM_BOARDS[board]
+    line = "Features\t: " + recorded["features"]
+    assert gb.cpu_flags_arm_from_cpuinfo(line, recorded["machine"]) == sorted(recorded["cpuid2cpuflags"].split())
+
+
+def test_a_32_bit_userland_under_a_64_bit_kernel_is_an_armv8_in_its_32_bit_state(gb):
+    """uname -m says aarch64, /proc/cpuinfo (read by a 32-bit awk) names the 32-bit units."""
+    recorded = ARM_BOARDS["armv8l-neoverse-n1"]
+    assert gb.cpu_flags_arm_from_cpuinfo(recorded["features"], "aarch64") == \
+        sorted(recorded["cpuid2cpuflags"].split())
+    assert gb.cpu_flags_arm_from_cpuinfo("", "aarch64") == []
+    assert gb.cpu_flags_arm_from_cpuinfo("fp asimd", "riscv64") == []
+
+
+def test_target_cpu_names_its_cpu_flags_variable(gb):
+    assert gb.TargetCpu("x86_64", "13", [], [], "").cpu_flags_variable == "CPU_FLAGS_X86"
+    assert gb.TargetCpu("aarch64", "13", [], [], "").cpu_flags_variable == "CPU_FLAGS_ARM"
+    assert gb.TargetCpu("armv7l", "13", [], [], "").cpu_flags_variable == "CPU_FLAGS_ARM"
+    assert gb.TargetCpu("riscv64", "13", [], [], "").cpu_flags_variable is None
+
+
+def test_set_cpu_flags_arm(gb):
+    assert gb.set_cpu_flags('COMMON_FLAGS="-O2"\n', ["crc32", "neon"], "make.conf", "CPU_FLAGS_ARM") \
+        == 'COMMON_FLAGS="-O2"\nCPU_FLAGS_ARM="crc32 neon"\n'
+    text = "*/* CPU_FLAGS_X86: aes\n*/* CPU_FLAGS_ARM: -* v8\n"
+    assert gb.set_cpu_flags(text, ["crc32", "v8"], "package.use", "CPU_FLAGS_ARM") \
+        == "*/* CPU_FLAGS_X86: aes\n*/* CPU_FLAGS_ARM: -* crc32 v8\n"
+
+
+def test_probe_script_on_arm64_reads_cpu_flags_arm_from_cpuid2cpuflags(gb, tmp_path):
+    need(shutil.which("sh") and shutil.which("awk"), "sh and awk needed")
+    fake_tools(tmp_path / "bin", "aarch64", {"-mcpu=native": cc1_line("-mlittle-endian", "-mabi=lp64",
+                                                                      "-mcpu=cortex-a72+crc")})
+    tool = tmp_path / "bin" / "cpuid2cpuflags"
+    tool.write_text("#!/bin/sh\necho 'CPU_FLAGS_ARM: edsp neon thumb vfp crc32 v8'\n")
+    tool.chmod(0o755)
+    sections = run_probe(gb, [tmp_path / "bin", "/usr/bin", "/bin"])
+    assert gb.parse_cpuid2cpuflags(sections["cpuid2cpuflags"], "CPU_FLAGS_ARM") == \
+        ["crc32", "edsp", "neon", "thumb", "v8", "vfp"]
+    assert gb.parse_cpuid2cpuflags(sections["cpuid2cpuflags"]) == []
