@@ -5,7 +5,7 @@ VENV   ?= .venv
 # fixtures are made once). The tests share only what is safe to share: see tests/conftest.py.
 TEST_WORKERS ?= 2
 PY      = $(VENV)/bin/python
-DEBIAN_PACKAGES = openssh-server gnupg zstd xz-utils wget curl bash gcc openssl distcc debootstrap rsync
+DEBIAN_PACKAGES = openssh-server gnupg zstd xz-utils wget curl bash gcc openssl distcc debootstrap rsync qemu-user-static
 
 .PHONY: test check lint demo bench deps system-deps clean
 

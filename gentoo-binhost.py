@@ -1622,6 +1622,91 @@ def watch_tunnel(process, server, output):
 # ------------------------------------------------------------------------------------------------
 
 
+# ---- emulation: a binhost root of another architecture, its programs run by qemu-user ----------
+
+# ELF (e_machine, class, byte order) -> (Gentoo's ARCH, qemu-user's name for it).
+ELF_ARCHES = {(62, 2, 1): ("amd64", "x86_64"), (3, 1, 1): ("x86", "i386"), (183, 2, 1): ("arm64", "aarch64"),
+              (40, 1, 1): ("arm", "arm"), (21, 2, 1): ("ppc64", "ppc64le"), (21, 2, 2): ("ppc64", "ppc64"),
+              (20, 1, 2): ("ppc", "ppc"), (243, 2, 1): ("riscv", "riscv64"), (22, 2, 2): ("s390", "s390x"),
+              (258, 2, 1): ("loong", "loongarch64")}
+# Run without emulation: the 64-bit kernels run their 32-bit relatives' programs themselves.
+NATIVELY_RUN = {("x86", "amd64"), ("arm", "arm64")}
+BINFMT_MISC = "/proc/sys/fs/binfmt_misc"
+
+
+def elf_architecture(header):
+    """(ARCH, qemu name) of an ELF header, or None."""
+    if len(header) < 20 or header[:4] != b"\x7fELF" or header[5] not in (1, 2):
+        return None
+    machine = int.from_bytes(header[18:20], "little" if header[5] == 1 else "big")
+    return ELF_ARCHES.get((machine, header[4], header[5]))
+
+
+def program_header(root, path, size=128):
+    """The first bytes of a program in a root (its links resolved inside it), b"" if unreadable."""
+    descriptor = open_inside(root, path.strip("/").split("/"), absolute_from_root=True)
+    if descriptor is None:
+        return b""
+    with os.fdopen(descriptor, "rb") as handle:
+        with contextlib.suppress(OSError):
+            if stat.S_ISREG(os.fstat(handle.fileno()).st_mode):
+                return handle.read(size)
+    return b""
+
+
+def foreign_architecture(root):
+    """(the root's ARCH, qemu name, its /bin/sh's header, this machine's ARCH) when the programs of
+    a root are of an architecture this machine does not run by itself; else None."""
+    header = program_header(root, "/bin/sh")
+    theirs = elf_architecture(header)
+    with open("/proc/self/exe", "rb") as handle:
+        ours = elf_architecture(handle.read(64))
+    if theirs is None or ours is None or theirs[0] == ours[0] or (theirs[0], ours[0]) in NATIVELY_RUN:
+        return None
+    return theirs[0], theirs[1], header, ours[0]
+
+
+def emulation_problem(header, arch, qemu, binfmt_misc=None):
+    """None when binfmt_misc runs programs with this header inside a chroot (a handler with the
+    fix-binary flag, F, which opens its interpreter before the chroot hides it), else what to do.
+    Returns (None, handler description) or (problem, None)."""
+    binfmt_misc = binfmt_misc or BINFMT_MISC
+    status = read_text(os.path.join(binfmt_misc, "status")).strip() if os.path.isdir(binfmt_misc) else ""
+    if not status:
+        return (f"binfmt_misc is not mounted: mount -t binfmt_misc binfmt_misc {binfmt_misc} (as root;"
+                " systemd's proc-sys-fs-binfmt_misc.automount does it at boot)"), None
+    if status != "enabled":
+        return f"binfmt_misc is disabled: echo 1 > {binfmt_misc}/status (as root)", None
+    install = (f"install qemu-user with static programs and their binfmt_misc entries with the fix-binary flag:"
+               f" on Debian 'apt install qemu-user-static' (then 'systemctl restart systemd-binfmt'); on Gentoo"
+               f" app-emulation/qemu with USE=static-user and QEMU_USER_TARGETS=\"{qemu}\", then its binfmt"
+               " service ('rc-service qemu-binfmt start', or 'systemctl restart systemd-binfmt') with the F flag")
+    for entry in sorted(os.listdir(binfmt_misc)):
+        if entry in ("status", "register"):
+            continue
+        fields = {}
+        for line in read_text(os.path.join(binfmt_misc, entry)).splitlines():
+            key, _, value = line.replace(":", " ", 1).partition(" ") if line.startswith("flags:") else line.partition(" ")
+            fields[key.strip()] = value.strip()
+        if "enabled" not in fields or "magic" not in fields:
+            continue
+        try:
+            magic, offset = bytes.fromhex(fields["magic"]), int(fields.get("offset", "0"))
+            mask = bytes.fromhex(fields["mask"]) if fields.get("mask") else b"\xff" * len(magic)
+        except ValueError:
+            continue
+        window = header[offset:offset + len(magic)]
+        if len(window) < len(magic) or any(a & m != b & m for a, b, m in zip(window, magic, mask)):
+            continue
+        interpreter = fields.get("interpreter", "?")
+        if "F" not in fields.get("flags", ""):
+            return (f"the binfmt_misc entry {entry} runs {arch} programs with {interpreter}, but without the"
+                    f" fix-binary flag (F): inside the binhost root that path does not exist. Register it with F:"
+                    f" {install}"), None
+        return None, f"{interpreter} (binfmt_misc {entry}, flags {fields.get('flags', '')})"
+    return f"no binfmt_misc entry runs {arch} programs on this machine: {install}", None
+
+
 # ---- the build host: this machine, or a Gentoo host chroot -----------------------------------------
 
 
@@ -2006,6 +2091,13 @@ class BuildHost:
         self.really_mounted = self.shown = False
         if self.chroot and not runner.pretend:
             check_chroot_privileges(self.chroot)  # before anything else fails less clearly
+        self.emulated_by = None  # what runs the binhost root's programs, when they are of another arch
+        foreign = foreign_architecture(settings.root) if into_root else None
+        if foreign:
+            problem, self.emulated_by = emulation_problem(foreign[2], foreign[0], foreign[1])
+            if problem:
+                raise BinhostError(f"the binhost root {settings.root} is {foreign[0]}, this machine {foreign[3]}:"
+                                   f" its programs run here emulated, but {problem}")
 
     @property
     def where(self):
@@ -2641,8 +2733,12 @@ def build_method(settings, runner, output):
     if chosen:
         return chosen
     outside = os.path.relpath(settings.pkgdir, settings.root).split(os.sep)[0] == ".."
+    foreign = foreign_architecture(settings.root)
     if settings.build_method in BUILD_METHODS:
         chosen = (settings.build_method, f"build-method = {settings.build_method} in {settings.config_path}")
+    elif foreign and not outside and all(root_has_program(settings.root, name) for name in ("emerge", "gcc")):
+        chosen = ("chroot", f"the binhost root is {foreign[0]}, this machine {foreign[3]}: builds run in it"
+                            " emulated (qemu-user through binfmt_misc)")
     else:
         try:
             missing = [name for name in ("emerge", "gcc") if not root_has_program(settings.root, name)]
@@ -2666,6 +2762,11 @@ def build_method(settings, runner, output):
         else:
             chosen = ("chroot", "this CPU runs code built with the target's flags"
                                 + (f" ({' '.join(flags)})" if flags else ""))
+    if foreign and chosen[0] == "root":
+        raise BinhostError(f"the binhost root {settings.root} is {foreign[0]}, this machine {foreign[3]}: the root"
+                           f" method ({chosen[1]}) runs this machine's Portage and gcc, which cannot build for it;"
+                           f" set build-method = chroot in {settings.config_path}, with emerge and gcc in the root"
+                           " (a stage3): builds then run emulated (README: 'Building for another architecture')")
     settings.decisions[decided_by] = chosen
     return chosen
 
@@ -7012,6 +7113,10 @@ def doctor_build_method(doctor, settings, runner, output):
     automatic_root = method == "root" and settings.build_method not in BUILD_METHODS and "CPU lacks" in why
     doctor.report(WARN if automatic_root else OK, "build method", f"{method}: {why}")
     host = portage_host(settings, runner, output)
+    if host.emulated_by:
+        doctor.report(OK, "emulation", f"the binhost root's programs run through {host.emulated_by}: builds take"
+                                       " several times as long as on a native machine (README: 'Building for"
+                                       " another architecture')")
     if not host.chroot:
         doctor.report(WARN, "confinement", "none: the root method runs Portage on this machine itself, so a"
                                            " build's root phases can change it (README: 'Confinement')")
