@@ -1624,22 +1624,32 @@ def watch_tunnel(process, server, output):
 
 # ---- emulation: a binhost root of another architecture, its programs run by qemu-user ----------
 
-# ELF (e_machine, class, byte order) -> (Gentoo's ARCH, qemu-user's name for it).
+# ELF (e_machine, class, byte order) -> (Gentoo's ARCH, qemu-user's name for it); others are named
+# by their numbers.
 ELF_ARCHES = {(62, 2, 1): ("amd64", "x86_64"), (3, 1, 1): ("x86", "i386"), (183, 2, 1): ("arm64", "aarch64"),
               (40, 1, 1): ("arm", "arm"), (21, 2, 1): ("ppc64", "ppc64le"), (21, 2, 2): ("ppc64", "ppc64"),
               (20, 1, 2): ("ppc", "ppc"), (243, 2, 1): ("riscv", "riscv64"), (22, 2, 2): ("s390", "s390x"),
               (258, 2, 1): ("loong", "loongarch64")}
-# Run without emulation: the 64-bit kernels run their 32-bit relatives' programs themselves.
+# Run without emulation: a 64-bit kernel runs its 32-bit relative's programs itself (an arm64 CPU
+# without AArch32, the newest cores, needs a qemu-arm entry in binfmt_misc like any other).
 NATIVELY_RUN = {("x86", "amd64"), ("arm", "arm64")}
 BINFMT_MISC = "/proc/sys/fs/binfmt_misc"
 
 
-def elf_architecture(header):
-    """(ARCH, qemu name) of an ELF header, or None."""
+def elf_identity(header):
+    """(e_machine, class, byte order) of an ELF header, or None."""
     if len(header) < 20 or header[:4] != b"\x7fELF" or header[5] not in (1, 2):
         return None
-    machine = int.from_bytes(header[18:20], "little" if header[5] == 1 else "big")
-    return ELF_ARCHES.get((machine, header[4], header[5]))
+    return int.from_bytes(header[18:20], "little" if header[5] == 1 else "big"), header[4], header[5]
+
+
+def elf_architecture(header):
+    """(ARCH, qemu name) of an ELF header, or None."""
+    identity = elf_identity(header)
+    if identity is None:
+        return None
+    return ELF_ARCHES.get(identity, (f"ELF machine {identity[0]} ({32 * identity[1]}-bit,"
+                                     f" {'little' if identity[2] == 1 else 'big'}-endian)", None))
 
 
 def program_header(root, path, size=128):
@@ -1655,15 +1665,21 @@ def program_header(root, path, size=128):
 
 
 def foreign_architecture(root):
-    """(the root's ARCH, qemu name, its /bin/sh's header, this machine's ARCH) when the programs of
-    a root are of an architecture this machine does not run by itself; else None."""
+    """(the root's ARCH, qemu name, its /bin/sh's header, this machine's ARCH, whether this machine
+    runs its programs by itself) when the programs of a root are of another architecture (ELF
+    machine, class or byte order) than this machine's; else None."""
     header = program_header(root, "/bin/sh")
-    theirs = elf_architecture(header)
-    with open("/proc/self/exe", "rb") as handle:
-        ours = elf_architecture(handle.read(64))
-    if theirs is None or ours is None or theirs[0] == ours[0] or (theirs[0], ours[0]) in NATIVELY_RUN:
+    if elf_identity(header) is None:
         return None
-    return theirs[0], theirs[1], header, ours[0]
+    try:
+        with open("/proc/self/exe", "rb") as handle:
+            ours = handle.read(64)
+    except OSError:
+        return None
+    if elf_identity(ours) in (None, elf_identity(header)):
+        return None
+    theirs, ours = elf_architecture(header), elf_architecture(ours)
+    return theirs[0], theirs[1], header, ours[0], (theirs[0], ours[0]) in NATIVELY_RUN
 
 
 def emulation_problem(header, arch, qemu, binfmt_misc=None):
@@ -1679,8 +1695,10 @@ def emulation_problem(header, arch, qemu, binfmt_misc=None):
         return f"binfmt_misc is disabled: echo 1 > {binfmt_misc}/status (as root)", None
     install = (f"install qemu-user with static programs and their binfmt_misc entries with the fix-binary flag:"
                f" on Debian 'apt install qemu-user-static' (then 'systemctl restart systemd-binfmt'); on Gentoo"
-               f" app-emulation/qemu with USE=static-user and QEMU_USER_TARGETS=\"{qemu}\", then its binfmt"
-               " service ('rc-service qemu-binfmt start', or 'systemctl restart systemd-binfmt') with the F flag")
+               f" app-emulation/qemu with USE=static-user and QEMU_USER_TARGETS=\"{qemu or '...'}\", then its binfmt"
+               " service ('rc-service qemu-binfmt start', or 'systemctl restart systemd-binfmt'), registering"
+               " with the F flag (its flags setting, e.g. QEMU_BINFMT_FLAGS in /etc/conf.d/qemu-binfmt)")
+    matching = []  # (enabled, has F, entry, interpreter, flags)
     for entry in sorted(os.listdir(binfmt_misc)):
         if entry in ("status", "register"):
             continue
@@ -1688,7 +1706,7 @@ def emulation_problem(header, arch, qemu, binfmt_misc=None):
         for line in read_text(os.path.join(binfmt_misc, entry)).splitlines():
             key, _, value = line.replace(":", " ", 1).partition(" ") if line.startswith("flags:") else line.partition(" ")
             fields[key.strip()] = value.strip()
-        if "enabled" not in fields or "magic" not in fields:
+        if "magic" not in fields:  # an extension entry (.jar)
             continue
         try:
             magic, offset = bytes.fromhex(fields["magic"]), int(fields.get("offset", "0"))
@@ -1698,12 +1716,16 @@ def emulation_problem(header, arch, qemu, binfmt_misc=None):
         window = header[offset:offset + len(magic)]
         if len(window) < len(magic) or any(a & m != b & m for a, b, m in zip(window, magic, mask)):
             continue
-        interpreter = fields.get("interpreter", "?")
-        if "F" not in fields.get("flags", ""):
+        flags = fields.get("flags", "")
+        matching.append(("enabled" in fields, "F" in flags, entry, fields.get("interpreter", "?"), flags))
+    for enabled, fixed, entry, interpreter, flags in sorted(matching, reverse=True):
+        if enabled and fixed:
+            return None, f"{interpreter} (binfmt_misc {entry}, flags {flags})"
+        if enabled:
             return (f"the binfmt_misc entry {entry} runs {arch} programs with {interpreter}, but without the"
                     f" fix-binary flag (F): inside the binhost root that path does not exist. Register it with F:"
                     f" {install}"), None
-        return None, f"{interpreter} (binfmt_misc {entry}, flags {fields.get('flags', '')})"
+        return f"the binfmt_misc entry {entry} for {arch} programs is disabled: echo 1 > {binfmt_misc}/{entry}", None
     return f"no binfmt_misc entry runs {arch} programs on this machine: {install}", None
 
 
@@ -2093,7 +2115,7 @@ class BuildHost:
             check_chroot_privileges(self.chroot)  # before anything else fails less clearly
         self.emulated_by = None  # what runs the binhost root's programs, when they are of another arch
         foreign = foreign_architecture(settings.root) if into_root else None
-        if foreign:
+        if foreign and not foreign[4]:
             problem, self.emulated_by = emulation_problem(foreign[2], foreign[0], foreign[1])
             if problem:
                 raise BinhostError(f"the binhost root {settings.root} is {foreign[0]}, this machine {foreign[3]}:"
@@ -2713,7 +2735,8 @@ def isa_this_cpu_lacks(flags, runner):
     if native is None or wanted is None:
         return None
     # Feature macros are upper case (__AVX2__); arch and tuning names (__znver3__) are not.
-    return sorted(name for name in wanted - native if re.fullmatch(r"__[A-Z0-9_]+__", name))
+    return sorted(name for name in wanted - native
+                  if re.fullmatch(r"__[A-Z0-9_]+__|__ARM_FEATURE_[A-Z0-9_]+|__ARM_NEON[A-Z0-9_]*", name))
 
 
 def root_has_program(root, name):
@@ -2736,7 +2759,8 @@ def build_method(settings, runner, output):
     foreign = foreign_architecture(settings.root)
     if settings.build_method in BUILD_METHODS:
         chosen = (settings.build_method, f"build-method = {settings.build_method} in {settings.config_path}")
-    elif foreign and not outside and all(root_has_program(settings.root, name) for name in ("emerge", "gcc")):
+    elif foreign and not foreign[4] and not outside and all(root_has_program(settings.root, name)
+                                                            for name in ("emerge", "gcc")):
         chosen = ("chroot", f"the binhost root is {foreign[0]}, this machine {foreign[3]}: builds run in it"
                             " emulated (qemu-user through binfmt_misc)")
     else:
@@ -2763,10 +2787,11 @@ def build_method(settings, runner, output):
             chosen = ("chroot", "this CPU runs code built with the target's flags"
                                 + (f" ({' '.join(flags)})" if flags else ""))
     if foreign and chosen[0] == "root":
+        fix = (f"put pkgdir inside the binhost root" if outside else
+               f"set build-method = chroot in {settings.config_path}, with emerge and gcc in the root (a stage3)")
         raise BinhostError(f"the binhost root {settings.root} is {foreign[0]}, this machine {foreign[3]}: the root"
                            f" method ({chosen[1]}) runs this machine's Portage and gcc, which cannot build for it;"
-                           f" set build-method = chroot in {settings.config_path}, with emerge and gcc in the root"
-                           " (a stage3): builds then run emulated (README: 'Building for another architecture')")
+                           f" {fix}: builds then run in the root (README: 'Building for another architecture')")
     settings.decisions[decided_by] = chosen
     return chosen
 
@@ -5860,7 +5885,9 @@ def detect_target_cpu(target, runner, output):
         raise BinhostError(f"gcc {sections.get('gcc', '').strip()} on target {target.name} cannot name"
                            " its CPU: set COMMON_FLAGS in the binhost's make.conf by hand")
     cpu = TargetCpu(sections.get("arch", "").strip(), sections.get("gcc", "").strip(), flags, [], "")
-    if cpu.cpu_flags_variable:
+    features = set(sections.get("cpuinfo", "").partition(":")[2].split())
+    # Under a 64-bit kernel, cpuid2cpuflags reads a 32-bit userland's hwcap bits as 64-bit ones.
+    if cpu.cpu_flags_variable and not (cpu.machine == "aarch64" and features and "asimd" not in features):
         cpu.cpu_flags, cpu.cpu_flags_source = parse_cpuid2cpuflags(
             sections.get("cpuid2cpuflags", ""), cpu.cpu_flags_variable), "cpuid2cpuflags"
     if cpu.cpu_flags_variable and not cpu.cpu_flags:
@@ -5901,12 +5928,22 @@ def check_flags_with_local_gcc(flags, settings, runner, output):
 
 
 def host_cpu_flags_x86():
+    return host_cpu_flags("CPU_FLAGS_X86") or []
+
+
+def host_cpu_flags(variable):
+    """This machine's CPU flags of variable (CPU_FLAGS_X86, CPU_FLAGS_ARM), or None when it is of
+    another architecture than the variable's."""
+    machine = os.uname().machine
+    x86 = machine in ("x86_64", "i386", "i486", "i586", "i686")
+    if (variable == "CPU_FLAGS_X86") != x86 or (variable == "CPU_FLAGS_ARM") != machine.startswith(("arm", "aarch64")):
+        return None
     try:
         with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as handle:
-            line = next((line for line in handle if line.startswith("flags")), "")
+            line = next((line for line in handle if line.startswith(("flags", "Features"))), "")
     except OSError:
         return []
-    return cpu_flags_x86_from_cpuinfo(line)
+    return cpu_flags_x86_from_cpuinfo(line) if x86 else cpu_flags_arm_from_cpuinfo(line, machine)
 
 
 def cpu_flags_location(settings, variable="CPU_FLAGS_X86"):
@@ -5930,8 +5967,9 @@ def cpu_flags_location(settings, variable="CPU_FLAGS_X86"):
 def cpu_report(settings, target, runner, output, apply=False):
     cpu = detect_target_cpu(target, runner, output)
     cpu.common_flags = check_flags_with_local_gcc(cpu.common_flags, settings, runner, output)
-    if cpu.is_x86:
-        beyond = missing_isa(cpu.cpu_flags, host_cpu_flags_x86())
+    here = host_cpu_flags(cpu.cpu_flags_variable) if cpu.cpu_flags else None
+    if here is not None:
+        beyond = missing_isa(cpu.cpu_flags, here)
         if beyond:
             output.warn(f"{target.name}'s CPU has {' '.join(beyond)}, this machine's does not: a"
                         " program built and run during a build (tests, code generators) may die with"
@@ -7499,7 +7537,13 @@ def run_doctor(settings, target, runner, output, atoms):
     doctor = Doctor(output)
     if settings.host.chroot:  # first: before anything of ours is mounted there
         doctor.run("host chroot", doctor_host_chroot, settings, runner, output)
-    with chroot_session(settings, runner, output) if not doctor.failed else contextlib.nullcontext():
+    session = contextlib.nullcontext()
+    if not doctor.failed:
+        try:
+            session = chroot_session(settings, runner, output)
+        except BinhostError as error:  # Portage cannot run there (another architecture, no emulation)
+            doctor.report(FAIL, "build method", str(error))
+    with session:
         doctor.run("binhost root", doctor_binhost_root_shape, settings)
         doctor.run("build method", doctor_build_method, settings, runner, output)
         doctor.run("configuration", doctor_configuration, settings, target, runner, output)
@@ -8802,7 +8846,7 @@ def build_parser(config=None):
 
     cpu = commands.add_parser("cpu", help="the target's CPU as make.conf flags",
                               description="Resolve -march=native on the target into explicit flags"
-                                          " (COMMON_FLAGS) and CPU_FLAGS_X86 for the binhost.")
+                                          " (COMMON_FLAGS) and CPU_FLAGS_X86 (CPU_FLAGS_ARM on arm) for the binhost.")
     cpu.add_argument("--apply", action="store_true",
                      help="write them into the binhost's make.conf and package.use (with a backup)")
 

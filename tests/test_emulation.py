@@ -75,13 +75,21 @@ def binfmt_aarch64():
     conf = Path("/usr/lib/binfmt.d/qemu-aarch64.conf")
     need(conf.is_file(), "Debian's qemu-user-static (make system-deps installs it)")
     binfmt = Path("/proc/sys/fs/binfmt_misc")
+    mounted_here = registered_here = False
     if not (binfmt / "status").exists():
         mounted = run(["mount", "-t", "binfmt_misc", "binfmt_misc", str(binfmt)], check=False)
         need(mounted.returncode == 0, f"binfmt_misc cannot be mounted here: {mounted.stderr.strip()}")
+        mounted_here = True
     if not (binfmt / "qemu-aarch64").exists():
         line = next(line for line in conf.read_text().splitlines() if line.startswith(":"))
         (binfmt / "register").write_text(line)
-    return binfmt
+        registered_here = True
+    yield binfmt
+    # The machine as it was: the entry removed, binfmt_misc unmounted, when this made them.
+    if registered_here:
+        (binfmt / "qemu-aarch64").write_text("-1")
+    if mounted_here:
+        run(["umount", str(binfmt)], check=False)
 
 
 def test_architectures_from_elf_headers(gb, tmp_path):
@@ -96,6 +104,16 @@ def test_architectures_from_elf_headers(gb, tmp_path):
     else:
         assert foreign[:2] == ("arm64", "aarch64") and foreign[3] == ours[0]
     assert gb.elf_architecture(b"#!/bin/sh\n") is None
+    # Byte order counts: a big-endian ppc64 root is foreign to a little-endian one.
+    ppc64 = bytearray(aarch64_program()[:64])
+    ppc64[18:20] = (21).to_bytes(2, "little")
+    big = bytearray(ppc64)
+    big[5], big[18:20] = 2, (21).to_bytes(2, "big")
+    assert gb.elf_architecture(bytes(ppc64)) == ("ppc64", "ppc64le") and gb.elf_architecture(bytes(big)) == ("ppc64", "ppc64")
+    assert gb.elf_identity(bytes(ppc64)) != gb.elf_identity(bytes(big))
+    mips = bytearray(ppc64)
+    mips[18:20] = (8).to_bytes(2, "little")
+    assert gb.elf_architecture(bytes(mips)) == ("ELF machine 8 (64-bit, little-endian)", None)
     (root / "usr/bin/sh").unlink()
     (root / "usr/bin/sh").symlink_to("/usr/bin/gcc")  # absolute: inside the root, not this machine's
     assert gb.elf_architecture(gb.program_header(str(root), "/bin/sh")) == ("arm64", "aarch64")
@@ -112,7 +130,7 @@ def test_what_is_missing_for_emulation_is_named_with_the_fix(gb, tmp_path):
     assert problem.startswith("no binfmt_misc entry runs arm64 programs") and 'QEMU_USER_TARGETS="aarch64"' in problem
     problem, _ = gb.emulation_problem(header, "arm64", "aarch64",
                                       str(fake_binfmt_misc(tmp_path / "off", DEBIAN_AARCH64_ENTRY.replace("enabled\n", "disabled\n"))))
-    assert problem.startswith("no binfmt_misc entry runs arm64")
+    assert problem == f"the binfmt_misc entry qemu-aarch64 for arm64 programs is disabled: echo 1 > {tmp_path}/off/binfmt_misc/qemu-aarch64"
     problem, _ = gb.emulation_problem(header, "arm64", "aarch64", str(tmp_path / "not-mounted"))
     assert problem.startswith("binfmt_misc is not mounted: mount -t binfmt_misc binfmt_misc")
 
