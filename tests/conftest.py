@@ -555,14 +555,19 @@ def _recipe_without_mirror(marker_text):
     return "\n".join(lines)
 
 
-def chroot_cache_dir():
+def chroot_cache_dir(arch=None):
     """The chroot cache: $GENTOO_BINHOST_TEST_CACHE, else
     ~/.cache/gentoo-binhost-tests/chroot-bookworm-v1. The chroot is its
-    ``root`` subdirectory; a ``complete`` file marks a finished cache."""
+    ``root`` subdirectory; a ``complete`` file marks a finished cache. Debian's
+    ``arch`` (arm64) when not this machine's: a sibling named after it."""
     env = os.environ.get("GENTOO_BINHOST_TEST_CACHE")
-    if env:
-        return Path(env).expanduser().absolute()
-    return Path.home() / ".cache" / "gentoo-binhost-tests" / "chroot-bookworm-v1"
+    cache = (Path(env).expanduser().absolute() if env
+             else Path.home() / ".cache" / "gentoo-binhost-tests" / "chroot-bookworm-v1")
+    return cache.with_name(f"{cache.name}-{arch}") if arch else cache
+
+
+def chroot_recipe(arch=None):
+    return CHROOT_RECIPE if not arch else f"arch {arch} (debootstrap --foreign, second stage emulated)\n" + CHROOT_RECIPE
 
 
 def chroot_host_path(chroot, inside):
@@ -678,7 +683,7 @@ def _chroot_argv(chroot, argv, env=None):
     return ["chroot", str(chroot), "env", "-i"] + words + [str(a) for a in argv]
 
 
-def build_chroot_cache(cache):
+def build_chroot_cache(cache, arch=None):
     """Build the chroot cache at ``cache`` (see chroot_cache_dir()).
 
     Builds into a temporary sibling and renames it into place only once the
@@ -694,9 +699,12 @@ def build_chroot_cache(cache):
         os.chmod(str(tmp), 0o755)
         root = tmp / "root"
         start = time.monotonic()
-        run([shutil.which("debootstrap") or "/usr/sbin/debootstrap", "--variant=minbase",
-             "--include=" + ",".join(CHROOT_PACKAGES), CHROOT_SUITE, root, mirror],
+        run([shutil.which("debootstrap") or "/usr/sbin/debootstrap", "--variant=minbase"]
+            + ([f"--arch={arch}", "--foreign"] if arch else [])
+            + ["--include=" + ",".join(CHROOT_PACKAGES), CHROOT_SUITE, root, mirror],
             timeout=1800)
+        if arch:  # its programs run through qemu-user (binfmt_misc with the F flag)
+            run(["chroot", root, "/debootstrap/debootstrap", "--second-stage"], timeout=1800)
         timings["debootstrap"] = time.monotonic() - start
         umount_under(root)  # debootstrap unmounts its /proc and /sys, but be sure
 
@@ -716,7 +724,7 @@ def build_chroot_cache(cache):
 
         for deb in (root / "var/cache/apt/archives").glob("*.deb"):
             deb.unlink()
-        (tmp / _CHROOT_MARKER).write_text(CHROOT_RECIPE)
+        (tmp / _CHROOT_MARKER).write_text(chroot_recipe(arch))
         os.rename(str(tmp), str(cache))
     finally:
         if tmp.exists():
@@ -724,16 +732,16 @@ def build_chroot_cache(cache):
     return timings
 
 
-def ensure_chroot_cache(cache=None):
+def ensure_chroot_cache(cache=None, arch=None):
     """The chroot cache directory, built first if missing or made from another
     recipe. Concurrent runs wait for each other (a lock file beside it).
     Returns (cache Path, timings dict: empty when the cache was reused)."""
-    cache = Path(cache or chroot_cache_dir())
+    cache = Path(cache or chroot_cache_dir(arch))
     cache.parent.mkdir(parents=True, exist_ok=True)
     with open(str(cache.parent / ("." + cache.name + ".lock")), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         marker = cache / _CHROOT_MARKER
-        if marker.is_file() and _recipe_without_mirror(marker.read_text()) == CHROOT_RECIPE:
+        if marker.is_file() and _recipe_without_mirror(marker.read_text()) == chroot_recipe(arch):
             return cache, {}
         # Holding the lock: leftovers of interrupted builds and stale caches can go.
         for stale in cache.parent.glob(cache.name + ".tmp-*"):
@@ -749,7 +757,7 @@ def ensure_chroot_cache(cache=None):
             online = False
         need(online, "no network to %s: cannot build the chroot cache %s" % (mirror, cache))
         remove_chroot(cache)
-        return cache, build_chroot_cache(cache)
+        return cache, build_chroot_cache(cache, arch)
 
 
 def _process_alive(pid):
@@ -1155,6 +1163,26 @@ class World:
 
     def installed(self, root, path):
         return eroot(root, self.eprefix) / path
+
+
+@pytest.fixture(scope="session")
+def binfmt_aarch64():
+    """This machine's binfmt_misc, mounted, with qemu-user-static's aarch64 entry registered (as
+    systemd-binfmt registers it at boot on Debian). Left so: test files in other processes use it
+    too, and it is what the machine's own qemu-user-static means to have."""
+    need(os.geteuid() == 0, "mounting binfmt_misc needs root")
+    conf = Path("/usr/lib/binfmt.d/qemu-aarch64.conf")
+    need(conf.is_file(), "Debian's qemu-user-static (make system-deps installs it)")
+    binfmt = Path("/proc/sys/fs/binfmt_misc")
+    if not (binfmt / "status").exists():
+        mounted = run(["mount", "-t", "binfmt_misc", "binfmt_misc", str(binfmt)], check=False)
+        need(mounted.returncode == 0 or (binfmt / "status").exists(),
+             f"binfmt_misc cannot be mounted here: {mounted.stderr.strip()}")
+    if not (binfmt / "qemu-aarch64").exists():
+        line = next(line for line in conf.read_text().splitlines() if line.startswith(":"))
+        with contextlib.suppress(FileExistsError):  # another test process registered it meanwhile
+            (binfmt / "register").write_text(line)
+    return binfmt
 
 
 @pytest.fixture(scope="session")

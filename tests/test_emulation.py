@@ -67,31 +67,6 @@ def fake_binfmt_misc(base, entry=DEBIAN_AARCH64_ENTRY, status="enabled"):
     return directory
 
 
-@pytest.fixture(scope="module")
-def binfmt_aarch64():
-    """This machine's binfmt_misc, mounted, with qemu-user-static's aarch64 entry registered (as
-    systemd-binfmt registers it at boot on Debian)."""
-    need(os.geteuid() == 0, "mounting binfmt_misc needs root")
-    conf = Path("/usr/lib/binfmt.d/qemu-aarch64.conf")
-    need(conf.is_file(), "Debian's qemu-user-static (make system-deps installs it)")
-    binfmt = Path("/proc/sys/fs/binfmt_misc")
-    mounted_here = registered_here = False
-    if not (binfmt / "status").exists():
-        mounted = run(["mount", "-t", "binfmt_misc", "binfmt_misc", str(binfmt)], check=False)
-        need(mounted.returncode == 0, f"binfmt_misc cannot be mounted here: {mounted.stderr.strip()}")
-        mounted_here = True
-    if not (binfmt / "qemu-aarch64").exists():
-        line = next(line for line in conf.read_text().splitlines() if line.startswith(":"))
-        (binfmt / "register").write_text(line)
-        registered_here = True
-    yield binfmt
-    # The machine as it was: the entry removed, binfmt_misc unmounted, when this made them.
-    if registered_here:
-        (binfmt / "qemu-aarch64").write_text("-1")
-    if mounted_here:
-        run(["umount", str(binfmt)], check=False)
-
-
 def test_architectures_from_elf_headers(gb, tmp_path):
     root = arm64_root(tmp_path)
     assert gb.elf_architecture(gb.program_header(str(root), "/bin/sh")) == ("arm64", "aarch64")
