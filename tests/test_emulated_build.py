@@ -124,4 +124,10 @@ def test_an_arm64_target_gets_its_package_from_an_amd64_binhost(arm64_lab, epref
     # It runs under qemu-user, with the binhost root's arm64 libraries (this machine has none).
     ran = run(["qemu-aarch64-static", "-L", str(lab.root), str(program)], check=False)
     assert ran.returncode == 0 and ran.stdout == "hello from arm64\n", ran
+    # Signed here, by gpg, after the build (the key never in the root); the target verified it.
+    assert b".sig" in (lab.pkgdir / packages[0]).read_bytes()
+    doctor = lab.cli("doctor", check=False)
+    assert "OK   emulation: the binhost root's programs run through /usr/libexec/qemu-binfmt/aarch64-binfmt-P" \
+        in doctor.stdout, doctor.stdout + doctor.stderr
+    assert "OK   build method: chroot: the binhost root is arm64, this machine amd64" in doctor.stdout
     assert mounts_under(lab.root) == [] and processes_inside(lab.root) == []
