@@ -760,6 +760,15 @@ def ensure_chroot_cache(cache=None, arch=None):
         return cache, build_chroot_cache(cache, arch)
 
 
+def copy_of_chroot_image(destination, arch=None):
+    """A binhost root: a copy of the cached debootstrap + PyPI Portage image (ensure_chroot_cache)
+    at destination, world-readable (Portage verifies as `nobody`)."""
+    cache, _timings = ensure_chroot_cache(arch=arch)
+    run(["cp", "-a", str(cache / "root") + "/.", destination])
+    Path(destination).chmod(0o755)
+    return Path(destination)
+
+
 def _process_alive(pid):
     """True if ``pid`` runs (a zombie, which a container's init may never
     reap, counts as dead)."""

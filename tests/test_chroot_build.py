@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import (CHROOT_EPREFIX, REPO, SCRIPT, configure_gentoo_like_root, ensure_chroot_cache,
+from conftest import (CHROOT_EPREFIX, REPO, SCRIPT, configure_gentoo_like_root, copy_of_chroot_image,
                       mounts_under, need, processes_inside, remove_chroot, run, slow_ebuild, tiny_ebuild)
 
 LIBV_EBUILD = """EAPI=8
@@ -93,13 +93,11 @@ class ChrootBuild:
 @pytest.fixture(scope="module")
 def chroot_build(eprefix):
     need(os.geteuid() == 0, "a chroot build needs root")
-    cache, _timings = ensure_chroot_cache()
     base = Path(tempfile.mkdtemp(prefix="gbcb-"))  # short: gpg-agent socket paths
     base.chmod(0o755)
     root = base / "binhost"
     try:
-        run(["cp", "-a", str(cache / "root") + "/.", root])
-        root.chmod(0o755)
+        copy_of_chroot_image(root)
         # The repository lives on the build host; the copied configuration names it by this path.
         repo = base / "repo"
         shutil.copytree(REPO, repo, symlinks=True)

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import (REPO, REPO_NAME, SCRIPT, configure_gentoo_like_root, ensure_chroot_cache, http_server,
+from conftest import (REPO, REPO_NAME, SCRIPT, configure_gentoo_like_root, copy_of_chroot_image, http_server,
                       mounts_under, need, processes_inside, remove_chroot, run, tiny_ebuild, write_portage_config)
 
 #: Where the root's configuration puts the repository: a path no build machine has.
@@ -61,15 +61,13 @@ class Lab:
 def lab(eprefix):
     need(os.geteuid() == 0, "a chroot build needs root")
     assert not os.path.exists(LOCATION), f"the premise: this machine has no {LOCATION}"
-    cache, _timings = ensure_chroot_cache()
     base = Path(tempfile.mkdtemp(prefix="gbir-"))
     base.chmod(0o755)
     root = base / "binhost"
     www = base / "www"
     www.mkdir()
     try:
-        run(["cp", "-a", str(cache / "root") + "/.", root])
-        root.chmod(0o755)
+        copy_of_chroot_image(root)
         with http_server(www) as url:
             configure_gentoo_like_root(root, Path(LOCATION))
             (root / "etc/portage/repos.conf/binhost-test.conf").write_text(
