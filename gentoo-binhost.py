@@ -7152,9 +7152,9 @@ def doctor_build_method(doctor, settings, runner, output):
     doctor.report(WARN if automatic_root else OK, "build method", f"{method}: {why}")
     host = portage_host(settings, runner, output)
     if host.emulated_by:
-        doctor.report(OK, "emulation", f"the binhost root's programs run through {host.emulated_by}: builds take"
-                                       " several times as long as on a native machine (README: 'Building for"
-                                       " another architecture')")
+        doctor.report(OK, "emulation", f"the binhost root's programs run through {host.emulated_by}: builds are"
+                                       " slower than on a native machine (README: 'Building for another"
+                                       " architecture')")
     if not host.chroot:
         doctor.report(WARN, "confinement", "none: the root method runs Portage on this machine itself, so a"
                                            " build's root phases can change it (README: 'Confinement')")
