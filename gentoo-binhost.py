@@ -7769,12 +7769,15 @@ def init_binhost(config, args, runner, output):
         return
     name, sha512 = installed
     os.makedirs(os.path.join(root, "var/cache/binpkgs"), exist_ok=True)
-    link_repositories_into(settings, runner, output)
-    sync_repositories(settings, runner, output, missing_only=True)
     note = {"stage3": name, "stage3-sha512": sha512,
             "stage3-installed": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")}
     if settings.root == config.binhost.root:  # the notes describe [binhost] root
         runner.write_file(config.path, set_config_values(read_text(config.path), "binhost", note))
+    link_repositories_into(settings, runner, output)
+    try:  # the root is in place: what its repositories still lack, the first build syncs again
+        sync_repositories(settings, runner, output, missing_only=True)
+    except BinhostError as error:
+        output.warn(f"{error} (the stage3 is in place; the first build, update or add-target syncs again)")
     output.info(f"Next: '{PROG} config pull' copies the target's Portage configuration into {root}")
 
 
