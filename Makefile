@@ -6,6 +6,8 @@ VENV   ?= .venv
 TEST_WORKERS ?= 2
 PY      = $(VENV)/bin/python
 DEBIAN_PACKAGES = openssh-server gnupg zstd xz-utils wget curl bash gcc openssl distcc debootstrap rsync qemu-user-static
+# The arm64 tests' distcc helper cross-compiles (Debian has the package on other architectures only).
+DEBIAN_PACKAGES += $(if $(filter aarch64,$(shell uname -m)),,gcc-aarch64-linux-gnu)
 
 .PHONY: test check lint demo bench deps system-deps clean
 
@@ -28,6 +30,7 @@ demo: deps
 bench: deps
 	$(PY) tests/bench/run.py
 	$(PY) tests/bench/distcc.py
+	$(PY) tests/bench/cross.py
 	$(PY) tests/bench/pipeline.py
 	$(PY) tests/bench/retention.py
 	$(PY) tests/bench/trees.py

@@ -346,24 +346,29 @@ def open_inside(root, parts, absolute_from_root=False):
             os.close(leftover)
 
 
-def read_inside(directory, relative, absolute_from_root=False):
-    """The text of directory/relative ("" when missing), never through a link that leads out of
-    directory: a repository inside the binhost root is written by its sync, and a link there that
-    is absolute means a path of the chroot, not of this machine."""
+def read_bytes_inside(directory, relative, absolute_from_root=False):
+    """The first MiB of directory/relative (b"" when missing or not a regular file), never through
+    a link that leads out of directory: a repository inside the binhost root is written by its
+    sync, and a link there that is absolute means a path of the chroot, not of this machine."""
     try:
         descriptor = open_inside(directory, relative.split("/"), absolute_from_root=absolute_from_root)
     except ValueError:  # a NUL in a name
-        return ""
+        return b""
     if descriptor is None:
-        return ""
+        return b""
     if not stat.S_ISREG(os.fstat(descriptor).st_mode):  # a directory; a FIFO would never end
         os.close(descriptor)
-        return ""
+        return b""
     with os.fdopen(descriptor, "rb") as handle:
         try:
-            return handle.read(1 << 20).decode("utf-8", "replace")
+            return handle.read(1 << 20)
         except OSError:
-            return ""
+            return b""
+
+
+def read_inside(directory, relative, absolute_from_root=False):
+    """read_bytes_inside's bytes as text ("" when missing)."""
+    return read_bytes_inside(directory, relative, absolute_from_root).decode("utf-8", "replace")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -2229,8 +2234,9 @@ class BuildHost:
         for name, _command in self.mounts.mounts[len(CHROOT_MOUNTS):]:
             point = os.path.join(self.chroot, name)
             check_no_symlink_below(self.chroot, os.path.dirname(point))
-            if os.path.islink(point) and os.readlink(point) == "/" + name:
-                os.unlink(point)
+            with contextlib.suppress(FileNotFoundError):  # another command entering meanwhile removed it
+                if os.path.islink(point) and os.readlink(point) == "/" + name:
+                    os.unlink(point)
             os.makedirs(point, exist_ok=True)
 
     def sync_resolv_conf(self):
@@ -2469,44 +2475,73 @@ GCC_VERSION_MARK = re.compile(rb"GCC: \([^)]*\) ([^\0]+)\0")
 
 
 def check_distcc_helpers(settings, build_host, output):
-    """Before a long build: every helper compiles, with the same gcc as here. The target's
-    explicit -march flags travel to the helpers, so they need the gcc version, not the CPU."""
+    """Before a long build: every helper compiles, with the same gcc as here, for this machine's
+    architecture. The target's explicit -march flags travel to the helpers, so they need the gcc
+    version, not the CPU. For a root of another architecture, Gentoo's distcc names each compile
+    by CHOST (its /usr/lib/distcc/bin wrappers run 'distcc ${CHOST}-gcc'): a helper needs that
+    cross compiler, and the objects it returns must be of the root's machine."""
     distcc = build_host.program("distcc", "install distcc (sys-devel/distcc) for distcc-hosts")
     gcc = build_host.program("gcc", "the binhost builds with gcc")
+    compiler, chost = "gcc", ""
+    foreign = foreign_architecture(settings.root)
+    if foreign:
+        portageq = build_host.program("portageq", "the binhost root must be a Gentoo system to build in")
+        chost = build_host.read([portageq, "envvar", "CHOST"], root_environment(settings), check=False,
+                                describe="portageq envvar CHOST").stdout.strip()
+        if not re.fullmatch(r"[A-Za-z0-9_.]+(-[A-Za-z0-9_.]+)+", chost):
+            raise BinhostError(f"the binhost root's Portage names no CHOST ({chost!r}): distcc helpers compile"
+                               " with ${CHOST}-gcc for a root of another architecture; check its make.profile")
+        compiler = f"{chost}-gcc"
     with build_host.temporary_directory("gentoo-binhost-distcc.") as directory:
         source = os.path.join(directory, "version.c")
         with open(source, "w", encoding="utf-8") as handle:
             handle.write(DISTCC_PROBE_SOURCE)
 
-        def compiled_version(argv, env, what):
+        def compiled(argv, env, what):
+            """(gcc version, ELF identity) of the object argv compiles."""
             target = os.path.join(directory, "version.o")
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(target)
             result = build_host.run(argv + ["-c", source, "-o", target], env, changes=False,
                                     capture=True, check=False)
-            if result.returncode != 0 or not os.path.exists(target):
+            # What the root's programs wrote there is read through no link, as a regular file.
+            data = read_bytes_inside(directory, "version.o") if result.returncode == 0 else b""
+            if not data:
+                if argv[0] == gcc:
+                    raise BinhostError(f"{what} cannot compile: {last_line(result.stderr) or 'no object file'}")
+                needs = (f" and does it have {compiler}, a compiler for the binhost root's {foreign[0]} (on Gentoo:"
+                         f" crossdev --target {chost}, then distcc-config --update-masquerade-with-crossdev; on"
+                         f" Debian: a gcc-*-linux-gnu* cross compiler package, and a link named {compiler} to it in"
+                         " distccd's PATH and in /usr/lib/distcc)?" if foreign else "?")
                 raise BinhostError(f"{what} cannot compile: {last_line(result.stderr) or 'no object file'}:"
-                                   " is distccd running there and allowing this host?")
-            with open(target, "rb") as handle:
-                match = GCC_VERSION_MARK.search(handle.read())
+                                   f" is distccd running there and allowing this host{needs}")
+            match = GCC_VERSION_MARK.search(data)
             if not match:  # fail closed: two unreadable versions are not the same version
                 raise BinhostError(f"{what}: cannot read the gcc version from the object it compiled"
                                    " (no 'GCC: (...) VERSION' comment): refusing it, as a gcc of another"
                                    " version would build different binaries")
-            return match.group(1).decode()
+            return match.group(1).decode(), elf_identity(data[:64])
 
-        local = compiled_version([gcc], None, "the local gcc")
+        local, machine = compiled([gcc], None, "the local gcc")
         for host in distcc_hosts(settings.distcc_hosts):
             if host.startswith("localhost"):
                 continue
             # No silent local fallback: the point is to learn what the helper itself runs.
             env = {"DISTCC_HOSTS": host, "DISTCC_FALLBACK": "0", "DISTCC_SKIP_LOCAL_RETRY": "1",
                    "DISTCC_DIR": directory}
-            remote = compiled_version([distcc, "gcc"], env, f"distcc helper {host}")
+            remote, made_for = compiled([distcc, compiler], env, f"distcc helper {host}")
+            if made_for != machine:
+                theirs = ELF_ARCHES.get(made_for, ("another architecture",))[0] if made_for else "no known machine"
+                raise BinhostError(f"distcc helper {host} compiled for {theirs} with {compiler}, not for the"
+                                   f" binhost root's {ELF_ARCHES.get(machine, ('architecture',))[0]}: give it a"
+                                   f" {compiler} that is a compiler for the root's architecture")
             if remote != local:
-                raise BinhostError(f"distcc helper {host} has gcc {remote}, this binhost gcc {local}:"
+                raise BinhostError(f"distcc helper {host} has {compiler} {remote}, this binhost gcc {local}:"
                                    " helpers need the same gcc version (their CPU does not matter)")
-            output.info(f"distcc helper {host}: gcc {remote}, like the binhost")
+            emulated = foreign and not foreign[4]
+            output.info(f"distcc helper {host}: {compiler} {remote}, like the binhost"
+                        + (f" root's ({foreign[0]}" if foreign else "")
+                        + (": compiled natively there, not emulated here)" if emulated else ")" if foreign else ""))
 
 
 HELD_BUILD_LOCKS = set()  # the build locks this process holds (flock is per open file)
@@ -2916,7 +2951,11 @@ def chroot_build_binds(settings, trees_writable=False):
         inside = os.path.join(settings.root, place.lstrip("/"))
         is_repository = any(os.path.exists(os.path.join(source, marker))
                             for marker in ("profiles/repo_name", "metadata/layout.conf"))
-        if os.path.isdir(source) and is_repository and os.path.realpath(source) != os.path.realpath(inside):
+        # config pull links each repository in for the root method: the mount replaces that link
+        # (prepare_bind_points), which here resolves to the very source it names.
+        linked_for_root_method = os.path.islink(inside) and os.readlink(inside) == place
+        if os.path.isdir(source) and is_repository and (linked_for_root_method
+                                                        or os.path.realpath(source) != os.path.realpath(inside)):
             binds.append((place, source, True))
     for place in sorted(set(repositories_kept_in_root(settings).values()) - {place for place, _, _ in binds}):
         inside = os.path.join(settings.root, place.lstrip("/"))
@@ -7152,9 +7191,11 @@ def doctor_build_method(doctor, settings, runner, output):
     doctor.report(WARN if automatic_root else OK, "build method", f"{method}: {why}")
     host = portage_host(settings, runner, output)
     if host.emulated_by:
+        compiling = ("its compiles go to the distcc helpers (distcc-hosts), whose cross compiler runs natively"
+                     if settings.distcc_hosts else "distcc helpers with a cross compiler would take the compiling")
         doctor.report(OK, "emulation", f"the binhost root's programs run through {host.emulated_by}: builds are"
-                                       " slower than on a native machine (README: 'Building for another"
-                                       " architecture')")
+                                       f" slower than on a native machine; {compiling} (README: 'Building for"
+                                       " another architecture')")
     if not host.chroot:
         doctor.report(WARN, "confinement", "none: the root method runs Portage on this machine itself, so a"
                                            " build's root phases can change it (README: 'Confinement')")
@@ -7753,7 +7794,7 @@ def init_binhost(config, args, runner, output):
                                                           facts.get("init", ""), facts.get("profile", ""),
                                                           facts.get("arch", "").strip())
         arch, variant = arch or like_arch, variant or like_variant  # explicit options win
-        args.target_machine = facts.get("machine")
+        args.target_machine, args.target_chost = facts.get("machine"), facts.get("chost", "").strip()
         output.info(f"{target.name}: stage3-{like_arch}-{like_variant}, because {', '.join(reasons)}")
     arch = arch or GENTOO_ARCHES.get(os.uname().machine, os.uname().machine)
     variant = variant or DEFAULT_VARIANT
@@ -8053,7 +8094,7 @@ def stage3_url(args, arch, variant, stage3, keys, output):
         # Gentoo names stage3s by catalyst subarch (armv7a_hardfp, rv64_lp64d, ppc64le, i686):
         # the arch directory's latest-stage3.txt lists what there is.
         file_arch = stage3_subarch(base, arch, variant, getattr(args, "target_machine", None)
-                                   or os.uname().machine)
+                                   or os.uname().machine, getattr(args, "target_chost", ""))
         latest_url = f"{base}/latest-stage3-{file_arch}-{variant}.txt"
         latest = fetch_small(latest_url, f"the list of {file_arch} {variant} stage3s")
     text = keys.verified_text(latest, latest_url) if keys else latest.decode("utf-8", "replace")
@@ -8068,22 +8109,33 @@ MACHINE_SUBARCHES = {"x86_64": "amd64", "aarch64": "arm64", "i686": "i686", "i58
                      "ppc64le": "ppc64le", "ppc64": "ppc64", "ppc": "ppc"}
 
 
-def stage3_subarch(base, arch, variant, machine):
+def chost_subarch(chost):
+    """The catalyst subarch of the stage3s for a CHOST whose first word names it: arm's
+    (armv7a-unknown-linux-gnueabihf: armv7a_hardfp). It decides over the kernel's machine, which
+    says aarch64 for a 32-bit userland on a 64-bit kernel."""
+    cpu = chost.split("-", 1)[0]
+    if re.fullmatch(r"armv\d+[a-z]*", cpu):
+        return cpu + ("_hardfp" if chost.endswith("hf") else "")
+    return None
+
+
+def stage3_subarch(base, arch, variant, machine, chost=""):
     """The subarch of the stage3s of this variant that the arch's latest-stage3.txt lists, picked
-    for machine when there are several. Only a name is taken from this list; the stage3 itself
-    is then found and verified through its own signed list."""
+    for the target's CHOST, else its machine, when there are several. Only a name is taken from
+    this list; the stage3 itself is then found and verified through its own signed list."""
     text = fetch_small(f"{base}/latest-stage3.txt", f"the list of {arch} stage3s").decode("utf-8", "replace")
     subarches = sorted(set(re.findall(rf"stage3-([A-Za-z0-9_]+)-{re.escape(variant)}-\d{{8}}T\d{{6}}Z\.tar\.",
                                       text)))
     if len(subarches) == 1:
         return subarches[0]
-    if MACHINE_SUBARCHES.get(machine) in subarches:
-        return MACHINE_SUBARCHES[machine]
+    for wanted in (chost_subarch(chost), MACHINE_SUBARCHES.get(machine)):
+        if wanted in subarches:
+            return wanted
     if not subarches:
         raise BinhostError(f"{base}/latest-stage3.txt lists no {variant} stage3: choose --variant"
                            " from what it lists, or give --stage3 URL")
     raise BinhostError(f"{arch} has {variant} stage3s for {', '.join(subarches)}: give --stage3 URL"
-                       f" of the one for this machine ({machine})")
+                       f" of the one for this machine ({chost or machine})")
 
 
 def file_digests(path, algorithms):

@@ -95,6 +95,32 @@ def need(condition, reason):
 
 
 # ---------------------------------------------------------------------------
+# The order test files start in
+# ---------------------------------------------------------------------------
+
+#: Files whose first set-up on a new machine is long and runs alone in one process: started
+#: first, so the other processes run the rest meanwhile (the arm64 image: about 5 minutes).
+STARTED_FIRST = ("test_arm64_build.py",)
+
+
+def pytest_configure(config):
+    # pytest-xdist hands out files by their number of tests, which would start STARTED_FIRST last.
+    if hasattr(config.option, "loadscopereorder"):
+        config.option.loadscopereorder = False
+
+
+def pytest_collection_modifyitems(config, items):
+    """STARTED_FIRST, then the files with the most tests first (what pytest-xdist does by itself),
+    each file's tests in their own order."""
+    def file_of(item):
+        return item.nodeid.split("::", 1)[0]
+    counts = {}
+    for item in items:
+        counts[file_of(item)] = counts.get(file_of(item), 0) + 1
+    items.sort(key=lambda item: (item.path.name not in STARTED_FIRST, -counts[file_of(item)], file_of(item)))
+
+
+# ---------------------------------------------------------------------------
 # Process helpers
 # ---------------------------------------------------------------------------
 
@@ -566,8 +592,19 @@ def chroot_cache_dir(arch=None):
     return cache.with_name(f"{cache.name}-{arch}") if arch else cache
 
 
+#: An emulated root also has distcc's client: its compiles can go to a helper's cross compiler.
+CHROOT_PACKAGES_EMULATED = ("distcc",)
+
+
+def chroot_packages(arch=None):
+    return CHROOT_PACKAGES + (CHROOT_PACKAGES_EMULATED if arch else ())
+
+
 def chroot_recipe(arch=None):
-    return CHROOT_RECIPE if not arch else f"arch {arch} (debootstrap --foreign, second stage emulated)\n" + CHROOT_RECIPE
+    if not arch:
+        return CHROOT_RECIPE
+    return (f"arch {arch} (debootstrap --foreign, second stage emulated)\n" + CHROOT_RECIPE
+            + "with " + ",".join(CHROOT_PACKAGES_EMULATED) + "\n")
 
 
 def chroot_host_path(chroot, inside):
@@ -701,7 +738,7 @@ def build_chroot_cache(cache, arch=None):
         start = time.monotonic()
         run([shutil.which("debootstrap") or "/usr/sbin/debootstrap", "--variant=minbase"]
             + ([f"--arch={arch}", "--foreign"] if arch else [])
-            + ["--include=" + ",".join(CHROOT_PACKAGES), CHROOT_SUITE, root, mirror],
+            + ["--include=" + ",".join(chroot_packages(arch)), CHROOT_SUITE, root, mirror],
             timeout=1800)
         if arch:  # its programs run through qemu-user (binfmt_misc with the F flag)
             run(["chroot", root, "/debootstrap/debootstrap", "--second-stage"], timeout=1800)
@@ -1179,6 +1216,11 @@ def binfmt_aarch64():
     """This machine's binfmt_misc, mounted, with qemu-user-static's aarch64 entry registered (as
     systemd-binfmt registers it at boot on Debian). Left so: test files in other processes use it
     too, and it is what the machine's own qemu-user-static means to have."""
+    return register_qemu_aarch64()
+
+
+def register_qemu_aarch64():
+    """binfmt_aarch64's work (make bench uses it too)."""
     need(os.geteuid() == 0, "mounting binfmt_misc needs root")
     conf = Path("/usr/lib/binfmt.d/qemu-aarch64.conf")
     need(conf.is_file(), "Debian's qemu-user-static (make system-deps installs it)")
@@ -1250,13 +1292,11 @@ def install_from(gb, world, pkgdir, name, atom="app-misc/hello", extra_binhost="
 GENTOO_LIKE_TOOLS = ("emerge", "emaint", "portageq", "gpkg-sign", "ebuild")
 
 
-def configure_gentoo_like_root(root, repo, extra_make_conf=""):
-    """Make a copy of the debootstrap image (ensure_chroot_cache) look like a Gentoo system to build
-    in: the configuration in /etc/portage (Portage's prefix, /opt/portage, reads it there through
-    a link), Portage's tools in /usr/local/bin, a relative make.profile into ``repo`` (a build host
-    path, bind-mounted at the same path by a chroot build), its own PORTAGE_TMPDIR, DISTDIR and
-    PKGDIR. ``repo`` must exist (a copy of tests/repo)."""
-    root, repo = Path(root), Path(repo)
+def gentoo_like_tools(root):
+    """What a stage3 has and the debootstrap image lacks, configuration aside: Portage's tools on
+    PATH (/usr/local/bin), its prefix reading /etc/portage, /var/tmp and the cache directories.
+    Returns root/etc/portage."""
+    root = Path(root)
     etc = root / "etc/portage"
     etc.mkdir(parents=True, exist_ok=True)
     prefix_etc = root / CHROOT_EPREFIX.lstrip("/") / "etc/portage"
@@ -1270,6 +1310,19 @@ def configure_gentoo_like_root(root, repo, extra_make_conf=""):
         link.parent.mkdir(parents=True, exist_ok=True)
         if not link.is_symlink():
             link.symlink_to(f"{CHROOT_EPREFIX}/bin/{tool}")
+    for directory in ("var/tmp", "var/cache/distfiles", "var/cache/binpkgs"):
+        (root / directory).mkdir(parents=True, exist_ok=True)
+    return etc
+
+
+def configure_gentoo_like_root(root, repo, extra_make_conf=""):
+    """Make a copy of the debootstrap image (ensure_chroot_cache) look like a Gentoo system to build
+    in: the configuration in /etc/portage (Portage's prefix, /opt/portage, reads it there through
+    a link), Portage's tools in /usr/local/bin, a relative make.profile into ``repo`` (a build host
+    path, bind-mounted at the same path by a chroot build), its own PORTAGE_TMPDIR, DISTDIR and
+    PKGDIR. ``repo`` must exist (a copy of tests/repo)."""
+    root, repo = Path(root), Path(repo)
+    etc = gentoo_like_tools(root)
     # Relative, as on a real system: it resolves inside the root, where the repository is mounted.
     (etc / "make.profile").symlink_to(os.path.relpath(repo / "profiles/default", "/etc/portage"))
     (etc / "repos.conf").mkdir()
@@ -1280,8 +1333,6 @@ def configure_gentoo_like_root(root, repo, extra_make_conf=""):
         ' -pid-sandbox -mount-sandbox"\nPORTAGE_USERNAME="root"\nPORTAGE_GRPNAME="root"\n'
         'PORTAGE_TMPDIR="/var/tmp"\nDISTDIR="/var/cache/distfiles"\nCFLAGS="-O2 -pipe"\n'
         'CLEAN_DELAY="0"\nEMERGE_WARNING_DELAY="0"\n' + extra_make_conf)
-    for directory in ("var/tmp", "var/cache/distfiles", "var/cache/binpkgs"):
-        (root / directory).mkdir(parents=True, exist_ok=True)
 
 
 TINY_EBUILD = """EAPI=8

@@ -902,6 +902,12 @@ def test_stage3_subarch_takes_only_a_plain_name_from_the_list(gb, tmp_path):
         assert gb.stage3_subarch(url, "arm", "openrc", "armv7l") == "armv7a_hardfp"
         with pytest.raises(gb.BinhostError, match="armv6j_hardfp, armv7a_hardfp"):
             gb.stage3_subarch(url, "arm", "openrc", "riscv64")
+        # A 32-bit userland on a 64-bit kernel (uname -m: aarch64): the target's CHOST decides.
+        for chost, subarch in (("armv6j-unknown-linux-gnueabihf", "armv6j_hardfp"),
+                               ("armv7a-unknown-linux-gnueabihf", "armv7a_hardfp")):
+            assert gb.stage3_subarch(url, "arm", "openrc", "aarch64", chost) == subarch
+        with pytest.raises(gb.BinhostError, match=r"for this machine \(armv5tel-softfloat-linux-gnueabi\)"):
+            gb.stage3_subarch(url, "arm", "openrc", "aarch64", "armv5tel-softfloat-linux-gnueabi")
         for variant in ("systemd", "musl"):
             with pytest.raises(gb.BinhostError, match="lists no"):
                 gb.stage3_subarch(url, "arm", variant, "armv7l")
