@@ -2477,9 +2477,9 @@ GCC_VERSION_MARK = re.compile(rb"GCC: \([^)]*\) ([^\0]+)\0")
 def check_distcc_helpers(settings, build_host, output):
     """Before a long build: every helper compiles, with the same gcc as here, for this machine's
     architecture. The target's explicit -march flags travel to the helpers, so they need the gcc
-    version, not the CPU. For a root of another architecture, Gentoo's distcc names each compile
-    by CHOST (its /usr/lib/distcc/bin wrappers run 'distcc ${CHOST}-gcc'): a helper needs that
-    cross compiler, and the objects it returns must be of the root's machine."""
+    version, not the CPU. For a root of another architecture, Gentoo's ebuilds call the compiler
+    by CHOST and distcc sends each compile under that name: a helper needs a cross compiler of
+    that name, and the objects it returns must be of the root's machine."""
     distcc = build_host.program("distcc", "install distcc (sys-devel/distcc) for distcc-hosts")
     gcc = build_host.program("gcc", "the binhost builds with gcc")
     compiler, chost = "gcc", ""
@@ -2536,7 +2536,7 @@ def check_distcc_helpers(settings, build_host, output):
                                    f" binhost root's {ELF_ARCHES.get(machine, ('architecture',))[0]}: give it a"
                                    f" {compiler} that is a compiler for the root's architecture")
             if remote != local:
-                raise BinhostError(f"distcc helper {host} has {compiler} {remote}, this binhost gcc {local}:"
+                raise BinhostError(f"distcc helper {host} has {compiler} {remote}, the binhost's gcc {local}:"
                                    " helpers need the same gcc version (their CPU does not matter)")
             emulated = foreign and not foreign[4]
             output.info(f"distcc helper {host}: {compiler} {remote}, like the binhost"
@@ -5941,7 +5941,7 @@ UNKNOWN_GCC_FLAG = re.compile(r"(?:unrecognized command[- ]line option|bad value
                               r"\s*['‘]?([^'’\s]*)")
 
 
-def check_flags_with_local_gcc(flags, settings, runner, output):
+def flags_the_binhost_gcc_accepts(flags, settings, runner, output):
     """The flags the binhost's gcc accepts (the host chroot's, with one). A newer gcc on the target
     names features an older one here does not know: an unknown -mno-X is dropped (this gcc cannot
     emit X anyway); an unknown -mX or -march value is an error, else the build would fail late and
@@ -6005,7 +6005,7 @@ def cpu_flags_location(settings, variable="CPU_FLAGS_X86"):
 
 def cpu_report(settings, target, runner, output, apply=False):
     cpu = detect_target_cpu(target, runner, output)
-    cpu.common_flags = check_flags_with_local_gcc(cpu.common_flags, settings, runner, output)
+    cpu.common_flags = flags_the_binhost_gcc_accepts(cpu.common_flags, settings, runner, output)
     here = host_cpu_flags(cpu.cpu_flags_variable) if cpu.cpu_flags else None
     if here is not None:
         beyond = missing_isa(cpu.cpu_flags, here)
@@ -6239,7 +6239,7 @@ def resolve_march_native_in(tar_bytes, settings, target, runner, output):
             return text
         if flags is None:
             resolved = detect_target_cpu(target, runner, output).common_flags
-            flags = " ".join(check_flags_with_local_gcc(resolved, settings, runner, output))
+            flags = " ".join(flags_the_binhost_gcc_accepts(resolved, settings, runner, output))
         text = NATIVE_TUNE.sub("", text)
         return NATIVE_CPU_FLAG.sub(flags, text)
 

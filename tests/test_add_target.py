@@ -14,7 +14,6 @@ One test writes a [target NAME] section by hand before add-target (a section for
 another configuration, see prewrite_target): its root/path keys are the ones --root/--path write."""
 
 import configparser
-import hashlib
 import os
 import shlex
 import shutil
@@ -29,7 +28,7 @@ import pytest
 
 from conftest import (REPO, REPO_NAME, SCRIPT, binhost_serving, eroot, free_port, is_signed, need, run, stop_process,
                       wait_for_port, write_portage_config)
-from test_init import gpg_home, sign, tiny_stage3
+from test_init import gpg_home, offer_stage3, tiny_stage3
 
 BUILD = "20261120T170000Z"
 #: The machine's init decides the variant add-target asks for (this container's /sbin/init is
@@ -54,18 +53,9 @@ def stage3_mirror(tmp_path_factory, gb):
     (autobuilds / BUILD).mkdir(parents=True)
     payload = tiny_stage3()
     for variant in VARIANTS:
-        name = f"stage3-amd64-{variant}-{BUILD}.tar.xz"
-        tarball = autobuilds / BUILD / name
+        tarball = autobuilds / BUILD / f"stage3-amd64-{variant}-{BUILD}.tar.xz"
         tarball.write_bytes(payload)
-        digests = autobuilds / BUILD / (name + ".DIGESTS")
-        digests.write_text(f"# BLAKE2B HASH\n{hashlib.blake2b(payload).hexdigest()}  {name}\n"
-                           f"# SHA512 HASH\n{hashlib.sha512(payload).hexdigest()}  {name}\n")
-        sign(release, digests, clear=True)
-        sign(release, tarball)
-        latest = autobuilds / f"latest-stage3-amd64-{variant}.txt"
-        latest.write_text(f"# Latest as of Fri, 20 Nov 2026 17:00:00 +0000\n# ts=1795194000\n"
-                          f"{BUILD}/{name} {len(payload)}\n")
-        sign(release, latest, clear=True)
+        offer_stage3(release, autobuilds, BUILD, f"latest-stage3-amd64-{variant}.txt", tarball)
     server = gb.make_server("127.0.0.1", 0, str(base / "www"), gb.Output(color=False, verbosity=0))
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:

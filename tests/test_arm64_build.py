@@ -11,7 +11,6 @@ an AArch64 executable, and it runs (under qemu-user).
 
 (On a new machine the fixture first builds the arm64 image: about 5 minutes.)"""
 
-import hashlib
 import os
 import shutil
 import signal
@@ -26,7 +25,7 @@ import pytest
 from conftest import (REPO, SCRIPT, binhost_serving, copy_of_chroot_image, eroot, free_port, gentoo_like_tools,
                       mounts_under, need, processes_inside, remove_chroot, run, stop_process, wait_for_port,
                       write_portage_config)
-from test_init import gpg_home, sign
+from test_init import gpg_home, offer_stage3
 
 ARM64_PROFILE = """ARCH="arm64"
 ACCEPT_KEYWORDS="arm64"
@@ -80,6 +79,19 @@ def stage3_like(root):
     (root / "opt/portage/usr/lib/distcc").symlink_to("/usr/lib/distcc")
 
 
+def arm64_repository(repo, ebuilds):
+    """A copy of the test repository with an arm64 profile and app-misc/NAME-1.0 of each ebuild."""
+    shutil.copytree(REPO, repo, symlinks=True)
+    (repo / "profiles/arch.list").write_text("amd64\narm64\n")
+    (repo / "profiles/arm64").mkdir()
+    (repo / "profiles/arm64/eapi").write_text("5\n")
+    (repo / "profiles/arm64/make.defaults").write_text(ARM64_PROFILE)
+    for name, ebuild in ebuilds.items():
+        (repo / "app-misc" / name).mkdir()
+        (repo / "app-misc" / name / f"{name}-1.0.ebuild").write_text(ebuild)
+    return repo
+
+
 BUILD = "20261120T170000Z"
 
 
@@ -99,27 +111,13 @@ def arm64_stage3_mirror(base, gb):
     (autobuilds / BUILD).mkdir(parents=True)
     payload = None
     for variant in ("openrc", "systemd"):
-        name = f"stage3-arm64-{variant}-{BUILD}.tar.zst"
-        tarball = autobuilds / BUILD / name
+        tarball = autobuilds / BUILD / f"stage3-arm64-{variant}-{BUILD}.tar.zst"
         if payload is None:
             run(["tar", "--zstd", "--numeric-owner", "-cf", str(tarball), "-C", str(staging), "."])
             payload = tarball
         else:
             os.link(payload, tarball)
-        blake2b, sha512 = hashlib.blake2b(), hashlib.sha512()
-        with open(tarball, "rb") as handle:
-            for chunk in iter(lambda: handle.read(1 << 20), b""):
-                blake2b.update(chunk)
-                sha512.update(chunk)
-        digests = autobuilds / BUILD / (name + ".DIGESTS")
-        digests.write_text(f"# BLAKE2B HASH\n{blake2b.hexdigest()}  {name}\n"
-                           f"# SHA512 HASH\n{sha512.hexdigest()}  {name}\n")
-        sign(release, digests, clear=True)
-        sign(release, tarball)
-        latest = autobuilds / f"latest-stage3-arm64-{variant}.txt"
-        latest.write_text(f"# Latest as of Fri, 20 Nov 2026 17:00:00 +0000\n# ts=1795194000\n"
-                          f"{BUILD}/{name} {tarball.stat().st_size}\n")
-        sign(release, latest, clear=True)
+        offer_stage3(release, autobuilds, BUILD, f"latest-stage3-arm64-{variant}.txt", tarball)
     remove_chroot(staging)
     server = gb.make_server("127.0.0.1", 0, str(base / "www"), gb.Output(color=False, verbosity=0))
     threading.Thread(target=server.serve_forever, daemon=True).start()
@@ -152,15 +150,8 @@ def arm64_lab(gb, binfmt_aarch64, sshd, portage_bin, eprefix):
     server = None
     try:
         server, mirror, keyring = arm64_stage3_mirror(base, gb)
-        repo = base / "repo"
-        shutil.copytree(REPO, repo, symlinks=True)
-        (repo / "profiles/arch.list").write_text("amd64\narm64\n")
-        (repo / "profiles/arm64").mkdir()
-        (repo / "profiles/arm64/eapi").write_text("5\n")
-        (repo / "profiles/arm64/make.defaults").write_text(ARM64_PROFILE)
-        for name in ("hello-arm", "hello-distcc"):
-            (repo / "app-misc" / name).mkdir()
-            (repo / "app-misc" / name / f"{name}-1.0.ebuild").write_text(HELLO_EBUILD.format(name=name))
+        repo = arm64_repository(base / "repo", {name: HELLO_EBUILD.format(name=name)
+                                                for name in ("hello-arm", "hello-distcc")})
         target = base / "pi"
         # A Pi's make.conf names no paths of its own: /var/tmp and /var/cache/distfiles are
         # Portage's defaults, and they exist in the binhost root that config pull copies it into.

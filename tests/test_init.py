@@ -36,6 +36,26 @@ def sign(home, path, clear=False):
         output.replace(path)
 
 
+def offer_stage3(release, autobuilds, build, latest_name, tarball):
+    """Offer tarball (already at autobuilds/build/NAME) as Gentoo's mirrors do, signed with the
+    release key: NAME.DIGESTS with its BLAKE2B and SHA512 (clear-signed), NAME.asc (detached), and
+    autobuilds/latest_name (clear-signed) naming it."""
+    blake2b, sha512 = hashlib.blake2b(), hashlib.sha512()
+    with open(tarball, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            blake2b.update(chunk)
+            sha512.update(chunk)
+    digests = tarball.with_name(tarball.name + ".DIGESTS")
+    digests.write_text(f"# BLAKE2B HASH\n{blake2b.hexdigest()}  {tarball.name}\n"
+                       f"# SHA512 HASH\n{sha512.hexdigest()}  {tarball.name}\n")
+    sign(release, digests, clear=True)
+    sign(release, tarball)
+    latest = autobuilds / latest_name
+    latest.write_text(f"# Latest as of Fri, 20 Nov 2026 17:00:00 +0000\n# ts=1795194000\n"
+                      f"{build}/{tarball.name} {tarball.stat().st_size}\n")
+    sign(release, latest, clear=True)
+
+
 def tiny_stage3():
     """A real .tar.xz of a tiny root with a stage3's layout, owners and modes."""
     data = io.BytesIO()
@@ -68,15 +88,7 @@ def mirror(tmp_path_factory, gb):
     tarball = autobuilds / BUILD / NAME
     tarball.write_bytes(tiny_stage3())
     payload = tarball.read_bytes()
-    digests = autobuilds / BUILD / (NAME + ".DIGESTS")
-    digests.write_text(f"# BLAKE2B HASH\n{hashlib.blake2b(payload).hexdigest()}  {NAME}\n"
-                       f"# SHA512 HASH\n{hashlib.sha512(payload).hexdigest()}  {NAME}\n")
-    sign(release, digests, clear=True)
-    sign(release, tarball)
-    latest = autobuilds / "latest-stage3-amd64-openrc.txt"
-    latest.write_text(f"# Latest as of Fri, 20 Nov 2026 17:00:00 +0000\n# ts=1795194000\n"
-                      f"{BUILD}/{NAME} {len(payload)}\n")
-    sign(release, latest, clear=True)
+    offer_stage3(release, autobuilds, BUILD, "latest-stage3-amd64-openrc.txt", tarball)
     server = gb.make_server("127.0.0.1", 0, str(base / "www"), gb.Output(color=False, verbosity=0))
     threading.Thread(target=server.serve_forever, daemon=True).start()
     yield {"base": base, "url": f"http://127.0.0.1:{server.server_address[1]}", "keyring": keyring,

@@ -86,7 +86,7 @@ def flag_check(gb, tmp_path):
     runner = gb.Runner(output)
 
     def check(flags):
-        return gb.check_flags_with_local_gcc(flags, settings, runner, output)
+        return gb.flags_the_binhost_gcc_accepts(flags, settings, runner, output)
     check.said = said
     return check
 

@@ -28,9 +28,9 @@ sys.path.insert(0, str(TESTS))
 
 import pytest  # noqa: E402  (need() skips through pytest's exception)
 
-from conftest import (REPO, SCRIPT, configure_gentoo_like_root, copy_of_chroot_image,  # noqa: E402
-                      processes_inside, register_qemu_aarch64, remove_chroot, stop_process)
-from test_arm64_build import ARM64_PROFILE, CHOST, start_distccd, stage3_like  # noqa: E402
+from conftest import (SCRIPT, configure_gentoo_like_root, copy_of_chroot_image, processes_inside,  # noqa: E402
+                      register_qemu_aarch64, remove_chroot, stop_process)
+from test_arm64_build import CHOST, arm64_repository, start_distccd, stage3_like  # noqa: E402
 
 FILES = 24
 ROUNDS = 2
@@ -63,14 +63,7 @@ src_install() {
 def prepare(base):
     root = copy_of_chroot_image(base / "binhost", arch="arm64")
     stage3_like(root)
-    repo = base / "repo"
-    shutil.copytree(REPO, repo, symlinks=True)
-    (repo / "profiles/arch.list").write_text("amd64\narm64\n")
-    (repo / "profiles/arm64").mkdir()
-    (repo / "profiles/arm64/eapi").write_text("5\n")
-    (repo / "profiles/arm64/make.defaults").write_text(ARM64_PROFILE)
-    (repo / "app-misc/bench-cross").mkdir()
-    (repo / "app-misc/bench-cross/bench-cross-1.0.ebuild").write_text(BENCH_EBUILD)
+    repo = arm64_repository(base / "repo", {"bench-cross": BENCH_EBUILD})
     configure_gentoo_like_root(root, repo, extra_make_conf='CFLAGS="-O2 -pipe"\n')
     profile = root / "etc/portage/make.profile"
     profile.unlink()
