@@ -7914,10 +7914,8 @@ def link_repositories_into(settings, runner, output):
     binhost root, where a stage3 has no repository. Portage reads each repository where repos.conf
     says, on the build host (in the host chroot, with one): so each one gets a link at its place
     in the binhost root, and so does the profile's, to the build host's repository. The chroot
-    method places them itself: it binds each one there for the build (chroot_build_binds)."""
+    method binds each repository over its link for the build (chroot_build_binds)."""
     chroot = settings.host.chroot
-    if not chroot and build_method(settings, runner, output)[0] == "chroot":
-        return
     repositories = configured_repositories(settings.root)
     wanted = {location.rstrip("/"): location.rstrip("/") for location in repositories.values() if safe_place(location)}
     wanted.setdefault(DEFAULT_REPOSITORY, DEFAULT_REPOSITORY)
