@@ -2734,12 +2734,14 @@ BUILD_METHODS = ("chroot", "root")
 
 
 def make_conf_texts(root):
-    """The text of root's make.conf: a file, or the files of a make.conf/ directory in order."""
+    """The text of root's make.conf: a file, or the files of a make.conf/ directory in order. It
+    came from a target: read through no link that leads out of the root (a link to this machine's
+    files, a FIFO that would hang us, read as nothing)."""
     path = os.path.join(root, "etc/portage/make.conf")
-    if os.path.isdir(path):
-        return "\n".join(read_text(os.path.join(path, name)) for name in sorted(os.listdir(path))
-                         if not name.startswith("."))
-    return read_text(path)
+    if os.path.isdir(path) and symlink_below(root, path) is None:
+        return "\n".join(read_inside(root, f"etc/portage/make.conf/{name}", absolute_from_root=True)
+                         for name in sorted(os.listdir(path)) if not name.startswith("."))
+    return read_inside(root, "etc/portage/make.conf", absolute_from_root=True)
 
 
 def make_conf_cpu_flags(root):

@@ -888,6 +888,30 @@ def test_a_refused_download_leaves_no_download_directory(tmp_path, stage3_mirror
     assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".binhost.")]
 
 
+def test_the_roots_make_conf_is_read_through_no_link_out_of_it(gb, tmp_path):
+    """make.conf in the binhost root is the target's copy: a link to this machine's files is read
+    as nothing, a FIFO does not hang, a link inside the root (absolute from it) is followed."""
+    secret = tmp_path / "secret.conf"
+    secret.write_text('CFLAGS="-march=this-machines-secret"\n')
+    root = tmp_path / "root"
+    (root / "etc/portage").mkdir(parents=True)
+    make_conf = root / "etc/portage/make.conf"
+    make_conf.symlink_to(secret)
+    assert gb.make_conf_texts(str(root)) == "" and gb.make_conf_cpu_flags(str(root)) == []
+    make_conf.unlink()
+    os.mkfifo(make_conf)
+    assert gb.make_conf_texts(str(root)) == ""
+    make_conf.unlink()
+    (root / "etc/portage/real.conf").write_text('CFLAGS="-march=armv8-a+crc"\n')
+    make_conf.symlink_to("/etc/portage/real.conf")
+    assert gb.make_conf_cpu_flags(str(root)) == ["-march=armv8-a+crc"]
+    make_conf.unlink()
+    make_conf.mkdir()
+    (make_conf / "10-local").symlink_to(secret)
+    (make_conf / "20-flags").write_text('CFLAGS="-O2 -mcpu=cortex-a72"\n')
+    assert gb.make_conf_cpu_flags(str(root)) == ["-mcpu=cortex-a72"]
+
+
 def test_stage3_subarch_takes_only_a_plain_name_from_the_list(gb, tmp_path):
     base = tmp_path / "www/releases/arm/autobuilds"
     base.mkdir(parents=True)
