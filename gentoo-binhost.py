@@ -3509,6 +3509,16 @@ def build_packages(settings, runner, output, emerge_args, publish_after=True):
     env = portage_environment(settings)
     if method == "root":  # a chroot build may have left mount points where the links were
         link_repositories_into(settings, runner, output)
+    else:
+        # The target's PORTAGE_TMPDIR is a place of the target (a tmpfs of its own, say), which
+        # Portage refuses to build without: where this root has none, its /var/tmp serves.
+        tmpdir = make_conf_value(make_conf_texts(settings.root), "PORTAGE_TMPDIR") or "/var/tmp"
+        inside = os.path.join(settings.root, tmpdir.lstrip("/"))
+        if not (safe_place(tmpdir) or tmpdir == "/tmp") or not os.path.isdir(inside) \
+                or symlink_below(settings.root, inside) is not None:
+            env["PORTAGE_TMPDIR"] = "/var/tmp"
+            output.info(f"PORTAGE_TMPDIR = {tmpdir} (the target's) is no directory in the binhost root:"
+                        " building in its /var/tmp")
     # Inside the binhost root ROOT is /: every dependency goes there anyway.
     root_deps = ["--root-deps"] if method == "root" else []
     # FEATURES=buildpkg, not --buildpkg: emerge applies the option to every root's configuration,

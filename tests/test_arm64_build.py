@@ -153,12 +153,11 @@ def arm64_lab(gb, binfmt_aarch64, sshd, portage_bin, eprefix):
         repo = arm64_repository(base / "repo", {name: HELLO_EBUILD.format(name=name)
                                                 for name in ("hello-arm", "hello-distcc")})
         target = base / "pi"
-        # A Pi's make.conf names no paths of its own: /var/tmp and /var/cache/distfiles are
-        # Portage's defaults, and they exist in the binhost root that config pull copies it into.
-        # Its PKGDIR is its own (builds get the binhost's from the environment).
+        # Its make.conf names its own PORTAGE_TMPDIR, which the binhost root does not have (builds
+        # there use the root's /var/tmp), and PKGDIR (builds get the binhost's from the environment);
+        # DISTDIR is Portage's default, which a stage3 has.
         write_portage_config(target, repo=repo, profile="arm64", eprefix=eprefix, extra_make_conf=(
-            f'BINPKG_GPG_VERIFY_GPG_HOME="{target}/etc/portage/gnupg"\n'
-            'PORTAGE_TMPDIR="/var/tmp"\nDISTDIR="/var/cache/distfiles"\n'))
+            f'BINPKG_GPG_VERIFY_GPG_HOME="{target}/etc/portage/gnupg"\nDISTDIR="/var/cache/distfiles"\n'))
         world = eroot(target, eprefix) / "var/lib/portage/world"
         world.parent.mkdir(parents=True, exist_ok=True)
         world.write_text("app-misc/hello-arm\n")
@@ -195,6 +194,8 @@ def test_an_arm64_target_gets_its_world_from_an_amd64_binhost(arm64_lab, eprefix
         result = lab.cli("--target", "pi", "emerge", "-uDN", "@world", check=False)
     said = result.stdout + result.stderr
     assert result.returncode == 0, said
+    assert f"PORTAGE_TMPDIR = {lab.target}/var/tmp (the target's) is no directory in the binhost root: building" \
+        " in its /var/tmp" in said, said
     packages = sorted(p.relative_to(lab.pkgdir).as_posix() for p in lab.pkgdir.glob("app-misc/hello-arm/*"))
     assert packages == ["app-misc/hello-arm/hello-arm-1.0-1.gpkg.tar"], packages
     # Installed on the target from the binhost's binary, nothing compiled there.
