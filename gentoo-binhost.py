@@ -2522,7 +2522,7 @@ def check_distcc_helpers(settings, build_host, output):
                                    " version would build different binaries")
             return match.group(1).decode(), elf_identity(data[:64])
 
-        local, machine = compiled([gcc], None, "the local gcc")
+        local, machine = compiled([gcc], None, "the binhost's gcc")
         for host in distcc_hosts(settings.distcc_hosts):
             if host.startswith("localhost"):
                 continue
@@ -5976,10 +5976,6 @@ def flags_the_binhost_gcc_accepts(flags, settings, runner, output):
             continue
         raise BinhostError(f"the binhost's gcc does not know {flag} (from the target's gcc): use the"
                            " same gcc version on both, or drop the flag from COMMON_FLAGS")
-
-
-def host_cpu_flags_x86():
-    return host_cpu_flags("CPU_FLAGS_X86") or []
 
 
 def host_cpu_flags(variable):

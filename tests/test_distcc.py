@@ -96,5 +96,5 @@ def test_a_gcc_version_that_cannot_be_read_is_refused(tmp_path, binhost, portage
     result = run([sys.executable, SCRIPT, "-c", config, "--color=n", "build", "app-misc/hello"], check=False,
                  env={"PATH": f"{wrapper.parent}:{portage_bin}:{os.environ['PATH']}"})
     assert result.returncode == 1, result.stdout + result.stderr
-    assert "the local gcc: cannot read the gcc version" in result.stderr
+    assert "the binhost's gcc: cannot read the gcc version" in result.stderr
     assert not list((binhost / "var/cache/binpkgs").rglob("*.gpkg.tar"))

@@ -721,31 +721,25 @@ def test_on_a_terminal_the_build_is_the_foreground_job_and_emerge_ask_asks(porta
     assert not list((root / "var/cache/binpkgs").rglob("*.gpkg.tar")), said
 
 
-def signed_stage3_mirror(tmp_path, serving_pkgdir, arch, variant, build="20261120T170000Z"):
-    """A local mirror offering one stage3 (arch, variant) as Gentoo's does: signed DIGESTS, detached
-    signature, signed latest list, and the arch's latest-stage3.txt. Returns (url, keyring, name)."""
-    import hashlib
-    from test_init import gpg_home, sign, tiny_stage3
+def signed_stage3_mirror(tmp_path, serving_pkgdir, arch, variant, build="20261120T170000Z", file_arches=None):
+    """A local mirror offering one stage3 (arch, variant) as Gentoo's does (offer_stage3), and the
+    arch's latest-stage3.txt; with file_arches (an arch whose stage3s carry subarch names), one of
+    each. Returns (url, keyring, path of the first)."""
+    from test_init import gpg_home, offer_stage3, tiny_stage3
     need(shutil.which("gpg") and shutil.which("xz"), "gpg and xz are needed")
     release = gpg_home(tmp_path / "release-gnupg", "release")
     keyring = tmp_path / "gentoo-release.asc"
     keyring.write_text(run(["gpg", "--homedir", release, "--armor", "--export"]).stdout)
     autobuilds = tmp_path / f"www/releases/{arch}/autobuilds"
     (autobuilds / build).mkdir(parents=True)
-    name = f"stage3-{arch}-{variant}-{build}.tar.xz"
-    payload = tiny_stage3()
-    (autobuilds / build / name).write_bytes(payload)
-    digests = autobuilds / build / (name + ".DIGESTS")
-    digests.write_text(f"# BLAKE2B HASH\n{hashlib.blake2b(payload).hexdigest()}  {name}\n"
-                       f"# SHA512 HASH\n{hashlib.sha512(payload).hexdigest()}  {name}\n")
-    sign(release, digests, clear=True)
-    sign(release, autobuilds / build / name)
-    listing = f"# ts=1795194000\n{build}/{name} {len(payload)}\n"
-    latest = autobuilds / f"latest-stage3-{arch}-{variant}.txt"
-    latest.write_text(listing)
-    sign(release, latest, clear=True)
-    (autobuilds / "latest-stage3.txt").write_text(listing)
-    return f"http://127.0.0.1:{serving_pkgdir(tmp_path / 'www')}", keyring, f"{build}/{name}"
+    paths = []
+    for file_arch in file_arches or [arch]:
+        tarball = autobuilds / build / f"stage3-{file_arch}-{variant}-{build}.tar.xz"
+        tarball.write_bytes(tiny_stage3())
+        offer_stage3(release, autobuilds, build, f"latest-stage3-{file_arch}-{variant}.txt", tarball)
+        paths.append(f"{build}/{tarball.name}")
+    (autobuilds / "latest-stage3.txt").write_text("# ts=1795194000\n" + "".join(f"{path} 1\n" for path in paths))
+    return f"http://127.0.0.1:{serving_pkgdir(tmp_path / 'www')}", keyring, paths[0]
 
 
 def test_init_like_target_asks_the_target_over_ssh_and_picks_the_variant(world, tmp_path, serving_pkgdir):
@@ -807,6 +801,32 @@ def test_init_like_target_takes_the_arch_portage_says_over_uname(world, tmp_path
     assert "pi: stage3-arm64-systemd, because Portage's ARCH is arm64 (uname -m says x86_64: the kernel's)" \
         in chosen, said
     assert f"Would download {mirror}/releases/arm64/autobuilds/{path}" in said, said
+
+
+def test_init_like_target_takes_a_32_bit_arm_userlands_subarch_from_its_chost(world, tmp_path, serving_pkgdir):
+    """init --like-target: Gentoo names arm's stage3s by subarch. A 32-bit userland's CHOST decides
+    which (armv7a-...-gnueabihf: armv7a_hardfp), not the kernel's machine (aarch64 under a 64-bit
+    kernel; this machine's here), of the ones the arm directory's latest-stage3.txt lists."""
+    mirror, keyring, path = signed_stage3_mirror(tmp_path, serving_pkgdir, "arm", "systemd",
+                                                 file_arches=["armv7a_hardfp", "armv6j_hardfp"])
+    target = tmp_path / "target"
+    profile = tmp_path / "profiles/default/linux/arm/23.0/armv7a_hf/systemd"
+    profile.mkdir(parents=True)
+    (profile / "eapi").write_text("5\n")
+    (profile / "make.defaults").write_text('ARCH="arm"\nCHOST="armv7a-unknown-linux-gnueabihf"\n')
+    (target / "etc/portage").mkdir(parents=True)
+    (target / "etc/portage/make.profile").symlink_to(profile)
+    config = tmp_path / "arm.conf"
+    config.write_text(f"[binhost]\nroot = {tmp_path / 'new-binhost'}\n\n[target pi]\nhost = {world.sshd.host}\n"
+                      f"ssh-port = {world.sshd.port}\nssh-options = {world.sshd.ssh_options}\n"
+                      f"root = {target}\npath = {world.portage_bin}\n")
+    result = world.cli("-p", "init", "--like-target", "--mirror", mirror, "--keyring", keyring, config=config,
+                       check=False)
+    said = result.stdout + result.stderr
+    assert result.returncode == 0, said
+    assert "pi: stage3-arm-systemd, because Portage's ARCH is arm" in said, said
+    assert f"Would download {mirror}/releases/arm/autobuilds/{path}" in said, said
+    assert "armv7a_hardfp" in path
 
 
 @pytest.fixture
