@@ -775,17 +775,14 @@ def test_init_like_target_asks_the_target_over_ssh_and_picks_the_variant(world, 
     assert not root.exists()
 
 
-def test_init_like_target_takes_the_arch_portage_says_over_uname(world, tmp_path, serving_pkgdir):
-    """init --like-target: the arch is the target's userland's, as its Portage says (ARCH), not what
-    uname -m says (a 64-bit kernel may run another userland). Here the target's profile says arm64
-    on this x86_64 machine: the arm64 list of the local mirror is the one taken."""
-    mirror, keyring, path = signed_stage3_mirror(tmp_path, serving_pkgdir, "arm64", "systemd")
-
+def init_like_a_target_of_profile(world, tmp_path, mirror, keyring, profile_path, make_defaults):
+    """`init --pretend --like-target` for target pi, whose make.profile is tmp_path/profile_path with
+    make_defaults (ARCH, CHOST): what it says."""
     target = tmp_path / "target"
-    profile = tmp_path / "profiles/default/linux/arm64/23.0/systemd"  # a systemd profile: init decided
+    profile = tmp_path / profile_path
     profile.mkdir(parents=True)
     (profile / "eapi").write_text("5\n")
-    (profile / "make.defaults").write_text('ARCH="arm64"\nCHOST="aarch64-unknown-linux-gnu"\n')
+    (profile / "make.defaults").write_text(make_defaults)
     (target / "etc/portage").mkdir(parents=True)
     (target / "etc/portage/make.profile").symlink_to(profile)
     config = tmp_path / "arm.conf"
@@ -794,7 +791,17 @@ def test_init_like_target_takes_the_arch_portage_says_over_uname(world, tmp_path
                       f"root = {target}\npath = {world.portage_bin}\n")
     result = world.cli("-p", "init", "--like-target", "--mirror", mirror, "--keyring", keyring, config=config,
                        check=False)
-    said = result.stdout + result.stderr
+    return result.stdout + result.stderr
+
+
+def test_init_like_target_takes_the_arch_portage_says_over_uname(world, tmp_path, serving_pkgdir):
+    """init --like-target: the arch is the target's userland's, as its Portage says (ARCH), not what
+    uname -m says (a 64-bit kernel may run another userland). Here the target's profile says arm64
+    on this x86_64 machine: the arm64 list of the local mirror is the one taken."""
+    mirror, keyring, path = signed_stage3_mirror(tmp_path, serving_pkgdir, "arm64", "systemd")
+    # A systemd profile: init decided.
+    said = init_like_a_target_of_profile(world, tmp_path, mirror, keyring, "profiles/default/linux/arm64/23.0/systemd",
+                                         'ARCH="arm64"\nCHOST="aarch64-unknown-linux-gnu"\n')
     machine = os.uname().machine
     assert machine == "x86_64" or pytest.skip(f"the premise is a kernel that is not arm64's; this one is {machine}")
     chosen = next((line for line in said.splitlines() if "pi: stage3-" in line), said)
@@ -809,21 +816,9 @@ def test_init_like_target_takes_a_32_bit_arm_userlands_subarch_from_its_chost(wo
     kernel; this machine's here), of the ones the arm directory's latest-stage3.txt lists."""
     mirror, keyring, path = signed_stage3_mirror(tmp_path, serving_pkgdir, "arm", "systemd",
                                                  file_arches=["armv7a_hardfp", "armv6j_hardfp"])
-    target = tmp_path / "target"
-    profile = tmp_path / "profiles/default/linux/arm/23.0/armv7a_hf/systemd"
-    profile.mkdir(parents=True)
-    (profile / "eapi").write_text("5\n")
-    (profile / "make.defaults").write_text('ARCH="arm"\nCHOST="armv7a-unknown-linux-gnueabihf"\n')
-    (target / "etc/portage").mkdir(parents=True)
-    (target / "etc/portage/make.profile").symlink_to(profile)
-    config = tmp_path / "arm.conf"
-    config.write_text(f"[binhost]\nroot = {tmp_path / 'new-binhost'}\n\n[target pi]\nhost = {world.sshd.host}\n"
-                      f"ssh-port = {world.sshd.port}\nssh-options = {world.sshd.ssh_options}\n"
-                      f"root = {target}\npath = {world.portage_bin}\n")
-    result = world.cli("-p", "init", "--like-target", "--mirror", mirror, "--keyring", keyring, config=config,
-                       check=False)
-    said = result.stdout + result.stderr
-    assert result.returncode == 0, said
+    said = init_like_a_target_of_profile(world, tmp_path, mirror, keyring,
+                                         "profiles/default/linux/arm/23.0/armv7a_hf/systemd",
+                                         'ARCH="arm"\nCHOST="armv7a-unknown-linux-gnueabihf"\n')
     assert "pi: stage3-arm-systemd, because Portage's ARCH is arm" in said, said
     assert f"Would download {mirror}/releases/arm/autobuilds/{path}" in said, said
     assert "armv7a_hardfp" in path
