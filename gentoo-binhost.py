@@ -406,8 +406,9 @@ def default_gpg_home(config_path):
 class BinhostSettings:
     def __init__(self, section, config_path, host=None):
         self.config_path = config_path
-        self.host = host or HostSettings({}, config_path)
-        default_root = (os.path.join(self.host.chroot, HOST_CHROOT_BINHOST) if self.host.chroot
+        host = host or HostSettings({}, config_path)
+        self.host_chroot, self.host_path = host.chroot, host.path
+        default_root = (os.path.join(self.host_chroot, HOST_CHROOT_BINHOST) if self.host_chroot
                         else DEFAULT_ROOT)
         self.root = os.path.abspath(section.get("root") or default_root)
         self.pkgdir = os.path.abspath(section.get("pkgdir") or os.path.join(self.root, "var/cache/binpkgs"))
@@ -423,9 +424,6 @@ class BinhostSettings:
         self.gpg_home = os.path.abspath(section.get("gpg-home") or default_gpg_home(config_path))
         # Set when the config has several binhost environments: served under /<env_name>/.
         self.env_name = None
-        # What this command decided about the environment once (the build method, whether
-        # commands in its chroot can be confined), by what it was decided from.
-        self.decisions = {}
         self.distcc_hosts = section.get("distcc-hosts", "")
         # Downloads shared by chroot builds: only this directory of the build machine is ever bound
         # at the target's DISTDIR (never a place the target's make.conf names here).
@@ -509,18 +507,20 @@ def parse_port(value, config_path, section, key):
 class Config:
     """The parsed configuration file: one [binhost] section and any number of [target NAME]."""
 
-    def __init__(self, path, binhost, targets):
+    def __init__(self, path, binhost, targets, runner, output):
         self.path = path
         self.binhost = binhost
         self.targets = targets
-        self._environments = None  # (what they were made from, {name: BinhostSettings})
+        self.runner, self.output = runner, output  # every environment's
+        self._environments = None  # (what they were made from, {name: Environment})
+        self._by_root = {}  # {root: Environment}: one per root for the command, never remade
 
     def environments(self):
-        """{name: BinhostSettings} of every binhost environment. With one (the usual case) its
+        """{name: Environment} of every binhost environment. With one (the usual case) its
         PKGDIR is served at /; with several (targets with their own binhost-root), each is served
-        under /<basename of its root>/. Signing key and server settings are shared. Made once
-        (again only when the targets' environments change), so a setting changed through one
-        of them stays changed."""
+        under /<basename of its root>/. Signing key and server settings are shared. One
+        Environment per root for the whole command (targets added meanwhile keep it), so what was
+        decided about it, and a setting changed through it, stays."""
         made_from = (self.binhost.root, tuple(sorted((name, target.binhost_root, target.build_method)
                                                      for name, target in self.targets.items())))
         if self._environments is None or self._environments[0] != made_from:
@@ -530,12 +530,16 @@ class Config:
     def _make_environments(self):
         roots = [self.binhost.root] + sorted({target.binhost_root for target in self.targets.values()
                                               if target.binhost_root} - {self.binhost.root})
-        if len(roots) == 1:
-            return {None: self.binhost}
         environments = {}
         for root in roots:
-            settings = copy.copy(self.binhost)
-            settings.decisions = {}
+            if root not in self._by_root:
+                settings = self.binhost if root == self.binhost.root else copy.copy(self.binhost)
+                self._by_root[root] = Environment(settings, self.runner, self.output)
+            env = self._by_root[root]
+            settings = env.settings
+            if len(roots) == 1:
+                settings.env_name = None
+                return {None: env}
             if root != self.binhost.root:
                 settings.root, settings.pkgdir = root, os.path.join(root, "var/cache/binpkgs")
                 methods = {target.build_method for target in self.targets.values()
@@ -551,18 +555,18 @@ class Config:
             if settings.env_name in environments:
                 raise UsageError(f"{self.path}: two binhost roots are both named"
                                  f" '{settings.env_name}': their URLs would clash; rename one")
-            environments[settings.env_name] = settings
+            environments[settings.env_name] = env
         return environments
 
-    def binhost_for(self, target):
-        """The binhost environment a target's packages are built in."""
-        root = target.binhost_root or self.binhost.root
-        return next(settings for settings in self.environments().values() if settings.root == root)
+    def environment_for(self, target=None):
+        """The binhost environment a target's packages are built in ([binhost] root's without one)."""
+        root = target.binhost_root or self.binhost.root if target else self.binhost.root
+        return next(env for env in self.environments().values() if env.root == root)
 
-    def binhost_for_command(self, target_name):
+    def environment_for_command(self, target_name):
         """The environment of --target NAME, else the only one there is."""
         if target_name is not None:
-            return self.binhost_for(self.target(target_name))
+            return self.environment_for(self.target(target_name))
         environments = self.environments()
         if len(environments) == 1:
             return next(iter(environments.values()))
@@ -583,8 +587,9 @@ class Config:
         return next(iter(self.targets.values()))
 
 
-def load_config(path, host_chroot=None):
-    """The configuration in path; host_chroot (init --host-chroot DIR) stands for [host] chroot."""
+def load_config(path, runner, host_chroot=None):
+    """The configuration in path, its environments' commands run by runner; host_chroot (init
+    --host-chroot DIR) stands for [host] chroot."""
     # `key = value  ; note` as in the README: a ; or # after white space starts a comment.
     parser = configparser.ConfigParser(interpolation=None, default_section="gentoo-binhost-no-defaults",
                                        inline_comment_prefixes=(";", "#"))
@@ -635,7 +640,7 @@ def load_config(path, host_chroot=None):
         host_section = dict(host_section, chroot=host_chroot)
     host = HostSettings(host_section, path)
     target_settings = {name: TargetSettings(name, section, path) for name, section in targets.items()}
-    config = Config(path, BinhostSettings(binhost_section, path, host), target_settings)
+    config = Config(path, BinhostSettings(binhost_section, path, host), target_settings, runner, runner.output)
     if host.chroot:
         check_inside_chroot(config)
     return config
@@ -643,7 +648,7 @@ def load_config(path, host_chroot=None):
 
 def check_inside_chroot(config):
     """Builds run inside the host chroot, so everything Portage touches must be in there too."""
-    chroot = config.binhost.host.chroot
+    chroot = config.binhost.host_chroot
     places = [("[binhost] root", config.binhost.root), ("[binhost] pkgdir", config.binhost.pkgdir)]
     places += [(f"[target {target.name}] binhost-root", target.binhost_root)
                for target in config.targets.values() if target.binhost_root]
@@ -1523,31 +1528,31 @@ def make_server(bind, port, document_root, output, **options):
         raise BinhostError(f"cannot listen on {bind}:{port}: {error.strerror}") from None
 
 
-def tls_context(settings):
-    if not settings.tls_cert:
+def tls_context(env):
+    if not env.tls_cert:
         return None
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     try:
-        context.load_cert_chain(settings.tls_cert, settings.tls_key or None)
+        context.load_cert_chain(env.tls_cert, env.tls_key or None)
     except (OSError, ssl.SSLError) as error:
-        raise UsageError(f"cannot load TLS certificate {settings.tls_cert} / key"
-                         f" {settings.tls_key or '(in the certificate file)'}: {error}") from None
+        raise UsageError(f"cannot load TLS certificate {env.tls_cert} / key"
+                         f" {env.tls_key or '(in the certificate file)'}: {error}") from None
     return context
 
 
-def read_credentials(settings):
+def read_credentials(env):
     """user:password lines of the auth file; blank lines and # comments are skipped."""
-    if not settings.auth_file:
+    if not env.auth_file:
         return []
     try:
-        with open(settings.auth_file, encoding="utf-8") as handle:
+        with open(env.auth_file, encoding="utf-8") as handle:
             if os.fstat(handle.fileno()).st_mode & (stat.S_IRWXG | stat.S_IRWXO):
-                raise UsageError(f"auth file {settings.auth_file} can be read or changed by its group or"
-                                 f" other users: its passwords are secrets; chmod 600 {settings.auth_file}")
+                raise UsageError(f"auth file {env.auth_file} can be read or changed by its group or"
+                                 f" other users: its passwords are secrets; chmod 600 {env.auth_file}")
             lines = [line.strip() for line in handle]
     except OSError as error:
-        raise UsageError(f"cannot read auth file {settings.auth_file}: {error.strerror}") from None
+        raise UsageError(f"cannot read auth file {env.auth_file}: {error.strerror}") from None
     credentials = []
     for number, line in enumerate(lines, 1):
         if not line or line.startswith("#"):
@@ -1555,11 +1560,11 @@ def read_credentials(settings):
         user, colon, password = line.partition(":")
         # Portage does not percent-decode credentials in sync-uri: they must be URL-safe as they are.
         if not colon or not user or not password or any(c in line for c in "@/ \t?#"):
-            raise UsageError(f"{settings.auth_file}:{number}: expected user:password without"
+            raise UsageError(f"{env.auth_file}:{number}: expected user:password without"
                              " spaces, '@', '/', '?' or '#'")
         credentials.append((user, password))
     if not credentials:
-        raise UsageError(f"auth file {settings.auth_file} has no user:password line")
+        raise UsageError(f"auth file {env.auth_file} has no user:password line")
     return credentials
 
 
@@ -1584,19 +1589,19 @@ def stop_on_sigterm(server):
 
 def start_server(environments, output, bind, port, access_log=True, listings=False, tunnel=False):
     """A server for every binhost environment of the configuration (Config.environments())."""
-    missing = [settings.pkgdir for settings in environments.values() if not os.path.isdir(settings.pkgdir)]
+    missing = [env.pkgdir for env in environments.values() if not os.path.isdir(env.pkgdir)]
     if len(missing) == len(environments):
         raise BinhostError(f"PKGDIR {missing[0]} does not exist: build packages first,"
                            f" or set pkgdir = in [binhost] of {next(iter(environments.values())).config_path}")
     for pkgdir in missing:
         output.warn(f"PKGDIR {pkgdir} does not exist yet: its targets get 404s until it is built")
-    settings = next(iter(environments.values()))  # server settings are shared
-    document_root = settings.pkgdir if None in environments else {
+    env = next(iter(environments.values()))  # server settings are shared
+    document_root = env.pkgdir if None in environments else {
         name: each.pkgdir for name, each in environments.items()}
     return make_server(bind, port, document_root, output,
-                       ssl_context=None if tunnel else tls_context(settings),
-                       authorizations=basic_authorizations(read_credentials(settings)),
-                       client_timeout=settings.client_timeout, access_log=access_log,
+                       ssl_context=None if tunnel else tls_context(env),
+                       authorizations=basic_authorizations(read_credentials(env)),
+                       client_timeout=env.client_timeout, access_log=access_log,
                        listings=listings)
 
 
@@ -2103,27 +2108,27 @@ class BuildHost:
     /proc, /sys, /dev and /run mounted. Callers give host paths; in the chroot they become its
     own paths."""
 
-    def __init__(self, settings, runner, output, into_root=False, trees_writable=False):
-        self.settings, self.runner, self.output = settings, runner, output
+    def __init__(self, env, into_root=False, trees_writable=False):
+        self.env, self.runner, self.output = env, env.runner, env.output
         self.into_root = into_root
         binds = ()
         if into_root:
             # build-method = chroot: Portage runs inside the binhost root itself.
-            self.chroot, self.extra_path = settings.root, ""
-            binds = chroot_build_binds(settings, trees_writable)
+            self.chroot, self.extra_path = env.root, ""
+            binds = chroot_build_binds(env, trees_writable)
         else:
-            self.chroot = settings.host.chroot
-            self.extra_path = settings.host.path
-        self.mounts = HostMounts(self.chroot, runner, output, binds) if self.chroot else None
+            self.chroot = env.host_chroot
+            self.extra_path = env.host_path
+        self.mounts = HostMounts(self.chroot, env.runner, env.output, binds) if self.chroot else None
         self.really_mounted = self.shown = False
-        if self.chroot and not runner.pretend:
+        if self.chroot and not env.runner.pretend:
             check_chroot_privileges(self.chroot)  # before anything else fails less clearly
         self.emulated_by = None  # what runs the binhost root's programs, when they are of another arch
-        foreign = foreign_architecture(settings.root) if into_root else None
+        foreign = foreign_architecture(env.root) if into_root else None
         if foreign and not foreign[4]:
             problem, self.emulated_by = emulation_problem(foreign[2], foreign[0], foreign[1])
             if problem:
-                raise BinhostError(f"the binhost root {settings.root} is {foreign[0]}, this machine {foreign[3]}:"
+                raise BinhostError(f"the binhost root {env.root} is {foreign[0]}, this machine {foreign[3]}:"
                                    f" its programs run here emulated, but {problem}")
 
     @property
@@ -2165,7 +2170,7 @@ class BuildHost:
     def confinement_problem(self):
         """None when commands in the chroot run confined (see CONFINE_PROGRAM), else why not:
         asked once per environment and command, by running `true` confined."""
-        asked, key = self.settings.decisions, ("confinement", self.chroot)
+        asked, key = self.env.decisions, ("confinement", self.chroot)
         if key not in asked:
             if not shutil.which("unshare"):
                 asked[key] = "unshare (util-linux) not found"
@@ -2264,11 +2269,11 @@ class BuildHost:
 TERMINATING_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
 
 
-def chroot_session(settings, runner, output):
+def chroot_session(env):
     """One mount of the chroot Portage runs in (the host chroot, or the binhost root with the
     chroot build method) for a series of commands in it, instead of a mount and an unmount
     around each (nothing to do when Portage runs on this machine)."""
-    host = portage_host(settings, runner, output)
+    host = env.host
     return host.mounted() if host.chroot else contextlib.nullcontext()
 
 
@@ -2316,19 +2321,19 @@ def signals_deferred():
         raise Terminated(received[0]) if received[0] != signal.SIGINT else KeyboardInterrupt()
 
 
-def check_binhost_root(settings):
-    root = settings.root
+def check_binhost_root(env):
+    root = env.root
     if not os.path.isdir(root):
         raise BinhostError(f"binhost root {root} does not exist: extract a stage3 there"
-                           f" or set root = in [binhost] of {settings.config_path}")
+                           f" or set root = in [binhost] of {env.config_path}")
     if not os.path.isdir(os.path.join(root, "etc/portage")):
         raise BinhostError(f"binhost root {root} has no etc/portage: copy the target's /etc/portage"
                            f" to {root}/etc/portage")
 
 
-def root_environment(settings):
+def root_environment(env):
     """Portage on this machine, looking at the binhost root (for portageq and our scripts)."""
-    root = settings.root.rstrip("/") + "/"
+    root = env.root.rstrip("/") + "/"
     return {"ROOT": root, "PORTAGE_CONFIGROOT": root}
 
 
@@ -2410,45 +2415,45 @@ def make_conf_value(text, name):
     return value
 
 
-def emerge_default_opts(settings, interactive=False):
+def emerge_default_opts(env, interactive=False):
     """The filtered EMERGE_DEFAULT_OPTS of the binhost root's make.conf (the target's copy)."""
-    return filter_emerge_default_opts(make_conf_value(make_conf_texts(settings.root), "EMERGE_DEFAULT_OPTS"),
+    return filter_emerge_default_opts(make_conf_value(make_conf_texts(env.root), "EMERGE_DEFAULT_OPTS"),
                                       interactive)
 
 
-def portage_environment(settings):
+def portage_environment(env):
     """Where Portage builds and what it builds with: binhost-only settings travel here, so the
     binhost's /etc/portage can stay an exact copy of the target's."""
     # Never another binhost's binaries: a copied make.conf often says FEATURES=getbinpkg, and
     # every stage3 names Gentoo's binhost in binrepos.conf (emerge also gets --getbinpkg=n).
-    env = dict(root_environment(settings), PKGDIR=settings.pkgdir, PORTAGE_BINHOST="",
-               EMERGE_DEFAULT_OPTS=emerge_default_opts(settings))
+    variables = dict(root_environment(env), PKGDIR=env.pkgdir, PORTAGE_BINHOST="",
+                     EMERGE_DEFAULT_OPTS=emerge_default_opts(env))
     # Every build a file of its own: a publication names files a rebuild must not overwrite.
     # Builds never sign (a target's make.conf may ask to): the key stays out of their reach, and
     # this tool signs what they made (see sign_builds). What they read back from PKGDIR is what
     # they wrote themselves, so Portage need not verify it here.
     features = ["-getbinpkg", "binpkg-multi-instance", "-binpkg-signing", "-binpkg-request-signature",
                 "binpkg-ignore-signature"]
-    if settings.signing_key:
-        env["BINPKG_FORMAT"] = "gpkg"
-    if settings.distcc_hosts:
+    if env.signing_key:
+        variables["BINPKG_FORMAT"] = "gpkg"
+    if env.distcc_hosts:
         features.append("distcc")
-        env["DISTCC_HOSTS"] = settings.distcc_hosts
-        env["MAKEOPTS"] = f"-j{distcc_slots(settings.distcc_hosts)} -l{os.cpu_count() or 1}"
+        variables["DISTCC_HOSTS"] = env.distcc_hosts
+        variables["MAKEOPTS"] = f"-j{distcc_slots(env.distcc_hosts)} -l{os.cpu_count() or 1}"
     # FEATURES is incremental: these add to make.conf's; one the user exported stays too.
-    env["FEATURES"] = " ".join(filter(None, [os.environ.get("FEATURES", "")] + features))
-    return env
+    variables["FEATURES"] = " ".join(filter(None, [os.environ.get("FEATURES", "")] + features))
+    return variables
 
 
-def check_no_signing_in_builds(settings):
+def check_no_signing_in_builds(env):
     """Portage's package step (gpkg-helper) reads make.conf again, where a target's
     FEATURES=binpkg-signing comes back whatever the build's environment says: the build would
     sign with the target's key settings, or fail. Measured: no signing command makes it write a
     usable unsigned package then."""
-    words = make_conf_value(make_conf_texts(settings.root), "FEATURES").split()
+    words = make_conf_value(make_conf_texts(env.root), "FEATURES").split()
     last = next((word for word in reversed(words) if word in ("binpkg-signing", "-binpkg-signing", "-*")), None)
     if last == "binpkg-signing":
-        raise BinhostError(f"FEATURES in {settings.root}/etc/portage/make.conf (the target's) has binpkg-signing,"
+        raise BinhostError(f"FEATURES in {env.root}/etc/portage/make.conf (the target's) has binpkg-signing,"
                            " which Portage's package step reads again in every build: the binhost signs its"
                            " packages itself (README: 'Signing outside the build'); remove binpkg-signing from"
                            " the target's make.conf, then run config pull")
@@ -2474,7 +2479,7 @@ DISTCC_PROBE_SOURCE = "int gentoo_binhost_probe;\n"
 GCC_VERSION_MARK = re.compile(rb"GCC: \([^)]*\) ([^\0]+)\0")
 
 
-def check_distcc_helpers(settings, build_host, output):
+def check_distcc_helpers(env, build_host):
     """Before a long build: every helper compiles, with the same gcc as here, for this machine's
     architecture. The target's explicit -march flags travel to the helpers, so they need the gcc
     version, not the CPU. For a root of another architecture, Gentoo's ebuilds call the compiler
@@ -2483,10 +2488,10 @@ def check_distcc_helpers(settings, build_host, output):
     distcc = build_host.program("distcc", "install distcc (sys-devel/distcc) for distcc-hosts")
     gcc = build_host.program("gcc", "the binhost builds with gcc")
     compiler, chost = "gcc", ""
-    foreign = foreign_architecture(settings.root)
+    foreign = foreign_architecture(env.root)
     if foreign:
         portageq = build_host.program("portageq", "the binhost root must be a Gentoo system to build in")
-        chost = build_host.read([portageq, "envvar", "CHOST"], root_environment(settings), check=False,
+        chost = build_host.read([portageq, "envvar", "CHOST"], root_environment(env), check=False,
                                 describe="portageq envvar CHOST").stdout.strip()
         if not re.fullmatch(r"[A-Za-z0-9_.]+(-[A-Za-z0-9_.]+)+", chost):
             raise BinhostError(f"the binhost root's Portage names no CHOST ({chost!r}): distcc helpers compile"
@@ -2497,12 +2502,12 @@ def check_distcc_helpers(settings, build_host, output):
         with open(source, "w", encoding="utf-8") as handle:
             handle.write(DISTCC_PROBE_SOURCE)
 
-        def compiled(argv, env, what):
+        def compiled(argv, variables, what):
             """(gcc version, ELF identity) of the object argv compiles."""
             target = os.path.join(directory, "version.o")
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(target)
-            result = build_host.run(argv + ["-c", source, "-o", target], env, changes=False,
+            result = build_host.run(argv + ["-c", source, "-o", target], variables, changes=False,
                                     capture=True, check=False)
             # What the root's programs wrote there is read through no link, as a regular file.
             data = read_bytes_inside(directory, "version.o") if result.returncode == 0 else b""
@@ -2523,13 +2528,13 @@ def check_distcc_helpers(settings, build_host, output):
             return match.group(1).decode(), elf_identity(data[:64])
 
         local, machine = compiled([gcc], None, "the binhost's gcc")
-        for host in distcc_hosts(settings.distcc_hosts):
+        for host in distcc_hosts(env.distcc_hosts):
             if host.startswith("localhost"):
                 continue
             # No silent local fallback: the point is to learn what the helper itself runs.
-            env = {"DISTCC_HOSTS": host, "DISTCC_FALLBACK": "0", "DISTCC_SKIP_LOCAL_RETRY": "1",
-                   "DISTCC_DIR": directory}
-            remote, made_for = compiled([distcc, compiler], env, f"distcc helper {host}")
+            variables = {"DISTCC_HOSTS": host, "DISTCC_FALLBACK": "0", "DISTCC_SKIP_LOCAL_RETRY": "1",
+                         "DISTCC_DIR": directory}
+            remote, made_for = compiled([distcc, compiler], variables, f"distcc helper {host}")
             if made_for != machine:
                 theirs = ELF_ARCHES.get(made_for, ("another architecture",))[0] if made_for else "no known machine"
                 raise BinhostError(f"distcc helper {host} compiled for {theirs} with {compiler}, not for the"
@@ -2539,9 +2544,9 @@ def check_distcc_helpers(settings, build_host, output):
                 raise BinhostError(f"distcc helper {host} has {compiler} {remote}, the binhost's gcc {local}:"
                                    " helpers need the same gcc version (their CPU does not matter)")
             emulated = foreign and not foreign[4]
-            output.info(f"distcc helper {host}: {compiler} {remote}, like the binhost"
-                        + (f" root's ({foreign[0]}" if foreign else "")
-                        + (": compiled natively there, not emulated here)" if emulated else ")" if foreign else ""))
+            env.output.info(f"distcc helper {host}: {compiler} {remote}, like the binhost"
+                            + (f" root's ({foreign[0]}" if foreign else "")
+                            + (": compiled natively there, not emulated here)" if emulated else ")" if foreign else ""))
 
 
 HELD_BUILD_LOCKS = set()  # the build locks this process holds (flock is per open file)
@@ -2591,32 +2596,32 @@ def root_replacement_lock(root, output, what):
 
 
 @contextlib.contextmanager
-def build_lock(settings, runner, output):
+def build_lock(env):
     """One build per binhost at a time: a second build waits for the first. Whatever changed
     PKGDIR under the lock leaves an index newer than before (see advance_index)."""
-    lock_path = build_lock_path(settings.root)
-    if runner.pretend or lock_path in HELD_BUILD_LOCKS:  # update holds it around its builds
+    lock_path = build_lock_path(env.root)
+    if env.runner.pretend or lock_path in HELD_BUILD_LOCKS:  # update holds it around its builds
         yield
         return
     os.makedirs(os.path.dirname(lock_path), exist_ok=True)
     with open(lock_path, "a+") as lock_file:
         holder = lock_at_once(lock_file)
         if holder:
-            output.warn(f"Another build is running on {settings.root} ({holder}); waiting for it"
-                        f" to finish (lock {lock_path})")
+            env.output.warn(f"Another build is running on {env.root} ({holder}); waiting for it"
+                            f" to finish (lock {lock_path})")
             fcntl.flock(lock_file, fcntl.LOCK_EX)
         lock_file.seek(0)
         lock_file.truncate()
         lock_file.write(f"pid {os.getpid()}\n")
         lock_file.flush()
-        before = index_state(settings.pkgdir)
+        before = index_state(env.pkgdir)
         HELD_BUILD_LOCKS.add(lock_path)
         try:
             yield
         finally:
             HELD_BUILD_LOCKS.discard(lock_path)
             with signals_deferred():  # a half-advanced index would be worse than none
-                advance_index(settings.pkgdir, before, runner)
+                advance_index(env.pkgdir, before, env.runner)
             lock_file.truncate(0)
             fcntl.flock(lock_file, fcntl.LOCK_UN)
 
@@ -2781,32 +2786,32 @@ def root_has_program(root, name):
                for directory in CHROOT_PATH.split(":"))
 
 
-def build_method(settings, runner, output):
+def choose_build_method(env):
     """(method, why): chroot (emerge inside the binhost root) or root (ROOT= from the build host),
     as build-method says, else chosen from what the binhost root is now."""
-    make_conf = os.path.join(settings.root, "etc/portage/make.conf")
+    make_conf = os.path.join(env.root, "etc/portage/make.conf")
     with contextlib.suppress(OSError):
         make_conf = os.stat(make_conf).st_mtime
-    decided_by = (settings.root, settings.build_method, settings.pkgdir, make_conf,
-                  tuple(root_has_program(settings.root, name) for name in ("emerge", "gcc")))
-    chosen = settings.decisions.get(decided_by)  # decided (and warned about) once
+    decided_by = (env.root, env.build_method, env.pkgdir, make_conf,
+                  tuple(root_has_program(env.root, name) for name in ("emerge", "gcc")))
+    chosen = env.decisions.get(decided_by)  # decided (and warned about) once
     if chosen:
         return chosen
-    outside = os.path.relpath(settings.pkgdir, settings.root).split(os.sep)[0] == ".."
-    foreign = foreign_architecture(settings.root)
-    if settings.build_method in BUILD_METHODS:
-        chosen = (settings.build_method, f"build-method = {settings.build_method} in {settings.config_path}")
-    elif foreign and not foreign[4] and not outside and all(root_has_program(settings.root, name)
+    outside = os.path.relpath(env.pkgdir, env.root).split(os.sep)[0] == ".."
+    foreign = foreign_architecture(env.root)
+    if env.build_method in BUILD_METHODS:
+        chosen = (env.build_method, f"build-method = {env.build_method} in {env.config_path}")
+    elif foreign and not foreign[4] and not outside and all(root_has_program(env.root, name)
                                                             for name in ("emerge", "gcc")):
         chosen = ("chroot", f"the binhost root is {foreign[0]}, this machine {foreign[3]}: builds run in it"
                             " emulated (qemu-user through binfmt_misc)")
     else:
         try:
-            missing = [name for name in ("emerge", "gcc") if not root_has_program(settings.root, name)]
-            flags = make_conf_cpu_flags(settings.root)
+            missing = [name for name in ("emerge", "gcc") if not root_has_program(env.root, name)]
+            flags = make_conf_cpu_flags(env.root)
         except OSError as error:  # the commands that need it say so more precisely
             missing, flags = [f"readable configuration ({error.strerror})"], []
-        lacking = None if missing else isa_this_cpu_lacks(flags, runner)
+        lacking = None if missing else isa_this_cpu_lacks(flags, env.runner)
         if missing:
             chosen = ("root", f"the binhost root has no {' and no '.join(missing)} in its PATH, so it is no"
                               " Gentoo system to build in yet")
@@ -2817,26 +2822,53 @@ def build_method(settings, runner, output):
         elif lacking:
             chosen = ("root", f"this CPU lacks {' '.join(lacking[:8])}, which the target's flags"
                               f" ({' '.join(flags)}) use: programs built in the binhost root could not run here")
-            output.warn(f"Building with the root method: {chosen[1]}. It compiles against this machine's"
-                        " headers and libraries and puts build dependencies here too (README: 'Build"
-                        " methods'); set build-method in the configuration to choose")
+            env.output.warn(f"Building with the root method: {chosen[1]}. It compiles against this machine's"
+                            " headers and libraries and puts build dependencies here too (README: 'Build"
+                            " methods'); set build-method in the configuration to choose")
         else:
             chosen = ("chroot", "this CPU runs code built with the target's flags"
                                 + (f" ({' '.join(flags)})" if flags else ""))
     if foreign and chosen[0] == "root":
         fix = (f"put pkgdir inside the binhost root" if outside else
-               f"set build-method = chroot in {settings.config_path}, with emerge and gcc in the root (a stage3)")
-        raise BinhostError(f"the binhost root {settings.root} is {foreign[0]}, this machine {foreign[3]}: the root"
+               f"set build-method = chroot in {env.config_path}, with emerge and gcc in the root (a stage3)")
+        raise BinhostError(f"the binhost root {env.root} is {foreign[0]}, this machine {foreign[3]}: the root"
                            f" method ({chosen[1]}) runs this machine's Portage and gcc, which cannot build for it;"
                            f" {fix}: builds then run in the root (README: 'Building for another architecture')")
-    settings.decisions[decided_by] = chosen
+    env.decisions[decided_by] = chosen
     return chosen
 
 
-def portage_host(settings, runner, output):
-    """Where Portage runs for this environment: inside the binhost root (build-method chroot),
-    else this machine or its host chroot."""
-    return BuildHost(settings, runner, output, into_root=build_method(settings, runner, output)[0] == "chroot")
+class Environment:
+    """One binhost root as this command works on it, made once by Config.environments(): its
+    settings ([binhost], with the root, PKGDIR and build-method of the targets built in it), read
+    as env.root, env.pkgdir, ...; the Runner and Output every step on it uses; what was decided
+    about it once (decisions: the build method, whether its chroot confines); where Portage runs
+    for it (host)."""
+
+    def __init__(self, settings, runner, output):
+        self.settings, self.runner, self.output = settings, runner, output
+        self.decisions = {}  # {what it was decided from: the decision}, for this command
+
+    def __getattr__(self, name):  # only for what the object itself lacks: a setting
+        if name == "settings" or name.startswith("__"):  # not made yet (a copy): no setting
+            raise AttributeError(name)
+        return getattr(self.settings, name)
+
+    def __setattr__(self, name, value):
+        if name not in ("settings", "runner", "output", "decisions"):  # a setting goes to env.settings
+            raise AttributeError(f"Environment.{name}: change env.settings.{name}")
+        super().__setattr__(name, value)
+
+    @property
+    def method(self):
+        """(method, why): the build method, decided again only when what it depends on changed."""
+        return choose_build_method(self)
+
+    @property
+    def host(self):
+        """Where Portage runs for this environment: inside the binhost root (build-method chroot),
+        else this machine or its host chroot."""
+        return BuildHost(self, into_root=self.method[0] == "chroot")
 
 
 # Where a target's configuration may make us mount or link something: never a system directory.
@@ -2858,9 +2890,9 @@ def safe_place(place):
             and not place.startswith(("/proc/", "/sys/", "/dev/", "/run/")))
 
 
-def on_build_host(settings, path):
+def on_build_host(env, path):
     """The build host's path for path: in the host chroot, when there is one."""
-    return os.path.join(settings.host.chroot, path.lstrip("/")) if settings.host.chroot else path
+    return os.path.join(env.host_chroot, path.lstrip("/")) if env.host_chroot else path
 
 
 DEFAULT_REPOSITORY = "/var/db/repos/gentoo"
@@ -2910,47 +2942,47 @@ def holds_repository(directory):
     return any(os.path.isfile(os.path.join(directory, marker)) for marker in ("profiles/repo_name", "metadata/layout.conf"))
 
 
-def repositories_kept_in_root(settings, method="chroot"):
+def repositories_kept_in_root(env, method="chroot"):
     """{name: location} of the repositories that live inside the binhost root: on a build machine
     without Gentoo (no host chroot) that builds with the chroot method, each one the root's
     repos.conf names (the target's) at a place this machine does not have, and Gentoo's when
     make.profile points into its default place. They are synced there, by the root's Portage."""
-    if settings.host.chroot or method != "chroot":
+    if env.host_chroot or method != "chroot":
         return {}
-    configured = configured_repositories(settings.root)
-    if profile_repository(settings.root) == DEFAULT_REPOSITORY and DEFAULT_REPOSITORY not in configured.values():
+    configured = configured_repositories(env.root)
+    if profile_repository(env.root) == DEFAULT_REPOSITORY and DEFAULT_REPOSITORY not in configured.values():
         configured.setdefault("gentoo", DEFAULT_REPOSITORY)
     return {name: location.rstrip("/") for name, location in configured.items()
             if safe_place(location) and not os.path.isdir(location)}
 
 
-def repository_directory(settings, location):
+def repository_directory(env, location):
     """Where a repository the binhost root's configuration names is, seen from here: on the build
     host; else, on a build machine without it (no host chroot), inside the binhost root, when it
     is there, reached through no link (the root's own content is not this machine's)."""
-    on_host = on_build_host(settings, location)
-    inside = os.path.join(settings.root, location.lstrip("/"))
-    if (not settings.host.chroot and safe_place(location) and not os.path.isdir(on_host)
-            and symlink_below(settings.root, inside) is None and holds_repository(inside)):
+    on_host = on_build_host(env, location)
+    inside = os.path.join(env.root, location.lstrip("/"))
+    if (not env.host_chroot and safe_place(location) and not os.path.isdir(on_host)
+            and symlink_below(env.root, inside) is None and holds_repository(inside)):
         return inside
     return on_host
 
 
-def chroot_build_binds(settings, trees_writable=False):
+def chroot_build_binds(env, trees_writable=False):
     """(place inside the binhost root, build host directory, read-only) for a chroot build: each
     repository the copied configuration names, at the place it names, and the profile's, read-only;
     a repository kept inside the root, onto itself read-only (writable for its sync: trees_writable,
     so a query that starts meanwhile finds it mounted and does not cover it read-only);
     [binhost] distdir, when set, read-write at the target's DISTDIR. The places come from a target:
     only what looks like what it claims is bound, and nothing it names is bound writable."""
-    repositories = set(configured_repositories(settings.root).values()) | {DEFAULT_REPOSITORY}
-    profile_dir = profile_repository(settings.root)
+    repositories = set(configured_repositories(env.root).values()) | {DEFAULT_REPOSITORY}
+    profile_dir = profile_repository(env.root)
     if profile_dir:
         repositories.add(profile_dir)
     binds = []
     for place in sorted({place.rstrip("/") for place in repositories if safe_place(place)}):
-        source = on_build_host(settings, place)
-        inside = os.path.join(settings.root, place.lstrip("/"))
+        source = on_build_host(env, place)
+        inside = os.path.join(env.root, place.lstrip("/"))
         is_repository = any(os.path.exists(os.path.join(source, marker))
                             for marker in ("profiles/repo_name", "metadata/layout.conf"))
         # config pull links each repository in for the root method: the mount replaces that link
@@ -2959,27 +2991,27 @@ def chroot_build_binds(settings, trees_writable=False):
         if os.path.isdir(source) and is_repository and (linked_for_root_method
                                                         or os.path.realpath(source) != os.path.realpath(inside)):
             binds.append((place, source, True))
-    for place in sorted(set(repositories_kept_in_root(settings).values()) - {place for place, _, _ in binds}):
-        inside = os.path.join(settings.root, place.lstrip("/"))
-        if symlink_below(settings.root, inside) is None and holds_repository(inside):
+    for place in sorted(set(repositories_kept_in_root(env).values()) - {place for place, _, _ in binds}):
+        inside = os.path.join(env.root, place.lstrip("/"))
+        if symlink_below(env.root, inside) is None and holds_repository(inside):
             binds.append((place, "{}", not trees_writable))  # "{}": the very mount point, as checked
-    if settings.distdir:
-        text = make_conf_texts(settings.root)
+    if env.distdir:
+        text = make_conf_texts(env.root)
         distdirs = [_unquote(text[a.start:a.end], a.quote) for a in _assignments(text) if a.name == "DISTDIR"]
         distdir = (distdirs[-1] if distdirs else "/var/cache/distfiles").rstrip("/")
         # A repository kept in the root is this machine's nowhere: a writable DISTDIR must not reach it.
-        kept_places = repositories_kept_in_root(settings).values()
+        kept_places = repositories_kept_in_root(env).values()
         if (not safe_place(distdir) or distdir in {place for place, _, _ in binds}
                 or any(distdir.startswith(place + "/") or place.startswith(distdir + "/") for place in kept_places)
                 or any(distdir == place or distdir.startswith(place + "/") for place in SYSTEM_CONTENT_PLACES)):
-            raise BinhostError(f"DISTDIR = {distdir} in {settings.root}/etc/portage/make.conf (the target's) is"
-                               f" not a place to bind [binhost] distdir = {settings.distdir} at (a system"
+            raise BinhostError(f"DISTDIR = {distdir} in {env.root}/etc/portage/make.conf (the target's) is"
+                               f" not a place to bind [binhost] distdir = {env.distdir} at (a system"
                                " directory, or a repository): set DISTDIR to a directory of its own on the"
                                " target, e.g. /var/cache/distfiles, and run config pull")
-        if not os.path.isdir(settings.distdir):
-            raise BinhostError(f"[binhost] distdir = {settings.distdir} does not exist: create it, or remove"
-                               f" the key from {settings.config_path}")
-        binds.append((distdir, settings.distdir, False))
+        if not os.path.isdir(env.distdir):
+            raise BinhostError(f"[binhost] distdir = {env.distdir} does not exist: create it, or remove"
+                               f" the key from {env.config_path}")
+        binds.append((distdir, env.distdir, False))
     return binds
 
 
@@ -2989,11 +3021,11 @@ def package_files(pkgdir):
         read_text(os.path.join(pkgdir, "Packages")))[1]}
 
 
-def refresh_index(settings, runner, output, host=None):
+def refresh_index(env, host=None):
     """Rebuild PKGDIR/Packages; Portage trusts a stale index otherwise (pkgdir-index-trusted)."""
-    host = host or portage_host(settings, runner, output)
+    host = host or env.host
     emaint = host.program("emaint", "put Portage's bin directory in PATH")
-    host.run([emaint, "binhost", "--fix"], portage_environment(settings), capture=True,
+    host.run([emaint, "binhost", "--fix"], portage_environment(env), capture=True,
              describe="emaint binhost --fix")
 
 
@@ -3039,15 +3071,15 @@ def colon_fingerprints(listing, record):
     return fingerprints
 
 
-def generate_signing_key(settings, runner, output, passphrase_file=None, force=False):
-    home = settings.gpg_home
-    existing = secret_key_fingerprints(home, runner)
-    if existing and not force and not settings.signing_key:
+def generate_signing_key(env, passphrase_file=None, force=False):
+    home = env.gpg_home
+    existing = secret_key_fingerprints(home, env.runner)
+    if existing and not force and not env.signing_key:
         # The key moved into place but the configuration was never written (an interrupted
         # keygen): that key is the binhost's.
-        output.info(f"Adopting the signing key {existing[0]} in {home}, which the configuration"
-                    " does not name yet (an interrupted keygen?)")
-        settings.signing_key = existing[0]
+        env.output.info(f"Adopting the signing key {existing[0]} in {home}, which the configuration"
+                        " does not name yet (an interrupted keygen?)")
+        env.settings.signing_key = existing[0]
         return existing[0]
     if existing and not force:
         raise BinhostError(f"a signing key already exists in {home} ({existing[0]}): keep it, or"
@@ -3056,14 +3088,14 @@ def generate_signing_key(settings, runner, output, passphrase_file=None, force=F
     user_id = f"gentoo-binhost signing key ({socket.gethostname()}) <root@{socket.gethostname()}>"
 
     def generate(gpg_home):
-        return runner.run(gpg_command(gpg_home, "--pinentry-mode", "loopback", *passphrase,
-                                      "--quick-generate-key", user_id, "ed25519", "sign", "never"),
-                          capture=True, describe="gpg --quick-generate-key")
+        return env.runner.run(gpg_command(gpg_home, "--pinentry-mode", "loopback", *passphrase,
+                                          "--quick-generate-key", user_id, "ed25519", "sign", "never"),
+                              capture=True, describe="gpg --quick-generate-key")
 
-    if runner.pretend:
+    if env.runner.pretend:
         # The key is made in a temporary home that becomes gpg-home; shown here as gpg-home.
         generate(home)
-        output.info(f"Would create {home} (0700) with that key and record the key in {settings.config_path}")
+        env.output.info(f"Would create {home} (0700) with that key and record the key in {env.config_path}")
         return None
     parent = os.path.dirname(home)
     os.makedirs(parent, exist_ok=True)
@@ -3071,29 +3103,29 @@ def generate_signing_key(settings, runner, output, passphrase_file=None, force=F
     try:
         os.chmod(staging, 0o700)
         generate(staging)
-        fingerprint = secret_key_fingerprints(staging, runner)[0]
+        fingerprint = secret_key_fingerprints(staging, env.runner)[0]
         if os.path.exists(home):
             old = f"{home}.{timestamp()}.bak"
             os.rename(home, old)
-            output.info(f"Moved the previous key's GnuPG home to {old}")
+            env.output.info(f"Moved the previous key's GnuPG home to {old}")
         os.rename(staging, home)
     except BaseException:
-        stop_gpg_agent(staging, runner)
+        stop_gpg_agent(staging, env.runner)
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    settings.signing_key = fingerprint
+    env.settings.signing_key = fingerprint
     return fingerprint
 
 
-def export_public_key(settings, runner):
-    if not settings.signing_key:
-        adopt = " (it records the key already in gpg-home)" if secret_key_fingerprints(settings.gpg_home, runner) else ""
-        raise UsageError(f"no signing key configured in {settings.config_path}: run '{PROG} keygen'{adopt}")
-    result = gpg_read(runner, settings.gpg_home, "--armor", "--export", settings.signing_key,
+def export_public_key(env):
+    if not env.signing_key:
+        adopt = " (it records the key already in gpg-home)" if secret_key_fingerprints(env.gpg_home, env.runner) else ""
+        raise UsageError(f"no signing key configured in {env.config_path}: run '{PROG} keygen'{adopt}")
+    result = gpg_read(env.runner, env.gpg_home, "--armor", "--export", env.signing_key,
                       describe="gpg --export")
     if "BEGIN PGP PUBLIC KEY BLOCK" not in result.stdout:
-        raise BinhostError(f"signing key {settings.signing_key} is not in {settings.gpg_home}:"
-                           f" run '{PROG} keygen --force' or fix gpg-home in {settings.config_path}")
+        raise BinhostError(f"signing key {env.signing_key} is not in {env.gpg_home}:"
+                           f" run '{PROG} keygen --force' or fix gpg-home in {env.config_path}")
     return result.stdout
 
 
@@ -3148,7 +3180,7 @@ def move_signing_home_out(config, runner, output):
     in reach of every build's root phases, moves to the default beside the configuration: copied,
     checked to hold the key, recorded in the configuration, and only then removed there."""
     home = os.path.realpath(config.binhost.gpg_home)
-    place = enclosing_place(home, [config.binhost.root, config.binhost.host.chroot]
+    place = enclosing_place(home, [config.binhost.root, config.binhost.host_chroot]
                             + [target.binhost_root for target in config.targets.values()])
     if place is None:
         return
@@ -3311,22 +3343,22 @@ class PackageSigner:
     checks each signature against the public key alone before the signed file replaces the
     unsigned one."""
 
-    def __init__(self, settings, runner):
-        self.settings, self.runner = settings, runner
-        self.keys = TrustedKeys(export_public_key(settings, runner).encode(),
-                                f"the signing key {settings.signing_key}", runner)
-        self.env = {}
+    def __init__(self, env):
+        self.env, self.runner = env, env.runner
+        self.keys = TrustedKeys(export_public_key(env).encode(),
+                                f"the signing key {env.signing_key}", env.runner)
+        self.gpg_variables = {}
         with contextlib.suppress(OSError):  # a passphrase is asked for by gpg-agent's pinentry
-            self.env["GPG_TTY"] = os.ttyname(sys.stdout.fileno())
+            self.gpg_variables["GPG_TTY"] = os.ttyname(sys.stdout.fileno())
 
     def close(self):
         self.keys.close()
-        stop_gpg_agent(self.settings.gpg_home, self.runner)
+        stop_gpg_agent(self.env.gpg_home, self.runner)
 
     def signature(self, how, data_path=None, data=None):
-        argv = gpg_command(self.settings.gpg_home, "--local-user", "0x" + self.settings.signing_key,
+        argv = gpg_command(self.env.gpg_home, "--local-user", "0x" + self.env.signing_key,
                            "--digest-algo", "SHA512", "--armor", how, "--output", "-", *filter(None, [data_path]))
-        return self.runner.run(argv, self.env, input=data, capture=True, binary=True, changes=False,
+        return self.runner.run(argv, self.gpg_variables, input=data, capture=True, binary=True, changes=False,
                                describe=f"gpg {how}").stdout
 
     def sign(self, path):
@@ -3429,72 +3461,72 @@ def package_in(pkgdir, relative):
     return path
 
 
-def sign_builds(settings, runner, output, host, packages):
+def sign_builds(env, host, packages):
     """Sign packages (paths relative to PKGDIR) here, then refresh the index, which names their
     old sizes and digests. The caller holds the build lock."""
-    if runner.pretend:
-        output.info(f"Would sign {len(packages)} package(s) with gpg here ({settings.gpg_home}), check"
-                    " each signature, and refresh the index")
+    if env.runner.pretend:
+        env.output.info(f"Would sign {len(packages)} package(s) with gpg here ({env.gpg_home}), check"
+                        " each signature, and refresh the index")
         return
-    signer = PackageSigner(settings, runner)
+    signer = PackageSigner(env)
     try:
         for package in packages:
             if not package.endswith(".gpkg.tar"):
-                output.warn(f"Not signed: {package} is no GPKG (the xpak format carries no signature; targets"
-                            " that verify signatures ignore it): set BINPKG_FORMAT=gpkg")
+                env.output.warn(f"Not signed: {package} is no GPKG (the xpak format carries no signature; targets"
+                                " that verify signatures ignore it): set BINPKG_FORMAT=gpkg")
                 continue
-            output.action(f"Signing {package}")
-            signer.sign(package_in(settings.pkgdir, package))
+            env.output.action(f"Signing {package}")
+            signer.sign(package_in(env.pkgdir, package))
     finally:
         signer.close()
-    refresh_index(settings, runner, output, host)
+    refresh_index(env, host)
 
 
-def sign_packages(settings, runner, output, resign=False):
-    if not settings.signing_key:
-        raise UsageError(f"no signing key configured in {settings.config_path}: run '{PROG} keygen'")
-    if not os.path.isdir(settings.pkgdir):
-        raise BinhostError(f"PKGDIR {settings.pkgdir} does not exist: build something first")
-    host = portage_host(settings, runner, output)
-    packages = [path for path in indexed_packages(settings.pkgdir) if resign or not is_signed_gpkg(path)]
-    xpaks = sorted(os.path.relpath(os.path.join(directory, name), settings.pkgdir)
-                   for directory, _dirs, files in os.walk(settings.pkgdir)
+def sign_packages(env, resign=False):
+    if not env.signing_key:
+        raise UsageError(f"no signing key configured in {env.config_path}: run '{PROG} keygen'")
+    if not os.path.isdir(env.pkgdir):
+        raise BinhostError(f"PKGDIR {env.pkgdir} does not exist: build something first")
+    host = env.host
+    packages = [path for path in indexed_packages(env.pkgdir) if resign or not is_signed_gpkg(path)]
+    xpaks = sorted(os.path.relpath(os.path.join(directory, name), env.pkgdir)
+                   for directory, _dirs, files in os.walk(env.pkgdir)
                    for name in files if name.endswith((".tbz2", ".xpak")))
     for xpak in xpaks:
-        output.warn(f"Cannot sign {xpak}: the xpak format carries no signature, and targets that verify"
-                    " signatures ignore remote xpak packages. Rebuild it as a GPKG"
-                    f" ('{PROG} build --oneshot =CATEGORY/PACKAGE-VERSION': signed builds use"
-                    " BINPKG_FORMAT=gpkg), then remove the .tbz2/.xpak file and run sign again")
+        env.output.warn(f"Cannot sign {xpak}: the xpak format carries no signature, and targets that verify"
+                        " signatures ignore remote xpak packages. Rebuild it as a GPKG"
+                        f" ('{PROG} build --oneshot =CATEGORY/PACKAGE-VERSION': signed builds use"
+                        " BINPKG_FORMAT=gpkg), then remove the .tbz2/.xpak file and run sign again")
     if not packages:
-        output.info(f"Every GPKG in {settings.pkgdir} is already signed"
-                    + (f"; {len(xpaks)} xpak package(s) cannot be (see above)" if xpaks else ""))
+        env.output.info(f"Every GPKG in {env.pkgdir} is already signed"
+                        + (f"; {len(xpaks)} xpak package(s) cannot be (see above)" if xpaks else ""))
         return 0
     # A build may be writing PKGDIR.
-    with build_lock(settings, runner, output), host.mounted(show_only=runner.pretend):
-        sign_builds(settings, runner, output, host, [os.path.relpath(path, settings.pkgdir) for path in packages])
-        publish(settings, runner, output, f"sign {len(packages)} package(s)")
+    with build_lock(env), host.mounted(show_only=env.runner.pretend):
+        sign_builds(env, host, [os.path.relpath(path, env.pkgdir) for path in packages])
+        publish(env, f"sign {len(packages)} package(s)")
     return len(packages)
 
 
-def sign_test_message(settings, runner, message):
-    return gpg_read(runner, settings.gpg_home, "--armor", "--detach-sign", "--local-user",
-                    settings.signing_key, input=message, describe="gpg --detach-sign").stdout
+def sign_test_message(env, message):
+    return gpg_read(env.runner, env.gpg_home, "--armor", "--detach-sign", "--local-user",
+                    env.signing_key, input=message, describe="gpg --detach-sign").stdout
 
 
 # ---- building: emerge in the binhost root, then sign what it made --------------------------------
 
 
-def build_packages(settings, runner, output, emerge_args, publish_after=True):
-    method, why = build_method(settings, runner, output)
-    host = portage_host(settings, runner, output)  # refuses first what it cannot do (not root)
-    check_binhost_root(settings)
+def build_packages(env, emerge_args, publish_after=True):
+    method, why = env.method
+    host = env.host  # refuses first what it cannot do (not root)
+    check_binhost_root(env)
     # The first build after init on a build machine without Gentoo: its repositories into the root.
-    if sync_repositories(settings, runner, output, missing_only=True):
-        host = portage_host(settings, runner, output)  # with the builds' read-only view of them
+    if sync_repositories(env, missing_only=True):
+        host = env.host  # with the builds' read-only view of them
     if method == "chroot":
-        relative = os.path.relpath(settings.pkgdir, settings.root)
+        relative = os.path.relpath(env.pkgdir, env.root)
         if relative == ".." or relative.startswith("../"):
-            raise BinhostError(f"pkgdir = {settings.pkgdir} is outside the binhost root {settings.root}:"
+            raise BinhostError(f"pkgdir = {env.pkgdir} is outside the binhost root {env.root}:"
                                " builds run inside it (build-method = chroot), so put it inside, or set"
                                " build-method = root")
         host.program("gcc", "the binhost root must be a Gentoo system to build in (a stage3), or set"
@@ -3502,60 +3534,60 @@ def build_packages(settings, runner, output, emerge_args, publish_after=True):
     emerge = host.program("emerge", "build runs Portage on this host: run it on Gentoo, put Portage's"
                                     " bin directory in PATH, or set up a Gentoo host chroot"
                                     f" ('{PROG} init --host-chroot DIR')")
-    check_no_signing_in_builds(settings)
-    if not settings.signing_key:
-        output.warn(f"No signing key configured: building unsigned packages, which targets refuse"
-                    f" by default. Run '{PROG} keygen' to sign.")
-    env = portage_environment(settings)
+    check_no_signing_in_builds(env)
+    if not env.signing_key:
+        env.output.warn(f"No signing key configured: building unsigned packages, which targets refuse"
+                        f" by default. Run '{PROG} keygen' to sign.")
+    variables = portage_environment(env)
     if method == "root":  # a chroot build may have left mount points where the links were
-        link_repositories_into(settings, runner, output)
+        link_repositories_into(env)
     else:
         # The target's PORTAGE_TMPDIR is a place of the target (a tmpfs of its own, say), which
         # Portage refuses to build without: where this root has none, its /var/tmp serves.
-        tmpdir = make_conf_value(make_conf_texts(settings.root), "PORTAGE_TMPDIR") or "/var/tmp"
-        inside = os.path.join(settings.root, tmpdir.lstrip("/"))
+        tmpdir = make_conf_value(make_conf_texts(env.root), "PORTAGE_TMPDIR") or "/var/tmp"
+        inside = os.path.join(env.root, tmpdir.lstrip("/"))
         if not (safe_place(tmpdir) or tmpdir == "/tmp") or not os.path.isdir(inside) \
-                or symlink_below(settings.root, inside) is not None:
-            env["PORTAGE_TMPDIR"] = "/var/tmp"
-            output.info(f"PORTAGE_TMPDIR = {tmpdir} (the target's) is no directory in the binhost root:"
-                        " building in its /var/tmp")
+                or symlink_below(env.root, inside) is not None:
+            variables["PORTAGE_TMPDIR"] = "/var/tmp"
+            env.output.info(f"PORTAGE_TMPDIR = {tmpdir} (the target's) is no directory in the binhost root:"
+                            " building in its /var/tmp")
     # Inside the binhost root ROOT is /: every dependency goes there anyway.
     root_deps = ["--root-deps"] if method == "root" else []
     # FEATURES=buildpkg, not --buildpkg: emerge applies the option to every root's configuration,
     # so the build dependencies the root method merges into / were also packaged into /'s own
     # PKGDIR (that configuration never sees ours: create_trees gives it an almost empty environment).
-    env["FEATURES"] += " buildpkg"
+    variables["FEATURES"] += " buildpkg"
     argv = [emerge, *root_deps, "--getbinpkg=n", "--getbinpkgonly=n"] + list(emerge_args)
-    output.debug(f"Build method {method}: {why}")
-    with build_lock(settings, runner, output), host.mounted(show_only=runner.pretend):
-        if settings.distcc_hosts and not runner.pretend:
-            check_distcc_helpers(settings, host, output)
+    env.output.debug(f"Build method {method}: {why}")
+    with build_lock(env), host.mounted(show_only=env.runner.pretend):
+        if env.distcc_hosts and not env.runner.pretend:
+            check_distcc_helpers(env, host)
         where = f" (inside {host.where})" if host.chroot else ""
         offline = False
         if host.chroot and host.confinement_problem():
-            output.warn(f"Building without confinement in {host.where} ({host.confinement_problem()}): the"
-                        " build's root phases can reach this machine's files, devices and loopback services"
-                        " (README: 'Confinement')")
-        elif host.chroot and not settings.distcc_hosts:  # distcc helpers are reached over the network
-            output.action(f"Fetching first, the build runs without network: {format_command(['emerge'] + argv[1:])}"
-                          " --fetchonly")
-            fetched = host.run(argv + ["--fetchonly", "--ask=n"], env, check=False, own_group=True)
+            env.output.warn(f"Building without confinement in {host.where} ({host.confinement_problem()}): the"
+                            " build's root phases can reach this machine's files, devices and loopback services"
+                            " (README: 'Confinement')")
+        elif host.chroot and not env.distcc_hosts:  # distcc helpers are reached over the network
+            env.output.action(f"Fetching first, the build runs without network: {format_command(['emerge'] + argv[1:])}"
+                              " --fetchonly")
+            fetched = host.run(argv + ["--fetchonly", "--ask=n"], variables, check=False, own_group=True)
             if fetched is not None and fetched.returncode != 0:
                 raise BinhostError(f"emerge failed on the binhost (exit {fetched.returncode}) fetching the sources"
                                    " (--fetchonly): see its output above; nothing was built")
             offline = True
-        output.action(f"Building in {settings.root}{where}: {format_command(['emerge'] + argv[1:])}")
-        before = package_files(settings.pkgdir)
-        result = host.run(argv, env, check=False, own_group=True, offline=offline)
+        env.output.action(f"Building in {env.root}{where}: {format_command(['emerge'] + argv[1:])}")
+        before = package_files(env.pkgdir)
+        result = host.run(argv, variables, check=False, own_group=True, offline=offline)
         if result is not None and result.returncode != 0:
             raise BinhostError(f"emerge failed on the binhost (exit {result.returncode}): see its output above;"
                                " nothing was published")
         # What this build produced: only a successful emerge's builds are ever published.
-        produced = {path for path, md5 in package_files(settings.pkgdir).items() if before.get(path) != md5}
-        if settings.signing_key and produced:
-            sign_builds(settings, runner, output, host, sorted(produced))
+        produced = {path for path, md5 in package_files(env.pkgdir).items() if before.get(path) != md5}
+        if env.signing_key and produced:
+            sign_builds(env, host, sorted(produced))
         if publish_after:
-            publish(settings, runner, output, f"build {' '.join(emerge_args)}", produced)
+            publish(env, f"build {' '.join(emerge_args)}", produced)
         return produced
 
 
@@ -3632,10 +3664,10 @@ class Remote:
         words = []
         if self.user != "root":
             words.append("sudo")
-        settings = dict(env or {})
-        if settings or self.target.path:
+        env = dict(env or {})
+        if env or self.target.path:
             words.append("env")
-            words += [shlex.quote(f"{key}={value}") for key, value in settings.items()]
+            words += [shlex.quote(f"{key}={value}") for key, value in env.items()]
             if self.target.path:
                 # The remote shell expands "$PATH"; our part of the word stays quoted.
                 words.append(shlex.quote(f"PATH={self.target.path}:") + '"$PATH"')
@@ -3775,37 +3807,37 @@ class Route:
 
 
 @contextlib.contextmanager
-def serving_targets(settings, runner, output, route=None):
+def serving_targets(env, route=None):
     """A Route for one command: through a tunnel to a server of this command; or the configured
     port, served by this command when nothing serves it (a running serve of ours is used as it
     is, another program is named)."""
     if route is not None:
         yield route
         return
-    if settings.transport == "tunnel":
+    if env.transport == "tunnel":
         # Asking the target (read-only) needs the server under --pretend too.
-        with background_server({settings.env_name: settings}, output, "127.0.0.1", 0) as server:
-            yield Route((settings.tunnel_port, server.server_address[1]))
+        with background_server({env.env_name: env}, env.output, "127.0.0.1", 0) as server:
+            yield Route((env.tunnel_port, server.server_address[1]))
         return
-    host = "127.0.0.1" if settings.bind in ("", "0.0.0.0", "::") else settings.bind
-    answer = who_answers(host, settings.port, tls=bool(settings.tls_cert))
-    if answer is None and not os.path.isdir(settings.pkgdir):
-        output.debug(f"Nothing serves port {settings.port}, and there is no {settings.pkgdir} to serve yet")
+    host = "127.0.0.1" if env.bind in ("", "0.0.0.0", "::") else env.bind
+    answer = who_answers(host, env.port, tls=bool(env.tls_cert))
+    if answer is None and not os.path.isdir(env.pkgdir):
+        env.output.debug(f"Nothing serves port {env.port}, and there is no {env.pkgdir} to serve yet")
     elif answer is None:
-        if runner.pretend:
-            output.info(f"Nothing serves port {settings.port} here: this command would serve"
-                        f" {settings.pkgdir} there itself while it runs")
+        if env.runner.pretend:
+            env.output.info(f"Nothing serves port {env.port} here: this command would serve"
+                            f" {env.pkgdir} there itself while it runs")
             yield Route()
             return
-        with background_server({settings.env_name: settings}, output, settings.bind, settings.port,
+        with background_server({env.env_name: env}, env.output, env.bind, env.port,
                                tunnel=False) as server:
-            output.info(f"Serving {settings.pkgdir} on {settings.bind}:{server.server_address[1]} while"
-                        f" this command runs (no serve running; '{PROG} serve' serves it for good)")
+            env.output.info(f"Serving {env.pkgdir} on {env.bind}:{server.server_address[1]} while"
+                            f" this command runs (no serve running; '{PROG} serve' serves it for good)")
             yield Route()
         return
     if answer is not None and not is_our_server(answer):
-        output.warn(f"Port {settings.port} here is answered by {answer or 'a server that does not name itself'},"
-                    f" not by '{PROG} serve': targets get what it serves")
+        env.output.warn(f"Port {env.port} here is answered by {answer or 'a server that does not name itself'},"
+                        f" not by '{PROG} serve': targets get what it serves")
     yield Route()
 
 
@@ -4072,7 +4104,7 @@ def describe_use_difference(entry, package):
     return " ".join(wanted)
 
 
-def binary_reason(settings, runner, output, package, entries, installed_cache):
+def binary_reason(env, package, entries, installed_cache):
     """Why PKGDIR offers no usable binary of package (None when it does)."""
     if any(usable_binary(entry, package) for entry in entries):
         return None
@@ -4080,17 +4112,17 @@ def binary_reason(settings, runner, output, package, entries, installed_cache):
         return f"its binary has other USE (the target wants {describe_use_difference(entries[0], package)})"
     if "installed" not in installed_cache:
         try:
-            installed_cache["installed"] = installed_in_binhost(settings, runner, output)
+            installed_cache["installed"] = installed_in_binhost(env)
         except BinhostError:
             installed_cache["installed"] = set()
     return ("installed in the binhost root without a binary (the stage3's generic build): rebuilt"
             " with the target's flags" if package.cpv in installed_cache["installed"] else "no binary yet")
 
 
-def offered_binaries(settings, index_text=None):
+def offered_binaries(env, index_text=None):
     """{CPV: [index entries]} of what a publication offers: index_text's, or the next one's."""
     binaries = {}
-    for entry in index_entries(next_publication_text(settings) if index_text is None else index_text):
+    for entry in index_entries(next_publication_text(env) if index_text is None else index_text):
         binaries.setdefault(entry["CPV"], []).append(entry)
     return binaries
 
@@ -4104,28 +4136,28 @@ def held_back(package, holds):
     return hold is not None
 
 
-def packages_to_build(settings, runner, output, packages):
+def packages_to_build(env, packages):
     """The planned packages the next publication has no usable binary of, each with its reason."""
-    binaries, cache, missing, holds = offered_binaries(settings), {}, [], read_holds(settings.pkgdir)
+    binaries, cache, missing, holds = offered_binaries(env), {}, [], read_holds(env.pkgdir)
     for package in packages:
         if held_back(package, holds):
             missing.append(package)
             continue
-        package.reason = binary_reason(settings, runner, output, package, binaries.get(package.cpv, []), cache)
+        package.reason = binary_reason(env, package, binaries.get(package.cpv, []), cache)
         if package.reason:
             missing.append(package)
     return missing
 
 
-def binary_plan_gaps(settings, runner, output, plan, index_text):
+def binary_plan_gaps(env, plan, index_text):
     """The packages of plan's source plan its binary-only plan does not merge with the same version
     and USE from index_text's binaries, each with why (.reason) and whether a build here can
     change that (.buildable)."""
     merged = {}
     for binary in parse_merge_list(plan.binary or "", "binary"):
         merged.setdefault(binary.package_name, []).append(binary)
-    binaries, cache, gaps = offered_binaries(settings, index_text), {}, []
-    complaints, holds = portage_complaints(plan.binary or ""), read_holds(settings.pkgdir)
+    binaries, cache, gaps = offered_binaries(env, index_text), {}, []
+    complaints, holds = portage_complaints(plan.binary or ""), read_holds(env.pkgdir)
     for package in plan.packages:
         if held_back(package, holds):
             gaps.append(package)
@@ -4135,7 +4167,7 @@ def binary_plan_gaps(settings, runner, output, plan, index_text):
         if any(all(binary.flags.get(flag) == enabled for flag, enabled in package.flags.items()
                    if flag in binary.flags) for binary in chosen):
             continue
-        reason = binary_reason(settings, runner, output, package, binaries.get(package.cpv, []), cache)
+        reason = binary_reason(env, package, binaries.get(package.cpv, []), cache)
         others = [binary.cpv for binary in merged.get(package.package_name, []) if binary not in chosen]
         package.buildable = True
         if reason:
@@ -4161,19 +4193,19 @@ def fetch_outcome(text):
     return found[-1] if found else ("none", "127")
 
 
-def fetch_index(settings, remote, runner, forward=None):
+def fetch_index(env, remote, forward=None):
     """(tool, exit code) of the target downloading our index (FETCH_INDEX_SCRIPT)."""
-    url = credentials_url(settings, settings.transport == "tunnel", runner, quoted=True) + "Packages"
+    url = credentials_url(env, env.transport == "tunnel", quoted=True) + "Packages"
     result = remote.run(["sh", "-c", FETCH_INDEX_SCRIPT, "gentoo-binhost"], changes=False, capture=True,
                         input=url + "\n", forward=forward)
     return fetch_outcome(result.stdout)
 
 
-def credentials_url(settings, tunnel, runner, quoted=False):
+def credentials_url(env, tunnel, quoted=False):
     """target_url with the auth file's credentials, which the runner then never shows."""
-    for _user, password in read_credentials(settings):
-        runner.secrets.update({password, password.replace("%", "%%"), urllib.parse.quote(password, safe="")})
-    return target_url(settings, tunnel, quoted=quoted)
+    for _user, password in read_credentials(env):
+        env.runner.secrets.update({password, password.replace("%", "%%"), urllib.parse.quote(password, safe="")})
+    return target_url(env, tunnel, quoted=quoted)
 
 
 def section_status(sections, name):
@@ -4187,7 +4219,7 @@ class TargetPlan:
     """What the target answered: can it fetch our index, what would it merge from source (for
     its own ROOT), and what would its binary-only emerge say (the gate, doctor)."""
 
-    def __init__(self, settings, target, text, shown_url):
+    def __init__(self, env, target, text, shown_url):
         sections = parse_sections(text)
         self.target, self.shown_url = target, shown_url
         self.fetch_tool, self.fetch_code = fetch_outcome(sections.get("fetch", ""))
@@ -4201,7 +4233,7 @@ class TargetPlan:
                           if "installed" in sections else None)
         self.held = []  # the packages of the plan held back by a rollback
         self.trees = None  # the TargetTrees this plan was asked against (tree = binhost)
-        self.index_exists = os.path.isfile(os.path.join(settings.pkgdir, "Packages"))
+        self.index_exists = os.path.isfile(os.path.join(env.pkgdir, "Packages"))
 
     def fetch_problem(self):
         """Why the target cannot download our index, or None. Before the first build a 404 is
@@ -4241,67 +4273,67 @@ class TargetPlan:
         return self.packages
 
 
-def remote_emerge_environment(settings, target, interactive=False):
+def remote_emerge_environment(env, target, interactive=False):
     """The target's ROOT and PORTAGE_CONFIGROOT, and the filtered EMERGE_DEFAULT_OPTS."""
     return dict(target.portage_environment,
-                EMERGE_DEFAULT_OPTS=emerge_default_opts(settings, interactive))
+                EMERGE_DEFAULT_OPTS=emerge_default_opts(env, interactive))
 
 
-def ask_target(settings, target, runner, output, emerge_args, route, binary=None, trees=None):
+def ask_target(env, target, emerge_args, route, binary=None, trees=None):
     """One ssh round trip: the target's TargetPlan for emerge_args. binary: None (the source plan
     only), "live" (also the binary-only plan with the target's own configuration), or a
     StagedPublication (also the binary-only plan against it). trees: the staged snapshot the
     target plans from, instead of its live tree."""
-    remote = Remote(target, runner, output)
-    tunnel = settings.transport == "tunnel"
-    url = credentials_url(settings, tunnel, runner)
-    fetch_url = credentials_url(settings, tunnel, runner, quoted=True) + "Packages"
+    remote = Remote(target, env.runner, env.output)
+    tunnel = env.transport == "tunnel"
+    url = credentials_url(env, tunnel)
+    fetch_url = credentials_url(env, tunnel, quoted=True) + "Packages"
     token, binary_url = "-", ""
     if binary == "live":
         token = "live"
     elif binary is not None:
         token, binary_url = binary.token, (url + binary.url_path).replace("%", "%%")
     argv = ["sh", "-c", PLAN_SCRIPT, "gentoo-binhost", BINREPOS_NAME, token] + list(emerge_args)
-    environment = dict(remote_emerge_environment(settings, target), **(trees.environment if trees else {}))
+    environment = dict(remote_emerge_environment(env, target), **(trees.environment if trees else {}))
     result = remote.run(argv, environment, changes=False, capture=True,
                         what="asking the target what it would merge", input=f"{fetch_url}\n{binary_url}\n",
                         forward=route.forward)
     script_succeeded(result, "asking what emerge would merge", f"target {target.name}")
-    return TargetPlan(settings, target, result.stdout, target_url(settings, tunnel, with_credentials=False))
+    return TargetPlan(env, target, result.stdout, target_url(env, tunnel, with_credentials=False))
 
 
-def first_plan(settings, target, runner, output, emerge_args, route, binary=None, trees=None):
+def first_plan(env, target, emerge_args, route, binary=None, trees=None):
     """The first question of a command: a target that cannot fetch our index, or cannot resolve
     the arguments, stops it (under --pretend: a warning, and the rest is still shown)."""
     try:
-        plan = ask_target(settings, target, runner, output, emerge_args, route, binary, trees)
+        plan = ask_target(env, target, emerge_args, route, binary, trees)
         problem = plan.fetch_problem() or plan.problem()
     except BinhostError as error:
-        if not runner.pretend:
+        if not env.runner.pretend:
             raise
-        output.warn(f"{error} (--pretend goes on)")
+        env.output.warn(f"{error} (--pretend goes on)")
         return None
     if problem:
-        if not runner.pretend:
+        if not env.runner.pretend:
             raise BinhostError(problem)
-        output.warn(f"{problem} (--pretend goes on)")
+        env.output.warn(f"{problem} (--pretend goes on)")
     return plan
 
 
-def binhost_repositories(settings):
+def binhost_repositories(env):
     """{repository name: its directory on the build host} as the binhost root's repos.conf (the
     target's copy) names them; Gentoo's at its default place unless named."""
-    locations = dict({"gentoo": DEFAULT_REPOSITORY}, **configured_repositories(settings.root))
-    return {name: repository_directory(settings, location) for name, location in locations.items()}
+    locations = dict({"gentoo": DEFAULT_REPOSITORY}, **configured_repositories(env.root))
+    return {name: repository_directory(env, location) for name, location in locations.items()}
 
 
 PACKAGE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9+_.-]*/[A-Za-z0-9_][A-Za-z0-9+_-]*")
 
 
-def tree_lacks(settings, packages):
+def tree_lacks(env, packages):
     """{CPV: why} of the planned packages whose ebuild the binhost's tree does not have (the two
     sides' trees were synced at different times): a build here cannot make them."""
-    repositories, lacking = binhost_repositories(settings), {}
+    repositories, lacking = binhost_repositories(env), {}
     for package in packages:
         name = package.package_name
         # The plan is the target's words: only a CATEGORY/PN (PMS 3.1) becomes a path here.
@@ -4373,9 +4405,9 @@ def repository_state(directory, root):
     return state
 
 
-def repository_states(settings):
+def repository_states(env):
     """{repository: repository_state} of the binhost's tree, as a publication records it."""
-    return {name: repository_state(directory, settings.root) for name, directory in sorted(binhost_repositories(settings).items())
+    return {name: repository_state(directory, env.root) for name, directory in sorted(binhost_repositories(env).items())
             if os.path.isdir(directory)}
 
 
@@ -4516,61 +4548,61 @@ def repository_sync(configroot):
             for name in parser.sections()}
 
 
-def kept_repositories(settings, runner, output):
+def kept_repositories(env):
     """repositories_kept_in_root with the build method in use (asked only without a host chroot)."""
-    if settings.host.chroot:
+    if env.host_chroot:
         return {}
-    return repositories_kept_in_root(settings, build_method(settings, runner, output)[0])
+    return repositories_kept_in_root(env, env.method[0])
 
 
-def sync_repositories(settings, runner, output, missing_only=False):
+def sync_repositories(env, missing_only=False):
     """emerge --sync where the build's repositories are: the host chroot, else this machine; and,
     for those kept inside the binhost root (repositories_kept_in_root), there, by the root's own
     Portage, with its own verification of Gentoo's snapshot, under the build lock. missing_only
     (init, add-target, before a build): only the kept ones that are not there yet. Returns
     whether it synced inside the root."""
-    kept = kept_repositories(settings, runner, output)
-    on_host = [directory for name, directory in binhost_repositories(settings).items() if name not in kept]
+    kept = kept_repositories(env)
+    on_host = [directory for name, directory in binhost_repositories(env).items() if name not in kept]
     # A machine without Gentoo has nothing to sync itself, unless it has some repository after all.
     if not missing_only and (not kept or any(os.path.isdir(directory) for directory in on_host)):
-        host = BuildHost(settings, runner, output)
+        host = BuildHost(env)
         emerge = host.program("emerge", "put Portage's bin directory in PATH")
-        output.action(f"Syncing the ebuild repositories on {host.where}: emerge --sync")
+        env.output.action(f"Syncing the ebuild repositories on {host.where}: emerge --sync")
         result = host.run([emerge, "--sync"], check=False, own_group=True)
         if result is not None and result.returncode != 0:
             raise BinhostError(f"emerge --sync failed on {host.where} (exit {result.returncode})")
-    sync = repository_sync(settings.root)
+    sync = repository_sync(env.root)
     names = []
     for name, location in sorted(kept.items()):
-        inside = os.path.join(settings.root, location.lstrip("/"))
+        inside = os.path.join(env.root, location.lstrip("/"))
         automatic, syncable = sync.get(name, (True, name == "gentoo"))
         if not automatic or (missing_only and holds_repository(inside)):
             continue
         if not syncable:
             if not holds_repository(inside):
-                output.warn(f"{name} ({location}) is on neither this machine nor in the binhost root, and its"
-                            f" repos.conf entry has no sync-type and sync-uri: put it at {inside}")
+                env.output.warn(f"{name} ({location}) is on neither this machine nor in the binhost root, and its"
+                                f" repos.conf entry has no sync-type and sync-uri: put it at {inside}")
             continue
-        check_no_symlink_below(settings.root, os.path.dirname(inside))
+        check_no_symlink_below(env.root, os.path.dirname(inside))
         older_link = os.path.islink(inside) and os.readlink(inside) == location  # older versions made it
         if older_link:
-            runner.run(["rm", inside], describe=f"removing the link {inside} to this machine's missing {location}")
-        if not (older_link and runner.pretend):
-            check_no_symlink_below(settings.root, inside)
+            env.runner.run(["rm", inside], describe=f"removing the link {inside} to this machine's missing {location}")
+        if not (older_link and env.runner.pretend):
+            check_no_symlink_below(env.root, inside)
         names.append(name)
-    if runner.pretend:  # one command may ask twice: shown once
-        names = [name for name in names if not settings.decisions.get(("sync shown", name))]
-        settings.decisions.update({("sync shown", name): True for name in names})
+    if env.runner.pretend:  # one command may ask twice: shown once
+        names = [name for name in names if not env.decisions.get(("sync shown", name))]
+        env.decisions.update({("sync shown", name): True for name in names})
     if not names:
         return False
-    with build_lock(settings, runner, output):  # no build sees the tree half-written
-        host = BuildHost(settings, runner, output, into_root=True, trees_writable=True)
+    with build_lock(env):  # no build sees the tree half-written
+        host = BuildHost(env, into_root=True, trees_writable=True)
         emerge = host.program("emerge", "the binhost root has no Portage: is it a stage3?")
-        host.mounts.exclusive = [os.path.realpath(os.path.join(settings.root, kept[name].lstrip("/")))
+        host.mounts.exclusive = [os.path.realpath(os.path.join(env.root, kept[name].lstrip("/")))
                                  for name in names]
-        output.action(f"Syncing {', '.join(names)} inside {host.where} (this machine has no such repository):"
-                      f" emerge --sync {' '.join(names)}")
-        result = host.run([emerge, "--sync"] + names, root_environment(settings), check=False, own_group=True)
+        env.output.action(f"Syncing {', '.join(names)} inside {host.where} (this machine has no such repository):"
+                          f" emerge --sync {' '.join(names)}")
+        result = host.run([emerge, "--sync"] + names, root_environment(env), check=False, own_group=True)
     if result is not None and result.returncode != 0:
         raise BinhostError(f"emerge --sync {' '.join(names)} failed in {host.where} (exit {result.returncode}):"
                            " its output above says why")
@@ -4617,9 +4649,9 @@ class TargetTrees:
     asked against that copy, and only once the publication built from it is made does the
     target's live tree move to it, with Portage's own emerge --sync."""
 
-    def __init__(self, settings, target, runner, output):
-        self.settings, self.target, self.runner, self.output = settings, target, runner, output
-        self.remote = Remote(target, runner, output)
+    def __init__(self, env, target):
+        self.env, self.target, self.runner, self.output = env, target, env.runner, env.output
+        self.remote = Remote(target, env.runner, env.output)
         self.base = posixpath.join(target.root, TARGET_TREES)
         self.followed, self.states, self.marks = [], {}, {}
         self.place, self.live = "staged", {}  # where the copies are staged; {name: live location}
@@ -4664,8 +4696,8 @@ class TargetTrees:
         for attempt in (1, 2):
             # The locations come from the target's configuration: only a directory that is the
             # repository of that name is ever read and sent (never, say, the signing key's).
-            locations = dict({"gentoo": DEFAULT_REPOSITORY}, **configured_repositories(self.settings.root))
-            ours = {name: directory for name, directory in binhost_repositories(self.settings).items()
+            locations = dict({"gentoo": DEFAULT_REPOSITORY}, **configured_repositories(self.env.root))
+            ours = {name: directory for name, directory in binhost_repositories(self.env).items()
                     if safe_place(locations.get(name, "")) and os.path.isdir(directory)
                     and repository_name(directory) == name}
             newer = {}
@@ -4684,14 +4716,14 @@ class TargetTrees:
                                    " tree does not go back: sync the binhost's repositories from a mirror at least"
                                    " as new (emerge --sync there), then run this again")
             self.output.info(f"{self.target.name}'s tree is newer than the binhost's ({which}): syncing the binhost first")
-            sync_repositories(self.settings, self.runner, self.output)
+            sync_repositories(self.env)
         lacking = [name for name in theirs if name not in ours and stamps.get(name, (False, ""))[0]]
         if lacking:
             self.output.warn(f"{self.target.name} has repositories the binhost does not: {', '.join(lacking)}:"
                              " they keep their own sync there, and what the target plans from them is reported"
                              " as not built (add them on the binhost as the target has them)")
         self.followed = [name for name in theirs if name in ours]
-        self.states = {name: repository_state(ours[name], self.settings.root) for name in self.followed}
+        self.states = {name: repository_state(ours[name], self.env.root) for name in self.followed}
         if not self.followed:
             return self
         # As Portage's own sync trusts timestamp.chk: a staged copy at the binhost's snapshot
@@ -4710,8 +4742,8 @@ class TargetTrees:
                         "--rsync-path", self.remote.command_line(["rsync"])]
         for name in pushed:
             unchanged = posixpath.join(self.base, "published", name) if (name, "published") in self.marks else None
-            if ours[name].startswith(self.settings.root.rstrip("/") + "/"):  # kept in the root: checked again now
-                check_no_symlink_below(self.settings.root, ours[name])
+            if ours[name].startswith(self.env.root.rstrip("/") + "/"):  # kept in the root: checked again now
+                check_no_symlink_below(self.env.root, ours[name])
             argv = snapshot_push_argv(ours[name], rsync_destination(self.target.host, posixpath.join(
                 self.base, self.place, name)), remote_shell, unchanged)
             self.runner.run(argv, changes=False, describe=f"rsync of {name} to {self.target.name}",
@@ -4804,18 +4836,18 @@ def describe_gaps(packages):
     return "; ".join(f"{package.cpv} ({package.reason})" for package in packages)
 
 
-def record_installed(settings, target, plan, runner):
+def record_installed(env, target, plan):
     """Keep what the target has installed, as its plan's answer listed it: clean keeps those
     binaries (a target that is not reached again keeps its last recorded set)."""
-    if plan.installed is None or runner.pretend:
+    if plan.installed is None or env.runner.pretend:
         return
-    directory = os.path.join(publications_dir(settings.pkgdir), INSTALLED_DIR)
+    directory = os.path.join(publications_dir(env.pkgdir), INSTALLED_DIR)
     os.makedirs(directory, exist_ok=True)
-    runner.write_file(os.path.join(directory, target.name), "".join(f"{cpv}\n" for cpv in sorted(plan.installed)),
-                      backup=False)
+    env.runner.write_file(os.path.join(directory, target.name), "".join(f"{cpv}\n" for cpv in sorted(plan.installed)),
+                          backup=False)
 
 
-def build_for_target(settings, target, runner, output, emerge_args, route=None, pending=None, may_sync=True):
+def build_for_target(env, target, emerge_args, route=None, pending=None, may_sync=True):
     """Ask the target what emerge_args would merge there and build here what it would not get
     from our binaries, until its binary-only plan (against the index this command publishes,
     staged) merges every package of its source plan with the same version and USE, held ones
@@ -4824,18 +4856,18 @@ def build_for_target(settings, target, runner, output, emerge_args, route=None, 
     that follows the binhost's snapshot plans from it, staged there, and its live tree moves
     once the publication is made (with pending: by the caller, after its publication). Returns
     the plan (None under --pretend when the target could not be asked)."""
-    only_shown = runner.pretend or emerge_pretends(emerge_args)
-    with contextlib.nullcontext() if only_shown else build_lock(settings, runner, output):
-        sync_repositories(settings, runner, output, missing_only=True)  # before anything reads them
+    only_shown = env.runner.pretend or emerge_pretends(emerge_args)
+    with contextlib.nullcontext() if only_shown else build_lock(env):
+        sync_repositories(env, missing_only=True)  # before anything reads them
         trees = None
         if target.tree == "binhost":
             try:
-                trees = TargetTrees(settings, target, runner, output).stage(may_sync, private=only_shown)
+                trees = TargetTrees(env, target).stage(may_sync, private=only_shown)
             except BinhostError as error:
-                if not runner.pretend:
+                if not env.runner.pretend:
                     raise
-                output.warn(f"{error} (--pretend goes on with {target.name}'s live tree)")
-        plan = build_until_covered(settings, target, runner, output, emerge_args, route, pending, trees)
+                env.output.warn(f"{error} (--pretend goes on with {target.name}'s live tree)")
+        plan = build_until_covered(env, target, emerge_args, route, pending, trees)
         if plan is not None:
             plan.trees = trees
             if trees is not None and pending is None and not emerge_pretends(emerge_args):
@@ -4843,19 +4875,19 @@ def build_for_target(settings, target, runner, output, emerge_args, route=None, 
     return plan
 
 
-def build_until_covered(settings, target, runner, output, emerge_args, route, pending, trees):
+def build_until_covered(env, target, emerge_args, route, pending, trees):
     """build_for_target's rounds: ask, build what is missing, ask again (the gate)."""
-    output.action(f"Asking {target.name} what 'emerge {' '.join(emerge_args)}' would merge there")
-    only_shown = runner.pretend or emerge_pretends(emerge_args)
-    publishing = pending or PendingPublication(settings, f"what {target.name} needs for 'emerge"
-                                                         f" {' '.join(emerge_args)}'")
+    env.output.action(f"Asking {target.name} what 'emerge {' '.join(emerge_args)}' would merge there")
+    only_shown = env.runner.pretend or emerge_pretends(emerge_args)
+    publishing = pending or PendingPublication(env, f"what {target.name} needs for 'emerge"
+                                                    f" {' '.join(emerge_args)}'")
     built, produced = set(), set()
     absent = {}  # {CPV: PlannedPackage} the binhost's tree lacks: reported, the rest still built
 
     def incomplete(staged):
         """The rest is built: offered (now, or at the command's end), then the stop."""
         if staged is not None and pending is None:
-            commit_publication(settings, runner, output, staged, prune=True)
+            commit_publication(env, staged, prune=True)
         elif pending is not None:
             pending.produced |= produced
         raise BinhostError(f"{target.name}: incomplete: the binhost's tree lacks {len(absent)} package(s) of the"
@@ -4863,83 +4895,83 @@ def build_until_covered(settings, target, runner, output, emerge_args, route, pe
                            f" {'the rest was built and published' if built else 'the rest has binaries already'},"
                            " nothing was installed")
 
-    with serving_targets(settings, runner, output, route) as route:
+    with serving_targets(env, route) as route:
         for round_number in range(GATE_ROUNDS + 2):  # one round more when the tree lacks something
-            staged = None if only_shown else publishing.stage(runner, output, produced)
+            staged = None if only_shown else publishing.stage(produced)
             # Left out of the question: the binary-only emerge fails as a whole on one package it
             # has no binary of, and would hide whether the target gets the rest.
             asked = without_packages(emerge_args, {cpv_package_name(cpv) for cpv in absent}) if absent \
                 else list(emerge_args)
             try:
                 if round_number == 0:
-                    plan = first_plan(settings, target, runner, output, asked, route, staged, trees)
+                    plan = first_plan(env, target, asked, route, staged, trees)
                     if plan is None:
                         return None
-                    record_installed(settings, target, plan, runner)
+                    record_installed(env, target, plan)
                 else:
-                    plan = ask_target(settings, target, runner, output, asked, route, staged, trees)
+                    plan = ask_target(env, target, asked, route, staged, trees)
                     plan.check()
                 if staged is None:  # nothing to stage yet, or only shown: the next publication's bookkeeping
-                    gaps = packages_to_build(settings, runner, output, plan.packages)
+                    gaps = packages_to_build(env, plan.packages)
                 else:
-                    gaps = binary_plan_gaps(settings, runner, output, plan, staged.text)
+                    gaps = binary_plan_gaps(env, plan, staged.text)
                 missing = [package for package in gaps if not package.held]
-                lacking, known = tree_lacks(settings, missing), set(absent)
+                lacking, known = tree_lacks(env, missing), set(absent)
                 for package in missing:
                     if package.cpv in lacking:
                         package.buildable, package.reason = False, lacking[package.cpv]
                         absent[package.cpv] = package
                 buildable = [package for package in missing if package.buildable and package.cpv not in built]
                 if round_number == 0 or missing:
-                    output.info(f"{target.name} would merge {len(plan.packages)} package(s):"
-                                f" {len(plan.packages) - len(gaps)} with a binary here, {len(missing)} to build"
-                                + (f", {len(gaps) - len(missing)} held back" if len(gaps) > len(missing) else "")
-                                if round_number == 0 else f"{target.name} would still not get {len(missing)}"
-                                f" of {len(plan.packages)} package(s) from the binhost")
+                    env.output.info(f"{target.name} would merge {len(plan.packages)} package(s):"
+                                    f" {len(plan.packages) - len(gaps)} with a binary here, {len(missing)} to build"
+                                    + (f", {len(gaps) - len(missing)} held back" if len(gaps) > len(missing) else "")
+                                    if round_number == 0 else f"{target.name} would still not get {len(missing)}"
+                                    f" of {len(plan.packages)} package(s) from the binhost")
                     for package in gaps:
-                        output.text(f"  {package.cpv}{':' + package.slot if package.slot else ''}"
-                                    f"  ({package.reason})", always=True)
+                        env.output.text(f"  {package.cpv}{':' + package.slot if package.slot else ''}"
+                                        f"  ({package.reason})", always=True)
                 plan.held = [package for package in gaps if package.held]
                 if lacking and not only_shown:
                     if without_packages(emerge_args, {cpv_package_name(cpv) for cpv in absent}) is None:
                         incomplete(staged)  # nothing else asked for: its dependencies are of no use
                     if set(lacking) - known:
-                        output.action(f"Asking {target.name} again, without what the binhost's tree lacks")
+                        env.output.action(f"Asking {target.name} again, without what the binhost's tree lacks")
                         continue
                 if all(package.cpv in absent for package in missing):  # what the tree lacks aside, done
                     if absent and not only_shown:
                         incomplete(staged)
                     if staged is not None and pending is None:
-                        commit_publication(settings, runner, output, staged, prune=True)
+                        commit_publication(env, staged, prune=True)
                     elif pending is not None:
                         pending.produced |= produced
                     if emerge_pretends(emerge_args):
-                        output.info("emerge's --pretend among the arguments: nothing is built")
+                        env.output.info("emerge's --pretend among the arguments: nothing is built")
                     return plan
                 if emerge_pretends(emerge_args):
-                    output.info("emerge's --pretend among the arguments: nothing is built")
+                    env.output.info("emerge's --pretend among the arguments: nothing is built")
                     return plan
-                if runner.pretend:
+                if env.runner.pretend:
                     if buildable:
-                        build_packages(settings, runner, output, ["--oneshot", "--usepkg=n"]
+                        build_packages(env, ["--oneshot", "--usepkg=n"]
                                        + [package.atom for package in buildable], publish_after=False)
                     return plan
                 if not buildable or round_number == GATE_ROUNDS + bool(absent):
                     raise BinhostError(f"{target.name} would not get everything from the binhost:"
                                        f" {describe_gaps(missing)}; nothing was published or installed")
-                before = package_files(settings.pkgdir)
+                before = package_files(env.pkgdir)
                 try:
-                    produced |= build_packages(settings, runner, output, ["--oneshot", "--usepkg=n"]
+                    produced |= build_packages(env, ["--oneshot", "--usepkg=n"]
                                                + [package.atom for package in buildable], publish_after=False)
                 except BinhostError as error:
                     made = {fields.get("CPV") for fields, _ in index_blocks(read_text(
-                        os.path.join(settings.pkgdir, "Packages")))[1]
+                        os.path.join(env.pkgdir, "Packages")))[1]
                         if before.get(entry_path(fields)) != fields.get("MD5", "")}
                     unbuilt = [package.cpv for package in buildable if package.cpv not in made]
                     raise BinhostError(f"{error}; not built: {', '.join(unbuilt)}" + (
                         " (one of them failed, the rest were not reached)" if len(unbuilt) > 1 else "")) from None
                 built.update(package.cpv for package in buildable)
-                output.action(f"Asking {target.name} again: would its binary-only emerge now take everything?")
+                env.output.action(f"Asking {target.name} again: would its binary-only emerge now take everything?")
             finally:
                 discard_staged(staged)
     if only_shown:
@@ -5004,29 +5036,29 @@ def installed_held_versions(installed, holds):
     return sorted(cpv for cpv in installed if hold_on(cpv, None, holds))
 
 
-def check_installed(settings, target, runner, output, plan, route):
+def check_installed(env, target, plan, route):
     """After the install: did the target get every package of its plan (held ones aside), each
     from a binary? One ssh round trip; a one-line error naming what it lacks and the likely
     cause. Returns the held versions the target has installed."""
-    remote = Remote(target, runner, output)
-    holds = read_holds(settings.pkgdir)
+    remote = Remote(target, env.runner, env.output)
+    holds = read_holds(env.pkgdir)
     held = {package.cpv for package in plan.packages if held_back(package, holds)}
     wanted = [package.cpv for package in plan.packages if package.cpv not in held]
     states, installed = installed_states(remote, wanted, held_names(holds))
     installed_held = installed_held_versions(installed, holds)
     missing = [cpv for cpv in wanted if states.get(cpv) != "binary"]
     if not missing:
-        output.info(f"{target.name} has all {len(wanted)} package(s) of its plan, from binaries"
-                    + (f" ({len(held)} held back)" if held else ""))
+        env.output.info(f"{target.name} has all {len(wanted)} package(s) of its plan, from binaries"
+                        + (f" ({len(held)} held back)" if held else ""))
         return installed_held
     compiled = [cpv for cpv in missing if states.get(cpv) == "source"]
-    offered = offered_binaries(settings, published_index_text(settings.pkgdir))
+    offered = offered_binaries(env, published_index_text(env.pkgdir))
     unpublished = [cpv for cpv in missing if cpv not in offered]
     cause = ""
-    if settings.transport == "http" or route.forward:
-        tool, code = fetch_index(settings, remote, runner, forward=route.forward)
+    if env.transport == "http" or route.forward:
+        tool, code = fetch_index(env, remote, forward=route.forward)
         if code != "0":
-            cause = (f": it cannot download {target_url(settings, bool(route.forward), with_credentials=False)}"
+            cause = (f": it cannot download {target_url(env, bool(route.forward), with_credentials=False)}"
                      f"Packages ({tool} exit {code}): {describe_fetch_failure(tool, code)}")
     if not cause and unpublished:
         cause = (f": not on the binhost yet ({', '.join(unpublished)}): '{PROG} emerge"
@@ -5038,72 +5070,72 @@ def check_installed(settings, target, runner, output, plan, route):
     raise BinhostError(f"{target.name} lacks what it asked for: {', '.join(missing)}{cause}")
 
 
-def bring_back_held(settings, target, runner, output, installed_held, tty):
+def bring_back_held(env, target, installed_held, tty):
     """A target that installed a version a rollback holds back: Portage's binary-only emerge goes
     back by itself when another version is offered (measured); where it did not, an explicit
     --oneshot =CPV of the published version does; with none published, say so."""
-    offered = offered_binaries(settings, published_index_text(settings.pkgdir))
+    offered = offered_binaries(env, published_index_text(env.pkgdir))
     for cpv in installed_held:
         name = cpv_package_name(cpv)
         versions = sorted((candidate for candidate in offered if cpv_package_name(candidate) == name),
                           key=functools.cmp_to_key(lambda one, other: compare_versions(cpv_version(one),
                                                                                       cpv_version(other))))
         if not versions:
-            output.warn(f"{cpv} stays on {target.name}: a rollback holds it back and no other version of"
-                        f" {name} is published ('{PROG} release {name}' offers it again)")
+            env.output.warn(f"{cpv} stays on {target.name}: a rollback holds it back and no other version of"
+                            f" {name} is published ('{PROG} release {name}' offers it again)")
             continue
         argv = ["emerge", "--getbinpkgonly", "--oneshot", "--binpkg-respect-use=y", f"={versions[-1]}"]
-        output.action(f"{target.name} has {cpv}, which a rollback holds back: back to {versions[-1]}:"
-                      f" {format_command(argv)}")
-        result = Remote(target, runner, output).run(
-            argv, remote_emerge_environment(settings, target, interactive=tty), tty=tty)
+        env.output.action(f"{target.name} has {cpv}, which a rollback holds back: back to {versions[-1]}:"
+                          f" {format_command(argv)}")
+        result = Remote(target, env.runner, env.output).run(
+            argv, remote_emerge_environment(env, target, interactive=tty), tty=tty)
         if result is not None and result.returncode != 0:
             raise BinhostError(f"emerge failed on target {target.name} (exit {result.returncode}) going back"
                                f" from {cpv} to {versions[-1]}: see its output above")
 
 
-def install_packages(settings, target, runner, output, emerge_args, plan=None, route=None, asked=False):
+def install_packages(env, target, emerge_args, plan=None, route=None, asked=False):
     """emerge --getbinpkgonly emerge_args on the target, then a check that it got its plan (asked
     first unless asked: given as plan, or it could not be had under --pretend)."""
-    remote = Remote(target, runner, output)
+    remote = Remote(target, env.runner, env.output)
     args = list(emerge_args)
     if not has_option(args, "--binpkg-respect-use"):
         # With --getbinpkgonly, Portage otherwise installs a binary built with other USE flags.
         args.insert(0, "--binpkg-respect-use=y")
     argv = ["emerge", "--getbinpkgonly"] + args
     tty = sys.stdin.isatty() and sys.stdout.isatty()
-    with serving_targets(settings, runner, output, route) as route:
+    with serving_targets(env, route) as route:
         if not asked:
-            output.action(f"Asking {target.name} what 'emerge {' '.join(emerge_args)}' would merge there")
-            plan = first_plan(settings, target, runner, output, emerge_args, route)
-        output.action(f"Installing on {target.name} ({target.host}): {format_command(argv)}")
-        env = remote_emerge_environment(settings, target, interactive=tty)
+            env.output.action(f"Asking {target.name} what 'emerge {' '.join(emerge_args)}' would merge there")
+            plan = first_plan(env, target, emerge_args, route)
+        env.output.action(f"Installing on {target.name} ({target.host}): {format_command(argv)}")
+        variables = remote_emerge_environment(env, target, interactive=tty)
         forward = route.forward
-        if runner.pretend and forward:
+        if env.runner.pretend and forward:
             forward = (forward[0], "LOCALPORT")
-        result = remote.run(argv, env, tty=tty, forward=forward)
+        result = remote.run(argv, variables, tty=tty, forward=forward)
         if result is None:
-            holds = read_holds(settings.pkgdir)
+            holds = read_holds(env.pkgdir)
             if plan is not None and held_names(holds):  # what the real run would bring back
-                bring_back_held(settings, target, runner, output, installed_held_versions(
+                bring_back_held(env, target, installed_held_versions(
                     installed_states(remote, (), held_names(holds))[1], holds), tty)
             return
-        if install_answered_no(result, args, tty, env["EMERGE_DEFAULT_OPTS"]):
-            output.info(f"Nothing installed on {target.name}: emerge was told No")
+        if install_answered_no(result, args, tty, variables["EMERGE_DEFAULT_OPTS"]):
+            env.output.info(f"Nothing installed on {target.name}: emerge was told No")
             return
         if result.returncode != 0:
-            if settings.transport == "http":  # the usual cause: it cannot reach us
-                tool, code = fetch_index(settings, remote, runner)
+            if env.transport == "http":  # the usual cause: it cannot reach us
+                tool, code = fetch_index(env, remote)
                 if code != "0":
                     raise BinhostError(f"emerge failed on target {target.name}: it cannot download"
-                                       f" {target_url(settings, False, with_credentials=False)}Packages"
+                                       f" {target_url(env, False, with_credentials=False)}Packages"
                                        f" ({tool} exit {code}): {describe_fetch_failure(tool, code)}")
             raise BinhostError(f"emerge failed on target {target.name} (exit {result.returncode}):"
                                " see its output above")
         if plan is not None and not user_emerge_only_pretends(emerge_args):
-            installed_held = check_installed(settings, target, runner, output, plan, route)
+            installed_held = check_installed(env, target, plan, route)
             if installed_held:
-                bring_back_held(settings, target, runner, output, installed_held, tty)
+                bring_back_held(env, target, installed_held, tty)
 
 
 PROBE_SCRIPT = r"""
@@ -5199,46 +5231,46 @@ def probe_target(remote):
     return kind, content
 
 
-def setup_target(settings, target, runner, output, verify_signature=True):
-    remote = Remote(target, runner, output)
+def setup_target(env, target, verify_signature=True):
+    remote = Remote(target, env.runner, env.output)
     config_dir = target.portage_config_dir
     binrepos_dir = posixpath.join(config_dir, "binrepos.conf")
     entry_path = posixpath.join(binrepos_dir, BINREPOS_NAME + ".conf")
-    tunnel = settings.transport == "tunnel"
-    url = credentials_url(settings, tunnel, runner)
-    shown_url = target_url(settings, tunnel, with_credentials=False)
+    tunnel = env.transport == "tunnel"
+    url = credentials_url(env, tunnel)
+    shown_url = target_url(env, tunnel, with_credentials=False)
     kind, current = probe_target(remote)
     if kind == "file":
         raise BinhostError(
             f"{target.name}:{binrepos_dir} is a file, not a directory: on the target run"
             f" 'mv {binrepos_dir} {binrepos_dir}.old && mkdir {binrepos_dir} &&"
             f" mv {binrepos_dir}.old {binrepos_dir}/local.conf', then setup-target again")
-    if verify_signature and not settings.signing_key:
-        raise UsageError(f"no signing key configured in {settings.config_path}: run '{PROG} keygen'"
+    if verify_signature and not env.signing_key:
+        raise UsageError(f"no signing key configured in {env.config_path}: run '{PROG} keygen'"
                          " first (or setup-target --no-verify-signature for an unsigned binhost)")
     if not verify_signature:
-        output.warn(f"verify-signature = false: {target.name} will install packages from {shown_url}"
-                    " without checking who built them; anyone on the network path can swap them")
+        env.output.warn(f"verify-signature = false: {target.name} will install packages from {shown_url}"
+                        " without checking who built them; anyone on the network path can swap them")
     content = binrepos_entry(url, verify_signature, target.root)
     if current == content:
-        output.info(f"{target.name}:{entry_path} already points to {shown_url}")
+        env.output.info(f"{target.name}:{entry_path} already points to {shown_url}")
     else:
-        if runner.pretend:
-            output.info(f"Would write {target.name}:{entry_path}:")
-            output.text(runner.masked(unified_diff(current, content, entry_path)), always=True)
-        output.action(f"Writing {target.name}:{entry_path} (sync-uri = {shown_url})")
+        if env.runner.pretend:
+            env.output.info(f"Would write {target.name}:{entry_path}:")
+            env.output.text(env.runner.masked(unified_diff(current, content, entry_path)), always=True)
+        env.output.action(f"Writing {target.name}:{entry_path} (sync-uri = {shown_url})")
         # With a password in it, root only (emerge --info still prints it: see the README).
-        mode = "0600" if settings.auth_file else "0644"
+        mode = "0600" if env.auth_file else "0644"
         # The content on stdin: with a password in it, an argument would show it in ps to every user.
         remote.script(WRITE_FILE_SCRIPT, binrepos_dir, BINREPOS_NAME + ".conf", timestamp(), mode,
                       input=content, what=f"writing {entry_path}")
     if verify_signature:
-        trust_signing_key(settings, remote, runner, output)
+        trust_signing_key(env, remote)
     if current is None and not target.tree:  # a new target follows the binhost's snapshot
-        output.info(f"{target.name} is new here: writing tree = binhost to [target {target.name}] of"
-                    f" {target.config_path}, so it plans from the binhost's snapshot (tree = own keeps its own)")
-        runner.write_file(target.config_path, set_config_values(read_text(target.config_path),
-                                                                f"target {target.name}", {"tree": "binhost"}))
+        env.output.info(f"{target.name} is new here: writing tree = binhost to [target {target.name}] of"
+                        f" {target.config_path}, so it plans from the binhost's snapshot (tree = own keeps its own)")
+        env.runner.write_file(target.config_path, set_config_values(read_text(target.config_path),
+                                                                    f"target {target.name}", {"tree": "binhost"}))
         target.tree = "binhost"
 
 
@@ -5247,12 +5279,12 @@ def target_verify_home(remote):
         remote.target.portage_config_dir, "gnupg")
 
 
-def target_accepts_signature(settings, remote, runner, home):
+def target_accepts_signature(env, remote, home):
     """None when gpg in the target's verify keyring accepts a signature by our key the way
     Portage checks it (valid, fully or ultimately trusted), else the reason it does not."""
-    message = f"gentoo-binhost trust check {timestamp()} {settings.signing_key}\n"
+    message = f"gentoo-binhost trust check {timestamp()} {env.signing_key}\n"
     try:
-        signature = sign_test_message(settings, runner, message)
+        signature = sign_test_message(env, message)
     except BinhostError as error:
         raise CannotSign(f"cannot make a test signature here ({error}): a passphrase-protected key"
                          " needs its passphrase in gpg-agent first") from None
@@ -5267,26 +5299,26 @@ def target_accepts_signature(settings, remote, runner, home):
                 last_line(status)) or "no answer from gpg"
 
 
-def trust_signing_key(settings, remote, runner, output):
+def trust_signing_key(env, remote):
     target = remote.target
-    public_key = export_public_key(settings, runner)
+    public_key = export_public_key(env)
     home = target_verify_home(remote)
-    output.action(f"Trusting signing key {settings.signing_key} in {target.name}:{home}")
-    result = remote.script(TRUST_KEY_SCRIPT, home, settings.signing_key, public_key.strip(),
+    env.output.action(f"Trusting signing key {env.signing_key} in {target.name}:{home}")
+    result = remote.script(TRUST_KEY_SCRIPT, home, env.signing_key, public_key.strip(),
                            what="importing the signing key")
     if result is None:
         return
     if "getuto set up" in result.stdout:
-        output.info(f"getuto set up {target.name}:{home} first (Gentoo's release keys lsigned), as"
-                    " emerge would have")
-    output.info(f"Key {last_line(result.stdout)} on {target.name}")
+        env.output.info(f"getuto set up {target.name}:{home} first (Gentoo's release keys lsigned), as"
+                        " emerge would have")
+    env.output.info(f"Key {last_line(result.stdout)} on {target.name}")
     try:
-        reason = target_accepts_signature(settings, remote, runner, home)
+        reason = target_accepts_signature(env, remote, home)
     except CannotSign as error:
-        output.warn(f"Trust check on {target.name} skipped: {error}")
+        env.output.warn(f"Trust check on {target.name} skipped: {error}")
         return
     if reason is None:
-        output.info(f"Verified: Portage on {target.name} accepts packages signed by {settings.signing_key}")
+        env.output.info(f"Verified: Portage on {target.name} accepts packages signed by {env.signing_key}")
         return
     raise BinhostError(f"target {target.name} does not accept the binhost's signature with {home}"
                        f" ({reason}): check that the directory is readable by nobody and the key trusted")
@@ -5953,12 +5985,12 @@ UNKNOWN_GCC_FLAG = re.compile(r"(?:unrecognized command[- ]line option|bad value
                               r"\s*['‘]?([^'’\s]*)")
 
 
-def flags_the_binhost_gcc_accepts(flags, settings, runner, output):
+def flags_the_binhost_gcc_accepts(flags, env):
     """The flags the binhost's gcc accepts (the host chroot's, with one). A newer gcc on the target
     names features an older one here does not know: an unknown -mno-X is dropped (this gcc cannot
     emit X anyway); an unknown -mX or -march value is an error, else the build would fail late and
     confusingly."""
-    host = portage_host(settings, runner, output)
+    host = env.host
     gcc = host.program("gcc", "the binhost builds with gcc")
     flags = list(flags)
     while True:
@@ -5971,7 +6003,7 @@ def flags_the_binhost_gcc_accepts(flags, settings, runner, output):
             raise BinhostError(f"the binhost's gcc rejects the target's flags: {last_line(result.stderr)}")
         flag = f"{match.group(2)}{match.group(1)}" if match.group(1) else match.group(2)
         if flag.startswith("-mno-") and flag in flags:
-            output.warn(f"Dropping {flag}: the binhost's gcc does not know that feature at all")
+            env.output.warn(f"Dropping {flag}: the binhost's gcc does not know that feature at all")
             flags.remove(flag)
             continue
         raise BinhostError(f"the binhost's gcc does not know {flag} (from the target's gcc): use the"
@@ -5993,9 +6025,9 @@ def host_cpu_flags(variable):
     return cpu_flags_x86_from_cpuinfo(line) if x86 else cpu_flags_arm_from_cpuinfo(line, machine)
 
 
-def cpu_flags_location(settings, variable="CPU_FLAGS_X86"):
+def cpu_flags_location(env, variable="CPU_FLAGS_X86"):
     """Where the binhost copy (the target's configuration) keeps variable: (path, kind)."""
-    portage_dir = os.path.join(settings.root, "etc/portage")
+    portage_dir = os.path.join(env.root, "etc/portage")
     package_use = os.path.join(portage_dir, "package.use")
     if os.path.isdir(package_use):
         for name in sorted(os.listdir(package_use)):
@@ -6011,41 +6043,41 @@ def cpu_flags_location(settings, variable="CPU_FLAGS_X86"):
     return os.path.join(package_use, "00cpu-flags"), "package.use"
 
 
-def cpu_report(settings, target, runner, output, apply=False):
-    cpu = detect_target_cpu(target, runner, output)
-    cpu.common_flags = flags_the_binhost_gcc_accepts(cpu.common_flags, settings, runner, output)
+def cpu_report(env, target, apply=False):
+    cpu = detect_target_cpu(target, env.runner, env.output)
+    cpu.common_flags = flags_the_binhost_gcc_accepts(cpu.common_flags, env)
     here = host_cpu_flags(cpu.cpu_flags_variable) if cpu.cpu_flags else None
     if here is not None:
         beyond = missing_isa(cpu.cpu_flags, here)
         if beyond:
-            output.warn(f"{target.name}'s CPU has {' '.join(beyond)}, this machine's does not: a"
-                        " program built and run during a build (tests, code generators) may die with"
-                        " SIGILL here")
-    make_conf = os.path.join(settings.root, "etc/portage/make.conf")
+            env.output.warn(f"{target.name}'s CPU has {' '.join(beyond)}, this machine's does not: a"
+                            " program built and run during a build (tests, code generators) may die with"
+                            " SIGILL here")
+    make_conf = os.path.join(env.root, "etc/portage/make.conf")
     new_make_conf = set_common_flags("" if os.path.isdir(make_conf) else read_text(make_conf),
                                      cpu.common_flags)
     common_line = next((line for line in new_make_conf.splitlines() if line.startswith("COMMON_FLAGS=")),
                        f'COMMON_FLAGS="{" ".join(cpu.common_flags)}"')
-    output.info(f"{target.name}: {cpu.machine}, gcc {cpu.gcc_version}")
-    output.text(common_line, always=True)
+    env.output.info(f"{target.name}: {cpu.machine}, gcc {cpu.gcc_version}")
+    env.output.text(common_line, always=True)
     variable = cpu.cpu_flags_variable if cpu.cpu_flags else None
     if variable:
-        output.info(f"{variable} from {cpu.cpu_flags_source}:")
-        output.text(f'{variable}="{" ".join(cpu.cpu_flags)}"', always=True)
+        env.output.info(f"{variable} from {cpu.cpu_flags_source}:")
+        env.output.text(f'{variable}="{" ".join(cpu.cpu_flags)}"', always=True)
     if not apply:
         return cpu
-    check_binhost_root(settings)
+    check_binhost_root(env)
     if os.path.isdir(make_conf):
         raise BinhostError(f"{make_conf} is a directory: put the lines above into a file in it yourself")
-    done = "would be set" if runner.pretend else "set"
-    path, kind = cpu_flags_location(settings, variable) if variable else (None, None)
+    done = "would be set" if env.runner.pretend else "set"
+    path, kind = cpu_flags_location(env, variable) if variable else (None, None)
     for destination in filter(None, (make_conf, path)):  # both checked before either is written
-        check_no_symlink_below(settings.root, destination)
-    if runner.write_file(make_conf, new_make_conf):
-        output.action(f"COMMON_FLAGS of {make_conf} {done} for {target.name}")
+        check_no_symlink_below(env.root, destination)
+    if env.runner.write_file(make_conf, new_make_conf):
+        env.output.action(f"COMMON_FLAGS of {make_conf} {done} for {target.name}")
     if variable:
-        if runner.write_file(path, set_cpu_flags(read_text(path), cpu.cpu_flags, kind, variable)):
-            output.action(f"{variable} in {path} {done} for {target.name}")
+        if env.runner.write_file(path, set_cpu_flags(read_text(path), cpu.cpu_flags, kind, variable)):
+            env.output.action(f"{variable} in {path} {done} for {target.name}")
     return cpu
 
 
@@ -6138,13 +6170,13 @@ class LocalShell:
     """The binhost side of a transfer: the same sh scripts as on the target, run here (inside the
     host chroot, with one, where the binhost's repository paths mean what they say)."""
 
-    def __init__(self, settings, runner, output):
-        self.host = portage_host(settings, runner, output)
-        self.env = root_environment(settings)
+    def __init__(self, env):
+        self.host = env.host
+        self.variables = root_environment(env)
 
     def script(self, script, *args, changes=True, what, input=None, binary=False):
         result = self.host.run(["sh", "-c", script, "gentoo-binhost"] + [str(arg) for arg in args],
-                               self.env, changes=changes, capture=True, input=input, check=False,
+                               self.variables, changes=changes, capture=True, input=input, check=False,
                                binary=binary)
         return script_succeeded(result, what, "the binhost")
 
@@ -6234,7 +6266,7 @@ NATIVE_CPU_FLAG = re.compile(r"(?<![^\s\"'])-m(?:arch|cpu)=native(?![^\s\"'])")
 NATIVE_TUNE = re.compile(r"[ \t]*(?<![^\s\"'])-mtune=native(?![^\s\"'])")
 
 
-def resolve_march_native_in(tar_bytes, settings, target, runner, output):
+def resolve_march_native_in(tar_bytes, env, target):
     """The binhost must not build for its own CPU: -march=native in the target's make.conf becomes
     the target's resolved flags."""
     if b"=native" not in tar_bytes:
@@ -6246,15 +6278,15 @@ def resolve_march_native_in(tar_bytes, settings, target, runner, output):
         if not NATIVE_CPU_FLAG.search(text):
             return text
         if flags is None:
-            resolved = detect_target_cpu(target, runner, output).common_flags
-            flags = " ".join(flags_the_binhost_gcc_accepts(resolved, settings, runner, output))
+            resolved = detect_target_cpu(target, env.runner, env.output).common_flags
+            flags = " ".join(flags_the_binhost_gcc_accepts(resolved, env))
         text = NATIVE_TUNE.sub("", text)
         return NATIVE_CPU_FLAG.sub(flags, text)
 
     new_tar, changed = rewrite_make_conf(tar_bytes, replace)
     for name in changed:
-        output.warn(f"{target.name}:{name} uses -march=native, which would mean the binhost's CPU here:"
-                    f" the binhost copy gets {target.name}'s resolved flags instead: {flags}")
+        env.output.warn(f"{target.name}:{name} uses -march=native, which would mean the binhost's CPU here:"
+                        f" the binhost copy gets {target.name}'s resolved flags instead: {flags}")
     return new_tar
 
 
@@ -6265,14 +6297,14 @@ EXECUTED_CONFIG = re.compile(r"etc/portage/(bashrc|env(/|$)|patches(/|$)|package
                              r"|postsync\.d(/|$)|repo\.postsync\.d(/|$)|profile(/|$))")
 
 
-def fetch_both_configs(settings, target, runner, output):
+def fetch_both_configs(env, target):
     """(binhost side, remote, binhost tar, target tar); the target's as sanitized_config_tar()
     leaves it, so what a diff shows is what a pull installs."""
-    check_binhost_root(settings)
-    binhost_side = LocalShell(settings, runner, output)
-    remote = Remote(target, runner, output)
-    target_tar = sanitized_config_tar(read_config_tar(remote, target.root), target.name, output)
-    return binhost_side, remote, read_config_tar(binhost_side, settings.root), target_tar
+    check_binhost_root(env)
+    binhost_side = LocalShell(env)
+    remote = Remote(target, env.runner, env.output)
+    target_tar = sanitized_config_tar(read_config_tar(remote, target.root), target.name, env.output)
+    return binhost_side, remote, read_config_tar(binhost_side, env.root), target_tar
 
 
 # What a target's configuration stream may hold: the rest is left out.
@@ -6342,52 +6374,52 @@ def sanitized_config_tar(tar_bytes, target_name, output):
     return result.getvalue()
 
 
-def sync_config(direction, settings, target, runner, output, show_only=False):
+def sync_config(direction, env, target, show_only=False):
     """config pull (target -> binhost), push (binhost -> target) or diff (what pull would change)."""
-    binhost_side, remote, binhost_tar, target_tar = fetch_both_configs(settings, target, runner, output)
+    binhost_side, remote, binhost_tar, target_tar = fetch_both_configs(env, target)
     if direction in ("pull", "diff"):  # diff shows what a pull would change
-        target_tar = resolve_march_native_in(target_tar, settings, target, runner, output)
+        target_tar = resolve_march_native_in(target_tar, env, target)
         source, destination = (target_tar, config_members(target_tar)), config_members(binhost_tar)
-        labels = (f"binhost:{settings.root}", f"{target.name}:{target.root}")
+        labels = (f"binhost:{env.root}", f"{target.name}:{target.root}")
     else:
         source, destination = (binhost_tar, config_members(binhost_tar)), config_members(target_tar)
-        labels = (f"{target.name}:{target.root}", f"binhost:{settings.root}")
+        labels = (f"{target.name}:{target.root}", f"binhost:{env.root}")
     changes = describe_config_changes(destination, source[1], *labels)
     if not changes:
-        output.info(f"The Portage configuration of {target.name} and the binhost is identical")
+        env.output.info(f"The Portage configuration of {target.name} and the binhost is identical")
         if direction == "pull":
-            link_repositories_into(settings, runner, output)
+            link_repositories_into(env)
         return False
     # A push changes another machine: always show how. A first pull can be long, so only on request,
     # but for the parts that run as root on the binhost during builds, shown every time.
-    if show_only or runner.pretend or direction == "push":
-        output.text(changes, always=True)
+    if show_only or env.runner.pretend or direction == "push":
+        env.output.text(changes, always=True)
     elif direction == "pull":
         def runs_commands(members):
             return {name: value for name, value in members.items() if EXECUTED_CONFIG.match(name)}
         executed = describe_config_changes(runs_commands(destination), runs_commands(source[1]), *labels)
         if executed:
-            output.warn(f"What {target.name}'s configuration runs as root on the binhost during builds"
-                        " changes (bashrc, env/, patches/, package.env, make.conf, hooks):")
-            output.text(executed, always=True)
+            env.output.warn(f"What {target.name}'s configuration runs as root on the binhost during builds"
+                            " changes (bashrc, env/, patches/, package.env, make.conf, hooks):")
+            env.output.text(executed, always=True)
     if show_only:
         return True
-    writer, configroot = (binhost_side, settings.root) if direction == "pull" else (remote, target.root)
-    output.action(f"Installing the configuration of {labels[1]} on {labels[0]}")
-    if runner.pretend:
-        output.info(f"Would check the stream against its SHA-256, unpack it beside {configroot}/etc/portage,"
-                    f" keep that side's gnupg/ and {BINREPOS_NAME} entry, and swap it in (the old one"
-                    " kept as etc/.portage.<date>.bak), with:")
+    writer, configroot = (binhost_side, env.root) if direction == "pull" else (remote, target.root)
+    env.output.action(f"Installing the configuration of {labels[1]} on {labels[0]}")
+    if env.runner.pretend:
+        env.output.info(f"Would check the stream against its SHA-256, unpack it beside {configroot}/etc/portage,"
+                        f" keep that side's gnupg/ and {BINREPOS_NAME} entry, and swap it in (the old one"
+                        " kept as etc/.portage.<date>.bak), with:")
     stream = source[0]
     result = writer.script(INSTALL_CONFIG_SCRIPT, configroot, hashlib.sha256(stream).hexdigest(),
                            timestamp(), BINREPOS_NAME + ".conf", OWN_REPOS_ENTRY, input=stream, binary=True,
                            what="installing the Portage configuration")
     if result is not None:
         kept = last_line(as_text(result.stdout))
-        output.info(f"Previous configuration kept as"
-                    f" {binhost_side.host.outside(kept) if direction == 'pull' else kept}")
+        env.output.info(f"Previous configuration kept as"
+                        f" {binhost_side.host.outside(kept) if direction == 'pull' else kept}")
     if direction == "pull":
-        link_repositories_into(settings, runner, output)
+        link_repositories_into(env)
     return True
 
 
@@ -6424,12 +6456,12 @@ def human_size(size):
     return ""
 
 
-def installed_in_binhost(settings, runner, output):
+def installed_in_binhost(env):
     """CPVs installed in the binhost root: its world and their dependencies, as built for the
     targets (the binhost's world is the union of theirs)."""
-    host = portage_host(settings, runner, output)
+    host = env.host
     eroot = host.read([host.program("portageq", "put Portage's bin directory in PATH"), "envvar", "EROOT"],
-                      root_environment(settings), describe="portageq envvar EROOT").stdout.strip()
+                      root_environment(env), describe="portageq envvar EROOT").stdout.strip()
     eroot = host.outside(eroot) if eroot else eroot
     vdb = os.path.join(eroot, "var/db/pkg")
     if not eroot or not os.path.isdir(vdb):
@@ -6470,50 +6502,50 @@ def packages_to_clean(records, installed, keep, on_targets=frozenset()):
     return doomed
 
 
-def clean_packages(settings, runner, output, keep, pending=None):
+def clean_packages(env, keep, pending=None):
     """Remove what clean's rules doom. Targets are served publications: first a new one without
     those packages is published (with pending: the command's one publication, its builds too),
     then the files go, but not those an older kept publication still names (rollback); they stay
     retired, left out of every new publication, until a later clean."""
     if keep < 1:
         raise UsageError("--keep needs at least 1")
-    check_binhost_root(settings)
-    with build_lock(settings, runner, output):  # a build may be adding packages
-        records = package_records(settings.pkgdir)
-        doomed = packages_to_clean(records, installed_in_binhost(settings, runner, output), keep,
-                                   targets_installed(settings.pkgdir))
-        checksums = {entry_path(fields): fields.get("MD5", "") for fields in read_packages_index(settings.pkgdir)}
+    check_binhost_root(env)
+    with build_lock(env):  # a build may be adding packages
+        records = package_records(env.pkgdir)
+        doomed = packages_to_clean(records, installed_in_binhost(env), keep,
+                                   targets_installed(env.pkgdir))
+        checksums = {entry_path(fields): fields.get("MD5", "") for fields in read_packages_index(env.pkgdir)}
         # A retired path rebuilt since (same path, another file) is no longer retired.
-        retired = {path: md5 for path, md5 in retired_packages(settings.pkgdir).items()
+        retired = {path: md5 for path, md5 in retired_packages(env.pkgdir).items()
                    if checksums.get(path, md5) == md5}
         if not doomed and not retired:
-            output.info(f"Nothing to clean in {settings.pkgdir}")
+            env.output.info(f"Nothing to clean in {env.pkgdir}")
             if pending is not None:
-                pending.publish(runner, output)
+                pending.publish()
             return []
         freed = sum(record["size"] or 0 for record, _ in doomed)
         for record, reason in doomed:
-            output.text(f"{record['path'] or record['cpv']}  ({reason})", always=True)
-        verb = "Would free" if runner.pretend else "Freeing"
-        output.info(f"{verb} {human_size(freed)} ({len(doomed)} package(s)), once no kept publication"
-                    " names them")
-        if runner.pretend:
+            env.output.text(f"{record['path'] or record['cpv']}  ({reason})", always=True)
+        verb = "Would free" if env.runner.pretend else "Freeing"
+        env.output.info(f"{verb} {human_size(freed)} ({len(doomed)} package(s)), once no kept publication"
+                        " names them")
+        if env.runner.pretend:
             return doomed
         retired.update({record["path"]: checksums.get(record["path"], "") for record, _ in doomed})
-        write_retired(settings.pkgdir, retired, runner)
+        write_retired(env.pkgdir, retired, env.runner)
         # What the publications kept until now name stays; only then the oldest may go.
         if pending is not None:
             pending.removed |= {record["path"] for record, _ in doomed}
             pending.why += f"; clean: {len(doomed)} package(s) retired"
-            pending.publish(runner, output)
+            pending.publish()
         else:
-            publish(settings, runner, output, f"clean: {len(doomed)} package(s) retired",
+            publish(env, f"clean: {len(doomed)} package(s) retired",
                     removed={record["path"] for record, _ in doomed}, prune=False)
         # Named before the prune: what the publication this clean replaced names stays until the
         # next clean (a target that fetched its index a moment ago may still be downloading).
-        named = published_paths(settings.pkgdir)
-        prune_publications(settings, output)
-        pkgdir = os.path.realpath(settings.pkgdir)
+        named = published_paths(env.pkgdir)
+        prune_publications(env)
+        pkgdir = os.path.realpath(env.pkgdir)
         for relative in sorted(set(retired) - named):
             path = os.path.realpath(os.path.join(pkgdir, relative))
             # The index is data: only package files inside PKGDIR are ever deleted.
@@ -6521,11 +6553,11 @@ def clean_packages(settings, runner, output, keep, pending=None):
                     and os.path.isfile(path)):
                 os.unlink(path)
         still = {path: md5 for path, md5 in retired.items() if path in named}
-        write_retired(settings.pkgdir, still, runner)
+        write_retired(env.pkgdir, still, env.runner)
         if still:
-            output.info(f"Keeping {len(still)} retired package(s) that an older kept publication names"
-                        f" (publish-keep = {settings.publish_keep}; '{PROG} history'): a later clean removes them")
-        refresh_index(settings, runner, output)
+            env.output.info(f"Keeping {len(still)} retired package(s) that an older kept publication names"
+                            f" (publish-keep = {env.publish_keep}; '{PROG} history'): a later clean removes them")
+        refresh_index(env)
     return doomed
 
 
@@ -6686,13 +6718,13 @@ def hold_on(cpv, path, holds):
 
 # ---- the next publication ---------------------------------------------------------------------------
 
-def next_publication_text(settings, produced=None, removed=()):
+def next_publication_text(env, produced=None, removed=()):
     """The index the next publication offers: the current publication's builds (their fields as
     PKGDIR's index has them now: sign rewrites files), the builds this command produced, and those
     a release gave back; without what it retires, retired builds and held ones. Before the first
     publication: what this command produced, or everything PKGDIR holds for a command that builds
     nothing (produced None: sign, clean). Builds an emerge left before it failed are not in it."""
-    pkgdir = settings.pkgdir
+    pkgdir = env.pkgdir
     header, in_pkgdir = index_blocks(read_text(os.path.join(pkgdir, "Packages")))
     by_path = {entry_path(fields): (fields, block) for fields, block in in_pkgdir}
     current = current_publication(pkgdir)
@@ -6735,30 +6767,30 @@ class StagedPublication:
         return read_text(os.path.join(self.directory, "Packages"))
 
 
-def stage_publication(settings, runner, output, why, index_text=None, produced=None, removed=(), meta=None):
+def stage_publication(env, why, index_text=None, produced=None, removed=(), meta=None):
     """Write the next publication's index (next_publication_text, or index_text: a rollback) in a
     directory of its own, with its TIMESTAMP (and the files' mtime, Last-Modified) later than every
     earlier publication's, never by exactly 5 s (Portage asks with its copy's TIMESTAMP + 5 s).
     None when there is nothing to publish, or under --pretend. Called under the build lock."""
-    text = index_text if index_text is not None else next_publication_text(settings, produced, removed)
+    text = index_text if index_text is not None else next_publication_text(env, produced, removed)
     if not text:
         return None
-    current = current_publication(settings.pkgdir)
+    current = current_publication(env.pkgdir)
     changed = index_text is not None or current is None or offered_builds(text) != offered_builds(
-        read_text(os.path.join(publications_dir(settings.pkgdir), str(current), "Packages")))
-    if runner.pretend:
+        read_text(os.path.join(publications_dir(env.pkgdir), str(current), "Packages")))
+    if env.runner.pretend:
         if changed:
-            output.info(f"Would publish the index of {settings.pkgdir} ({why})")
+            env.output.info(f"Would publish the index of {env.pkgdir} ({why})")
         return None
-    directory = publications_dir(settings.pkgdir)
+    directory = publications_dir(env.pkgdir)
     os.makedirs(directory, exist_ok=True)
     for leftover in glob.glob(os.path.join(directory, STAGED_PREFIX + "*")):  # of a killed run
         shutil.rmtree(leftover, ignore_errors=True)
-    ids = publication_ids(settings.pkgdir)
+    ids = publication_ids(env.pkgdir)
     # Later than every kept publication (a target may hold any of them) and than the index served
     # before the first one.
     earlier = ([index_timestamp(read_text(os.path.join(directory, str(each), "Packages"))) for each in ids]
-               or [index_timestamp(read_text(os.path.join(settings.pkgdir, "Packages")))])
+               or [index_timestamp(read_text(os.path.join(env.pkgdir, "Packages")))])
     stamp = next_timestamp(int(time.time()), earlier)
     text = with_timestamp(text, stamp)
     token = secrets.token_hex(12)
@@ -6766,13 +6798,13 @@ def stage_publication(settings, runner, output, why, index_text=None, produced=N
     os.mkdir(staging, 0o755)
     try:
         os.chmod(staging, 0o755)
-        runner.write_file(os.path.join(staging, "Packages"), text, backup=False, mtime=stamp)
-        runner.write_file(os.path.join(staging, "Packages.gz"), gzip_bytes(text, stamp), backup=False, mtime=stamp)
+        env.runner.write_file(os.path.join(staging, "Packages"), text, backup=False, mtime=stamp)
+        env.runner.write_file(os.path.join(staging, "Packages.gz"), gzip_bytes(text, stamp), backup=False, mtime=stamp)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     if produced:  # the trees these builds came from (a rollback, clean or sign builds nothing)
-        meta = dict(meta or {}, trees=repository_states(settings))
+        meta = dict(meta or {}, trees=repository_states(env))
     return StagedPublication(staging, token, why, changed, dict(meta or {}, published=stamp, why=why))
 
 
@@ -6796,7 +6828,7 @@ def set_changes(old_text, new_text):
     return sorted(set(new) - set(old)), sorted(updated), sorted(set(old) - set(new))
 
 
-def commit_publication(settings, runner, output, staged, prune=True):
+def commit_publication(env, staged, prune=True):
     """Make a staged publication the current one, in one step: its directory renamed to the next
     ID, then `current` switched to it with a rename. Its set, description and changes against the
     publication before it are written once (meta.json), never recomputed. Nothing when it changes
@@ -6805,16 +6837,16 @@ def commit_publication(settings, runner, output, staged, prune=True):
         return None
     if not staged.changed:
         discard_staged(staged)
-        output.debug(f"Nothing new to publish: publication {current_publication(settings.pkgdir)} has"
-                     " these packages")
+        env.output.debug(f"Nothing new to publish: publication {current_publication(env.pkgdir)} has"
+                         " these packages")
         return None
-    directory = publications_dir(settings.pkgdir)
-    ids, current = publication_ids(settings.pkgdir), current_publication(settings.pkgdir)
+    directory = publications_dir(env.pkgdir)
+    ids, current = publication_ids(env.pkgdir), current_publication(env.pkgdir)
     publication = (ids[-1] if ids else 0) + 1
     previous = read_text(os.path.join(directory, str(current), "Packages")) if current is not None else ""
     added, updated, removed = set_changes(previous, staged.text)
     meta = dict(staged.meta, id=publication, previous=current, added=added, updated=updated, removed=removed)
-    runner.write_file(os.path.join(staged.directory, "meta.json"), json.dumps(meta) + "\n", backup=False)
+    env.runner.write_file(os.path.join(staged.directory, "meta.json"), json.dumps(meta) + "\n", backup=False)
     os.rename(staged.directory, os.path.join(directory, str(publication)))
     link, current_link = os.path.join(directory, f".{CURRENT_PUBLICATION}.{os.getpid()}"), os.path.join(
         directory, CURRENT_PUBLICATION)
@@ -6824,48 +6856,47 @@ def commit_publication(settings, runner, output, staged, prune=True):
         shutil.rmtree(current_link)  # a copy of PKGDIR that followed the link (cp -r): ours to replace
     os.symlink(str(publication), link)
     os.replace(link, current_link)
-    holds = read_holds(settings.pkgdir)
+    holds = read_holds(env.pkgdir)
     if holds["released"]:  # offered again now
-        write_holds(settings.pkgdir, dict(holds, released=[]), runner)
-    output.info(f"Published {settings.pkgdir} as publication {publication} ({staged.why})")
+        write_holds(env.pkgdir, dict(holds, released=[]), env.runner)
+    env.output.info(f"Published {env.pkgdir} as publication {publication} ({staged.why})")
     if prune:
-        prune_publications(settings, output)
+        prune_publications(env)
     return publication
 
 
-def publish(settings, runner, output, why, produced=None, removed=(), index_text=None, prune=True, meta=None):
+def publish(env, why, produced=None, removed=(), index_text=None, prune=True, meta=None):
     """The one entry point of every command that publishes: the next publication (see
     next_publication_text), when it changes what targets are offered. Called under the build
     lock."""
-    staged = stage_publication(settings, runner, output, why, index_text, produced, removed, meta)
-    return commit_publication(settings, runner, output, staged, prune)
+    staged = stage_publication(env, why, index_text, produced, removed, meta)
+    return commit_publication(env, staged, prune)
 
 
 class PendingPublication:
     """What one command publishes in one environment, at its end: the builds it produced (of the
     emerges that succeeded) and what it retires."""
 
-    def __init__(self, settings, why):
-        self.settings, self.why = settings, why
+    def __init__(self, env, why):
+        self.env, self.why = env, why
         self.produced, self.removed = set(), set()
 
-    def stage(self, runner, output, produced=()):
-        return stage_publication(self.settings, runner, output, self.why, produced=self.produced | set(produced),
-                                 removed=self.removed)
+    def stage(self, produced=()):
+        return stage_publication(self.env, self.why, produced=self.produced | set(produced), removed=self.removed)
 
-    def publish(self, runner, output):
-        return publish(self.settings, runner, output, self.why, self.produced, self.removed, prune=False)
+    def publish(self):
+        return publish(self.env, self.why, self.produced, self.removed, prune=False)
 
 
-def prune_publications(settings, output):
+def prune_publications(env):
     """Keep the newest publish-keep publications, the current one, and those a hold refers to."""
-    current = current_publication(settings.pkgdir)
-    referred = {hold[key] for hold in read_holds(settings.pkgdir)["holds"] for key in ("to", "from", "rollback")}
-    ids = publication_ids(settings.pkgdir)
-    for old in ids[:-settings.publish_keep] if len(ids) > settings.publish_keep else []:
+    current = current_publication(env.pkgdir)
+    referred = {hold[key] for hold in read_holds(env.pkgdir)["holds"] for key in ("to", "from", "rollback")}
+    ids = publication_ids(env.pkgdir)
+    for old in ids[:-env.publish_keep] if len(ids) > env.publish_keep else []:
         if old != current and old not in referred:
-            shutil.rmtree(os.path.join(publications_dir(settings.pkgdir), str(old)), ignore_errors=True)
-            output.debug(f"Removed publication {old} (publish-keep = {settings.publish_keep})")
+            shutil.rmtree(os.path.join(publications_dir(env.pkgdir), str(old)), ignore_errors=True)
+            env.output.debug(f"Removed publication {old} (publish-keep = {env.publish_keep})")
 
 
 def publication_set(pkgdir, publication):
@@ -6918,70 +6949,70 @@ def publication_history(pkgdir):
     return list(reversed(history))
 
 
-def rollback(settings, runner, output, publication=None):
+def rollback(env, publication=None):
     """Publish an earlier publication's set again, as a new publication (targets only read a newer
     index), and hold back what it withdraws: every build the current set has and ID's does not,
     and every newer version of those packages, stay out of later publications until released."""
-    ids, current = publication_ids(settings.pkgdir), current_publication(settings.pkgdir)
+    ids, current = publication_ids(env.pkgdir), current_publication(env.pkgdir)
     if publication is None:
         earlier = [each for each in ids if current is None or each < current]
         if not earlier:
             raise BinhostError(f"no publication before the current one ({current}) is kept in"
-                               f" {publications_dir(settings.pkgdir)}: see '{PROG} history'")
+                               f" {publications_dir(env.pkgdir)}: see '{PROG} history'")
         publication = earlier[-1]
     if publication not in ids:
         raise UsageError(f"publication {publication} is not kept (kept: {', '.join(map(str, ids)) or 'none'}):"
                          f" see '{PROG} history'")
     if publication == current:
-        output.info(f"Publication {publication} is the current one: nothing changes")
+        env.output.info(f"Publication {publication} is the current one: nothing changes")
         return None
-    chosen = publication_set(settings.pkgdir, publication)
+    chosen = publication_set(env.pkgdir, publication)
     missing = [entry_path(fields) for fields in chosen.values()
-               if not os.path.isfile(os.path.join(settings.pkgdir, entry_path(fields)))]
+               if not os.path.isfile(os.path.join(env.pkgdir, entry_path(fields)))]
     if missing:
         raise BinhostError(f"publication {publication} names packages that are gone ({', '.join(missing[:5])}):"
                            " it cannot be published again")
     # Older builds that clean removed since are left out; the set's own builds are all there.
-    text = index_keeping(read_text(os.path.join(publications_dir(settings.pkgdir), str(publication), "Packages")),
-                         lambda fields: os.path.isfile(os.path.join(settings.pkgdir, entry_path(fields))))
+    text = index_keeping(read_text(os.path.join(publications_dir(env.pkgdir), str(publication), "Packages")),
+                         lambda fields: os.path.isfile(os.path.join(env.pkgdir, entry_path(fields))))
     chosen_paths = {entry_path(fields) for fields in chosen.values()}
     versions = {}
     for fields in chosen.values():
         name, version = cpv_package_name(fields["CPV"]), cpv_version(fields["CPV"])
         if name not in versions or compare_versions(version, versions[name]) > 0:
             versions[name] = version
-    withdrawn = [fields for fields in (publication_set(settings.pkgdir, current).values() if current else ())
+    withdrawn = [fields for fields in (publication_set(env.pkgdir, current).values() if current else ())
                  if entry_path(fields) not in chosen_paths]
-    with build_lock(settings, runner, output):
-        new_id = (publication_ids(settings.pkgdir) or [0])[-1] + 1
+    with build_lock(env):
+        new_id = (publication_ids(env.pkgdir) or [0])[-1] + 1
         hold = {"rollback": new_id, "from": current, "to": publication,
                 "builds": sorted(entry_path(fields) for fields in withdrawn),
                 "versions": {cpv_package_name(fields["CPV"]): versions.get(cpv_package_name(fields["CPV"]))
                              for fields in withdrawn},
                 "cpvs": sorted({fields["CPV"] for fields in withdrawn})}
-        if runner.pretend:
-            output.info(f"Would publish publication {publication}'s set again"
-                        + (f", holding back {', '.join(hold['cpvs'])}" if withdrawn else ""))
+        if env.runner.pretend:
+            env.output.info(f"Would publish publication {publication}'s set again"
+                            + (f", holding back {', '.join(hold['cpvs'])}" if withdrawn else ""))
             return None
-        holds = read_holds(settings.pkgdir)
+        holds = read_holds(env.pkgdir)
         if withdrawn:
-            write_holds(settings.pkgdir, dict(holds, holds=holds["holds"] + [hold]), runner)
+            write_holds(env.pkgdir, dict(holds, holds=holds["holds"] + [hold]), env.runner)
         try:
-            made = publish(settings, runner, output, f"rollback to publication {publication}", index_text=text,
+            made = publish(env, f"rollback to publication {publication}", index_text=text,
                            meta={"held": hold["cpvs"]})
         except BaseException:
-            write_holds(settings.pkgdir, holds, runner)
+            write_holds(env.pkgdir, holds, env.runner)
             raise
     if withdrawn:
-        output.info(f"Held back until '{PROG} release': {', '.join(hold['cpvs'])} (and newer versions):"
-                    " no later publication offers them, and no build makes them again")
+        env.output.info(f"Held back until '{PROG} release': {', '.join(hold['cpvs'])} (and newer versions):"
+                        " no later publication offers them, and no build makes them again")
     return made
 
 
-def release(settings, runner, output, atoms=()):
+def release(env, atoms=()):
     """End the holds on atoms' packages (all holds without atoms); their builds still in PKGDIR
     are offered again by the next publication."""
-    holds = read_holds(settings.pkgdir)
+    holds = read_holds(env.pkgdir)
     wanted = {cpv_package_name(atom.lstrip("=<>~").split(":")[0]) if re.search(r"-[0-9]", atom)
               else atom.split(":")[0] for atom in atoms}
     kept, released_builds, released = [], [], []
@@ -7001,17 +7032,17 @@ def release(settings, runner, output, atoms=()):
     if atoms and unknown:
         raise UsageError(f"no hold on {', '.join(sorted(unknown))}: see '{PROG} history' for what is held")
     if not released:
-        output.info("Nothing is held back")
+        env.output.info("Nothing is held back")
         return []
-    offered = [path for path in released_builds if os.path.isfile(os.path.join(settings.pkgdir, path))]
-    if runner.pretend:
-        output.info(f"Would release {', '.join(sorted(released))}")
+    offered = [path for path in released_builds if os.path.isfile(os.path.join(env.pkgdir, path))]
+    if env.runner.pretend:
+        env.output.info(f"Would release {', '.join(sorted(released))}")
         return released
-    with build_lock(settings, runner, output):
-        write_holds(settings.pkgdir, {"holds": kept, "released": sorted(set(holds["released"]) | set(offered))},
-                    runner)
-    output.info(f"Released {', '.join(sorted(released))}: the next publication offers them again"
-                f" ({len(offered)} build(s) still in PKGDIR), and later builds may make their newer versions")
+    with build_lock(env):
+        write_holds(env.pkgdir, {"holds": kept, "released": sorted(set(holds["released"]) | set(offered))},
+                    env.runner)
+    env.output.info(f"Released {', '.join(sorted(released))}: the next publication offers them again"
+                    f" ({len(offered)} build(s) still in PKGDIR), and later builds may make their newer versions")
     return released
 
 
@@ -7031,22 +7062,22 @@ def update_environments(config, args, runner, output):
     """update: each environment synced, every target's world built (the coverage plan and the
     gate), signed and published, then cleaned; a summary row per target."""
     rows = []
-    for settings in config.environments().values():
-        targets = [target for target in config.targets.values() if config.binhost_for(target).root == settings.root]
+    for env in config.environments().values():
+        targets = [target for target in config.targets.values() if config.environment_for(target).root == env.root]
         if not targets:
             continue
-        output.action(f"Environment {settings.root}: {', '.join(target.name for target in targets)}")
-        started, before = time.monotonic(), current_publication(settings.pkgdir)
-        pending = PendingPublication(settings, f"update for {', '.join(target.name for target in targets)}")
+        output.action(f"Environment {env.root}: {', '.join(target.name for target in targets)}")
+        started, before = time.monotonic(), current_publication(env.pkgdir)
+        pending = PendingPublication(env, f"update for {', '.join(target.name for target in targets)}")
         try:
             failures, following = [], []
-            with build_lock(settings, runner, output):  # one update at a time; builds nest in it
+            with build_lock(env):  # one update at a time; builds nest in it
                 if not args.no_sync:
-                    sync_repositories(settings, runner, output)
+                    sync_repositories(env)
                 for target in targets:  # a target asleep at night must not stop the others
                     target_started = time.monotonic()
                     try:
-                        plan = build_for_target(settings, target, runner, output, WORLD_UPDATE, pending=pending,
+                        plan = build_for_target(env, target, WORLD_UPDATE, pending=pending,
                                                 may_sync=False)
                         rows.append((target.name, coverage_summary(plan), time.monotonic() - target_started))
                         if plan is not None and plan.trees is not None:
@@ -7059,12 +7090,12 @@ def update_environments(config, args, runner, output):
                 # (not after a failure: what it left may be what the next run needs).
                 try:
                     if failures:
-                        pending.publish(runner, output)
+                        pending.publish()
                     else:
-                        clean_packages(settings, runner, output, DEFAULT_KEEP, pending)
+                        clean_packages(env, DEFAULT_KEEP, pending)
                 except BinhostError as error:
                     output.warn(f"clean skipped: {error}")
-                    pending.publish(runner, output)
+                    pending.publish()
                 for row, trees in following:  # published: their live trees follow now
                     try:
                         trees.move()
@@ -7074,13 +7105,13 @@ def update_environments(config, args, runner, output):
                         rows[row] = (rows[row][0], f"FAILED: {error}", rows[row][2])
             if failures:
                 raise BinhostError("; ".join(failures))
-            after = current_publication(settings.pkgdir)
+            after = current_publication(env.pkgdir)
             result = (f"ok: publication {after}" if after != before
                       else f"ok: nothing new (publication {after})" if after else "ok: nothing to publish")
         except BinhostError as error:
-            output.error(f"{settings.root}: {error}")
+            output.error(f"{env.root}: {error}")
             result = f"FAILED: {error}"
-        rows.append((settings.root, result, time.monotonic() - started))
+        rows.append((env.root, result, time.monotonic() - started))
     if not rows:
         raise UsageError(f"{config.path}: no target configured: update builds what targets need")
     width = max(len(name) for name, _, _ in rows + [("target or environment", None, None)])
@@ -7181,26 +7212,26 @@ def configuration_fingerprint(members):
     return digest.hexdigest()[:16]
 
 
-def doctor_binhost_root_shape(doctor, settings):
-    check_binhost_root(settings)
-    release = next((os.path.join(settings.root, name) for name in ("etc/os-release", "usr/lib/os-release")
-                    if os.path.isfile(os.path.join(settings.root, name))), None)
+def doctor_binhost_root_shape(doctor, env):
+    check_binhost_root(env)
+    release = next((os.path.join(env.root, name) for name in ("etc/os-release", "usr/lib/os-release")
+                    if os.path.isfile(os.path.join(env.root, name))), None)
     text = open(release, encoding="utf-8", errors="replace").read() if release else ""
     if "gentoo" in text.lower():
-        doctor.report(OK, "binhost root", f"{settings.root} is a Gentoo stage3")
+        doctor.report(OK, "binhost root", f"{env.root} is a Gentoo stage3")
     else:
-        doctor.report(WARN, "binhost root", f"{settings.root} has etc/portage but no Gentoo os-release:"
+        doctor.report(WARN, "binhost root", f"{env.root} has etc/portage but no Gentoo os-release:"
                                             " is it an extracted stage3?")
 
 
-def doctor_build_method(doctor, settings, runner, output):
-    method, why = build_method(settings, runner, output)
-    automatic_root = method == "root" and settings.build_method not in BUILD_METHODS and "CPU lacks" in why
+def doctor_build_method(doctor, env):
+    method, why = env.method
+    automatic_root = method == "root" and env.build_method not in BUILD_METHODS and "CPU lacks" in why
     doctor.report(WARN if automatic_root else OK, "build method", f"{method}: {why}")
-    host = portage_host(settings, runner, output)
+    host = env.host
     if host.emulated_by:
         compiling = ("its compiles go to the distcc helpers (distcc-hosts), whose cross compiler runs natively"
-                     if settings.distcc_hosts else "distcc helpers with a cross compiler would take the compiling")
+                     if env.distcc_hosts else "distcc helpers with a cross compiler would take the compiling")
         doctor.report(OK, "emulation", f"the binhost root's programs run through {host.emulated_by}: builds are"
                                        f" slower than on a native machine; {compiling} (README: 'Building for"
                                        " another architecture')")
@@ -7213,19 +7244,19 @@ def doctor_build_method(doctor, settings, runner, output):
                                            " machine's files, devices and loopback services; allow namespaces"
                                            " (unshare as root) to confine them")
     else:
-        network = "with the network (distcc-hosts)" if settings.distcc_hosts else "without network"
+        network = "with the network (distcc-hosts)" if env.distcc_hosts else "without network"
         doctor.report(OK, "confinement", f"builds in {host.where} run in namespaces of their own: their own"
                                          f" /proc, /dev and /run, {network}, no capability to leave")
-    place = enclosing_place(settings.gpg_home, [settings.root, settings.host.chroot])
+    place = enclosing_place(env.gpg_home, [env.root, env.host_chroot])
     if place:
-        doctor.report(WARN, "signing key", f"gpg-home {settings.gpg_home} lies inside {place}, where builds"
+        doctor.report(WARN, "signing key", f"gpg-home {env.gpg_home} lies inside {place}, where builds"
                                            f" could read it: the next build, emerge, update, sign, keygen or"
-                                           f" setup-target moves it to {default_gpg_home(settings.config_path)}")
+                                           f" setup-target moves it to {default_gpg_home(env.config_path)}")
 
 
-def doctor_configuration(doctor, settings, target, runner, output):
-    binhost_side, remote, binhost_tar, target_tar = fetch_both_configs(settings, target, runner, output)
-    target_tar = resolve_march_native_in(target_tar, settings, target, runner, output)
+def doctor_configuration(doctor, env, target):
+    binhost_side, remote, binhost_tar, target_tar = fetch_both_configs(env, target)
+    target_tar = resolve_march_native_in(target_tar, env, target)
     binhost, remote_members = config_members(binhost_tar), config_members(target_tar)
     doctor.fingerprint = configuration_fingerprint(remote_members)
     differing = sorted(name for name in set(binhost) | set(remote_members)
@@ -7248,15 +7279,15 @@ def doctor_configuration(doctor, settings, target, runner, output):
     else:
         doctor.report(OK, "world", f"{len(world_lines[1])} entries, the same on both")
     profiles = [members.get("etc/portage/make.profile", ("", 0, "none"))[2] for members in (binhost, remote_members)]
-    profile_path = os.path.join(settings.root, "etc/portage/make.profile")
+    profile_path = os.path.join(env.root, "etc/portage/make.profile")
     if profiles[0] != profiles[1]:
         doctor.report(FAIL, "profile", f"binhost {profiles[0]}, {target.name} {profiles[1]}: run '{PROG} config pull'")
-    elif not os.path.exists(on_build_host_path(settings, profile_path)) and profile_repository(settings.root) in \
-            kept_repositories(settings, runner, output).values():
+    elif not os.path.exists(on_build_host_path(env, profile_path)) and profile_repository(env.root) in \
+            kept_repositories(env).values():
         doctor.report(WARN, "profile", f"{profile_path} -> {profiles[0]} resolves once"
-                                       f" {profile_repository(settings.root)} is synced inside the binhost root:"
+                                       f" {profile_repository(env.root)} is synced inside the binhost root:"
                                        f" the next build or '{PROG} update' does it")
-    elif not os.path.exists(on_build_host_path(settings, profile_path)):
+    elif not os.path.exists(on_build_host_path(env, profile_path)):
         doctor.report(FAIL, "profile", f"{profile_path} -> {profiles[0]} does not resolve on the binhost:"
                                        f" '{PROG} config pull' links the repositories it points into"
                                        " (the repository must exist on the build host)")
@@ -7264,15 +7295,15 @@ def doctor_configuration(doctor, settings, target, runner, output):
         doctor.report(OK, "profile", f"{profiles[1]}")
     doctor_other_binhosts(doctor, remote_members, target)
     doctor_repositories(doctor, binhost_side, remote, repository_locations(binhost),
-                       repository_locations(remote_members), target, published_trees(settings.pkgdir))
-    doctor_portage_variables(doctor, settings, remote, runner, output, target)
+                       repository_locations(remote_members), target, published_trees(env.pkgdir))
+    doctor_portage_variables(doctor, env, remote, target)
 
 
-def doctor_portage_variables(doctor, settings, remote, runner, output, target):
+def doctor_portage_variables(doctor, env, remote, target):
     names = ["CHOST", "ARCH", "USE"]
-    host = portage_host(settings, runner, output)
+    host = env.host
     local = host.read([host.program("portageq", "put Portage's bin directory in PATH"), "envvar", "-v"]
-                      + names, root_environment(settings), describe="portageq envvar on the binhost")
+                      + names, root_environment(env), describe="portageq envvar on the binhost")
     theirs = remote.run(["portageq", "envvar", "-v"] + names, target.portage_environment,
                         changes=False, capture=True)
     if theirs.returncode != 0:
@@ -7337,7 +7368,7 @@ def doctor_repositories(doctor, binhost_side, remote, ours, theirs, target, publ
                                                       f" tree = binhost in [target {target.name}]{built_from(name)}")
 
 
-def doctor_tree(doctor, settings, target, runner, output):
+def doctor_tree(doctor, env, target):
     """Whose ebuild tree the target plans from; following the binhost's: per repository the
     revision live there, staged there, published there, and the binhost's."""
     if target.tree != "binhost":
@@ -7350,7 +7381,7 @@ def doctor_tree(doctor, settings, target, runner, output):
                                         f" [target {target.name}] of {target.config_path} to follow the binhost's"
                                         " snapshot (tree = own keeps its own without this warning)")
         return
-    repos, _stamps, marks, kind = TargetTrees(settings, target, runner, output).read()
+    repos, _stamps, marks, kind = TargetTrees(env, target).read()
     if kind in ("file", "link"):
         doctor.report(FAIL, "tree", f"{target.name}'s repos.conf is a {kind}, not a directory: {PROG} cannot add"
                                     " its entry beside it; make it a directory (the README's Troubleshooting)")
@@ -7364,11 +7395,11 @@ def doctor_tree(doctor, settings, target, runner, output):
         return "unknown"
 
     followed = 0
-    for name, directory in sorted(binhost_repositories(settings).items()):
+    for name, directory in sorted(binhost_repositories(env).items()):
         if not os.path.isdir(directory) or not repos.has_section(name):
             continue
         followed += 1
-        binhost = json.dumps(repository_state(directory, settings.root), sort_keys=True)
+        binhost = json.dumps(repository_state(directory, env.root), sort_keys=True)
         live, staged, published = (marks.get((name, mark)) for mark in ("live", "staged", "published"))
         detail = (f"{target.name} live {shown(name, live)}, staged {shown(name, staged)}, published"
                   f" {shown(name, published)}; the binhost's {shown(name, binhost)}")
@@ -7382,12 +7413,12 @@ def doctor_tree(doctor, settings, target, runner, output):
                                     f" configured: run '{PROG} config push', or set tree = own")
 
 
-def doctor_binrepos(doctor, settings, target, runner, output):
-    remote = Remote(target, runner, output)
-    tunnel = settings.transport == "tunnel"
+def doctor_binrepos(doctor, env, target):
+    remote = Remote(target, env.runner, env.output)
+    tunnel = env.transport == "tunnel"
     kind, current = probe_target(remote)
-    expected = credentials_url(settings, tunnel, runner)
-    shown = target_url(settings, tunnel, with_credentials=False)
+    expected = credentials_url(env, tunnel)
+    shown = target_url(env, tunnel, with_credentials=False)
     entry = configparser.ConfigParser(interpolation=None)
     with contextlib.suppress(configparser.Error):
         entry.read_string(current or "")
@@ -7411,31 +7442,31 @@ def doctor_binrepos(doctor, settings, target, runner, output):
         if verify.lower() in ("false", "no", "0"):
             doctor.report(WARN, "verify-signature", f"{target.name} installs unsigned packages")
     if tunnel:
-        with background_server({settings.env_name: settings}, output, "127.0.0.1", 0) as server:
-            tool, code = fetch_index(settings, remote, runner, forward=(settings.tunnel_port, server.server_address[1]))
+        with background_server({env.env_name: env}, env.output, "127.0.0.1", 0) as server:
+            tool, code = fetch_index(env, remote, forward=(env.tunnel_port, server.server_address[1]))
     else:
-        tool, code = fetch_index(settings, remote, runner)
+        tool, code = fetch_index(env, remote)
     if code == "0":
         doctor.report(OK, "fetch", f"{target.name} can download {shown}Packages")
     else:
         answered = code in FETCH_ANSWERED.get(tool, ())
-        hint = (f"{settings.pkgdir} has no index yet: build something first ('{PROG} emerge -uDN @world')"
-                if answered and not os.path.isfile(os.path.join(settings.pkgdir, "Packages"))
+        hint = (f"{env.pkgdir} has no index yet: build something first ('{PROG} emerge -uDN @world')"
+                if answered and not os.path.isfile(os.path.join(env.pkgdir, "Packages"))
                 else describe_fetch_failure(tool, code))
         doctor.report(FAIL, "fetch", f"{target.name} cannot download {shown}Packages ({tool} exit {code}):"
                                      f" {hint}")
-    if settings.signing_key and enclosing_place(settings.gpg_home, [settings.root, settings.host.chroot]):
-        doctor.report(WARN, "signing key", f"not checked: gpg-home {settings.gpg_home} lies where builds could"
+    if env.signing_key and enclosing_place(env.gpg_home, [env.root, env.host_chroot]):
+        doctor.report(WARN, "signing key", f"not checked: gpg-home {env.gpg_home} lies where builds could"
                                            " write it (see the row above)")
-    elif settings.signing_key:
+    elif env.signing_key:
         home = target_verify_home(remote)
         try:
-            reason = target_accepts_signature(settings, remote, runner, home)
+            reason = target_accepts_signature(env, remote, home)
         except CannotSign as error:
             doctor.report(WARN, "signing key", str(error))
             return
         if reason is None:
-            doctor.report(OK, "signing key", f"{target.name} trusts {settings.signing_key}")
+            doctor.report(OK, "signing key", f"{target.name} trusts {env.signing_key}")
         else:
             doctor.report(FAIL, "signing key", f"{target.name} does not accept our signatures ({reason}):"
                                                f" run '{PROG} setup-target'")
@@ -7443,29 +7474,29 @@ def doctor_binrepos(doctor, settings, target, runner, output):
         doctor.report(WARN, "signing key", f"none configured: run '{PROG} keygen'")
 
 
-def doctor_pkgdir(doctor, settings):
-    if not os.path.isfile(os.path.join(settings.pkgdir, "Packages")):
-        doctor.report(WARN, "index", f"{settings.pkgdir}/Packages does not exist yet: build something")
+def doctor_pkgdir(doctor, env):
+    if not os.path.isfile(os.path.join(env.pkgdir, "Packages")):
+        doctor.report(WARN, "index", f"{env.pkgdir}/Packages does not exist yet: build something")
     else:
-        broken, unindexed = index_problems(settings.pkgdir)
+        broken, unindexed = index_problems(env.pkgdir)
         if broken:
             doctor.report(FAIL, "index", f"{'; '.join(broken[:5])}: run 'emaint binhost --fix'"
                                          " with the binhost's ROOT/PORTAGE_CONFIGROOT/PKGDIR")
         elif unindexed:
             doctor.report(WARN, "index", f"not in the index: {', '.join(unindexed[:5])}")
         else:
-            doctor.report(OK, "index", f"{settings.pkgdir}/Packages matches the files")
-    current = current_publication(settings.pkgdir)
+            doctor.report(OK, "index", f"{env.pkgdir}/Packages matches the files")
+    current = current_publication(env.pkgdir)
     if current is not None:
-        gone = [entry_path(fields) for fields in publication_set(settings.pkgdir, current).values()
-                if not os.path.isfile(os.path.join(settings.pkgdir, entry_path(fields)))]
+        gone = [entry_path(fields) for fields in publication_set(env.pkgdir, current).values()
+                if not os.path.isfile(os.path.join(env.pkgdir, entry_path(fields)))]
         if gone:
             doctor.report(FAIL, "publication", f"publication {current}, which targets get, names missing files"
                                                f" ({', '.join(gone[:5])}): build again, or '{PROG} rollback'")
         else:
             doctor.report(OK, "publication", f"targets get publication {current}"
-                                             f" ({len(publication_entries(settings.pkgdir, current))} packages)")
-    usage = shutil.disk_usage(settings.pkgdir if os.path.isdir(settings.pkgdir) else settings.root)
+                                             f" ({len(publication_entries(env.pkgdir, current))} packages)")
+    usage = shutil.disk_usage(env.pkgdir if os.path.isdir(env.pkgdir) else env.root)
     free = f"{usage.free / 1024**3:.1f} GiB free"
     doctor.report(OK if usage.free >= MIN_FREE_BYTES else WARN, "disk", free)
 
@@ -7478,22 +7509,22 @@ def published_index_text(pkgdir):
     return read_text(os.path.join(publications_dir(pkgdir), str(current), "Packages"))
 
 
-def doctor_preflight(doctor, settings, target, runner, output, atoms):
+def doctor_preflight(doctor, env, target, atoms):
     """The gate's comparison against what the target is offered now, in one ssh round trip: its
     binary-only plan (with its own configuration) must merge every package of its source plan
     with the same version and USE."""
     atoms = atoms or WORLD_UPDATE
     what = " ".join(atoms)
     # doctor reports a stopped server, so it starts none of its own, except behind the tunnel.
-    route = serving_targets(settings, runner, output) if settings.transport == "tunnel" else \
+    route = serving_targets(env) if env.transport == "tunnel" else \
         contextlib.nullcontext(Route())
     with route as route:
-        plan = ask_target(settings, target, runner, output, atoms, route, binary="live")
+        plan = ask_target(env, target, atoms, route, binary="live")
     problem = plan.problem()
     if problem:
         doctor.report(FAIL, "coverage", f"{problem}: fix that on the target (emerge {what} must resolve)")
         return
-    gaps = binary_plan_gaps(settings, runner, output, plan, published_index_text(settings.pkgdir))
+    gaps = binary_plan_gaps(env, plan, published_index_text(env.pkgdir))
     have = len(plan.packages) - len(gaps)
     if gaps:
         doctor.report(FAIL, "coverage", f"{have} of {len(plan.packages)} packages from the binhost; not"
@@ -7540,13 +7571,13 @@ def doctor_other_binhosts(doctor, members, target):
                                               " for what this binhost does not build")
 
 
-def doctor_host_chroot(doctor, settings, runner, output):
-    chroot = settings.host.chroot
+def doctor_host_chroot(doctor, env):
+    chroot = env.host_chroot
     if not os.path.isdir(chroot):
         doctor.report(FAIL, "host chroot", f"{chroot} does not exist: run '{PROG} init --host-chroot {chroot}'")
         return
     check_chroot_privileges(chroot)
-    mounts = HostMounts(chroot, runner, output)
+    mounts = HostMounts(chroot, env.runner, env.output)
     with mounts.guard():
         ours, in_use = mounts.ours(), mounts.in_use()
         others = [point for point in mount_points()
@@ -7563,7 +7594,7 @@ def doctor_host_chroot(doctor, settings, runner, output):
     if others:
         doctor.report(OK, "chroot mounts", f"mounted by someone else, used as they are and never"
                                            f" unmounted by {PROG}: {', '.join(sorted(set(others)))}")
-    snapshots = repository_snapshots(BuildHost(settings, runner, output))
+    snapshots = repository_snapshots(BuildHost(env))
     if not snapshots:
         doctor.report(WARN, "snapshot", f"no repository in {chroot} has a snapshot date: run"
                                         f" '{PROG} init --host-chroot {chroot}' to sync it")
@@ -7582,24 +7613,24 @@ def doctor_host_chroot(doctor, settings, runner, output):
                   + ("" if free >= MIN_FREE_BYTES else ": builds unpack and compile in its /var/tmp"))
 
 
-def run_doctor(settings, target, runner, output, atoms):
-    doctor = Doctor(output)
-    if settings.host.chroot:  # first: before anything of ours is mounted there
-        doctor.run("host chroot", doctor_host_chroot, settings, runner, output)
+def run_doctor(env, target, atoms):
+    doctor = Doctor(env.output)
+    if env.host_chroot:  # first: before anything of ours is mounted there
+        doctor.run("host chroot", doctor_host_chroot, env)
     session = contextlib.nullcontext()
     if not doctor.failed:
         try:
-            session = chroot_session(settings, runner, output)
+            session = chroot_session(env)
         except BinhostError as error:  # Portage cannot run there (another architecture, no emulation)
             doctor.report(FAIL, "build method", str(error))
     with session:
-        doctor.run("binhost root", doctor_binhost_root_shape, settings)
-        doctor.run("build method", doctor_build_method, settings, runner, output)
-        doctor.run("configuration", doctor_configuration, settings, target, runner, output)
-        doctor.run("binrepos", doctor_binrepos, settings, target, runner, output)
-        doctor.run("tree", doctor_tree, settings, target, runner, output)
-        doctor.run("index", doctor_pkgdir, settings)
-        doctor.run("preflight", doctor_preflight, settings, target, runner, output, atoms)
+        doctor.run("binhost root", doctor_binhost_root_shape, env)
+        doctor.run("build method", doctor_build_method, env)
+        doctor.run("configuration", doctor_configuration, env, target)
+        doctor.run("binrepos", doctor_binrepos, env, target)
+        doctor.run("tree", doctor_tree, env, target)
+        doctor.run("index", doctor_pkgdir, env)
+        doctor.run("preflight", doctor_preflight, env, target, atoms)
     return doctor
 
 
@@ -7789,8 +7820,8 @@ def check_init_root(root, force):
 
 
 def init_binhost(config, args, runner, output):
-    settings = config.binhost_for_command(args.target)
-    root = settings.root
+    env = config.environment_for_command(args.target)
+    root = env.root
     check_init_root(root, args.force)
     arch, variant = args.arch, args.variant
     if args.like_target:
@@ -7807,11 +7838,11 @@ def init_binhost(config, args, runner, output):
     arch = arch or GENTOO_ARCHES.get(os.uname().machine, os.uname().machine)
     variant = variant or DEFAULT_VARIANT
     # init --force replaces the root, but not the packages kept in it (the key lives outside).
-    keep = [os.path.relpath(path, root) for path in (settings.pkgdir,)
+    keep = [os.path.relpath(path, root) for path in (env.pkgdir,)
             if os.path.relpath(path, root).split(os.sep)[0] not in ("..", ".")]
     installed = install_stage3(args, arch, variant, args.stage3, root, runner, output, keep)
     if installed is None:  # --pretend
-        if not settings.host.chroot and settings.build_method != "root":
+        if not env.host_chroot and env.build_method != "root":
                 output.info("Would then sync inside the root, with its own Portage (emerge --sync NAME), each repository"
                         " its configuration names that this machine lacks, when it builds with the chroot method"
                         " (README: 'Build methods')")
@@ -7820,11 +7851,11 @@ def init_binhost(config, args, runner, output):
     os.makedirs(os.path.join(root, "var/cache/binpkgs"), exist_ok=True)
     note = {"stage3": name, "stage3-sha512": sha512,
             "stage3-installed": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")}
-    if settings.root == config.binhost.root:  # the notes describe [binhost] root
+    if env.root == config.binhost.root:  # the notes describe [binhost] root
         runner.write_file(config.path, set_config_values(read_text(config.path), "binhost", note))
-    link_repositories_into(settings, runner, output)
+    link_repositories_into(env)
     try:  # the root is in place: what its repositories still lack, the first build syncs again
-        sync_repositories(settings, runner, output, missing_only=True)
+        sync_repositories(env, missing_only=True)
     except BinhostError as error:
         output.warn(f"{error} (the stage3 is in place; the first build, update or add-target syncs again)")
     output.info(f"Next: '{PROG} config pull' copies the target's Portage configuration into {root}")
@@ -7916,54 +7947,54 @@ def install_stage3(args, arch, variant, stage3, root, runner, output, keep=()):
     return name, expected["sha512"]
 
 
-def link_repositories_into(settings, runner, output):
+def link_repositories_into(env):
     """On a real system make.profile is a relative link into the ebuild repository
     (../../var/db/repos/gentoo/profiles/...); copied into the binhost root, it points into the
     binhost root, where a stage3 has no repository. Portage reads each repository where repos.conf
     says, on the build host (in the host chroot, with one): so each one gets a link at its place
     in the binhost root, and so does the profile's, to the build host's repository. The chroot
     method binds each repository over its link for the build (chroot_build_binds)."""
-    chroot = settings.host.chroot
-    repositories = configured_repositories(settings.root)
+    chroot = env.host_chroot
+    repositories = configured_repositories(env.root)
     wanted = {location.rstrip("/"): location.rstrip("/") for location in repositories.values() if safe_place(location)}
     wanted.setdefault(DEFAULT_REPOSITORY, DEFAULT_REPOSITORY)
-    profile_dir = profile_repository(settings.root)
+    profile_dir = profile_repository(env.root)
     if profile_dir and profile_dir not in wanted and safe_place(profile_dir):
         # Its name inside the binhost root is the target's; the repository is the one of that name.
         same_name = [location for location in repositories.values()
                      if os.path.basename(location.rstrip("/")) == os.path.basename(profile_dir)]
         wanted[profile_dir] = same_name[0] if same_name else profile_dir
     for inside, location in sorted(wanted.items()):
-        link = os.path.join(settings.root, inside.lstrip("/"))
+        link = os.path.join(env.root, inside.lstrip("/"))
         if (os.path.isdir(link) and not os.path.islink(link) and not os.path.ismount(link)
-                and not os.listdir(link) and not runner.pretend):
+                and not os.listdir(link) and not env.runner.pretend):
             os.rmdir(link)  # the empty mount point a chroot build left
         # Gentoo's repository is linked before it is synced in a host chroot; a build machine
         # without it keeps it inside the binhost root instead (repositories_kept_in_root).
-        if os.path.lexists(link) or not (os.path.isdir(on_build_host(settings, location))
+        if os.path.lexists(link) or not (os.path.isdir(on_build_host(env, location))
                                          or (location == DEFAULT_REPOSITORY and chroot)):
             continue
-        if not runner.pretend:
+        if not env.runner.pretend:
             os.makedirs(os.path.dirname(link), exist_ok=True)
-        runner.run(["ln", "-s", location, link], describe=f"linking {link}")
-        if not runner.pretend:  # --pretend showed the command
-            output.info(f"{link} -> {location} (the repository on {'the host chroot' if chroot else 'this machine'},"
-                        " so the copied make.profile resolves)")
-    profile = os.path.join(settings.root, "etc/portage/make.profile")
-    if os.path.islink(profile) and not runner.pretend and not os.path.exists(on_build_host_path(settings, profile)):
-        if profile_dir in kept_repositories(settings, runner, output).values():
-            output.info(f"{profile} -> {os.readlink(profile)} resolves once {profile_dir} is synced inside the"
-                        " binhost root, which comes before any build there")
+        env.runner.run(["ln", "-s", location, link], describe=f"linking {link}")
+        if not env.runner.pretend:  # --pretend showed the command
+            env.output.info(f"{link} -> {location} (the repository on {'the host chroot' if chroot else 'this machine'},"
+                            " so the copied make.profile resolves)")
+    profile = os.path.join(env.root, "etc/portage/make.profile")
+    if os.path.islink(profile) and not env.runner.pretend and not os.path.exists(on_build_host_path(env, profile)):
+        if profile_dir in kept_repositories(env).values():
+            env.output.info(f"{profile} -> {os.readlink(profile)} resolves once {profile_dir} is synced inside the"
+                            " binhost root, which comes before any build there")
             return
-        output.warn(f"{profile} -> {os.readlink(profile)} does not resolve: the repository it points into"
-                    f" is not on {'the host chroot' if chroot else 'this machine'}; sync it there"
-                    f" ('{PROG} doctor' checks this)")
+        env.output.warn(f"{profile} -> {os.readlink(profile)} does not resolve: the repository it points into"
+                        f" is not on {'the host chroot' if chroot else 'this machine'}; sync it there"
+                        f" ('{PROG} doctor' checks this)")
 
 
-def on_build_host_path(settings, path):
+def on_build_host_path(env, path):
     """A path in the binhost root as the build host sees it: links in there that lead to
     absolute paths mean the host chroot's paths when there is one."""
-    chroot = settings.host.chroot
+    chroot = env.host_chroot
     if not chroot:
         return path
     inside = "/" + os.path.relpath(path, chroot)
@@ -7986,8 +8017,8 @@ def on_build_host_path(settings, path):
 def init_host_chroot(config, args, runner, output):
     """init --host-chroot DIR: a Gentoo host environment for a build machine without Gentoo, its
     repository synced, and the binhost environment inside it."""
-    settings = config.binhost_for_command(args.target)
-    chroot = settings.host.chroot
+    env = config.environment_for_command(args.target)
+    chroot = env.host_chroot
     if os.path.lexists(chroot) and not os.path.isdir(chroot):
         raise BinhostError(f"{chroot} exists and is not a directory: choose another --host-chroot")
     if not runner.pretend:
@@ -8010,7 +8041,7 @@ def init_host_chroot(config, args, runner, output):
         if install_stage3(args, arch, DEFAULT_VARIANT, args.host_stage3, chroot, runner, output) is None:
             output.info("... then the repository is synced inside it, and the binhost root created")
             return
-    host = BuildHost(settings, runner, output)
+    host = BuildHost(env)
     if not runner.pretend:
         host.sync_resolv_conf()
     if args.sync_with != "none":
@@ -8019,9 +8050,9 @@ def init_host_chroot(config, args, runner, output):
         report_snapshot(host, output)
     if args.host_chroot:
         runner.write_file(config.path, set_config_values(read_text(config.path), "host", {"chroot": chroot}))
-    if os.path.isdir(settings.root) and os.listdir(settings.root) and not args.force:
-        output.info(f"Keeping the binhost root {settings.root} (init --force replaces it)")
-        link_repositories_into(settings, runner, output)
+    if os.path.isdir(env.root) and os.listdir(env.root) and not args.force:
+        output.info(f"Keeping the binhost root {env.root} (init --force replaces it)")
+        link_repositories_into(env)
         return
     host_keys = os.path.join(chroot, GENTOO_RELEASE_KEYS.lstrip("/"))
     if not args.keyring and not os.path.isfile(GENTOO_RELEASE_KEYS) and os.path.isfile(host_keys):
@@ -8299,21 +8330,21 @@ def choose_environment(config, target, runner, output, known=False):
     """(root, why) of the binhost environment a new target gets: one whose configuration is the
     target's (by fingerprint, as doctor --all compares them), else one no other target uses, else
     a new one beside [binhost] root."""
-    settings = config.binhost
+    env = config.environment_for()
     remote = Remote(target, runner, output)
     target_tar = sanitized_config_tar(read_config_tar(remote, target.root), target.name, output)
-    target_tar = resolve_march_native_in(target_tar, settings, target, runner, output)
+    target_tar = resolve_march_native_in(target_tar, env, target)
     wanted = configuration_fingerprint(config_members(target_tar))
     free = None
     for environment in config.environments().values():
         users = sorted(other.name for other in config.targets.values()
-                       if other.name != target.name and config.binhost_for(other).root == environment.root)
+                       if other.name != target.name and config.environment_for(other).root == environment.root)
         if not os.path.isdir(os.path.join(environment.root, "etc/portage")):
             free = free or (environment.root, "a new binhost environment")
             continue
-        with chroot_session(environment, runner, output):
-            theirs = fingerprint_of(LocalShell(environment, runner, output), environment.root)
-        if theirs == wanted and known and environment.root == (target.binhost_root or settings.root):
+        with chroot_session(environment):
+            theirs = fingerprint_of(LocalShell(environment), environment.root)
+        if theirs == wanted and known and environment.root == (target.binhost_root or env.root):
             return environment.root, f"{environment.root}, as before (fingerprint {wanted})"
         if theirs == wanted:
             return environment.root, (f"the configuration of {', '.join(users) or 'the binhost'} is the same"
@@ -8322,30 +8353,30 @@ def choose_environment(config, target, runner, output, known=False):
             free = free or (environment.root, f"{environment.root} is used by no other target")
     if free:
         return free
-    root = f"{settings.root.rstrip('/')}-{target.name}"
+    root = f"{env.root.rstrip('/')}-{target.name}"
     return root, f"its configuration (fingerprint {wanted}) differs from every environment's: a new one, {root}"
 
 
-def target_reaches_us(settings, target, runner, output):
+def target_reaches_us(env, target):
     """Whether the target can download from our URL: asked with a server on the configured
     address and port for the moment, or the serve of ours already there. An HTTP error counts
     as reaching us only when it is ours (a 404 before the first build); another program on the
     port, or an answer our server never saw, does not."""
-    remote = Remote(target, runner, output)
-    host = "127.0.0.1" if settings.bind in ("", "0.0.0.0", "::") else settings.bind
-    answer = who_answers(host, settings.port, tls=bool(settings.tls_cert))
+    remote = Remote(target, env.runner, env.output)
+    host = "127.0.0.1" if env.bind in ("", "0.0.0.0", "::") else env.bind
+    answer = who_answers(host, env.port, tls=bool(env.tls_cert))
     if answer is not None and not is_our_server(answer):
         program = answer or "a server that does not name itself"
-        raise BinhostError(f"port {settings.port} here is answered by {program}, not by {PROG}: stop that"
-                           f" program, or set port (and url) in [binhost] of {settings.config_path}, then"
+        raise BinhostError(f"port {env.port} here is answered by {program}, not by {PROG}: stop that"
+                           f" program, or set port (and url) in [binhost] of {env.config_path}, then"
                            f" add-target {target.name} again")
     server = None
     if answer is None:
-        server = start_server({settings.env_name: settings}, output, settings.bind, settings.port,
+        server = start_server({env.env_name: env}, env.output, env.bind, env.port,
                               access_log=False)
         threading.Thread(target=server.serve_forever, name="binhost-reach-check", daemon=True).start()
     try:
-        tool, code = fetch_index(settings, remote, runner)
+        tool, code = fetch_index(env, remote)
     finally:
         if server:
             server.shutdown()
@@ -8359,23 +8390,23 @@ def target_reaches_us(settings, target, runner, output):
     return code == "0" or answered, f"{tool} exit {code}"
 
 
-def record_signing_key(config, settings, runner, fingerprint):
-    values = {"signing-key": fingerprint or "<new fingerprint>", "gpg-home": settings.gpg_home}
+def record_signing_key(config, env, fingerprint):
+    values = {"signing-key": fingerprint or "<new fingerprint>", "gpg-home": env.gpg_home}
     text = read_text(config.path) or f"# {PROG} configuration; see README.md for every key.\n"
-    runner.write_file(config.path, set_config_values(text, "binhost", values))
+    env.runner.write_file(config.path, set_config_values(text, "binhost", values))
 
 
-def show_first_pull(settings, target, runner, output):
+def show_first_pull(env, target):
     """add-target --pretend on a root step 2 has not made: the target's configuration is read
     (read-only) and every file the pull would write is shown, with the command that writes them."""
-    stream = read_config_tar(Remote(target, runner, output), target.root)
-    output.text(describe_config_changes({}, config_members(stream), f"binhost:{settings.root}",
-                                        f"{target.name}:{target.root}"), always=True)
-    output.info(f"Would unpack it into {settings.root}/etc/portage (then link the repositories it names), with:")
-    runner.run(["sh", "-c", INSTALL_CONFIG_SCRIPT, "gentoo-binhost", settings.root,
-                hashlib.sha256(stream).hexdigest(), timestamp(), BINREPOS_NAME + ".conf", OWN_REPOS_ENTRY])
-    output.info(f"Would check {target.name}'s CPU against the new root's compiler, as"
-                f" '{PROG} --target {target.name} cpu' does")
+    stream = read_config_tar(Remote(target, env.runner, env.output), target.root)
+    env.output.text(describe_config_changes({}, config_members(stream), f"binhost:{env.root}",
+                                            f"{target.name}:{target.root}"), always=True)
+    env.output.info(f"Would unpack it into {env.root}/etc/portage (then link the repositories it names), with:")
+    env.runner.run(["sh", "-c", INSTALL_CONFIG_SCRIPT, "gentoo-binhost", env.root,
+                    hashlib.sha256(stream).hexdigest(), timestamp(), BINREPOS_NAME + ".conf", OWN_REPOS_ENTRY])
+    env.output.info(f"Would check {target.name}'s CPU against the new root's compiler, as"
+                    f" '{PROG} --target {target.name} cpu' does")
 
 
 TARGET_KEYS_ADD_TARGET_SETS = {"host": "host", "ssh-port": "ssh_port", "ssh-options": "ssh_options", "root": "root",
@@ -8437,56 +8468,56 @@ def add_target(config, args, runner, output):
     if root != (target.binhost_root or config.binhost.root):
         write_config(f"target {name}", {"binhost-root": root})
         target.binhost_root = root if root != config.binhost.root else None
-    settings = config.binhost_for(target)
-    if not os.path.isdir(os.path.join(settings.root, "etc/portage")):
+    env = config.environment_for(target)
+    if not os.path.isdir(os.path.join(env.root, "etc/portage")):
         init_args = argparse.Namespace(
             target=name, like_target=True, arch=args.arch, variant=args.variant, stage3=args.stage3,
             keyring=args.keyring, no_verify_pgp=args.no_verify_pgp, mirror=args.mirror, force=False)
         init_binhost(config, init_args, runner, output)
-    output.action(f"3/5 configuration: {name}'s /etc/portage and world into {settings.root}")
-    if runner.pretend and not os.path.isdir(settings.root):  # step 2 only said how it would make it
-        show_first_pull(settings, target, runner, output)
+    output.action(f"3/5 configuration: {name}'s /etc/portage and world into {env.root}")
+    if runner.pretend and not os.path.isdir(env.root):  # step 2 only said how it would make it
+        show_first_pull(env, target)
     else:
-        with chroot_session(settings, runner, output):
-            sync_config("pull", settings, target, runner, output)
+        with chroot_session(env):
+            sync_config("pull", env, target)
             try:
-                cpu_report(settings, target, runner, output)
+                cpu_report(env, target)
             except BinhostError as error:
                 output.warn(f"CPU check skipped: {error}")
         # A build machine without Gentoo: the repositories the target's configuration names, each
         # verified by the binhost root's own Portage as it syncs it into the root.
-        sync_repositories(settings, runner, output, missing_only=True)
-    if settings.signing_key:
-        output.info(f"Signing key {settings.signing_key} exists already")
+        sync_repositories(env, missing_only=True)
+    if env.signing_key:
+        output.info(f"Signing key {env.signing_key} exists already")
     else:
-        fingerprint = generate_signing_key(config.binhost, runner, output)
+        fingerprint = generate_signing_key(config.environment_for())
         write_config("binhost", {"signing-key": fingerprint or "<new fingerprint>",
                                  "gpg-home": config.binhost.gpg_home})
-        settings = config.binhost_for(target)
+        env = config.environment_for(target)
 
-    output.action(f"4/5 target: can {name} download from {target_url(settings, False, with_credentials=False)}?")
-    if settings.transport == "tunnel":
+    output.action(f"4/5 target: can {name} download from {target_url(env, False, with_credentials=False)}?")
+    if env.transport == "tunnel":
         output.info("transport = tunnel: the target reaches us through ssh, no port to open")
     elif runner.pretend:
         output.info(f"Would ask {name} to download our index, and write transport = tunnel when it cannot")
     else:
-        os.makedirs(settings.pkgdir, exist_ok=True)  # served for the question, empty or not
-        reachable, detail = target_reaches_us(settings, target, runner, output)
+        os.makedirs(env.pkgdir, exist_ok=True)  # served for the question, empty or not
+        reachable, detail = target_reaches_us(env, target)
         if reachable:
             output.info(f"{name} reaches us over HTTP")
         elif [other for other in config.targets if other != name]:
-            raise BinhostError(f"{name} cannot reach {target_url(settings, False, with_credentials=False)}"
+            raise BinhostError(f"{name} cannot reach {target_url(env, False, with_credentials=False)}"
                                f" ({detail}), and transport is one setting for every target: open the port"
                                f" for it, or set transport = tunnel in [binhost] of {config.path} and run"
                                f" '{PROG} setup-target' for each target, then add-target {name} again")
         else:
-            output.warn(f"{name} cannot reach {target_url(settings, False, with_credentials=False)} ({detail}):"
+            output.warn(f"{name} cannot reach {target_url(env, False, with_credentials=False)} ({detail}):"
                         " writing transport = tunnel, so it reaches us through ssh and no port needs opening")
             write_config("binhost", {"transport": "tunnel"})
             config.binhost.transport = "tunnel"
-            settings = config.binhost_for(target)
-    if settings.signing_key:
-        setup_target(settings, target, runner, output)
+            env = config.environment_for(target)
+    if env.signing_key:
+        setup_target(env, target)
     else:  # --pretend: the key is not made
         output.info(f"Would write {name}'s binrepos entry and make it trust the new key, with"
                     f" '{PROG} --target {name} setup-target'")
@@ -8495,10 +8526,10 @@ def add_target(config, args, runner, output):
         return
 
     output.action(f"5/5 doctor {name}")
-    doctor = run_doctor(settings, target, runner, output, [])
+    doctor = run_doctor(env, target, [])
     for result in doctor.results:
         output.check(result["status"], result["check"], result["detail"])
-    serve_hint = "" if settings.transport == "tunnel" else f" (with '{PROG} serve' running)"
+    serve_hint = "" if env.transport == "tunnel" else f" (with '{PROG} serve' running)"
     output.info(f"Next: '{PROG} --target {name} emerge -uDN @world'{serve_hint} builds here and installs"
                 f" there: {name} compiles nothing")
 
@@ -8535,25 +8566,25 @@ def give_back_own_tree(target, runner, output):
 
 def remove_target(config, args, runner, output):
     target = config.target(args.name)
-    settings = config.binhost_for(target)
+    env = config.environment_for(target)
     users = sorted(other.name for other in config.targets.values()
-                   if other.name != target.name and config.binhost_for(other).root == settings.root)
+                   if other.name != target.name and config.environment_for(other).root == env.root)
     output.info(f"Removing [target {target.name}] from {config.path} (its binrepos.conf/{BINREPOS_NAME}.conf"
                 " stays until you remove it there)")
     if target.tree == "binhost":
         give_back_own_tree(target, runner, output)
-    purge = args.purge and not users and settings.root != config.binhost.root
+    purge = args.purge and not users and env.root != config.binhost.root
     if args.purge and not purge:
         why = (f"{', '.join(users)} {'uses' if len(users) == 1 else 'use'} it" if users
                else "it is the [binhost] root")
-        output.warn(f"Keeping the environment {settings.root}: {why}")
-    if purge and os.path.isdir(settings.root):
-        with root_replacement_lock(settings.root, output, "remove-target --purge again"):
-            output.info(f"Removing the environment {settings.root} (no other target uses it)")
-            runner.run(["rm", "-rf", "--one-file-system", os.path.realpath(settings.root)],
-                       describe=f"removing {settings.root}")
+        output.warn(f"Keeping the environment {env.root}: {why}")
+    if purge and os.path.isdir(env.root):
+        with root_replacement_lock(env.root, output, "remove-target --purge again"):
+            output.info(f"Removing the environment {env.root} (no other target uses it)")
+            runner.run(["rm", "-rf", "--one-file-system", os.path.realpath(env.root)],
+                       describe=f"removing {env.root}")
     else:
-        record = os.path.join(publications_dir(settings.pkgdir), INSTALLED_DIR, target.name)
+        record = os.path.join(publications_dir(env.pkgdir), INSTALLED_DIR, target.name)
         if os.path.isfile(record):  # clean no longer keeps what it had installed
             runner.run(["rm", "-f", record], describe=f"removing {record}")
     runner.write_file(config.path, remove_config_section(read_text(config.path), f"target {target.name}"))
@@ -8564,21 +8595,21 @@ def remove_target(config, args, runner, output):
 # ------------------------------------------------------------------------------------------------
 
 def serve(environments, target, runner, output, bind, port, tunnel=False, listings=False):
-    settings = next(iter(environments.values()))  # what the environments share: server settings
+    env = next(iter(environments.values()))  # what the environments share: server settings
     if tunnel:
         bind = "127.0.0.1"
-    elif bind not in LOOPBACK_ADDRESSES and not (settings.tls_cert and settings.auth_file):
-        missing = " and ".join(word for word, present in (("TLS", settings.tls_cert),
-                                                          ("auth", settings.auth_file)) if not present)
+    elif bind not in LOOPBACK_ADDRESSES and not (env.tls_cert and env.auth_file):
+        missing = " and ".join(word for word, present in (("TLS", env.tls_cert),
+                                                          ("auth", env.auth_file)) if not present)
         output.warn(f"Serving on {bind} without {missing}: anyone who can reach port {port} can"
                     " download every package (signatures stop tampering, not reading). Bind to a"
                     " private address, use --tunnel, or set tls-cert/tls-key and auth-file.")
-    scheme = "https" if settings.tls_cert and not tunnel else "http"
+    scheme = "https" if env.tls_cert and not tunnel else "http"
     pkgdirs = ", ".join(each.pkgdir for each in environments.values())
     if runner.pretend:
         output.info(f"Would serve {pkgdirs} on {scheme}://{bind}:{port}/")
         if tunnel:
-            runner.start(Remote(target, runner, output).tunnel_argv((settings.tunnel_port, port)))
+            runner.start(Remote(target, runner, output).tunnel_argv((env.tunnel_port, port)))
         return
     server = start_server(environments, output, bind, port, listings=listings, tunnel=tunnel)
     actual_port = server.server_address[1]
@@ -8598,8 +8629,8 @@ def serve(environments, target, runner, output, bind, port, tunnel=False, listin
         with stop_on_sigterm(server):
             if tunnel:
                 remote = Remote(target, runner, output)
-                tunnel_process = runner.start(remote.tunnel_argv((settings.tunnel_port, actual_port)))
-                output.action(f"Tunnel: {target.name} reaches us on http://127.0.0.1:{settings.tunnel_port}/")
+                tunnel_process = runner.start(remote.tunnel_argv((env.tunnel_port, actual_port)))
+                output.action(f"Tunnel: {target.name} reaches us on http://127.0.0.1:{env.tunnel_port}/")
                 threading.Thread(target=watch_tunnel, args=(tunnel_process, server, output),
                                  daemon=True).start()
             server.serve_forever()
@@ -8617,7 +8648,7 @@ def serve(environments, target, runner, output, bind, port, tunnel=False, listin
         raise stopped_by
     if tunnel_process is not None and tunnel_process.returncode not in (0, -signal.SIGTERM):
         raise BinhostError(f"the ssh tunnel to {target.name} ended (exit {tunnel_process.returncode}):"
-                           f" is port {settings.tunnel_port} free on the target?")
+                           f" is port {env.tunnel_port} free on the target?")
 
 
 def service_definition(kind, config_path, serve_options):
@@ -8655,20 +8686,20 @@ def service_definition(kind, config_path, serve_options):
             f"WantedBy=multi-user.target\n")
 
 
-def warn_private_tmp(config, settings, output):
+def warn_private_tmp(config, env):
     """The unit's PrivateTmp=yes gives the service empty /tmp and /var/tmp of its own: whatever
     serve reads from there is not found. (ProtectHome=read-only leaves /home readable: serve
     only reads.)"""
     needed = {"this script": os.path.abspath(__file__), "Python": sys.executable, "the configuration": config.path,
-              "tls-cert": settings.tls_cert, "tls-key": settings.tls_key, "auth-file": settings.auth_file,
+              "tls-cert": env.tls_cert, "tls-key": env.tls_key, "auth-file": env.auth_file,
               **{f"the PKGDIR of {name or 'the binhost'}": environment.pkgdir
                  for name, environment in config.environments().items()}}
     for what, path in needed.items():
         resolved = os.path.realpath(os.path.abspath(path)) if path else ""
         if any(resolved == private or resolved.startswith(private + "/") for private in ("/tmp", "/var/tmp")):
-            output.warn(f"{what} is {path}, under {'/var/tmp' if resolved.startswith('/var/tmp') else '/tmp'}:"
-                        " the unit's PrivateTmp=yes hides it from the service; move it, or remove"
-                        " PrivateTmp=yes from the unit")
+            env.output.warn(f"{what} is {path}, under {'/var/tmp' if resolved.startswith('/var/tmp') else '/tmp'}:"
+                            " the unit's PrivateTmp=yes hides it from the service; move it, or remove"
+                            " PrivateTmp=yes from the unit")
 
 
 def update_timer(kind, config_path):
@@ -8689,13 +8720,13 @@ def update_timer(kind, config_path):
             f"[Install]\nWantedBy=timers.target\n")
 
 
-def nginx_server_block(settings, bind, port):
+def nginx_server_block(env, bind, port):
     listen = f"{bind}:{port}" if bind not in ("0.0.0.0", "") else str(port)
     lines = [f"# nginx server block for the binhost's PKGDIR (from {PROG} serve --print-nginx)",
              "server {",
-             f"    listen {listen}{' ssl' if settings.tls_cert else ''};",
+             f"    listen {listen}{' ssl' if env.tls_cert else ''};",
              "    server_name _;",
-             f"    root {settings.pkgdir};",
+             f"    root {env.pkgdir};",
              "    autoindex off;",
              "    sendfile on;",
              "    tcp_nopush on;",
@@ -8714,28 +8745,28 @@ def nginx_server_block(settings, bind, port):
              f"    location ~ ^/{STAGED_URL_DIR}/([A-Za-z0-9]+)/(Packages(\\.gz)?)$ {{"
              f" try_files /{PUBLISHED_DIR}/{STAGED_PREFIX}$1/$2 =404; }}",
              f"    location ~ ^/{STAGED_URL_DIR}/[A-Za-z0-9]+/(.+)$ {{ try_files /$1 =404; }}"]
-    if settings.tls_cert:
-        lines += [f"    ssl_certificate {settings.tls_cert};",
-                  f"    ssl_certificate_key {settings.tls_key or settings.tls_cert};"]
-    if settings.auth_file:
+    if env.tls_cert:
+        lines += [f"    ssl_certificate {env.tls_cert};",
+                  f"    ssl_certificate_key {env.tls_key or env.tls_cert};"]
+    if env.auth_file:
         lines += ['    auth_basic "gentoo-binhost";',
                   "    # nginx needs hashed passwords: htpasswd -c /etc/nginx/gentoo-binhost.htpasswd USER",
                   "    auth_basic_user_file /etc/nginx/gentoo-binhost.htpasswd;"]
     return "\n".join(lines + ["}"]) + "\n"
 
 
-def target_url(settings, tunnel, with_credentials=True, port=None, quoted=False):
+def target_url(env, tunnel, with_credentials=True, port=None, quoted=False):
     """The sync-uri a target uses: through the tunnel (plain HTTP: ssh encrypts it) or the
     configured url (default: this host, the port served), with the auth file's credentials
     (as they are: Portage does not decode them; quoted: percent-encoded, for wget and curl)."""
     if tunnel:
-        url = f"http://127.0.0.1:{settings.tunnel_port}/"
+        url = f"http://127.0.0.1:{env.tunnel_port}/"
     else:
-        scheme = "https" if settings.tls_cert else "http"
-        url = settings.url or f"{scheme}://{socket.gethostname()}:{port or settings.port}/"
-    if settings.env_name:
-        url += urllib.parse.quote(settings.env_name) + "/"
-    credentials = read_credentials(settings) if with_credentials else []
+        scheme = "https" if env.tls_cert else "http"
+        url = env.url or f"{scheme}://{socket.gethostname()}:{port or env.port}/"
+    if env.env_name:
+        url += urllib.parse.quote(env.env_name) + "/"
+    credentials = read_credentials(env) if with_credentials else []
     if credentials:
         user, password = credentials[0]
         if quoted:
@@ -9064,13 +9095,13 @@ def cmd_build(config, args, runner, output):
     if not emerge_args:
         raise UsageError("build needs emerge arguments after its own options")
     target = config.target(args.target) if for_target else None
-    settings = config.binhost_for(target) if for_target else config.binhost_for_command(args.target)
+    env = config.environment_for(target) if for_target else config.environment_for_command(args.target)
     if hosts is not None:
-        settings.distcc_hosts = hosts
+        env.settings.distcc_hosts = hosts
     if for_target:
-        build_for_target(settings, target, runner, output, emerge_args)
+        build_for_target(env, target, emerge_args)
     else:
-        build_packages(settings, runner, output, emerge_args)
+        build_packages(env, emerge_args)
 
 
 def for_each_target(config, output, *phases, between=None):
@@ -9113,76 +9144,77 @@ def targets_of(config, args):
 def cmd_install(config, args, runner, output):
     if args.all:
         for_each_target(config, output, lambda target: install_packages(
-            config.binhost_for(target), target, runner, output, args.emerge_args))
+            config.environment_for(target), target, args.emerge_args))
     else:
         target = config.target(args.target)
-        install_packages(config.binhost_for(target), target, runner, output, args.emerge_args)
+        install_packages(config.environment_for(target), target, args.emerge_args)
 
 
 def cmd_emerge(config, args, runner, output):
     if not args.all:
         target = config.target(args.target)
-        settings = config.binhost_for(target)
-        with serving_targets(settings, runner, output) as route:
-            plan = build_for_target(settings, target, runner, output, args.emerge_args, route)
-            install_packages(settings, target, runner, output, args.emerge_args, plan, route, asked=True)
+        env = config.environment_for(target)
+        with serving_targets(env) as route:
+            plan = build_for_target(env, target, args.emerge_args, route)
+            install_packages(env, target, args.emerge_args, plan, route, asked=True)
         return
     # --all: the builds for every target, one publication per environment, then the installs.
     plans, pending = {}, {}
 
     def build(target):
-        settings = config.binhost_for(target)
-        publishing = pending.setdefault(settings.root, PendingPublication(
-            settings, f"emerge --all {' '.join(args.emerge_args)}"))
-        plans[target.name] = build_for_target(settings, target, runner, output, args.emerge_args,
+        env = config.environment_for(target)
+        publishing = pending.setdefault(env.root, PendingPublication(
+            env, f"emerge --all {' '.join(args.emerge_args)}"))
+        plans[target.name] = build_for_target(env, target, args.emerge_args,
                                               pending=publishing)
 
     def publish_all():
         for publishing in pending.values():
-            with build_lock(publishing.settings, runner, output):
-                publishing.publish(runner, output)
+            with build_lock(publishing.env):
+                publishing.publish()
 
     def install(target):
         plan = plans.get(target.name)
         if plan is not None and plan.trees is not None:  # published: the live tree follows, then installs
-            with build_lock(config.binhost_for(target), runner, output):
+            with build_lock(config.environment_for(target)):
                 plan.trees.move()
-        install_packages(config.binhost_for(target), target, runner, output, args.emerge_args, plan, asked=True)
+        install_packages(config.environment_for(target), target, args.emerge_args, plan, asked=True)
 
     for_each_target(config, output, build, install, between=publish_all)
 
 
 def cmd_setup_target(config, args, runner, output):
     target = config.target(args.target)
-    setup_target(config.binhost_for(target), target, runner, output, args.verify_signature)
+    setup_target(config.environment_for(target), target, args.verify_signature)
 
 
 def cmd_serve(config, args, runner, output):
-    settings = config.binhost
-    for option in ("tls_cert", "tls_key", "auth_file"):
-        if getattr(args, option):
-            setattr(settings, option, os.path.abspath(getattr(args, option)))
-    if args.timeout is not None:
-        if not (math.isfinite(args.timeout) and args.timeout > 0):
-            raise UsageError("--timeout needs a positive number of seconds")
-        settings.client_timeout = args.timeout
-    if args.tls_key and not settings.tls_cert:
+    if args.timeout is not None and not (math.isfinite(args.timeout) and args.timeout > 0):
+        raise UsageError("--timeout needs a positive number of seconds")
+    for each in config.environments().values():  # the server's settings: every environment's
+        for option in ("tls_cert", "tls_key", "auth_file"):
+            if getattr(args, option):
+                setattr(each.settings, option, os.path.abspath(getattr(args, option)))
+        if args.timeout is not None:
+            each.settings.client_timeout = args.timeout
+    env = config.environment_for()
+    if args.tls_key and not env.tls_cert:
         raise UsageError("--tls-key needs --tls-cert")
-    bind = args.bind or settings.bind
-    port = settings.port if args.port is None else args.port
+    bind = args.bind or env.bind
+    port = env.port if args.port is None else args.port
     if not 0 <= port <= 65535:
         raise UsageError(f"--port {port}: use a port number (0-65535)")
     if args.print_service:
         options = [word for flag, value in (("--bind", args.bind), ("--port", args.port),
-                                            ("--tls-cert", settings.tls_cert if args.tls_cert else None),
-                                            ("--tls-key", settings.tls_key if args.tls_key else None),
-                                            ("--auth-file", settings.auth_file if args.auth_file else None),
+                                            ("--tls-cert", env.tls_cert if args.tls_cert else None),
+                                            ("--tls-key", env.tls_key if args.tls_key else None),
+                                            ("--auth-file", env.auth_file if args.auth_file else None),
                                             ("--timeout", args.timeout))
                    if value is not None for word in (flag, str(value))]
         options += [flag for flag, given in (("--index", args.index), ("--tunnel", args.tunnel)) if given]
         output.text(service_definition(args.print_service, config.path, options), always=True)
         if args.print_service == "systemd":
-            warn_private_tmp(config, settings, output)
+            warn_private_tmp(config, env)
         return
     if args.print_timer:
         output.text(update_timer(args.print_timer, config.path), always=True)
@@ -9191,11 +9223,11 @@ def cmd_serve(config, args, runner, output):
         if len(config.environments()) > 1:
             raise UsageError("serve --print-nginx writes one server block for one PKGDIR; with several"
                              " binhost environments, add a location /NAME/ { alias PKGDIR/; } per environment")
-        output.text(nginx_server_block(settings, bind, port), always=True)
+        output.text(nginx_server_block(env, bind, port), always=True)
         return
-    tunnel = args.tunnel or settings.transport == "tunnel"
+    tunnel = args.tunnel or env.transport == "tunnel"
     if args.port is not None and not tunnel:
-        url = target_url(settings, tunnel, with_credentials=False)
+        url = target_url(env, tunnel, with_credentials=False)
         parts = urllib.parse.urlsplit(url)
         expected = parts.port or (443 if parts.scheme == "https" else 80)
         if port not in (0, expected):
@@ -9207,26 +9239,26 @@ def cmd_serve(config, args, runner, output):
 
 
 def cmd_keygen(config, args, runner, output):
-    settings = config.binhost
+    env = config.environment_for()
     if args.export:
-        output.text(export_public_key(settings, runner), always=True)
+        output.text(export_public_key(env), always=True)
         return
     if args.passphrase_file and not os.path.isfile(args.passphrase_file):
         raise UsageError(f"passphrase file {args.passphrase_file} does not exist")
-    fingerprint = generate_signing_key(settings, runner, output, args.passphrase_file, args.force)
-    record_signing_key(config, settings, runner, fingerprint)
+    fingerprint = generate_signing_key(env, args.passphrase_file, args.force)
+    record_signing_key(config, env, fingerprint)
     if fingerprint:
-        output.info(f"Signing key {fingerprint} in {settings.gpg_home}, recorded in {config.path}")
+        output.info(f"Signing key {fingerprint} in {env.gpg_home}, recorded in {config.path}")
         output.text(fingerprint, always=True)
         output.info(f"Next: '{PROG} setup-target' makes the target trust it;"
                     f" '{PROG} sign' signs packages built before")
 
 
 def cmd_sign(config, args, runner, output):
-    settings = config.binhost_for_command(args.target)
-    count = sign_packages(settings, runner, output, resign=args.resign)
+    env = config.environment_for_command(args.target)
+    count = sign_packages(env, resign=args.resign)
     if count:
-        output.info(f"Signed {count} package(s) in {settings.pkgdir}")
+        output.info(f"Signed {count} package(s) in {env.pkgdir}")
 
 
 def cmd_config(config, args, runner, output):
@@ -9236,16 +9268,16 @@ def cmd_config(config, args, runner, output):
         raise UsageError("--exit-code goes with config diff")
     if args.all:
         def diff(target):
-            settings = config.binhost_for(target)
-            with chroot_session(settings, runner, output):
-                if sync_config("diff", settings, target, runner, output, show_only=True):
+            env = config.environment_for(target)
+            with chroot_session(env):
+                if sync_config("diff", env, target, show_only=True):
                     raise BinhostError("its configuration differs from the binhost's (diff above)")
         for_each_target(config, output, diff)
         return
     target = config.target(args.target)
-    settings = config.binhost_for(target)
-    with chroot_session(settings, runner, output):
-        differs = sync_config(args.action, settings, target, runner, output,
+    env = config.environment_for(target)
+    with chroot_session(env):
+        differs = sync_config(args.action, env, target,
                               show_only=args.action == "diff")
     if differs and args.exit_code:
         raise BinhostError(f"the configurations of {target.name} and the binhost differ (diff above)")
@@ -9253,17 +9285,17 @@ def cmd_config(config, args, runner, output):
 
 def cmd_init(config, args, runner, output):
     if args.host_stage3 or args.sync_with != "webrsync":
-        if not config.binhost.host.chroot:
+        if not config.binhost.host_chroot:
             raise UsageError("--host-stage3, --sync and --no-sync are for the host chroot: add"
                              " --host-chroot DIR")
-    if config.binhost.host.chroot:
+    if config.binhost.host_chroot:
         init_host_chroot(config, args, runner, output)
     else:
         init_binhost(config, args, runner, output)
 
 
 def cmd_list(config, args, runner, output):
-    pkgdir = config.binhost_for_command(args.target).pkgdir
+    pkgdir = config.environment_for_command(args.target).pkgdir
     records = package_records(pkgdir) if os.path.isfile(os.path.join(pkgdir, "Packages")) else []
     if not records and not args.json:
         output.info(f"No binary packages in {pkgdir} yet: '{PROG} build ATOM' or '{PROG} emerge ATOM'"
@@ -9280,11 +9312,11 @@ def cmd_list(config, args, runner, output):
 
 
 def cmd_clean(config, args, runner, output):
-    clean_packages(config.binhost_for_command(args.target), runner, output, args.keep)
+    clean_packages(config.environment_for_command(args.target), args.keep)
 
 
 def cmd_history(config, args, runner, output):
-    pkgdir = config.binhost_for_command(args.target).pkgdir
+    pkgdir = config.environment_for_command(args.target).pkgdir
     history = publication_history(pkgdir)
     if args.json:
         output.text(json.dumps(history, indent=2), always=True)
@@ -9304,15 +9336,15 @@ def cmd_history(config, args, runner, output):
 
 
 def cmd_rollback(config, args, runner, output):
-    settings = config.binhost_for_command(args.target)
-    publication = rollback(settings, runner, output, args.id)
+    env = config.environment_for_command(args.target)
+    publication = rollback(env, args.id)
     if publication:
         output.info(f"Targets now get publication {publication}; later builds and updates keep what it"
                     f" holds back out until '{PROG} release'")
 
 
 def cmd_release(config, args, runner, output):
-    release(config.binhost_for_command(args.target), runner, output, args.atoms)
+    release(config.environment_for_command(args.target), args.atoms)
 
 
 def cmd_update(config, args, runner, output):
@@ -9331,14 +9363,14 @@ def cmd_remove_target(config, args, runner, output):
 
 def cmd_cpu(config, args, runner, output):
     target = config.target(args.target)
-    cpu_report(config.binhost_for(target), target, runner, output, apply=args.apply)
+    cpu_report(config.environment_for(target), target, apply=args.apply)
 
 
 def cmd_doctor(config, args, runner, output):
     doctors, seconds = {}, {}
     for target in targets_of(config, args):
         started = time.monotonic()
-        doctors[target.name] = run_doctor(config.binhost_for(target), target, runner, output, args.atoms)
+        doctors[target.name] = run_doctor(config.environment_for(target), target, args.atoms)
         seconds[target.name] = time.monotonic() - started
     groups = {}
     for name, doctor in doctors.items():
@@ -9400,7 +9432,7 @@ def help_config(head):
         if option in ("-c", "--config"):
             path = value
     try:
-        return load_config(path)
+        return load_config(path, Runner(Output(color=False)))
     except BinhostError:
         return None
 
@@ -9425,8 +9457,8 @@ def main(argv=None):
             raise UsageError(f"configuration file {config_path} ({given}) does not exist: check the"
                              f" path, or leave {given} out to use {DEFAULT_CONFIG}")
         host_chroot = getattr(args, "host_chroot", None)  # init --host-chroot DIR: [host] chroot
-        config = load_config(config_path, host_chroot=os.path.abspath(host_chroot) if host_chroot else None)
         runner = Runner(output, pretend=args.pretend)
+        config = load_config(config_path, runner, host_chroot=os.path.abspath(host_chroot) if host_chroot else None)
         if args.all and args.target:
             raise UsageError("--all and --target exclude each other")
         if args.all and args.command not in ("install", "emerge", "doctor", "config"):

@@ -66,7 +66,7 @@ def test_everything_after_a_passthrough_command_belongs_to_emerge(gb):
 
 
 def test_defaults_without_a_config_file(gb, tmp_path):
-    config = gb.load_config(str(tmp_path / "missing.conf"))
+    config = gb.load_config(str(tmp_path / "missing.conf"), gb.Runner(gb.Output(color=False)))
     assert config.binhost.root == "/binhost"
     assert config.binhost.pkgdir == "/binhost/var/cache/binpkgs"
     assert config.binhost.port == 8080
@@ -75,7 +75,7 @@ def test_defaults_without_a_config_file(gb, tmp_path):
 
 
 def test_single_target_is_the_default(gb, config):
-    target = gb.load_config(str(config)).target()
+    target = gb.load_config(str(config), gb.Runner(gb.Output(color=False))).target()
     assert (target.name, target.host, target.ssh_port) == ("laptop", "alice@laptop.invalid", 2222)
     assert target.ssh_options == ["-i", "/root/.ssh/binhost", "-o", "ConnectTimeout=5"]
     assert target.portage_environment == {"ROOT": "/mnt/gentoo", "PORTAGE_CONFIGROOT": "/mnt/gentoo"}
@@ -85,19 +85,37 @@ def test_a_setting_changed_through_one_of_several_environments_stays(gb, tmp_pat
     path = tmp_path / "c.conf"
     path.write_text("[binhost]\nroot = /b/main\n\n[target a]\nhost = root@a\n\n"
                     "[target b]\nhost = root@b\nbinhost-root = /b/second\n")
-    config = gb.load_config(str(path))
+    config = gb.load_config(str(path), gb.Runner(gb.Output(color=False)))
     assert sorted(config.environments()) == ["main", "second"]
-    second = config.binhost_for(config.target("b"))
-    second.distcc_hosts = "helper/4"
+    second = config.environment_for(config.target("b"))
+    second.settings.distcc_hosts = "helper/4"
     assert config.environments()["second"] is second
-    assert config.binhost_for(config.target("b")).distcc_hosts == "helper/4"
-    assert config.binhost_for(config.target("a")).distcc_hosts != "helper/4"
+    assert config.environment_for(config.target("b")).distcc_hosts == "helper/4"
+    assert config.environment_for(config.target("a")).distcc_hosts != "helper/4"
+    # A target added meanwhile (add-target) leaves each root's environment as it was.
+    config.targets["c"] = gb.TargetSettings("c", {"host": "root@c", "binhost-root": "/b/third"}, str(path))
+    assert sorted(config.environments()) == ["main", "second", "third"]
+    assert config.environments()["second"] is second and second.distcc_hosts == "helper/4"
+    with pytest.raises(AttributeError, match="change env.settings.distcc_hosts"):
+        second.distcc_hosts = "lost/1"
+
+
+def test_the_only_environment_stays_when_a_target_brings_a_second(gb, tmp_path):
+    path = tmp_path / "c.conf"
+    path.write_text("[binhost]\nroot = /b/main\n\n[target a]\nhost = root@a\n")
+    config = gb.load_config(str(path), gb.Runner(gb.Output(color=False)))
+    only = config.environment_for()
+    only.decisions["asked"] = "once"
+    assert list(config.environments()) == [None]
+    config.targets["b"] = gb.TargetSettings("b", {"host": "root@b", "binhost-root": "/b/second"}, str(path))
+    assert sorted(config.environments()) == ["main", "second"]
+    assert config.environments()["main"] is only and only.decisions == {"asked": "once"}
 
 
 def test_root_slash_sets_no_portage_environment(gb, tmp_path):
     path = tmp_path / "c.conf"
     path.write_text("[target a]\nhost = root@a\n")
-    assert gb.load_config(str(path)).target().portage_environment == {}
+    assert gb.load_config(str(path), gb.Runner(gb.Output(color=False))).target().portage_environment == {}
 
 
 @pytest.mark.parametrize("text, fragments", [

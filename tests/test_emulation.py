@@ -136,15 +136,13 @@ def test_emulated_builds_run_the_roots_programs_through_binfmt_misc(gb, tmp_path
     root = arm64_root(tmp_path)
     chrooted = run(["chroot", str(root), "/bin/sh"], check=False)
     assert chrooted.returncode == AARCH64_EXIT_CODE, chrooted.stderr
-    settings = gb.load_config(str(write_config(tmp_path, root, "auto"))).binhost
-    output = gb.Output(color=False, verbosity=0)
-    runner = gb.Runner(output)
-    method, why = gb.build_method(settings, runner, output)
+    config = gb.load_config(str(write_config(tmp_path, root, "auto")), gb.Runner(gb.Output(color=False, verbosity=0)))
+    method, why = config.environment_for().method
     assert method == "chroot" and "builds run in it emulated (qemu-user through binfmt_misc)" in why, why
-    host = gb.portage_host(settings, runner, output)
+    host = config.environment_for().host
     assert host.emulated_by.startswith("/usr/libexec/qemu-binfmt/aarch64-binfmt-P (binfmt_misc qemu-aarch64")
     # Without an entry with F, nothing of the root runs, and what to do is said.
     monkeypatch.setattr(gb, "BINFMT_MISC", str(fake_binfmt_misc(tmp_path, DEBIAN_AARCH64_ENTRY.replace("POF", "PO"))))
     with pytest.raises(gb.BinhostError, match=r"is arm64, this machine \w+: its programs run here emulated, but the"
                                               r" binfmt_misc entry qemu-aarch64 .* without the fix-binary flag"):
-        gb.portage_host(settings, runner, output)
+        config.environment_for().host

@@ -264,7 +264,7 @@ def test_readme_configuration_example_parses(gb, tmp_path):
     assert "[binhost]" in example and "[target laptop]" in example
     path = tmp_path / "example.conf"
     path.write_text(example)
-    config = gb.load_config(str(path))
+    config = gb.load_config(str(path), gb.Runner(gb.Output(color=False)))
     assert config.binhost.port == 8080
     assert config.binhost.root == "/binhost"
     assert config.binhost.url == "http://binhost.lan:8080/"

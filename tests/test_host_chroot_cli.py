@@ -59,7 +59,7 @@ def mounts_under(directory):
 
 
 def test_the_binhost_root_defaults_to_inside_the_chroot(gb, tmp_path, chroot):
-    config = gb.load_config(str(write_config(tmp_path, f"[host]\nchroot = {chroot}\n")))
+    config = gb.load_config(str(write_config(tmp_path, f"[host]\nchroot = {chroot}\n")), gb.Runner(gb.Output(color=False)))
     assert config.binhost.root == f"{chroot}/binhost"
     assert config.binhost.pkgdir == f"{chroot}/binhost/var/cache/binpkgs"
     # The signing key is used by gpg here, never by Portage in there: it stays out of the chroot.
@@ -92,7 +92,7 @@ def test_commands_in_the_chroot_get_its_paths_and_a_clean_environment(gb, chroot
     settings = gb.BinhostSettings({}, "c.conf", gb.HostSettings({"chroot": str(chroot),
                                                                  "path": "/opt/portage/bin"}, "c.conf"))
     output = gb.Output(color=False)
-    host = gb.BuildHost(settings, gb.Runner(output), output)
+    host = gb.BuildHost(gb.Environment(settings, gb.Runner(output), output))
     argv, env = host.command(["emerge", "--buildpkg", ">=dev-lang/python-3.12", f"{chroot}/binhost/x"],
                              gb.portage_environment(settings))
     assert env is None

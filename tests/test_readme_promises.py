@@ -80,13 +80,11 @@ def flag_check(gb, tmp_path):
     (root / "etc/portage").mkdir(parents=True)
     path = tmp_path / "gb.conf"
     path.write_text(f"[binhost]\nroot = {root}\nbuild-method = root\n")
-    settings = gb.load_config(str(path)).binhost
     said = io.StringIO()
-    output = gb.Output(color=False, out=said, err=said)
-    runner = gb.Runner(output)
+    env = gb.load_config(str(path), gb.Runner(gb.Output(color=False, out=said, err=said))).environment_for()
 
     def check(flags):
-        return gb.flags_the_binhost_gcc_accepts(flags, settings, runner, output)
+        return gb.flags_the_binhost_gcc_accepts(flags, env)
     check.said = said
     return check
 

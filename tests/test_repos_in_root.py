@@ -153,7 +153,7 @@ def test_what_the_sync_wrote_is_read_through_no_link_out_of_the_root(gb, tmp_pat
     assert gb.repository_state(str(repository), str(root)) == {}
     assert gb.repository_state(str(repository), str(tmp_path / "other-root")) == {
         "revision": "git 0123456789abcdef0123456789abcdef01234567"}, "a repository of this machine's own"
-    settings = SimpleNamespace(root=str(root), host=SimpleNamespace(chroot=None))
+    settings = SimpleNamespace(root=str(root), host_chroot=None)
     assert gb.repository_directory(settings, "/var/db/repos/planted") == str(repository)
     # A link on the way to it: the repository is not taken from there.
     elsewhere = tmp_path / "elsewhere"
@@ -238,9 +238,8 @@ def test_the_chroot_method_binds_a_repository_over_the_link_config_pull_made(gb,
     write_portage_config(root, repo=repo)
     config = tmp_path / "c.conf"
     config.write_text(f"[binhost]\nroot = {root}\nbuild-method = chroot\n")
-    settings = gb.load_config(str(config)).binhost
-    output = gb.Output(color=False, verbosity=0)
-    gb.link_repositories_into(settings, gb.Runner(output), output)
+    env = gb.load_config(str(config), gb.Runner(gb.Output(color=False, verbosity=0))).environment_for()
+    gb.link_repositories_into(env)
     link = root / str(repo).lstrip("/")
     assert link.is_symlink() and os.readlink(link) == str(repo)
-    assert (str(repo), str(repo), True) in gb.chroot_build_binds(settings)
+    assert (str(repo), str(repo), True) in gb.chroot_build_binds(env)

@@ -164,14 +164,13 @@ def bench_planning(base, portage_bin, rounds):
         with binhost_serving(config, port):
             # The bare round trip, in this process: ssh, the target's emerge --pretend, its fetch
             # of our index.
-            loaded = gb.load_config(str(config))
+            loaded = gb.load_config(str(config), gb.Runner(gb.Output(color=False, verbosity=0)))
             chosen = loaded.target("t")
-            settings = loaded.binhost_for(chosen)
-            runner = gb.Runner(gb.Output(color=False, verbosity=0))
+            env = loaded.environment_for(chosen)
             asks = []
             for _ in range(rounds):
                 started = time.monotonic()
-                plan = gb.ask_target(settings, chosen, runner, runner.output, PLAN_ATOMS)
+                plan = gb.ask_target(env, chosen, PLAN_ATOMS, gb.Route())
                 asks.append(time.monotonic() - started)
             packages = plan.check()
             if plan.fetch_problem() or len(packages) != 3:
@@ -422,8 +421,8 @@ def bench_publish(base, rounds):
             copies[name].append(time.monotonic() - started)
             shutil.rmtree(snapshot)
 
-    settings = gb.BinhostSettings({"root": str(root), "pkgdir": str(pkgdir)}, "bench")
-    runner = gb.Runner(gb.Output(color=False, verbosity=0))
+    output = gb.Output(color=False, verbosity=0)
+    env = gb.Environment(gb.BinhostSettings({"root": str(root), "pkgdir": str(pkgdir)}, "bench"), gb.Runner(output), output)
     index = pkgdir / "Packages"
     original = index.read_text()
     times, publications = [], []
@@ -432,13 +431,13 @@ def bench_publish(base, rounds):
         # here the first package was rebuilt. Written untimed, as emerge writes it.
         index.write_text(original.replace("BUILD_TIME: 1732500000\n", f"BUILD_TIME: {1732600000 + number}\n", 1))
         started = time.monotonic()
-        publications.append(gb.publish(settings, runner, runner.output, "bench"))
+        publications.append(gb.publish(env, "bench"))
         times.append(time.monotonic() - started)
         if publications[-1] is None:
             raise BenchError("publish() published nothing for a changed index")
     # And once more with nothing changed since the last publication.
     started = time.monotonic()
-    unchanged_result = gb.publish(settings, runner, runner.output, "bench")
+    unchanged_result = gb.publish(env, "bench")
     unchanged = time.monotonic() - started
 
     published = pkgdir / gb.PUBLISHED_DIR
@@ -784,9 +783,9 @@ def make_slow_pkgdir(base):
     pkgdir = root / "var/cache/binpkgs"
     pkgdir.mkdir(parents=True)
     fake_pkgdir(pkgdir, FAKE_PACKAGES)
-    runner = gb.Runner(gb.Output(color=False, verbosity=0))
-    gb.publish(gb.BinhostSettings({"root": str(root), "pkgdir": str(pkgdir)}, "bench"), runner, runner.output,
-               "bench")
+    output = gb.Output(color=False, verbosity=0)
+    gb.publish(gb.Environment(gb.BinhostSettings({"root": str(root), "pkgdir": str(pkgdir)}, "bench"), gb.Runner(output),
+                              output), "bench")
     return pkgdir
 
 

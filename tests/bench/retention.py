@@ -217,8 +217,9 @@ def run_cycles(base, portage_bin, eprefix, cycles):
         timed_cli(binhost.config, ["keygen"], portage_bin, log, "keygen")
         root, config = binhost.new_target("nightly")
         set_world(world, root, *STABLE, *ROTATION)
-        settings = gb.load_config(str(config)).binhost_for(gb.load_config(str(config)).target("nightly"))
-        print(f" * binhost root {binhost.root}; publish-keep = {settings.publish_keep}, clean keeps"
+        loaded = gb.load_config(str(config), gb.Runner(gb.Output(color=False, verbosity=0)))
+        env = loaded.environment_for(loaded.target("nightly"))
+        print(f" * binhost root {binhost.root}; publish-keep = {env.publish_keep}, clean keeps"
               f" {gb.DEFAULT_KEEP} builds of each installed CPV; target world: {' '.join(STABLE + ROTATION)}",
               flush=True)
         print(f" * log of every command: {log}", flush=True)
@@ -231,7 +232,7 @@ def run_cycles(base, portage_bin, eprefix, cycles):
             for cycle in range(1, cycles + 1):
                 new = nightly.night(cycle)
                 rows.append(one_cycle(cycle, new, binhost, config, portage_bin, log, eprefix))
-        return rows, settings.publish_keep
+        return rows, env.publish_keep
 
 
 class SkipBench(Exception):
