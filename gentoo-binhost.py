@@ -1741,7 +1741,6 @@ def emulation_problem(header, arch, qemu, binfmt_misc=None):
 
 # ---- the build host: this machine, or a Gentoo host chroot -----------------------------------------
 
-
 def mount_table():
     """[(mount ID, mount point, shared)] of this process's mount namespace, in mount order
     (mountinfo's octal escapes such as \\040 decoded)."""
@@ -2598,7 +2597,7 @@ def root_replacement_lock(root, output, what):
 @contextlib.contextmanager
 def build_lock(env):
     """One build per binhost at a time: a second build waits for the first. Whatever changed
-    PKGDIR under the lock leaves an index newer than before (see advance_index)."""
+    PKGDIR under the lock leaves an index newer than before (see PackageStore.advance_index)."""
     lock_path = build_lock_path(env.root)
     if env.runner.pretend or lock_path in HELD_BUILD_LOCKS:  # update holds it around its builds
         yield
@@ -2614,14 +2613,14 @@ def build_lock(env):
         lock_file.truncate()
         lock_file.write(f"pid {os.getpid()}\n")
         lock_file.flush()
-        before = index_state(env.pkgdir)
+        before = env.packages.index_state()
         HELD_BUILD_LOCKS.add(lock_path)
         try:
             yield
         finally:
             HELD_BUILD_LOCKS.discard(lock_path)
             with signals_deferred():  # a half-advanced index would be worse than none
-                advance_index(env.pkgdir, before, env.runner)
+                env.packages.advance_index(before)
             lock_file.truncate(0)
             fcntl.flock(lock_file, fcntl.LOCK_UN)
 
@@ -2658,16 +2657,6 @@ def index_keeping(index_text, wanted):
     return "\n\n".join([header] + kept)
 
 
-def read_packages_index(pkgdir):
-    """The entries of PKGDIR/Packages as dicts of their fields (the header block left out)."""
-    path = os.path.join(pkgdir, "Packages")
-    try:
-        with open(path, encoding="utf-8", errors="replace") as handle:
-            return index_entries(handle.read())
-    except FileNotFoundError:
-        raise BinhostError(f"{path} does not exist: build something first") from None
-
-
 # Portage asks for the index with If-Modified-Since = its copy's TIMESTAMP + this many seconds
 # (TIMESTAMP_TOLERANCE in portage/util/_urlopen.py).
 PORTAGE_TIMESTAMP_TOLERANCE = 5
@@ -2700,37 +2689,594 @@ def gzip_bytes(text, mtime):
     return compressed.getvalue()
 
 
-def index_state(pkgdir):
-    """(TIMESTAMP, mtime, content) of PKGDIR/Packages, or None when there is none."""
-    path = os.path.join(pkgdir, "Packages")
-    try:
-        with open(path, "rb") as handle:
-            content = handle.read()
-            mtime = int(os.fstat(handle.fileno()).st_mtime)
-    except (FileNotFoundError, NotADirectoryError):
-        return None
-    return index_timestamp(content.decode("utf-8", "replace")), mtime, content
+# ---- publishing: targets see complete builds only ------------------------------------------------
+
+# Published indexes live in PKGDIR/.published/<ID>/ (a dot directory, never served as it is):
+# `current` links to the one serve (and nginx) answers /Packages with. Portage rewrites
+# PKGDIR/Packages after every package it builds; targets never see that working index while a
+# publication exists. Package files are never copied: with binpkg-multi-instance each build is a
+# file of its own, so every file an older publication names stays in place until clean.
+PUBLISHED_DIR = ".published"
+CURRENT_PUBLICATION = "current"
+DEFAULT_PUBLISH_KEEP = 5
+
+# A staged publication is served at /[ENV/]_staged/<token>/ (its index; packages as under /)
+# while the gate asks the targets about it; only then does it become a publication.
+STAGED_URL_DIR = "_staged"
+STAGED_PREFIX = ".staged-"
+STAGED_TOKEN = re.compile(r"[A-Za-z0-9]{16,64}")
+# In the publications directory: the package files clean has given up, "PATH MD5" a line. The
+# MD5 tells a retired build from a new one at the same path (without binpkg-multi-instance).
+RETIRED_LIST = "retired"
+# In the publications directory: the rollbacks' holds (JSON), and per target the packages it had
+# installed when it was last asked (clean keeps their binaries).
+HOLDS_FILE = "holds.json"
+INSTALLED_DIR = "installed"
 
 
-def advance_index(pkgdir, before, runner):
-    """A target compares the index's date with its copy's: it reads a new index only when its
-    TIMESTAMP (and Last-Modified, the file's mtime, which Portage sets to it) is later. Portage
-    writes the current second, so two changes within one second, or an index rewritten exactly
-    5 s later (which Portage's If-Modified-Since would match), would look unchanged: after a
-    change, both move strictly past the previous ones (Packages.gz, when there is one, too)."""
-    after = index_state(pkgdir)
-    if after is None or before is None or after == before:
-        return
-    old_stamp, old_mtime, _ = before
-    new_stamp, new_mtime, content = after
-    stamp = next_timestamp(max(new_stamp, new_mtime), [old_stamp, old_mtime])
-    if (stamp, stamp) == (new_stamp, new_mtime):
-        return
-    text = with_timestamp(content.decode("utf-8", "surrogateescape"), stamp)
-    path = os.path.join(pkgdir, "Packages")
-    runner.write_file(path, text, backup=False, mtime=stamp)
-    if os.path.isfile(path + ".gz"):
-        runner.write_file(path + ".gz", gzip_bytes(text, stamp), backup=False, mtime=stamp)
+def is_retired(fields, retired):
+    """Whether an index entry is a retired build (the same file, not a new build at its path)."""
+    path = entry_path(fields)
+    return path in retired and retired[path] in ("", fields.get("MD5", ""))
+
+
+# ---- Gentoo versions (PMS 3.3), for holds on "every newer version" --------------------------------
+
+VERSION_PARTS = re.compile(r"(?P<numbers>[0-9]+(?:\.[0-9]+)*)(?P<letter>[a-z]?)"
+                           r"(?P<suffixes>(?:_(?:alpha|beta|pre|rc|p)[0-9]*)*)(?:-r(?P<revision>[0-9]+))?")
+SUFFIX_ORDER = {"alpha": 0, "beta": 1, "pre": 2, "rc": 3, "p": 5}  # no suffix ranks 4
+
+
+def _compare(left, right):
+    return (left > right) - (left < right)
+
+
+def compare_versions(left, right):
+    """Below, equal to or above 0 as Gentoo orders the versions left and right."""
+    one, other = VERSION_PARTS.fullmatch(left), VERSION_PARTS.fullmatch(right)
+    if not one or not other:
+        return _compare(left, right)
+    numbers, others = one.group("numbers").split("."), other.group("numbers").split(".")
+    result = _compare(int(numbers[0]), int(others[0]))
+    for mine, theirs in zip(numbers[1:], others[1:]):
+        if result:
+            return result
+        # A component with a leading zero compares as a decimal fraction (1.01 < 1.1).
+        result = (_compare(mine.rstrip("0"), theirs.rstrip("0")) if mine[0] == "0" or theirs[0] == "0"
+                  else _compare(int(mine), int(theirs)))
+    result = result or _compare(len(numbers), len(others)) or _compare(one.group("letter"), other.group("letter"))
+    if result:
+        return result
+    suffixes = re.findall(r"_([a-z]+)([0-9]*)", one.group("suffixes"))
+    other_suffixes = re.findall(r"_([a-z]+)([0-9]*)", other.group("suffixes"))
+    for (kind, number), (other_kind, other_number) in zip(suffixes, other_suffixes):
+        result = _compare(SUFFIX_ORDER[kind], SUFFIX_ORDER[other_kind]) or _compare(int(number or 0),
+                                                                                  int(other_number or 0))
+        if result:
+            return result
+    if len(suffixes) != len(other_suffixes):
+        longer, sign = (suffixes, 1) if len(suffixes) > len(other_suffixes) else (other_suffixes, -1)
+        return sign if longer[min(len(suffixes), len(other_suffixes))][0] == "p" else -sign
+    return _compare(int(one.group("revision") or 0), int(other.group("revision") or 0))
+
+
+def cpv_version(cpv):
+    return cpv[len(cpv_package_name(cpv)) + 1:]
+
+
+# ---- holds: what a rollback withdrew stays out until released ------------------------------------
+
+def hold_on(cpv, path, holds):
+    """The hold that keeps a build (or a version) out of publications, or None: the build itself
+    was withdrawn, or its version is newer than the rolled-back-to publication's."""
+    name, version = cpv_package_name(cpv), cpv_version(cpv)
+    for hold in holds["holds"]:
+        if path is not None and path in hold["builds"]:
+            return hold
+        if name in hold["versions"] and (hold["versions"][name] is None
+                                         or compare_versions(version, hold["versions"][name]) > 0):
+            return hold
+    return None
+
+
+# ---- the next publication ---------------------------------------------------------------------------
+
+class StagedPublication:
+    """An index written as the next publication would be, not yet served as the current one."""
+
+    def __init__(self, directory, token, why, changed, meta):
+        self.directory, self.token, self.why, self.changed, self.meta = directory, token, why, changed, meta
+
+    @property
+    def url_path(self):
+        return f"{STAGED_URL_DIR}/{self.token}/"
+
+    @property
+    def text(self):
+        return read_text(os.path.join(self.directory, "Packages"))
+
+
+def offered_builds(index_text):
+    """What an index offers, as a set of builds (PATH, MD5): a field Portage drops or adds when it
+    rewrites its index (REPO_REVISIONS, say) changes nothing for a target."""
+    return {(entry_path(fields), fields.get("MD5", "")) for fields, _ in index_blocks(index_text)[1]}
+
+
+def discard_staged(staged):
+    if staged is not None and os.path.isdir(staged.directory):
+        shutil.rmtree(staged.directory, ignore_errors=True)
+
+
+def set_changes(old_text, new_text):
+    """(added, updated, removed) CPVs of the index new_text compared with old_text."""
+    new = {fields["CPV"]: fields for fields, _ in index_blocks(new_text)[1]}
+    old = {fields["CPV"]: fields for fields, _ in index_blocks(old_text)[1]}
+    updated = [cpv for cpv in set(new) & set(old)
+               if (new[cpv].get("MD5"), new[cpv].get("BUILD_ID")) != (old[cpv].get("MD5"), old[cpv].get("BUILD_ID"))]
+    return sorted(set(new) - set(old)), sorted(updated), sorted(set(old) - set(new))
+
+
+# ---- the package store: PKGDIR, its index, its publications, the retired builds and the holds ---------
+
+class PackageStore:
+    """An environment's PKGDIR (env.packages): the index Portage writes there, read through the one
+    parser above; the publications targets are served, made by publish(), the one way every
+    command offers them something new; the retired builds clean gave up; the rollbacks' holds."""
+
+    def __init__(self, env):
+        self.env = env
+
+    @property
+    def pkgdir(self):
+        return self.env.pkgdir
+
+    def read_packages_index(self):
+        """The entries of PKGDIR/Packages as dicts of their fields (the header block left out)."""
+        path = os.path.join(self.pkgdir, "Packages")
+        try:
+            with open(path, encoding="utf-8", errors="replace") as handle:
+                return index_entries(handle.read())
+        except FileNotFoundError:
+            raise BinhostError(f"{path} does not exist: build something first") from None
+
+    def index_state(self):
+        """(TIMESTAMP, mtime, content) of PKGDIR/Packages, or None when there is none."""
+        path = os.path.join(self.pkgdir, "Packages")
+        try:
+            with open(path, "rb") as handle:
+                content = handle.read()
+                mtime = int(os.fstat(handle.fileno()).st_mtime)
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        return index_timestamp(content.decode("utf-8", "replace")), mtime, content
+
+    def advance_index(self, before):
+        """A target compares the index's date with its copy's: it reads a new index only when its
+        TIMESTAMP (and Last-Modified, the file's mtime, which Portage sets to it) is later. Portage
+        writes the current second, so two changes within one second, or an index rewritten exactly
+        5 s later (which Portage's If-Modified-Since would match), would look unchanged: after a
+        change, both move strictly past the previous ones (Packages.gz, when there is one, too)."""
+        after = self.index_state()
+        if after is None or before is None or after == before:
+            return
+        old_stamp, old_mtime, _ = before
+        new_stamp, new_mtime, content = after
+        stamp = next_timestamp(max(new_stamp, new_mtime), [old_stamp, old_mtime])
+        if (stamp, stamp) == (new_stamp, new_mtime):
+            return
+        text = with_timestamp(content.decode("utf-8", "surrogateescape"), stamp)
+        path = os.path.join(self.pkgdir, "Packages")
+        self.env.runner.write_file(path, text, backup=False, mtime=stamp)
+        if os.path.isfile(path + ".gz"):
+            self.env.runner.write_file(path + ".gz", gzip_bytes(text, stamp), backup=False, mtime=stamp)
+
+    def package_files(self):
+        """{PATH: MD5} of the builds PKGDIR's index names (Portage adds each build as it is made)."""
+        return {entry_path(fields): fields.get("MD5", "") for fields, _ in index_blocks(
+            read_text(os.path.join(self.pkgdir, "Packages")))[1]}
+
+    def package_records(self):
+        """What list shows: one record per binary package, newest build of each CPV first, with its
+        state: retired by clean, held back by a rollback, or neither."""
+        records, retired, holds = [], self.retired_packages(), self.read_holds()
+        for fields in self.read_packages_index():
+            hold = hold_on(fields["CPV"], entry_path(fields), holds)
+            size = int(fields["SIZE"]) if fields.get("SIZE", "").isdigit() else None
+            built = int(fields["BUILD_TIME"]) if fields.get("BUILD_TIME", "").isdigit() else None
+            records.append({
+                "cpv": fields["CPV"], "size": size,
+                "build_id": int(fields["BUILD_ID"]) if fields.get("BUILD_ID", "").isdigit() else 0,
+                "build_time": datetime.datetime.fromtimestamp(built, datetime.timezone.utc).strftime(
+                    "%Y-%m-%dT%H:%M:%SZ") if built is not None else None,
+                "use": fields.get("USE", "").split(), "path": entry_path(fields),
+                "state": ("retired" if is_retired(fields, retired) else
+                          f"held back by rollback {hold['rollback']}" if hold else ""),
+            })
+        return sorted(records, key=lambda record: (record["cpv"], -record["build_id"]))
+
+    def targets_installed(self):
+        """Every CPV a target of this PKGDIR had installed when it was last asked (record_installed)."""
+        directory = os.path.join(self.publications_dir(), INSTALLED_DIR)
+        try:
+            names = os.listdir(directory)
+        except FileNotFoundError:
+            return set()
+        return {line.strip() for name in names for line in read_text(os.path.join(directory, name)).splitlines()
+                if line.strip()}
+
+    def publications_dir(self):
+        return os.path.join(self.pkgdir, PUBLISHED_DIR)
+
+    def publication_ids(self):
+        """The IDs of the kept publications, oldest first."""
+        try:
+            names = os.listdir(self.publications_dir())
+        except FileNotFoundError:
+            return []
+        return sorted(int(name) for name in names if name.isdigit())
+
+    def current_publication(self):
+        """The ID targets are served now, or None before the first publication."""
+        try:
+            target = os.readlink(os.path.join(self.publications_dir(), CURRENT_PUBLICATION))
+        except OSError:
+            return None
+        return int(target) if target.isdigit() else None
+
+    def publication_entries(self, publication):
+        """{CPV-BUILD_ID: fields} of a publication's index."""
+        text = read_text(os.path.join(self.publications_dir(), str(publication), "Packages"))
+        return {f"{fields['CPV']}-{fields.get('BUILD_ID', '0')}": fields for fields in index_entries(text)}
+
+    def publication_meta(self, publication):
+        try:
+            return json.loads(read_text(os.path.join(self.publications_dir(), str(publication), "meta.json")) or "{}")
+        except ValueError:
+            return {}
+
+    def retired_packages(self):
+        """{PATH: MD5} of the retired package files."""
+        lines = read_text(os.path.join(self.publications_dir(), RETIRED_LIST)).splitlines()
+        return dict((line.split() + [""])[:2] for line in lines if line.strip())
+
+    def write_retired(self, retired):
+        path = os.path.join(self.publications_dir(), RETIRED_LIST)
+        if retired or os.path.exists(path):
+            os.makedirs(self.publications_dir(), exist_ok=True)
+            self.env.runner.write_file(path, "".join(f"{each} {md5}\n" for each, md5 in sorted(retired.items())),
+                                       backup=False)
+
+    def read_holds(self):
+        """The rollbacks' holds: [{rollback, from, to, builds: [PATH], versions: {CP: VERSION or None},
+        cpvs: [CPV]}], and the builds released since the last publication ({"released": [PATH]})."""
+        try:
+            data = json.loads(read_text(os.path.join(self.publications_dir(), HOLDS_FILE)) or "{}")
+        except ValueError:
+            data = {}
+        return {"holds": list(data.get("holds", [])), "released": list(data.get("released", []))}
+
+    def write_holds(self, holds):
+        os.makedirs(self.publications_dir(), exist_ok=True)
+        self.env.runner.write_file(os.path.join(self.publications_dir(), HOLDS_FILE),
+                                   json.dumps(holds, indent=1) + "\n", backup=False)
+
+    def next_publication_text(self, produced=None, removed=()):
+        """The index the next publication offers: the current publication's builds (their fields as
+        PKGDIR's index has them now: sign rewrites files), the builds this command produced, and those
+        a release gave back; without what it retires, retired builds and held ones. Before the first
+        publication: what this command produced, or everything PKGDIR holds for a command that builds
+        nothing (produced None: sign, clean). Builds an emerge left before it failed are not in it."""
+        pkgdir = self.pkgdir
+        header, in_pkgdir = index_blocks(read_text(os.path.join(pkgdir, "Packages")))
+        by_path = {entry_path(fields): (fields, block) for fields, block in in_pkgdir}
+        current = self.current_publication()
+        holds, retired = self.read_holds(), self.retired_packages()
+        if current is None:
+            chosen = [(fields, block) for fields, block in in_pkgdir
+                      if produced is None or entry_path(fields) in produced]
+        else:
+            published_header, published = index_blocks(read_text(
+                os.path.join(self.publications_dir(), str(current), "Packages")))
+            header = header or published_header
+            chosen = [by_path.get(entry_path(fields)) or (fields, block) for fields, block in published
+                      if entry_path(fields) in by_path or os.path.isfile(os.path.join(pkgdir, entry_path(fields)))]
+        paths = {entry_path(fields) for fields, _ in chosen}
+        for path in sorted(set(produced or ()) | set(holds["released"])):
+            if path in by_path and path not in paths:
+                chosen.append(by_path[path])
+                paths.add(path)
+        removed = set(removed)
+        kept = [block for fields, block in chosen if entry_path(fields) not in removed
+                and not is_retired(fields, retired) and hold_on(fields["CPV"], entry_path(fields), holds) is None]
+        if not header or current is None and not kept:
+            return ""
+        header = re.sub(r"(?m)^PACKAGES: .*$", f"PACKAGES: {len(kept)}", header.strip("\n"))
+        return "\n\n".join([header] + kept) + "\n\n"
+
+    def stage_publication(self, why, index_text=None, produced=None, removed=(), meta=None):
+        """Write the next publication's index (next_publication_text, or index_text: a rollback) in a
+        directory of its own, with its TIMESTAMP (and the files' mtime, Last-Modified) later than every
+        earlier publication's, never by exactly 5 s (Portage asks with its copy's TIMESTAMP + 5 s).
+        None when there is nothing to publish, or under --pretend. Called under the build lock."""
+        text = index_text if index_text is not None else self.next_publication_text(produced, removed)
+        if not text:
+            return None
+        current = self.current_publication()
+        changed = index_text is not None or current is None or offered_builds(text) != offered_builds(
+            read_text(os.path.join(self.publications_dir(), str(current), "Packages")))
+        if self.env.runner.pretend:
+            if changed:
+                self.env.output.info(f"Would publish the index of {self.pkgdir} ({why})")
+            return None
+        directory = self.publications_dir()
+        os.makedirs(directory, exist_ok=True)
+        for leftover in glob.glob(os.path.join(directory, STAGED_PREFIX + "*")):  # of a killed run
+            shutil.rmtree(leftover, ignore_errors=True)
+        ids = self.publication_ids()
+        # Later than every kept publication (a target may hold any of them) and than the index served
+        # before the first one.
+        earlier = ([index_timestamp(read_text(os.path.join(directory, str(each), "Packages"))) for each in ids]
+                   or [index_timestamp(read_text(os.path.join(self.pkgdir, "Packages")))])
+        stamp = next_timestamp(int(time.time()), earlier)
+        text = with_timestamp(text, stamp)
+        token = secrets.token_hex(12)
+        staging = os.path.join(directory, STAGED_PREFIX + token)
+        os.mkdir(staging, 0o755)
+        try:
+            os.chmod(staging, 0o755)
+            self.env.runner.write_file(os.path.join(staging, "Packages"), text, backup=False, mtime=stamp)
+            self.env.runner.write_file(os.path.join(staging, "Packages.gz"), gzip_bytes(text, stamp), backup=False,
+                                       mtime=stamp)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        if produced:  # the trees these builds came from (a rollback, clean or sign builds nothing)
+            meta = dict(meta or {}, trees=repository_states(self.env))
+        return StagedPublication(staging, token, why, changed, dict(meta or {}, published=stamp, why=why))
+
+    def commit_publication(self, staged, prune=True):
+        """Make a staged publication the current one, in one step: its directory renamed to the next
+        ID, then `current` switched to it with a rename. Its set, description and changes against the
+        publication before it are written once (meta.json), never recomputed. Nothing when it changes
+        nothing."""
+        if staged is None:
+            return None
+        if not staged.changed:
+            discard_staged(staged)
+            self.env.output.debug(f"Nothing new to publish: publication {self.current_publication()} has"
+                                  " these packages")
+            return None
+        directory = self.publications_dir()
+        ids, current = self.publication_ids(), self.current_publication()
+        publication = (ids[-1] if ids else 0) + 1
+        previous = read_text(os.path.join(directory, str(current), "Packages")) if current is not None else ""
+        added, updated, removed = set_changes(previous, staged.text)
+        meta = dict(staged.meta, id=publication, previous=current, added=added, updated=updated, removed=removed)
+        self.env.runner.write_file(os.path.join(staged.directory, "meta.json"), json.dumps(meta) + "\n", backup=False)
+        os.rename(staged.directory, os.path.join(directory, str(publication)))
+        link, current_link = os.path.join(directory, f".{CURRENT_PUBLICATION}.{os.getpid()}"), os.path.join(
+            directory, CURRENT_PUBLICATION)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(link)
+        if os.path.isdir(current_link) and not os.path.islink(current_link):
+            shutil.rmtree(current_link)  # a copy of PKGDIR that followed the link (cp -r): ours to replace
+        os.symlink(str(publication), link)
+        os.replace(link, current_link)
+        holds = self.read_holds()
+        if holds["released"]:  # offered again now
+            self.write_holds(dict(holds, released=[]))
+        self.env.output.info(f"Published {self.pkgdir} as publication {publication} ({staged.why})")
+        if prune:
+            self.prune_publications()
+        return publication
+
+    def publish(self, why, produced=None, removed=(), index_text=None, prune=True, meta=None):
+        """The one entry point of every command that publishes: the next publication (see
+        next_publication_text), when it changes what targets are offered. Called under the build
+        lock."""
+        staged = self.stage_publication(why, index_text, produced, removed, meta)
+        return self.commit_publication(staged, prune)
+
+    def prune_publications(self):
+        """Keep the newest publish-keep publications, the current one, and those a hold refers to."""
+        current = self.current_publication()
+        referred = {hold[key] for hold in self.read_holds()["holds"] for key in ("to", "from", "rollback")}
+        ids = self.publication_ids()
+        for old in ids[:-self.env.publish_keep] if len(ids) > self.env.publish_keep else []:
+            if old != current and old not in referred:
+                shutil.rmtree(os.path.join(self.publications_dir(), str(old)), ignore_errors=True)
+                self.env.output.debug(f"Removed publication {old} (publish-keep = {self.env.publish_keep})")
+
+    def publication_set(self, publication):
+        """{CPV-BUILD_ID: fields} of what a target can get from a publication: Portage's index names
+        every build PKGDIR holds, and of builds with the same CPV and USE a target takes the newest."""
+        newest = {}
+        for key, fields in self.publication_entries(publication).items():
+            variant = (fields["CPV"], " ".join(sorted(fields.get("USE", "").split())))
+            build = int(fields.get("BUILD_ID", "0") or 0) if fields.get("BUILD_ID", "0").isdigit() else 0
+            if variant not in newest or build > newest[variant][0]:
+                newest[variant] = (build, key, fields)
+        return {key: fields for _build, key, fields in newest.values()}
+
+    def published_paths(self):
+        """Every package file of a kept publication's set: clean never deletes those."""
+        paths = set()
+        for publication in self.publication_ids():
+            paths.update(entry_path(fields) for fields in self.publication_set(publication).values())
+        return paths
+
+    def publication_history(self):
+        """[{id, published, why, current, packages, added, updated, removed, held, holds, trees}], newest
+        first: held is what a rollback held back when it was made, holds what it still holds.
+        The changes are those written when it was published (against the publication before it);
+        a publication from before they were written is compared with the kept one before it."""
+        ids, current = self.publication_ids(), self.current_publication()
+        active = {hold["rollback"]: hold for hold in self.read_holds()["holds"]}
+        history = []
+        for index, publication in enumerate(ids):
+            meta = self.publication_meta(publication)
+            if "added" in meta:
+                added, updated, removed = meta["added"], meta["updated"], meta["removed"]
+            else:
+                previous = ids[index - 1] if index else None
+                added, updated, removed = set_changes(
+                    read_text(os.path.join(self.publications_dir(), str(previous), "Packages"))
+                    if previous is not None else "",
+                    read_text(os.path.join(self.publications_dir(), str(publication), "Packages")))
+            hold = active.get(publication)
+            history.append({
+                "id": publication, "current": publication == current, "why": meta.get("why", ""),
+                "published": datetime.datetime.fromtimestamp(meta.get("published", 0), datetime.timezone.utc)
+                .strftime("%Y-%m-%dT%H:%M:%SZ"),
+                "packages": len(self.publication_entries(publication)),
+                "added": added, "updated": updated, "removed": removed,
+                "held": meta.get("held", []), "holds": sorted(hold["cpvs"]) if hold else [],
+                "trees": meta.get("trees", {})})
+        return list(reversed(history))
+
+    def rollback(self, publication=None):
+        """Publish an earlier publication's set again, as a new publication (targets only read a newer
+        index), and hold back what it withdraws: every build the current set has and ID's does not,
+        and every newer version of those packages, stay out of later publications until released."""
+        ids, current = self.publication_ids(), self.current_publication()
+        if publication is None:
+            earlier = [each for each in ids if current is None or each < current]
+            if not earlier:
+                raise BinhostError(f"no publication before the current one ({current}) is kept in"
+                                   f" {self.publications_dir()}: see '{PROG} history'")
+            publication = earlier[-1]
+        if publication not in ids:
+            raise UsageError(f"publication {publication} is not kept (kept: {', '.join(map(str, ids)) or 'none'}):"
+                             f" see '{PROG} history'")
+        if publication == current:
+            self.env.output.info(f"Publication {publication} is the current one: nothing changes")
+            return None
+        chosen = self.publication_set(publication)
+        missing = [entry_path(fields) for fields in chosen.values()
+                   if not os.path.isfile(os.path.join(self.pkgdir, entry_path(fields)))]
+        if missing:
+            raise BinhostError(f"publication {publication} names packages that are gone ({', '.join(missing[:5])}):"
+                               " it cannot be published again")
+        # Older builds that clean removed since are left out; the set's own builds are all there.
+        text = index_keeping(read_text(os.path.join(self.publications_dir(), str(publication), "Packages")),
+                             lambda fields: os.path.isfile(os.path.join(self.pkgdir, entry_path(fields))))
+        chosen_paths = {entry_path(fields) for fields in chosen.values()}
+        versions = {}
+        for fields in chosen.values():
+            name, version = cpv_package_name(fields["CPV"]), cpv_version(fields["CPV"])
+            if name not in versions or compare_versions(version, versions[name]) > 0:
+                versions[name] = version
+        withdrawn = [fields for fields in (self.publication_set(current).values() if current else ())
+                     if entry_path(fields) not in chosen_paths]
+        with build_lock(self.env):
+            new_id = (self.publication_ids() or [0])[-1] + 1
+            hold = {"rollback": new_id, "from": current, "to": publication,
+                    "builds": sorted(entry_path(fields) for fields in withdrawn),
+                    "versions": {cpv_package_name(fields["CPV"]): versions.get(cpv_package_name(fields["CPV"]))
+                                 for fields in withdrawn},
+                    "cpvs": sorted({fields["CPV"] for fields in withdrawn})}
+            if self.env.runner.pretend:
+                self.env.output.info(f"Would publish publication {publication}'s set again"
+                                     + (f", holding back {', '.join(hold['cpvs'])}" if withdrawn else ""))
+                return None
+            holds = self.read_holds()
+            if withdrawn:
+                self.write_holds(dict(holds, holds=holds["holds"] + [hold]))
+            try:
+                made = self.publish(f"rollback to publication {publication}", index_text=text,
+                                    meta={"held": hold["cpvs"]})
+            except BaseException:
+                self.write_holds(holds)
+                raise
+        if withdrawn:
+            self.env.output.info(f"Held back until '{PROG} release': {', '.join(hold['cpvs'])} (and newer versions):"
+                                 " no later publication offers them, and no build makes them again")
+        return made
+
+    def release(self, atoms=()):
+        """End the holds on atoms' packages (all holds without atoms); their builds still in PKGDIR
+        are offered again by the next publication."""
+        holds = self.read_holds()
+        wanted = {cpv_package_name(atom.lstrip("=<>~").split(":")[0]) if re.search(r"-[0-9]", atom)
+                  else atom.split(":")[0] for atom in atoms}
+        kept, released_builds, released = [], [], []
+        for hold in holds["holds"]:
+            names = set(hold["versions"])
+            ending = names if not atoms else names & wanted
+            builds = hold["builds"]
+            ending_builds = [path for path in builds if not atoms or "/".join(path.split("/")[:2]) in ending]
+            released += [cpv for cpv in hold["cpvs"] if cpv_package_name(cpv) in ending]
+            released_builds += ending_builds
+            rest = dict(hold, builds=[path for path in builds if path not in ending_builds],
+                        versions={name: version for name, version in hold["versions"].items() if name not in ending},
+                        cpvs=[cpv for cpv in hold["cpvs"] if cpv_package_name(cpv) not in ending])
+            if rest["versions"] or rest["builds"]:
+                kept.append(rest)
+        unknown = wanted - {cpv_package_name(cpv) for cpv in released}
+        if atoms and unknown:
+            raise UsageError(f"no hold on {', '.join(sorted(unknown))}: see '{PROG} history' for what is held")
+        if not released:
+            self.env.output.info("Nothing is held back")
+            return []
+        offered = [path for path in released_builds if os.path.isfile(os.path.join(self.pkgdir, path))]
+        if self.env.runner.pretend:
+            self.env.output.info(f"Would release {', '.join(sorted(released))}")
+            return released
+        with build_lock(self.env):
+            self.write_holds({"holds": kept, "released": sorted(set(holds["released"]) | set(offered))})
+        self.env.output.info(f"Released {', '.join(sorted(released))}: the next publication offers them again"
+                             f" ({len(offered)} build(s) still in PKGDIR), and later builds may make their newer"
+                             " versions")
+        return released
+
+    def published_index_text(self):
+        """The index targets are offered now: the current publication's, else PKGDIR's."""
+        current = self.current_publication()
+        if current is None:
+            return read_text(os.path.join(self.pkgdir, "Packages"))
+        return read_text(os.path.join(self.publications_dir(), str(current), "Packages"))
+
+    def indexed_packages(self):
+        """The GPKGs PKGDIR's index names (not the empty file a failed build leaves behind)."""
+        return sorted(package_in(self.pkgdir, path) for path in self.package_files() if path.endswith(".gpkg.tar"))
+
+    def index_problems(self):
+        """Differences between PKGDIR/Packages and the files: (missing or wrong size, not indexed)."""
+        broken, indexed = [], set()
+        for fields in self.read_packages_index():
+            path = entry_path(fields)
+            indexed.add(path)
+            full = os.path.join(self.pkgdir, path)
+            if not os.path.isfile(full):
+                broken.append(f"{path} missing")
+            elif fields.get("SIZE", "").isdigit() and int(fields["SIZE"]) != os.path.getsize(full):
+                broken.append(f"{path} has {os.path.getsize(full)} bytes, the index says {fields['SIZE']}")
+        on_disk = {os.path.relpath(path, self.pkgdir) for path in all_packages(self.pkgdir)}
+        return broken, sorted(on_disk - indexed)
+
+    def published_trees(self):
+        """The trees the newest kept publication with builds was built from ({} before any)."""
+        for publication in reversed(self.publication_ids()):
+            trees = self.publication_meta(publication).get("trees")
+            if trees:
+                return trees
+        return {}
+
+
+class PendingPublication:
+    """What one command publishes in one environment, at its end: the builds it produced (of the
+    emerges that succeeded) and what it retires."""
+
+    def __init__(self, env, why):
+        self.env, self.why = env, why
+        self.produced, self.removed = set(), set()
+
+    def stage(self, produced=()):
+        return self.env.packages.stage_publication(self.why, produced=self.produced | set(produced),
+                                                   removed=self.removed)
+
+    def publish(self):
+        return self.env.packages.publish(self.why, self.produced, self.removed, prune=False)
 
 
 # ---- build methods: inside the binhost root (chroot), or ROOT= from the build host (root) -------
@@ -2843,7 +3389,7 @@ class Environment:
     settings ([binhost], with the root, PKGDIR and build-method of the targets built in it), read
     as env.root, env.pkgdir, ...; the Runner and Output every step on it uses; what was decided
     about it once (decisions: the build method, whether its chroot confines); where Portage runs
-    for it (host)."""
+    for it (host); its PKGDIR (packages)."""
 
     def __init__(self, settings, runner, output):
         self.settings, self.runner, self.output = settings, runner, output
@@ -2869,6 +3415,10 @@ class Environment:
         """Where Portage runs for this environment: inside the binhost root (build-method chroot),
         else this machine or its host chroot."""
         return BuildHost(self, into_root=self.method[0] == "chroot")
+
+    @property
+    def packages(self):
+        return PackageStore(self)
 
 
 # Where a target's configuration may make us mount or link something: never a system directory.
@@ -3015,12 +3565,6 @@ def chroot_build_binds(env, trees_writable=False):
     return binds
 
 
-def package_files(pkgdir):
-    """{PATH: MD5} of the builds PKGDIR's index names (Portage adds each build as it is made)."""
-    return {entry_path(fields): fields.get("MD5", "") for fields, _ in index_blocks(
-        read_text(os.path.join(pkgdir, "Packages")))[1]}
-
-
 def refresh_index(env, host=None):
     """Rebuild PKGDIR/Packages; Portage trusts a stale index otherwise (pkgdir-index-trusted)."""
     host = host or env.host
@@ -3030,7 +3574,6 @@ def refresh_index(env, host=None):
 
 
 # ---- signing -----------------------------------------------------------------------------------
-
 
 def gpg_command(home, *args):
     return ["gpg", "--homedir", home, "--batch", "--no-tty"] + list(args)
@@ -3446,11 +3989,6 @@ def all_packages(pkgdir):
                   for name in files if name.endswith(".gpkg.tar"))
 
 
-def indexed_packages(pkgdir):
-    """The GPKGs PKGDIR's index names (not the empty file a failed build leaves behind)."""
-    return sorted(package_in(pkgdir, path) for path in package_files(pkgdir) if path.endswith(".gpkg.tar"))
-
-
 def package_in(pkgdir, relative):
     """PKGDIR/relative, for a PATH a build wrote into the index: inside PKGDIR, through no link."""
     path = os.path.join(pkgdir, relative)
@@ -3488,7 +4026,7 @@ def sign_packages(env, resign=False):
     if not os.path.isdir(env.pkgdir):
         raise BinhostError(f"PKGDIR {env.pkgdir} does not exist: build something first")
     host = env.host
-    packages = [path for path in indexed_packages(env.pkgdir) if resign or not is_signed_gpkg(path)]
+    packages = [path for path in env.packages.indexed_packages() if resign or not is_signed_gpkg(path)]
     xpaks = sorted(os.path.relpath(os.path.join(directory, name), env.pkgdir)
                    for directory, _dirs, files in os.walk(env.pkgdir)
                    for name in files if name.endswith((".tbz2", ".xpak")))
@@ -3504,7 +4042,7 @@ def sign_packages(env, resign=False):
     # A build may be writing PKGDIR.
     with build_lock(env), host.mounted(show_only=env.runner.pretend):
         sign_builds(env, host, [os.path.relpath(path, env.pkgdir) for path in packages])
-        publish(env, f"sign {len(packages)} package(s)")
+        env.packages.publish(f"sign {len(packages)} package(s)")
     return len(packages)
 
 
@@ -3514,7 +4052,6 @@ def sign_test_message(env, message):
 
 
 # ---- building: emerge in the binhost root, then sign what it made --------------------------------
-
 
 def build_packages(env, emerge_args, publish_after=True):
     method, why = env.method
@@ -3577,17 +4114,17 @@ def build_packages(env, emerge_args, publish_after=True):
                                    " (--fetchonly): see its output above; nothing was built")
             offline = True
         env.output.action(f"Building in {env.root}{where}: {format_command(['emerge'] + argv[1:])}")
-        before = package_files(env.pkgdir)
+        before = env.packages.package_files()
         result = host.run(argv, variables, check=False, own_group=True, offline=offline)
         if result is not None and result.returncode != 0:
             raise BinhostError(f"emerge failed on the binhost (exit {result.returncode}): see its output above;"
                                " nothing was published")
         # What this build produced: only a successful emerge's builds are ever published.
-        produced = {path for path, md5 in package_files(env.pkgdir).items() if before.get(path) != md5}
+        produced = {path for path, md5 in env.packages.package_files().items() if before.get(path) != md5}
         if env.signing_key and produced:
             sign_builds(env, host, sorted(produced))
         if publish_after:
-            publish(env, f"build {' '.join(emerge_args)}", produced)
+            env.packages.publish(f"build {' '.join(emerge_args)}", produced)
         return produced
 
 
@@ -4122,7 +4659,7 @@ def binary_reason(env, package, entries, installed_cache):
 def offered_binaries(env, index_text=None):
     """{CPV: [index entries]} of what a publication offers: index_text's, or the next one's."""
     binaries = {}
-    for entry in index_entries(next_publication_text(env) if index_text is None else index_text):
+    for entry in index_entries(env.packages.next_publication_text() if index_text is None else index_text):
         binaries.setdefault(entry["CPV"], []).append(entry)
     return binaries
 
@@ -4138,7 +4675,7 @@ def held_back(package, holds):
 
 def packages_to_build(env, packages):
     """The planned packages the next publication has no usable binary of, each with its reason."""
-    binaries, cache, missing, holds = offered_binaries(env), {}, [], read_holds(env.pkgdir)
+    binaries, cache, missing, holds = offered_binaries(env), {}, [], env.packages.read_holds()
     for package in packages:
         if held_back(package, holds):
             missing.append(package)
@@ -4157,7 +4694,7 @@ def binary_plan_gaps(env, plan, index_text):
     for binary in parse_merge_list(plan.binary or "", "binary"):
         merged.setdefault(binary.package_name, []).append(binary)
     binaries, cache, gaps = offered_binaries(env, index_text), {}, []
-    complaints, holds = portage_complaints(plan.binary or ""), read_holds(env.pkgdir)
+    complaints, holds = portage_complaints(plan.binary or ""), env.packages.read_holds()
     for package in plan.packages:
         if held_back(package, holds):
             gaps.append(package)
@@ -4841,7 +5378,7 @@ def record_installed(env, target, plan):
     binaries (a target that is not reached again keeps its last recorded set)."""
     if plan.installed is None or env.runner.pretend:
         return
-    directory = os.path.join(publications_dir(env.pkgdir), INSTALLED_DIR)
+    directory = os.path.join(env.packages.publications_dir(), INSTALLED_DIR)
     os.makedirs(directory, exist_ok=True)
     env.runner.write_file(os.path.join(directory, target.name), "".join(f"{cpv}\n" for cpv in sorted(plan.installed)),
                           backup=False)
@@ -4887,7 +5424,7 @@ def build_until_covered(env, target, emerge_args, route, pending, trees):
     def incomplete(staged):
         """The rest is built: offered (now, or at the command's end), then the stop."""
         if staged is not None and pending is None:
-            commit_publication(env, staged, prune=True)
+            env.packages.commit_publication(staged, prune=True)
         elif pending is not None:
             pending.produced |= produced
         raise BinhostError(f"{target.name}: incomplete: the binhost's tree lacks {len(absent)} package(s) of the"
@@ -4942,7 +5479,7 @@ def build_until_covered(env, target, emerge_args, route, pending, trees):
                     if absent and not only_shown:
                         incomplete(staged)
                     if staged is not None and pending is None:
-                        commit_publication(env, staged, prune=True)
+                        env.packages.commit_publication(staged, prune=True)
                     elif pending is not None:
                         pending.produced |= produced
                     if emerge_pretends(emerge_args):
@@ -4959,7 +5496,7 @@ def build_until_covered(env, target, emerge_args, route, pending, trees):
                 if not buildable or round_number == GATE_ROUNDS + bool(absent):
                     raise BinhostError(f"{target.name} would not get everything from the binhost:"
                                        f" {describe_gaps(missing)}; nothing was published or installed")
-                before = package_files(env.pkgdir)
+                before = env.packages.package_files()
                 try:
                     produced |= build_packages(env, ["--oneshot", "--usepkg=n"]
                                                + [package.atom for package in buildable], publish_after=False)
@@ -5041,7 +5578,7 @@ def check_installed(env, target, plan, route):
     from a binary? One ssh round trip; a one-line error naming what it lacks and the likely
     cause. Returns the held versions the target has installed."""
     remote = Remote(target, env.runner, env.output)
-    holds = read_holds(env.pkgdir)
+    holds = env.packages.read_holds()
     held = {package.cpv for package in plan.packages if held_back(package, holds)}
     wanted = [package.cpv for package in plan.packages if package.cpv not in held]
     states, installed = installed_states(remote, wanted, held_names(holds))
@@ -5052,7 +5589,7 @@ def check_installed(env, target, plan, route):
                         + (f" ({len(held)} held back)" if held else ""))
         return installed_held
     compiled = [cpv for cpv in missing if states.get(cpv) == "source"]
-    offered = offered_binaries(env, published_index_text(env.pkgdir))
+    offered = offered_binaries(env, env.packages.published_index_text())
     unpublished = [cpv for cpv in missing if cpv not in offered]
     cause = ""
     if env.transport == "http" or route.forward:
@@ -5074,7 +5611,7 @@ def bring_back_held(env, target, installed_held, tty):
     """A target that installed a version a rollback holds back: Portage's binary-only emerge goes
     back by itself when another version is offered (measured); where it did not, an explicit
     --oneshot =CPV of the published version does; with none published, say so."""
-    offered = offered_binaries(env, published_index_text(env.pkgdir))
+    offered = offered_binaries(env, env.packages.published_index_text())
     for cpv in installed_held:
         name = cpv_package_name(cpv)
         versions = sorted((candidate for candidate in offered if cpv_package_name(candidate) == name),
@@ -5115,7 +5652,7 @@ def install_packages(env, target, emerge_args, plan=None, route=None, asked=Fals
             forward = (forward[0], "LOCALPORT")
         result = remote.run(argv, variables, tty=tty, forward=forward)
         if result is None:
-            holds = read_holds(env.pkgdir)
+            holds = env.packages.read_holds()
             if plan is not None and held_names(holds):  # what the real run would bring back
                 bring_back_held(env, target, installed_held_versions(
                     installed_states(remote, (), held_names(holds))[1], holds), tty)
@@ -6428,26 +6965,6 @@ def sync_config(direction, env, target, show_only=False):
 DEFAULT_KEEP = 2
 
 
-def package_records(pkgdir):
-    """What list shows: one record per binary package, newest build of each CPV first, with its
-    state: retired by clean, held back by a rollback, or neither."""
-    records, retired, holds = [], retired_packages(pkgdir), read_holds(pkgdir)
-    for fields in read_packages_index(pkgdir):
-        hold = hold_on(fields["CPV"], entry_path(fields), holds)
-        size = int(fields["SIZE"]) if fields.get("SIZE", "").isdigit() else None
-        built = int(fields["BUILD_TIME"]) if fields.get("BUILD_TIME", "").isdigit() else None
-        records.append({
-            "cpv": fields["CPV"], "size": size,
-            "build_id": int(fields["BUILD_ID"]) if fields.get("BUILD_ID", "").isdigit() else 0,
-            "build_time": datetime.datetime.fromtimestamp(built, datetime.timezone.utc).strftime(
-                "%Y-%m-%dT%H:%M:%SZ") if built is not None else None,
-            "use": fields.get("USE", "").split(), "path": entry_path(fields),
-            "state": ("retired" if is_retired(fields, retired) else
-                      f"held back by rollback {hold['rollback']}" if hold else ""),
-        })
-    return sorted(records, key=lambda record: (record["cpv"], -record["build_id"]))
-
-
 def human_size(size):
     for unit in ("B", "KiB", "MiB", "GiB"):
         if size < 1024 or unit == "GiB":
@@ -6478,17 +6995,6 @@ def installed_in_binhost(env):
     return installed
 
 
-def targets_installed(pkgdir):
-    """Every CPV a target of this PKGDIR had installed when it was last asked (record_installed)."""
-    directory = os.path.join(publications_dir(pkgdir), INSTALLED_DIR)
-    try:
-        names = os.listdir(directory)
-    except FileNotFoundError:
-        return set()
-    return {line.strip() for name in names for line in read_text(os.path.join(directory, name)).splitlines()
-            if line.strip()}
-
-
 def packages_to_clean(records, installed, keep, on_targets=frozenset()):
     """(record, reason) for each package clean removes: a CPV no longer installed in the binhost
     root nor on a target (as last recorded), or a build older than the newest `keep` of its CPV."""
@@ -6511,12 +7017,12 @@ def clean_packages(env, keep, pending=None):
         raise UsageError("--keep needs at least 1")
     check_binhost_root(env)
     with build_lock(env):  # a build may be adding packages
-        records = package_records(env.pkgdir)
+        records = env.packages.package_records()
         doomed = packages_to_clean(records, installed_in_binhost(env), keep,
-                                   targets_installed(env.pkgdir))
-        checksums = {entry_path(fields): fields.get("MD5", "") for fields in read_packages_index(env.pkgdir)}
+                                   env.packages.targets_installed())
+        checksums = {entry_path(fields): fields.get("MD5", "") for fields in env.packages.read_packages_index()}
         # A retired path rebuilt since (same path, another file) is no longer retired.
-        retired = {path: md5 for path, md5 in retired_packages(env.pkgdir).items()
+        retired = {path: md5 for path, md5 in env.packages.retired_packages().items()
                    if checksums.get(path, md5) == md5}
         if not doomed and not retired:
             env.output.info(f"Nothing to clean in {env.pkgdir}")
@@ -6532,19 +7038,19 @@ def clean_packages(env, keep, pending=None):
         if env.runner.pretend:
             return doomed
         retired.update({record["path"]: checksums.get(record["path"], "") for record, _ in doomed})
-        write_retired(env.pkgdir, retired, env.runner)
+        env.packages.write_retired(retired)
         # What the publications kept until now name stays; only then the oldest may go.
         if pending is not None:
             pending.removed |= {record["path"] for record, _ in doomed}
             pending.why += f"; clean: {len(doomed)} package(s) retired"
             pending.publish()
         else:
-            publish(env, f"clean: {len(doomed)} package(s) retired",
-                    removed={record["path"] for record, _ in doomed}, prune=False)
+            env.packages.publish(f"clean: {len(doomed)} package(s) retired",
+                                 removed={record["path"] for record, _ in doomed}, prune=False)
         # Named before the prune: what the publication this clean replaced names stays until the
         # next clean (a target that fetched its index a moment ago may still be downloading).
-        named = published_paths(env.pkgdir)
-        prune_publications(env)
+        named = env.packages.published_paths()
+        env.packages.prune_publications()
         pkgdir = os.path.realpath(env.pkgdir)
         for relative in sorted(set(retired) - named):
             path = os.path.realpath(os.path.join(pkgdir, relative))
@@ -6553,7 +7059,7 @@ def clean_packages(env, keep, pending=None):
                     and os.path.isfile(path)):
                 os.unlink(path)
         still = {path: md5 for path, md5 in retired.items() if path in named}
-        write_retired(env.pkgdir, still, env.runner)
+        env.packages.write_retired(still)
         if still:
             env.output.info(f"Keeping {len(still)} retired package(s) that an older kept publication names"
                             f" (publish-keep = {env.publish_keep}; '{PROG} history'): a later clean removes them")
@@ -6561,490 +7067,7 @@ def clean_packages(env, keep, pending=None):
     return doomed
 
 
-# ---- publishing: targets see complete builds only ------------------------------------------------
-
-# Published indexes live in PKGDIR/.published/<ID>/ (a dot directory, never served as it is):
-# `current` links to the one serve (and nginx) answers /Packages with. Portage rewrites
-# PKGDIR/Packages after every package it builds; targets never see that working index while a
-# publication exists. Package files are never copied: with binpkg-multi-instance each build is a
-# file of its own, so every file an older publication names stays in place until clean.
-PUBLISHED_DIR = ".published"
-CURRENT_PUBLICATION = "current"
-DEFAULT_PUBLISH_KEEP = 5
-
-
-def publications_dir(pkgdir):
-    return os.path.join(pkgdir, PUBLISHED_DIR)
-
-
-def publication_ids(pkgdir):
-    """The IDs of the kept publications, oldest first."""
-    try:
-        names = os.listdir(publications_dir(pkgdir))
-    except FileNotFoundError:
-        return []
-    return sorted(int(name) for name in names if name.isdigit())
-
-
-def current_publication(pkgdir):
-    """The ID targets are served now, or None before the first publication."""
-    try:
-        target = os.readlink(os.path.join(publications_dir(pkgdir), CURRENT_PUBLICATION))
-    except OSError:
-        return None
-    return int(target) if target.isdigit() else None
-
-
-def publication_entries(pkgdir, publication):
-    """{CPV-BUILD_ID: fields} of a publication's index."""
-    text = read_text(os.path.join(publications_dir(pkgdir), str(publication), "Packages"))
-    return {f"{fields['CPV']}-{fields.get('BUILD_ID', '0')}": fields for fields in index_entries(text)}
-
-
-def publication_meta(pkgdir, publication):
-    try:
-        return json.loads(read_text(os.path.join(publications_dir(pkgdir), str(publication), "meta.json")) or "{}")
-    except ValueError:
-        return {}
-
-
-# A staged publication is served at /[ENV/]_staged/<token>/ (its index; packages as under /)
-# while the gate asks the targets about it; only then does it become a publication.
-STAGED_URL_DIR = "_staged"
-STAGED_PREFIX = ".staged-"
-STAGED_TOKEN = re.compile(r"[A-Za-z0-9]{16,64}")
-# In the publications directory: the package files clean has given up, "PATH MD5" a line. The
-# MD5 tells a retired build from a new one at the same path (without binpkg-multi-instance).
-RETIRED_LIST = "retired"
-# In the publications directory: the rollbacks' holds (JSON), and per target the packages it had
-# installed when it was last asked (clean keeps their binaries).
-HOLDS_FILE = "holds.json"
-INSTALLED_DIR = "installed"
-
-
-def retired_packages(pkgdir):
-    """{PATH: MD5} of the retired package files."""
-    lines = read_text(os.path.join(publications_dir(pkgdir), RETIRED_LIST)).splitlines()
-    return dict((line.split() + [""])[:2] for line in lines if line.strip())
-
-
-def write_retired(pkgdir, retired, runner):
-    path = os.path.join(publications_dir(pkgdir), RETIRED_LIST)
-    if retired or os.path.exists(path):
-        os.makedirs(publications_dir(pkgdir), exist_ok=True)
-        runner.write_file(path, "".join(f"{each} {md5}\n" for each, md5 in sorted(retired.items())), backup=False)
-
-
-def is_retired(fields, retired):
-    """Whether an index entry is a retired build (the same file, not a new build at its path)."""
-    path = entry_path(fields)
-    return path in retired and retired[path] in ("", fields.get("MD5", ""))
-
-
-# ---- Gentoo versions (PMS 3.3), for holds on "every newer version" --------------------------------
-
-VERSION_PARTS = re.compile(r"(?P<numbers>[0-9]+(?:\.[0-9]+)*)(?P<letter>[a-z]?)"
-                           r"(?P<suffixes>(?:_(?:alpha|beta|pre|rc|p)[0-9]*)*)(?:-r(?P<revision>[0-9]+))?")
-SUFFIX_ORDER = {"alpha": 0, "beta": 1, "pre": 2, "rc": 3, "p": 5}  # no suffix ranks 4
-
-
-def _compare(left, right):
-    return (left > right) - (left < right)
-
-
-def compare_versions(left, right):
-    """Below, equal to or above 0 as Gentoo orders the versions left and right."""
-    one, other = VERSION_PARTS.fullmatch(left), VERSION_PARTS.fullmatch(right)
-    if not one or not other:
-        return _compare(left, right)
-    numbers, others = one.group("numbers").split("."), other.group("numbers").split(".")
-    result = _compare(int(numbers[0]), int(others[0]))
-    for mine, theirs in zip(numbers[1:], others[1:]):
-        if result:
-            return result
-        # A component with a leading zero compares as a decimal fraction (1.01 < 1.1).
-        result = (_compare(mine.rstrip("0"), theirs.rstrip("0")) if mine[0] == "0" or theirs[0] == "0"
-                  else _compare(int(mine), int(theirs)))
-    result = result or _compare(len(numbers), len(others)) or _compare(one.group("letter"), other.group("letter"))
-    if result:
-        return result
-    suffixes = re.findall(r"_([a-z]+)([0-9]*)", one.group("suffixes"))
-    other_suffixes = re.findall(r"_([a-z]+)([0-9]*)", other.group("suffixes"))
-    for (kind, number), (other_kind, other_number) in zip(suffixes, other_suffixes):
-        result = _compare(SUFFIX_ORDER[kind], SUFFIX_ORDER[other_kind]) or _compare(int(number or 0),
-                                                                                  int(other_number or 0))
-        if result:
-            return result
-    if len(suffixes) != len(other_suffixes):
-        longer, sign = (suffixes, 1) if len(suffixes) > len(other_suffixes) else (other_suffixes, -1)
-        return sign if longer[min(len(suffixes), len(other_suffixes))][0] == "p" else -sign
-    return _compare(int(one.group("revision") or 0), int(other.group("revision") or 0))
-
-
-def cpv_version(cpv):
-    return cpv[len(cpv_package_name(cpv)) + 1:]
-
-
-# ---- holds: what a rollback withdrew stays out until released ------------------------------------
-
-def read_holds(pkgdir):
-    """The rollbacks' holds: [{rollback, from, to, builds: [PATH], versions: {CP: VERSION or None},
-    cpvs: [CPV]}], and the builds released since the last publication ({"released": [PATH]})."""
-    try:
-        data = json.loads(read_text(os.path.join(publications_dir(pkgdir), HOLDS_FILE)) or "{}")
-    except ValueError:
-        data = {}
-    return {"holds": list(data.get("holds", [])), "released": list(data.get("released", []))}
-
-
-def write_holds(pkgdir, holds, runner):
-    os.makedirs(publications_dir(pkgdir), exist_ok=True)
-    runner.write_file(os.path.join(publications_dir(pkgdir), HOLDS_FILE), json.dumps(holds, indent=1) + "\n",
-                      backup=False)
-
-
-def hold_on(cpv, path, holds):
-    """The hold that keeps a build (or a version) out of publications, or None: the build itself
-    was withdrawn, or its version is newer than the rolled-back-to publication's."""
-    name, version = cpv_package_name(cpv), cpv_version(cpv)
-    for hold in holds["holds"]:
-        if path is not None and path in hold["builds"]:
-            return hold
-        if name in hold["versions"] and (hold["versions"][name] is None
-                                         or compare_versions(version, hold["versions"][name]) > 0):
-            return hold
-    return None
-
-
-# ---- the next publication ---------------------------------------------------------------------------
-
-def next_publication_text(env, produced=None, removed=()):
-    """The index the next publication offers: the current publication's builds (their fields as
-    PKGDIR's index has them now: sign rewrites files), the builds this command produced, and those
-    a release gave back; without what it retires, retired builds and held ones. Before the first
-    publication: what this command produced, or everything PKGDIR holds for a command that builds
-    nothing (produced None: sign, clean). Builds an emerge left before it failed are not in it."""
-    pkgdir = env.pkgdir
-    header, in_pkgdir = index_blocks(read_text(os.path.join(pkgdir, "Packages")))
-    by_path = {entry_path(fields): (fields, block) for fields, block in in_pkgdir}
-    current = current_publication(pkgdir)
-    holds, retired = read_holds(pkgdir), retired_packages(pkgdir)
-    if current is None:
-        chosen = [(fields, block) for fields, block in in_pkgdir
-                  if produced is None or entry_path(fields) in produced]
-    else:
-        published_header, published = index_blocks(read_text(
-            os.path.join(publications_dir(pkgdir), str(current), "Packages")))
-        header = header or published_header
-        chosen = [by_path.get(entry_path(fields)) or (fields, block) for fields, block in published
-                  if entry_path(fields) in by_path or os.path.isfile(os.path.join(pkgdir, entry_path(fields)))]
-    paths = {entry_path(fields) for fields, _ in chosen}
-    for path in sorted(set(produced or ()) | set(holds["released"])):
-        if path in by_path and path not in paths:
-            chosen.append(by_path[path])
-            paths.add(path)
-    removed = set(removed)
-    kept = [block for fields, block in chosen if entry_path(fields) not in removed
-            and not is_retired(fields, retired) and hold_on(fields["CPV"], entry_path(fields), holds) is None]
-    if not header or current is None and not kept:
-        return ""
-    header = re.sub(r"(?m)^PACKAGES: .*$", f"PACKAGES: {len(kept)}", header.strip("\n"))
-    return "\n\n".join([header] + kept) + "\n\n"
-
-
-class StagedPublication:
-    """An index written as the next publication would be, not yet served as the current one."""
-
-    def __init__(self, directory, token, why, changed, meta):
-        self.directory, self.token, self.why, self.changed, self.meta = directory, token, why, changed, meta
-
-    @property
-    def url_path(self):
-        return f"{STAGED_URL_DIR}/{self.token}/"
-
-    @property
-    def text(self):
-        return read_text(os.path.join(self.directory, "Packages"))
-
-
-def stage_publication(env, why, index_text=None, produced=None, removed=(), meta=None):
-    """Write the next publication's index (next_publication_text, or index_text: a rollback) in a
-    directory of its own, with its TIMESTAMP (and the files' mtime, Last-Modified) later than every
-    earlier publication's, never by exactly 5 s (Portage asks with its copy's TIMESTAMP + 5 s).
-    None when there is nothing to publish, or under --pretend. Called under the build lock."""
-    text = index_text if index_text is not None else next_publication_text(env, produced, removed)
-    if not text:
-        return None
-    current = current_publication(env.pkgdir)
-    changed = index_text is not None or current is None or offered_builds(text) != offered_builds(
-        read_text(os.path.join(publications_dir(env.pkgdir), str(current), "Packages")))
-    if env.runner.pretend:
-        if changed:
-            env.output.info(f"Would publish the index of {env.pkgdir} ({why})")
-        return None
-    directory = publications_dir(env.pkgdir)
-    os.makedirs(directory, exist_ok=True)
-    for leftover in glob.glob(os.path.join(directory, STAGED_PREFIX + "*")):  # of a killed run
-        shutil.rmtree(leftover, ignore_errors=True)
-    ids = publication_ids(env.pkgdir)
-    # Later than every kept publication (a target may hold any of them) and than the index served
-    # before the first one.
-    earlier = ([index_timestamp(read_text(os.path.join(directory, str(each), "Packages"))) for each in ids]
-               or [index_timestamp(read_text(os.path.join(env.pkgdir, "Packages")))])
-    stamp = next_timestamp(int(time.time()), earlier)
-    text = with_timestamp(text, stamp)
-    token = secrets.token_hex(12)
-    staging = os.path.join(directory, STAGED_PREFIX + token)
-    os.mkdir(staging, 0o755)
-    try:
-        os.chmod(staging, 0o755)
-        env.runner.write_file(os.path.join(staging, "Packages"), text, backup=False, mtime=stamp)
-        env.runner.write_file(os.path.join(staging, "Packages.gz"), gzip_bytes(text, stamp), backup=False, mtime=stamp)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    if produced:  # the trees these builds came from (a rollback, clean or sign builds nothing)
-        meta = dict(meta or {}, trees=repository_states(env))
-    return StagedPublication(staging, token, why, changed, dict(meta or {}, published=stamp, why=why))
-
-
-def offered_builds(index_text):
-    """What an index offers, as a set of builds (PATH, MD5): a field Portage drops or adds when it
-    rewrites its index (REPO_REVISIONS, say) changes nothing for a target."""
-    return {(entry_path(fields), fields.get("MD5", "")) for fields, _ in index_blocks(index_text)[1]}
-
-
-def discard_staged(staged):
-    if staged is not None and os.path.isdir(staged.directory):
-        shutil.rmtree(staged.directory, ignore_errors=True)
-
-
-def set_changes(old_text, new_text):
-    """(added, updated, removed) CPVs of the index new_text compared with old_text."""
-    new = {fields["CPV"]: fields for fields, _ in index_blocks(new_text)[1]}
-    old = {fields["CPV"]: fields for fields, _ in index_blocks(old_text)[1]}
-    updated = [cpv for cpv in set(new) & set(old)
-               if (new[cpv].get("MD5"), new[cpv].get("BUILD_ID")) != (old[cpv].get("MD5"), old[cpv].get("BUILD_ID"))]
-    return sorted(set(new) - set(old)), sorted(updated), sorted(set(old) - set(new))
-
-
-def commit_publication(env, staged, prune=True):
-    """Make a staged publication the current one, in one step: its directory renamed to the next
-    ID, then `current` switched to it with a rename. Its set, description and changes against the
-    publication before it are written once (meta.json), never recomputed. Nothing when it changes
-    nothing."""
-    if staged is None:
-        return None
-    if not staged.changed:
-        discard_staged(staged)
-        env.output.debug(f"Nothing new to publish: publication {current_publication(env.pkgdir)} has"
-                         " these packages")
-        return None
-    directory = publications_dir(env.pkgdir)
-    ids, current = publication_ids(env.pkgdir), current_publication(env.pkgdir)
-    publication = (ids[-1] if ids else 0) + 1
-    previous = read_text(os.path.join(directory, str(current), "Packages")) if current is not None else ""
-    added, updated, removed = set_changes(previous, staged.text)
-    meta = dict(staged.meta, id=publication, previous=current, added=added, updated=updated, removed=removed)
-    env.runner.write_file(os.path.join(staged.directory, "meta.json"), json.dumps(meta) + "\n", backup=False)
-    os.rename(staged.directory, os.path.join(directory, str(publication)))
-    link, current_link = os.path.join(directory, f".{CURRENT_PUBLICATION}.{os.getpid()}"), os.path.join(
-        directory, CURRENT_PUBLICATION)
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(link)
-    if os.path.isdir(current_link) and not os.path.islink(current_link):
-        shutil.rmtree(current_link)  # a copy of PKGDIR that followed the link (cp -r): ours to replace
-    os.symlink(str(publication), link)
-    os.replace(link, current_link)
-    holds = read_holds(env.pkgdir)
-    if holds["released"]:  # offered again now
-        write_holds(env.pkgdir, dict(holds, released=[]), env.runner)
-    env.output.info(f"Published {env.pkgdir} as publication {publication} ({staged.why})")
-    if prune:
-        prune_publications(env)
-    return publication
-
-
-def publish(env, why, produced=None, removed=(), index_text=None, prune=True, meta=None):
-    """The one entry point of every command that publishes: the next publication (see
-    next_publication_text), when it changes what targets are offered. Called under the build
-    lock."""
-    staged = stage_publication(env, why, index_text, produced, removed, meta)
-    return commit_publication(env, staged, prune)
-
-
-class PendingPublication:
-    """What one command publishes in one environment, at its end: the builds it produced (of the
-    emerges that succeeded) and what it retires."""
-
-    def __init__(self, env, why):
-        self.env, self.why = env, why
-        self.produced, self.removed = set(), set()
-
-    def stage(self, produced=()):
-        return stage_publication(self.env, self.why, produced=self.produced | set(produced), removed=self.removed)
-
-    def publish(self):
-        return publish(self.env, self.why, self.produced, self.removed, prune=False)
-
-
-def prune_publications(env):
-    """Keep the newest publish-keep publications, the current one, and those a hold refers to."""
-    current = current_publication(env.pkgdir)
-    referred = {hold[key] for hold in read_holds(env.pkgdir)["holds"] for key in ("to", "from", "rollback")}
-    ids = publication_ids(env.pkgdir)
-    for old in ids[:-env.publish_keep] if len(ids) > env.publish_keep else []:
-        if old != current and old not in referred:
-            shutil.rmtree(os.path.join(publications_dir(env.pkgdir), str(old)), ignore_errors=True)
-            env.output.debug(f"Removed publication {old} (publish-keep = {env.publish_keep})")
-
-
-def publication_set(pkgdir, publication):
-    """{CPV-BUILD_ID: fields} of what a target can get from a publication: Portage's index names
-    every build PKGDIR holds, and of builds with the same CPV and USE a target takes the newest."""
-    newest = {}
-    for key, fields in publication_entries(pkgdir, publication).items():
-        variant = (fields["CPV"], " ".join(sorted(fields.get("USE", "").split())))
-        build = int(fields.get("BUILD_ID", "0") or 0) if fields.get("BUILD_ID", "0").isdigit() else 0
-        if variant not in newest or build > newest[variant][0]:
-            newest[variant] = (build, key, fields)
-    return {key: fields for _build, key, fields in newest.values()}
-
-
-def published_paths(pkgdir):
-    """Every package file of a kept publication's set: clean never deletes those."""
-    paths = set()
-    for publication in publication_ids(pkgdir):
-        paths.update(entry_path(fields) for fields in publication_set(pkgdir, publication).values())
-    return paths
-
-
-def publication_history(pkgdir):
-    """[{id, published, why, current, packages, added, updated, removed, held, holds, trees}], newest
-    first: held is what a rollback held back when it was made, holds what it still holds.
-    The changes are those written when it was published (against the publication before it);
-    a publication from before they were written is compared with the kept one before it."""
-    ids, current = publication_ids(pkgdir), current_publication(pkgdir)
-    active = {hold["rollback"]: hold for hold in read_holds(pkgdir)["holds"]}
-    history = []
-    for index, publication in enumerate(ids):
-        meta = publication_meta(pkgdir, publication)
-        if "added" in meta:
-            added, updated, removed = meta["added"], meta["updated"], meta["removed"]
-        else:
-            previous = ids[index - 1] if index else None
-            added, updated, removed = set_changes(
-                read_text(os.path.join(publications_dir(pkgdir), str(previous), "Packages"))
-                if previous is not None else "",
-                read_text(os.path.join(publications_dir(pkgdir), str(publication), "Packages")))
-        hold = active.get(publication)
-        history.append({
-            "id": publication, "current": publication == current, "why": meta.get("why", ""),
-            "published": datetime.datetime.fromtimestamp(meta.get("published", 0), datetime.timezone.utc)
-            .strftime("%Y-%m-%dT%H:%M:%SZ"),
-            "packages": len(publication_entries(pkgdir, publication)),
-            "added": added, "updated": updated, "removed": removed,
-            "held": meta.get("held", []), "holds": sorted(hold["cpvs"]) if hold else [],
-            "trees": meta.get("trees", {})})
-    return list(reversed(history))
-
-
-def rollback(env, publication=None):
-    """Publish an earlier publication's set again, as a new publication (targets only read a newer
-    index), and hold back what it withdraws: every build the current set has and ID's does not,
-    and every newer version of those packages, stay out of later publications until released."""
-    ids, current = publication_ids(env.pkgdir), current_publication(env.pkgdir)
-    if publication is None:
-        earlier = [each for each in ids if current is None or each < current]
-        if not earlier:
-            raise BinhostError(f"no publication before the current one ({current}) is kept in"
-                               f" {publications_dir(env.pkgdir)}: see '{PROG} history'")
-        publication = earlier[-1]
-    if publication not in ids:
-        raise UsageError(f"publication {publication} is not kept (kept: {', '.join(map(str, ids)) or 'none'}):"
-                         f" see '{PROG} history'")
-    if publication == current:
-        env.output.info(f"Publication {publication} is the current one: nothing changes")
-        return None
-    chosen = publication_set(env.pkgdir, publication)
-    missing = [entry_path(fields) for fields in chosen.values()
-               if not os.path.isfile(os.path.join(env.pkgdir, entry_path(fields)))]
-    if missing:
-        raise BinhostError(f"publication {publication} names packages that are gone ({', '.join(missing[:5])}):"
-                           " it cannot be published again")
-    # Older builds that clean removed since are left out; the set's own builds are all there.
-    text = index_keeping(read_text(os.path.join(publications_dir(env.pkgdir), str(publication), "Packages")),
-                         lambda fields: os.path.isfile(os.path.join(env.pkgdir, entry_path(fields))))
-    chosen_paths = {entry_path(fields) for fields in chosen.values()}
-    versions = {}
-    for fields in chosen.values():
-        name, version = cpv_package_name(fields["CPV"]), cpv_version(fields["CPV"])
-        if name not in versions or compare_versions(version, versions[name]) > 0:
-            versions[name] = version
-    withdrawn = [fields for fields in (publication_set(env.pkgdir, current).values() if current else ())
-                 if entry_path(fields) not in chosen_paths]
-    with build_lock(env):
-        new_id = (publication_ids(env.pkgdir) or [0])[-1] + 1
-        hold = {"rollback": new_id, "from": current, "to": publication,
-                "builds": sorted(entry_path(fields) for fields in withdrawn),
-                "versions": {cpv_package_name(fields["CPV"]): versions.get(cpv_package_name(fields["CPV"]))
-                             for fields in withdrawn},
-                "cpvs": sorted({fields["CPV"] for fields in withdrawn})}
-        if env.runner.pretend:
-            env.output.info(f"Would publish publication {publication}'s set again"
-                            + (f", holding back {', '.join(hold['cpvs'])}" if withdrawn else ""))
-            return None
-        holds = read_holds(env.pkgdir)
-        if withdrawn:
-            write_holds(env.pkgdir, dict(holds, holds=holds["holds"] + [hold]), env.runner)
-        try:
-            made = publish(env, f"rollback to publication {publication}", index_text=text,
-                           meta={"held": hold["cpvs"]})
-        except BaseException:
-            write_holds(env.pkgdir, holds, env.runner)
-            raise
-    if withdrawn:
-        env.output.info(f"Held back until '{PROG} release': {', '.join(hold['cpvs'])} (and newer versions):"
-                        " no later publication offers them, and no build makes them again")
-    return made
-
-
-def release(env, atoms=()):
-    """End the holds on atoms' packages (all holds without atoms); their builds still in PKGDIR
-    are offered again by the next publication."""
-    holds = read_holds(env.pkgdir)
-    wanted = {cpv_package_name(atom.lstrip("=<>~").split(":")[0]) if re.search(r"-[0-9]", atom)
-              else atom.split(":")[0] for atom in atoms}
-    kept, released_builds, released = [], [], []
-    for hold in holds["holds"]:
-        names = set(hold["versions"])
-        ending = names if not atoms else names & wanted
-        builds = hold["builds"]
-        ending_builds = [path for path in builds if not atoms or "/".join(path.split("/")[:2]) in ending]
-        released += [cpv for cpv in hold["cpvs"] if cpv_package_name(cpv) in ending]
-        released_builds += ending_builds
-        rest = dict(hold, builds=[path for path in builds if path not in ending_builds],
-                    versions={name: version for name, version in hold["versions"].items() if name not in ending},
-                    cpvs=[cpv for cpv in hold["cpvs"] if cpv_package_name(cpv) not in ending])
-        if rest["versions"] or rest["builds"]:
-            kept.append(rest)
-    unknown = wanted - {cpv_package_name(cpv) for cpv in released}
-    if atoms and unknown:
-        raise UsageError(f"no hold on {', '.join(sorted(unknown))}: see '{PROG} history' for what is held")
-    if not released:
-        env.output.info("Nothing is held back")
-        return []
-    offered = [path for path in released_builds if os.path.isfile(os.path.join(env.pkgdir, path))]
-    if env.runner.pretend:
-        env.output.info(f"Would release {', '.join(sorted(released))}")
-        return released
-    with build_lock(env):
-        write_holds(env.pkgdir, {"holds": kept, "released": sorted(set(holds["released"]) | set(offered))},
-                    env.runner)
-    env.output.info(f"Released {', '.join(sorted(released))}: the next publication offers them again"
-                    f" ({len(offered)} build(s) still in PKGDIR), and later builds may make their newer versions")
-    return released
-
+# ---- update: sync, build every target's world, publish, clean ------------------------------------
 
 WORLD_UPDATE = ["--update", "--deep", "--newuse", "@world"]
 
@@ -7067,7 +7090,7 @@ def update_environments(config, args, runner, output):
         if not targets:
             continue
         output.action(f"Environment {env.root}: {', '.join(target.name for target in targets)}")
-        started, before = time.monotonic(), current_publication(env.pkgdir)
+        started, before = time.monotonic(), env.packages.current_publication()
         pending = PendingPublication(env, f"update for {', '.join(target.name for target in targets)}")
         try:
             failures, following = [], []
@@ -7105,7 +7128,7 @@ def update_environments(config, args, runner, output):
                         rows[row] = (rows[row][0], f"FAILED: {error}", rows[row][2])
             if failures:
                 raise BinhostError("; ".join(failures))
-            after = current_publication(env.pkgdir)
+            after = env.packages.current_publication()
             result = (f"ok: publication {after}" if after != before
                       else f"ok: nothing new (publication {after})" if after else "ok: nothing to publish")
         except BinhostError as error:
@@ -7184,21 +7207,6 @@ def repository_locations(members):
                 parser.read_string(content.decode("utf-8", "replace"))
     return {section: posixpath.normpath(parser[section]["location"]) for section in parser.sections()
             if parser[section].get("location", "").startswith("/")}
-
-
-def index_problems(pkgdir):
-    """Differences between PKGDIR/Packages and the files: (missing or wrong size, not indexed)."""
-    broken, indexed = [], set()
-    for fields in read_packages_index(pkgdir):
-        path = entry_path(fields)
-        indexed.add(path)
-        full = os.path.join(pkgdir, path)
-        if not os.path.isfile(full):
-            broken.append(f"{path} missing")
-        elif fields.get("SIZE", "").isdigit() and int(fields["SIZE"]) != os.path.getsize(full):
-            broken.append(f"{path} has {os.path.getsize(full)} bytes, the index says {fields['SIZE']}")
-    on_disk = {os.path.relpath(path, pkgdir) for path in all_packages(pkgdir)}
-    return broken, sorted(on_disk - indexed)
 
 
 def configuration_fingerprint(members):
@@ -7295,7 +7303,7 @@ def doctor_configuration(doctor, env, target):
         doctor.report(OK, "profile", f"{profiles[1]}")
     doctor_other_binhosts(doctor, remote_members, target)
     doctor_repositories(doctor, binhost_side, remote, repository_locations(binhost),
-                       repository_locations(remote_members), target, published_trees(env.pkgdir))
+                       repository_locations(remote_members), target, env.packages.published_trees())
     doctor_portage_variables(doctor, env, remote, target)
 
 
@@ -7325,15 +7333,6 @@ def doctor_portage_variables(doctor, env, remote, target):
             doctor.report(FAIL, name, f"binhost {mine!r}, {target.name} {other!r}: run '{PROG} config pull'")
         else:
             doctor.report(OK, name, mine)
-
-
-def published_trees(pkgdir):
-    """The trees the newest kept publication with builds was built from ({} before any)."""
-    for publication in reversed(publication_ids(pkgdir)):
-        trees = publication_meta(pkgdir, publication).get("trees")
-        if trees:
-            return trees
-    return {}
 
 
 def doctor_repositories(doctor, binhost_side, remote, ours, theirs, target, published=None):
@@ -7478,7 +7477,7 @@ def doctor_pkgdir(doctor, env):
     if not os.path.isfile(os.path.join(env.pkgdir, "Packages")):
         doctor.report(WARN, "index", f"{env.pkgdir}/Packages does not exist yet: build something")
     else:
-        broken, unindexed = index_problems(env.pkgdir)
+        broken, unindexed = env.packages.index_problems()
         if broken:
             doctor.report(FAIL, "index", f"{'; '.join(broken[:5])}: run 'emaint binhost --fix'"
                                          " with the binhost's ROOT/PORTAGE_CONFIGROOT/PKGDIR")
@@ -7486,27 +7485,19 @@ def doctor_pkgdir(doctor, env):
             doctor.report(WARN, "index", f"not in the index: {', '.join(unindexed[:5])}")
         else:
             doctor.report(OK, "index", f"{env.pkgdir}/Packages matches the files")
-    current = current_publication(env.pkgdir)
+    current = env.packages.current_publication()
     if current is not None:
-        gone = [entry_path(fields) for fields in publication_set(env.pkgdir, current).values()
+        gone = [entry_path(fields) for fields in env.packages.publication_set(current).values()
                 if not os.path.isfile(os.path.join(env.pkgdir, entry_path(fields)))]
         if gone:
             doctor.report(FAIL, "publication", f"publication {current}, which targets get, names missing files"
                                                f" ({', '.join(gone[:5])}): build again, or '{PROG} rollback'")
         else:
             doctor.report(OK, "publication", f"targets get publication {current}"
-                                             f" ({len(publication_entries(env.pkgdir, current))} packages)")
+                                             f" ({len(env.packages.publication_entries(current))} packages)")
     usage = shutil.disk_usage(env.pkgdir if os.path.isdir(env.pkgdir) else env.root)
     free = f"{usage.free / 1024**3:.1f} GiB free"
     doctor.report(OK if usage.free >= MIN_FREE_BYTES else WARN, "disk", free)
-
-
-def published_index_text(pkgdir):
-    """The index targets are offered now: the current publication's, else PKGDIR's."""
-    current = current_publication(pkgdir)
-    if current is None:
-        return read_text(os.path.join(pkgdir, "Packages"))
-    return read_text(os.path.join(publications_dir(pkgdir), str(current), "Packages"))
 
 
 def doctor_preflight(doctor, env, target, atoms):
@@ -7524,7 +7515,7 @@ def doctor_preflight(doctor, env, target, atoms):
     if problem:
         doctor.report(FAIL, "coverage", f"{problem}: fix that on the target (emerge {what} must resolve)")
         return
-    gaps = binary_plan_gaps(env, plan, published_index_text(env.pkgdir))
+    gaps = binary_plan_gaps(env, plan, env.packages.published_index_text())
     have = len(plan.packages) - len(gaps)
     if gaps:
         doctor.report(FAIL, "coverage", f"{have} of {len(plan.packages)} packages from the binhost; not"
@@ -8584,7 +8575,7 @@ def remove_target(config, args, runner, output):
             runner.run(["rm", "-rf", "--one-file-system", os.path.realpath(env.root)],
                        describe=f"removing {env.root}")
     else:
-        record = os.path.join(publications_dir(env.pkgdir), INSTALLED_DIR, target.name)
+        record = os.path.join(env.packages.publications_dir(), INSTALLED_DIR, target.name)
         if os.path.isfile(record):  # clean no longer keeps what it had installed
             runner.run(["rm", "-f", record], describe=f"removing {record}")
     runner.write_file(config.path, remove_config_section(read_text(config.path), f"target {target.name}"))
@@ -9295,8 +9286,9 @@ def cmd_init(config, args, runner, output):
 
 
 def cmd_list(config, args, runner, output):
-    pkgdir = config.environment_for_command(args.target).pkgdir
-    records = package_records(pkgdir) if os.path.isfile(os.path.join(pkgdir, "Packages")) else []
+    packages = config.environment_for_command(args.target).packages
+    pkgdir = packages.pkgdir
+    records = packages.package_records() if os.path.isfile(os.path.join(pkgdir, "Packages")) else []
     if not records and not args.json:
         output.info(f"No binary packages in {pkgdir} yet: '{PROG} build ATOM' or '{PROG} emerge ATOM'"
                     " builds some")
@@ -9316,8 +9308,8 @@ def cmd_clean(config, args, runner, output):
 
 
 def cmd_history(config, args, runner, output):
-    pkgdir = config.environment_for_command(args.target).pkgdir
-    history = publication_history(pkgdir)
+    packages = config.environment_for_command(args.target).packages
+    pkgdir, history = packages.pkgdir, packages.publication_history()
     if args.json:
         output.text(json.dumps(history, indent=2), always=True)
         return
@@ -9337,14 +9329,14 @@ def cmd_history(config, args, runner, output):
 
 def cmd_rollback(config, args, runner, output):
     env = config.environment_for_command(args.target)
-    publication = rollback(env, args.id)
+    publication = env.packages.rollback(args.id)
     if publication:
         output.info(f"Targets now get publication {publication}; later builds and updates keep what it"
                     f" holds back out until '{PROG} release'")
 
 
 def cmd_release(config, args, runner, output):
-    release(config.environment_for_command(args.target), args.atoms)
+    config.environment_for_command(args.target).packages.release(args.atoms)
 
 
 def cmd_update(config, args, runner, output):

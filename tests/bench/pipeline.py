@@ -431,13 +431,13 @@ def bench_publish(base, rounds):
         # here the first package was rebuilt. Written untimed, as emerge writes it.
         index.write_text(original.replace("BUILD_TIME: 1732500000\n", f"BUILD_TIME: {1732600000 + number}\n", 1))
         started = time.monotonic()
-        publications.append(gb.publish(env, "bench"))
+        publications.append(env.packages.publish("bench"))
         times.append(time.monotonic() - started)
         if publications[-1] is None:
             raise BenchError("publish() published nothing for a changed index")
     # And once more with nothing changed since the last publication.
     started = time.monotonic()
-    unchanged_result = gb.publish(env, "bench")
+    unchanged_result = env.packages.publish("bench")
     unchanged = time.monotonic() - started
 
     published = pkgdir / gb.PUBLISHED_DIR
@@ -784,8 +784,8 @@ def make_slow_pkgdir(base):
     pkgdir.mkdir(parents=True)
     fake_pkgdir(pkgdir, FAKE_PACKAGES)
     output = gb.Output(color=False, verbosity=0)
-    gb.publish(gb.Environment(gb.BinhostSettings({"root": str(root), "pkgdir": str(pkgdir)}, "bench"), gb.Runner(output),
-                              output), "bench")
+    gb.Environment(gb.BinhostSettings({"root": str(root), "pkgdir": str(pkgdir)}, "bench"), gb.Runner(output),
+                   output).packages.publish("bench")
     return pkgdir
 
 

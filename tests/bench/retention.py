@@ -155,9 +155,11 @@ def build_of(relative):
 def measure(binhost, eprefix):
     pkgdir = binhost.pkgdir
     files = package_files(pkgdir)
-    kept = gb.publication_ids(str(pkgdir))
-    named = gb.published_paths(str(pkgdir))
-    protected = installed_cpvs(binhost.root, eprefix) | gb.targets_installed(str(pkgdir))
+    output = gb.Output(color=False, verbosity=0)
+    store = gb.Environment(gb.BinhostSettings({"pkgdir": str(pkgdir)}, "bench"), gb.Runner(output), output).packages
+    kept = store.publication_ids()
+    named = store.published_paths()
+    protected = installed_cpvs(binhost.root, eprefix) | store.targets_installed()
     # clean's rule: the newest DEFAULT_KEEP builds of each protected CPV, and what kept
     # publications name. A file that is neither should have gone.
     builds = {}
@@ -169,7 +171,7 @@ def measure(binhost, eprefix):
         if cpv in protected:
             allowed.update(relative for _build, relative in sorted(found, reverse=True)[:gb.DEFAULT_KEEP])
     strays = sorted(set(files) - allowed)
-    retired = gb.retired_packages(str(pkgdir))
+    retired = store.retired_packages()
     return {
         "files": len(files), "bytes": sum(files.values()), "kept": len(kept),
         "bound": gb.DEFAULT_KEEP * len(protected) + len(named), "protected": len(protected),
