@@ -295,7 +295,33 @@ def check_no_symlink_below(base, path):
                            " directory")
 
 
+def under(root, path):
+    """Our path for path as root sees it (root None: this machine's own): the one mapper between
+    a chroot's paths (the host chroot's, the binhost root's) and this machine's."""
+    return os.path.join(root, path.lstrip("/")) if root else path
+
+
 MAX_SYMLINKS = 40
+
+
+def resolved_under(root, path):
+    """Our path for path (one of ours, under root) with each link on the way followed as root
+    sees it: an absolute link names root's own path. path itself without root."""
+    if not root:
+        return path
+    inside = "/" + os.path.relpath(path, root)
+    for _ in range(MAX_SYMLINKS):
+        parts = inside.strip("/").split("/")
+        for index in range(1, len(parts) + 1):
+            prefix = "/" + "/".join(parts[:index])
+            if os.path.islink(under(root, prefix)):
+                target = os.readlink(under(root, prefix))
+                base = target if target.startswith("/") else os.path.join(os.path.dirname(prefix), target)
+                inside = os.path.normpath("/".join([base] + parts[index:]))
+                break
+        else:
+            break
+    return under(root, inside)
 
 
 def open_inside(root, parts, absolute_from_root=False):
@@ -2146,10 +2172,6 @@ class BuildHost:
             raise BinhostError(f"{path} is outside {self.where}: put it inside")
         return "/" if relative == "." else "/" + relative
 
-    def outside(self, path):
-        """The host path of a path inside the chroot."""
-        return os.path.join(self.chroot, path.lstrip("/")) if self.chroot else path
-
     def translate(self, word):
         word = str(word)
         if self.chroot and (word == self.chroot or word.startswith(self.chroot + "/")):
@@ -2162,7 +2184,7 @@ class BuildHost:
             return find_program(name, hint)
         for directory in self.search_path().split(":"):
             candidate = posixpath.join(directory, name)
-            if os.path.lexists(self.outside(candidate)):
+            if os.path.lexists(under(self.chroot, candidate)):
                 return candidate
         raise BinhostError(f"{name} not found in {self.where} (PATH {self.search_path()}): {hint}")
 
@@ -3440,11 +3462,6 @@ def safe_place(place):
             and not place.startswith(("/proc/", "/sys/", "/dev/", "/run/")))
 
 
-def on_build_host(env, path):
-    """The build host's path for path: in the host chroot, when there is one."""
-    return os.path.join(env.host_chroot, path.lstrip("/")) if env.host_chroot else path
-
-
 DEFAULT_REPOSITORY = "/var/db/repos/gentoo"
 
 
@@ -3510,8 +3527,8 @@ def repository_directory(env, location):
     """Where a repository the binhost root's configuration names is, seen from here: on the build
     host; else, on a build machine without it (no host chroot), inside the binhost root, when it
     is there, reached through no link (the root's own content is not this machine's)."""
-    on_host = on_build_host(env, location)
-    inside = os.path.join(env.root, location.lstrip("/"))
+    on_host = under(env.host_chroot, location)
+    inside = under(env.root, location)
     if (not env.host_chroot and safe_place(location) and not os.path.isdir(on_host)
             and symlink_below(env.root, inside) is None and holds_repository(inside)):
         return inside
@@ -3531,8 +3548,8 @@ def chroot_build_binds(env, trees_writable=False):
         repositories.add(profile_dir)
     binds = []
     for place in sorted({place.rstrip("/") for place in repositories if safe_place(place)}):
-        source = on_build_host(env, place)
-        inside = os.path.join(env.root, place.lstrip("/"))
+        source = under(env.host_chroot, place)
+        inside = under(env.root, place)
         is_repository = any(os.path.exists(os.path.join(source, marker))
                             for marker in ("profiles/repo_name", "metadata/layout.conf"))
         # config pull links each repository in for the root method: the mount replaces that link
@@ -3542,7 +3559,7 @@ def chroot_build_binds(env, trees_writable=False):
                                                         or os.path.realpath(source) != os.path.realpath(inside)):
             binds.append((place, source, True))
     for place in sorted(set(repositories_kept_in_root(env).values()) - {place for place, _, _ in binds}):
-        inside = os.path.join(env.root, place.lstrip("/"))
+        inside = under(env.root, place)
         if symlink_below(env.root, inside) is None and holds_repository(inside):
             binds.append((place, "{}", not trees_writable))  # "{}": the very mount point, as checked
     if env.distdir:
@@ -4082,7 +4099,7 @@ def build_packages(env, emerge_args, publish_after=True):
         # The target's PORTAGE_TMPDIR is a place of the target (a tmpfs of its own, say), which
         # Portage refuses to build without: where this root has none, its /var/tmp serves.
         tmpdir = make_conf_value(make_conf_texts(env.root), "PORTAGE_TMPDIR") or "/var/tmp"
-        inside = os.path.join(env.root, tmpdir.lstrip("/"))
+        inside = under(env.root, tmpdir)
         if not (safe_place(tmpdir) or tmpdir == "/tmp") or not os.path.isdir(inside) \
                 or symlink_below(env.root, inside) is not None:
             variables["PORTAGE_TMPDIR"] = "/var/tmp"
@@ -5111,7 +5128,7 @@ def sync_repositories(env, missing_only=False):
     sync = repository_sync(env.root)
     names = []
     for name, location in sorted(kept.items()):
-        inside = os.path.join(env.root, location.lstrip("/"))
+        inside = under(env.root, location)
         automatic, syncable = sync.get(name, (True, name == "gentoo"))
         if not automatic or (missing_only and holds_repository(inside)):
             continue
@@ -5135,7 +5152,7 @@ def sync_repositories(env, missing_only=False):
     with build_lock(env):  # no build sees the tree half-written
         host = BuildHost(env, into_root=True, trees_writable=True)
         emerge = host.program("emerge", "the binhost root has no Portage: is it a stage3?")
-        host.mounts.exclusive = [os.path.realpath(os.path.join(env.root, kept[name].lstrip("/")))
+        host.mounts.exclusive = [os.path.realpath(under(env.root, kept[name]))
                                  for name in names]
         env.output.action(f"Syncing {', '.join(names)} inside {host.where} (this machine has no such repository):"
                           f" emerge --sync {' '.join(names)}")
@@ -6954,7 +6971,7 @@ def sync_config(direction, env, target, show_only=False):
     if result is not None:
         kept = last_line(as_text(result.stdout))
         env.output.info(f"Previous configuration kept as"
-                        f" {binhost_side.host.outside(kept) if direction == 'pull' else kept}")
+                        f" {under(binhost_side.host.chroot, kept) if direction == 'pull' else kept}")
     if direction == "pull":
         link_repositories_into(env)
     return True
@@ -6979,7 +6996,7 @@ def installed_in_binhost(env):
     host = env.host
     eroot = host.read([host.program("portageq", "put Portage's bin directory in PATH"), "envvar", "EROOT"],
                       root_environment(env), describe="portageq envvar EROOT").stdout.strip()
-    eroot = host.outside(eroot) if eroot else eroot
+    eroot = under(host.chroot, eroot) if eroot else eroot
     vdb = os.path.join(eroot, "var/db/pkg")
     if not eroot or not os.path.isdir(vdb):
         raise BinhostError(f"no package database at {vdb}: clean keeps only what the binhost root has"
@@ -7290,12 +7307,12 @@ def doctor_configuration(doctor, env, target):
     profile_path = os.path.join(env.root, "etc/portage/make.profile")
     if profiles[0] != profiles[1]:
         doctor.report(FAIL, "profile", f"binhost {profiles[0]}, {target.name} {profiles[1]}: run '{PROG} config pull'")
-    elif not os.path.exists(on_build_host_path(env, profile_path)) and profile_repository(env.root) in \
+    elif not os.path.exists(resolved_under(env.host_chroot, profile_path)) and profile_repository(env.root) in \
             kept_repositories(env).values():
         doctor.report(WARN, "profile", f"{profile_path} -> {profiles[0]} resolves once"
                                        f" {profile_repository(env.root)} is synced inside the binhost root:"
                                        f" the next build or '{PROG} update' does it")
-    elif not os.path.exists(on_build_host_path(env, profile_path)):
+    elif not os.path.exists(resolved_under(env.host_chroot, profile_path)):
         doctor.report(FAIL, "profile", f"{profile_path} -> {profiles[0]} does not resolve on the binhost:"
                                        f" '{PROG} config pull' links the repositories it points into"
                                        " (the repository must exist on the build host)")
@@ -7956,13 +7973,13 @@ def link_repositories_into(env):
                      if os.path.basename(location.rstrip("/")) == os.path.basename(profile_dir)]
         wanted[profile_dir] = same_name[0] if same_name else profile_dir
     for inside, location in sorted(wanted.items()):
-        link = os.path.join(env.root, inside.lstrip("/"))
+        link = under(env.root, inside)
         if (os.path.isdir(link) and not os.path.islink(link) and not os.path.ismount(link)
                 and not os.listdir(link) and not env.runner.pretend):
             os.rmdir(link)  # the empty mount point a chroot build left
         # Gentoo's repository is linked before it is synced in a host chroot; a build machine
         # without it keeps it inside the binhost root instead (repositories_kept_in_root).
-        if os.path.lexists(link) or not (os.path.isdir(on_build_host(env, location))
+        if os.path.lexists(link) or not (os.path.isdir(under(env.host_chroot, location))
                                          or (location == DEFAULT_REPOSITORY and chroot)):
             continue
         if not env.runner.pretend:
@@ -7972,7 +7989,8 @@ def link_repositories_into(env):
             env.output.info(f"{link} -> {location} (the repository on {'the host chroot' if chroot else 'this machine'},"
                             " so the copied make.profile resolves)")
     profile = os.path.join(env.root, "etc/portage/make.profile")
-    if os.path.islink(profile) and not env.runner.pretend and not os.path.exists(on_build_host_path(env, profile)):
+    if (os.path.islink(profile) and not env.runner.pretend
+            and not os.path.exists(resolved_under(env.host_chroot, profile))):
         if profile_dir in kept_repositories(env).values():
             env.output.info(f"{profile} -> {os.readlink(profile)} resolves once {profile_dir} is synced inside the"
                             " binhost root, which comes before any build there")
@@ -7980,29 +7998,6 @@ def link_repositories_into(env):
         env.output.warn(f"{profile} -> {os.readlink(profile)} does not resolve: the repository it points into"
                         f" is not on {'the host chroot' if chroot else 'this machine'}; sync it there"
                         f" ('{PROG} doctor' checks this)")
-
-
-def on_build_host_path(env, path):
-    """A path in the binhost root as the build host sees it: links in there that lead to
-    absolute paths mean the host chroot's paths when there is one."""
-    chroot = env.host_chroot
-    if not chroot:
-        return path
-    inside = "/" + os.path.relpath(path, chroot)
-    for _ in range(40):  # resolve link by link inside the chroot
-        host_path = os.path.join(chroot, inside.lstrip("/"))
-        parts = inside.strip("/").split("/")
-        for index in range(1, len(parts) + 1):
-            prefix = "/" + "/".join(parts[:index])
-            candidate = os.path.join(chroot, prefix.lstrip("/"))
-            if os.path.islink(candidate):
-                target = os.readlink(candidate)
-                base = target if target.startswith("/") else os.path.join(os.path.dirname(prefix), target)
-                inside = os.path.normpath("/".join([base] + parts[index:]))
-                break
-        else:
-            return host_path
-    return os.path.join(chroot, inside.lstrip("/"))
 
 
 def init_host_chroot(config, args, runner, output):
@@ -8045,7 +8040,7 @@ def init_host_chroot(config, args, runner, output):
         output.info(f"Keeping the binhost root {env.root} (init --force replaces it)")
         link_repositories_into(env)
         return
-    host_keys = os.path.join(chroot, GENTOO_RELEASE_KEYS.lstrip("/"))
+    host_keys = under(chroot, GENTOO_RELEASE_KEYS)
     if not args.keyring and not os.path.isfile(GENTOO_RELEASE_KEYS) and os.path.isfile(host_keys):
         # Not Gentoo here: the verified host stage3 brought Gentoo's release keys along.
         output.info(f"Verifying the binhost's stage3 with the release keys of the host environment,"

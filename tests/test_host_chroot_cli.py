@@ -107,7 +107,7 @@ def test_commands_in_the_chroot_get_its_paths_and_a_clean_environment(gb, chroot
     assert f"PATH=/opt/portage/bin:{gb.CHROOT_PATH}" in argv
     assert argv[-4:] == ["emerge", "--buildpkg", ">=dev-lang/python-3.12", "/binhost/x"]
     assert host.program("emerge", "") == "/usr/bin/emerge"
-    assert host.outside("/binhost/var/db/pkg") == f"{chroot}/binhost/var/db/pkg"
+    assert gb.under(host.chroot, "/binhost/var/db/pkg") == f"{chroot}/binhost/var/db/pkg"
     with pytest.raises(gb.BinhostError, match="not found in the host chroot"):
         host.program("distcc", "install distcc")
 
