@@ -724,8 +724,12 @@ def set_config_values(text, section, values):
 
 
 class Runner:
-    """Runs commands from argv lists. Under --pretend, commands that change something are shown
-    shell-quoted with their environment and not run; read-only queries still run."""
+    """Runs commands from argv lists, and makes every change to files (write_file, make_directory,
+    remove, rename, ...). Under --pretend, commands that change something are shown shell-quoted
+    with their environment and not run, a change to a file as its shell command (a written file
+    as a diff); read-only queries still run. Not through it: what read-only queries need under
+    --pretend too (the chroot's mount records and locks, throwaway GnuPG homes, probe files) and
+    the in-place signing of a package (streamed, after every check)."""
 
     def __init__(self, output, pretend=False):
         self.output = output
@@ -888,6 +892,58 @@ class Runner:
                 os.unlink(temporary)
             raise
         return True
+
+    # The other changes to files, each shown as its shell command under --pretend, and not made.
+
+    def changing(self, argv):
+        """True when the change argv shows is to be made; under --pretend, show it instead."""
+        if self.pretend:
+            self.output.text(format_command(argv), always=True)
+            return False
+        self.output.debug(f"Doing: {format_command(argv)}")
+        return True
+
+    def make_directory(self, path, mode=None):
+        """mkdir -p path, the last one with mode when given."""
+        if self.changing(["mkdir", "-p"] + (["-m", f"{mode:o}"] if mode is not None else []) + [path]):
+            os.makedirs(path, exist_ok=True)
+            if mode is not None:
+                os.chmod(path, mode)
+
+    def make_staging_directory(self, parent, prefix, mode):
+        """A new directory of a random name in parent, with mode; under --pretend the name it would get."""
+        if not self.changing(["mktemp", "-d", "-p", parent, f"{prefix}XXXXXXXX"]):
+            return os.path.join(parent, f"{prefix}XXXXXXXX")
+        os.makedirs(parent, exist_ok=True)
+        staging = tempfile.mkdtemp(prefix=prefix, dir=parent)
+        os.chmod(staging, mode)  # not masked by the umask
+        return staging
+
+    def remove(self, path):
+        """rm -f path: a file or a link (nothing when it is gone already)."""
+        if self.changing(["rm", "-f", path]):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+
+    def remove_directory(self, path):
+        """rmdir path: an empty directory."""
+        if self.changing(["rmdir", path]):
+            os.rmdir(path)
+
+    def remove_tree(self, path, ignore_errors=True):
+        """rm -rf path, a directory of ours, and everything in it."""
+        if self.changing(["rm", "-rf", path]):
+            shutil.rmtree(path, ignore_errors=ignore_errors)
+
+    def rename(self, source, destination):
+        """mv -T source destination, in one step (replacing a file or link there)."""
+        if self.changing(["mv", "-T", source, destination]):
+            os.replace(source, destination)
+
+    def symlink(self, target, path):
+        """ln -s target path."""
+        if self.changing(["ln", "-s", target, path]):
+            os.symlink(target, path)
 
 
 FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
@@ -2262,7 +2318,7 @@ class BuildHost:
             check_no_symlink_below(self.chroot, os.path.dirname(point))
             with contextlib.suppress(FileNotFoundError):  # another command entering meanwhile removed it
                 if os.path.islink(point) and os.readlink(point) == "/" + name:
-                    os.unlink(point)
+                    os.unlink(point)  # not the Runner's: mounted for read-only queries under --pretend too
             os.makedirs(point, exist_ok=True)
 
     def sync_resolv_conf(self):
@@ -2824,11 +2880,6 @@ def offered_builds(index_text):
     return {(entry_path(fields), fields.get("MD5", "")) for fields, _ in index_blocks(index_text)[1]}
 
 
-def discard_staged(staged):
-    if staged is not None and os.path.isdir(staged.directory):
-        shutil.rmtree(staged.directory, ignore_errors=True)
-
-
 def set_changes(old_text, new_text):
     """(added, updated, removed) CPVs of the index new_text compared with old_text."""
     new = {fields["CPV"]: fields for fields, _ in index_blocks(new_text)[1]}
@@ -2964,7 +3015,6 @@ class PackageStore:
     def write_retired(self, retired):
         path = os.path.join(self.publications_dir(), RETIRED_LIST)
         if retired or os.path.exists(path):
-            os.makedirs(self.publications_dir(), exist_ok=True)
             self.env.runner.write_file(path, "".join(f"{each} {md5}\n" for each, md5 in sorted(retired.items())),
                                        backup=False)
 
@@ -2978,7 +3028,6 @@ class PackageStore:
         return {"holds": list(data.get("holds", [])), "released": list(data.get("released", []))}
 
     def write_holds(self, holds):
-        os.makedirs(self.publications_dir(), exist_ok=True)
         self.env.runner.write_file(os.path.join(self.publications_dir(), HOLDS_FILE),
                                    json.dumps(holds, indent=1) + "\n", backup=False)
 
@@ -3031,9 +3080,8 @@ class PackageStore:
                 self.env.output.info(f"Would publish the index of {self.pkgdir} ({why})")
             return None
         directory = self.publications_dir()
-        os.makedirs(directory, exist_ok=True)
         for leftover in glob.glob(os.path.join(directory, STAGED_PREFIX + "*")):  # of a killed run
-            shutil.rmtree(leftover, ignore_errors=True)
+            self.env.runner.remove_tree(leftover)
         ids = self.publication_ids()
         # Later than every kept publication (a target may hold any of them) and than the index served
         # before the first one.
@@ -3043,14 +3091,13 @@ class PackageStore:
         text = with_timestamp(text, stamp)
         token = secrets.token_hex(12)
         staging = os.path.join(directory, STAGED_PREFIX + token)
-        os.mkdir(staging, 0o755)
+        self.env.runner.make_directory(staging, 0o755)
         try:
-            os.chmod(staging, 0o755)
             self.env.runner.write_file(os.path.join(staging, "Packages"), text, backup=False, mtime=stamp)
             self.env.runner.write_file(os.path.join(staging, "Packages.gz"), gzip_bytes(text, stamp), backup=False,
                                        mtime=stamp)
         except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
+            self.env.runner.remove_tree(staging)
             raise
         if produced:  # the trees these builds came from (a rollback, clean or sign builds nothing)
             meta = dict(meta or {}, trees=repository_states(self.env))
@@ -3064,7 +3111,7 @@ class PackageStore:
         if staged is None:
             return None
         if not staged.changed:
-            discard_staged(staged)
+            self.discard_staged(staged)
             self.env.output.debug(f"Nothing new to publish: publication {self.current_publication()} has"
                                   " these packages")
             return None
@@ -3075,15 +3122,15 @@ class PackageStore:
         added, updated, removed = set_changes(previous, staged.text)
         meta = dict(staged.meta, id=publication, previous=current, added=added, updated=updated, removed=removed)
         self.env.runner.write_file(os.path.join(staged.directory, "meta.json"), json.dumps(meta) + "\n", backup=False)
-        os.rename(staged.directory, os.path.join(directory, str(publication)))
+        runner = self.env.runner
+        runner.rename(staged.directory, os.path.join(directory, str(publication)))
         link, current_link = os.path.join(directory, f".{CURRENT_PUBLICATION}.{os.getpid()}"), os.path.join(
             directory, CURRENT_PUBLICATION)
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(link)
+        runner.remove(link)
         if os.path.isdir(current_link) and not os.path.islink(current_link):
-            shutil.rmtree(current_link)  # a copy of PKGDIR that followed the link (cp -r): ours to replace
-        os.symlink(str(publication), link)
-        os.replace(link, current_link)
+            runner.remove_tree(current_link, ignore_errors=False)  # a copy of PKGDIR that followed the link (cp -r): ours to replace
+        runner.symlink(str(publication), link)
+        runner.rename(link, current_link)
         holds = self.read_holds()
         if holds["released"]:  # offered again now
             self.write_holds(dict(holds, released=[]))
@@ -3099,6 +3146,10 @@ class PackageStore:
         staged = self.stage_publication(why, index_text, produced, removed, meta)
         return self.commit_publication(staged, prune)
 
+    def discard_staged(self, staged):
+        if staged is not None and os.path.isdir(staged.directory):
+            self.env.runner.remove_tree(staged.directory)
+
     def prune_publications(self):
         """Keep the newest publish-keep publications, the current one, and those a hold refers to."""
         current = self.current_publication()
@@ -3106,7 +3157,7 @@ class PackageStore:
         ids = self.publication_ids()
         for old in ids[:-self.env.publish_keep] if len(ids) > self.env.publish_keep else []:
             if old != current and old not in referred:
-                shutil.rmtree(os.path.join(self.publications_dir(), str(old)), ignore_errors=True)
+                self.env.runner.remove_tree(os.path.join(self.publications_dir(), str(old)))
                 self.env.output.debug(f"Removed publication {old} (publish-keep = {self.env.publish_keep})")
 
     def publication_set(self, publication):
@@ -3657,21 +3708,18 @@ def generate_signing_key(env, passphrase_file=None, force=False):
         generate(home)
         env.output.info(f"Would create {home} (0700) with that key and record the key in {env.config_path}")
         return None
-    parent = os.path.dirname(home)
-    os.makedirs(parent, exist_ok=True)
-    staging = tempfile.mkdtemp(prefix=".gnupg-new.", dir=parent)
+    staging = env.runner.make_staging_directory(os.path.dirname(home), ".gnupg-new.", 0o700)
     try:
-        os.chmod(staging, 0o700)
         generate(staging)
         fingerprint = secret_key_fingerprints(staging, env.runner)[0]
         if os.path.exists(home):
             old = f"{home}.{timestamp()}.bak"
-            os.rename(home, old)
+            env.runner.rename(home, old)
             env.output.info(f"Moved the previous key's GnuPG home to {old}")
-        os.rename(staging, home)
+        env.runner.rename(staging, home)
     except BaseException:
         stop_gpg_agent(staging, env.runner)
-        shutil.rmtree(staging, ignore_errors=True)
+        env.runner.remove_tree(staging)
         raise
     env.settings.signing_key = fingerprint
     return fingerprint
@@ -3753,25 +3801,24 @@ def move_signing_home_out(config, runner, output):
         output.warn(f"{why}: would move it to {destination} and set gpg-home there in {config.path}")
         return
     if os.path.isdir(home):
-        os.makedirs(os.path.dirname(destination), exist_ok=True)
-        staging = tempfile.mkdtemp(prefix=".gnupg-moving.", dir=os.path.dirname(destination))
+        staging = runner.make_staging_directory(os.path.dirname(destination), ".gnupg-moving.", 0o700)
         try:
             copy_key_material(home, staging, why)
-            os.chmod(staging, 0o700)
             key = config.binhost.signing_key
             if key and key not in secret_key_fingerprints(staging, runner):
                 raise BinhostError(f"{why}; its copy lacks the signing key {key}, so nothing was moved:"
                                    f" check {home}")
-            os.rename(staging, destination)
+            runner.rename(staging, destination)
         except BaseException:
             stop_gpg_agent(staging, runner)
-            shutil.rmtree(staging, ignore_errors=True)
+            runner.remove_tree(staging)
             raise
     moved = os.path.isdir(home)
     runner.write_file(config.path, set_config_values(read_text(config.path), "binhost", {"gpg-home": destination}))
     config.binhost.gpg_home = destination
     for leftover in (home, home + "-verify"):  # the public keyring builds used to verify with
-        shutil.rmtree(leftover, ignore_errors=True)
+        if os.path.lexists(leftover):
+            runner.remove_tree(leftover)
     if not moved:
         output.info(f"gpg-home is now {destination}, outside {place} (gpg-home in {config.path}); there was no"
                     f" key in {home}")
@@ -5395,10 +5442,8 @@ def record_installed(env, target, plan):
     binaries (a target that is not reached again keeps its last recorded set)."""
     if plan.installed is None or env.runner.pretend:
         return
-    directory = os.path.join(env.packages.publications_dir(), INSTALLED_DIR)
-    os.makedirs(directory, exist_ok=True)
-    env.runner.write_file(os.path.join(directory, target.name), "".join(f"{cpv}\n" for cpv in sorted(plan.installed)),
-                          backup=False)
+    env.runner.write_file(os.path.join(env.packages.publications_dir(), INSTALLED_DIR, target.name),
+                          "".join(f"{cpv}\n" for cpv in sorted(plan.installed)), backup=False)
 
 
 def build_for_target(env, target, emerge_args, route=None, pending=None, may_sync=True):
@@ -5527,7 +5572,7 @@ def build_until_covered(env, target, emerge_args, route, pending, trees):
                 built.update(package.cpv for package in buildable)
                 env.output.action(f"Asking {target.name} again: would its binary-only emerge now take everything?")
             finally:
-                discard_staged(staged)
+                env.packages.discard_staged(staged)
     if only_shown:
         return None
     raise BinhostError(f"{target.name} would not get everything from the binhost: the binhost's tree lacks"
@@ -7074,7 +7119,7 @@ def clean_packages(env, keep, pending=None):
             # The index is data: only package files inside PKGDIR are ever deleted.
             if (path.startswith(pkgdir + os.sep) and path.endswith((".gpkg.tar", ".tbz2", ".xpak"))
                     and os.path.isfile(path)):
-                os.unlink(path)
+                env.runner.remove(path)
         still = {path: md5 for path, md5 in retired.items() if path in named}
         env.packages.write_retired(still)
         if still:
@@ -7793,7 +7838,7 @@ def download(url, destination, runner, output, digests):
             raise BinhostError(f"cannot download {url}: HTTP {error.code} {error.reason}") from None
     except (OSError, ValueError, http.client.HTTPException) as error:
         raise BinhostError(f"download of {url} interrupted ({error!r}): run init again to resume") from None
-    os.replace(partial, destination)
+    runner.rename(partial, destination)
     return {algorithm: value.hexdigest() for algorithm, value in hashes.items()}
 
 
@@ -7851,12 +7896,12 @@ def init_binhost(config, args, runner, output):
     installed = install_stage3(args, arch, variant, args.stage3, root, runner, output, keep)
     if installed is None:  # --pretend
         if not env.host_chroot and env.build_method != "root":
-                output.info("Would then sync inside the root, with its own Portage (emerge --sync NAME), each repository"
+            output.info("Would then sync inside the root, with its own Portage (emerge --sync NAME), each repository"
                         " its configuration names that this machine lacks, when it builds with the chroot method"
                         " (README: 'Build methods')")
         return
     name, sha512 = installed
-    os.makedirs(os.path.join(root, "var/cache/binpkgs"), exist_ok=True)
+    runner.make_directory(os.path.join(root, "var/cache/binpkgs"))
     note = {"stage3": name, "stage3-sha512": sha512,
             "stage3-installed": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")}
     if env.root == config.binhost.root:  # the notes describe [binhost] root
@@ -7919,7 +7964,7 @@ def install_stage3(args, arch, variant, stage3, root, runner, output, keep=()):
         if os.geteuid() != 0:
             raise BinhostError("init must run as root: a stage3 holds files of other owners and devices")
         if remote:
-            os.makedirs(downloads, exist_ok=True)
+            runner.make_directory(downloads)
             output.action(f"Downloading {url}")
             actual = download(url, tarball, runner, output, expected)
         else:
@@ -7927,7 +7972,7 @@ def install_stage3(args, arch, variant, stage3, root, runner, output, keep=()):
         for algorithm, value in expected.items():
             if actual[algorithm] != value:
                 if remote:
-                    os.unlink(tarball)
+                    runner.remove(tarball)
                 raise BinhostError(f"{algorithm.upper()} of {name} does not match its DIGESTS: the file"
                                    " is corrupt or was tampered with" + (" (deleted; run init again)"
                                                                          if remote else ""))
@@ -7935,8 +7980,7 @@ def install_stage3(args, arch, variant, stage3, root, runner, output, keep=()):
         if keys:
             signature = tarball + ".asc"
             if remote:
-                with open(signature, "wb") as handle:
-                    handle.write(companion(".asc"))
+                runner.write_file(signature, companion(".asc"), backup=False)
             keys.verify_detached(signature, tarball, name)
             output.info(f"{name}: PGP signature good ("
                         + (f"a key from {args.keyring}" if args.keyring else "Gentoo release key") + ")")
@@ -7944,14 +7988,14 @@ def install_stage3(args, arch, variant, stage3, root, runner, output, keep=()):
         if keys:
             keys.close()
         if downloads and os.path.isdir(downloads) and not os.listdir(downloads):
-            os.rmdir(downloads)  # a refused download leaves nothing behind
+            runner.remove_directory(downloads)  # a refused download leaves nothing behind
     if os.path.isdir(root) and os.listdir(root):  # --force: no build may run in the root it replaces
         with root_replacement_lock(root, output, "init --force again"):
             extract_stage3(tarball, root, runner, output, keep)
     else:
         extract_stage3(tarball, root, runner, output, keep)
     if remote:
-        shutil.rmtree(downloads, ignore_errors=True)
+        runner.remove_tree(downloads)
     return name, expected["sha512"]
 
 
@@ -7974,17 +8018,17 @@ def link_repositories_into(env):
         wanted[profile_dir] = same_name[0] if same_name else profile_dir
     for inside, location in sorted(wanted.items()):
         link = under(env.root, inside)
-        if (os.path.isdir(link) and not os.path.islink(link) and not os.path.ismount(link)
-                and not os.listdir(link) and not env.runner.pretend):
-            os.rmdir(link)  # the empty mount point a chroot build left
+        mount_point = (os.path.isdir(link) and not os.path.islink(link) and not os.path.ismount(link)
+                       and not os.listdir(link))
+        if mount_point:
+            env.runner.remove_directory(link)  # the empty mount point a chroot build left
         # Gentoo's repository is linked before it is synced in a host chroot; a build machine
         # without it keeps it inside the binhost root instead (repositories_kept_in_root).
-        if os.path.lexists(link) or not (os.path.isdir(under(env.host_chroot, location))
-                                         or (location == DEFAULT_REPOSITORY and chroot)):
+        on_build_host = os.path.isdir(under(env.host_chroot, location)) or (location == DEFAULT_REPOSITORY and chroot)
+        if (os.path.lexists(link) and not mount_point) or not on_build_host:
             continue
-        if not env.runner.pretend:
-            os.makedirs(os.path.dirname(link), exist_ok=True)
-        env.runner.run(["ln", "-s", location, link], describe=f"linking {link}")
+        env.runner.make_directory(os.path.dirname(link))
+        env.runner.symlink(location, link)
         if not env.runner.pretend:  # --pretend showed the command
             env.output.info(f"{link} -> {location} (the repository on {'the host chroot' if chroot else 'this machine'},"
                             " so the copied make.profile resolves)")
@@ -8191,8 +8235,7 @@ def extract_stage3(tarball, root, runner, output, keep=()):
         output.info(f"... then {staging} is renamed to {root}"
                     + (f", keeping {', '.join(keep)} of the previous one" if keep and os.path.isdir(root) else ""))
         return
-    os.makedirs(parent, exist_ok=True)
-    staging = tempfile.mkdtemp(prefix=f".{os.path.basename(root.rstrip('/'))}.new.", dir=parent)
+    staging = runner.make_staging_directory(parent, f".{os.path.basename(root.rstrip('/'))}.new.", 0o700)
     argv = tar(staging)
     output.action(f"Extracting {os.path.basename(tarball)} into {root}")
     old, moved = None, []
@@ -8205,24 +8248,24 @@ def extract_stage3(tarball, root, runner, output, keep=()):
             for relative in keep:
                 source, destination = os.path.join(root, relative), os.path.join(staging, relative)
                 if os.path.lexists(source):
-                    os.makedirs(os.path.dirname(destination), exist_ok=True)
+                    runner.make_directory(os.path.dirname(destination))
                     if os.path.isdir(destination) and not os.path.islink(destination):
-                        shutil.rmtree(destination)
-                    os.rename(source, destination)
+                        runner.remove_tree(destination, ignore_errors=False)
+                    runner.rename(source, destination)
                     moved.append((source, destination))
                     output.info(f"Keeping {relative} (signing key or packages) in the new root")
-            os.rename(root, old)
+            runner.rename(root, old)
             output.info(f"The previous {root} is kept as {old}")
         elif os.path.isdir(root):
-            os.rmdir(root)
-        os.rename(staging, root)
+            runner.remove_directory(root)
+        runner.rename(staging, root)
     except BaseException:
         if not os.path.exists(root) and old:
-            os.rename(old, root)
+            runner.rename(old, root)
         for source, destination in reversed(moved):  # back where they were, before staging goes
             if os.path.lexists(destination) and not os.path.lexists(source):
-                os.rename(destination, source)
-        shutil.rmtree(staging, ignore_errors=True)
+                runner.rename(destination, source)
+        runner.remove_tree(staging)
         raise
 
 
@@ -8487,7 +8530,7 @@ def add_target(config, args, runner, output):
     elif runner.pretend:
         output.info(f"Would ask {name} to download our index, and write transport = tunnel when it cannot")
     else:
-        os.makedirs(env.pkgdir, exist_ok=True)  # served for the question, empty or not
+        runner.make_directory(env.pkgdir)  # served for the question, empty or not
         reachable, detail = target_reaches_us(env, target)
         if reachable:
             output.info(f"{name} reaches us over HTTP")

@@ -267,6 +267,12 @@ def test_sign_clean_config_and_doctor_run_portage_inside_the_binhost_root(chroot
         assert any(runs_in(root, c) and c.endswith("/usr/local/bin/emaint binhost --fix") for c in commands)
         assert mounts_under(root) == []
 
+        # config pull links each repository in for the root method: a read-only query under
+        # --pretend still mounts the repository over that link (the mount is real, the build is not).
+        place = root / str(chroot_build.repo).lstrip("/")
+        if place.is_dir() and not place.is_symlink() and not any(place.iterdir()):
+            place.rmdir()
+            place.symlink_to(chroot_build.repo)
         cleaned = chroot_build.cli("-v", "--pretend", "clean")
         assert any(runs_in(root, c) and c.endswith("/usr/local/bin/portageq envvar EROOT")
                    for c in running(cleaned, "")), cleaned.stderr

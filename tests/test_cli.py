@@ -336,6 +336,36 @@ def test_runner_write_file_is_atomic_with_backup(gb, tmp_path):
     assert path.read_text() == "new\n"
 
 
+def test_every_file_change_goes_through_the_runner_and_pretend_shows_it_and_makes_none(gb, tmp_path):
+    """The Runner's changes to files: under --pretend each is its shell command, and nothing changes."""
+    import io
+    shown = io.StringIO()
+    (tmp_path / "file").write_text("x\n")
+    (tmp_path / "tree/inner").mkdir(parents=True)
+    (tmp_path / "empty").mkdir()
+
+    def change_everything(runner):
+        runner.make_directory(str(tmp_path / "new/deeper"), 0o700)
+        runner.remove(str(tmp_path / "file"))
+        runner.remove_tree(str(tmp_path / "tree"))
+        runner.remove_directory(str(tmp_path / "empty"))
+        runner.symlink("new", str(tmp_path / "link"))
+        runner.rename(str(tmp_path / "link"), str(tmp_path / "renamed"))
+        return runner.make_staging_directory(str(tmp_path / "parent"), ".staging.", 0o750)
+
+    before = sorted(path.name for path in tmp_path.rglob("*"))
+    change_everything(gb.Runner(gb.Output(color=False, out=shown, err=shown), pretend=True))
+    assert sorted(path.name for path in tmp_path.rglob("*")) == before
+    assert shown.getvalue().splitlines() == [
+        f"mkdir -p -m 700 {tmp_path}/new/deeper", f"rm -f {tmp_path}/file", f"rm -rf {tmp_path}/tree",
+        f"rmdir {tmp_path}/empty", f"ln -s new {tmp_path}/link", f"mv -T {tmp_path}/link {tmp_path}/renamed",
+        f"mktemp -d -p {tmp_path}/parent .staging.XXXXXXXX"]
+    staging = change_everything(gb.Runner(gb.Output(color=False, verbosity=0)))
+    assert sorted(path.name for path in tmp_path.glob("*")) == ["new", "parent", "renamed"]
+    assert stat.S_IMODE((tmp_path / "new/deeper").stat().st_mode) == 0o700
+    assert os.readlink(tmp_path / "renamed") == "new" and stat.S_IMODE(os.stat(staging).st_mode) == 0o750
+
+
 def test_one_backup_per_file_and_run_and_none_overwritten(gb, tmp_path):
     """A run changing a file three times keeps the user's version once; two runs in the same
     second keep two backups."""
