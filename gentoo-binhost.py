@@ -2184,33 +2184,25 @@ CONFINED_FEATURES = "-ipc-sandbox -network-sandbox -pid-sandbox -mount-sandbox"
 
 class BuildHost:
     """Where Portage, gcc and the binhost's shell scripts run: this machine, the Gentoo host chroot
-    of [host] chroot, or (into_root, build-method chroot) the binhost root itself, a chroot
-    entered confined (CONFINE_PROGRAM, else `chroot DIR`) as `env -i VAR=... COMMAND`, with
-    /proc, /sys, /dev and /run mounted. Callers give host paths; in the chroot they become its
-    own paths."""
+    of [host] chroot, or (method: a build method that runs Portage in the root) the binhost root
+    itself, a chroot entered confined (CONFINE_PROGRAM, else `chroot DIR`) as `env -i VAR=...
+    COMMAND`, with /proc, /sys, /dev and /run mounted, and what the method binds. Callers give host
+    paths; in the chroot they become its own paths."""
 
-    def __init__(self, env, into_root=False, trees_writable=False):
+    def __init__(self, env, method=None, trees_writable=False):
         self.env, self.runner, self.output = env, env.runner, env.output
-        self.into_root = into_root
-        binds = ()
-        if into_root:
-            # build-method = chroot: Portage runs inside the binhost root itself.
+        self.into_root = method is not None
+        if self.into_root:
             self.chroot, self.extra_path = env.root, ""
-            binds = chroot_build_binds(env, trees_writable)
         else:
-            self.chroot = env.host_chroot
-            self.extra_path = env.host_path
+            self.chroot, self.extra_path = env.host_chroot, env.host_path
+        binds = method.binds(env, trees_writable) if method else ()
         self.mounts = HostMounts(self.chroot, env.runner, env.output, binds) if self.chroot else None
         self.really_mounted = self.shown = False
         if self.chroot and not env.runner.pretend:
             check_chroot_privileges(self.chroot)  # before anything else fails less clearly
-        self.emulated_by = None  # what runs the binhost root's programs, when they are of another arch
-        foreign = foreign_architecture(env.root) if into_root else None
-        if foreign and not foreign[4]:
-            problem, self.emulated_by = emulation_problem(foreign[2], foreign[0], foreign[1])
-            if problem:
-                raise BinhostError(f"the binhost root {env.root} is {foreign[0]}, this machine {foreign[3]}:"
-                                   f" its programs run here emulated, but {problem}")
+        # What runs the binhost root's programs, when they are of another architecture.
+        self.emulated_by = method.emulator(env) if method else None
 
     @property
     def where(self):
@@ -3354,9 +3346,6 @@ class PendingPublication:
 
 # ---- build methods: inside the binhost root (chroot), or ROOT= from the build host (root) -------
 
-BUILD_METHODS = ("chroot", "root")
-
-
 def make_conf_texts(root):
     """The text of root's make.conf: a file, or the files of a make.conf/ directory in order. It
     came from a target: read through no link that leads out of the root (a link to this machine's
@@ -3403,95 +3392,6 @@ def isa_this_cpu_lacks(flags, runner):
 def root_has_program(root, name):
     return any(os.path.lexists(os.path.join(root, directory.lstrip("/"), name))
                for directory in CHROOT_PATH.split(":"))
-
-
-def choose_build_method(env):
-    """(method, why): chroot (emerge inside the binhost root) or root (ROOT= from the build host),
-    as build-method says, else chosen from what the binhost root is now."""
-    make_conf = os.path.join(env.root, "etc/portage/make.conf")
-    with contextlib.suppress(OSError):
-        make_conf = os.stat(make_conf).st_mtime
-    decided_by = (env.root, env.build_method, env.pkgdir, make_conf,
-                  tuple(root_has_program(env.root, name) for name in ("emerge", "gcc")))
-    chosen = env.decisions.get(decided_by)  # decided (and warned about) once
-    if chosen:
-        return chosen
-    outside = os.path.relpath(env.pkgdir, env.root).split(os.sep)[0] == ".."
-    foreign = foreign_architecture(env.root)
-    if env.build_method in BUILD_METHODS:
-        chosen = (env.build_method, f"build-method = {env.build_method} in {env.config_path}")
-    elif foreign and not foreign[4] and not outside and all(root_has_program(env.root, name)
-                                                            for name in ("emerge", "gcc")):
-        chosen = ("chroot", f"the binhost root is {foreign[0]}, this machine {foreign[3]}: builds run in it"
-                            " emulated (qemu-user through binfmt_misc)")
-    else:
-        try:
-            missing = [name for name in ("emerge", "gcc") if not root_has_program(env.root, name)]
-            flags = make_conf_cpu_flags(env.root)
-        except OSError as error:  # the commands that need it say so more precisely
-            missing, flags = [f"readable configuration ({error.strerror})"], []
-        lacking = None if missing else isa_this_cpu_lacks(flags, env.runner)
-        if missing:
-            chosen = ("root", f"the binhost root has no {' and no '.join(missing)} in its PATH, so it is no"
-                              " Gentoo system to build in yet")
-        elif outside:
-            chosen = ("root", "pkgdir lies outside the binhost root, where a chroot build cannot reach it")
-        elif lacking is None:
-            chosen = ("root", "gcc here cannot tell whether this CPU runs code built with the target's flags")
-        elif lacking:
-            chosen = ("root", f"this CPU lacks {' '.join(lacking[:8])}, which the target's flags"
-                              f" ({' '.join(flags)}) use: programs built in the binhost root could not run here")
-            env.output.warn(f"Building with the root method: {chosen[1]}. It compiles against this machine's"
-                            " headers and libraries and puts build dependencies here too (README: 'Build"
-                            " methods'); set build-method in the configuration to choose")
-        else:
-            chosen = ("chroot", "this CPU runs code built with the target's flags"
-                                + (f" ({' '.join(flags)})" if flags else ""))
-    if foreign and chosen[0] == "root":
-        fix = (f"put pkgdir inside the binhost root" if outside else
-               f"set build-method = chroot in {env.config_path}, with emerge and gcc in the root (a stage3)")
-        raise BinhostError(f"the binhost root {env.root} is {foreign[0]}, this machine {foreign[3]}: the root"
-                           f" method ({chosen[1]}) runs this machine's Portage and gcc, which cannot build for it;"
-                           f" {fix}: builds then run in the root (README: 'Building for another architecture')")
-    env.decisions[decided_by] = chosen
-    return chosen
-
-
-class Environment:
-    """One binhost root as this command works on it, made once by Config.environments(): its
-    settings ([binhost], with the root, PKGDIR and build-method of the targets built in it), read
-    as env.root, env.pkgdir, ...; the Runner and Output every step on it uses; what was decided
-    about it once (decisions: the build method, whether its chroot confines); where Portage runs
-    for it (host); its PKGDIR (packages)."""
-
-    def __init__(self, settings, runner, output):
-        self.settings, self.runner, self.output = settings, runner, output
-        self.decisions = {}  # {what it was decided from: the decision}, for this command
-
-    def __getattr__(self, name):  # only for what the object itself lacks: a setting
-        if name == "settings" or name.startswith("__"):  # not made yet (a copy): no setting
-            raise AttributeError(name)
-        return getattr(self.settings, name)
-
-    def __setattr__(self, name, value):
-        if name not in ("settings", "runner", "output", "decisions"):  # a setting goes to env.settings
-            raise AttributeError(f"Environment.{name}: change env.settings.{name}")
-        super().__setattr__(name, value)
-
-    @property
-    def method(self):
-        """(method, why): the build method, decided again only when what it depends on changed."""
-        return choose_build_method(self)
-
-    @property
-    def host(self):
-        """Where Portage runs for this environment: inside the binhost root (build-method chroot),
-        else this machine or its host chroot."""
-        return BuildHost(self, into_root=self.method[0] == "chroot")
-
-    @property
-    def packages(self):
-        return PackageStore(self)
 
 
 # Where a target's configuration may make us mount or link something: never a system directory.
@@ -3560,12 +3460,12 @@ def holds_repository(directory):
     return any(os.path.isfile(os.path.join(directory, marker)) for marker in ("profiles/repo_name", "metadata/layout.conf"))
 
 
-def repositories_kept_in_root(env, method="chroot"):
+def repositories_kept_in_root(env):
     """{name: location} of the repositories that live inside the binhost root: on a build machine
     without Gentoo (no host chroot) that builds with the chroot method, each one the root's
     repos.conf names (the target's) at a place this machine does not have, and Gentoo's when
     make.profile points into its default place. They are synced there, by the root's Portage."""
-    if env.host_chroot or method != "chroot":
+    if env.host_chroot:
         return {}
     configured = configured_repositories(env.root)
     if profile_repository(env.root) == DEFAULT_REPOSITORY and DEFAULT_REPOSITORY not in configured.values():
@@ -3631,6 +3531,185 @@ def chroot_build_binds(env, trees_writable=False):
                                f" the key from {env.config_path}")
         binds.append((distdir, env.distdir, False))
     return binds
+
+
+# ---- the build methods: where Portage runs for an environment, and what each one needs ----------
+# Each entry owns where its Portage runs (host), how the root's repositories reach that Portage
+# (links, or binds and repositories kept in the root), what its emerge gets, and what it checks
+# and prepares before a build; choose_build_method picks one per environment.
+
+class RootMethod:
+    """build-method = root: the build host's Portage (this machine's, or the host chroot's) with
+    ROOT= the binhost root. Each repository the root's configuration names is a link at its place
+    in the root, to the build host's (link_repositories_into); build dependencies are merged into
+    the binhost root too (--root-deps), and into the build host."""
+    name = "root"
+    emerge_options = ["--root-deps"]
+
+    def host(self, env, trees_writable=False):
+        return BuildHost(env)
+
+    def kept_repositories(self, env):
+        return {}
+
+    def check(self, env, host):
+        pass
+
+    def prepare(self, env, variables):
+        link_repositories_into(env)  # a chroot build may have left mount points where the links were
+
+
+class ChrootMethod:
+    """build-method = chroot: emerge inside the binhost root, entered confined (BuildHost). Each
+    repository its configuration names is bound read-only at that place (chroot_build_binds); one
+    this machine lacks is kept, and synced, inside the root (repositories_kept_in_root)."""
+    name = "chroot"
+    emerge_options = []  # ROOT is /: every dependency goes to the root anyway
+
+    def host(self, env, trees_writable=False):
+        return BuildHost(env, self, trees_writable)
+
+    def binds(self, env, trees_writable=False):
+        return chroot_build_binds(env, trees_writable)
+
+    def emulator(self, env):
+        return None
+
+    def kept_repositories(self, env):
+        return repositories_kept_in_root(env)
+
+    def check(self, env, host):
+        relative = os.path.relpath(env.pkgdir, env.root)
+        if relative == ".." or relative.startswith("../"):
+            raise BinhostError(f"pkgdir = {env.pkgdir} is outside the binhost root {env.root}:"
+                               " builds run inside it (build-method = chroot), so put it inside, or set"
+                               " build-method = root")
+        host.program("gcc", "the binhost root must be a Gentoo system to build in (a stage3), or set"
+                            " build-method = root")
+
+    def prepare(self, env, variables):
+        # The target's PORTAGE_TMPDIR is a place of the target (a tmpfs of its own, say), which
+        # Portage refuses to build without: where this root has none, its /var/tmp serves.
+        tmpdir = make_conf_value(make_conf_texts(env.root), "PORTAGE_TMPDIR") or "/var/tmp"
+        inside = under(env.root, tmpdir)
+        if not (safe_place(tmpdir) or tmpdir == "/tmp") or not os.path.isdir(inside) \
+                or symlink_below(env.root, inside) is not None:
+            variables["PORTAGE_TMPDIR"] = "/var/tmp"
+            env.output.info(f"PORTAGE_TMPDIR = {tmpdir} (the target's) is no directory in the binhost root:"
+                            " building in its /var/tmp")
+
+
+class EmulatedMethod(ChrootMethod):
+    """The chroot method for a binhost root of another architecture: its programs run here through
+    qemu-user, which binfmt_misc starts (emulation_problem says what is missing); distcc helpers
+    with a cross compiler can take the compiling (check_distcc_helpers)."""
+
+    def emulator(self, env):
+        foreign = foreign_architecture(env.root)
+        if not foreign or foreign[4]:  # the root changed since the method was chosen (init --force)
+            return None
+        problem, emulated_by = emulation_problem(foreign[2], foreign[0], foreign[1])
+        if problem:
+            raise BinhostError(f"the binhost root {env.root} is {foreign[0]}, this machine {foreign[3]}:"
+                               f" its programs run here emulated, but {problem}")
+        return emulated_by
+
+
+# By the build-method word that picks each (chroot picks the emulated one for a root of another
+# architecture).
+BUILD_METHODS = {"chroot": ChrootMethod(), "root": RootMethod()}
+EMULATED_METHOD = EmulatedMethod()
+
+
+def choose_build_method(env):
+    """(method, why): one of BUILD_METHODS by its build-method word, chroot (emerge inside the
+    binhost root) or root (ROOT= from the build host), as build-method says, else chosen from what
+    the binhost root is now; chroot for a root of another architecture is the emulated method."""
+    make_conf = os.path.join(env.root, "etc/portage/make.conf")
+    with contextlib.suppress(OSError):
+        make_conf = os.stat(make_conf).st_mtime
+    decided_by = (env.root, env.build_method, env.pkgdir, make_conf,
+                  tuple(root_has_program(env.root, name) for name in ("emerge", "gcc")))
+    chosen = env.decisions.get(decided_by)  # decided (and warned about) once
+    if chosen:
+        return chosen
+    outside = os.path.relpath(env.pkgdir, env.root).split(os.sep)[0] == ".."
+    foreign = foreign_architecture(env.root)
+    if env.build_method in BUILD_METHODS:
+        chosen = (env.build_method, f"build-method = {env.build_method} in {env.config_path}")
+    elif foreign and not foreign[4] and not outside and all(root_has_program(env.root, name)
+                                                            for name in ("emerge", "gcc")):
+        chosen = ("chroot", f"the binhost root is {foreign[0]}, this machine {foreign[3]}: builds run in it"
+                            " emulated (qemu-user through binfmt_misc)")
+    else:
+        try:
+            missing = [name for name in ("emerge", "gcc") if not root_has_program(env.root, name)]
+            flags = make_conf_cpu_flags(env.root)
+        except OSError as error:  # the commands that need it say so more precisely
+            missing, flags = [f"readable configuration ({error.strerror})"], []
+        lacking = None if missing else isa_this_cpu_lacks(flags, env.runner)
+        if missing:
+            chosen = ("root", f"the binhost root has no {' and no '.join(missing)} in its PATH, so it is no"
+                              " Gentoo system to build in yet")
+        elif outside:
+            chosen = ("root", "pkgdir lies outside the binhost root, where a chroot build cannot reach it")
+        elif lacking is None:
+            chosen = ("root", "gcc here cannot tell whether this CPU runs code built with the target's flags")
+        elif lacking:
+            chosen = ("root", f"this CPU lacks {' '.join(lacking[:8])}, which the target's flags"
+                              f" ({' '.join(flags)}) use: programs built in the binhost root could not run here")
+            env.output.warn(f"Building with the root method: {chosen[1]}. It compiles against this machine's"
+                            " headers and libraries and puts build dependencies here too (README: 'Build"
+                            " methods'); set build-method in the configuration to choose")
+        else:
+            chosen = ("chroot", "this CPU runs code built with the target's flags"
+                                + (f" ({' '.join(flags)})" if flags else ""))
+    if foreign and chosen[0] == "root":
+        fix = ("put pkgdir inside the binhost root" if outside else
+               f"set build-method = chroot in {env.config_path}, with emerge and gcc in the root (a stage3)")
+        raise BinhostError(f"the binhost root {env.root} is {foreign[0]}, this machine {foreign[3]}: the root"
+                           f" method ({chosen[1]}) runs this machine's Portage and gcc, which cannot build for it;"
+                           f" {fix}: builds then run in the root (README: 'Building for another architecture')")
+    method = EMULATED_METHOD if chosen[0] == "chroot" and foreign and not foreign[4] else BUILD_METHODS[chosen[0]]
+    env.decisions[decided_by] = (method, chosen[1])
+    return env.decisions[decided_by]
+
+
+class Environment:
+    """One binhost root as this command works on it, made once by Config.environments(): its
+    settings ([binhost], with the root, PKGDIR and build-method of the targets built in it), read
+    as env.root, env.pkgdir, ...; the Runner and Output every step on it uses; what was decided
+    about it once (decisions: the build method, whether its chroot confines); where Portage runs
+    for it (host); its PKGDIR (packages)."""
+
+    def __init__(self, settings, runner, output):
+        self.settings, self.runner, self.output = settings, runner, output
+        self.decisions = {}  # {what it was decided from: the decision}, for this command
+
+    def __getattr__(self, name):  # only for what the object itself lacks: a setting
+        if name == "settings" or name.startswith("__"):  # not made yet (a copy): no setting
+            raise AttributeError(name)
+        return getattr(self.settings, name)
+
+    def __setattr__(self, name, value):
+        if name not in ("settings", "runner", "output", "decisions"):  # a setting goes to env.settings
+            raise AttributeError(f"Environment.{name}: change env.settings.{name}")
+        super().__setattr__(name, value)
+
+    @property
+    def method(self):
+        """(method, why): the build method, decided again only when what it depends on changed."""
+        return choose_build_method(self)
+
+    @property
+    def host(self):
+        """Where Portage runs for this environment: inside the binhost root (build-method chroot),
+        else this machine or its host chroot."""
+        return self.method[0].host(self)
+
+    @property
+    def packages(self):
+        return PackageStore(self)
 
 
 def refresh_index(env, host=None):
@@ -4124,14 +4203,7 @@ def build_packages(env, emerge_args, publish_after=True):
     # The first build after init on a build machine without Gentoo: its repositories into the root.
     if sync_repositories(env, missing_only=True):
         host = env.host  # with the builds' read-only view of them
-    if method == "chroot":
-        relative = os.path.relpath(env.pkgdir, env.root)
-        if relative == ".." or relative.startswith("../"):
-            raise BinhostError(f"pkgdir = {env.pkgdir} is outside the binhost root {env.root}:"
-                               " builds run inside it (build-method = chroot), so put it inside, or set"
-                               " build-method = root")
-        host.program("gcc", "the binhost root must be a Gentoo system to build in (a stage3), or set"
-                            " build-method = root")
+    method.check(env, host)
     emerge = host.program("emerge", "build runs Portage on this host: run it on Gentoo, put Portage's"
                                     " bin directory in PATH, or set up a Gentoo host chroot"
                                     f" ('{PROG} init --host-chroot DIR')")
@@ -4140,26 +4212,13 @@ def build_packages(env, emerge_args, publish_after=True):
         env.output.warn(f"No signing key configured: building unsigned packages, which targets refuse"
                         f" by default. Run '{PROG} keygen' to sign.")
     variables = portage_environment(env)
-    if method == "root":  # a chroot build may have left mount points where the links were
-        link_repositories_into(env)
-    else:
-        # The target's PORTAGE_TMPDIR is a place of the target (a tmpfs of its own, say), which
-        # Portage refuses to build without: where this root has none, its /var/tmp serves.
-        tmpdir = make_conf_value(make_conf_texts(env.root), "PORTAGE_TMPDIR") or "/var/tmp"
-        inside = under(env.root, tmpdir)
-        if not (safe_place(tmpdir) or tmpdir == "/tmp") or not os.path.isdir(inside) \
-                or symlink_below(env.root, inside) is not None:
-            variables["PORTAGE_TMPDIR"] = "/var/tmp"
-            env.output.info(f"PORTAGE_TMPDIR = {tmpdir} (the target's) is no directory in the binhost root:"
-                            " building in its /var/tmp")
-    # Inside the binhost root ROOT is /: every dependency goes there anyway.
-    root_deps = ["--root-deps"] if method == "root" else []
+    method.prepare(env, variables)
     # FEATURES=buildpkg, not --buildpkg: emerge applies the option to every root's configuration,
     # so the build dependencies the root method merges into / were also packaged into /'s own
     # PKGDIR (that configuration never sees ours: create_trees gives it an almost empty environment).
     variables["FEATURES"] += " buildpkg"
-    argv = [emerge, *root_deps, "--getbinpkg=n", "--getbinpkgonly=n"] + list(emerge_args)
-    env.output.debug(f"Build method {method}: {why}")
+    argv = [emerge, *method.emerge_options, "--getbinpkg=n", "--getbinpkgonly=n"] + list(emerge_args)
+    env.output.debug(f"Build method {method.name}: {why}")
     with build_lock(env), host.mounted(show_only=env.runner.pretend):
         if env.distcc_hosts and not env.runner.pretend:
             check_distcc_helpers(env, host)
@@ -5150,10 +5209,11 @@ def repository_sync(configroot):
 
 
 def kept_repositories(env):
-    """repositories_kept_in_root with the build method in use (asked only without a host chroot)."""
+    """The repositories the build method in use keeps inside the binhost root (asked only without
+    a host chroot)."""
     if env.host_chroot:
         return {}
-    return repositories_kept_in_root(env, env.method[0])
+    return env.method[0].kept_repositories(env)
 
 
 def sync_repositories(env, missing_only=False):
@@ -5186,8 +5246,8 @@ def sync_repositories(env, missing_only=False):
             continue
         check_no_symlink_below(env.root, os.path.dirname(inside))
         older_link = os.path.islink(inside) and os.readlink(inside) == location  # older versions made it
-        if older_link:
-            env.runner.run(["rm", inside], describe=f"removing the link {inside} to this machine's missing {location}")
+        if older_link:  # to this machine's missing location
+            env.runner.remove(inside)
         if not (older_link and env.runner.pretend):
             check_no_symlink_below(env.root, inside)
         names.append(name)
@@ -5197,7 +5257,7 @@ def sync_repositories(env, missing_only=False):
     if not names:
         return False
     with build_lock(env):  # no build sees the tree half-written
-        host = BuildHost(env, into_root=True, trees_writable=True)
+        host = env.method[0].host(env, trees_writable=True)
         emerge = host.program("emerge", "the binhost root has no Portage: is it a stage3?")
         host.mounts.exclusive = [os.path.realpath(under(env.root, kept[name]))
                                  for name in names]
@@ -7296,8 +7356,8 @@ def doctor_binhost_root_shape(doctor, env):
 
 def doctor_build_method(doctor, env):
     method, why = env.method
-    automatic_root = method == "root" and env.build_method not in BUILD_METHODS and "CPU lacks" in why
-    doctor.report(WARN if automatic_root else OK, "build method", f"{method}: {why}")
+    automatic_root = method.name == "root" and env.build_method not in BUILD_METHODS and "CPU lacks" in why
+    doctor.report(WARN if automatic_root else OK, "build method", f"{method.name}: {why}")
     host = env.host
     if host.emulated_by:
         compiling = ("its compiles go to the distcc helpers (distcc-hosts), whose cross compiler runs natively"

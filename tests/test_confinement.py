@@ -142,7 +142,7 @@ def test_a_confined_command_exits_with_its_own_status_and_leaves_nothing(chroot_
     from conftest import mounts_under
     config = chroot_build.config
     output = gb.Output(color=False, verbosity=1)
-    host = gb.BuildHost(gb.load_config(str(config), gb.Runner(output)).environment_for(), into_root=True)
+    host = gb.BuildHost(gb.load_config(str(config), gb.Runner(output)).environment_for(), gb.BUILD_METHODS["chroot"])
     need(host.confinement_problem() is None, f"no namespaces here: {host.confinement_problem()}")
     for code in (0, 3, 127):
         assert host.run(["sh", "-c", f"exit {code}"], check=False, offline=True).returncode == code
@@ -191,7 +191,7 @@ def test_a_build_cannot_switch_the_confinement_off_for_later_commands(chroot_bui
         assert doctored.returncode == 1 and "plain chroot" not in doctored.stdout, doctored.stdout + doctored.stderr
         # The confinement program itself refuses it too (when nothing mounted there first).
         output = gb.Output(color=False, verbosity=0)
-        host = gb.BuildHost(gb.load_config(str(config), gb.Runner(output)).environment_for(), into_root=True)
+        host = gb.BuildHost(gb.load_config(str(config), gb.Runner(output)).environment_for(), gb.BUILD_METHODS["chroot"])
         with pytest.raises(gb.BinhostError, match=f"commands cannot be confined in the binhost root"
                                                                f" {chroot_build.root}: .* is a link or leads out of"):
             host.confinement_problem()
@@ -210,7 +210,7 @@ spec = importlib.util.spec_from_file_location("gentoo_binhost", sys.argv[1])
 gb = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(gb)
 output = gb.Output(color=False, verbosity=1)
-host = gb.BuildHost(gb.load_config(sys.argv[2], gb.Runner(output)).environment_for(), into_root=True)
+host = gb.BuildHost(gb.load_config(sys.argv[2], gb.Runner(output)).environment_for(), gb.BUILD_METHODS["chroot"])
 script = ("python3 -c 'import fcntl, termios\ntry:\n    fcntl.ioctl(0, termios.TIOCSTI, b\"X\")\n"
           "    print(\"TIOCSTI worked\")\nexcept OSError as error:\n    print(\"TIOCSTI refused\", error.errno)'\n"
           "printf 'answer? '; read answer; echo \"got $answer\"")

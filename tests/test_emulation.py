@@ -138,7 +138,8 @@ def test_emulated_builds_run_the_roots_programs_through_binfmt_misc(gb, tmp_path
     assert chrooted.returncode == AARCH64_EXIT_CODE, chrooted.stderr
     config = gb.load_config(str(write_config(tmp_path, root, "auto")), gb.Runner(gb.Output(color=False, verbosity=0)))
     method, why = config.environment_for().method
-    assert method == "chroot" and "builds run in it emulated (qemu-user through binfmt_misc)" in why, why
+    assert method is gb.EMULATED_METHOD and method.name == "chroot", method
+    assert "builds run in it emulated (qemu-user through binfmt_misc)" in why, why
     host = config.environment_for().host
     assert host.emulated_by.startswith("/usr/libexec/qemu-binfmt/aarch64-binfmt-P (binfmt_misc qemu-aarch64")
     # Without an entry with F, nothing of the root runs, and what to do is said.
