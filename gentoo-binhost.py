@@ -76,6 +76,22 @@ import urllib.error
 import urllib.parse
 import urllib.request
 
+# The file, low level to high:
+# - Infrastructure: constants, errors, Output (the terminal), file helpers (under(): the one path
+#   mapper), the configuration, the Runner (every process and every change to files, so --pretend
+#   lives there), the HTTP server and the tunnel's watch.
+# - The binhost environment: one Environment per binhost root (Config.environments()), with
+#   where Portage runs (env.host, a BuildHost: mounts, confinement, emulation), its package store
+#   (env.packages: the index, publications, retired builds, holds, publish) and its build method
+#   (env.method, from BUILD_METHODS: root, chroot, emulated); building and signing.
+# - The targets: Remote (ssh), how they reach PKGDIR during a command (serving_targets), what their
+#   emerge would merge (TargetPlan, the gate in build_until_covered), the tree they follow
+#   (TargetTrees), installing and setting them up.
+# - Capabilities: CPU flags, configuration parity, list and clean, update, doctor, init, add-target.
+# - Serving, then the command line: build_parser, cmd_<verb>, main().
+# A new capability goes with its kind: a check of a target's plan in TargetPlan, what targets are
+# offered in PackageStore, a way to build in BUILD_METHODS, a file change through the Runner.
+
 # ------------------------------------------------------------------------------------------------
 # Constants
 # ------------------------------------------------------------------------------------------------
@@ -1710,7 +1726,7 @@ def watch_tunnel(process, server, output):
 
 
 # ------------------------------------------------------------------------------------------------
-# Operations on the binhost
+# The binhost environment: where Portage runs, its package store, its build methods, building
 # ------------------------------------------------------------------------------------------------
 
 
@@ -2881,7 +2897,7 @@ def set_changes(old_text, new_text):
     return sorted(set(new) - set(old)), sorted(updated), sorted(set(old) - set(new))
 
 
-# ---- the package store: PKGDIR, its index, its publications, the retired builds and the holds ---------
+# ---- the package store: PKGDIR, its index, publications, retired builds and holds -------------
 
 class PackageStore:
     """An environment's PKGDIR (env.packages): the index Portage writes there, read through the one
@@ -3344,7 +3360,7 @@ class PendingPublication:
         return self.env.packages.publish(self.why, self.produced, self.removed, prune=False)
 
 
-# ---- build methods: inside the binhost root (chroot), or ROOT= from the build host (root) -------
+# ---- the binhost root as its configuration describes it: make.conf, repositories -----------------
 
 def make_conf_texts(root):
     """The text of root's make.conf: a file, or the files of a make.conf/ directory in order. It
@@ -5984,8 +6000,7 @@ def trust_signing_key(env, remote):
 
 
 # ------------------------------------------------------------------------------------------------
-# Capabilities: CPU flags, configuration parity, the package store and its publications, doctor,
-# init, onboarding
+# Capabilities: CPU flags, configuration parity, list and clean, update, doctor, init, onboarding
 # ------------------------------------------------------------------------------------------------
 
 
