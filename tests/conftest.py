@@ -45,6 +45,7 @@ import contextlib
 import fcntl
 import importlib.util
 import os
+import random
 import re
 import shlex
 import shutil
@@ -174,7 +175,20 @@ def run(argv, env=None, check=True, *, cwd=None, input=None, timeout=900,
 
 
 def free_port():
-    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    """A TCP port on 127.0.0.1 that was free a moment ago, below the kernel's ephemeral range: a port
+    the kernel hands out (bind to 0) may be taken meanwhile as the local port of another test
+    process's connection (its ssh, its fetches), and a server of ours could then not listen there."""
+    ephemeral_from = 32768
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        ephemeral_from = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    for _ in range(200):
+        port = random.randrange(max(1024, ephemeral_from - 16384), ephemeral_from)
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
