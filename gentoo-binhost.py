@@ -83,14 +83,16 @@ import urllib.request
 # - The binhost environment: one Environment per binhost root (Config.environments()), with
 #   where Portage runs (env.host, a BuildHost: mounts, confinement, emulation), its package store
 #   (env.packages: the index, publications, retired builds, holds, publish) and its build method
-#   (env.method, from BUILD_METHODS: root, chroot, emulated); building and signing.
+#   (env.method: root or chroot from BUILD_METHODS, EMULATED_METHOD for a root of another
+#   architecture); building and signing.
 # - The targets: Remote (ssh), how they reach PKGDIR during a command (serving_targets), what their
 #   emerge would merge (TargetPlan, the gate in build_until_covered), the tree they follow
 #   (TargetTrees), installing and setting them up.
 # - Capabilities: CPU flags, configuration parity, list and clean, update, doctor, init, add-target.
 # - Serving, then the command line: build_parser, cmd_<verb>, main().
 # A new capability goes with its kind: a check of a target's plan in TargetPlan, what targets are
-# offered in PackageStore, a way to build in BUILD_METHODS, a file change through the Runner.
+# offered in PackageStore, a way to build beside the entries of BUILD_METHODS, a file change
+# through the Runner.
 
 # ------------------------------------------------------------------------------------------------
 # Constants
@@ -744,8 +746,9 @@ class Runner:
     remove, rename, ...). Under --pretend, commands that change something are shown shell-quoted
     with their environment and not run, a change to a file as its shell command (a written file
     as a diff); read-only queries still run. Not through it: what read-only queries need under
-    --pretend too (the chroot's mount records and locks, throwaway GnuPG homes, probe files) and
-    the in-place signing of a package (streamed, after every check)."""
+    --pretend too (the chroot's mount records and locks, throwaway GnuPG homes, probe files), and
+    what streams into a place of its own before a rename through it: a download's partial file, a
+    package signed in place, the signing key's files moved out of a root; a new root's mode."""
 
     def __init__(self, output, pretend=False):
         self.output = output
@@ -911,55 +914,58 @@ class Runner:
 
     # The other changes to files, each shown as its shell command under --pretend, and not made.
 
-    def changing(self, argv):
-        """True when the change argv shows is to be made; under --pretend, show it instead."""
+    def change(self, argv, making):
+        """making() changes files as argv would (its result returned); under --pretend argv is shown
+        instead. A failure is one error naming argv."""
         if self.pretend:
             self.output.text(format_command(argv), always=True)
-            return False
+            return None
         self.output.debug(f"Doing: {format_command(argv)}")
-        return True
+        try:
+            return making()
+        except OSError as error:
+            raise BinhostError(f"{format_command(argv)} failed: {error.strerror or error}") from None
 
     def make_directory(self, path, mode=None):
         """mkdir -p path, the last one with mode when given."""
-        if self.changing(["mkdir", "-p"] + (["-m", f"{mode:o}"] if mode is not None else []) + [path]):
+        def make():
             os.makedirs(path, exist_ok=True)
             if mode is not None:
                 os.chmod(path, mode)
+        self.change(["mkdir", "-p"] + (["-m", f"{mode:o}"] if mode is not None else []) + [path], make)
 
     def make_staging_directory(self, parent, prefix, mode):
         """A new directory of a random name in parent, with mode; under --pretend the name it would get."""
-        if not self.changing(["mktemp", "-d", "-p", parent, f"{prefix}XXXXXXXX"]):
-            return os.path.join(parent, f"{prefix}XXXXXXXX")
-        os.makedirs(parent, exist_ok=True)
-        staging = tempfile.mkdtemp(prefix=prefix, dir=parent)
-        os.chmod(staging, mode)  # not masked by the umask
-        return staging
+        def make():
+            os.makedirs(parent, exist_ok=True)
+            staging = tempfile.mkdtemp(prefix=prefix, dir=parent)
+            os.chmod(staging, mode)  # not masked by the umask
+            return staging
+        return (self.change(["mktemp", "-d", "-p", parent, f"{prefix}XXXXXXXX"], make)
+                or os.path.join(parent, f"{prefix}XXXXXXXX"))
 
     def remove(self, path):
         """rm -f path: a file or a link (nothing when it is gone already)."""
-        if self.changing(["rm", "-f", path]):
+        def unlink():
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
+        self.change(["rm", "-f", path], unlink)
 
     def remove_directory(self, path):
         """rmdir path: an empty directory."""
-        if self.changing(["rmdir", path]):
-            os.rmdir(path)
+        self.change(["rmdir", path], lambda: os.rmdir(path))
 
     def remove_tree(self, path, ignore_errors=True):
         """rm -rf path, a directory of ours, and everything in it."""
-        if self.changing(["rm", "-rf", path]):
-            shutil.rmtree(path, ignore_errors=ignore_errors)
+        self.change(["rm", "-rf", path], lambda: shutil.rmtree(path, ignore_errors=ignore_errors))
 
     def rename(self, source, destination):
         """mv -T source destination, in one step (replacing a file or link there)."""
-        if self.changing(["mv", "-T", source, destination]):
-            os.replace(source, destination)
+        self.change(["mv", "-T", source, destination], lambda: os.replace(source, destination))
 
     def symlink(self, target, path):
         """ln -s target path."""
-        if self.changing(["ln", "-s", target, path]):
-            os.symlink(target, path)
+        self.change(["ln", "-s", target, path], lambda: os.symlink(target, path))
 
 
 FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
@@ -8102,7 +8108,8 @@ def link_repositories_into(env):
         on_build_host = os.path.isdir(under(env.host_chroot, location)) or (location == DEFAULT_REPOSITORY and chroot)
         if (os.path.lexists(link) and not mount_point) or not on_build_host:
             continue
-        env.runner.make_directory(os.path.dirname(link))
+        if not os.path.isdir(os.path.dirname(link)):
+            env.runner.make_directory(os.path.dirname(link))
         env.runner.symlink(location, link)
         if not env.runner.pretend:  # --pretend showed the command
             env.output.info(f"{link} -> {location} (the repository on {'the host chroot' if chroot else 'this machine'},"
@@ -8690,7 +8697,7 @@ def remove_target(config, args, runner, output):
     else:
         record = os.path.join(env.packages.publications_dir(), INSTALLED_DIR, target.name)
         if os.path.isfile(record):  # clean no longer keeps what it had installed
-            runner.run(["rm", "-f", record], describe=f"removing {record}")
+            runner.remove(record)
     runner.write_file(config.path, remove_config_section(read_text(config.path), f"target {target.name}"))
 
 

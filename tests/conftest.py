@@ -181,7 +181,7 @@ def free_port():
     ephemeral_from = 32768
     with contextlib.suppress(OSError, ValueError, IndexError):
         ephemeral_from = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
-    for _ in range(200):
+    for _ in range(200 if ephemeral_from > 2048 else 0):
         port = random.randrange(max(1024, ephemeral_from - 16384), ephemeral_from)
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
             try:

@@ -364,6 +364,9 @@ def test_every_file_change_goes_through_the_runner_and_pretend_shows_it_and_make
     assert sorted(path.name for path in tmp_path.glob("*")) == ["new", "parent", "renamed"]
     assert stat.S_IMODE((tmp_path / "new/deeper").stat().st_mode) == 0o700
     assert os.readlink(tmp_path / "renamed") == "new" and stat.S_IMODE(os.stat(staging).st_mode) == 0o750
+    # A change that fails is one error naming its command (main() says it on one line).
+    with pytest.raises(gb.BinhostError, match=f"^rmdir {tmp_path}/new failed: Directory not empty$"):
+        gb.Runner(gb.Output(color=False, verbosity=0)).remove_directory(str(tmp_path / "new"))
 
 
 def test_one_backup_per_file_and_run_and_none_overwritten(gb, tmp_path):
