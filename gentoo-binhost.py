@@ -3702,11 +3702,12 @@ class Environment:
     settings ([binhost], with the root, PKGDIR and build-method of the targets built in it), read
     as env.root, env.pkgdir, ...; the Runner and Output every step on it uses; what was decided
     about it once (decisions: the build method, whether its chroot confines); where Portage runs
-    for it (host); its PKGDIR (packages)."""
+    for it (host); its PKGDIR (packages); the targets built in it (remote())."""
 
     def __init__(self, settings, runner, output):
         self.settings, self.runner, self.output = settings, runner, output
         self.decisions = {}  # {what it was decided from: the decision}, for this command
+        self.remotes = {}  # {target name: (its settings, its Remote)}
 
     def __getattr__(self, name):  # only for what the object itself lacks: a setting
         if name == "settings" or name.startswith("__"):  # not made yet (a copy): no setting
@@ -3714,7 +3715,7 @@ class Environment:
         return getattr(self.settings, name)
 
     def __setattr__(self, name, value):
-        if name not in ("settings", "runner", "output", "decisions"):  # a setting goes to env.settings
+        if name not in ("settings", "runner", "output", "decisions", "remotes"):  # a setting: env.settings
             raise AttributeError(f"Environment.{name}: change env.settings.{name}")
         super().__setattr__(name, value)
 
@@ -3732,6 +3733,13 @@ class Environment:
     @property
     def packages(self):
         return PackageStore(self)
+
+    def remote(self, target):
+        """The one Remote of a target built here, for the whole command: what it learnt of the target
+        (the user ssh logs in as, a tunnel of ours there) is asked once."""
+        if self.remotes.get(target.name, (None,))[0] is not target:
+            self.remotes[target.name] = (target, Remote(target, self.runner, self.output))
+        return self.remotes[target.name][1]
 
 
 def refresh_index(env, host=None):
@@ -4966,7 +4974,7 @@ def ask_target(env, target, emerge_args, route, binary=None, trees=None):
     only), "live" (also the binary-only plan with the target's own configuration), or a
     StagedPublication (also the binary-only plan against it). trees: the staged snapshot the
     target plans from, instead of its live tree."""
-    remote = Remote(target, env.runner, env.output)
+    remote = env.remote(target)
     tunnel = env.transport == "tunnel"
     url = credentials_url(env, tunnel)
     fetch_url = credentials_url(env, tunnel, quoted=True) + "Packages"
@@ -5334,7 +5342,7 @@ class TargetTrees:
 
     def __init__(self, env, target):
         self.env, self.target, self.runner, self.output = env, target, env.runner, env.output
-        self.remote = Remote(target, env.runner, env.output)
+        self.remote = env.remote(target)
         self.base = posixpath.join(target.root, TARGET_TREES)
         self.followed, self.states, self.marks = [], {}, {}
         self.place, self.live = "staged", {}  # where the copies are staged; {name: live location}
@@ -5721,7 +5729,7 @@ def check_installed(env, target, plan, route):
     """After the install: did the target get every package of its plan (held ones aside), each
     from a binary? One ssh round trip; a one-line error naming what it lacks and the likely
     cause. Returns the held versions the target has installed."""
-    remote = Remote(target, env.runner, env.output)
+    remote = env.remote(target)
     holds = env.packages.read_holds()
     held = {package.cpv for package in plan.packages if held_back(package, holds)}
     wanted = [package.cpv for package in plan.packages if package.cpv not in held]
@@ -5768,7 +5776,7 @@ def bring_back_held(env, target, installed_held, tty):
         argv = ["emerge", "--getbinpkgonly", "--oneshot", "--binpkg-respect-use=y", f"={versions[-1]}"]
         env.output.action(f"{target.name} has {cpv}, which a rollback holds back: back to {versions[-1]}:"
                           f" {format_command(argv)}")
-        result = Remote(target, env.runner, env.output).run(
+        result = env.remote(target).run(
             argv, remote_emerge_environment(env, target, interactive=tty), tty=tty)
         if result is not None and result.returncode != 0:
             raise BinhostError(f"emerge failed on target {target.name} (exit {result.returncode}) going back"
@@ -5778,7 +5786,7 @@ def bring_back_held(env, target, installed_held, tty):
 def install_packages(env, target, emerge_args, plan=None, route=None, asked=False):
     """emerge --getbinpkgonly emerge_args on the target, then a check that it got its plan (asked
     first unless asked: given as plan, or it could not be had under --pretend)."""
-    remote = Remote(target, env.runner, env.output)
+    remote = env.remote(target)
     args = list(emerge_args)
     if not has_option(args, "--binpkg-respect-use"):
         # With --getbinpkgonly, Portage otherwise installs a binary built with other USE flags.
@@ -5913,7 +5921,7 @@ def probe_target(remote):
 
 
 def setup_target(env, target, verify_signature=True):
-    remote = Remote(target, env.runner, env.output)
+    remote = env.remote(target)
     config_dir = target.portage_config_dir
     binrepos_dir = posixpath.join(config_dir, "binrepos.conf")
     entry_path = posixpath.join(binrepos_dir, BINREPOS_NAME + ".conf")
@@ -6982,7 +6990,7 @@ def fetch_both_configs(env, target):
     leaves it, so what a diff shows is what a pull installs."""
     check_binhost_root(env)
     binhost_side = LocalShell(env)
-    remote = Remote(target, env.runner, env.output)
+    remote = env.remote(target)
     target_tar = sanitized_config_tar(read_config_tar(remote, target.root), target.name, env.output)
     return binhost_side, remote, read_config_tar(binhost_side, env.root), target_tar
 
@@ -7556,7 +7564,7 @@ def doctor_tree(doctor, env, target):
 
 
 def doctor_binrepos(doctor, env, target):
-    remote = Remote(target, env.runner, env.output)
+    remote = env.remote(target)
     tunnel = env.transport == "tunnel"
     kind, current = probe_target(remote)
     expected = credentials_url(env, tunnel)
@@ -8473,7 +8481,7 @@ def target_reaches_us(env, target):
     address and port for the moment, or the serve of ours already there. An HTTP error counts
     as reaching us only when it is ours (a 404 before the first build); another program on the
     port, or an answer our server never saw, does not."""
-    remote = Remote(target, env.runner, env.output)
+    remote = env.remote(target)
     host = "127.0.0.1" if env.bind in ("", "0.0.0.0", "::") else env.bind
     answer = who_answers(host, env.port, tls=bool(env.tls_cert))
     if answer is not None and not is_our_server(answer):
@@ -8510,7 +8518,7 @@ def record_signing_key(config, env, fingerprint):
 def show_first_pull(env, target):
     """add-target --pretend on a root step 2 has not made: the target's configuration is read
     (read-only) and every file the pull would write is shown, with the command that writes them."""
-    stream = read_config_tar(Remote(target, env.runner, env.output), target.root)
+    stream = read_config_tar(env.remote(target), target.root)
     env.output.text(describe_config_changes({}, config_members(stream), f"binhost:{env.root}",
                                             f"{target.name}:{target.root}"), always=True)
     env.output.info(f"Would unpack it into {env.root}/etc/portage (then link the repositories it names), with:")

@@ -110,6 +110,10 @@ def test_the_only_environment_stays_when_a_target_brings_a_second(gb, tmp_path):
     config.targets["b"] = gb.TargetSettings("b", {"host": "root@b", "binhost-root": "/b/second"}, str(path))
     assert sorted(config.environments()) == ["main", "second"]
     assert config.environments()["main"] is only and only.decisions == {"asked": "once"}
+    # One Remote per target for the command: what it learnt of the target (its ssh user) stays.
+    remote = only.remote(config.target("a"))
+    assert only.remote(config.target("a")) is remote and remote.user == "root"
+    assert only.remote(config.targets["b"]) is not remote
 
 
 def test_root_slash_sets_no_portage_environment(gb, tmp_path):
