@@ -556,7 +556,6 @@ class Config:
         self.binhost = binhost
         self.targets = targets
         self.runner, self.output = runner, output  # every environment's
-        self._environments = None  # (what they were made from, {name: Environment})
         self._by_root = {}  # {root: Environment}: one per root for the command, never remade
 
     def environments(self):
@@ -565,13 +564,6 @@ class Config:
         under /<basename of its root>/. Signing key and server settings are shared. One
         Environment per root for the whole command (targets added meanwhile keep it), so what was
         decided about it, and a setting changed through it, stays."""
-        made_from = (self.binhost.root, tuple(sorted((name, target.binhost_root, target.build_method)
-                                                     for name, target in self.targets.items())))
-        if self._environments is None or self._environments[0] != made_from:
-            self._environments = (made_from, self._make_environments())
-        return self._environments[1]
-
-    def _make_environments(self):
         roots = [self.binhost.root] + sorted({target.binhost_root for target in self.targets.values()
                                               if target.binhost_root} - {self.binhost.root})
         environments = {}
@@ -8107,6 +8099,7 @@ def link_repositories_into(env):
         wanted[profile_dir] = same_name[0] if same_name else profile_dir
     for inside, location in sorted(wanted.items()):
         link = under(env.root, inside)
+        check_no_symlink_below(env.root, os.path.dirname(link))  # a build in the root may have planted one
         mount_point = (os.path.isdir(link) and not os.path.islink(link) and not os.path.ismount(link)
                        and not os.listdir(link))
         if mount_point:

@@ -243,3 +243,23 @@ def test_the_chroot_method_binds_a_repository_over_the_link_config_pull_made(gb,
     link = root / str(repo).lstrip("/")
     assert link.is_symlink() and os.readlink(link) == str(repo)
     assert (str(repo), str(repo), True) in gb.chroot_build_binds(env)
+
+
+def test_no_repository_link_is_made_through_a_link_planted_in_the_root(gb, tmp_path):
+    """A build's root phase can leave a link in the binhost root where a repository's link goes
+    (its parent pointing out of the root): config pull refuses, and makes nothing there."""
+    repo = tmp_path / "repo"
+    shutil.copytree(REPO, repo, symlinks=True)
+    root = tmp_path / "root"
+    write_portage_config(root, repo=repo)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    parent = root / str(repo.parent).lstrip("/")
+    parent.parent.mkdir(parents=True, exist_ok=True)
+    parent.symlink_to(elsewhere)
+    config = tmp_path / "c.conf"
+    config.write_text(f"[binhost]\nroot = {root}\nbuild-method = root\n")
+    env = gb.load_config(str(config), gb.Runner(gb.Output(color=False, verbosity=0))).environment_for()
+    with pytest.raises(gb.BinhostError, match=f"{parent} is a symbolic link .*refusing to write"):
+        gb.link_repositories_into(env)
+    assert list(elsewhere.iterdir()) == []
