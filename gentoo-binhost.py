@@ -81,13 +81,14 @@ import urllib.request
 #   mapper), the configuration, the Runner (every process and every change to files, so --pretend
 #   lives there), the HTTP server and the tunnel's watch.
 # - The binhost environment: one Environment per binhost root (Config.environments()), with
-#   where Portage runs (env.host, a BuildHost: mounts, confinement, emulation), its package store
-#   (env.packages: the index, publications, retired builds, holds, publish) and its build method
-#   (env.method: root or chroot from BUILD_METHODS, EMULATED_METHOD for a root of another
-#   architecture); building and signing.
-# - The targets: Remote (ssh), how they reach PKGDIR during a command (serving_targets), what their
-#   emerge would merge (TargetPlan, the gate in build_until_covered), the tree they follow
-#   (TargetTrees), installing and setting them up.
+#   where Portage runs (env.host, one BuildHost per build method for the command, holding its
+#   mounts; confinement, emulation), its package store (env.packages: the index, publications,
+#   retired builds, holds, publish) and its build method (env.method: root or chroot from
+#   BUILD_METHODS, EMULATED_METHOD for a root of another architecture); building and signing.
+# - The targets: the two sides, one interface (script, read): a target's Remote (env.remote: ssh,
+#   how it reaches PKGDIR while serving() holds, what its emerge would merge: plan, a TargetPlan)
+#   and the binhost's LocalShell; the gate (build_until_covered), the tree a target follows
+#   (TargetTrees), installing and setting targets up.
 # - Capabilities: CPU flags, configuration parity, list and clean, update, doctor, init, add-target.
 # - Serving, then the command line: build_parser, cmd_<verb>, main().
 # A new capability goes with its kind: a check of a target's plan in TargetPlan, what targets are
@@ -857,11 +858,12 @@ class Runner:
         """Run a read-only query and return its CompletedProcess with captured text output."""
         return self.run(argv, env, changes=False, capture=True, input=input, check=check, describe=describe)
 
-    def write_file(self, path, content, mode=None, backup=True, mtime=None):
+    def write_file(self, path, content, mode=None, backup=True, mtime=None, diff=True):
         """Write content (text, or bytes) to path atomically (temp file, then rename), keeping a
         timestamped backup of a different existing file (once per file and run) and its mode
         (else `mode`, default 0644), with the modification time mtime when given. Returns False
-        when the file already had this content (and mtime)."""
+        when the file already had this content (and mtime). Under --pretend: shown, with the
+        change of a text (unless diff is False: bookkeeping of ours), not written."""
         binary = isinstance(content, bytes)
         try:
             with open(path, "rb") as handle:
@@ -873,8 +875,8 @@ class Runner:
         if current == content and mtime in (None, current_mtime):
             return False
         if self.pretend:
-            self.output.info(f"Would write {path}" + (":" if not binary else ""))
-            if not binary:
+            self.output.info(f"Would write {path}" + (":" if diff and not binary else ""))
+            if diff and not binary:
                 self.output.text(self.masked(unified_diff(current, content, path)), always=True)
             return True
         directory = os.path.dirname(path) or "."
@@ -1898,17 +1900,36 @@ class HostMounts:
     in the chroot), so mounts a killed build left behind are removed by the next one, and a
     mount someone else made, even at the same place later, is never touched."""
 
-    def __init__(self, chroot, runner, output, binds=()):
+    def __init__(self, chroot, runner, output, binds=tuple):
         self.chroot, self.runner, self.output = chroot, runner, output
         self.state_dir = os.path.join(chroot, "var/cache/gentoo-binhost")
         self.state_path = os.path.join(self.state_dir, "mounts")
-        self.users = None
+        self.users = self.entered = None
         self.exclusive = ()  # places that must not be mounted already when this command enters
-        # (place inside, host directory, read-only): the repositories and DISTDIR of a chroot build.
-        self.mounts = list(CHROOT_MOUNTS) + [
+        # () -> [(place inside, host directory, read-only)]: the repositories and DISTDIR of a chroot
+        # build, asked when mounting (config pull and a sync change them within one command).
+        self.binds = binds
+
+    @property
+    def mounts(self):
+        """[(place, mount command)]: as entered, while entered; else as the binds are now."""
+        if self.entered is not None:
+            return self.entered
+        return list(CHROOT_MOUNTS) + [
             (inside.strip("/"), ["mount", "--bind", *(["-o", "ro"] if read_only else []), "--make-slave",
                                  source, "{}"])
-            for inside, source, read_only in binds]
+            for inside, source, read_only in self.binds()]
+
+    def prepare_bind_points(self):
+        """A repository's place in the binhost root is a link for the root method (see
+        link_repositories_into); the chroot method mounts the repository there instead."""
+        for name, _command in self.mounts[len(CHROOT_MOUNTS):]:
+            point = os.path.join(self.chroot, name)
+            check_no_symlink_below(self.chroot, os.path.dirname(point))
+            with contextlib.suppress(FileNotFoundError):  # another command entering meanwhile removed it
+                if os.path.islink(point) and os.readlink(point) == "/" + name:
+                    os.unlink(point)  # not the Runner's: mounted for read-only queries under --pretend too
+            os.makedirs(point, exist_ok=True)
 
     def mount_point(self, name):
         point = os.path.join(self.chroot, name)
@@ -1963,6 +1984,15 @@ class HostMounts:
 
     def enter(self):
         check_chroot_privileges(self.chroot)
+        self.entered = self.mounts  # unmounted as listed now, whatever the configuration says meanwhile
+        try:
+            self.prepare_bind_points()
+            self.mount_missing()
+        except BaseException:
+            self.entered = None
+            raise
+
+    def mount_missing(self):
         with self.guard():
             if not self.in_use():  # what a killed command left is not used as it is (a sync's writable view)
                 self.record(self.unmount(self.ours()))
@@ -1998,10 +2028,13 @@ class HostMounts:
             fcntl.flock(self.users, fcntl.LOCK_UN)
             self.users.close()
             self.users = None
-            if self.in_use():
-                self.output.debug(f"Another build still uses the mounts in {self.chroot}")
-                return
-            self.record(self.unmount(self.ours()))
+            try:
+                if self.in_use():
+                    self.output.debug(f"Another build still uses the mounts in {self.chroot}")
+                    return
+                self.record(self.unmount(self.ours()))
+            finally:
+                self.entered = None
 
     def unmount(self, mounts):
         """Unmount [(mount ID, point)], the last first; returns those still mounted."""
@@ -2210,13 +2243,26 @@ class BuildHost:
             self.chroot, self.extra_path = env.root, ""
         else:
             self.chroot, self.extra_path = env.host_chroot, env.host_path
-        binds = method.binds(env, trees_writable) if method else ()
+        binds = (lambda: method.binds(env, trees_writable)) if method else tuple
         self.mounts = HostMounts(self.chroot, env.runner, env.output, binds) if self.chroot else None
-        self.really_mounted = self.shown = False
+        self.method, self.really_mounted, self.shown = method, False, False
         if self.chroot and not env.runner.pretend:
             check_chroot_privileges(self.chroot)  # before anything else fails less clearly
-        # What runs the binhost root's programs, when they are of another architecture.
-        self.emulated_by = method.emulator(env) if method else None
+        self.check_usable()
+
+    def check_usable(self):
+        """Refuses, before anything runs, what cannot work here now: a bind the root's configuration
+        names that cannot be made, programs of the root that nothing here runs (asked again before
+        each mount: repos.conf and binfmt_misc may change meanwhile)."""
+        if self.mounts:
+            self.mounts.mounts  # reading the binds refuses one that cannot be made
+        self.emulated_by  # refuses what nothing here can run
+
+    @property
+    def emulated_by(self):
+        """What runs the binhost root's programs, when they are of another architecture (asked
+        again before each mount: binfmt_misc is this machine's, and may change meanwhile)."""
+        return self.method.emulator(self.env) if self.method else None
 
     @property
     def where(self):
@@ -2293,6 +2339,8 @@ class BuildHost:
         if not self.chroot or self.really_mounted or (show_only and self.shown):
             yield
             return
+        self.check_usable()
+        self.sync_resolv_conf()
         if show_only:
             shown = self.mounts.show()
             self.shown = True
@@ -2303,9 +2351,6 @@ class BuildHost:
                 for point in reversed(shown):
                     self.runner.run(["umount", "--recursive", point])
             return
-        self.sync_resolv_conf()
-        if self.into_root:
-            self.prepare_bind_points()
         with terminate_as_interrupt(self.runner):
             self.mounts.enter()
             self.really_mounted = True
@@ -2316,21 +2361,11 @@ class BuildHost:
                 with signals_deferred():  # unmounting half-way would help nobody
                     self.mounts.leave()
 
-    def prepare_bind_points(self):
-        """A repository's place in the binhost root is a link for the root method (see
-        link_repositories_into); the chroot method mounts the repository there instead."""
-        for name, _command in self.mounts.mounts[len(CHROOT_MOUNTS):]:
-            point = os.path.join(self.chroot, name)
-            check_no_symlink_below(self.chroot, os.path.dirname(point))
-            with contextlib.suppress(FileNotFoundError):  # another command entering meanwhile removed it
-                if os.path.islink(point) and os.readlink(point) == "/" + name:
-                    os.unlink(point)  # not the Runner's: mounted for read-only queries under --pretend too
-            os.makedirs(point, exist_ok=True)
-
     def sync_resolv_conf(self):
-        """Name resolution inside follows the host's (it changes on laptops and DHCP)."""
+        """Name resolution inside follows the host's (it changes on laptops and DHCP), once a command."""
         host_conf = read_text("/etc/resolv.conf")
-        if host_conf and not self.runner.pretend:
+        if host_conf and not self.env.decisions.get(("resolv.conf", self.chroot)):
+            self.env.decisions["resolv.conf", self.chroot] = True
             self.runner.write_file(os.path.join(self.chroot, "etc/resolv.conf"), host_conf, backup=False)
 
     def run(self, argv, env=None, *, changes=True, offline=False, **options):
@@ -3561,7 +3596,7 @@ class RootMethod:
     emerge_options = ["--root-deps"]
 
     def host(self, env, trees_writable=False):
-        return BuildHost(env)
+        return env.host_for()
 
     def kept_repositories(self, env):
         return {}
@@ -3694,12 +3729,14 @@ class Environment:
     settings ([binhost], with the root, PKGDIR and build-method of the targets built in it), read
     as env.root, env.pkgdir, ...; the Runner and Output every step on it uses; what was decided
     about it once (decisions: the build method, whether its chroot confines); where Portage runs
-    for it (host); its PKGDIR (packages); the targets built in it (remote())."""
+    for it (host; host_for: one BuildHost per build method for the command); its PKGDIR (packages);
+    the targets built in it (remote(): one Remote each)."""
 
     def __init__(self, settings, runner, output):
         self.settings, self.runner, self.output = settings, runner, output
         self.decisions = {}  # {what it was decided from: the decision}, for this command
         self.remotes = {}  # {target name: (its settings, its Remote)}
+        self.hosts = {}  # {(build method, trees writable): its BuildHost}, holding its mounts
 
     def __getattr__(self, name):  # only for what the object itself lacks: a setting
         if name == "settings" or name.startswith("__"):  # not made yet (a copy): no setting
@@ -3707,7 +3744,7 @@ class Environment:
         return getattr(self.settings, name)
 
     def __setattr__(self, name, value):
-        if name not in ("settings", "runner", "output", "decisions", "remotes"):  # a setting: env.settings
+        if name not in ("settings", "runner", "output", "decisions", "remotes", "hosts"):  # a setting: env.settings
             raise AttributeError(f"Environment.{name}: change env.settings.{name}")
         super().__setattr__(name, value)
 
@@ -3720,7 +3757,14 @@ class Environment:
     def host(self):
         """Where Portage runs for this environment: inside the binhost root (build-method chroot),
         else this machine or its host chroot."""
-        return self.method[0].host(self)
+        return self.host_for(self.method[0])
+
+    def host_for(self, method=None, trees_writable=False):
+        """The one BuildHost of a build method for the command (None: the build host, this machine
+        or its host chroot): a series of commands there shares its mounts, made on first use."""
+        if (method, trees_writable) not in self.hosts:
+            self.hosts[method, trees_writable] = method.host(self, trees_writable) if method else BuildHost(self)
+        return self.hosts[method, trees_writable]
 
     @property
     def packages(self):
@@ -3730,7 +3774,7 @@ class Environment:
         """The one Remote of a target built here, for the whole command: what it learnt of the target
         (the user ssh logs in as, a tunnel of ours there) is asked once."""
         if self.remotes.get(target.name, (None,))[0] is not target:
-            self.remotes[target.name] = (target, Remote(target, self.runner, self.output))
+            self.remotes[target.name] = (target, Remote(target, self.runner, self.output, self))
         return self.remotes[target.name][1]
 
 
@@ -4223,8 +4267,7 @@ def build_packages(env, emerge_args, publish_after=True):
     host = env.host  # refuses first what it cannot do (not root)
     check_binhost_root(env)
     # The first build after init on a build machine without Gentoo: its repositories into the root.
-    if sync_repositories(env, missing_only=True):
-        host = env.host  # with the builds' read-only view of them
+    sync_repositories(env, missing_only=True)  # the host mounts its view of them when the build starts
     method.check(env, host)
     emerge = host.program("emerge", "build runs Portage on this host: run it on Gentoo, put Portage's"
                                     " bin directory in PATH, or set up a Gentoo host chroot"
@@ -4309,14 +4352,17 @@ def missing_command(stderr, what):
 
 
 class Remote:
-    """Commands on one target, each an argv quoted with shlex for the remote shell."""
+    """One target's side: commands there, each an argv quoted with shlex for the remote shell
+    (script, read, run); with the environment it is built in (env.remote), how it reaches PKGDIR
+    while serving() holds, and what its emerge would merge (plan)."""
 
-    def __init__(self, target, runner, output):
-        self.target = target
-        self.runner = runner
-        self.output = output
+    def __init__(self, target, runner, output, env=None):
+        self.target, self.runner, self.output, self.env = target, runner, output, env
+        self.where = f"target {target.name}"
         self._user = None
         self.tunnels_found = {}  # remote port -> held by a serve --tunnel of ours (asked once per command)
+        self.forward = None  # while serving() holds a tunnel: ssh -R's (its port, ours)
+        self.served = False  # whether serving() holds
 
     def ssh_base(self, tty=False):
         argv = ["ssh"]
@@ -4420,15 +4466,112 @@ class Remote:
         result = self.run(["sh", "-c", script, "gentoo-binhost"] + [str(arg) for arg in args],
                           self.target.portage_environment,
                           changes=changes, capture=True, what=what, input=input, binary=binary)
-        return script_succeeded(result, what, f"target {self.target.name}")
+        return script_succeeded(result, what, self.where)
 
-    def portage_variable(self, name):
-        result = self.run(["portageq", "envvar", name], self.target.portage_environment,
-                          changes=False, capture=True)
-        if result.returncode != 0:
-            raise BinhostError(f"portageq envvar {name} failed on target {self.target.name}:"
-                               f" {last_line(result.stderr)}")
-        return result.stdout.strip()
+    def read(self, argv, what=None):
+        """A query there, with the target's ROOT and PORTAGE_CONFIGROOT; its output, or a one-line
+        error with its last words."""
+        return script_succeeded(self.run(argv, self.target.portage_environment, changes=False, capture=True,
+                                         what=what), what or argv[0], self.where).stdout
+
+    @contextlib.contextmanager
+    def serving(self, temporary=True):
+        """How the target reaches PKGDIR while the block runs: through a tunnel to a server of this
+        command (forward); or the configured port, served by this command when nothing serves it
+        (a running serve of ours is used as it is, another program is named). Not temporary
+        (doctor, which reports a stopped server): only the tunnel's server."""
+        env = self.env
+        if self.served or (not temporary and env.transport != "tunnel"):
+            yield
+            return
+        self.served = True
+        try:
+            if env.transport == "tunnel":
+                # Asking the target (read-only) needs the server under --pretend too.
+                with background_server({env.env_name: env}, env.output, "127.0.0.1", 0) as server:
+                    self.forward = (env.tunnel_port, server.server_address[1])
+                    yield
+                return
+            host = "127.0.0.1" if env.bind in ("", "0.0.0.0", "::") else env.bind
+            answer = who_answers(host, env.port, tls=bool(env.tls_cert))
+            if answer is None and not os.path.isdir(env.pkgdir):
+                env.output.debug(f"Nothing serves port {env.port}, and there is no {env.pkgdir} to serve yet")
+            elif answer is None and env.runner.pretend:
+                env.output.info(f"Nothing serves port {env.port} here: this command would serve"
+                                f" {env.pkgdir} there itself while it runs")
+            elif answer is None:
+                with background_server({env.env_name: env}, env.output, env.bind, env.port,
+                                       tunnel=False) as server:
+                    env.output.info(f"Serving {env.pkgdir} on {env.bind}:{server.server_address[1]} while"
+                                    f" this command runs (no serve running; '{PROG} serve' serves it for good)")
+                    yield
+                return
+            elif not is_our_server(answer):
+                env.output.warn(f"Port {env.port} here is answered by {answer or 'a server that does not name itself'},"
+                                f" not by '{PROG} serve': targets get what it serves")
+            yield
+        finally:
+            self.served, self.forward = False, None
+
+    def fetch_index(self):
+        """(tool, exit code) of the target downloading our index (FETCH_INDEX_SCRIPT), through the
+        tunnel while serving() holds one."""
+        env = self.env
+        url = credentials_url(env, env.transport == "tunnel", quoted=True) + "Packages"
+        result = self.run(["sh", "-c", FETCH_INDEX_SCRIPT, "gentoo-binhost"], changes=False, capture=True,
+                          input=url + "\n", forward=self.forward)
+        return fetch_outcome(result.stdout)
+
+    def cannot_fetch(self):
+        """Why the target cannot download our index now ("it cannot download URL/Packages ..."), or None."""
+        tool, code = self.fetch_index()
+        return None if code == "0" else (
+            f"it cannot download {target_url(self.env, bool(self.forward), with_credentials=False)}"
+            f"Packages ({tool} exit {code}): {describe_fetch_failure(tool, code)}")
+
+    def plan(self, emerge_args, binary=None, trees=None):
+        """One ssh round trip: the target's TargetPlan for emerge_args (within serving()). binary:
+        None (the source plan only), "live" (also the binary-only plan with the target's own
+        configuration), or a StagedPublication (also the binary-only plan against it). trees: the
+        staged snapshot the target plans from, instead of its live tree."""
+        env, target = self.env, self.target
+        tunnel = env.transport == "tunnel"
+        url = credentials_url(env, tunnel)
+        fetch_url = credentials_url(env, tunnel, quoted=True) + "Packages"
+        token, binary_url = "-", ""
+        if binary == "live":
+            token = "live"
+        elif binary is not None:
+            token, binary_url = binary.token, (url + binary.url_path).replace("%", "%%")
+        argv = ["sh", "-c", PLAN_SCRIPT, "gentoo-binhost", BINREPOS_NAME, token] + list(emerge_args)
+        environment = dict(remote_emerge_environment(env, target), **(trees.environment if trees else {}))
+        result = self.run(argv, environment, changes=False, capture=True,
+                          what="asking the target what it would merge", input=f"{fetch_url}\n{binary_url}\n",
+                          forward=self.forward)
+        script_succeeded(result, "asking what emerge would merge", self.where)
+        return TargetPlan(env, target, result.stdout, target_url(env, tunnel, with_credentials=False))
+
+
+class LocalShell:
+    """The binhost side of a transfer: the same sh scripts and queries as on a target (script,
+    read), run here (inside the host chroot, with one, where the binhost's repository paths mean
+    what they say), with the binhost root as ROOT and PORTAGE_CONFIGROOT."""
+    where = "the binhost"
+
+    def __init__(self, env):
+        self.host = env.host
+        self.variables = root_environment(env)
+
+    def script(self, script, *args, changes=True, what, input=None, binary=False):
+        result = self.host.run(["sh", "-c", script, "gentoo-binhost"] + [str(arg) for arg in args],
+                               self.variables, changes=changes, capture=True, input=input, check=False,
+                               binary=binary)
+        return script_succeeded(result, what, self.where)
+
+    def read(self, argv, what=None):
+        argv = [self.host.program(argv[0], "put Portage's bin directory in PATH")] + list(argv[1:])
+        result = self.host.read(argv, self.variables, check=False, describe=what)
+        return script_succeeded(result, what or os.path.basename(argv[0]), self.where).stdout
 
 
 def script_succeeded(result, what, where):
@@ -4478,49 +4621,6 @@ def who_answers(host, port, tls=False, timeout=5):
         return None
     except (OSError, http.client.HTTPException) as error:
         return f"a program that does not answer HTTP ({error})"
-
-
-class Route:
-    """How the targets reach PKGDIR for one command: forward is ssh -R's (remote, local) ports
-    with transport = tunnel, None when they use the configured url."""
-
-    def __init__(self, forward=None):
-        self.forward = forward
-
-
-@contextlib.contextmanager
-def serving_targets(env, route=None):
-    """A Route for one command: through a tunnel to a server of this command; or the configured
-    port, served by this command when nothing serves it (a running serve of ours is used as it
-    is, another program is named)."""
-    if route is not None:
-        yield route
-        return
-    if env.transport == "tunnel":
-        # Asking the target (read-only) needs the server under --pretend too.
-        with background_server({env.env_name: env}, env.output, "127.0.0.1", 0) as server:
-            yield Route((env.tunnel_port, server.server_address[1]))
-        return
-    host = "127.0.0.1" if env.bind in ("", "0.0.0.0", "::") else env.bind
-    answer = who_answers(host, env.port, tls=bool(env.tls_cert))
-    if answer is None and not os.path.isdir(env.pkgdir):
-        env.output.debug(f"Nothing serves port {env.port}, and there is no {env.pkgdir} to serve yet")
-    elif answer is None:
-        if env.runner.pretend:
-            env.output.info(f"Nothing serves port {env.port} here: this command would serve"
-                            f" {env.pkgdir} there itself while it runs")
-            yield Route()
-            return
-        with background_server({env.env_name: env}, env.output, env.bind, env.port,
-                               tunnel=False) as server:
-            env.output.info(f"Serving {env.pkgdir} on {env.bind}:{server.server_address[1]} while"
-                            f" this command runs (no serve running; '{PROG} serve' serves it for good)")
-            yield Route()
-        return
-    if answer is not None and not is_our_server(answer):
-        env.output.warn(f"Port {env.port} here is answered by {answer or 'a server that does not name itself'},"
-                        f" not by '{PROG} serve': targets get what it serves")
-    yield Route()
 
 
 # ---- coverage: everything the target merges comes from here ------------------------------------
@@ -4875,14 +4975,6 @@ def fetch_outcome(text):
     return found[-1] if found else ("none", "127")
 
 
-def fetch_index(env, remote, forward=None):
-    """(tool, exit code) of the target downloading our index (FETCH_INDEX_SCRIPT)."""
-    url = credentials_url(env, env.transport == "tunnel", quoted=True) + "Packages"
-    result = remote.run(["sh", "-c", FETCH_INDEX_SCRIPT, "gentoo-binhost"], changes=False, capture=True,
-                        input=url + "\n", forward=forward)
-    return fetch_outcome(result.stdout)
-
-
 def credentials_url(env, tunnel, quoted=False):
     """target_url with the auth file's credentials, which the runner then never shows."""
     for _user, password in read_credentials(env):
@@ -4961,34 +5053,11 @@ def remote_emerge_environment(env, target, interactive=False):
                 EMERGE_DEFAULT_OPTS=emerge_default_opts(env, interactive))
 
 
-def ask_target(env, target, emerge_args, route, binary=None, trees=None):
-    """One ssh round trip: the target's TargetPlan for emerge_args. binary: None (the source plan
-    only), "live" (also the binary-only plan with the target's own configuration), or a
-    StagedPublication (also the binary-only plan against it). trees: the staged snapshot the
-    target plans from, instead of its live tree."""
-    remote = env.remote(target)
-    tunnel = env.transport == "tunnel"
-    url = credentials_url(env, tunnel)
-    fetch_url = credentials_url(env, tunnel, quoted=True) + "Packages"
-    token, binary_url = "-", ""
-    if binary == "live":
-        token = "live"
-    elif binary is not None:
-        token, binary_url = binary.token, (url + binary.url_path).replace("%", "%%")
-    argv = ["sh", "-c", PLAN_SCRIPT, "gentoo-binhost", BINREPOS_NAME, token] + list(emerge_args)
-    environment = dict(remote_emerge_environment(env, target), **(trees.environment if trees else {}))
-    result = remote.run(argv, environment, changes=False, capture=True,
-                        what="asking the target what it would merge", input=f"{fetch_url}\n{binary_url}\n",
-                        forward=route.forward)
-    script_succeeded(result, "asking what emerge would merge", f"target {target.name}")
-    return TargetPlan(env, target, result.stdout, target_url(env, tunnel, with_credentials=False))
-
-
-def first_plan(env, target, emerge_args, route, binary=None, trees=None):
+def first_plan(env, target, emerge_args, binary=None, trees=None):
     """The first question of a command: a target that cannot fetch our index, or cannot resolve
     the arguments, stops it (under --pretend: a warning, and the rest is still shown)."""
     try:
-        plan = ask_target(env, target, emerge_args, route, binary, trees)
+        plan = env.remote(target).plan(emerge_args, binary, trees)
         problem = plan.fetch_problem() or plan.problem()
     except BinhostError as error:
         if not env.runner.pretend:
@@ -5248,7 +5317,7 @@ def sync_repositories(env, missing_only=False):
     on_host = [directory for name, directory in binhost_repositories(env).items() if name not in kept]
     # A machine without Gentoo has nothing to sync itself, unless it has some repository after all.
     if not missing_only and (not kept or any(os.path.isdir(directory) for directory in on_host)):
-        host = BuildHost(env)
+        host = env.host_for()
         emerge = host.program("emerge", "put Portage's bin directory in PATH")
         env.output.action(f"Syncing the ebuild repositories on {host.where}: emerge --sync")
         result = host.run([emerge, "--sync"], check=False, own_group=True)
@@ -5279,7 +5348,7 @@ def sync_repositories(env, missing_only=False):
     if not names:
         return False
     with build_lock(env):  # no build sees the tree half-written
-        host = env.method[0].host(env, trees_writable=True)
+        host = env.host_for(env.method[0], trees_writable=True)
         emerge = host.program("emerge", "the binhost root has no Portage: is it a stage3?")
         host.mounts.exclusive = [os.path.realpath(under(env.root, kept[name]))
                                  for name in names]
@@ -5522,13 +5591,13 @@ def describe_gaps(packages):
 def record_installed(env, target, plan):
     """Keep what the target has installed, as its plan's answer listed it: clean keeps those
     binaries (a target that is not reached again keeps its last recorded set)."""
-    if plan.installed is None or env.runner.pretend:
+    if plan.installed is None:
         return
     env.runner.write_file(os.path.join(env.packages.publications_dir(), INSTALLED_DIR, target.name),
-                          "".join(f"{cpv}\n" for cpv in sorted(plan.installed)), backup=False)
+                          "".join(f"{cpv}\n" for cpv in sorted(plan.installed)), backup=False, diff=False)
 
 
-def build_for_target(env, target, emerge_args, route=None, pending=None, may_sync=True):
+def build_for_target(env, target, emerge_args, pending=None, may_sync=True):
     """Ask the target what emerge_args would merge there and build here what it would not get
     from our binaries, until its binary-only plan (against the index this command publishes,
     staged) merges every package of its source plan with the same version and USE, held ones
@@ -5548,7 +5617,7 @@ def build_for_target(env, target, emerge_args, route=None, pending=None, may_syn
                 if not env.runner.pretend:
                     raise
                 env.output.warn(f"{error} (--pretend goes on with {target.name}'s live tree)")
-        plan = build_until_covered(env, target, emerge_args, route, pending, trees)
+        plan = build_until_covered(env, target, emerge_args, pending, trees)
         if plan is not None:
             plan.trees = trees
             if trees is not None and pending is None and not emerge_pretends(emerge_args):
@@ -5556,7 +5625,7 @@ def build_for_target(env, target, emerge_args, route=None, pending=None, may_syn
     return plan
 
 
-def build_until_covered(env, target, emerge_args, route, pending, trees):
+def build_until_covered(env, target, emerge_args, pending, trees):
     """build_for_target's rounds: ask, build what is missing, ask again (the gate)."""
     env.output.action(f"Asking {target.name} what 'emerge {' '.join(emerge_args)}' would merge there")
     only_shown = env.runner.pretend or emerge_pretends(emerge_args)
@@ -5576,7 +5645,7 @@ def build_until_covered(env, target, emerge_args, route, pending, trees):
                            f" {'the rest was built and published' if built else 'the rest has binaries already'},"
                            " nothing was installed")
 
-    with serving_targets(env, route) as route:
+    with env.remote(target).serving():
         for round_number in range(GATE_ROUNDS + 2):  # one round more when the tree lacks something
             staged = None if only_shown else publishing.stage(produced)
             # Left out of the question: the binary-only emerge fails as a whole on one package it
@@ -5585,12 +5654,12 @@ def build_until_covered(env, target, emerge_args, route, pending, trees):
                 else list(emerge_args)
             try:
                 if round_number == 0:
-                    plan = first_plan(env, target, asked, route, staged, trees)
+                    plan = first_plan(env, target, asked, staged, trees)
                     if plan is None:
                         return None
                     record_installed(env, target, plan)
                 else:
-                    plan = ask_target(env, target, asked, route, staged, trees)
+                    plan = env.remote(target).plan(asked, staged, trees)
                     plan.check()
                 if staged is None:  # nothing to stage yet, or only shown: the next publication's bookkeeping
                     gaps = packages_to_build(env, plan.packages)
@@ -5717,7 +5786,7 @@ def installed_held_versions(installed, holds):
     return sorted(cpv for cpv in installed if hold_on(cpv, None, holds))
 
 
-def check_installed(env, target, plan, route):
+def check_installed(env, target, plan):
     """After the install: did the target get every package of its plan (held ones aside), each
     from a binary? One ssh round trip; a one-line error naming what it lacks and the likely
     cause. Returns the held versions the target has installed."""
@@ -5735,12 +5804,8 @@ def check_installed(env, target, plan, route):
     compiled = [cpv for cpv in missing if states.get(cpv) == "source"]
     offered = offered_binaries(env, env.packages.published_index_text())
     unpublished = [cpv for cpv in missing if cpv not in offered]
-    cause = ""
-    if env.transport == "http" or route.forward:
-        tool, code = fetch_index(env, remote, forward=route.forward)
-        if code != "0":
-            cause = (f": it cannot download {target_url(env, bool(route.forward), with_credentials=False)}"
-                     f"Packages ({tool} exit {code}): {describe_fetch_failure(tool, code)}")
+    cause = remote.cannot_fetch() if env.transport == "http" or remote.forward else None
+    cause = f": {cause}" if cause else ""
     if not cause and unpublished:
         cause = (f": not on the binhost yet ({', '.join(unpublished)}): '{PROG} emerge"
                  " ARGS' builds what the target's plan needs")
@@ -5775,7 +5840,7 @@ def bring_back_held(env, target, installed_held, tty):
                                f" from {cpv} to {versions[-1]}: see its output above")
 
 
-def install_packages(env, target, emerge_args, plan=None, route=None, asked=False):
+def install_packages(env, target, emerge_args, plan=None, asked=False):
     """emerge --getbinpkgonly emerge_args on the target, then a check that it got its plan (asked
     first unless asked: given as plan, or it could not be had under --pretend)."""
     remote = env.remote(target)
@@ -5785,13 +5850,13 @@ def install_packages(env, target, emerge_args, plan=None, route=None, asked=Fals
         args.insert(0, "--binpkg-respect-use=y")
     argv = ["emerge", "--getbinpkgonly"] + args
     tty = sys.stdin.isatty() and sys.stdout.isatty()
-    with serving_targets(env, route) as route:
+    with remote.serving():
         if not asked:
             env.output.action(f"Asking {target.name} what 'emerge {' '.join(emerge_args)}' would merge there")
-            plan = first_plan(env, target, emerge_args, route)
+            plan = first_plan(env, target, emerge_args)
         env.output.action(f"Installing on {target.name} ({target.host}): {format_command(argv)}")
         variables = remote_emerge_environment(env, target, interactive=tty)
-        forward = route.forward
+        forward = remote.forward
         if env.runner.pretend and forward:
             forward = (forward[0], "LOCALPORT")
         result = remote.run(argv, variables, tty=tty, forward=forward)
@@ -5805,16 +5870,13 @@ def install_packages(env, target, emerge_args, plan=None, route=None, asked=Fals
             env.output.info(f"Nothing installed on {target.name}: emerge was told No")
             return
         if result.returncode != 0:
-            if env.transport == "http":  # the usual cause: it cannot reach us
-                tool, code = fetch_index(env, remote)
-                if code != "0":
-                    raise BinhostError(f"emerge failed on target {target.name}: it cannot download"
-                                       f" {target_url(env, False, with_credentials=False)}Packages"
-                                       f" ({tool} exit {code}): {describe_fetch_failure(tool, code)}")
+            cause = remote.cannot_fetch() if env.transport == "http" else None  # the usual one
+            if cause:
+                raise BinhostError(f"emerge failed on target {target.name}: {cause}")
             raise BinhostError(f"emerge failed on target {target.name} (exit {result.returncode}):"
                                " see its output above")
         if plan is not None and not user_emerge_only_pretends(emerge_args):
-            installed_held = check_installed(env, target, plan, route)
+            installed_held = check_installed(env, target, plan)
             if installed_held:
                 bring_back_held(env, target, installed_held, tty)
 
@@ -5956,7 +6018,8 @@ def setup_target(env, target, verify_signature=True):
 
 
 def target_verify_home(remote):
-    return remote.portage_variable("BINPKG_GPG_VERIFY_GPG_HOME") or posixpath.join(
+    return remote.read(["portageq", "envvar", "BINPKG_GPG_VERIFY_GPG_HOME"],
+                       "portageq envvar BINPKG_GPG_VERIFY_GPG_HOME").strip() or posixpath.join(
         remote.target.portage_config_dir, "gnupg")
 
 
@@ -6846,21 +6909,6 @@ echo "$configroot/etc/.portage.$stamp.bak"
 """
 
 
-class LocalShell:
-    """The binhost side of a transfer: the same sh scripts as on the target, run here (inside the
-    host chroot, with one, where the binhost's repository paths mean what they say)."""
-
-    def __init__(self, env):
-        self.host = env.host
-        self.variables = root_environment(env)
-
-    def script(self, script, *args, changes=True, what, input=None, binary=False):
-        result = self.host.run(["sh", "-c", script, "gentoo-binhost"] + [str(arg) for arg in args],
-                               self.variables, changes=changes, capture=True, input=input, check=False,
-                               binary=binary)
-        return script_succeeded(result, what, "the binhost")
-
-
 def read_config_tar(side, configroot):
     """The side's configuration as tar bytes (read-only, so it also runs under --pretend)."""
     result = side.script(CONFIG_TAR_SCRIPT, configroot, BINREPOS_NAME + ".conf", OWN_REPOS_ENTRY, changes=False,
@@ -7452,14 +7500,8 @@ def doctor_configuration(doctor, env, target):
 
 def doctor_portage_variables(doctor, env, remote, target):
     names = ["CHOST", "ARCH", "USE"]
-    host = env.host
-    local = host.read([host.program("portageq", "put Portage's bin directory in PATH"), "envvar", "-v"]
-                      + names, root_environment(env), describe="portageq envvar on the binhost")
-    theirs = remote.run(["portageq", "envvar", "-v"] + names, target.portage_environment,
-                        changes=False, capture=True)
-    if theirs.returncode != 0:
-        raise BinhostError(f"portageq envvar failed on {target.name}: {last_line(theirs.stderr)}")
-    ours, remote_values = portage_variables(local.stdout), portage_variables(theirs.stdout)
+    ours, remote_values = (portage_variables(side.read(["portageq", "envvar", "-v"] + names, "portageq envvar"))
+                           for side in (LocalShell(env), remote))
     for name in names:
         mine, other = ours.get(name, ""), remote_values.get(name, "")
         if name == "USE":
@@ -7583,11 +7625,8 @@ def doctor_binrepos(doctor, env, target):
         verify = entry.get(BINREPOS_NAME, "verify-signature", fallback="true")
         if verify.lower() in ("false", "no", "0"):
             doctor.report(WARN, "verify-signature", f"{target.name} installs unsigned packages")
-    if tunnel:
-        with background_server({env.env_name: env}, env.output, "127.0.0.1", 0) as server:
-            tool, code = fetch_index(env, remote, forward=(env.tunnel_port, server.server_address[1]))
-    else:
-        tool, code = fetch_index(env, remote)
+    with remote.serving(temporary=False):
+        tool, code = remote.fetch_index()
     if code == "0":
         doctor.report(OK, "fetch", f"{target.name} can download {shown}Packages")
     else:
@@ -7650,10 +7689,8 @@ def doctor_preflight(doctor, env, target, atoms):
     atoms = atoms or WORLD_UPDATE
     what = " ".join(atoms)
     # doctor reports a stopped server, so it starts none of its own, except behind the tunnel.
-    route = serving_targets(env) if env.transport == "tunnel" else \
-        contextlib.nullcontext(Route())
-    with route as route:
-        plan = ask_target(env, target, atoms, route, binary="live")
+    with env.remote(target).serving(temporary=False):
+        plan = env.remote(target).plan(atoms, binary="live")
     problem = plan.problem()
     if problem:
         doctor.report(FAIL, "coverage", f"{problem}: fix that on the target (emerge {what} must resolve)")
@@ -7728,7 +7765,7 @@ def doctor_host_chroot(doctor, env):
     if others:
         doctor.report(OK, "chroot mounts", f"mounted by someone else, used as they are and never"
                                            f" unmounted by {PROG}: {', '.join(sorted(set(others)))}")
-    snapshots = repository_snapshots(BuildHost(env))
+    snapshots = repository_snapshots(env.host_for())
     if not snapshots:
         doctor.report(WARN, "snapshot", f"no repository in {chroot} has a snapshot date: run"
                                         f" '{PROG} init --host-chroot {chroot}' to sync it")
@@ -8154,9 +8191,8 @@ def init_host_chroot(config, args, runner, output):
         if install_stage3(args, arch, DEFAULT_VARIANT, args.host_stage3, chroot, runner, output) is None:
             output.info("... then the repository is synced inside it, and the binhost root created")
             return
-    host = BuildHost(env)
-    if not runner.pretend:
-        host.sync_resolv_conf()
+    host = env.host_for()
+    host.sync_resolv_conf()
     if args.sync_with != "none":
         sync_host_repository(host, args.sync_with, runner, output)
     if not runner.pretend:
@@ -8488,7 +8524,7 @@ def target_reaches_us(env, target):
                               access_log=False)
         threading.Thread(target=server.serve_forever, name="binhost-reach-check", daemon=True).start()
     try:
-        tool, code = fetch_index(env, remote)
+        tool, code = remote.fetch_index()
     finally:
         if server:
             server.shutdown()
@@ -9266,9 +9302,9 @@ def cmd_emerge(config, args, runner, output):
     if not args.all:
         target = config.target(args.target)
         env = config.environment_for(target)
-        with serving_targets(env) as route:
-            plan = build_for_target(env, target, args.emerge_args, route)
-            install_packages(env, target, args.emerge_args, plan, route, asked=True)
+        with env.remote(target).serving():
+            plan = build_for_target(env, target, args.emerge_args)
+            install_packages(env, target, args.emerge_args, plan, asked=True)
         return
     # --all: the builds for every target, one publication per environment, then the installs.
     plans, pending = {}, {}

@@ -146,4 +146,4 @@ def test_emulated_builds_run_the_roots_programs_through_binfmt_misc(gb, tmp_path
     monkeypatch.setattr(gb, "BINFMT_MISC", str(fake_binfmt_misc(tmp_path, DEBIAN_AARCH64_ENTRY.replace("POF", "PO"))))
     with pytest.raises(gb.BinhostError, match=r"is arm64, this machine \w+: its programs run here emulated, but the"
                                               r" binfmt_misc entry qemu-aarch64 .* without the fix-binary flag"):
-        config.environment_for().host
+        host.emulated_by  # asked again before each mount

@@ -114,13 +114,24 @@ def test_commands_in_the_chroot_get_its_paths_and_a_clean_environment(gb, chroot
 
 def test_pretend_build_shows_mounts_chroot_and_unmounts_and_runs_nothing(chroot, tmp_path):
     config = write_config(tmp_path, f"[host]\nchroot = {chroot}\n")
-    result = cli("--pretend", "build", "-uDN", ">=dev-lang/python-3.12", config=config)
+    resolv = chroot / "etc/resolv.conf"
+    if resolv.is_symlink():
+        resolv.unlink()
+    resolv.write_text("nameserver 192.0.2.1\n")  # not this machine's: the build would sync it
+    try:
+        result = cli("--pretend", "build", "-uDN", ">=dev-lang/python-3.12", config=config)
+        assert resolv.read_text() == "nameserver 192.0.2.1\n"
+    finally:
+        shutil.copyfile("/etc/resolv.conf", resolv)
     assert result.returncode == 0, result.stderr
     # Before a root-method build, the repositories' links into the binhost root (shown, not made).
     link = [f"mkdir -p {chroot}/binhost/var/db/repos", f"ln -s /var/db/repos/gentoo {chroot}/binhost/var/db/repos/gentoo"]
     assert result.stdout.splitlines()[:2] == link, result.stdout
     lines = [line for line in result.stdout.splitlines() if line not in link]
     assert not (chroot / "binhost/var/db/repos/gentoo").exists()
+    # Then name resolution inside, as this machine's (shown, not written), and the mounts.
+    assert lines[0] == f" * Would write {resolv}:" and "-nameserver 192.0.2.1" in lines, result.stdout
+    lines = lines[lines.index(f"mount --types proc proc {chroot}/proc"):]
     assert lines[0] == f"mount --types proc proc {chroot}/proc"
     assert f"mount --rbind --make-rslave /dev {chroot}/dev" in lines
     assert f"mount --rbind --make-rslave /sys {chroot}/sys" in lines

@@ -174,7 +174,7 @@ output = gb.Output(color=False, verbosity=0)
 runner = gb.Runner(output)
 
 def mounts(writable, exclusive=()):
-    made = gb.HostMounts(root, runner, output, [("var/db/repos/kept", "{}", not writable)])
+    made = gb.HostMounts(root, runner, output, lambda: [("var/db/repos/kept", "{}", not writable)])
     made.exclusive = exclusive
     return made
 
@@ -243,6 +243,34 @@ def test_the_chroot_method_binds_a_repository_over_the_link_config_pull_made(gb,
     link = root / str(repo).lstrip("/")
     assert link.is_symlink() and os.readlink(link) == str(repo)
     assert (str(repo), str(repo), True) in gb.chroot_build_binds(env)
+
+
+def test_one_host_per_build_method_binds_what_the_configuration_names_when_it_mounts(gb, tmp_path):
+    """A command holds one BuildHost per build method (its mounts with it); what it binds is
+    read when it mounts, so a repository config pull adds meanwhile is bound too, and what it
+    bound is unmounted as it was bound."""
+    repo, other = tmp_path / "repo", tmp_path / "other"
+    shutil.copytree(REPO, repo, symlinks=True)
+    shutil.copytree(REPO, other, symlinks=True)
+    (other / "profiles/repo_name").write_text("other\n")
+    root = tmp_path / "root"
+    write_portage_config(root, repo=repo)
+    config = tmp_path / "c.conf"
+    config.write_text(f"[binhost]\nroot = {root}\nbuild-method = chroot\n")
+    env = gb.load_config(str(config), gb.Runner(gb.Output(color=False, verbosity=0))).environment_for()
+    host = env.host
+    assert env.host is host and env.host_for(gb.BUILD_METHODS["chroot"]) is host
+    assert env.host_for() is env.host_for() and env.host_for() is not host
+    assert env.host_for(gb.BUILD_METHODS["chroot"], trees_writable=True) is not host
+
+    def bound():
+        return [name for name, _ in host.mounts.mounts[len(gb.CHROOT_MOUNTS):]]
+    assert bound() == [str(repo).strip("/")]
+    (root / "etc/portage/repos.conf/other.conf").write_text(f"[other]\nlocation = {other}\n")
+    assert bound() == [str(other).strip("/"), str(repo).strip("/")]
+    host.mounts.entered = host.mounts.mounts  # as enter() keeps them while mounted
+    (root / "etc/portage/repos.conf/other.conf").unlink()
+    assert bound() == [str(other).strip("/"), str(repo).strip("/")]
 
 
 def test_no_repository_link_is_made_through_a_link_planted_in_the_root(gb, tmp_path):

@@ -19,6 +19,7 @@ compiled), serve the whole module; each test leaves the target's configuration a
 
 import hashlib
 import json
+import os
 import re
 import shutil
 import socket
@@ -625,3 +626,31 @@ def test_no_at_emerge_ask_prompt_is_not_a_failure(pair):
     assert answered, text
     assert status is not None and os.waitstatus_to_exitcode(status) == 0, text
     assert "emerge was told No" in text, text
+
+
+def test_both_sides_read_alike_and_the_remote_holds_the_route(pair, gb, monkeypatch):
+    """The binhost's LocalShell and a target's Remote answer one interface: a query's output, or
+    one error naming the side with the query's real exit status. A target's route to PKGDIR is
+    its Remote's for the block serving() holds (here: this command serves the port, as nothing
+    else does), nested blocks share it, and plan() asks the target through it."""
+    monkeypatch.setenv("PATH", f"{pair.world.portage_bin}:{os.environ['PATH']}")
+    config = gb.load_config(str(pair.config), gb.Runner(gb.Output(color=False, verbosity=0)))
+    target = config.target("t1")
+    env = config.environment_for(target)
+    remote = env.remote(target)
+    assert env.remote(target) is remote
+    sides = (gb.LocalShell(env), remote)
+    arches = [side.read(["portageq", "envvar", "ARCH"]).strip() for side in sides]
+    assert arches[0] and arches[0] == arches[1], arches
+    for side, where in zip(sides, ("the binhost", "target t1")):
+        with pytest.raises(gb.BinhostError, match=rf"^sh failed on {where} \(exit 3\)"):
+            side.read(["sh", "-c", "exit 3"])
+    pair.pkgdir.mkdir(parents=True, exist_ok=True)
+    assert gb.who_answers("127.0.0.1", pair.port) is None
+    with remote.serving():
+        assert gb.is_our_server(gb.who_answers("127.0.0.1", pair.port))
+        with remote.serving():
+            plan = remote.plan(["app-misc/plain"])
+        assert gb.is_our_server(gb.who_answers("127.0.0.1", pair.port))  # the outer block's still
+    assert gb.who_answers("127.0.0.1", pair.port) is None
+    assert (plan.fetch_problem(), plan.exit_code, plan.problem()) == (None, 0, None), plan.text

@@ -6,7 +6,7 @@ chroot image, `serve` as a process):
   (1) coverage: `build --for-target app-misc/hello-app app-misc/greet` split into planning (the
       ssh round trip in which the target says what it would merge) and building (emerge and
       publication), from the timestamps of the lines the command prints, one real run; the bare
-      round trip (ask_target() called in this process) and `--pretend build --for-target` are
+      round trip (Remote.plan() called in this process) and `--pretend build --for-target` are
       measured beside it;
   (2) build fidelity: what build-method = chroot costs per build (mounts, chroot, unmounts and
       our bookkeeping): `build --oneshot app-misc/hello` with build-method = chroot against the
@@ -170,13 +170,13 @@ def bench_planning(base, portage_bin, rounds):
             asks = []
             for _ in range(rounds):
                 started = time.monotonic()
-                plan = gb.ask_target(env, chosen, PLAN_ATOMS, gb.Route())
+                plan = env.remote(chosen).plan(PLAN_ATOMS)
                 asks.append(time.monotonic() - started)
             packages = plan.check()
             if plan.fetch_problem() or len(packages) != 3:
                 raise BenchError(f"the target's plan is not the expected one: {plan.fetch_problem()};"
                                  f" {[package.cpv for package in packages]}")
-            print(f"    ask_target(): {', '.join(f'{value:.2f}' for value in asks)} s;"
+            print(f"    Remote.plan(): {', '.join(f'{value:.2f}' for value in asks)} s;"
                   f" {len(packages)} packages planned", flush=True)
             # What a user pays to see the plan: the command, planning only.
             pretend = [timed_cli(config, ["--pretend", "build", "--for-target", *PLAN_ATOMS], portage_bin, log,
@@ -211,7 +211,7 @@ def report_planning(result):
     planning, building = result["planning"], result["building"]
     print("(1) coverage: build --for-target " + " ".join(PLAN_ATOMS) + " (3 packages to build; target over ssh on 127.0.0.1)")
     print(f"    planning: the target's answer and what to build  {planning:7.2f} s"
-          f"   (bare ssh round trip, ask_target(): {result['ask']:.2f} s, median of {len(result['asks'])})")
+          f"   (bare ssh round trip, Remote.plan(): {result['ask']:.2f} s, median of {len(result['asks'])})")
     print(f"    building: emerge and publication                 {building:7.2f} s")
     print(f"    the rest: start-up {result['before']:.2f} s, lock and checks {result['between']:.2f} s,"
           f" final check {result['after']:.2f} s; whole command {result['total']:.2f} s")
