@@ -79,7 +79,9 @@ import urllib.request
 # The file, low level to high:
 # - Infrastructure: constants, errors, Output (the terminal), file helpers (under(): the one path
 #   mapper), the configuration, the Runner (every process and every change to files, so --pretend
-#   lives there), the HTTP server and the tunnel's watch.
+#   lives there), signals, the HTTP server and the tunnel's watch.
+# - Pure parsers, text in and values out: make.conf, CPU flags, what emerge and our scripts print,
+#   the Packages index.
 # - The binhost environment: one Environment per binhost root (Config.environments()), with
 #   where Portage runs (env.host, one BuildHost per build method for the command, holding its
 #   mounts; confinement, emulation), its package store (env.packages: the index, publications,
@@ -160,6 +162,28 @@ EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 EXIT_SIGNAL_BASE = 128
 SSH_CONNECTION_FAILED = 255
 COMMAND_NOT_FOUND = 127
+
+# Published indexes live in PKGDIR/.published/<ID>/ (a dot directory, never served as it is):
+# `current` links to the one serve (and nginx) answers /Packages with. Portage rewrites
+# PKGDIR/Packages after every package it builds; targets never see that working index while a
+# publication exists. Package files are never copied: with binpkg-multi-instance each build is a
+# file of its own, so every file an older publication names stays in place until clean.
+PUBLISHED_DIR = ".published"
+CURRENT_PUBLICATION = "current"
+DEFAULT_PUBLISH_KEEP = 5
+
+# A staged publication is served at /[ENV/]_staged/<token>/ (its index; packages as under /)
+# while the gate asks the targets about it; only then does it become a publication.
+STAGED_URL_DIR = "_staged"
+STAGED_PREFIX = ".staged-"
+STAGED_TOKEN = re.compile(r"[A-Za-z0-9]{16,64}")
+# In the publications directory: the package files clean has given up, "PATH MD5" a line. The
+# MD5 tells a retired build from a new one at the same path (without binpkg-multi-instance).
+RETIRED_LIST = "retired"
+# In the publications directory: the rollbacks' holds (JSON), and per target the packages it had
+# installed when it was last asked (clean keeps their binaries).
+HOLDS_FILE = "holds.json"
+INSTALLED_DIR = "installed"
 
 # ------------------------------------------------------------------------------------------------
 # Errors
@@ -448,6 +472,22 @@ def default_gpg_home(config_path):
     return os.path.join(directory, stem if stem != name else f"{name}.d", "gnupg")
 
 
+def parse_build_method(value, config_path, section):
+    if value not in ("", "auto", "chroot", "root"):
+        raise UsageError(f"{config_path}: [{section}] build-method = {value}: use chroot, root or auto")
+    return value
+
+
+def parse_port(value, config_path, section, key):
+    try:
+        port = int(value)
+    except ValueError:
+        port = -1
+    if not 0 <= port <= 65535:
+        raise UsageError(f"{config_path}: [{section}] {key} = {value} is not a port number (0-65535)")
+    return port
+
+
 class BinhostSettings:
     def __init__(self, section, config_path, host=None):
         self.config_path = config_path
@@ -533,22 +573,6 @@ class TargetSettings:
         return {"ROOT": self.root, "PORTAGE_CONFIGROOT": self.root}
 
 
-def parse_build_method(value, config_path, section):
-    if value not in ("", "auto", "chroot", "root"):
-        raise UsageError(f"{config_path}: [{section}] build-method = {value}: use chroot, root or auto")
-    return value
-
-
-def parse_port(value, config_path, section, key):
-    try:
-        port = int(value)
-    except ValueError:
-        port = -1
-    if not 0 <= port <= 65535:
-        raise UsageError(f"{config_path}: [{section}] {key} = {value} is not a port number (0-65535)")
-    return port
-
-
 class Config:
     """The parsed configuration file: one [binhost] section and any number of [target NAME]."""
 
@@ -624,6 +648,24 @@ class Config:
         return next(iter(self.targets.values()))
 
 
+def check_inside_chroot(config):
+    """Builds run inside the host chroot, so everything Portage touches must be in there too."""
+    chroot = config.binhost.host_chroot
+    places = [("[binhost] root", config.binhost.root), ("[binhost] pkgdir", config.binhost.pkgdir)]
+    places += [(f"[target {target.name}] binhost-root", target.binhost_root)
+               for target in config.targets.values() if target.binhost_root]
+    for what, place in places:
+        relative = os.path.relpath(place, chroot)
+        if relative == "." and what.endswith("root"):
+            raise UsageError(f"{config.path}: {what} = {place} is the host chroot itself: the binhost"
+                             f" root is a separate environment inside it (default"
+                             f" {os.path.join(chroot, HOST_CHROOT_BINHOST)})")
+        if relative == ".." or relative.startswith("../"):
+            raise UsageError(f"{config.path}: {what} = {place} is outside the host chroot {chroot}:"
+                             f" builds run inside it, so put it under {chroot} (the default root is"
+                             f" {os.path.join(chroot, HOST_CHROOT_BINHOST)})")
+
+
 def load_config(path, runner, host_chroot=None):
     """The configuration in path, its environments' commands run by runner; host_chroot (init
     --host-chroot DIR) stands for [host] chroot."""
@@ -683,24 +725,6 @@ def load_config(path, runner, host_chroot=None):
     return config
 
 
-def check_inside_chroot(config):
-    """Builds run inside the host chroot, so everything Portage touches must be in there too."""
-    chroot = config.binhost.host_chroot
-    places = [("[binhost] root", config.binhost.root), ("[binhost] pkgdir", config.binhost.pkgdir)]
-    places += [(f"[target {target.name}] binhost-root", target.binhost_root)
-               for target in config.targets.values() if target.binhost_root]
-    for what, place in places:
-        relative = os.path.relpath(place, chroot)
-        if relative == "." and what.endswith("root"):
-            raise UsageError(f"{config.path}: {what} = {place} is the host chroot itself: the binhost"
-                             f" root is a separate environment inside it (default"
-                             f" {os.path.join(chroot, HOST_CHROOT_BINHOST)})")
-        if relative == ".." or relative.startswith("../"):
-            raise UsageError(f"{config.path}: {what} = {place} is outside the host chroot {chroot}:"
-                             f" builds run inside it, so put it under {chroot} (the default root is"
-                             f" {os.path.join(chroot, HOST_CHROOT_BINHOST)})")
-
-
 def set_config_values(text, section, values):
     """Return the INI text with `key = value` set in [section], keeping comments and layout."""
     lines = text.splitlines()
@@ -730,8 +754,150 @@ def set_config_values(text, section, values):
 
 
 # ------------------------------------------------------------------------------------------------
-# Runner: the only caller of subprocess, and the only writer of files
+# Runner: the only caller of subprocess, and the only writer of files; signals
 # ------------------------------------------------------------------------------------------------
+
+
+FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+class ProcessGroup:
+    """A build and everything it starts, in a process group of its own. A signal sent to this
+    tool alone (a service manager's SIGTERM, `kill PID` from a script) is passed on to the whole
+    group; the build lock and the chroot's mounts are released only when the group is empty.
+    On a terminal, the group becomes the foreground job while it runs, so Ctrl-C reaches all of
+    it and `emerge --ask` can still read its answer."""
+
+    def __init__(self):
+        self.terminal = None
+        with contextlib.suppress(OSError, AttributeError, ValueError):
+            descriptor = sys.stdin.fileno()
+            if os.isatty(descriptor) and os.tcgetpgrp(descriptor) == os.getpgrp():
+                self.terminal = descriptor
+        self.received = []
+        self.signalled_at = None
+        self.pgid = None
+
+    def enter(self):
+        """In the child, before exec: a group of its own, in the terminal's foreground."""
+        os.setpgid(0, 0)
+        if self.terminal is not None:
+            signal.signal(signal.SIGTTOU, signal.SIG_IGN)
+            with contextlib.suppress(OSError):
+                os.tcsetpgrp(self.terminal, os.getpgrp())
+            signal.signal(signal.SIGTTOU, signal.SIG_DFL)
+
+    def forward(self, signum, _frame):
+        self.received.append(signum)
+        self.signalled_at = self.signalled_at or time.monotonic()
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.pgid, self.passed_on(signum))
+
+    @staticmethod
+    def passed_on(signum):
+        """SIGHUP is passed on as SIGTERM: unshare (a confined build's parent) dies of SIGHUP at
+        once, and its namespace with it, before the build could stop by itself."""
+        return signal.SIGTERM if signum == signal.SIGHUP else signum
+
+    def wait(self, process, input):
+        """communicate() with signals passed on, then wait for the rest of the group."""
+        self.pgid = process.pid
+        with contextlib.suppress(OSError):  # the parent's side of the race with enter()
+            os.setpgid(self.pgid, self.pgid)
+            if self.terminal is not None:
+                self.take_terminal(self.pgid)
+        previous = {number: signal.signal(number, self.forward) for number in FORWARDED_SIGNALS}
+        try:
+            while True:
+                try:
+                    output = process.communicate(input, timeout=0.5)
+                    break
+                except subprocess.TimeoutExpired:
+                    input = None  # sent already: communicate() refuses it a second time
+                    # emerge waits for a job that ignores the signal passed on: all of it gets
+                    # SIGKILL once the grace period is over.
+                    if self.signalled_at and time.monotonic() > self.signalled_at + STOP_GRACE_SECONDS:
+                        with contextlib.suppress(ProcessLookupError, PermissionError):
+                            os.killpg(self.pgid, signal.SIGKILL)
+            self.drain()
+            return output
+        finally:
+            if self.terminal is not None:
+                with contextlib.suppress(OSError):
+                    self.take_terminal(os.getpgrp())
+            for number, handler in previous.items():
+                signal.signal(number, handler)
+
+    def take_terminal(self, pgid):
+        previous = signal.signal(signal.SIGTTOU, signal.SIG_IGN)
+        try:
+            os.tcsetpgrp(self.terminal, pgid)
+        finally:
+            signal.signal(signal.SIGTTOU, previous)
+
+    def members(self):
+        """Live processes of the group (zombies a container's init never reaps do not count)."""
+        found = []
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit():
+                continue
+            try:
+                with open(f"/proc/{entry}/stat", encoding="utf-8", errors="replace") as handle:
+                    fields = handle.read().rsplit(")", 1)[1].split()
+            except (OSError, IndexError):
+                continue
+            if len(fields) > 2 and fields[2] == str(self.pgid) and fields[0] != "Z":
+                found.append(int(entry))
+        return found
+
+    def drain(self):
+        """After the command exited: its leftovers (ebuild processes whose parent is gone) get
+        the signal that stopped it, or SIGTERM, then SIGKILL after a grace period."""
+        if not self.members():
+            return
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.pgid, self.passed_on(self.received[-1]) if self.received else signal.SIGTERM)
+        deadline = time.monotonic() + STOP_GRACE_SECONDS
+        while self.members():
+            if time.monotonic() > deadline:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(self.pgid, signal.SIGKILL)
+                deadline = time.monotonic() + STOP_GRACE_SECONDS
+            time.sleep(0.05)
+
+    def raise_if_interrupted(self, returncode):
+        """A signal passed on ends this tool too, once the group is gone. On a terminal, Ctrl-C
+        went to the group alone: its exit status tells."""
+        signum = self.received[0] if self.received else None
+        if signum is None and self.terminal is not None and returncode in (
+                -signal.SIGINT, EXIT_SIGNAL_BASE + signal.SIGINT):
+            signum = signal.SIGINT
+        if signum == signal.SIGINT:
+            raise KeyboardInterrupt()
+        if signum is not None:
+            raise Terminated(signum)
+
+
+def shell_scripts():
+    """{NAME: text} of the sh scripts this tool runs on either side."""
+    return {name: value for name, value in globals().items() if name.endswith("_SCRIPT")}
+
+
+def program_missing(name):
+    return BinhostError(f"{name} not found: install it or add its directory to PATH")
+
+
+def as_text(data):
+    return data.decode("utf-8", "replace") if isinstance(data, bytes) else data
+
+
+def last_line(text):
+    lines = [line.strip() for line in (text or "").splitlines() if line.strip()]
+    return lines[-1] if lines else ""
+
+
+def timestamp():
+    return datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
 
 
 class Runner:
@@ -962,153 +1128,58 @@ class Runner:
         self.change(["ln", "-s", target, path], lambda: os.symlink(target, path))
 
 
-FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
-
-
-class ProcessGroup:
-    """A build and everything it starts, in a process group of its own. A signal sent to this
-    tool alone (a service manager's SIGTERM, `kill PID` from a script) is passed on to the whole
-    group; the build lock and the chroot's mounts are released only when the group is empty.
-    On a terminal, the group becomes the foreground job while it runs, so Ctrl-C reaches all of
-    it and `emerge --ask` can still read its answer."""
-
-    def __init__(self):
-        self.terminal = None
-        with contextlib.suppress(OSError, AttributeError, ValueError):
-            descriptor = sys.stdin.fileno()
-            if os.isatty(descriptor) and os.tcgetpgrp(descriptor) == os.getpgrp():
-                self.terminal = descriptor
-        self.received = []
-        self.signalled_at = None
-        self.pgid = None
-
-    def enter(self):
-        """In the child, before exec: a group of its own, in the terminal's foreground."""
-        os.setpgid(0, 0)
-        if self.terminal is not None:
-            signal.signal(signal.SIGTTOU, signal.SIG_IGN)
-            with contextlib.suppress(OSError):
-                os.tcsetpgrp(self.terminal, os.getpgrp())
-            signal.signal(signal.SIGTTOU, signal.SIG_DFL)
-
-    def forward(self, signum, _frame):
-        self.received.append(signum)
-        self.signalled_at = self.signalled_at or time.monotonic()
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self.pgid, self.passed_on(signum))
-
-    @staticmethod
-    def passed_on(signum):
-        """SIGHUP is passed on as SIGTERM: unshare (a confined build's parent) dies of SIGHUP at
-        once, and its namespace with it, before the build could stop by itself."""
-        return signal.SIGTERM if signum == signal.SIGHUP else signum
-
-    def wait(self, process, input):
-        """communicate() with signals passed on, then wait for the rest of the group."""
-        self.pgid = process.pid
-        with contextlib.suppress(OSError):  # the parent's side of the race with enter()
-            os.setpgid(self.pgid, self.pgid)
-            if self.terminal is not None:
-                self.take_terminal(self.pgid)
-        previous = {number: signal.signal(number, self.forward) for number in FORWARDED_SIGNALS}
-        try:
-            while True:
-                try:
-                    output = process.communicate(input, timeout=0.5)
-                    break
-                except subprocess.TimeoutExpired:
-                    input = None  # sent already: communicate() refuses it a second time
-                    # emerge waits for a job that ignores the signal passed on: all of it gets
-                    # SIGKILL once the grace period is over.
-                    if self.signalled_at and time.monotonic() > self.signalled_at + STOP_GRACE_SECONDS:
-                        with contextlib.suppress(ProcessLookupError, PermissionError):
-                            os.killpg(self.pgid, signal.SIGKILL)
-            self.drain()
-            return output
-        finally:
-            if self.terminal is not None:
-                with contextlib.suppress(OSError):
-                    self.take_terminal(os.getpgrp())
-            for number, handler in previous.items():
-                signal.signal(number, handler)
-
-    def take_terminal(self, pgid):
-        previous = signal.signal(signal.SIGTTOU, signal.SIG_IGN)
-        try:
-            os.tcsetpgrp(self.terminal, pgid)
-        finally:
-            signal.signal(signal.SIGTTOU, previous)
-
-    def members(self):
-        """Live processes of the group (zombies a container's init never reaps do not count)."""
-        found = []
-        for entry in os.listdir("/proc"):
-            if not entry.isdigit():
-                continue
-            try:
-                with open(f"/proc/{entry}/stat", encoding="utf-8", errors="replace") as handle:
-                    fields = handle.read().rsplit(")", 1)[1].split()
-            except (OSError, IndexError):
-                continue
-            if len(fields) > 2 and fields[2] == str(self.pgid) and fields[0] != "Z":
-                found.append(int(entry))
-        return found
-
-    def drain(self):
-        """After the command exited: its leftovers (ebuild processes whose parent is gone) get
-        the signal that stopped it, or SIGTERM, then SIGKILL after a grace period."""
-        if not self.members():
-            return
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self.pgid, self.passed_on(self.received[-1]) if self.received else signal.SIGTERM)
-        deadline = time.monotonic() + STOP_GRACE_SECONDS
-        while self.members():
-            if time.monotonic() > deadline:
-                with contextlib.suppress(ProcessLookupError, PermissionError):
-                    os.killpg(self.pgid, signal.SIGKILL)
-                deadline = time.monotonic() + STOP_GRACE_SECONDS
-            time.sleep(0.05)
-
-    def raise_if_interrupted(self, returncode):
-        """A signal passed on ends this tool too, once the group is gone. On a terminal, Ctrl-C
-        went to the group alone: its exit status tells."""
-        signum = self.received[0] if self.received else None
-        if signum is None and self.terminal is not None and returncode in (
-                -signal.SIGINT, EXIT_SIGNAL_BASE + signal.SIGINT):
-            signum = signal.SIGINT
-        if signum == signal.SIGINT:
-            raise KeyboardInterrupt()
-        if signum is not None:
-            raise Terminated(signum)
-
-
-def shell_scripts():
-    """{NAME: text} of the sh scripts this tool runs on either side."""
-    return {name: value for name, value in globals().items() if name.endswith("_SCRIPT")}
-
-
-def program_missing(name):
-    return BinhostError(f"{name} not found: install it or add its directory to PATH")
-
-
-def as_text(data):
-    return data.decode("utf-8", "replace") if isinstance(data, bytes) else data
-
-
-def last_line(text):
-    lines = [line.strip() for line in (text or "").splitlines() if line.strip()]
-    return lines[-1] if lines else ""
-
-
-def timestamp():
-    return datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-
-
 def find_program(name, hint):
     path = shutil.which(name)
     if not path:
         raise BinhostError(f"{name} not found in PATH: {hint}")
     return path
+
+
+TERMINATING_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+
+
+@contextlib.contextmanager
+def terminate_as_interrupt(runner):
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum, _frame):
+        for number in TERMINATING_SIGNALS:
+            signal.signal(number, signal.SIG_IGN)
+        if os.getpgrp() == os.getpid():
+            # Our own job (a shell's, a service's): stop all of it, as Ctrl-C on a terminal would,
+            # so no build process is left running in the chroot.
+            os.killpg(0, signum)
+        else:
+            runner.terminate_running()
+        raise Terminated(signum)
+
+    previous = {number: signal.signal(number, interrupt) for number in TERMINATING_SIGNALS}
+    try:
+        yield
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+
+
+@contextlib.contextmanager
+def signals_deferred():
+    """Ctrl-C, SIGTERM and SIGHUP wait until the block is done, then interrupt."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received = []
+    numbers = (signal.SIGINT,) + TERMINATING_SIGNALS
+    previous = {number: signal.signal(number, lambda signum, _frame: received.append(signum))
+                for number in numbers}
+    try:
+        yield
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+    if received:
+        raise Terminated(received[0]) if received[0] != signal.SIGINT else KeyboardInterrupt()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -1137,6 +1208,28 @@ class HttpDate:
         if second != self.second:
             self.second, self.text = second, email.utils.formatdate(second, usegmt=True)
         return self.text
+
+
+BODY_CHUNK = 4 * 1024 * 1024
+
+
+TLS_BODY_CHUNK = 256 * 1024
+
+
+def drop_at_once(connection):
+    """Close with a reset: what the send buffer still holds (megabytes) is not trickled out to
+    the client being dropped."""
+    with contextlib.suppress(OSError):
+        connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+
+
+def content_type(path):
+    name = os.path.basename(path)
+    if name == "Packages":
+        return "text/plain; charset=utf-8"
+    if name.endswith(".gz"):
+        return "application/gzip"
+    return "application/octet-stream"
 
 
 class BinhostRequestHandler(http.server.BaseHTTPRequestHandler):
@@ -1446,17 +1539,8 @@ HEADER_WATCH_INTERVAL = 0.25
 # of them would hold every slot. (A real target on a bad link still gets far more.)
 MIN_DOWNLOAD_RATE = 1024  # bytes per second
 DOWNLOAD_RATE_WINDOW = 30  # seconds
-BODY_CHUNK = 4 * 1024 * 1024
-TLS_BODY_CHUNK = 256 * 1024
 # Told to a client when every slot is busy and no waiting connection could make room.
 BUSY_REPLY = b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: 10\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
-
-
-def drop_at_once(connection):
-    """Close with a reset: what the send buffer still holds (megabytes) is not trickled out to
-    the client being dropped."""
-    with contextlib.suppress(OSError):
-        connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
 
 
 def client_key(address):
@@ -1469,15 +1553,6 @@ def client_key(address):
     if ip.version == 6 and ip.ipv4_mapped:
         return str(ip.ipv4_mapped)
     return str(ipaddress.ip_network(f"{ip}/64", strict=False)) if ip.version == 6 else str(ip)
-
-
-def content_type(path):
-    name = os.path.basename(path)
-    if name == "Packages":
-        return "text/plain; charset=utf-8"
-    if name.endswith(".gz"):
-        return "application/gzip"
-    return "application/octet-stream"
 
 
 class BinhostServer(http.server.ThreadingHTTPServer):
@@ -1726,6 +1801,880 @@ def watch_tunnel(process, server, output):
 
 
 # ------------------------------------------------------------------------------------------------
+# Pure parsers: text in, values out (make.conf, CPU flags, emerge's output, the package index)
+# ------------------------------------------------------------------------------------------------
+
+
+# ---- make.conf: its assignments, read and edited in place, and EMERGE_DEFAULT_OPTS -------------
+
+class _Assignment:
+    """One `NAME=value` of a make.conf: where its value is, and how it is quoted."""
+
+    def __init__(self, name, start, end, quote):
+        self.name, self.start, self.end, self.quote = name, start, end, quote  # value span
+
+
+def _assignments(text):
+    """The assignments of a make.conf (bash-like syntax) in order, skipping comments and never
+    looking inside a quoted value (which may span lines)."""
+    found, pos, length = [], 0, len(text)
+    name_re = re.compile(r"[ \t]*(?:export[ \t]+)?([A-Za-z_][A-Za-z0-9_]*)=")
+    while pos < length:
+        match = name_re.match(text, pos)
+        line_end = text.find("\n", pos)
+        line_end = length if line_end < 0 else line_end
+        if not match or match.start(1) > line_end:
+            pos = line_end + 1
+            continue
+        start = match.end()
+        quote = text[start] if start < length and text[start] in "\"'" else ""
+        if quote:
+            end = start + 1
+            while end < length and text[end] != quote:
+                end += 2 if quote == '"' and text[end] == "\\" else 1
+            end = min(end + 1, length)
+        else:
+            end = start
+            while end < length and not text[end].isspace() and text[end] != "#":
+                end += 1
+        found.append(_Assignment(match.group(1), start, end, quote))
+        next_line = text.find("\n", end)
+        pos = length if next_line < 0 else next_line + 1
+    return found
+
+
+def _unquote(value, quote):
+    if quote and len(value) >= 2 and value.endswith(quote):
+        return value[1:-1]
+    return value[1:] if quote else value  # an unterminated quote: the file ends inside it
+
+
+def _requote(inner, quote):
+    """The value text for `inner`: the original quotes, or double quotes when it needs some."""
+    if quote:
+        return quote + inner + quote
+    return '"' + inner + '"' if re.search(r"\s", inner) else inner
+
+
+_CACHE_PARAMS = ("l1-cache-size=", "l1-cache-line-size=", "l2-cache-size=")
+
+
+# Boolean -m options users set on purpose that say nothing about the CPU: set_common_flags
+# keeps them. Every other -mFOO/-mno-FOO word in a *FLAGS variable is taken for a CPU feature
+# (what a -march=native expansion or an earlier `cpu --apply` wrote) and replaced.
+NON_CPU_M_OPTIONS = frozenset("""
+    16 32 64 x32 80387 red-zone omit-leaf-frame-pointer stackrealign soft-float hard-float
+    general-regs-only ieee-fp fancy-math-387 push-args fentry record-mcount nop-mcount
+    align-double sseregparm rtd vzeroupper stv accumulate-outgoing-args inline-all-stringops
+    inline-stringops-dynamically align-stringops tls-direct-seg-refs cld 8bit-idiv
+    direct-extern-access indirect-branch-register indirect-branch-cs-prefix relax-cmpxchg-loop
+    long-double-64 long-double-80 long-double-128 96bit-long-double 128bit-long-double
+    manual-endbr skip-rax-setup mitigate-rop force-drap dispatch-scheduler prefer-avx128
+    outline-atomics strict-align pc-relative-literal-loads track-speculation
+    low-precision-div low-precision-sqrt low-precision-recip-sqrt
+""".split())
+
+
+_BOOLEAN_M = re.compile(r"-m(no-)?([A-Za-z0-9][A-Za-z0-9_.+-]*)")
+
+
+def _boolean_state(flag):
+    """(feature name, "enabled"/"disabled") of -mFOO / -mno-FOO, or None for -mFOO=VALUE."""
+    match = _BOOLEAN_M.fullmatch(flag)
+    if not match:
+        return None
+    return match.group(2), "disabled" if match.group(1) else "enabled"
+
+
+def _is_cpu_word(word):
+    if word.startswith(("-march=", "-mcpu=", "-mtune=")):
+        return True
+    if word.startswith("--param=") and word[len("--param="):].startswith(_CACHE_PARAMS):
+        return True
+    state = _boolean_state(word)
+    return state is not None and state[0] not in NON_CPU_M_OPTIONS
+
+
+def _edit_words(inner, flags, mode):
+    """`inner` (a variable's value, without quotes) with its CPU words removed.
+
+    mode "strip": nothing is inserted; "replace": `flags` go where the first CPU word was;
+    "append": the same, or at the end when there was no CPU word. Other words, and the line
+    breaks of a value spanning lines, stay as they were.
+    """
+    pieces = re.split(r"(\s+)", inner)  # word, blank, word, blank, ... (words at even indexes)
+    words = list(range(0, len(pieces), 2))
+    remove = []
+    for position, index in enumerate(words):
+        word = pieces[index]
+        if _is_cpu_word(word):
+            remove.append(index)
+        elif word == "--param" and position + 1 < len(words):
+            following = words[position + 1]
+            if pieces[following].startswith(_CACHE_PARAMS):
+                remove += [index, following]
+    if not remove:
+        if mode != "append" or not flags:
+            return inner
+        stripped = inner.rstrip()
+        return (stripped + " " if stripped else "") + " ".join(flags) + inner[len(stripped):]
+    first, gone = min(remove), set(remove)
+    for index in remove:
+        if index == first and mode != "strip" and flags:
+            continue
+        # Take one neighbouring blank along, never a line break.
+        for blank in (index - 1, index + 1):
+            if 0 <= blank < len(pieces) and blank not in gone and "\n" not in pieces[blank]:
+                gone.add(blank)
+                break
+    out = []
+    for index, piece in enumerate(pieces):
+        if index == first and mode != "strip" and flags:
+            out.append(" ".join(flags))
+        elif index not in gone:
+            out.append(piece)
+    return "".join(out)
+
+
+def _has_cpu_words(inner):
+    return _edit_words(inner, [], "strip") != inner
+
+
+def _references(inner, names):
+    return any(re.search(r"\$\{?%s\b" % name, inner) for name in names)
+
+
+def make_conf_value(text, name):
+    """The value make.conf gives name: its last assignment, with references to name itself
+    (NAME="${NAME} ...") expanded."""
+    value = ""
+    for assignment in _assignments(text):
+        if assignment.name == name:
+            raw = _unquote(text[assignment.start:assignment.end], assignment.quote)
+            previous = value
+            value = re.sub(r"\$\{%s\}|\$%s\b" % (name, name), lambda _match: previous, raw).strip()
+    return value
+
+
+# Variables whose value can carry CPU flags, the first one preferred (stage3 make.conf layout).
+FLAGS_VARIABLES = ("COMMON_FLAGS", "CFLAGS", "CXXFLAGS", "FCFLAGS", "FFLAGS")
+
+def set_common_flags(make_conf_text, flags):
+    """make.conf text with the CPU flags replaced by `flags` (a list of words, or a string).
+
+    CPU words are -march=, -mcpu=, -mtune=, the l1/l2 cache --params and -mFOO/-mno-FOO
+    features (not the NON_CPU_M_OPTIONS such as -mno-omit-leaf-frame-pointer); every other word
+    (-O2 -pipe ${COMMON_FLAGS} -mfpmath=sse ...), comment and line stays. `flags` go where the
+    first CPU word was, else at the end of the value. The variable edited is COMMON_FLAGS, or
+    CFLAGS when there is no COMMON_FLAGS; of several assignments, the last one that carries
+    CPU words and whose value reaches the final one (later ones reference the variable), else
+    the last. CFLAGS/CXXFLAGS/FCFLAGS/FFLAGS lose their own CPU words (which would override
+    ours, -march=native meaning the binhost's CPU) when their value includes the edited
+    variable's (CFLAGS="${COMMON_FLAGS} ..."), and get them replaced by `flags` otherwise.
+    With neither COMMON_FLAGS nor CFLAGS, the stage3 block (COMMON_FLAGS="-O2 -pipe FLAGS"
+    and the four *FLAGS="${COMMON_FLAGS}") is appended. Quoting ("..." or '...') is kept; a
+    value spanning lines keeps its line breaks. Applying the same flags twice changes nothing.
+    """
+    if isinstance(flags, str):
+        flags = flags.split()
+    flags = list(flags)
+    assignments = [a for a in _assignments(make_conf_text) if a.name in FLAGS_VARIABLES]
+    primary = next((name for name in ("COMMON_FLAGS", "CFLAGS")
+                    if any(a.name == name for a in assignments)), None)
+    if primary is None:
+        block = ('COMMON_FLAGS="%s"\n' % " ".join(["-O2", "-pipe"] + flags)
+                 + "".join('%s="${COMMON_FLAGS}"\n' % name for name in FLAGS_VARIABLES[1:]))
+        separator = "" if not make_conf_text or make_conf_text.endswith("\n") else "\n"
+        return make_conf_text + separator + block
+
+    inner_of = {id(a): _unquote(make_conf_text[a.start:a.end], a.quote) for a in assignments}
+    own = [a for a in assignments if a.name == primary]
+    target = own[-1]
+    for index, assignment in enumerate(own):
+        reaches_end = all(_references(inner_of[id(a)], [primary]) for a in own[index + 1:])
+        if _has_cpu_words(inner_of[id(assignment)]) and reaches_end:
+            target = assignment
+    # Variables that get the primary's value, directly or through another one
+    # (CXXFLAGS="${CFLAGS}" with CFLAGS="${COMMON_FLAGS}").
+    inheriting, grown = {primary}, True
+    while grown:
+        grown = False
+        for assignment in assignments:
+            if assignment.name not in inheriting and _references(
+                    inner_of[id(assignment)], sorted(inheriting - {assignment.name})):
+                inheriting.add(assignment.name)
+                grown = True
+
+    edits = []
+    for assignment in assignments:
+        inner = inner_of[id(assignment)]
+        if assignment.name == primary:
+            new = _edit_words(inner, flags, "append" if assignment is target else "strip")
+        elif assignment.name in inheriting:
+            new = _edit_words(inner, flags, "strip")  # the flags reach it through the primary
+        else:
+            new = _edit_words(inner, flags, "replace")
+        if new != inner:
+            edits.append((assignment, _requote(new, assignment.quote)))
+    for assignment, value in reversed(edits):
+        make_conf_text = make_conf_text[:assignment.start] + value + make_conf_text[assignment.end:]
+    return make_conf_text
+
+
+def set_cpu_flags(text, flags, kind, variable="CPU_FLAGS_X86"):
+    """`text` with variable (CPU_FLAGS_X86, CPU_FLAGS_ARM) set to `flags` (a list of names, or a string).
+
+    kind "make.conf": every VARIABLE=... assignment gets the value (quotes kept), or
+    VARIABLE="..." is appended. kind "package.use" (cpuid2cpuflags' recommended
+    `*/* CPU_FLAGS_X86: ...` in package.use/00cpu-flags): the variable's group of every
+    `*/*` line is replaced (a leading -* reset is kept), or such a line is appended.
+    Per-package lines (dev-libs/foo CPU_FLAGS_X86: -avx2) are the user's and stay.
+    """
+    if isinstance(flags, str):
+        flags = flags.split()
+    value = " ".join(flags)
+    if kind == "make.conf":
+        found = [a for a in _assignments(text) if a.name == variable]
+        for assignment in reversed(found):
+            text = (text[:assignment.start] + _requote(value, assignment.quote or '"')
+                    + text[assignment.end:])
+        if found:
+            return text
+        separator = "" if not text or text.endswith("\n") else "\n"
+        return text + separator + f'{variable}="{value}"\n'
+    if kind != "package.use":
+        raise ValueError("unknown kind %r (make.conf or package.use)" % kind)
+
+    lines, replaced = text.splitlines(keepends=True), False
+    for index, line in enumerate(lines):
+        body = line.rstrip("\r\n")
+        words = body.split("#", 1)[0].split()
+        if len(words) < 2 or words[0] != "*/*" or variable + ":" not in words:
+            continue
+        group = words.index(variable + ":")
+        end = next((i for i in range(group + 1, len(words)) if words[i].endswith(":")),
+                   len(words))
+        reset = ["-*"] if "-*" in words[group + 1:end] else []
+        comment = " #" + body.split("#", 1)[1] if "#" in body else ""
+        new_words = words[:group + 1] + reset + list(flags) + words[end:]
+        lines[index] = " ".join(new_words) + comment + line[len(body):]
+        replaced = True
+    text = "".join(lines)
+    if replaced:
+        return text
+    separator = "" if not text or text.endswith("\n") else "\n"
+    return text + separator + f"*/* {variable}: {value}\n"
+
+
+# EMERGE_DEFAULT_OPTS travels with the target's make.conf into the binhost root. Every emerge we
+# run (the plan, the build, the gate, the install) gets the same filtered value in its environment,
+# so the four answer one question, and the binhost's make.conf stays an exact copy. Dropped: what
+# asks (kept for an install on a terminal), what changes the lines a plan is read from, what
+# decides whether binaries are written or used (ours decide), what only pretends or fetches, and
+# what writes the configuration. Everything else is kept: --jobs, --load-average, --with-bdeps,
+# --exclude, --changed-deps, --keep-going, ...
+EMERGE_OPTS_ASKING = frozenset({"--ask", "--ask-enter-invalid"})
+EMERGE_OPTS_DROPPED = frozenset({
+    "--columns", "--quiet-repo-display", "--tree", "--unordered-display", "--changelog", "--quiet",
+    "--verbose", "--verbose-conflicts", "--verbose-slot-rebuilds", "--color", "--nospinner", "--alert",
+    "--quiet-fail", "--buildpkg", "--buildpkgonly", "--buildpkg-exclude", "--usepkg", "--usepkgonly",
+    "--usepkg-exclude", "--usepkg-exclude-live", "--getbinpkg", "--getbinpkgonly", "--binpkg-respect-use",
+    "--binpkg-changed-deps", "--rebuilt-binaries", "--rebuilt-binaries-timestamp", "--pretend",
+    "--fetchonly", "--fetch-all-uri", "--autounmask-write", "--autounmask-continue", "--search",
+    "--searchdesc", "--regex-search-auto", "--ignore-default-opts"})
+# Short forms: -a -p -f -t -q -v -l -b -B -k -K -g -G.
+EMERGE_SHORT_OPTIONS = {"a": "--ask", "p": "--pretend", "f": "--fetchonly", "t": "--tree", "q": "--quiet",
+                        "v": "--verbose", "l": "--changelog", "b": "--buildpkg", "B": "--buildpkgonly",
+                        "k": "--usepkg", "K": "--usepkgonly", "g": "--getbinpkg", "G": "--getbinpkgonly"}
+# Options whose value may be the next word (others take one only as y/n or a number).
+EMERGE_OPTS_WITH_VALUE = frozenset({
+    "--buildpkg-exclude", "--exclude", "--usepkg-exclude", "--rebuild-exclude", "--rebuild-ignore",
+    "--reinstall-atoms", "--useoldpkg-atoms", "--getbinpkg-exclude", "--getbinpkg-include", "--backtrack",
+    "--config-root", "--root", "--sysroot", "--prefix", "--accept-properties", "--accept-restrict",
+    "--rebuilt-binaries-timestamp", "--reinstall", "--with-bdeps", "--with-test-deps", "--color",
+    "--jobs", "--load-average", "--deep", "--binpkg-respect-use", "--binpkg-changed-deps"})
+OPTIONAL_OPTION_VALUE = re.compile(r"y|n|yes|no|true|false|[0-9.]+", re.IGNORECASE)
+
+
+def filter_emerge_default_opts(value, interactive=False):
+    """EMERGE_DEFAULT_OPTS as our emerge runs may use it (see above); interactive: an install on
+    a terminal, where --ask can be answered."""
+    try:
+        words = shlex.split(value)
+    except ValueError:
+        words = value.split()
+    dropped = EMERGE_OPTS_DROPPED | (frozenset() if interactive else EMERGE_OPTS_ASKING)
+    kept, position = [], 0
+    while position < len(words):
+        word, position = words[position], position + 1
+        following = words[position] if position < len(words) else None
+        if word.startswith("--"):
+            name = word.partition("=")[0]
+            option = [word]
+            if "=" not in word and following is not None and not following.startswith("-") and (
+                    name in EMERGE_OPTS_WITH_VALUE or OPTIONAL_OPTION_VALUE.fullmatch(following)):
+                option.append(following)
+                position += 1
+            if name not in dropped:
+                kept += option
+        elif re.fullmatch(r"-[A-Za-z0-9]+", word):
+            letters = [letter for letter in re.findall(r"j[0-9]*|[A-Za-z0-9]", word[1:])
+                       if EMERGE_SHORT_OPTIONS.get(letter) not in dropped]
+            if letters:
+                kept.append("-" + "".join(letters))
+                if letters[-1] == "j" and following is not None and following.isdigit():
+                    kept.append(following)
+                    position += 1
+            elif word.endswith("j") and following is not None and following.isdigit():
+                position += 1
+        else:
+            kept.append(word)
+    return shlex.join(kept)
+
+
+# ---- CPU flags: gcc's answers about -march=native, /proc/cpuinfo, cpuid2cpuflags ---------------
+
+def _cc1_program(word):
+    return word == "cc1" or word.endswith("/cc1")
+
+
+def parse_cc1_flags(cc1_line):
+    """The code generation options of gcc's cc1 command line, in order.
+
+    Keeps every -m word (-march=, -mcpu=, -mtune=, -mFEATURE, -mno-FEATURE, -mabi=...) and the
+    --param options (a two-word `--param NAME=VALUE` becomes the single word --param=NAME=VALUE,
+    which gcc also accepts, so every item is one make.conf word). Given the whole `gcc -v`
+    output, only the cc1 line is read ([] without one); a single line without the cc1 program
+    (bare flags) is read as it is. Words such as `-o /dev/null` or -dumpbase are skipped.
+    """
+    lines = [line for line in cc1_line.splitlines() if line.strip()]
+    found = [line for line in lines if _cc1_program(line.split()[0])]
+    if not found and len(lines) != 1:
+        return []
+    words = (found or lines)[0].split()
+    flags = []
+    for index, word in enumerate(words):
+        if word.startswith("-m"):
+            flags.append(word)
+        elif word.startswith("--param="):
+            flags.append(word)
+        elif word == "--param" and index + 1 < len(words):
+            flags.append("--param=" + words[index + 1])
+    return flags
+
+
+# "  -mavx2   [enabled]", "  -march=   znver3", "  -mbranch-cost=<0,5>   3", "  -mabi=ABI  lp64":
+# the option (with its '='), an optional placeholder glued to it, then the state or value.
+_HELP_OPTION = re.compile(r"\s+(-[^\s=<]+=?)"
+                          r"(?:<[^>]*>|\[[^\]]*\](?=\s|$)|[A-Z]+(?=\s|$))?"
+                          r"(?:\s+(.*))?")
+
+
+def enabled_target_options(help_text):
+    """{option: state} from `gcc -Q --help=target` output.
+
+    Booleans map to "enabled" or "disabled" ("-mavx2": "enabled"); options taking a value keep
+    their `=` and map to the value ("-march=": "znver3", "-mcpu=": ""); value placeholders such
+    as <0,5>, ABI or [none,...] are dropped. Aliases map to what they stand for ("-msse5":
+    "-mavx"). Only the option block is read (it ends at the first empty line, before the
+    "Known valid arguments" lists). A value gcc wrapped onto the next line is joined back.
+    """
+    options, last, started = {}, None, False
+    for line in help_text.splitlines():
+        line = line.rstrip()
+        if not line.strip():
+            if started:
+                break
+            continue
+        if line.startswith("  -"):
+            match = _HELP_OPTION.fullmatch(line)
+            if not match:
+                continue
+            started = True
+            value = (match.group(2) or "").strip()
+            if value in ("[enabled]", "[disabled]", "[default]", "[ignored]"):
+                value = value[1:-1]
+            last = match.group(1)
+            options[last] = value
+        elif started and last is not None and line.startswith(" "):
+            # A continuation: gcc wrapped a long value. It breaks after '-' or '+' inside a word.
+            value = options[last]
+            joiner = "" if not value or value[-1] in "-+," else " "
+            options[last] = value + joiner + line.strip()
+    return options
+
+
+# -m words of the cc1 line that belong to the ABI the toolchain was built for (CHOST,
+# multilib), not to the CPU: putting them into COMMON_FLAGS would break 32-bit multilib builds.
+ABI_OPTIONS = ("-m16", "-m32", "-m64", "-mx32", "-mlittle-endian", "-mbig-endian", "-mabi=")
+
+# gcc options that are aliases of two ISA levels, not features of their own. -msse4 enables
+# SSE4.1 *and* SSE4.2 (plus POPCNT); -mno-sse4 disables SSE4.1 and everything above.
+# `gcc -Q --help=target` lists -msse4 and a separate -mno-sse4 entry, and reading "-mno-sse4
+# [disabled]" as "-msse4 wanted" made resolve-march-native emit -msse4 on SSE4.1-only CPUs
+# (issues #177, #197): binaries then died with SIGILL on SSE4.2 instructions.
+SSE4_ALIASES = {"-msse4": "-msse4.2", "-mno-sse4": "-mno-sse4.1"}
+
+def resolve_native_flags(cc1_line, baseline_help="", native_help=""):
+    """The explicit flags equivalent to -march=native (-mcpu=native), as resolve-march-native does.
+
+    `cc1_line` is what `gcc -v ... -march=native` passed to cc1. The result is its -march=X (or
+    -mcpu=X) followed only by the -mFOO/-mno-FOO flags whose state differs from what X implies
+    according to `baseline_help` (`gcc -Q --help=target -march=X`). Without help texts every
+    feature flag of the cc1 line is kept: longer, but exactly equivalent. Always:
+
+    * --param cache sizes are dropped (tuning hints, not ISA), and so are ABI words (-m64,
+      -mabi=lp64, -mlittle-endian: they come with the toolchain);
+    * -mtune=X is dropped when X is the arch; a different one (-march=k8-sse3 -mtune=k8,
+      -mtune=generic on CPUs gcc does not know) is kept: it also selects __tune_*__ macros;
+    * -msse4/-mno-sse4 are never emitted (see SSE4_ALIASES), and a -mno-FOO=VALUE (invalid:
+      resolve-march-native once printed -mno-branch-cost=2, #127) is dropped;
+    * a flag is kept, whatever the baseline says, when `native_help` contradicts the cc1 line
+      for it: the help display is then unreliable for that option (gcc 12 shows -mhle
+      "[enabled]" even with -mno-hle), so it cannot prove the flag redundant either;
+    * features that native_help and baseline_help show in different states but the cc1 line
+      does not mention are added (as resolve-march-native does), booleans only.
+
+    Returns [] when gcc could not name the CPU (the cc1 line has no -march=/-mcpu=, as with
+    some aarch64 cores): -march=native then meant gcc's defaults. Raises ValueError when
+    `cc1_line` holds no cc1 command (gcc missing or failing on the target) and no flags.
+    """
+    flags = parse_cc1_flags(cc1_line)
+    if not flags and not any(_cc1_program(line.split()[0])
+                             for line in cc1_line.splitlines() if line.strip()):
+        raise ValueError("no cc1 command line in gcc's -v output")
+    baseline = enabled_target_options(baseline_help)
+    native = enabled_target_options(native_help)
+
+    arch_flags = [flag for flag in flags if flag.startswith(("-march=", "-mcpu="))]
+    if not arch_flags:
+        return []
+    arch_name = arch_flags[0].split("=", 1)[1].split("+", 1)[0]
+    # Features the cc1 line sets, so that the help texts cannot add them a second time.
+    mentioned = {state[0] for state in map(_boolean_state, flags) if state}
+
+    result = []
+    for flag in flags:
+        if flag.startswith(("-march=", "-mcpu=")):
+            result.append(flag)
+            continue
+        if flag.startswith("--param") or flag.startswith(ABI_OPTIONS):
+            continue
+        if flag.startswith("-mtune="):
+            if flag.split("=", 1)[1] != arch_name:
+                result.append(flag)
+            continue
+        if flag in SSE4_ALIASES:
+            # Never in real cc1 lines (the driver uses -msse4.1/-msse4.2); if present, keep its
+            # meaning unless the explicit level is given anyway.
+            flag = SSE4_ALIASES[flag]
+            if _boolean_state(flag)[0] in mentioned:
+                continue
+        state = _boolean_state(flag)
+        if state is None:
+            if flag.startswith("-mno-"):
+                continue  # -mno-branch-cost=2 and the like: gcc rejects them
+            option, _, value = flag.partition("=")
+            if baseline.get(option + "=") != value:
+                result.append(flag)
+            continue
+        name, wanted = state
+        implied = baseline.get("-m" + name)
+        shown_native = native.get("-m" + name)
+        help_unreliable = shown_native in ("enabled", "disabled") and shown_native != wanted
+        if implied != wanted or help_unreliable:
+            result.append(flag)
+
+    for option, shown_native in native.items():
+        name = option[2:]
+        # Not the separate "-mno-FOO" entries of the help (they mirror -mFOO), nor the aliases.
+        if (option.startswith("-mno-") or option in SSE4_ALIASES or option.endswith("=")
+                or name in mentioned or option in ABI_OPTIONS
+                or shown_native not in ("enabled", "disabled")):
+            continue
+        implied = baseline.get(option)
+        if implied in ("enabled", "disabled") and implied != shown_native:
+            result.append(option if shown_native == "enabled" else "-mno-" + name)
+
+    return list(dict.fromkeys(result))
+
+
+# Gentoo's USE_EXPAND values of CPU_FLAGS_X86 (profiles/desc/cpu_flags_x86.desc, 2025).
+CPU_FLAGS_X86_NAMES = frozenset("""
+    3dnow 3dnowext aes avx avx_vnni avx2 avx512_4fmaps avx512_4vnniw avx512_bf16 avx512_bitalg
+    avx512_fp16 avx512_vbmi2 avx512_vnni avx512_vp2intersect avx512_vpopcntdq avx512bw avx512cd
+    avx512dq avx512er avx512f avx512ifma avx512pf avx512vbmi avx512vl bmi1 bmi2 f16c fma3 fma4
+    mmx mmxext padlock pclmul popcnt rdrand sha sse sse2 sse3 sse4_1 sse4_2 sse4a ssse3
+    vpclmulqdq xop
+""".split())
+
+# /proc/cpuinfo flags whose CPU_FLAGS_X86 name differs (the bracketed names in
+# cpu_flags_x86.desc, and cpuid2cpuflags' CPUID table). Every other flag maps to itself when it
+# is in CPU_FLAGS_X86_NAMES. Careful: cpuinfo's "ssse3" is SSSE3, SSE3 is "pni"; "sha" is not
+# a cpuinfo flag (it is "sha_ni"); "3dnowprefetch" is not 3DNow!; ABM implies POPCNT on AMD.
+CPUINFO_TO_CPU_FLAGS_X86 = {
+    "fma": ("fma3",),
+    "pni": ("sse3",),
+    "pclmulqdq": ("pclmul",),
+    "sha_ni": ("sha",),
+    "phe": ("padlock",),
+    "abm": ("popcnt",),
+    "sse": ("sse", "mmxext"),  # MMXEXT is a subset of SSE (Intel CPUs do not list mmxext)
+}
+
+
+def cpu_flags_x86_from_cpuinfo(flags_line):
+    """Sorted CPU_FLAGS_X86 names from the `flags : ...` line of an x86 /proc/cpuinfo.
+
+    Also takes the bare list of flags. An ARM `Features : ...` line gives [] (its "aes" or
+    "sha2" are not x86 features).
+    """
+    name, colon, rest = flags_line.partition(":")
+    if colon:
+        if name.strip() != "flags":
+            return []
+        flags_line = rest
+    names = set()
+    for flag in flags_line.split():
+        for mapped in CPUINFO_TO_CPU_FLAGS_X86.get(flag, (flag,)):
+            if mapped in CPU_FLAGS_X86_NAMES:
+                names.add(mapped)
+    return sorted(names)
+
+
+# CPU_FLAGS_ARM as cpuid2cpuflags sets it (src/arm.c, 2025), from the kernel's names for the
+# hwcap bits it tests, which /proc/cpuinfo's Features line prints: {flag: features it needs}.
+# aarch64 has every 32-bit unit (neon is asimd there); a 32-bit kernel names its own.
+CPU_FLAGS_ARM_AARCH64 = {
+    "edsp": (), "thumb": (), "neon": ("asimd",), "neon-fp16": ("asimd",), "vfp": ("asimd",),
+    "vfpv3": ("asimd",), "vfpv4": ("asimd",), "vfp-d32": ("asimd",), "asimd": ("asimd",),
+    "aes": ("aes",), "sha1": ("sha1",), "sha2": ("sha2",), "crc32": ("crc32",), "sm4": ("sm4",),
+    "asimddp": ("asimddp",), "asimdfhm": ("asimdfhm",), "asimdhp": ("asimdhp",), "sve": ("sve",),
+    "sve2": ("sve2",), "i8mm": ("i8mm",)}
+CPU_FLAGS_ARM_32 = {
+    "edsp": ("edsp",), "iwmmxt": ("iwmmxt",), "neon": ("neon",), "neon-fp16": ("neon", "half"),
+    "thumb": ("thumb",), "vfp": ("vfp",), "vfpv3": ("vfpv3",), "vfpv4": ("vfpv4",), "vfp-d32": ("vfpd32",),
+    "asimddp": ("asimddp",), "asimdfhm": ("asimdfhm",), "asimdhp": ("asimdhp",), "i8mm": ("i8mm",),
+    "aes": ("aes",), "sha1": ("sha1",), "sha2": ("sha2",), "crc32": ("crc32",)}
+# The architecture versions each `uname -m` (its endianness letter off) implies, and thumb2 from v6t2.
+ARM_SUBARCH_FLAGS = {"aarch64": "v4 v5 v6 v7 v8 thumb2", "armv8": "v4 v5 v6 v7 v8 thumb2",
+                     "armv7": "v4 v5 v6 v7 thumb2", "armv6": "v4 v5 v6", "armv5tej": "v4 v5",
+                     "armv5te": "v4 v5", "armv5t": "v4 v5", "armv4t": "v4", "armv4": "v4"}
+
+
+def cpu_flags_arm_from_cpuinfo(features_line, machine):
+    """Sorted CPU_FLAGS_ARM names from the `Features : ...` line of an arm or aarch64
+    /proc/cpuinfo and `uname -m`, as cpuid2cpuflags derives them from the same hwcap bits. A
+    32-bit userland under a 64-bit kernel reads 32-bit names while uname says aarch64: an
+    ARMv8 CPU in its 32-bit state."""
+    features = set(features_line.partition(":")[2].split() if ":" in features_line else features_line.split())
+    machine = machine.strip()
+    machine = machine[:-1] if machine.endswith(("l", "b")) and machine != "aarch64" else machine
+    if not features or machine not in ARM_SUBARCH_FLAGS:
+        return []
+    if machine == "aarch64" and "asimd" not in features and features & {"neon", "vfp", "edsp", "half"}:
+        machine = "armv8"
+    table = CPU_FLAGS_ARM_AARCH64 if machine == "aarch64" else CPU_FLAGS_ARM_32
+    names = {flag for flag, needed in table.items() if set(needed) <= features}
+    if machine == "armv8" and "neon" in features:
+        names.add("asimd")
+    return sorted(names | set(ARM_SUBARCH_FLAGS[machine].split()))
+
+
+def parse_cpuid2cpuflags(output, variable="CPU_FLAGS_X86"):
+    """The names cpuid2cpuflags printed for `variable` (`CPU_FLAGS_X86: aes avx ...`), sorted.
+
+    cpuid2cpuflags prints CPU_FLAGS_ARM on arm: asking for CPU_FLAGS_X86 then gives [].
+    """
+    for line in output.splitlines():
+        name, colon, rest = line.partition(":")
+        if colon and name.strip() == variable:
+            return sorted(set(rest.split()))
+    return []
+
+
+def missing_isa(target_flags, host_flags):
+    """CPU_FLAGS_X86 names the target has and the build host lacks, sorted.
+
+    Non-empty means the binhost's CPU cannot run the target's code: anything a build runs
+    (tests, code generators, an optimised python) may die with SIGILL.
+    """
+    if isinstance(target_flags, str):
+        target_flags = target_flags.split()
+    if isinstance(host_flags, str):
+        host_flags = host_flags.split()
+    return sorted(set(target_flags) - set(host_flags))
+
+
+# gcc 12 says "bad value 'x' for '-march=' switch", older ones "bad value (x) for -march= switch".
+UNKNOWN_GCC_FLAG = re.compile(r"(?:unrecognized command[- ]line option|bad value \(?['‘]?([^'’)]*)['’]?\)? for)"
+                              r"\s*['‘]?([^'’\s]*)")
+
+
+# ---- what emerge and our scripts print: merge lists, Portage's complaints, ==sections ----------
+
+_SECTION_MARKER = re.compile(r"==([A-Za-z0-9_.-]+)")
+
+
+def parse_sections(text):
+    """{name: text} of the `==name` sections printed by CPU_PROBE_SCRIPT.
+
+    Shell start-up files may print before the script: anything before the first marker is
+    ignored. A section's text has no trailing newline; a repeated name keeps the last one.
+    """
+    sections, name, lines = {}, None, []
+    for line in text.splitlines():
+        marker = _SECTION_MARKER.fullmatch(line.rstrip("\r"))
+        if marker:
+            if name is not None:
+                sections[name] = "\n".join(lines).strip("\n")
+            name, lines = marker.group(1), []
+        elif name is not None:
+            lines.append(line.rstrip("\r"))
+    if name is not None:
+        sections[name] = "\n".join(lines).strip("\n")
+    return sections
+
+
+PLAN_LINE = re.compile(r"\[(?P<kind>ebuild|binary)(?P<marks>[^\]]*)\]\s+(?P<atom>\S+)(?P<rest>.*)$")
+FLAG_GROUP = re.compile(r'\b([A-Z][A-Z0-9_]*)="([^"]*)"')
+# " to EROOT/": where a line merges when that is not / (lines for / have no such words).
+PLAN_ROOT = re.compile(r"\sto (/\S*)")
+# What Portage prints on every run in some set-ups and that says nothing about the packages.
+PORTAGE_NOISE = re.compile(r"repos\.conf|[Rr]epositor|repo_name|layout\.conf|masters ="
+                           r"|binrepos\.conf is missing"
+                           r"|Problems have been detected with your world file|emaint --check world"
+                           r"|^!!!\s*$")
+# What emerge reports with exit status 0 that still means the target cannot get what it asked for:
+# an argument or @world entry it cannot resolve, an update it skips.
+UNRESOLVED = re.compile(r"masked or don't exist:\n(?P<missing>[^\n]+)"
+                        r"|update has been skipped due to unsatisfied dependencies:[ \t]*\n\s*(?P<skipped>[^\n]+)")
+
+
+# A CPV's version (PMS 3.2), and a binary's -BUILD_ID after it.
+VERSION_SUFFIX = re.compile(r"-[0-9]+(\.[0-9]+)*[a-z]?(_(alpha|beta|pre|rc|p)[0-9]*)*(-r[0-9]+)?(-[0-9]+)?$")
+
+
+def cpv_package_name(cpv):
+    """app-misc/foo of app-misc/foo-1.2-r3 (and of a binary's app-misc/foo-1.2-r3-4)."""
+    return VERSION_SUFFIX.sub("", cpv, count=1)
+
+
+class PlannedPackage:
+    """One package the target would merge: its CPV, slot, repository and USE as it wants them,
+    the marks of its line ("N", "U", "r" for a slot-operator rebuild, ...) and the ROOT it goes to
+    when the line names one."""
+
+    def __init__(self, cpv, slot, repository, flags, marks="", root=None):
+        self.cpv, self.slot, self.repository, self.flags = cpv, slot, repository, flags
+        self.marks, self.root = marks, root
+        self.reason = None  # why the target's binary-only emerge would not merge it from here
+        self.buildable = True  # whether a build here can change that
+        self.held = False  # held back by a rollback: not offered, on purpose
+
+    @property
+    def atom(self):
+        return "=" + self.cpv + (f"::{self.repository}" if self.repository else "")
+
+    @property
+    def slot_rebuild(self):
+        """Portage merges it again because a dependency's sub-slot changed (`r` in its marks)."""
+        return "r" in self.marks
+
+    @property
+    def package_name(self):
+        return cpv_package_name(self.cpv)
+
+
+def parse_merge_list(text, kind="ebuild"):
+    """The [ebuild ...] (or [binary ...]) lines of `emerge --pretend --verbose` output."""
+    packages = []
+    for line in text.splitlines():
+        match = PLAN_LINE.match(line.strip())
+        if not match or match.group("kind") != kind:
+            continue
+        atom, _, repository = match.group("atom").partition("::")
+        cpv, _, slot = atom.partition(":")
+        flags = {}
+        for name, words in FLAG_GROUP.findall(match.group("rest")):
+            prefix = "" if name == "USE" else name.lower() + "_"
+            for word in words.split():
+                # (forced), (-masked), changed*, new%
+                word = word.strip("(){}").rstrip("*%").strip("(){}")
+                if word:
+                    flags[prefix + word.lstrip("-")] = not word.startswith("-")
+        root = PLAN_ROOT.search(match.group("rest"))
+        packages.append(PlannedPackage(cpv, slot, repository, flags, match.group("marks"),
+                                       root.group(1) if root else None))
+    return packages
+
+
+def for_root(packages, root):
+    """The packages of a plan that go to root: a target whose ROOT is not / also gets lines for
+    / (its own build dependencies, without "to ..."), which are not what it installs. A line's
+    EROOT is ROOT with Portage's EPREFIX (Gentoo Prefix) appended."""
+    wanted = root.rstrip("/") + "/"
+    if wanted == "/":
+        return [package for package in packages if package.root in (None, "/")]
+    return [package for package in packages
+            if package.root is not None and (package.root.rstrip("/") + "/").startswith(wanted)]
+
+
+def portage_complaints(text):
+    """What Portage objected to, in its own words (its repository warnings left out); the
+    package names it lists under a `!!!` heading are kept with it."""
+    complaints, listing = [], False
+    for line in text.splitlines():
+        stripped = line.strip()
+        if not stripped:
+            listing = False
+            continue
+        if re.fullmatch(r"(\* )?(https?://\S+|For more information about .*)", stripped):
+            continue  # where the Handbook explains it, not what happened
+        if stripped.startswith(("!!!", "emerge: there are no", "- ", "[blocks")) or "masked by" in stripped:
+            listing = stripped.startswith("!!!")
+            if not PORTAGE_NOISE.search(stripped):
+                complaints.append(stripped.lstrip("! ").strip())
+        elif listing and re.fullmatch(r"[\w+.-]+/[\w+.-]+\S*", stripped):
+            complaints.append(stripped)
+    return complaints
+
+
+def fetch_outcome(text):
+    """(tool, exit code) from FETCH_INDEX_SCRIPT's output (shell start-up noise before it)."""
+    found = re.findall(r"^(wget|curl|none) (\d+)$", text or "", re.MULTILINE)
+    return found[-1] if found else ("none", "127")
+
+
+def section_status(sections, name):
+    """The exit status printed after a section; what came back is the target's: anything but a
+    number is a failure, never a traceback."""
+    value = sections.get(f"{name}-exit", "")
+    return int(value) if re.fullmatch(r"\d{1,3}", value) else 1
+
+
+# ---- the Packages index: the one parser of its entries; Gentoo versions (PMS 3.3) --------------
+
+def index_fields(block):
+    """{field: value} of one block of a Packages index."""
+    return dict(line.split(": ", 1) for line in block.splitlines() if ": " in line)
+
+
+def index_blocks(index_text):
+    """(header, [(fields, block text)]) of a Packages index: the one parser of its entries."""
+    header, *blocks = index_text.split("\n\n") if index_text else [""]
+    entries = [(fields, block.strip("\n")) for fields, block in ((index_fields(block), block) for block in blocks)
+               if fields.get("CPV")]
+    return header, entries
+
+
+def entry_path(fields):
+    """Where an index entry's package file is, relative to PKGDIR (old indexes omit PATH)."""
+    return fields.get("PATH") or fields["CPV"] + ".tbz2"
+
+
+def index_entries(index_text):
+    """The entries of a Packages index as dicts of their fields (the header block left out)."""
+    return [fields for fields, _ in index_blocks(index_text)[1]]
+
+
+def index_keeping(index_text, wanted):
+    """The index with only the entries whose fields wanted(fields) accepts."""
+    header, *blocks = index_text.split("\n\n")
+    kept = [block for block in blocks if not block.strip() or wanted(index_fields(block))]
+    return "\n\n".join([header] + kept)
+
+
+# Portage asks for the index with If-Modified-Since = its copy's TIMESTAMP + this many seconds
+# (TIMESTAMP_TOLERANCE in portage/util/_urlopen.py).
+PORTAGE_TIMESTAMP_TOLERANCE = 5
+
+
+def index_timestamp(index_text):
+    """The TIMESTAMP of an index's header, 0 when it has none."""
+    match = re.search(r"^TIMESTAMP: *(\d+)$", index_text.split("\n\n", 1)[0], re.MULTILINE)
+    return int(match.group(1)) if match else 0
+
+
+def with_timestamp(index_text, stamp):
+    return re.sub(r"^TIMESTAMP: *\d*$", f"TIMESTAMP: {stamp}", index_text, count=1, flags=re.MULTILINE)
+
+
+def next_timestamp(at_least, earlier):
+    """A TIMESTAMP from at_least on, later than every earlier one and never exactly
+    PORTAGE_TIMESTAMP_TOLERANCE after one: a target holding that index would ask with that very
+    date (If-Modified-Since) and get a 304."""
+    stamp = max([at_least] + [each + 1 for each in earlier])
+    while any(stamp - each == PORTAGE_TIMESTAMP_TOLERANCE for each in earlier):
+        stamp += 1
+    return stamp
+
+
+def gzip_bytes(text, mtime):
+    compressed = io.BytesIO()
+    with gzip.GzipFile(filename="", mode="wb", fileobj=compressed, mtime=mtime) as stream:
+        stream.write(text.encode("utf-8", "surrogateescape"))
+    return compressed.getvalue()
+
+
+VERSION_PARTS = re.compile(r"(?P<numbers>[0-9]+(?:\.[0-9]+)*)(?P<letter>[a-z]?)"
+                           r"(?P<suffixes>(?:_(?:alpha|beta|pre|rc|p)[0-9]*)*)(?:-r(?P<revision>[0-9]+))?")
+SUFFIX_ORDER = {"alpha": 0, "beta": 1, "pre": 2, "rc": 3, "p": 5}  # no suffix ranks 4
+
+
+def _compare(left, right):
+    return (left > right) - (left < right)
+
+
+def compare_versions(left, right):
+    """Below, equal to or above 0 as Gentoo orders the versions left and right."""
+    one, other = VERSION_PARTS.fullmatch(left), VERSION_PARTS.fullmatch(right)
+    if not one or not other:
+        return _compare(left, right)
+    numbers, others = one.group("numbers").split("."), other.group("numbers").split(".")
+    result = _compare(int(numbers[0]), int(others[0]))
+    for mine, theirs in zip(numbers[1:], others[1:]):
+        if result:
+            return result
+        # A component with a leading zero compares as a decimal fraction (1.01 < 1.1).
+        result = (_compare(mine.rstrip("0"), theirs.rstrip("0")) if mine[0] == "0" or theirs[0] == "0"
+                  else _compare(int(mine), int(theirs)))
+    result = result or _compare(len(numbers), len(others)) or _compare(one.group("letter"), other.group("letter"))
+    if result:
+        return result
+    suffixes = re.findall(r"_([a-z]+)([0-9]*)", one.group("suffixes"))
+    other_suffixes = re.findall(r"_([a-z]+)([0-9]*)", other.group("suffixes"))
+    for (kind, number), (other_kind, other_number) in zip(suffixes, other_suffixes):
+        result = _compare(SUFFIX_ORDER[kind], SUFFIX_ORDER[other_kind]) or _compare(int(number or 0),
+                                                                                  int(other_number or 0))
+        if result:
+            return result
+    if len(suffixes) != len(other_suffixes):
+        longer, sign = (suffixes, 1) if len(suffixes) > len(other_suffixes) else (other_suffixes, -1)
+        return sign if longer[min(len(suffixes), len(other_suffixes))][0] == "p" else -sign
+    return _compare(int(one.group("revision") or 0), int(other.group("revision") or 0))
+
+
+def cpv_version(cpv):
+    return cpv[len(cpv_package_name(cpv)) + 1:]
+
+
+def offered_builds(index_text):
+    """What an index offers, as a set of builds (PATH, MD5): a field Portage drops or adds when it
+    rewrites its index (REPO_REVISIONS, say) changes nothing for a target."""
+    return {(entry_path(fields), fields.get("MD5", "")) for fields, _ in index_blocks(index_text)[1]}
+
+
+def set_changes(old_text, new_text):
+    """(added, updated, removed) CPVs of the index new_text compared with old_text."""
+    new = {fields["CPV"]: fields for fields, _ in index_blocks(new_text)[1]}
+    old = {fields["CPV"]: fields for fields, _ in index_blocks(old_text)[1]}
+    updated = [cpv for cpv in set(new) & set(old)
+               if (new[cpv].get("MD5"), new[cpv].get("BUILD_ID")) != (old[cpv].get("MD5"), old[cpv].get("BUILD_ID"))]
+    return sorted(set(new) - set(old)), sorted(updated), sorted(set(old) - set(new))
+
+
+# ------------------------------------------------------------------------------------------------
 # The binhost environment: where Portage runs, its package store, its build methods, building
 # ------------------------------------------------------------------------------------------------
 
@@ -1837,7 +2786,7 @@ def emulation_problem(header, arch, qemu, binfmt_misc=None):
     return f"no binfmt_misc entry runs {arch} programs on this machine: {install}", None
 
 
-# ---- the build host: this machine, or a Gentoo host chroot -----------------------------------------
+# ---- the build host: this machine, or a Gentoo host chroot -------------------------------------
 
 def mount_table():
     """[(mount ID, mount point, shared)] of this process's mount namespace, in mount order
@@ -2077,7 +3026,7 @@ class HostMounts:
         return [os.path.join(self.chroot, name) for name, _ in missing]
 
 
-# ---- confinement: what runs in a chroot cannot leave it ------------------------------------------
+# ---- confinement: what runs in a chroot cannot leave it ----------------------------------------
 # Builds run the target's configuration as root. A plain chroot is no boundary: the build
 # machine's files through /proc/*/root or open_by_handle_at, its block devices in /dev, its
 # loopback services. So every command in a chroot runs in namespaces of its own (unshare, from
@@ -2228,6 +3177,8 @@ while True:
 # phase would print "Unable to unshare: EPERM" (and go on); the confinement does their job.
 CONFINED_FEATURES = "-ipc-sandbox -network-sandbox -pid-sandbox -mount-sandbox"
 
+
+# ---- where Portage runs: this machine, the host chroot or the binhost root (BuildHost) ---------
 
 class BuildHost:
     """Where Portage, gcc and the binhost's shell scripts run: this machine, the Gentoo host chroot
@@ -2384,9 +3335,6 @@ class BuildHost:
             yield directory
 
 
-TERMINATING_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
-
-
 def chroot_session(env):
     """One mount of the chroot Portage runs in (the host chroot, or the binhost root with the
     chroot build method) for a series of commands in it, instead of a mount and an unmount
@@ -2395,49 +3343,263 @@ def chroot_session(env):
     return host.mounted() if host.chroot else contextlib.nullcontext()
 
 
-@contextlib.contextmanager
-def terminate_as_interrupt(runner):
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
+# ---- the binhost root as its configuration describes it: make.conf, repositories ---------------
 
-    def interrupt(signum, _frame):
-        for number in TERMINATING_SIGNALS:
-            signal.signal(number, signal.SIG_IGN)
-        if os.getpgrp() == os.getpid():
-            # Our own job (a shell's, a service's): stop all of it, as Ctrl-C on a terminal would,
-            # so no build process is left running in the chroot.
-            os.killpg(0, signum)
-        else:
-            runner.terminate_running()
-        raise Terminated(signum)
-
-    previous = {number: signal.signal(number, interrupt) for number in TERMINATING_SIGNALS}
-    try:
-        yield
-    finally:
-        for number, handler in previous.items():
-            signal.signal(number, handler)
+def make_conf_texts(root):
+    """The text of root's make.conf: a file, or the files of a make.conf/ directory in order. It
+    came from a target: read through no link that leads out of the root (a link to this machine's
+    files, a FIFO that would hang us, read as nothing)."""
+    path = os.path.join(root, "etc/portage/make.conf")
+    if os.path.isdir(path) and symlink_below(root, path) is None:
+        return "\n".join(read_inside(root, f"etc/portage/make.conf/{name}", absolute_from_root=True)
+                         for name in sorted(os.listdir(path)) if not name.startswith("."))
+    return read_inside(root, "etc/portage/make.conf", absolute_from_root=True)
 
 
-@contextlib.contextmanager
-def signals_deferred():
-    """Ctrl-C, SIGTERM and SIGHUP wait until the block is done, then interrupt."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    received = []
-    numbers = (signal.SIGINT,) + TERMINATING_SIGNALS
-    previous = {number: signal.signal(number, lambda signum, _frame: received.append(signum))
-                for number in numbers}
-    try:
-        yield
-    finally:
-        for number, handler in previous.items():
-            signal.signal(number, handler)
-    if received:
-        raise Terminated(received[0]) if received[0] != signal.SIGINT else KeyboardInterrupt()
+DEFAULT_REPOSITORY = "/var/db/repos/gentoo"
 
+
+def repos_conf_files(configroot):
+    """{etc/portage/repos.conf/...: text} under configroot (the file, or the files of the
+    directory), read through no link out of configroot: in the binhost root it is a target's."""
+    base = os.path.join(configroot, "etc/portage/repos.conf")
+    paths = [base] if os.path.isfile(base) else sorted(
+        os.path.join(directory, name) for directory, _dirs, names in os.walk(base) for name in names)
+    return {os.path.relpath(path, configroot): read_inside(configroot, os.path.relpath(path, configroot),
+                                                           absolute_from_root=True)
+            for path in paths}
+
+
+def repository_locations(members):
+    """{name: location} from the repos.conf inside a configuration tar's members."""
+    parser = configparser.ConfigParser(interpolation=None)
+    for name, (kind, _mode, content) in sorted(members.items()):
+        if kind == "file" and (name == "etc/portage/repos.conf" or name.startswith("etc/portage/repos.conf/")):
+            with contextlib.suppress(configparser.Error):
+                parser.read_string(content.decode("utf-8", "replace"))
+    return {section: posixpath.normpath(parser[section]["location"]) for section in parser.sections()
+            if parser[section].get("location", "").startswith("/")}
+
+
+def configured_repositories(configroot):
+    """{name: location} of the repos.conf under configroot/etc/portage (a file or a directory)."""
+    return repository_locations({name: ("file", 0, text.encode("utf-8", "surrogateescape"))
+                                 for name, text in repos_conf_files(configroot).items()})
+
+
+# Where a target's configuration may make us mount or link something: never a system directory.
+SYSTEM_PLACES = ("/bin", "/boot", "/dev", "/etc", "/home", "/lib", "/lib32", "/lib64", "/opt", "/proc",
+                 "/root", "/run", "/sbin", "/sys", "/tmp", "/usr", "/var")
+
+
+def safe_place(place):
+    """A repository or DISTDIR path from a target's configuration, fit to be mounted or linked
+    at inside the binhost root: absolute, normal, and deeper than a system directory."""
+    return (place.startswith("/") and "$" not in place and posixpath.normpath(place) == place.rstrip("/")
+            and place.rstrip("/") not in SYSTEM_PLACES and place.rstrip("/").count("/") >= 2
+            and not place.startswith(("/proc/", "/sys/", "/dev/", "/run/")))
+
+
+def holds_repository(directory):
+    return any(os.path.isfile(os.path.join(directory, marker)) for marker in ("profiles/repo_name", "metadata/layout.conf"))
+
+
+def repository_directory(env, location):
+    """Where a repository the binhost root's configuration names is, seen from here: on the build
+    host; else, on a build machine without it (no host chroot), inside the binhost root, when it
+    is there, reached through no link (the root's own content is not this machine's)."""
+    on_host = under(env.host_chroot, location)
+    inside = under(env.root, location)
+    if (not env.host_chroot and safe_place(location) and not os.path.isdir(on_host)
+            and symlink_below(env.root, inside) is None and holds_repository(inside)):
+        return inside
+    return on_host
+
+
+def binhost_repositories(env):
+    """{repository name: its directory on the build host} as the binhost root's repos.conf (the
+    target's copy) names them; Gentoo's at its default place unless named."""
+    locations = dict({"gentoo": DEFAULT_REPOSITORY}, **configured_repositories(env.root))
+    return {name: repository_directory(env, location) for name, location in locations.items()}
+
+
+def repository_state(directory, root):
+    """What a repository directory holds now: its git commit, else its snapshot's date
+    (metadata/timestamp.chk), and the digest of its top Manifest (an rsync snapshot's) if any.
+    One inside the binhost root (root) is read within itself only: a git worktree's gitdir there
+    names a path of the chroot."""
+    confined = os.path.realpath(directory).startswith(os.path.realpath(root) + os.sep)
+
+    def read(relative):
+        if confined:
+            return read_inside(directory, relative)
+        with contextlib.suppress(OSError, ValueError):  # ValueError: a NUL in a name
+            return read_text(os.path.join(directory, relative))
+        return ""
+
+    state, git = {}, ".git"
+    gitdir = read(git)
+    if gitdir.startswith("gitdir: ") and not (confined and gitdir[len("gitdir: "):].startswith("/")):
+        git = posixpath.normpath(gitdir[len("gitdir: "):].strip())  # a worktree's or submodule's
+    head = read(os.path.join(git, "HEAD")).strip()
+    ref = head[len("ref: "):] if head.startswith("ref: ") else None
+    if ref is not None:
+        head = ""
+        if ref:
+            head = read(os.path.join(git, ref)).strip() or next(
+                (line.split()[0] for line in read(os.path.join(git, "packed-refs")).splitlines()
+                 if line.endswith(" " + ref)), "")
+    stamp = read_inside(directory, "metadata/timestamp.chk").strip().splitlines()
+    if re.fullmatch(r"[0-9a-f]{40,64}", head):
+        state["revision"] = f"git {head}"
+    elif stamp:
+        state["revision"] = f"timestamp {stamp[0]}"
+    manifest = open_inside(directory, ["Manifest"])
+    if manifest is not None and not stat.S_ISREG(os.fstat(manifest).st_mode):
+        os.close(manifest)
+    elif manifest is not None:
+        with contextlib.suppress(OSError), os.fdopen(manifest, "rb") as handle:
+            digest = hashlib.sha256()
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+            state["manifest"] = "sha256 " + digest.hexdigest()
+    return state
+
+
+def repository_states(env):
+    """{repository: repository_state} of the binhost's tree, as a publication records it."""
+    return {name: repository_state(directory, env.root) for name, directory in sorted(binhost_repositories(env).items())
+            if os.path.isdir(directory)}
+
+
+def make_conf_cpu_flags(root):
+    """The -m words (-march=..., -mavx2, ...) of the CFLAGS-like variables in root's make.conf."""
+    text, words = make_conf_texts(root), []
+    for assignment in _assignments(text):
+        if assignment.name in FLAGS_VARIABLES:
+            value = _unquote(text[assignment.start:assignment.end], assignment.quote)
+            words += [word for word in value.split() if word.startswith("-m") and word not in words]
+    return words
+
+
+def isa_this_cpu_lacks(flags, runner):
+    """The instruction-set macros (__AVX512F__, ...) gcc defines for flags but not for this CPU's
+    -march=native: code built with flags could die with SIGILL here. None if gcc cannot tell."""
+    gcc = shutil.which("gcc")
+    if not gcc:
+        return None
+
+    def macros(options):
+        result = runner.read([gcc, *options, "-dM", "-E", "-x", "c", "/dev/null"], check=False)
+        if result.returncode != 0:
+            return None
+        return {line.split()[1] for line in result.stdout.splitlines() if line.startswith("#define ")}
+
+    native = macros(["-march=native"])
+    wanted = macros(flags) if flags else set()
+    if native is None or wanted is None:
+        return None
+    # Feature macros are upper case (__AVX2__); arch and tuning names (__znver3__) are not.
+    return sorted(name for name in wanted - native
+                  if re.fullmatch(r"__[A-Z0-9_]+__|__ARM_FEATURE_[A-Z0-9_]+|__ARM_NEON[A-Z0-9_]*", name))
+
+
+def root_has_program(root, name):
+    return any(os.path.lexists(os.path.join(root, directory.lstrip("/"), name))
+               for directory in CHROOT_PATH.split(":"))
+
+
+# What a stage3 fills with programs, libraries and state: a writable download directory is never
+# bound over them.
+SYSTEM_CONTENT_PLACES = ("/etc", "/usr/bin", "/usr/sbin", "/usr/lib", "/usr/lib32", "/usr/lib64", "/usr/libexec",
+                         "/usr/include", "/usr/share", "/usr/src", "/var/db", "/var/lib", "/var/log")
+
+
+def profile_repository(configroot):
+    """Where make.profile's repository is inside configroot (e.g. /var/db/repos/gentoo for
+    ../../var/db/repos/gentoo/profiles/default/linux/amd64/23.0), or None."""
+    link = os.path.join(configroot, "etc/portage/make.profile")
+    if not os.path.islink(link):
+        return None
+    target = os.readlink(link)
+    if target.startswith("/") or "/profiles" not in "/" + target:
+        return None
+    inside = os.path.normpath(os.path.join("/etc/portage", target))
+    return inside.split("/profiles", 1)[0] or None
+
+
+def repository_name(directory):
+    """The name a repository directory gives itself (profiles/repo_name, else layout.conf's
+    repo-name), or None."""
+    name = read_inside(directory, "profiles/repo_name").strip().splitlines()
+    if name:
+        return name[0].strip()
+    layout = re.search(r"^\s*repo-name\s*=\s*(\S+)", read_inside(directory, "metadata/layout.conf"), re.MULTILINE)
+    return layout.group(1) if layout else None
+
+
+def repositories_kept_in_root(env):
+    """{name: location} of the repositories that live inside the binhost root: on a build machine
+    without Gentoo (no host chroot) that builds with the chroot method, each one the root's
+    repos.conf names (the target's) at a place this machine does not have, and Gentoo's when
+    make.profile points into its default place. They are synced there, by the root's Portage."""
+    if env.host_chroot:
+        return {}
+    configured = configured_repositories(env.root)
+    if profile_repository(env.root) == DEFAULT_REPOSITORY and DEFAULT_REPOSITORY not in configured.values():
+        configured.setdefault("gentoo", DEFAULT_REPOSITORY)
+    return {name: location.rstrip("/") for name, location in configured.items()
+            if safe_place(location) and not os.path.isdir(location)}
+
+
+def chroot_build_binds(env, trees_writable=False):
+    """(place inside the binhost root, build host directory, read-only) for a chroot build: each
+    repository the copied configuration names, at the place it names, and the profile's, read-only;
+    a repository kept inside the root, onto itself read-only (writable for its sync: trees_writable,
+    so a query that starts meanwhile finds it mounted and does not cover it read-only);
+    [binhost] distdir, when set, read-write at the target's DISTDIR. The places come from a target:
+    only what looks like what it claims is bound, and nothing it names is bound writable."""
+    repositories = set(configured_repositories(env.root).values()) | {DEFAULT_REPOSITORY}
+    profile_dir = profile_repository(env.root)
+    if profile_dir:
+        repositories.add(profile_dir)
+    binds = []
+    for place in sorted({place.rstrip("/") for place in repositories if safe_place(place)}):
+        source = under(env.host_chroot, place)
+        inside = under(env.root, place)
+        is_repository = any(os.path.exists(os.path.join(source, marker))
+                            for marker in ("profiles/repo_name", "metadata/layout.conf"))
+        # config pull links each repository in for the root method: the mount replaces that link
+        # (prepare_bind_points), which here resolves to the very source it names.
+        linked_for_root_method = os.path.islink(inside) and os.readlink(inside) == place
+        if os.path.isdir(source) and is_repository and (linked_for_root_method
+                                                        or os.path.realpath(source) != os.path.realpath(inside)):
+            binds.append((place, source, True))
+    for place in sorted(set(repositories_kept_in_root(env).values()) - {place for place, _, _ in binds}):
+        inside = under(env.root, place)
+        if symlink_below(env.root, inside) is None and holds_repository(inside):
+            binds.append((place, "{}", not trees_writable))  # "{}": the very mount point, as checked
+    if env.distdir:
+        text = make_conf_texts(env.root)
+        distdirs = [_unquote(text[a.start:a.end], a.quote) for a in _assignments(text) if a.name == "DISTDIR"]
+        distdir = (distdirs[-1] if distdirs else "/var/cache/distfiles").rstrip("/")
+        # A repository kept in the root is this machine's nowhere: a writable DISTDIR must not reach it.
+        kept_places = repositories_kept_in_root(env).values()
+        if (not safe_place(distdir) or distdir in {place for place, _, _ in binds}
+                or any(distdir.startswith(place + "/") or place.startswith(distdir + "/") for place in kept_places)
+                or any(distdir == place or distdir.startswith(place + "/") for place in SYSTEM_CONTENT_PLACES)):
+            raise BinhostError(f"DISTDIR = {distdir} in {env.root}/etc/portage/make.conf (the target's) is"
+                               f" not a place to bind [binhost] distdir = {env.distdir} at (a system"
+                               " directory, or a repository): set DISTDIR to a directory of its own on the"
+                               " target, e.g. /var/cache/distfiles, and run config pull")
+        if not os.path.isdir(env.distdir):
+            raise BinhostError(f"[binhost] distdir = {env.distdir} does not exist: create it, or remove"
+                               f" the key from {env.config_path}")
+        binds.append((distdir, env.distdir, False))
+    return binds
+
+
+# ---- Portage's environment for what runs there: ROOT, EMERGE_DEFAULT_OPTS, distcc --------------
 
 def check_binhost_root(env):
     root = env.root
@@ -2455,88 +3617,24 @@ def root_environment(env):
     return {"ROOT": root, "PORTAGE_CONFIGROOT": root}
 
 
-# EMERGE_DEFAULT_OPTS travels with the target's make.conf into the binhost root. Every emerge we
-# run (the plan, the build, the gate, the install) gets the same filtered value in its environment,
-# so the four answer one question, and the binhost's make.conf stays an exact copy. Dropped: what
-# asks (kept for an install on a terminal), what changes the lines a plan is read from, what
-# decides whether binaries are written or used (ours decide), what only pretends or fetches, and
-# what writes the configuration. Everything else is kept: --jobs, --load-average, --with-bdeps,
-# --exclude, --changed-deps, --keep-going, ...
-EMERGE_OPTS_ASKING = frozenset({"--ask", "--ask-enter-invalid"})
-EMERGE_OPTS_DROPPED = frozenset({
-    "--columns", "--quiet-repo-display", "--tree", "--unordered-display", "--changelog", "--quiet",
-    "--verbose", "--verbose-conflicts", "--verbose-slot-rebuilds", "--color", "--nospinner", "--alert",
-    "--quiet-fail", "--buildpkg", "--buildpkgonly", "--buildpkg-exclude", "--usepkg", "--usepkgonly",
-    "--usepkg-exclude", "--usepkg-exclude-live", "--getbinpkg", "--getbinpkgonly", "--binpkg-respect-use",
-    "--binpkg-changed-deps", "--rebuilt-binaries", "--rebuilt-binaries-timestamp", "--pretend",
-    "--fetchonly", "--fetch-all-uri", "--autounmask-write", "--autounmask-continue", "--search",
-    "--searchdesc", "--regex-search-auto", "--ignore-default-opts"})
-# Short forms: -a -p -f -t -q -v -l -b -B -k -K -g -G.
-EMERGE_SHORT_OPTIONS = {"a": "--ask", "p": "--pretend", "f": "--fetchonly", "t": "--tree", "q": "--quiet",
-                        "v": "--verbose", "l": "--changelog", "b": "--buildpkg", "B": "--buildpkgonly",
-                        "k": "--usepkg", "K": "--usepkgonly", "g": "--getbinpkg", "G": "--getbinpkgonly"}
-# Options whose value may be the next word (others take one only as y/n or a number).
-EMERGE_OPTS_WITH_VALUE = frozenset({
-    "--buildpkg-exclude", "--exclude", "--usepkg-exclude", "--rebuild-exclude", "--rebuild-ignore",
-    "--reinstall-atoms", "--useoldpkg-atoms", "--getbinpkg-exclude", "--getbinpkg-include", "--backtrack",
-    "--config-root", "--root", "--sysroot", "--prefix", "--accept-properties", "--accept-restrict",
-    "--rebuilt-binaries-timestamp", "--reinstall", "--with-bdeps", "--with-test-deps", "--color",
-    "--jobs", "--load-average", "--deep", "--binpkg-respect-use", "--binpkg-changed-deps"})
-OPTIONAL_OPTION_VALUE = re.compile(r"y|n|yes|no|true|false|[0-9.]+", re.IGNORECASE)
-
-
-def filter_emerge_default_opts(value, interactive=False):
-    """EMERGE_DEFAULT_OPTS as our emerge runs may use it (see above); interactive: an install on
-    a terminal, where --ask can be answered."""
-    try:
-        words = shlex.split(value)
-    except ValueError:
-        words = value.split()
-    dropped = EMERGE_OPTS_DROPPED | (frozenset() if interactive else EMERGE_OPTS_ASKING)
-    kept, position = [], 0
-    while position < len(words):
-        word, position = words[position], position + 1
-        following = words[position] if position < len(words) else None
-        if word.startswith("--"):
-            name = word.partition("=")[0]
-            option = [word]
-            if "=" not in word and following is not None and not following.startswith("-") and (
-                    name in EMERGE_OPTS_WITH_VALUE or OPTIONAL_OPTION_VALUE.fullmatch(following)):
-                option.append(following)
-                position += 1
-            if name not in dropped:
-                kept += option
-        elif re.fullmatch(r"-[A-Za-z0-9]+", word):
-            letters = [letter for letter in re.findall(r"j[0-9]*|[A-Za-z0-9]", word[1:])
-                       if EMERGE_SHORT_OPTIONS.get(letter) not in dropped]
-            if letters:
-                kept.append("-" + "".join(letters))
-                if letters[-1] == "j" and following is not None and following.isdigit():
-                    kept.append(following)
-                    position += 1
-            elif word.endswith("j") and following is not None and following.isdigit():
-                position += 1
-        else:
-            kept.append(word)
-    return shlex.join(kept)
-
-
-def make_conf_value(text, name):
-    """The value make.conf gives name: its last assignment, with references to name itself
-    (NAME="${NAME} ...") expanded."""
-    value = ""
-    for assignment in _assignments(text):
-        if assignment.name == name:
-            raw = _unquote(text[assignment.start:assignment.end], assignment.quote)
-            previous = value
-            value = re.sub(r"\$\{%s\}|\$%s\b" % (name, name), lambda _match: previous, raw).strip()
-    return value
-
-
 def emerge_default_opts(env, interactive=False):
     """The filtered EMERGE_DEFAULT_OPTS of the binhost root's make.conf (the target's copy)."""
     return filter_emerge_default_opts(make_conf_value(make_conf_texts(env.root), "EMERGE_DEFAULT_OPTS"),
                                       interactive)
+
+
+def distcc_hosts(spec):
+    """The helper hosts of a DISTCC_HOSTS value (options such as --randomize left out)."""
+    return [word for word in spec.split() if not word.startswith("-")]
+
+
+def distcc_slots(spec):
+    """Parallel jobs for MAKEOPTS: each host's /N (distcc's default: 2 for localhost, 4 otherwise)."""
+    total = 0
+    for host in distcc_hosts(spec):
+        limit = re.match(r"[^/]*/(\d+)", host)
+        total += int(limit.group(1)) if limit else (2 if host.startswith("localhost") else 4)
+    return max(total, 1)
 
 
 def portage_environment(env):
@@ -2575,20 +3673,6 @@ def check_no_signing_in_builds(env):
                            " which Portage's package step reads again in every build: the binhost signs its"
                            " packages itself (README: 'Signing outside the build'); remove binpkg-signing from"
                            " the target's make.conf, then run config pull")
-
-
-def distcc_hosts(spec):
-    """The helper hosts of a DISTCC_HOSTS value (options such as --randomize left out)."""
-    return [word for word in spec.split() if not word.startswith("-")]
-
-
-def distcc_slots(spec):
-    """Parallel jobs for MAKEOPTS: each host's /N (distcc's default: 2 for localhost, 4 otherwise)."""
-    total = 0
-    for host in distcc_hosts(spec):
-        limit = re.match(r"[^/]*/(\d+)", host)
-        total += int(limit.group(1)) if limit else (2 if host.startswith("localhost") else 4)
-    return max(total, 1)
 
 
 DISTCC_PROBE_SOURCE = "int gentoo_binhost_probe;\n"
@@ -2667,6 +3751,8 @@ def check_distcc_helpers(env, build_host):
                             + (": compiled natively there, not emulated here)" if emulated else ")" if foreign else ""))
 
 
+# ---- the build lock: one build per binhost root at a time --------------------------------------
+
 HELD_BUILD_LOCKS = set()  # the build locks this process holds (flock is per open file)
 
 
@@ -2744,146 +3830,13 @@ def build_lock(env):
             fcntl.flock(lock_file, fcntl.LOCK_UN)
 
 
-# ---- the Packages index: the one parser of its entries ----------------------------------------
-
-def index_fields(block):
-    """{field: value} of one block of a Packages index."""
-    return dict(line.split(": ", 1) for line in block.splitlines() if ": " in line)
-
-
-def index_blocks(index_text):
-    """(header, [(fields, block text)]) of a Packages index: the one parser of its entries."""
-    header, *blocks = index_text.split("\n\n") if index_text else [""]
-    entries = [(fields, block.strip("\n")) for fields, block in ((index_fields(block), block) for block in blocks)
-               if fields.get("CPV")]
-    return header, entries
-
-
-def entry_path(fields):
-    """Where an index entry's package file is, relative to PKGDIR (old indexes omit PATH)."""
-    return fields.get("PATH") or fields["CPV"] + ".tbz2"
-
-
-def index_entries(index_text):
-    """The entries of a Packages index as dicts of their fields (the header block left out)."""
-    return [fields for fields, _ in index_blocks(index_text)[1]]
-
-
-def index_keeping(index_text, wanted):
-    """The index with only the entries whose fields wanted(fields) accepts."""
-    header, *blocks = index_text.split("\n\n")
-    kept = [block for block in blocks if not block.strip() or wanted(index_fields(block))]
-    return "\n\n".join([header] + kept)
-
-
-# Portage asks for the index with If-Modified-Since = its copy's TIMESTAMP + this many seconds
-# (TIMESTAMP_TOLERANCE in portage/util/_urlopen.py).
-PORTAGE_TIMESTAMP_TOLERANCE = 5
-
-
-def index_timestamp(index_text):
-    """The TIMESTAMP of an index's header, 0 when it has none."""
-    match = re.search(r"^TIMESTAMP: *(\d+)$", index_text.split("\n\n", 1)[0], re.MULTILINE)
-    return int(match.group(1)) if match else 0
-
-
-def with_timestamp(index_text, stamp):
-    return re.sub(r"^TIMESTAMP: *\d*$", f"TIMESTAMP: {stamp}", index_text, count=1, flags=re.MULTILINE)
-
-
-def next_timestamp(at_least, earlier):
-    """A TIMESTAMP from at_least on, later than every earlier one and never exactly
-    PORTAGE_TIMESTAMP_TOLERANCE after one: a target holding that index would ask with that very
-    date (If-Modified-Since) and get a 304."""
-    stamp = max([at_least] + [each + 1 for each in earlier])
-    while any(stamp - each == PORTAGE_TIMESTAMP_TOLERANCE for each in earlier):
-        stamp += 1
-    return stamp
-
-
-def gzip_bytes(text, mtime):
-    compressed = io.BytesIO()
-    with gzip.GzipFile(filename="", mode="wb", fileobj=compressed, mtime=mtime) as stream:
-        stream.write(text.encode("utf-8", "surrogateescape"))
-    return compressed.getvalue()
-
-
-# ---- publishing: targets see complete builds only ------------------------------------------------
-
-# Published indexes live in PKGDIR/.published/<ID>/ (a dot directory, never served as it is):
-# `current` links to the one serve (and nginx) answers /Packages with. Portage rewrites
-# PKGDIR/Packages after every package it builds; targets never see that working index while a
-# publication exists. Package files are never copied: with binpkg-multi-instance each build is a
-# file of its own, so every file an older publication names stays in place until clean.
-PUBLISHED_DIR = ".published"
-CURRENT_PUBLICATION = "current"
-DEFAULT_PUBLISH_KEEP = 5
-
-# A staged publication is served at /[ENV/]_staged/<token>/ (its index; packages as under /)
-# while the gate asks the targets about it; only then does it become a publication.
-STAGED_URL_DIR = "_staged"
-STAGED_PREFIX = ".staged-"
-STAGED_TOKEN = re.compile(r"[A-Za-z0-9]{16,64}")
-# In the publications directory: the package files clean has given up, "PATH MD5" a line. The
-# MD5 tells a retired build from a new one at the same path (without binpkg-multi-instance).
-RETIRED_LIST = "retired"
-# In the publications directory: the rollbacks' holds (JSON), and per target the packages it had
-# installed when it was last asked (clean keeps their binaries).
-HOLDS_FILE = "holds.json"
-INSTALLED_DIR = "installed"
-
+# ---- the package store: PKGDIR, its index, publications, retired builds, holds -----------------
 
 def is_retired(fields, retired):
     """Whether an index entry is a retired build (the same file, not a new build at its path)."""
     path = entry_path(fields)
     return path in retired and retired[path] in ("", fields.get("MD5", ""))
 
-
-# ---- Gentoo versions (PMS 3.3), for holds on "every newer version" --------------------------------
-
-VERSION_PARTS = re.compile(r"(?P<numbers>[0-9]+(?:\.[0-9]+)*)(?P<letter>[a-z]?)"
-                           r"(?P<suffixes>(?:_(?:alpha|beta|pre|rc|p)[0-9]*)*)(?:-r(?P<revision>[0-9]+))?")
-SUFFIX_ORDER = {"alpha": 0, "beta": 1, "pre": 2, "rc": 3, "p": 5}  # no suffix ranks 4
-
-
-def _compare(left, right):
-    return (left > right) - (left < right)
-
-
-def compare_versions(left, right):
-    """Below, equal to or above 0 as Gentoo orders the versions left and right."""
-    one, other = VERSION_PARTS.fullmatch(left), VERSION_PARTS.fullmatch(right)
-    if not one or not other:
-        return _compare(left, right)
-    numbers, others = one.group("numbers").split("."), other.group("numbers").split(".")
-    result = _compare(int(numbers[0]), int(others[0]))
-    for mine, theirs in zip(numbers[1:], others[1:]):
-        if result:
-            return result
-        # A component with a leading zero compares as a decimal fraction (1.01 < 1.1).
-        result = (_compare(mine.rstrip("0"), theirs.rstrip("0")) if mine[0] == "0" or theirs[0] == "0"
-                  else _compare(int(mine), int(theirs)))
-    result = result or _compare(len(numbers), len(others)) or _compare(one.group("letter"), other.group("letter"))
-    if result:
-        return result
-    suffixes = re.findall(r"_([a-z]+)([0-9]*)", one.group("suffixes"))
-    other_suffixes = re.findall(r"_([a-z]+)([0-9]*)", other.group("suffixes"))
-    for (kind, number), (other_kind, other_number) in zip(suffixes, other_suffixes):
-        result = _compare(SUFFIX_ORDER[kind], SUFFIX_ORDER[other_kind]) or _compare(int(number or 0),
-                                                                                  int(other_number or 0))
-        if result:
-            return result
-    if len(suffixes) != len(other_suffixes):
-        longer, sign = (suffixes, 1) if len(suffixes) > len(other_suffixes) else (other_suffixes, -1)
-        return sign if longer[min(len(suffixes), len(other_suffixes))][0] == "p" else -sign
-    return _compare(int(one.group("revision") or 0), int(other.group("revision") or 0))
-
-
-def cpv_version(cpv):
-    return cpv[len(cpv_package_name(cpv)) + 1:]
-
-
-# ---- holds: what a rollback withdrew stays out until released ------------------------------------
 
 def hold_on(cpv, path, holds):
     """The hold that keeps a build (or a version) out of publications, or None: the build itself
@@ -2897,8 +3850,6 @@ def hold_on(cpv, path, holds):
             return hold
     return None
 
-
-# ---- the next publication ---------------------------------------------------------------------------
 
 class StagedPublication:
     """An index written as the next publication would be, not yet served as the current one."""
@@ -2915,22 +3866,20 @@ class StagedPublication:
         return read_text(os.path.join(self.directory, "Packages"))
 
 
-def offered_builds(index_text):
-    """What an index offers, as a set of builds (PATH, MD5): a field Portage drops or adds when it
-    rewrites its index (REPO_REVISIONS, say) changes nothing for a target."""
-    return {(entry_path(fields), fields.get("MD5", "")) for fields, _ in index_blocks(index_text)[1]}
+def all_packages(pkgdir):
+    return sorted(os.path.join(directory, name) for directory, _dirs, files in os.walk(pkgdir)
+                  for name in files if name.endswith(".gpkg.tar"))
 
 
-def set_changes(old_text, new_text):
-    """(added, updated, removed) CPVs of the index new_text compared with old_text."""
-    new = {fields["CPV"]: fields for fields, _ in index_blocks(new_text)[1]}
-    old = {fields["CPV"]: fields for fields, _ in index_blocks(old_text)[1]}
-    updated = [cpv for cpv in set(new) & set(old)
-               if (new[cpv].get("MD5"), new[cpv].get("BUILD_ID")) != (old[cpv].get("MD5"), old[cpv].get("BUILD_ID"))]
-    return sorted(set(new) - set(old)), sorted(updated), sorted(set(old) - set(new))
+def package_in(pkgdir, relative):
+    """PKGDIR/relative, for a PATH a build wrote into the index: inside PKGDIR, through no link."""
+    path = os.path.join(pkgdir, relative)
+    if (relative.startswith("/") or ".." in relative.split("/")
+            or os.path.realpath(path) != os.path.normpath(os.path.join(os.path.realpath(pkgdir), relative))):
+        raise BinhostError(f"{path}: the index names a package outside {pkgdir} or through a link:"
+                           " remove it and rebuild")
+    return path
 
-
-# ---- the package store: PKGDIR, its index, publications, retired builds and holds -------------
 
 class PackageStore:
     """An environment's PKGDIR (env.packages): the index Portage writes there, read through the one
@@ -3393,199 +4342,65 @@ class PendingPublication:
         return self.env.packages.publish(self.why, self.produced, self.removed, prune=False)
 
 
-# ---- the binhost root as its configuration describes it: make.conf, repositories -----------------
-
-def make_conf_texts(root):
-    """The text of root's make.conf: a file, or the files of a make.conf/ directory in order. It
-    came from a target: read through no link that leads out of the root (a link to this machine's
-    files, a FIFO that would hang us, read as nothing)."""
-    path = os.path.join(root, "etc/portage/make.conf")
-    if os.path.isdir(path) and symlink_below(root, path) is None:
-        return "\n".join(read_inside(root, f"etc/portage/make.conf/{name}", absolute_from_root=True)
-                         for name in sorted(os.listdir(path)) if not name.startswith("."))
-    return read_inside(root, "etc/portage/make.conf", absolute_from_root=True)
-
-
-def make_conf_cpu_flags(root):
-    """The -m words (-march=..., -mavx2, ...) of the CFLAGS-like variables in root's make.conf."""
-    text, words = make_conf_texts(root), []
-    for assignment in _assignments(text):
-        if assignment.name in FLAGS_VARIABLES:
-            value = _unquote(text[assignment.start:assignment.end], assignment.quote)
-            words += [word for word in value.split() if word.startswith("-m") and word not in words]
-    return words
-
-
-def isa_this_cpu_lacks(flags, runner):
-    """The instruction-set macros (__AVX512F__, ...) gcc defines for flags but not for this CPU's
-    -march=native: code built with flags could die with SIGILL here. None if gcc cannot tell."""
-    gcc = shutil.which("gcc")
-    if not gcc:
-        return None
-
-    def macros(options):
-        result = runner.read([gcc, *options, "-dM", "-E", "-x", "c", "/dev/null"], check=False)
-        if result.returncode != 0:
-            return None
-        return {line.split()[1] for line in result.stdout.splitlines() if line.startswith("#define ")}
-
-    native = macros(["-march=native"])
-    wanted = macros(flags) if flags else set()
-    if native is None or wanted is None:
-        return None
-    # Feature macros are upper case (__AVX2__); arch and tuning names (__znver3__) are not.
-    return sorted(name for name in wanted - native
-                  if re.fullmatch(r"__[A-Z0-9_]+__|__ARM_FEATURE_[A-Z0-9_]+|__ARM_NEON[A-Z0-9_]*", name))
-
-
-def root_has_program(root, name):
-    return any(os.path.lexists(os.path.join(root, directory.lstrip("/"), name))
-               for directory in CHROOT_PATH.split(":"))
-
-
-# Where a target's configuration may make us mount or link something: never a system directory.
-SYSTEM_PLACES = ("/bin", "/boot", "/dev", "/etc", "/home", "/lib", "/lib32", "/lib64", "/opt", "/proc",
-                 "/root", "/run", "/sbin", "/sys", "/tmp", "/usr", "/var")
-
-
-# What a stage3 fills with programs, libraries and state: a writable download directory is never
-# bound over them.
-SYSTEM_CONTENT_PLACES = ("/etc", "/usr/bin", "/usr/sbin", "/usr/lib", "/usr/lib32", "/usr/lib64", "/usr/libexec",
-                         "/usr/include", "/usr/share", "/usr/src", "/var/db", "/var/lib", "/var/log")
-
-
-def safe_place(place):
-    """A repository or DISTDIR path from a target's configuration, fit to be mounted or linked
-    at inside the binhost root: absolute, normal, and deeper than a system directory."""
-    return (place.startswith("/") and "$" not in place and posixpath.normpath(place) == place.rstrip("/")
-            and place.rstrip("/") not in SYSTEM_PLACES and place.rstrip("/").count("/") >= 2
-            and not place.startswith(("/proc/", "/sys/", "/dev/", "/run/")))
-
-
-DEFAULT_REPOSITORY = "/var/db/repos/gentoo"
-
-
-def configured_repositories(configroot):
-    """{name: location} of the repos.conf under configroot/etc/portage (a file or a directory)."""
-    return repository_locations({name: ("file", 0, text.encode("utf-8", "surrogateescape"))
-                                 for name, text in repos_conf_files(configroot).items()})
-
-
-def repos_conf_files(configroot):
-    """{etc/portage/repos.conf/...: text} under configroot (the file, or the files of the
-    directory), read through no link out of configroot: in the binhost root it is a target's."""
-    base = os.path.join(configroot, "etc/portage/repos.conf")
-    paths = [base] if os.path.isfile(base) else sorted(
-        os.path.join(directory, name) for directory, _dirs, names in os.walk(base) for name in names)
-    return {os.path.relpath(path, configroot): read_inside(configroot, os.path.relpath(path, configroot),
-                                                           absolute_from_root=True)
-            for path in paths}
-
-
-def profile_repository(configroot):
-    """Where make.profile's repository is inside configroot (e.g. /var/db/repos/gentoo for
-    ../../var/db/repos/gentoo/profiles/default/linux/amd64/23.0), or None."""
-    link = os.path.join(configroot, "etc/portage/make.profile")
-    if not os.path.islink(link):
-        return None
-    target = os.readlink(link)
-    if target.startswith("/") or "/profiles" not in "/" + target:
-        return None
-    inside = os.path.normpath(os.path.join("/etc/portage", target))
-    return inside.split("/profiles", 1)[0] or None
-
-
-def repository_name(directory):
-    """The name a repository directory gives itself (profiles/repo_name, else layout.conf's
-    repo-name), or None."""
-    name = read_inside(directory, "profiles/repo_name").strip().splitlines()
-    if name:
-        return name[0].strip()
-    layout = re.search(r"^\s*repo-name\s*=\s*(\S+)", read_inside(directory, "metadata/layout.conf"), re.MULTILINE)
-    return layout.group(1) if layout else None
-
-
-def holds_repository(directory):
-    return any(os.path.isfile(os.path.join(directory, marker)) for marker in ("profiles/repo_name", "metadata/layout.conf"))
-
-
-def repositories_kept_in_root(env):
-    """{name: location} of the repositories that live inside the binhost root: on a build machine
-    without Gentoo (no host chroot) that builds with the chroot method, each one the root's
-    repos.conf names (the target's) at a place this machine does not have, and Gentoo's when
-    make.profile points into its default place. They are synced there, by the root's Portage."""
-    if env.host_chroot:
-        return {}
-    configured = configured_repositories(env.root)
-    if profile_repository(env.root) == DEFAULT_REPOSITORY and DEFAULT_REPOSITORY not in configured.values():
-        configured.setdefault("gentoo", DEFAULT_REPOSITORY)
-    return {name: location.rstrip("/") for name, location in configured.items()
-            if safe_place(location) and not os.path.isdir(location)}
-
-
-def repository_directory(env, location):
-    """Where a repository the binhost root's configuration names is, seen from here: on the build
-    host; else, on a build machine without it (no host chroot), inside the binhost root, when it
-    is there, reached through no link (the root's own content is not this machine's)."""
-    on_host = under(env.host_chroot, location)
-    inside = under(env.root, location)
-    if (not env.host_chroot and safe_place(location) and not os.path.isdir(on_host)
-            and symlink_below(env.root, inside) is None and holds_repository(inside)):
-        return inside
-    return on_host
-
-
-def chroot_build_binds(env, trees_writable=False):
-    """(place inside the binhost root, build host directory, read-only) for a chroot build: each
-    repository the copied configuration names, at the place it names, and the profile's, read-only;
-    a repository kept inside the root, onto itself read-only (writable for its sync: trees_writable,
-    so a query that starts meanwhile finds it mounted and does not cover it read-only);
-    [binhost] distdir, when set, read-write at the target's DISTDIR. The places come from a target:
-    only what looks like what it claims is bound, and nothing it names is bound writable."""
-    repositories = set(configured_repositories(env.root).values()) | {DEFAULT_REPOSITORY}
-    profile_dir = profile_repository(env.root)
-    if profile_dir:
-        repositories.add(profile_dir)
-    binds = []
-    for place in sorted({place.rstrip("/") for place in repositories if safe_place(place)}):
-        source = under(env.host_chroot, place)
-        inside = under(env.root, place)
-        is_repository = any(os.path.exists(os.path.join(source, marker))
-                            for marker in ("profiles/repo_name", "metadata/layout.conf"))
-        # config pull links each repository in for the root method: the mount replaces that link
-        # (prepare_bind_points), which here resolves to the very source it names.
-        linked_for_root_method = os.path.islink(inside) and os.readlink(inside) == place
-        if os.path.isdir(source) and is_repository and (linked_for_root_method
-                                                        or os.path.realpath(source) != os.path.realpath(inside)):
-            binds.append((place, source, True))
-    for place in sorted(set(repositories_kept_in_root(env).values()) - {place for place, _, _ in binds}):
-        inside = under(env.root, place)
-        if symlink_below(env.root, inside) is None and holds_repository(inside):
-            binds.append((place, "{}", not trees_writable))  # "{}": the very mount point, as checked
-    if env.distdir:
-        text = make_conf_texts(env.root)
-        distdirs = [_unquote(text[a.start:a.end], a.quote) for a in _assignments(text) if a.name == "DISTDIR"]
-        distdir = (distdirs[-1] if distdirs else "/var/cache/distfiles").rstrip("/")
-        # A repository kept in the root is this machine's nowhere: a writable DISTDIR must not reach it.
-        kept_places = repositories_kept_in_root(env).values()
-        if (not safe_place(distdir) or distdir in {place for place, _, _ in binds}
-                or any(distdir.startswith(place + "/") or place.startswith(distdir + "/") for place in kept_places)
-                or any(distdir == place or distdir.startswith(place + "/") for place in SYSTEM_CONTENT_PLACES)):
-            raise BinhostError(f"DISTDIR = {distdir} in {env.root}/etc/portage/make.conf (the target's) is"
-                               f" not a place to bind [binhost] distdir = {env.distdir} at (a system"
-                               " directory, or a repository): set DISTDIR to a directory of its own on the"
-                               " target, e.g. /var/cache/distfiles, and run config pull")
-        if not os.path.isdir(env.distdir):
-            raise BinhostError(f"[binhost] distdir = {env.distdir} does not exist: create it, or remove"
-                               f" the key from {env.config_path}")
-        binds.append((distdir, env.distdir, False))
-    return binds
-
-
-# ---- the build methods: where Portage runs for an environment, and what each one needs ----------
+# ---- the build methods: where Portage runs for an environment, and what each one needs ---------
 # Each entry owns where its Portage runs (host), how the root's repositories reach that Portage
 # (links, or binds and repositories kept in the root), what its emerge gets, and what it checks
 # and prepares before a build; choose_build_method picks one per environment.
+
+def kept_repositories(env):
+    """The repositories the build method in use keeps inside the binhost root (asked only without
+    a host chroot)."""
+    if env.host_chroot:
+        return {}
+    return env.method[0].kept_repositories(env)
+
+
+def link_repositories_into(env):
+    """On a real system make.profile is a relative link into the ebuild repository
+    (../../var/db/repos/gentoo/profiles/...); copied into the binhost root, it points into the
+    binhost root, where a stage3 has no repository. Portage reads each repository where repos.conf
+    says, on the build host (in the host chroot, with one): so each one gets a link at its place
+    in the binhost root, and so does the profile's, to the build host's repository. The chroot
+    method binds each repository over its link for the build (chroot_build_binds)."""
+    chroot = env.host_chroot
+    repositories = configured_repositories(env.root)
+    wanted = {location.rstrip("/"): location.rstrip("/") for location in repositories.values() if safe_place(location)}
+    wanted.setdefault(DEFAULT_REPOSITORY, DEFAULT_REPOSITORY)
+    profile_dir = profile_repository(env.root)
+    if profile_dir and profile_dir not in wanted and safe_place(profile_dir):
+        # Its name inside the binhost root is the target's; the repository is the one of that name.
+        same_name = [location for location in repositories.values()
+                     if os.path.basename(location.rstrip("/")) == os.path.basename(profile_dir)]
+        wanted[profile_dir] = same_name[0] if same_name else profile_dir
+    for inside, location in sorted(wanted.items()):
+        link = under(env.root, inside)
+        check_no_symlink_below(env.root, os.path.dirname(link))  # a build in the root may have planted one
+        mount_point = (os.path.isdir(link) and not os.path.islink(link) and not os.path.ismount(link)
+                       and not os.listdir(link))
+        if mount_point:
+            env.runner.remove_directory(link)  # the empty mount point a chroot build left
+        # Gentoo's repository is linked before it is synced in a host chroot; a build machine
+        # without it keeps it inside the binhost root instead (repositories_kept_in_root).
+        on_build_host = os.path.isdir(under(env.host_chroot, location)) or (location == DEFAULT_REPOSITORY and chroot)
+        if (os.path.lexists(link) and not mount_point) or not on_build_host:
+            continue
+        if not os.path.isdir(os.path.dirname(link)):
+            env.runner.make_directory(os.path.dirname(link))
+        env.runner.symlink(location, link)
+        if not env.runner.pretend:  # --pretend showed the command
+            env.output.info(f"{link} -> {location} (the repository on {'the host chroot' if chroot else 'this machine'},"
+                            " so the copied make.profile resolves)")
+    profile = os.path.join(env.root, "etc/portage/make.profile")
+    if (os.path.islink(profile) and not env.runner.pretend
+            and not os.path.exists(resolved_under(env.host_chroot, profile))):
+        if profile_dir in kept_repositories(env).values():
+            env.output.info(f"{profile} -> {os.readlink(profile)} resolves once {profile_dir} is synced inside the"
+                            " binhost root, which comes before any build there")
+            return
+        env.output.warn(f"{profile} -> {os.readlink(profile)} does not resolve: the repository it points into"
+                        f" is not on {'the host chroot' if chroot else 'this machine'}; sync it there"
+                        f" ('{PROG} doctor' checks this)")
+
 
 class RootMethod:
     """build-method = root: the build host's Portage (this machine's, or the host chroot's) with
@@ -3741,6 +4556,8 @@ class Environment:
     def __getattr__(self, name):  # only for what the object itself lacks: a setting
         if name == "settings" or name.startswith("__"):  # not made yet (a copy): no setting
             raise AttributeError(name)
+        if hasattr(type(self), name):  # a property of ours: Python lands here when it raised one
+            raise AttributeError(f"an AttributeError inside Environment.{name} (a bug, not a missing setting)")
         return getattr(self.settings, name)
 
     def __setattr__(self, name, value):
@@ -3807,13 +4624,6 @@ def gpg_read(runner, home, *args, input=None, check=True, describe=None):
         stop_gpg_agent(home, runner)
 
 
-def secret_key_fingerprints(home, runner):
-    if not os.path.isdir(home):
-        return []
-    result = gpg_read(runner, home, "--with-colons", "--list-secret-keys", check=False)
-    return colon_fingerprints(result.stdout, "sec")
-
-
 def colon_fingerprints(listing, record):
     """Primary-key fingerprints from `gpg --with-colons` output (`fpr` follows its `sec`/`pub`)."""
     fingerprints, expect = [], False
@@ -3825,6 +4635,13 @@ def colon_fingerprints(listing, record):
             fingerprints.append(fields[9])
             expect = False
     return fingerprints
+
+
+def secret_key_fingerprints(home, runner):
+    if not os.path.isdir(home):
+        return []
+    result = gpg_read(runner, home, "--with-colons", "--list-secret-keys", check=False)
+    return colon_fingerprints(result.stdout, "sec")
 
 
 def generate_signing_key(env, passphrase_file=None, force=False):
@@ -4193,21 +5010,6 @@ def is_signed_gpkg(path):
         raise BinhostError(f"{path} is not a readable GPKG ({error}): remove it and rebuild") from None
 
 
-def all_packages(pkgdir):
-    return sorted(os.path.join(directory, name) for directory, _dirs, files in os.walk(pkgdir)
-                  for name in files if name.endswith(".gpkg.tar"))
-
-
-def package_in(pkgdir, relative):
-    """PKGDIR/relative, for a PATH a build wrote into the index: inside PKGDIR, through no link."""
-    path = os.path.join(pkgdir, relative)
-    if (relative.startswith("/") or ".." in relative.split("/")
-            or os.path.realpath(path) != os.path.normpath(os.path.join(os.path.realpath(pkgdir), relative))):
-        raise BinhostError(f"{path}: the index names a package outside {pkgdir} or through a link:"
-                           " remove it and rebuild")
-    return path
-
-
 def sign_builds(env, host, packages):
     """Sign packages (paths relative to PKGDIR) here, then refresh the index, which names their
     old sizes and digests. The caller holds the build lock."""
@@ -4260,7 +5062,75 @@ def sign_test_message(env, message):
                     env.signing_key, input=message, describe="gpg --detach-sign").stdout
 
 
-# ---- building: emerge in the binhost root, then sign what it made --------------------------------
+# ---- building: the repositories synced, emerge in the binhost root, its builds signed ----------
+
+def repository_sync(configroot):
+    """{name: (auto-sync, whether it says how to sync)} as the repos.conf under configroot says:
+    a repository without sync-type and sync-uri (a local overlay) is never synced, and naming it
+    to emerge --sync would stop the sync of all. Gentoo's get both from Portage's own default."""
+    parser = configparser.ConfigParser(interpolation=None, strict=False)
+    for text in repos_conf_files(configroot).values():
+        with contextlib.suppress(configparser.Error):
+            parser.read_string(text)
+    return {name: (parser[name].get("auto-sync", "yes").strip().lower() in ("yes", "true"),
+                   name == "gentoo" or bool(parser[name].get("sync-type", "").strip()
+                                            and parser[name].get("sync-uri", "").strip()))
+            for name in parser.sections()}
+
+
+def sync_repositories(env, missing_only=False):
+    """emerge --sync where the build's repositories are: the host chroot, else this machine; and,
+    for those kept inside the binhost root (repositories_kept_in_root), there, by the root's own
+    Portage, with its own verification of Gentoo's snapshot, under the build lock. missing_only
+    (init, add-target, before a build): only the kept ones that are not there yet. Returns
+    whether it synced inside the root."""
+    kept = kept_repositories(env)
+    on_host = [directory for name, directory in binhost_repositories(env).items() if name not in kept]
+    # A machine without Gentoo has nothing to sync itself, unless it has some repository after all.
+    if not missing_only and (not kept or any(os.path.isdir(directory) for directory in on_host)):
+        host = env.host_for()
+        emerge = host.program("emerge", "put Portage's bin directory in PATH")
+        env.output.action(f"Syncing the ebuild repositories on {host.where}: emerge --sync")
+        result = host.run([emerge, "--sync"], check=False, own_group=True)
+        if result is not None and result.returncode != 0:
+            raise BinhostError(f"emerge --sync failed on {host.where} (exit {result.returncode})")
+    sync = repository_sync(env.root)
+    names = []
+    for name, location in sorted(kept.items()):
+        inside = under(env.root, location)
+        automatic, syncable = sync.get(name, (True, name == "gentoo"))
+        if not automatic or (missing_only and holds_repository(inside)):
+            continue
+        if not syncable:
+            if not holds_repository(inside):
+                env.output.warn(f"{name} ({location}) is on neither this machine nor in the binhost root, and its"
+                                f" repos.conf entry has no sync-type and sync-uri: put it at {inside}")
+            continue
+        check_no_symlink_below(env.root, os.path.dirname(inside))
+        older_link = os.path.islink(inside) and os.readlink(inside) == location  # older versions made it
+        if older_link:  # to this machine's missing location
+            env.runner.remove(inside)
+        if not (older_link and env.runner.pretend):
+            check_no_symlink_below(env.root, inside)
+        names.append(name)
+    if env.runner.pretend:  # one command may ask twice: shown once
+        names = [name for name in names if not env.decisions.get(("sync shown", name))]
+        env.decisions.update({("sync shown", name): True for name in names})
+    if not names:
+        return False
+    with build_lock(env):  # no build sees the tree half-written
+        host = env.host_for(env.method[0], trees_writable=True)
+        emerge = host.program("emerge", "the binhost root has no Portage: is it a stage3?")
+        host.mounts.exclusive = [os.path.realpath(under(env.root, kept[name]))
+                                 for name in names]
+        env.output.action(f"Syncing {', '.join(names)} inside {host.where} (this machine has no such repository):"
+                          f" emerge --sync {' '.join(names)}")
+        result = host.run([emerge, "--sync"] + names, root_environment(env), check=False, own_group=True)
+    if result is not None and result.returncode != 0:
+        raise BinhostError(f"emerge --sync {' '.join(names)} failed in {host.where} (exit {result.returncode}):"
+                           " its output above says why")
+    return True
+
 
 def build_packages(env, emerge_args, publish_after=True):
     method, why = env.method
@@ -4349,6 +5219,277 @@ def missing_command(stderr, what):
     bash: 'sh: line 1: NAME: command not found')."""
     found = re.findall(r"([^\s:]+): (?:command )?not found", as_text(stderr or ""))
     return found[-1] if found else f"a command needed for {what}"
+
+
+def script_succeeded(result, what, where):
+    """The result of one of our sh scripts, or a one-line error with its last words."""
+    if result is not None and result.returncode != 0:
+        detail = last_line(as_text(result.stderr)) or last_line(as_text(result.stdout))
+        raise BinhostError(f"{what} failed on {where} (exit {result.returncode})"
+                           f"{': ' + detail if detail else ''}")
+    return result
+
+
+def who_answers(host, port, tls=False, timeout=5):
+    """None when nothing listens on host:port; else the Server header of its answer to
+    HEAD /Packages ("" without one, or a description when it does not speak HTTP)."""
+    try:
+        if tls:
+            context = ssl.create_default_context()
+            context.check_hostname, context.verify_mode = False, ssl.CERT_NONE  # only asking who it is
+            connection = http.client.HTTPSConnection(host, port, timeout=timeout, context=context)
+        else:
+            connection = http.client.HTTPConnection(host, port, timeout=timeout)
+        try:
+            connection.request("HEAD", "/Packages")
+            return connection.getresponse().getheader("Server", "")
+        finally:
+            connection.close()
+    except ConnectionRefusedError:
+        return None
+    except (OSError, http.client.HTTPException) as error:
+        return f"a program that does not answer HTTP ({error})"
+
+
+# Asks the target to download our index, as Portage's fetchers would; the URL comes on stdin (with
+# a password in it, an argv would show it to every user there). Prints "TOOL EXIT".
+FETCH_INDEX_SCRIPT = r"""
+if command -v wget >/dev/null; then
+    wget -q -O /dev/null -i -; echo "wget $?"
+elif command -v curl >/dev/null; then
+    sed 's/.*/url = "&"/' | curl -fsS -o /dev/null --config - 2>/dev/null; echo "curl $?"
+else
+    echo "none 127"
+fi
+"""
+
+
+# What wget's and curl's exit codes mean for fetching our index, and the fix (their man pages).
+FETCH_FAILURES = (
+    ({"wget": ("4",), "curl": ("5", "6", "7", "28", "52", "55", "56")},
+     "a network failure (no connection to the url's host and port): is serve running, and reachable"
+     " from there (a firewall, NAT, the url's host name)? transport = tunnel needs no open port"),
+    ({"wget": ("5",), "curl": ("35", "51", "53", "54", "58", "59", "60", "64", "66", "77", "80", "82", "83",
+                               "90", "91")},
+     "a TLS failure: the target must trust tls-cert (or its CA) and the url's host name must be in it"),
+    ({"wget": ("6",), "curl": ("67",)},
+     "the server refused the credentials: check auth-file here, then run setup-target again so the"
+     " target's entry has them"),
+    ({"wget": ("8",), "curl": ("22",)},
+     "the server answered with an HTTP error (404: nothing published at that url, or another PKGDIR"
+     " served there; 401: credentials): check url, auth-file and which PKGDIR is served"),
+)
+
+
+def describe_fetch_failure(tool, code):
+    """What a failed download of our index means, with its fix."""
+    if tool == "none":
+        return "the target has neither wget nor curl, which Portage needs to download packages: install one"
+    for codes, meaning in FETCH_FAILURES:
+        if code in codes.get(tool, ()):
+            return meaning
+    return f"{tool} failed (see its man page for exit {code}); try {tool} URL/Packages on the target"
+
+
+# One ssh round trip: can the target download our index; what would the emerge arguments merge
+# there, resolved from its own ebuild tree as if it built from source (every package with its
+# USE); and what would its binary-only emerge merge. The binary-only plan is asked either against
+# the target's own configuration (doctor: "live"), or against a staged index (the gate: the
+# index this command is about to publish): then it gets a configuration root of its own, links to
+# the target's /etc/portage with binrepos.conf copied and our entry's sync-uri pointed at the
+# staged index, so the target's binrepos.conf and its cached copy of our published index stay
+# untouched; Portage's cache of the staged index (kept per URL) is removed afterwards.
+# $1: our binrepos entry, $2: the staged token, or "live", or "-" (no binary-only plan); stdin:
+# the URL to fetch, then the binrepo URL for the binary-only plan. `==name` lines mark the
+# sections; each emerge's own exit status follows it.
+PLAN_SCRIPT = r"""
+entry=$1 token=$2
+shift 2
+read -r fetch_url
+read -r binary_url
+trees= staged=
+trap 'rm -rf ${trees:+"$trees"} ${staged:+"$staged"}' EXIT
+if [ -n "${GB_STAGED_TREES:-}" ]; then
+    # Plans from a staged snapshot take its profile too: the configuration with make.profile
+    # pointing into the staged copy of the repository it points into (GB_STAGED_TREES: lines
+    # LIVE<TAB>STAGED).
+    config=${PORTAGE_CONFIGROOT:-/}
+    config=${config%/}/etc/portage
+    trees=$(mktemp -d) || exit 1
+    mkdir -p "$trees/etc/portage" || exit 1
+    for place in "$config"/* "$config"/.[!.]*; do
+        [ -e "$place" ] || [ -L "$place" ] || continue
+        [ "${place##*/}" = make.profile ] && continue
+        ln -s "$place" "$trees/etc/portage/" || exit 1
+    done
+    if [ -e "$config/make.profile" ]; then
+        profile=$(readlink -f "$config/make.profile")
+        set -f
+        saved_ifs=$IFS IFS='
+'
+        for pair in $GB_STAGED_TREES; do
+            live=$(readlink -f "${pair%%	*}") || continue
+            case $profile in "$live"/*) profile=${pair#*	}${profile#"$live"}; break ;; esac
+        done
+        IFS=$saved_ifs
+        set +f
+        ln -s "$profile" "$trees/etc/portage/make.profile" || exit 1
+    fi
+    PORTAGE_CONFIGROOT=$trees
+    export PORTAGE_CONFIGROOT
+fi
+fetch_index() {
+""" + FETCH_INDEX_SCRIPT + r"""
+}
+echo "==fetch"
+printf '%s\n' "$fetch_url" | fetch_index
+echo "==plan"
+emerge "$@" --pretend --verbose --color=n --usepkg=n --getbinpkg=n --ask=n --quiet=n --nospinner \
+    </dev/null 2>&1
+status=$?
+echo "==plan-exit"
+echo "$status"
+[ "$token" = - ] && exit 0
+eroot=$(portageq envvar EROOT 2>/dev/null)
+echo "==installed"
+for installed in "${eroot%/}"/var/db/pkg/*/*; do
+    [ -d "$installed" ] && echo "${installed#"${eroot%/}"/var/db/pkg/}"
+done
+binary() {
+    emerge "$@" --pretend --verbose --color=n --getbinpkgonly --binpkg-respect-use=y --ask=n --quiet=n \
+        --nospinner </dev/null 2>&1
+    status=$?
+    echo "==binary-exit"
+    echo "$status"
+}
+if [ "$token" = live ]; then
+    echo "==binary"
+    binary "$@"
+    exit 0
+fi
+config=${PORTAGE_CONFIGROOT:-/}
+config=${config%/}/etc/portage
+staged=$(mktemp -d) || exit 1
+mkdir -p "$staged/etc/portage/binrepos.conf" || exit 1
+for place in "$config"/* "$config"/.[!.]*; do
+    [ -e "$place" ] || continue
+    case ${place##*/} in binrepos.conf|make.profile) continue ;; esac
+    ln -s "$place" "$staged/etc/portage/" || exit 1
+done
+if [ -e "$config/make.profile" ]; then
+    ln -s "$(readlink -f "$config/make.profile")" "$staged/etc/portage/make.profile" || exit 1
+fi
+if [ -d "$config/binrepos.conf" ]; then
+    cp -RL "$config/binrepos.conf/." "$staged/etc/portage/binrepos.conf/" || exit 1
+elif [ -f "$config/binrepos.conf" ]; then
+    cp -L "$config/binrepos.conf" "$staged/etc/portage/binrepos.conf/binrepos.conf" || exit 1
+fi
+# Read last (Portage reads the directory in order): our entry's sync-uri is the staged index.
+(umask 077 && printf '[%s]\nsync-uri = %s\n' "$entry" "$binary_url" \
+    > "$staged/etc/portage/binrepos.conf/zzzz-$entry-staged.conf") || exit 1
+echo "==binary"
+PORTAGE_CONFIGROOT=$staged binary "$@"
+[ -n "$eroot" ] && [ -d "${eroot%/}/var/cache/edb/binhost" ] &&
+    find "${eroot%/}/var/cache/edb/binhost" -type d -path "*/_staged/$token" -prune -exec rm -rf {} + 2>/dev/null
+exit 0
+"""
+
+
+def target_url(env, tunnel, with_credentials=True, port=None, quoted=False):
+    """The sync-uri a target uses: through the tunnel (plain HTTP: ssh encrypts it) or the
+    configured url (default: this host, the port served), with the auth file's credentials
+    (as they are: Portage does not decode them; quoted: percent-encoded, for wget and curl)."""
+    if tunnel:
+        url = f"http://127.0.0.1:{env.tunnel_port}/"
+    else:
+        scheme = "https" if env.tls_cert else "http"
+        url = env.url or f"{scheme}://{socket.gethostname()}:{port or env.port}/"
+    if env.env_name:
+        url += urllib.parse.quote(env.env_name) + "/"
+    credentials = read_credentials(env) if with_credentials else []
+    if credentials:
+        user, password = credentials[0]
+        if quoted:
+            user, password = urllib.parse.quote(user, safe=""), urllib.parse.quote(password, safe="")
+        scheme, _, rest = url.partition("://")
+        url = f"{scheme}://{user}:{password}@{rest}"
+    return url
+
+
+def credentials_url(env, tunnel, quoted=False):
+    """target_url with the auth file's credentials, which the runner then never shows."""
+    for _user, password in read_credentials(env):
+        env.runner.secrets.update({password, password.replace("%", "%%"), urllib.parse.quote(password, safe="")})
+    return target_url(env, tunnel, quoted=quoted)
+
+
+# Exit codes with which wget and curl say the server answered with an HTTP error (a 404 before the
+# first build; wget says 6 for refused credentials).
+FETCH_ANSWERED = {"wget": ("8",), "curl": ("22",)}
+
+
+class TargetPlan:
+    """What the target answered: can it fetch our index, what would it merge from source (for
+    its own ROOT), and what would its binary-only emerge say (the gate, doctor)."""
+
+    def __init__(self, env, target, text, shown_url):
+        sections = parse_sections(text)
+        self.target, self.shown_url = target, shown_url
+        self.fetch_tool, self.fetch_code = fetch_outcome(sections.get("fetch", ""))
+        self.text = sections.get("plan", "")
+        self.exit_code = section_status(sections, "plan")
+        self.packages = for_root(parse_merge_list(self.text), target.root)
+        self.binary = sections.get("binary")
+        self.binary_exit = section_status(sections, "binary") if self.binary is not None else None
+        self.installed = ({line.strip() for line in sections["installed"].splitlines()
+                           if re.fullmatch(r"[\w+.-]+/[\w+.-]+", line.strip()) and "/-MERGING-" not in line}
+                          if "installed" in sections else None)
+        self.held = []  # the packages of the plan held back by a rollback
+        self.trees = None  # the TargetTrees this plan was asked against (tree = binhost)
+        self.index_exists = os.path.isfile(os.path.join(env.pkgdir, "Packages"))
+
+    def fetch_problem(self):
+        """Why the target cannot download our index, or None. Before the first build a 404 is
+        what a running server answers."""
+        if self.fetch_code == "0":
+            return None
+        if self.fetch_tool == "none":
+            return f"{self.target.name} has neither wget nor curl, which Portage needs to download packages"
+        answered = self.fetch_code in FETCH_ANSWERED.get(self.fetch_tool, ())
+        if answered and not self.index_exists:
+            return None
+        return (f"{self.target.name} cannot download {self.shown_url}Packages ({self.fetch_tool} exit"
+                f" {self.fetch_code}): {describe_fetch_failure(self.fetch_tool, self.fetch_code)}")
+
+    def problem(self):
+        """Why the arguments cannot be resolved on the target, in Portage's words, or None."""
+        unresolved = [f"masked or do not exist: {match.group('missing').strip()}" if match.group("missing")
+                      else f"update skipped for unsatisfied dependencies: {match.group('skipped').strip()}"
+                      for match in UNRESOLVED.finditer(self.text)]
+        if self.exit_code == 0 and not unresolved:
+            return None
+        if self.exit_code == COMMAND_NOT_FOUND and re.search(r"\bemerge: (command )?not found", self.text):
+            return (f"emerge not found on target {self.target.name}: install it there, or set path = in"
+                    f" [target {self.target.name}] of {self.target.config_path}")
+        complaints = [line for line in portage_complaints(self.text)
+                      if not line.startswith(("Ebuilds for the following", "masked or don't exist", "The following update"))
+                      and not any(line in reason for reason in unresolved)]
+        reasons = unresolved + complaints or [last_line(self.text) or "no output"]
+        return (f"emerge on {self.target.name} cannot resolve these arguments (exit {self.exit_code}):"
+                f" {' | '.join(reasons[:6])}")
+
+    def check(self):
+        """The plan, or a one-line error with Portage's reason."""
+        problem = self.problem()
+        if problem:
+            raise BinhostError(problem)
+        return self.packages
+
+
+def remote_emerge_environment(env, target, interactive=False):
+    """The target's ROOT and PORTAGE_CONFIGROOT, and the filtered EMERGE_DEFAULT_OPTS."""
+    return dict(target.portage_environment,
+                EMERGE_DEFAULT_OPTS=emerge_default_opts(env, interactive))
 
 
 class Remote:
@@ -4574,17 +5715,13 @@ class LocalShell:
         return script_succeeded(result, what or os.path.basename(argv[0]), self.where).stdout
 
 
-def script_succeeded(result, what, where):
-    """The result of one of our sh scripts, or a one-line error with its last words."""
-    if result is not None and result.returncode != 0:
-        detail = last_line(as_text(result.stderr)) or last_line(as_text(result.stdout))
-        raise BinhostError(f"{what} failed on {where} (exit {result.returncode})"
-                           f"{': ' + detail if detail else ''}")
-    return result
-
-
 def has_option(args, option):
     return any(arg == option or arg.startswith(option + "=") for arg in args)
+
+
+def emerge_pretends(args):
+    """Whether emerge's own --pretend (-p, also in -pv) is among the arguments."""
+    return any(word == "--pretend" or re.fullmatch(r"-[A-Za-z0-9]*p[A-Za-z0-9]*", word) for word in args)
 
 
 def user_emerge_only_pretends(args):
@@ -4595,282 +5732,10 @@ def user_emerge_only_pretends(args):
         for word in args)
 
 
-def emerge_pretends(args):
-    """Whether emerge's own --pretend (-p, also in -pv) is among the arguments."""
-    return any(word == "--pretend" or re.fullmatch(r"-[A-Za-z0-9]*p[A-Za-z0-9]*", word) for word in args)
-
-
-# ---- how targets reach PKGDIR during one command --------------------------------------------------
-
-def who_answers(host, port, tls=False, timeout=5):
-    """None when nothing listens on host:port; else the Server header of its answer to
-    HEAD /Packages ("" without one, or a description when it does not speak HTTP)."""
-    try:
-        if tls:
-            context = ssl.create_default_context()
-            context.check_hostname, context.verify_mode = False, ssl.CERT_NONE  # only asking who it is
-            connection = http.client.HTTPSConnection(host, port, timeout=timeout, context=context)
-        else:
-            connection = http.client.HTTPConnection(host, port, timeout=timeout)
-        try:
-            connection.request("HEAD", "/Packages")
-            return connection.getresponse().getheader("Server", "")
-        finally:
-            connection.close()
-    except ConnectionRefusedError:
-        return None
-    except (OSError, http.client.HTTPException) as error:
-        return f"a program that does not answer HTTP ({error})"
-
-
 # ---- coverage: everything the target merges comes from here ------------------------------------
 
-# Asks the target to download our index, as Portage's fetchers would; the URL comes on stdin (with
-# a password in it, an argv would show it to every user there). Prints "TOOL EXIT".
-FETCH_INDEX_SCRIPT = r"""
-if command -v wget >/dev/null; then
-    wget -q -O /dev/null -i -; echo "wget $?"
-elif command -v curl >/dev/null; then
-    sed 's/.*/url = "&"/' | curl -fsS -o /dev/null --config - 2>/dev/null; echo "curl $?"
-else
-    echo "none 127"
-fi
-"""
-# Exit codes with which wget and curl say the server answered with an HTTP error (a 404 before the
-# first build; wget says 6 for refused credentials).
-FETCH_ANSWERED = {"wget": ("8",), "curl": ("22",)}
-# What wget's and curl's exit codes mean for fetching our index, and the fix (their man pages).
-FETCH_FAILURES = (
-    ({"wget": ("4",), "curl": ("5", "6", "7", "28", "52", "55", "56")},
-     "a network failure (no connection to the url's host and port): is serve running, and reachable"
-     " from there (a firewall, NAT, the url's host name)? transport = tunnel needs no open port"),
-    ({"wget": ("5",), "curl": ("35", "51", "53", "54", "58", "59", "60", "64", "66", "77", "80", "82", "83",
-                               "90", "91")},
-     "a TLS failure: the target must trust tls-cert (or its CA) and the url's host name must be in it"),
-    ({"wget": ("6",), "curl": ("67",)},
-     "the server refused the credentials: check auth-file here, then run setup-target again so the"
-     " target's entry has them"),
-    ({"wget": ("8",), "curl": ("22",)},
-     "the server answered with an HTTP error (404: nothing published at that url, or another PKGDIR"
-     " served there; 401: credentials): check url, auth-file and which PKGDIR is served"),
-)
-
-
-def describe_fetch_failure(tool, code):
-    """What a failed download of our index means, with its fix."""
-    if tool == "none":
-        return "the target has neither wget nor curl, which Portage needs to download packages: install one"
-    for codes, meaning in FETCH_FAILURES:
-        if code in codes.get(tool, ()):
-            return meaning
-    return f"{tool} failed (see its man page for exit {code}); try {tool} URL/Packages on the target"
-
-# One ssh round trip: can the target download our index; what would the emerge arguments merge
-# there, resolved from its own ebuild tree as if it built from source (every package with its
-# USE); and what would its binary-only emerge merge. The binary-only plan is asked either against
-# the target's own configuration (doctor: "live"), or against a staged index (the gate: the
-# index this command is about to publish): then it gets a configuration root of its own, links to
-# the target's /etc/portage with binrepos.conf copied and our entry's sync-uri pointed at the
-# staged index, so the target's binrepos.conf and its cached copy of our published index stay
-# untouched; Portage's cache of the staged index (kept per URL) is removed afterwards.
-# $1: our binrepos entry, $2: the staged token, or "live", or "-" (no binary-only plan); stdin:
-# the URL to fetch, then the binrepo URL for the binary-only plan. `==name` lines mark the
-# sections; each emerge's own exit status follows it.
-PLAN_SCRIPT = r"""
-entry=$1 token=$2
-shift 2
-read -r fetch_url
-read -r binary_url
-trees= staged=
-trap 'rm -rf ${trees:+"$trees"} ${staged:+"$staged"}' EXIT
-if [ -n "${GB_STAGED_TREES:-}" ]; then
-    # Plans from a staged snapshot take its profile too: the configuration with make.profile
-    # pointing into the staged copy of the repository it points into (GB_STAGED_TREES: lines
-    # LIVE<TAB>STAGED).
-    config=${PORTAGE_CONFIGROOT:-/}
-    config=${config%/}/etc/portage
-    trees=$(mktemp -d) || exit 1
-    mkdir -p "$trees/etc/portage" || exit 1
-    for place in "$config"/* "$config"/.[!.]*; do
-        [ -e "$place" ] || [ -L "$place" ] || continue
-        [ "${place##*/}" = make.profile ] && continue
-        ln -s "$place" "$trees/etc/portage/" || exit 1
-    done
-    if [ -e "$config/make.profile" ]; then
-        profile=$(readlink -f "$config/make.profile")
-        set -f
-        saved_ifs=$IFS IFS='
-'
-        for pair in $GB_STAGED_TREES; do
-            live=$(readlink -f "${pair%%	*}") || continue
-            case $profile in "$live"/*) profile=${pair#*	}${profile#"$live"}; break ;; esac
-        done
-        IFS=$saved_ifs
-        set +f
-        ln -s "$profile" "$trees/etc/portage/make.profile" || exit 1
-    fi
-    PORTAGE_CONFIGROOT=$trees
-    export PORTAGE_CONFIGROOT
-fi
-fetch_index() {
-""" + FETCH_INDEX_SCRIPT + r"""
-}
-echo "==fetch"
-printf '%s\n' "$fetch_url" | fetch_index
-echo "==plan"
-emerge "$@" --pretend --verbose --color=n --usepkg=n --getbinpkg=n --ask=n --quiet=n --nospinner \
-    </dev/null 2>&1
-status=$?
-echo "==plan-exit"
-echo "$status"
-[ "$token" = - ] && exit 0
-eroot=$(portageq envvar EROOT 2>/dev/null)
-echo "==installed"
-for installed in "${eroot%/}"/var/db/pkg/*/*; do
-    [ -d "$installed" ] && echo "${installed#"${eroot%/}"/var/db/pkg/}"
-done
-binary() {
-    emerge "$@" --pretend --verbose --color=n --getbinpkgonly --binpkg-respect-use=y --ask=n --quiet=n \
-        --nospinner </dev/null 2>&1
-    status=$?
-    echo "==binary-exit"
-    echo "$status"
-}
-if [ "$token" = live ]; then
-    echo "==binary"
-    binary "$@"
-    exit 0
-fi
-config=${PORTAGE_CONFIGROOT:-/}
-config=${config%/}/etc/portage
-staged=$(mktemp -d) || exit 1
-mkdir -p "$staged/etc/portage/binrepos.conf" || exit 1
-for place in "$config"/* "$config"/.[!.]*; do
-    [ -e "$place" ] || continue
-    case ${place##*/} in binrepos.conf|make.profile) continue ;; esac
-    ln -s "$place" "$staged/etc/portage/" || exit 1
-done
-if [ -e "$config/make.profile" ]; then
-    ln -s "$(readlink -f "$config/make.profile")" "$staged/etc/portage/make.profile" || exit 1
-fi
-if [ -d "$config/binrepos.conf" ]; then
-    cp -RL "$config/binrepos.conf/." "$staged/etc/portage/binrepos.conf/" || exit 1
-elif [ -f "$config/binrepos.conf" ]; then
-    cp -L "$config/binrepos.conf" "$staged/etc/portage/binrepos.conf/binrepos.conf" || exit 1
-fi
-# Read last (Portage reads the directory in order): our entry's sync-uri is the staged index.
-(umask 077 && printf '[%s]\nsync-uri = %s\n' "$entry" "$binary_url" \
-    > "$staged/etc/portage/binrepos.conf/zzzz-$entry-staged.conf") || exit 1
-echo "==binary"
-PORTAGE_CONFIGROOT=$staged binary "$@"
-[ -n "$eroot" ] && [ -d "${eroot%/}/var/cache/edb/binhost" ] &&
-    find "${eroot%/}/var/cache/edb/binhost" -type d -path "*/_staged/$token" -prune -exec rm -rf {} + 2>/dev/null
-exit 0
-"""
-PLAN_LINE = re.compile(r"\[(?P<kind>ebuild|binary)(?P<marks>[^\]]*)\]\s+(?P<atom>\S+)(?P<rest>.*)$")
-FLAG_GROUP = re.compile(r'\b([A-Z][A-Z0-9_]*)="([^"]*)"')
-# " to EROOT/": where a line merges when that is not / (lines for / have no such words).
-PLAN_ROOT = re.compile(r"\sto (/\S*)")
-# What Portage prints on every run in some set-ups and that says nothing about the packages.
-PORTAGE_NOISE = re.compile(r"repos\.conf|[Rr]epositor|repo_name|layout\.conf|masters ="
-                           r"|binrepos\.conf is missing"
-                           r"|Problems have been detected with your world file|emaint --check world"
-                           r"|^!!!\s*$")
-# What emerge reports with exit status 0 that still means the target cannot get what it asked for:
-# an argument or @world entry it cannot resolve, an update it skips.
-UNRESOLVED = re.compile(r"masked or don't exist:\n(?P<missing>[^\n]+)"
-                        r"|update has been skipped due to unsatisfied dependencies:[ \t]*\n\s*(?P<skipped>[^\n]+)")
 # Rounds of building what the target's binary-only plan still lacks, before giving up.
 GATE_ROUNDS = 3
-
-
-class PlannedPackage:
-    """One package the target would merge: its CPV, slot, repository and USE as it wants them,
-    the marks of its line ("N", "U", "r" for a slot-operator rebuild, ...) and the ROOT it goes to
-    when the line names one."""
-
-    def __init__(self, cpv, slot, repository, flags, marks="", root=None):
-        self.cpv, self.slot, self.repository, self.flags = cpv, slot, repository, flags
-        self.marks, self.root = marks, root
-        self.reason = None  # why the target's binary-only emerge would not merge it from here
-        self.buildable = True  # whether a build here can change that
-        self.held = False  # held back by a rollback: not offered, on purpose
-
-    @property
-    def atom(self):
-        return "=" + self.cpv + (f"::{self.repository}" if self.repository else "")
-
-    @property
-    def slot_rebuild(self):
-        """Portage merges it again because a dependency's sub-slot changed (`r` in its marks)."""
-        return "r" in self.marks
-
-    @property
-    def package_name(self):
-        return cpv_package_name(self.cpv)
-
-
-# A CPV's version (PMS 3.2), and a binary's -BUILD_ID after it.
-VERSION_SUFFIX = re.compile(r"-[0-9]+(\.[0-9]+)*[a-z]?(_(alpha|beta|pre|rc|p)[0-9]*)*(-r[0-9]+)?(-[0-9]+)?$")
-
-
-def cpv_package_name(cpv):
-    """app-misc/foo of app-misc/foo-1.2-r3 (and of a binary's app-misc/foo-1.2-r3-4)."""
-    return VERSION_SUFFIX.sub("", cpv, count=1)
-
-
-def parse_merge_list(text, kind="ebuild"):
-    """The [ebuild ...] (or [binary ...]) lines of `emerge --pretend --verbose` output."""
-    packages = []
-    for line in text.splitlines():
-        match = PLAN_LINE.match(line.strip())
-        if not match or match.group("kind") != kind:
-            continue
-        atom, _, repository = match.group("atom").partition("::")
-        cpv, _, slot = atom.partition(":")
-        flags = {}
-        for name, words in FLAG_GROUP.findall(match.group("rest")):
-            prefix = "" if name == "USE" else name.lower() + "_"
-            for word in words.split():
-                # (forced), (-masked), changed*, new%
-                word = word.strip("(){}").rstrip("*%").strip("(){}")
-                if word:
-                    flags[prefix + word.lstrip("-")] = not word.startswith("-")
-        root = PLAN_ROOT.search(match.group("rest"))
-        packages.append(PlannedPackage(cpv, slot, repository, flags, match.group("marks"),
-                                       root.group(1) if root else None))
-    return packages
-
-
-def for_root(packages, root):
-    """The packages of a plan that go to root: a target whose ROOT is not / also gets lines for
-    / (its own build dependencies, without "to ..."), which are not what it installs. A line's
-    EROOT is ROOT with Portage's EPREFIX (Gentoo Prefix) appended."""
-    wanted = root.rstrip("/") + "/"
-    if wanted == "/":
-        return [package for package in packages if package.root in (None, "/")]
-    return [package for package in packages
-            if package.root is not None and (package.root.rstrip("/") + "/").startswith(wanted)]
-
-
-def portage_complaints(text):
-    """What Portage objected to, in its own words (its repository warnings left out); the
-    package names it lists under a `!!!` heading are kept with it."""
-    complaints, listing = [], False
-    for line in text.splitlines():
-        stripped = line.strip()
-        if not stripped:
-            listing = False
-            continue
-        if re.fullmatch(r"(\* )?(https?://\S+|For more information about .*)", stripped):
-            continue  # where the Handbook explains it, not what happened
-        if stripped.startswith(("!!!", "emerge: there are no", "- ", "[blocks")) or "masked by" in stripped:
-            listing = stripped.startswith("!!!")
-            if not PORTAGE_NOISE.search(stripped):
-                complaints.append(stripped.lstrip("! ").strip())
-        elif listing and re.fullmatch(r"[\w+.-]+/[\w+.-]+\S*", stripped):
-            complaints.append(stripped)
-    return complaints
 
 
 def usable_binary(entry, package):
@@ -4884,6 +5749,28 @@ def describe_use_difference(entry, package):
     wanted = [("" if enabled else "-") + flag for flag, enabled in sorted(package.flags.items())
               if (flag in use) != enabled]
     return " ".join(wanted)
+
+
+def installed_in_binhost(env):
+    """CPVs installed in the binhost root: its world and their dependencies, as built for the
+    targets (the binhost's world is the union of theirs)."""
+    host = env.host
+    eroot = host.read([host.program("portageq", "put Portage's bin directory in PATH"), "envvar", "EROOT"],
+                      root_environment(env), describe="portageq envvar EROOT").stdout.strip()
+    eroot = under(host.chroot, eroot) if eroot else eroot
+    vdb = os.path.join(eroot, "var/db/pkg")
+    if not eroot or not os.path.isdir(vdb):
+        raise BinhostError(f"no package database at {vdb}: clean keeps only what the binhost root has"
+                           " installed, so it refuses to judge without one")
+    installed = set()
+    for category in os.listdir(vdb):
+        directory = os.path.join(vdb, category)
+        if os.path.isdir(directory):
+            installed.update(f"{category}/{name}" for name in os.listdir(directory)
+                             if not name.startswith((".", "-MERGING-")))
+    if not installed:
+        raise BinhostError(f"nothing is installed in {eroot}: clean would remove every package")
+    return installed
 
 
 def binary_reason(env, package, entries, installed_cache):
@@ -4969,90 +5856,6 @@ def binary_plan_gaps(env, plan, index_text):
     return gaps
 
 
-def fetch_outcome(text):
-    """(tool, exit code) from FETCH_INDEX_SCRIPT's output (shell start-up noise before it)."""
-    found = re.findall(r"^(wget|curl|none) (\d+)$", text or "", re.MULTILINE)
-    return found[-1] if found else ("none", "127")
-
-
-def credentials_url(env, tunnel, quoted=False):
-    """target_url with the auth file's credentials, which the runner then never shows."""
-    for _user, password in read_credentials(env):
-        env.runner.secrets.update({password, password.replace("%", "%%"), urllib.parse.quote(password, safe="")})
-    return target_url(env, tunnel, quoted=quoted)
-
-
-def section_status(sections, name):
-    """The exit status printed after a section; what came back is the target's: anything but a
-    number is a failure, never a traceback."""
-    value = sections.get(f"{name}-exit", "")
-    return int(value) if re.fullmatch(r"\d{1,3}", value) else 1
-
-
-class TargetPlan:
-    """What the target answered: can it fetch our index, what would it merge from source (for
-    its own ROOT), and what would its binary-only emerge say (the gate, doctor)."""
-
-    def __init__(self, env, target, text, shown_url):
-        sections = parse_sections(text)
-        self.target, self.shown_url = target, shown_url
-        self.fetch_tool, self.fetch_code = fetch_outcome(sections.get("fetch", ""))
-        self.text = sections.get("plan", "")
-        self.exit_code = section_status(sections, "plan")
-        self.packages = for_root(parse_merge_list(self.text), target.root)
-        self.binary = sections.get("binary")
-        self.binary_exit = section_status(sections, "binary") if self.binary is not None else None
-        self.installed = ({line.strip() for line in sections["installed"].splitlines()
-                           if re.fullmatch(r"[\w+.-]+/[\w+.-]+", line.strip()) and "/-MERGING-" not in line}
-                          if "installed" in sections else None)
-        self.held = []  # the packages of the plan held back by a rollback
-        self.trees = None  # the TargetTrees this plan was asked against (tree = binhost)
-        self.index_exists = os.path.isfile(os.path.join(env.pkgdir, "Packages"))
-
-    def fetch_problem(self):
-        """Why the target cannot download our index, or None. Before the first build a 404 is
-        what a running server answers."""
-        if self.fetch_code == "0":
-            return None
-        if self.fetch_tool == "none":
-            return f"{self.target.name} has neither wget nor curl, which Portage needs to download packages"
-        answered = self.fetch_code in FETCH_ANSWERED.get(self.fetch_tool, ())
-        if answered and not self.index_exists:
-            return None
-        return (f"{self.target.name} cannot download {self.shown_url}Packages ({self.fetch_tool} exit"
-                f" {self.fetch_code}): {describe_fetch_failure(self.fetch_tool, self.fetch_code)}")
-
-    def problem(self):
-        """Why the arguments cannot be resolved on the target, in Portage's words, or None."""
-        unresolved = [f"masked or do not exist: {match.group('missing').strip()}" if match.group("missing")
-                      else f"update skipped for unsatisfied dependencies: {match.group('skipped').strip()}"
-                      for match in UNRESOLVED.finditer(self.text)]
-        if self.exit_code == 0 and not unresolved:
-            return None
-        if self.exit_code == COMMAND_NOT_FOUND and re.search(r"\bemerge: (command )?not found", self.text):
-            return (f"emerge not found on target {self.target.name}: install it there, or set path = in"
-                    f" [target {self.target.name}] of {self.target.config_path}")
-        complaints = [line for line in portage_complaints(self.text)
-                      if not line.startswith(("Ebuilds for the following", "masked or don't exist", "The following update"))
-                      and not any(line in reason for reason in unresolved)]
-        reasons = unresolved + complaints or [last_line(self.text) or "no output"]
-        return (f"emerge on {self.target.name} cannot resolve these arguments (exit {self.exit_code}):"
-                f" {' | '.join(reasons[:6])}")
-
-    def check(self):
-        """The plan, or a one-line error with Portage's reason."""
-        problem = self.problem()
-        if problem:
-            raise BinhostError(problem)
-        return self.packages
-
-
-def remote_emerge_environment(env, target, interactive=False):
-    """The target's ROOT and PORTAGE_CONFIGROOT, and the filtered EMERGE_DEFAULT_OPTS."""
-    return dict(target.portage_environment,
-                EMERGE_DEFAULT_OPTS=emerge_default_opts(env, interactive))
-
-
 def first_plan(env, target, emerge_args, binary=None, trees=None):
     """The first question of a command: a target that cannot fetch our index, or cannot resolve
     the arguments, stops it (under --pretend: a warning, and the rest is still shown)."""
@@ -5069,13 +5872,6 @@ def first_plan(env, target, emerge_args, binary=None, trees=None):
             raise BinhostError(problem)
         env.output.warn(f"{problem} (--pretend goes on)")
     return plan
-
-
-def binhost_repositories(env):
-    """{repository name: its directory on the build host} as the binhost root's repos.conf (the
-    target's copy) names them; Gentoo's at its default place unless named."""
-    locations = dict({"gentoo": DEFAULT_REPOSITORY}, **configured_repositories(env.root))
-    return {name: repository_directory(env, location) for name, location in locations.items()}
 
 
 PACKAGE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9+_.-]*/[A-Za-z0-9_][A-Za-z0-9+_-]*")
@@ -5113,53 +5909,11 @@ def tree_lacks(env, packages):
     return lacking
 
 
-def repository_state(directory, root):
-    """What a repository directory holds now: its git commit, else its snapshot's date
-    (metadata/timestamp.chk), and the digest of its top Manifest (an rsync snapshot's) if any.
-    One inside the binhost root (root) is read within itself only: a git worktree's gitdir there
-    names a path of the chroot."""
-    confined = os.path.realpath(directory).startswith(os.path.realpath(root) + os.sep)
-
-    def read(relative):
-        if confined:
-            return read_inside(directory, relative)
-        with contextlib.suppress(OSError, ValueError):  # ValueError: a NUL in a name
-            return read_text(os.path.join(directory, relative))
-        return ""
-
-    state, git = {}, ".git"
-    gitdir = read(git)
-    if gitdir.startswith("gitdir: ") and not (confined and gitdir[len("gitdir: "):].startswith("/")):
-        git = posixpath.normpath(gitdir[len("gitdir: "):].strip())  # a worktree's or submodule's
-    head = read(os.path.join(git, "HEAD")).strip()
-    ref = head[len("ref: "):] if head.startswith("ref: ") else None
-    if ref is not None:
-        head = ""
-        if ref:
-            head = read(os.path.join(git, ref)).strip() or next(
-                (line.split()[0] for line in read(os.path.join(git, "packed-refs")).splitlines()
-                 if line.endswith(" " + ref)), "")
-    stamp = read_inside(directory, "metadata/timestamp.chk").strip().splitlines()
-    if re.fullmatch(r"[0-9a-f]{40,64}", head):
-        state["revision"] = f"git {head}"
-    elif stamp:
-        state["revision"] = f"timestamp {stamp[0]}"
-    manifest = open_inside(directory, ["Manifest"])
-    if manifest is not None and not stat.S_ISREG(os.fstat(manifest).st_mode):
-        os.close(manifest)
-    elif manifest is not None:
-        with contextlib.suppress(OSError), os.fdopen(manifest, "rb") as handle:
-            digest = hashlib.sha256()
-            for block in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(block)
-            state["manifest"] = "sha256 " + digest.hexdigest()
-    return state
-
-
-def repository_states(env):
-    """{repository: repository_state} of the binhost's tree, as a publication records it."""
-    return {name: repository_state(directory, env.root) for name, directory in sorted(binhost_repositories(env).items())
-            if os.path.isdir(directory)}
+def describe_snapshot(when):
+    if when is None:
+        return "an unreadable date"
+    when = when.astimezone(datetime.timezone.utc) if when.tzinfo else when
+    return when.strftime("%Y-%m-%d %H:%M UTC")
 
 
 def describe_tree(states):
@@ -5174,7 +5928,7 @@ def describe_tree(states):
     return ", ".join(words)
 
 
-# ---- one tree: a target follows the binhost's snapshot -------------------------------------------
+# ---- one tree: a target follows the binhost's snapshot -----------------------------------------
 
 # On a target, below its root: staged/NAME holds the snapshot the next publication is built from
 # (its plans are asked against it), published/NAME the current publication's (the repository's
@@ -5283,82 +6037,6 @@ def snapshot_date(stamp):
     with contextlib.suppress(TypeError, ValueError, IndexError):
         return email.utils.parsedate_to_datetime(stamp.strip())
     return None
-
-
-def repository_sync(configroot):
-    """{name: (auto-sync, whether it says how to sync)} as the repos.conf under configroot says:
-    a repository without sync-type and sync-uri (a local overlay) is never synced, and naming it
-    to emerge --sync would stop the sync of all. Gentoo's get both from Portage's own default."""
-    parser = configparser.ConfigParser(interpolation=None, strict=False)
-    for text in repos_conf_files(configroot).values():
-        with contextlib.suppress(configparser.Error):
-            parser.read_string(text)
-    return {name: (parser[name].get("auto-sync", "yes").strip().lower() in ("yes", "true"),
-                   name == "gentoo" or bool(parser[name].get("sync-type", "").strip()
-                                            and parser[name].get("sync-uri", "").strip()))
-            for name in parser.sections()}
-
-
-def kept_repositories(env):
-    """The repositories the build method in use keeps inside the binhost root (asked only without
-    a host chroot)."""
-    if env.host_chroot:
-        return {}
-    return env.method[0].kept_repositories(env)
-
-
-def sync_repositories(env, missing_only=False):
-    """emerge --sync where the build's repositories are: the host chroot, else this machine; and,
-    for those kept inside the binhost root (repositories_kept_in_root), there, by the root's own
-    Portage, with its own verification of Gentoo's snapshot, under the build lock. missing_only
-    (init, add-target, before a build): only the kept ones that are not there yet. Returns
-    whether it synced inside the root."""
-    kept = kept_repositories(env)
-    on_host = [directory for name, directory in binhost_repositories(env).items() if name not in kept]
-    # A machine without Gentoo has nothing to sync itself, unless it has some repository after all.
-    if not missing_only and (not kept or any(os.path.isdir(directory) for directory in on_host)):
-        host = env.host_for()
-        emerge = host.program("emerge", "put Portage's bin directory in PATH")
-        env.output.action(f"Syncing the ebuild repositories on {host.where}: emerge --sync")
-        result = host.run([emerge, "--sync"], check=False, own_group=True)
-        if result is not None and result.returncode != 0:
-            raise BinhostError(f"emerge --sync failed on {host.where} (exit {result.returncode})")
-    sync = repository_sync(env.root)
-    names = []
-    for name, location in sorted(kept.items()):
-        inside = under(env.root, location)
-        automatic, syncable = sync.get(name, (True, name == "gentoo"))
-        if not automatic or (missing_only and holds_repository(inside)):
-            continue
-        if not syncable:
-            if not holds_repository(inside):
-                env.output.warn(f"{name} ({location}) is on neither this machine nor in the binhost root, and its"
-                                f" repos.conf entry has no sync-type and sync-uri: put it at {inside}")
-            continue
-        check_no_symlink_below(env.root, os.path.dirname(inside))
-        older_link = os.path.islink(inside) and os.readlink(inside) == location  # older versions made it
-        if older_link:  # to this machine's missing location
-            env.runner.remove(inside)
-        if not (older_link and env.runner.pretend):
-            check_no_symlink_below(env.root, inside)
-        names.append(name)
-    if env.runner.pretend:  # one command may ask twice: shown once
-        names = [name for name in names if not env.decisions.get(("sync shown", name))]
-        env.decisions.update({("sync shown", name): True for name in names})
-    if not names:
-        return False
-    with build_lock(env):  # no build sees the tree half-written
-        host = env.host_for(env.method[0], trees_writable=True)
-        emerge = host.program("emerge", "the binhost root has no Portage: is it a stage3?")
-        host.mounts.exclusive = [os.path.realpath(under(env.root, kept[name]))
-                                 for name in names]
-        env.output.action(f"Syncing {', '.join(names)} inside {host.where} (this machine has no such repository):"
-                          f" emerge --sync {' '.join(names)}")
-        result = host.run([emerge, "--sync"] + names, root_environment(env), check=False, own_group=True)
-    if result is not None and result.returncode != 0:
-        raise BinhostError(f"emerge --sync {' '.join(names)} failed in {host.where} (exit {result.returncode}):"
-                           " its output above says why")
-    return True
 
 
 def snapshot_push_argv(source, destination, remote_shell=(), unchanged=None):
@@ -5561,6 +6239,8 @@ class TargetTrees:
             "live", name, self.revision(name))], what="recording the live snapshot")
 
 
+# ---- the gate: build until the target's binary-only plan takes everything ----------------------
+
 def package_arguments(emerge_args):
     """The positions of emerge_args that name packages or sets (not options, nor their values)."""
     return [position for position, word in enumerate(emerge_args) if not word.startswith("-")
@@ -5595,34 +6275,6 @@ def record_installed(env, target, plan):
         return
     env.runner.write_file(os.path.join(env.packages.publications_dir(), INSTALLED_DIR, target.name),
                           "".join(f"{cpv}\n" for cpv in sorted(plan.installed)), backup=False, diff=False)
-
-
-def build_for_target(env, target, emerge_args, pending=None, may_sync=True):
-    """Ask the target what emerge_args would merge there and build here what it would not get
-    from our binaries, until its binary-only plan (against the index this command publishes,
-    staged) merges every package of its source plan with the same version and USE, held ones
-    aside: the target then compiles nothing. Publishes only then; with pending (a command that
-    builds for several targets), its builds join what the command publishes at its end. A target
-    that follows the binhost's snapshot plans from it, staged there, and its live tree moves
-    once the publication is made (with pending: by the caller, after its publication). Returns
-    the plan (None under --pretend when the target could not be asked)."""
-    only_shown = env.runner.pretend or emerge_pretends(emerge_args)
-    with contextlib.nullcontext() if only_shown else build_lock(env):
-        sync_repositories(env, missing_only=True)  # before anything reads them
-        trees = None
-        if target.tree == "binhost":
-            try:
-                trees = TargetTrees(env, target).stage(may_sync, private=only_shown)
-            except BinhostError as error:
-                if not env.runner.pretend:
-                    raise
-                env.output.warn(f"{error} (--pretend goes on with {target.name}'s live tree)")
-        plan = build_until_covered(env, target, emerge_args, pending, trees)
-        if plan is not None:
-            plan.trees = trees
-            if trees is not None and pending is None and not emerge_pretends(emerge_args):
-                trees.move()
-    return plan
 
 
 def build_until_covered(env, target, emerge_args, pending, trees):
@@ -5730,6 +6382,36 @@ def build_until_covered(env, target, emerge_args, pending, trees):
                        f" {describe_gaps(absent.values())}, and asking without them found more each time;"
                        " nothing was installed")
 
+
+def build_for_target(env, target, emerge_args, pending=None, may_sync=True):
+    """Ask the target what emerge_args would merge there and build here what it would not get
+    from our binaries, until its binary-only plan (against the index this command publishes,
+    staged) merges every package of its source plan with the same version and USE, held ones
+    aside: the target then compiles nothing. Publishes only then; with pending (a command that
+    builds for several targets), its builds join what the command publishes at its end. A target
+    that follows the binhost's snapshot plans from it, staged there, and its live tree moves
+    once the publication is made (with pending: by the caller, after its publication). Returns
+    the plan (None under --pretend when the target could not be asked)."""
+    only_shown = env.runner.pretend or emerge_pretends(emerge_args)
+    with contextlib.nullcontext() if only_shown else build_lock(env):
+        sync_repositories(env, missing_only=True)  # before anything reads them
+        trees = None
+        if target.tree == "binhost":
+            try:
+                trees = TargetTrees(env, target).stage(may_sync, private=only_shown)
+            except BinhostError as error:
+                if not env.runner.pretend:
+                    raise
+                env.output.warn(f"{error} (--pretend goes on with {target.name}'s live tree)")
+        plan = build_until_covered(env, target, emerge_args, pending, trees)
+        if plan is not None:
+            plan.trees = trees
+            if trees is not None and pending is None and not emerge_pretends(emerge_args):
+                trees.move()
+    return plan
+
+
+# ---- installing on a target, and what it has then ----------------------------------------------
 
 def install_answered_no(result, args, interactive, default_opts):
     """Whether emerge stopped because the user answered No at its --ask prompt: it then exits
@@ -5881,6 +6563,8 @@ def install_packages(env, target, emerge_args, plan=None, asked=False):
                 bring_back_held(env, target, installed_held, tty)
 
 
+# ---- setting a target up: binrepos.conf, the signing key ---------------------------------------
+
 PROBE_SCRIPT = r"""
 conf=$1/binrepos.conf
 if [ -e "$conf" ] && [ ! -d "$conf" ]; then echo "kind file"; exit 0; fi
@@ -5974,49 +6658,6 @@ def probe_target(remote):
     return kind, content
 
 
-def setup_target(env, target, verify_signature=True):
-    remote = env.remote(target)
-    config_dir = target.portage_config_dir
-    binrepos_dir = posixpath.join(config_dir, "binrepos.conf")
-    entry_path = posixpath.join(binrepos_dir, BINREPOS_NAME + ".conf")
-    tunnel = env.transport == "tunnel"
-    url = credentials_url(env, tunnel)
-    shown_url = target_url(env, tunnel, with_credentials=False)
-    kind, current = probe_target(remote)
-    if kind == "file":
-        raise BinhostError(
-            f"{target.name}:{binrepos_dir} is a file, not a directory: on the target run"
-            f" 'mv {binrepos_dir} {binrepos_dir}.old && mkdir {binrepos_dir} &&"
-            f" mv {binrepos_dir}.old {binrepos_dir}/local.conf', then setup-target again")
-    if verify_signature and not env.signing_key:
-        raise UsageError(f"no signing key configured in {env.config_path}: run '{PROG} keygen'"
-                         " first (or setup-target --no-verify-signature for an unsigned binhost)")
-    if not verify_signature:
-        env.output.warn(f"verify-signature = false: {target.name} will install packages from {shown_url}"
-                        " without checking who built them; anyone on the network path can swap them")
-    content = binrepos_entry(url, verify_signature, target.root)
-    if current == content:
-        env.output.info(f"{target.name}:{entry_path} already points to {shown_url}")
-    else:
-        if env.runner.pretend:
-            env.output.info(f"Would write {target.name}:{entry_path}:")
-            env.output.text(env.runner.masked(unified_diff(current, content, entry_path)), always=True)
-        env.output.action(f"Writing {target.name}:{entry_path} (sync-uri = {shown_url})")
-        # With a password in it, root only (emerge --info still prints it: see the README).
-        mode = "0600" if env.auth_file else "0644"
-        # The content on stdin: with a password in it, an argument would show it in ps to every user.
-        remote.script(WRITE_FILE_SCRIPT, binrepos_dir, BINREPOS_NAME + ".conf", timestamp(), mode,
-                      input=content, what=f"writing {entry_path}")
-    if verify_signature:
-        trust_signing_key(env, remote)
-    if current is None and not target.tree:  # a new target follows the binhost's snapshot
-        env.output.info(f"{target.name} is new here: writing tree = binhost to [target {target.name}] of"
-                        f" {target.config_path}, so it plans from the binhost's snapshot (tree = own keeps its own)")
-        env.runner.write_file(target.config_path, set_config_values(read_text(target.config_path),
-                                                                    f"target {target.name}", {"tree": "binhost"}))
-        target.tree = "binhost"
-
-
 def target_verify_home(remote):
     return remote.read(["portageq", "envvar", "BINPKG_GPG_VERIFY_GPG_HOME"],
                        "portageq envvar BINPKG_GPG_VERIFY_GPG_HOME").strip() or posixpath.join(
@@ -6066,6 +6707,49 @@ def trust_signing_key(env, remote):
         return
     raise BinhostError(f"target {target.name} does not accept the binhost's signature with {home}"
                        f" ({reason}): check that the directory is readable by nobody and the key trusted")
+
+
+def setup_target(env, target, verify_signature=True):
+    remote = env.remote(target)
+    config_dir = target.portage_config_dir
+    binrepos_dir = posixpath.join(config_dir, "binrepos.conf")
+    entry_path = posixpath.join(binrepos_dir, BINREPOS_NAME + ".conf")
+    tunnel = env.transport == "tunnel"
+    url = credentials_url(env, tunnel)
+    shown_url = target_url(env, tunnel, with_credentials=False)
+    kind, current = probe_target(remote)
+    if kind == "file":
+        raise BinhostError(
+            f"{target.name}:{binrepos_dir} is a file, not a directory: on the target run"
+            f" 'mv {binrepos_dir} {binrepos_dir}.old && mkdir {binrepos_dir} &&"
+            f" mv {binrepos_dir}.old {binrepos_dir}/local.conf', then setup-target again")
+    if verify_signature and not env.signing_key:
+        raise UsageError(f"no signing key configured in {env.config_path}: run '{PROG} keygen'"
+                         " first (or setup-target --no-verify-signature for an unsigned binhost)")
+    if not verify_signature:
+        env.output.warn(f"verify-signature = false: {target.name} will install packages from {shown_url}"
+                        " without checking who built them; anyone on the network path can swap them")
+    content = binrepos_entry(url, verify_signature, target.root)
+    if current == content:
+        env.output.info(f"{target.name}:{entry_path} already points to {shown_url}")
+    else:
+        if env.runner.pretend:
+            env.output.info(f"Would write {target.name}:{entry_path}:")
+            env.output.text(env.runner.masked(unified_diff(current, content, entry_path)), always=True)
+        env.output.action(f"Writing {target.name}:{entry_path} (sync-uri = {shown_url})")
+        # With a password in it, root only (emerge --info still prints it: see the README).
+        mode = "0600" if env.auth_file else "0644"
+        # The content on stdin: with a password in it, an argument would show it in ps to every user.
+        remote.script(WRITE_FILE_SCRIPT, binrepos_dir, BINREPOS_NAME + ".conf", timestamp(), mode,
+                      input=content, what=f"writing {entry_path}")
+    if verify_signature:
+        trust_signing_key(env, remote)
+    if current is None and not target.tree:  # a new target follows the binhost's snapshot
+        env.output.info(f"{target.name} is new here: writing tree = binhost to [target {target.name}] of"
+                        f" {target.config_path}, so it plans from the binhost's snapshot (tree = own keeps its own)")
+        env.runner.write_file(target.config_path, set_config_values(read_text(target.config_path),
+                                                                    f"target {target.name}", {"tree": "binhost"}))
+        target.tree = "binhost"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -6133,549 +6817,6 @@ awk '/^(flags|Features)[ \t]*:/ { print; exit }' /proc/cpuinfo 2>/dev/null
 exit 0
 """
 
-_SECTION_MARKER = re.compile(r"==([A-Za-z0-9_.-]+)")
-
-
-def parse_sections(text):
-    """{name: text} of the `==name` sections printed by CPU_PROBE_SCRIPT.
-
-    Shell start-up files may print before the script: anything before the first marker is
-    ignored. A section's text has no trailing newline; a repeated name keeps the last one.
-    """
-    sections, name, lines = {}, None, []
-    for line in text.splitlines():
-        marker = _SECTION_MARKER.fullmatch(line.rstrip("\r"))
-        if marker:
-            if name is not None:
-                sections[name] = "\n".join(lines).strip("\n")
-            name, lines = marker.group(1), []
-        elif name is not None:
-            lines.append(line.rstrip("\r"))
-    if name is not None:
-        sections[name] = "\n".join(lines).strip("\n")
-    return sections
-
-
-def _cc1_program(word):
-    return word == "cc1" or word.endswith("/cc1")
-
-
-def parse_cc1_flags(cc1_line):
-    """The code generation options of gcc's cc1 command line, in order.
-
-    Keeps every -m word (-march=, -mcpu=, -mtune=, -mFEATURE, -mno-FEATURE, -mabi=...) and the
-    --param options (a two-word `--param NAME=VALUE` becomes the single word --param=NAME=VALUE,
-    which gcc also accepts, so every item is one make.conf word). Given the whole `gcc -v`
-    output, only the cc1 line is read ([] without one); a single line without the cc1 program
-    (bare flags) is read as it is. Words such as `-o /dev/null` or -dumpbase are skipped.
-    """
-    lines = [line for line in cc1_line.splitlines() if line.strip()]
-    found = [line for line in lines if _cc1_program(line.split()[0])]
-    if not found and len(lines) != 1:
-        return []
-    words = (found or lines)[0].split()
-    flags = []
-    for index, word in enumerate(words):
-        if word.startswith("-m"):
-            flags.append(word)
-        elif word.startswith("--param="):
-            flags.append(word)
-        elif word == "--param" and index + 1 < len(words):
-            flags.append("--param=" + words[index + 1])
-    return flags
-
-
-# "  -mavx2   [enabled]", "  -march=   znver3", "  -mbranch-cost=<0,5>   3", "  -mabi=ABI  lp64":
-# the option (with its '='), an optional placeholder glued to it, then the state or value.
-_HELP_OPTION = re.compile(r"\s+(-[^\s=<]+=?)"
-                          r"(?:<[^>]*>|\[[^\]]*\](?=\s|$)|[A-Z]+(?=\s|$))?"
-                          r"(?:\s+(.*))?")
-
-
-def enabled_target_options(help_text):
-    """{option: state} from `gcc -Q --help=target` output.
-
-    Booleans map to "enabled" or "disabled" ("-mavx2": "enabled"); options taking a value keep
-    their `=` and map to the value ("-march=": "znver3", "-mcpu=": ""); value placeholders such
-    as <0,5>, ABI or [none,...] are dropped. Aliases map to what they stand for ("-msse5":
-    "-mavx"). Only the option block is read (it ends at the first empty line, before the
-    "Known valid arguments" lists). A value gcc wrapped onto the next line is joined back.
-    """
-    options, last, started = {}, None, False
-    for line in help_text.splitlines():
-        line = line.rstrip()
-        if not line.strip():
-            if started:
-                break
-            continue
-        if line.startswith("  -"):
-            match = _HELP_OPTION.fullmatch(line)
-            if not match:
-                continue
-            started = True
-            value = (match.group(2) or "").strip()
-            if value in ("[enabled]", "[disabled]", "[default]", "[ignored]"):
-                value = value[1:-1]
-            last = match.group(1)
-            options[last] = value
-        elif started and last is not None and line.startswith(" "):
-            # A continuation: gcc wrapped a long value. It breaks after '-' or '+' inside a word.
-            value = options[last]
-            joiner = "" if not value or value[-1] in "-+," else " "
-            options[last] = value + joiner + line.strip()
-    return options
-
-
-# -m words of the cc1 line that belong to the ABI the toolchain was built for (CHOST,
-# multilib), not to the CPU: putting them into COMMON_FLAGS would break 32-bit multilib builds.
-ABI_OPTIONS = ("-m16", "-m32", "-m64", "-mx32", "-mlittle-endian", "-mbig-endian", "-mabi=")
-
-# gcc options that are aliases of two ISA levels, not features of their own. -msse4 enables
-# SSE4.1 *and* SSE4.2 (plus POPCNT); -mno-sse4 disables SSE4.1 and everything above.
-# `gcc -Q --help=target` lists -msse4 and a separate -mno-sse4 entry, and reading "-mno-sse4
-# [disabled]" as "-msse4 wanted" made resolve-march-native emit -msse4 on SSE4.1-only CPUs
-# (issues #177, #197): binaries then died with SIGILL on SSE4.2 instructions.
-SSE4_ALIASES = {"-msse4": "-msse4.2", "-mno-sse4": "-mno-sse4.1"}
-
-_BOOLEAN_M = re.compile(r"-m(no-)?([A-Za-z0-9][A-Za-z0-9_.+-]*)")
-
-
-def _boolean_state(flag):
-    """(feature name, "enabled"/"disabled") of -mFOO / -mno-FOO, or None for -mFOO=VALUE."""
-    match = _BOOLEAN_M.fullmatch(flag)
-    if not match:
-        return None
-    return match.group(2), "disabled" if match.group(1) else "enabled"
-
-
-def resolve_native_flags(cc1_line, baseline_help="", native_help=""):
-    """The explicit flags equivalent to -march=native (-mcpu=native), as resolve-march-native does.
-
-    `cc1_line` is what `gcc -v ... -march=native` passed to cc1. The result is its -march=X (or
-    -mcpu=X) followed only by the -mFOO/-mno-FOO flags whose state differs from what X implies
-    according to `baseline_help` (`gcc -Q --help=target -march=X`). Without help texts every
-    feature flag of the cc1 line is kept: longer, but exactly equivalent. Always:
-
-    * --param cache sizes are dropped (tuning hints, not ISA), and so are ABI words (-m64,
-      -mabi=lp64, -mlittle-endian: they come with the toolchain);
-    * -mtune=X is dropped when X is the arch; a different one (-march=k8-sse3 -mtune=k8,
-      -mtune=generic on CPUs gcc does not know) is kept: it also selects __tune_*__ macros;
-    * -msse4/-mno-sse4 are never emitted (see SSE4_ALIASES), and a -mno-FOO=VALUE (invalid:
-      resolve-march-native once printed -mno-branch-cost=2, #127) is dropped;
-    * a flag is kept, whatever the baseline says, when `native_help` contradicts the cc1 line
-      for it: the help display is then unreliable for that option (gcc 12 shows -mhle
-      "[enabled]" even with -mno-hle), so it cannot prove the flag redundant either;
-    * features that native_help and baseline_help show in different states but the cc1 line
-      does not mention are added (as resolve-march-native does), booleans only.
-
-    Returns [] when gcc could not name the CPU (the cc1 line has no -march=/-mcpu=, as with
-    some aarch64 cores): -march=native then meant gcc's defaults. Raises ValueError when
-    `cc1_line` holds no cc1 command (gcc missing or failing on the target) and no flags.
-    """
-    flags = parse_cc1_flags(cc1_line)
-    if not flags and not any(_cc1_program(line.split()[0])
-                             for line in cc1_line.splitlines() if line.strip()):
-        raise ValueError("no cc1 command line in gcc's -v output")
-    baseline = enabled_target_options(baseline_help)
-    native = enabled_target_options(native_help)
-
-    arch_flags = [flag for flag in flags if flag.startswith(("-march=", "-mcpu="))]
-    if not arch_flags:
-        return []
-    arch_name = arch_flags[0].split("=", 1)[1].split("+", 1)[0]
-    # Features the cc1 line sets, so that the help texts cannot add them a second time.
-    mentioned = {state[0] for state in map(_boolean_state, flags) if state}
-
-    result = []
-    for flag in flags:
-        if flag.startswith(("-march=", "-mcpu=")):
-            result.append(flag)
-            continue
-        if flag.startswith("--param") or flag.startswith(ABI_OPTIONS):
-            continue
-        if flag.startswith("-mtune="):
-            if flag.split("=", 1)[1] != arch_name:
-                result.append(flag)
-            continue
-        if flag in SSE4_ALIASES:
-            # Never in real cc1 lines (the driver uses -msse4.1/-msse4.2); if present, keep its
-            # meaning unless the explicit level is given anyway.
-            flag = SSE4_ALIASES[flag]
-            if _boolean_state(flag)[0] in mentioned:
-                continue
-        state = _boolean_state(flag)
-        if state is None:
-            if flag.startswith("-mno-"):
-                continue  # -mno-branch-cost=2 and the like: gcc rejects them
-            option, _, value = flag.partition("=")
-            if baseline.get(option + "=") != value:
-                result.append(flag)
-            continue
-        name, wanted = state
-        implied = baseline.get("-m" + name)
-        shown_native = native.get("-m" + name)
-        help_unreliable = shown_native in ("enabled", "disabled") and shown_native != wanted
-        if implied != wanted or help_unreliable:
-            result.append(flag)
-
-    for option, shown_native in native.items():
-        name = option[2:]
-        # Not the separate "-mno-FOO" entries of the help (they mirror -mFOO), nor the aliases.
-        if (option.startswith("-mno-") or option in SSE4_ALIASES or option.endswith("=")
-                or name in mentioned or option in ABI_OPTIONS
-                or shown_native not in ("enabled", "disabled")):
-            continue
-        implied = baseline.get(option)
-        if implied in ("enabled", "disabled") and implied != shown_native:
-            result.append(option if shown_native == "enabled" else "-mno-" + name)
-
-    return list(dict.fromkeys(result))
-
-
-# Gentoo's USE_EXPAND values of CPU_FLAGS_X86 (profiles/desc/cpu_flags_x86.desc, 2025).
-CPU_FLAGS_X86_NAMES = frozenset("""
-    3dnow 3dnowext aes avx avx_vnni avx2 avx512_4fmaps avx512_4vnniw avx512_bf16 avx512_bitalg
-    avx512_fp16 avx512_vbmi2 avx512_vnni avx512_vp2intersect avx512_vpopcntdq avx512bw avx512cd
-    avx512dq avx512er avx512f avx512ifma avx512pf avx512vbmi avx512vl bmi1 bmi2 f16c fma3 fma4
-    mmx mmxext padlock pclmul popcnt rdrand sha sse sse2 sse3 sse4_1 sse4_2 sse4a ssse3
-    vpclmulqdq xop
-""".split())
-
-# /proc/cpuinfo flags whose CPU_FLAGS_X86 name differs (the bracketed names in
-# cpu_flags_x86.desc, and cpuid2cpuflags' CPUID table). Every other flag maps to itself when it
-# is in CPU_FLAGS_X86_NAMES. Careful: cpuinfo's "ssse3" is SSSE3, SSE3 is "pni"; "sha" is not
-# a cpuinfo flag (it is "sha_ni"); "3dnowprefetch" is not 3DNow!; ABM implies POPCNT on AMD.
-CPUINFO_TO_CPU_FLAGS_X86 = {
-    "fma": ("fma3",),
-    "pni": ("sse3",),
-    "pclmulqdq": ("pclmul",),
-    "sha_ni": ("sha",),
-    "phe": ("padlock",),
-    "abm": ("popcnt",),
-    "sse": ("sse", "mmxext"),  # MMXEXT is a subset of SSE (Intel CPUs do not list mmxext)
-}
-
-
-def cpu_flags_x86_from_cpuinfo(flags_line):
-    """Sorted CPU_FLAGS_X86 names from the `flags : ...` line of an x86 /proc/cpuinfo.
-
-    Also takes the bare list of flags. An ARM `Features : ...` line gives [] (its "aes" or
-    "sha2" are not x86 features).
-    """
-    name, colon, rest = flags_line.partition(":")
-    if colon:
-        if name.strip() != "flags":
-            return []
-        flags_line = rest
-    names = set()
-    for flag in flags_line.split():
-        for mapped in CPUINFO_TO_CPU_FLAGS_X86.get(flag, (flag,)):
-            if mapped in CPU_FLAGS_X86_NAMES:
-                names.add(mapped)
-    return sorted(names)
-
-
-# CPU_FLAGS_ARM as cpuid2cpuflags sets it (src/arm.c, 2025), from the kernel's names for the
-# hwcap bits it tests, which /proc/cpuinfo's Features line prints: {flag: features it needs}.
-# aarch64 has every 32-bit unit (neon is asimd there); a 32-bit kernel names its own.
-CPU_FLAGS_ARM_AARCH64 = {
-    "edsp": (), "thumb": (), "neon": ("asimd",), "neon-fp16": ("asimd",), "vfp": ("asimd",),
-    "vfpv3": ("asimd",), "vfpv4": ("asimd",), "vfp-d32": ("asimd",), "asimd": ("asimd",),
-    "aes": ("aes",), "sha1": ("sha1",), "sha2": ("sha2",), "crc32": ("crc32",), "sm4": ("sm4",),
-    "asimddp": ("asimddp",), "asimdfhm": ("asimdfhm",), "asimdhp": ("asimdhp",), "sve": ("sve",),
-    "sve2": ("sve2",), "i8mm": ("i8mm",)}
-CPU_FLAGS_ARM_32 = {
-    "edsp": ("edsp",), "iwmmxt": ("iwmmxt",), "neon": ("neon",), "neon-fp16": ("neon", "half"),
-    "thumb": ("thumb",), "vfp": ("vfp",), "vfpv3": ("vfpv3",), "vfpv4": ("vfpv4",), "vfp-d32": ("vfpd32",),
-    "asimddp": ("asimddp",), "asimdfhm": ("asimdfhm",), "asimdhp": ("asimdhp",), "i8mm": ("i8mm",),
-    "aes": ("aes",), "sha1": ("sha1",), "sha2": ("sha2",), "crc32": ("crc32",)}
-# The architecture versions each `uname -m` (its endianness letter off) implies, and thumb2 from v6t2.
-ARM_SUBARCH_FLAGS = {"aarch64": "v4 v5 v6 v7 v8 thumb2", "armv8": "v4 v5 v6 v7 v8 thumb2",
-                     "armv7": "v4 v5 v6 v7 thumb2", "armv6": "v4 v5 v6", "armv5tej": "v4 v5",
-                     "armv5te": "v4 v5", "armv5t": "v4 v5", "armv4t": "v4", "armv4": "v4"}
-
-
-def cpu_flags_arm_from_cpuinfo(features_line, machine):
-    """Sorted CPU_FLAGS_ARM names from the `Features : ...` line of an arm or aarch64
-    /proc/cpuinfo and `uname -m`, as cpuid2cpuflags derives them from the same hwcap bits. A
-    32-bit userland under a 64-bit kernel reads 32-bit names while uname says aarch64: an
-    ARMv8 CPU in its 32-bit state."""
-    features = set(features_line.partition(":")[2].split() if ":" in features_line else features_line.split())
-    machine = machine.strip()
-    machine = machine[:-1] if machine.endswith(("l", "b")) and machine != "aarch64" else machine
-    if not features or machine not in ARM_SUBARCH_FLAGS:
-        return []
-    if machine == "aarch64" and "asimd" not in features and features & {"neon", "vfp", "edsp", "half"}:
-        machine = "armv8"
-    table = CPU_FLAGS_ARM_AARCH64 if machine == "aarch64" else CPU_FLAGS_ARM_32
-    names = {flag for flag, needed in table.items() if set(needed) <= features}
-    if machine == "armv8" and "neon" in features:
-        names.add("asimd")
-    return sorted(names | set(ARM_SUBARCH_FLAGS[machine].split()))
-
-
-def parse_cpuid2cpuflags(output, variable="CPU_FLAGS_X86"):
-    """The names cpuid2cpuflags printed for `variable` (`CPU_FLAGS_X86: aes avx ...`), sorted.
-
-    cpuid2cpuflags prints CPU_FLAGS_ARM on arm: asking for CPU_FLAGS_X86 then gives [].
-    """
-    for line in output.splitlines():
-        name, colon, rest = line.partition(":")
-        if colon and name.strip() == variable:
-            return sorted(set(rest.split()))
-    return []
-
-
-# ---- make.conf and package.use edits -------------------------------------------------------------
-
-# Variables whose value can carry CPU flags, the first one preferred (stage3 make.conf layout).
-FLAGS_VARIABLES = ("COMMON_FLAGS", "CFLAGS", "CXXFLAGS", "FCFLAGS", "FFLAGS")
-
-# Boolean -m options users set on purpose that say nothing about the CPU: set_common_flags
-# keeps them. Every other -mFOO/-mno-FOO word in a *FLAGS variable is taken for a CPU feature
-# (what a -march=native expansion or an earlier `cpu --apply` wrote) and replaced.
-NON_CPU_M_OPTIONS = frozenset("""
-    16 32 64 x32 80387 red-zone omit-leaf-frame-pointer stackrealign soft-float hard-float
-    general-regs-only ieee-fp fancy-math-387 push-args fentry record-mcount nop-mcount
-    align-double sseregparm rtd vzeroupper stv accumulate-outgoing-args inline-all-stringops
-    inline-stringops-dynamically align-stringops tls-direct-seg-refs cld 8bit-idiv
-    direct-extern-access indirect-branch-register indirect-branch-cs-prefix relax-cmpxchg-loop
-    long-double-64 long-double-80 long-double-128 96bit-long-double 128bit-long-double
-    manual-endbr skip-rax-setup mitigate-rop force-drap dispatch-scheduler prefer-avx128
-    outline-atomics strict-align pc-relative-literal-loads track-speculation
-    low-precision-div low-precision-sqrt low-precision-recip-sqrt
-""".split())
-
-_CACHE_PARAMS = ("l1-cache-size=", "l1-cache-line-size=", "l2-cache-size=")
-
-
-def _is_cpu_word(word):
-    if word.startswith(("-march=", "-mcpu=", "-mtune=")):
-        return True
-    if word.startswith("--param=") and word[len("--param="):].startswith(_CACHE_PARAMS):
-        return True
-    state = _boolean_state(word)
-    return state is not None and state[0] not in NON_CPU_M_OPTIONS
-
-
-class _Assignment:
-    """One `NAME=value` of a make.conf: where its value is, and how it is quoted."""
-
-    def __init__(self, name, start, end, quote):
-        self.name, self.start, self.end, self.quote = name, start, end, quote  # value span
-
-
-def _assignments(text):
-    """The assignments of a make.conf (bash-like syntax) in order, skipping comments and never
-    looking inside a quoted value (which may span lines)."""
-    found, pos, length = [], 0, len(text)
-    name_re = re.compile(r"[ \t]*(?:export[ \t]+)?([A-Za-z_][A-Za-z0-9_]*)=")
-    while pos < length:
-        match = name_re.match(text, pos)
-        line_end = text.find("\n", pos)
-        line_end = length if line_end < 0 else line_end
-        if not match or match.start(1) > line_end:
-            pos = line_end + 1
-            continue
-        start = match.end()
-        quote = text[start] if start < length and text[start] in "\"'" else ""
-        if quote:
-            end = start + 1
-            while end < length and text[end] != quote:
-                end += 2 if quote == '"' and text[end] == "\\" else 1
-            end = min(end + 1, length)
-        else:
-            end = start
-            while end < length and not text[end].isspace() and text[end] != "#":
-                end += 1
-        found.append(_Assignment(match.group(1), start, end, quote))
-        next_line = text.find("\n", end)
-        pos = length if next_line < 0 else next_line + 1
-    return found
-
-
-def _unquote(value, quote):
-    if quote and len(value) >= 2 and value.endswith(quote):
-        return value[1:-1]
-    return value[1:] if quote else value  # an unterminated quote: the file ends inside it
-
-
-def _requote(inner, quote):
-    """The value text for `inner`: the original quotes, or double quotes when it needs some."""
-    if quote:
-        return quote + inner + quote
-    return '"' + inner + '"' if re.search(r"\s", inner) else inner
-
-
-def _edit_words(inner, flags, mode):
-    """`inner` (a variable's value, without quotes) with its CPU words removed.
-
-    mode "strip": nothing is inserted; "replace": `flags` go where the first CPU word was;
-    "append": the same, or at the end when there was no CPU word. Other words, and the line
-    breaks of a value spanning lines, stay as they were.
-    """
-    pieces = re.split(r"(\s+)", inner)  # word, blank, word, blank, ... (words at even indexes)
-    words = list(range(0, len(pieces), 2))
-    remove = []
-    for position, index in enumerate(words):
-        word = pieces[index]
-        if _is_cpu_word(word):
-            remove.append(index)
-        elif word == "--param" and position + 1 < len(words):
-            following = words[position + 1]
-            if pieces[following].startswith(_CACHE_PARAMS):
-                remove += [index, following]
-    if not remove:
-        if mode != "append" or not flags:
-            return inner
-        stripped = inner.rstrip()
-        return (stripped + " " if stripped else "") + " ".join(flags) + inner[len(stripped):]
-    first, gone = min(remove), set(remove)
-    for index in remove:
-        if index == first and mode != "strip" and flags:
-            continue
-        # Take one neighbouring blank along, never a line break.
-        for blank in (index - 1, index + 1):
-            if 0 <= blank < len(pieces) and blank not in gone and "\n" not in pieces[blank]:
-                gone.add(blank)
-                break
-    out = []
-    for index, piece in enumerate(pieces):
-        if index == first and mode != "strip" and flags:
-            out.append(" ".join(flags))
-        elif index not in gone:
-            out.append(piece)
-    return "".join(out)
-
-
-def _has_cpu_words(inner):
-    return _edit_words(inner, [], "strip") != inner
-
-
-def _references(inner, names):
-    return any(re.search(r"\$\{?%s\b" % name, inner) for name in names)
-
-
-def set_common_flags(make_conf_text, flags):
-    """make.conf text with the CPU flags replaced by `flags` (a list of words, or a string).
-
-    CPU words are -march=, -mcpu=, -mtune=, the l1/l2 cache --params and -mFOO/-mno-FOO
-    features (not the NON_CPU_M_OPTIONS such as -mno-omit-leaf-frame-pointer); every other word
-    (-O2 -pipe ${COMMON_FLAGS} -mfpmath=sse ...), comment and line stays. `flags` go where the
-    first CPU word was, else at the end of the value. The variable edited is COMMON_FLAGS, or
-    CFLAGS when there is no COMMON_FLAGS; of several assignments, the last one that carries
-    CPU words and whose value reaches the final one (later ones reference the variable), else
-    the last. CFLAGS/CXXFLAGS/FCFLAGS/FFLAGS lose their own CPU words (which would override
-    ours, -march=native meaning the binhost's CPU) when their value includes the edited
-    variable's (CFLAGS="${COMMON_FLAGS} ..."), and get them replaced by `flags` otherwise.
-    With neither COMMON_FLAGS nor CFLAGS, the stage3 block (COMMON_FLAGS="-O2 -pipe FLAGS"
-    and the four *FLAGS="${COMMON_FLAGS}") is appended. Quoting ("..." or '...') is kept; a
-    value spanning lines keeps its line breaks. Applying the same flags twice changes nothing.
-    """
-    if isinstance(flags, str):
-        flags = flags.split()
-    flags = list(flags)
-    assignments = [a for a in _assignments(make_conf_text) if a.name in FLAGS_VARIABLES]
-    primary = next((name for name in ("COMMON_FLAGS", "CFLAGS")
-                    if any(a.name == name for a in assignments)), None)
-    if primary is None:
-        block = ('COMMON_FLAGS="%s"\n' % " ".join(["-O2", "-pipe"] + flags)
-                 + "".join('%s="${COMMON_FLAGS}"\n' % name for name in FLAGS_VARIABLES[1:]))
-        separator = "" if not make_conf_text or make_conf_text.endswith("\n") else "\n"
-        return make_conf_text + separator + block
-
-    inner_of = {id(a): _unquote(make_conf_text[a.start:a.end], a.quote) for a in assignments}
-    own = [a for a in assignments if a.name == primary]
-    target = own[-1]
-    for index, assignment in enumerate(own):
-        reaches_end = all(_references(inner_of[id(a)], [primary]) for a in own[index + 1:])
-        if _has_cpu_words(inner_of[id(assignment)]) and reaches_end:
-            target = assignment
-    # Variables that get the primary's value, directly or through another one
-    # (CXXFLAGS="${CFLAGS}" with CFLAGS="${COMMON_FLAGS}").
-    inheriting, grown = {primary}, True
-    while grown:
-        grown = False
-        for assignment in assignments:
-            if assignment.name not in inheriting and _references(
-                    inner_of[id(assignment)], sorted(inheriting - {assignment.name})):
-                inheriting.add(assignment.name)
-                grown = True
-
-    edits = []
-    for assignment in assignments:
-        inner = inner_of[id(assignment)]
-        if assignment.name == primary:
-            new = _edit_words(inner, flags, "append" if assignment is target else "strip")
-        elif assignment.name in inheriting:
-            new = _edit_words(inner, flags, "strip")  # the flags reach it through the primary
-        else:
-            new = _edit_words(inner, flags, "replace")
-        if new != inner:
-            edits.append((assignment, _requote(new, assignment.quote)))
-    for assignment, value in reversed(edits):
-        make_conf_text = make_conf_text[:assignment.start] + value + make_conf_text[assignment.end:]
-    return make_conf_text
-
-
-def set_cpu_flags(text, flags, kind, variable="CPU_FLAGS_X86"):
-    """`text` with variable (CPU_FLAGS_X86, CPU_FLAGS_ARM) set to `flags` (a list of names, or a string).
-
-    kind "make.conf": every VARIABLE=... assignment gets the value (quotes kept), or
-    VARIABLE="..." is appended. kind "package.use" (cpuid2cpuflags' recommended
-    `*/* CPU_FLAGS_X86: ...` in package.use/00cpu-flags): the variable's group of every
-    `*/*` line is replaced (a leading -* reset is kept), or such a line is appended.
-    Per-package lines (dev-libs/foo CPU_FLAGS_X86: -avx2) are the user's and stay.
-    """
-    if isinstance(flags, str):
-        flags = flags.split()
-    value = " ".join(flags)
-    if kind == "make.conf":
-        found = [a for a in _assignments(text) if a.name == variable]
-        for assignment in reversed(found):
-            text = (text[:assignment.start] + _requote(value, assignment.quote or '"')
-                    + text[assignment.end:])
-        if found:
-            return text
-        separator = "" if not text or text.endswith("\n") else "\n"
-        return text + separator + f'{variable}="{value}"\n'
-    if kind != "package.use":
-        raise ValueError("unknown kind %r (make.conf or package.use)" % kind)
-
-    lines, replaced = text.splitlines(keepends=True), False
-    for index, line in enumerate(lines):
-        body = line.rstrip("\r\n")
-        words = body.split("#", 1)[0].split()
-        if len(words) < 2 or words[0] != "*/*" or variable + ":" not in words:
-            continue
-        group = words.index(variable + ":")
-        end = next((i for i in range(group + 1, len(words)) if words[i].endswith(":")),
-                   len(words))
-        reset = ["-*"] if "-*" in words[group + 1:end] else []
-        comment = " #" + body.split("#", 1)[1] if "#" in body else ""
-        new_words = words[:group + 1] + reset + list(flags) + words[end:]
-        lines[index] = " ".join(new_words) + comment + line[len(body):]
-        replaced = True
-    text = "".join(lines)
-    if replaced:
-        return text
-    separator = "" if not text or text.endswith("\n") else "\n"
-    return text + separator + f"*/* {variable}: {value}\n"
-
-
-def missing_isa(target_flags, host_flags):
-    """CPU_FLAGS_X86 names the target has and the build host lacks, sorted.
-
-    Non-empty means the binhost's CPU cannot run the target's code: anything a build runs
-    (tests, code generators, an optimised python) may die with SIGILL.
-    """
-    if isinstance(target_flags, str):
-        target_flags = target_flags.split()
-    if isinstance(host_flags, str):
-        host_flags = host_flags.split()
-    return sorted(set(target_flags) - set(host_flags))
-
-
 class TargetCpu:
     """What the target's gcc and CPU report, resolved to flags for the binhost's make.conf."""
 
@@ -6721,11 +6862,6 @@ def detect_target_cpu(target, runner, output):
         cpu.cpu_flags, cpu.cpu_flags_source = (cpu_flags_x86_from_cpuinfo(cpuinfo) if cpu.is_x86 else
                                                cpu_flags_arm_from_cpuinfo(cpuinfo, cpu.machine)), "/proc/cpuinfo"
     return cpu
-
-
-# gcc 12 says "bad value 'x' for '-march=' switch", older ones "bad value (x) for -march= switch".
-UNKNOWN_GCC_FLAG = re.compile(r"(?:unrecognized command[- ]line option|bad value \(?['‘]?([^'’)]*)['’]?\)? for)"
-                              r"\s*['‘]?([^'’\s]*)")
 
 
 def flags_the_binhost_gcc_accepts(flags, env):
@@ -6824,7 +6960,7 @@ def cpu_report(env, target, apply=False):
     return cpu
 
 
-# ---- configuration parity: config pull | push | diff ---------------------------------------------
+# ---- configuration parity: config pull | push | diff -------------------------------------------
 
 # Streams the Portage configuration of one side as a tar: <configroot>/etc/portage and the world
 # files under <EROOT>, keeping symlinks (make.profile) and modes. What must not travel stays out:
@@ -7025,18 +7161,10 @@ EXECUTED_CONFIG = re.compile(r"etc/portage/(bashrc|env(/|$)|patches(/|$)|package
                              r"|postsync\.d(/|$)|repo\.postsync\.d(/|$)|profile(/|$))")
 
 
-def fetch_both_configs(env, target):
-    """(binhost side, remote, binhost tar, target tar); the target's as sanitized_config_tar()
-    leaves it, so what a diff shows is what a pull installs."""
-    check_binhost_root(env)
-    binhost_side = LocalShell(env)
-    remote = env.remote(target)
-    target_tar = sanitized_config_tar(read_config_tar(remote, target.root), target.name, env.output)
-    return binhost_side, remote, read_config_tar(binhost_side, env.root), target_tar
-
-
 # What a target's configuration stream may hold: the rest is left out.
 CONFIG_TAR_PLACES = ("etc/portage", "var/lib/portage/world", "var/lib/portage/world_sets")
+
+
 # Each side keeps its own entry (setup-target writes it); the target's never travels.
 OWN_BINREPOS_MEMBER = f"etc/portage/binrepos.conf/{BINREPOS_NAME}.conf"
 
@@ -7102,6 +7230,16 @@ def sanitized_config_tar(tar_bytes, target_name, output):
     return result.getvalue()
 
 
+def fetch_both_configs(env, target):
+    """(binhost side, remote, binhost tar, target tar); the target's as sanitized_config_tar()
+    leaves it, so what a diff shows is what a pull installs."""
+    check_binhost_root(env)
+    binhost_side = LocalShell(env)
+    remote = env.remote(target)
+    target_tar = sanitized_config_tar(read_config_tar(remote, target.root), target.name, env.output)
+    return binhost_side, remote, read_config_tar(binhost_side, env.root), target_tar
+
+
 def sync_config(direction, env, target, show_only=False):
     """config pull (target -> binhost), push (binhost -> target) or diff (what pull would change)."""
     binhost_side, remote, binhost_tar, target_tar = fetch_both_configs(env, target)
@@ -7151,7 +7289,7 @@ def sync_config(direction, env, target, show_only=False):
     return True
 
 
-# ---- what the binhost holds: list and clean --------------------------------------------------------
+# ---- what the binhost holds: list and clean ----------------------------------------------------
 
 DEFAULT_KEEP = 2
 
@@ -7162,28 +7300,6 @@ def human_size(size):
             return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
         size /= 1024
     return ""
-
-
-def installed_in_binhost(env):
-    """CPVs installed in the binhost root: its world and their dependencies, as built for the
-    targets (the binhost's world is the union of theirs)."""
-    host = env.host
-    eroot = host.read([host.program("portageq", "put Portage's bin directory in PATH"), "envvar", "EROOT"],
-                      root_environment(env), describe="portageq envvar EROOT").stdout.strip()
-    eroot = under(host.chroot, eroot) if eroot else eroot
-    vdb = os.path.join(eroot, "var/db/pkg")
-    if not eroot or not os.path.isdir(vdb):
-        raise BinhostError(f"no package database at {vdb}: clean keeps only what the binhost root has"
-                           " installed, so it refuses to judge without one")
-    installed = set()
-    for category in os.listdir(vdb):
-        directory = os.path.join(vdb, category)
-        if os.path.isdir(directory):
-            installed.update(f"{category}/{name}" for name in os.listdir(directory)
-                             if not name.startswith((".", "-MERGING-")))
-    if not installed:
-        raise BinhostError(f"nothing is installed in {eroot}: clean would remove every package")
-    return installed
 
 
 def packages_to_clean(records, installed, keep, on_targets=frozenset()):
@@ -7258,7 +7374,7 @@ def clean_packages(env, keep, pending=None):
     return doomed
 
 
-# ---- update: sync, build every target's world, publish, clean ------------------------------------
+# ---- update: sync, build every target's world, publish, clean ----------------------------------
 
 WORLD_UPDATE = ["--update", "--deep", "--newuse", "@world"]
 
@@ -7337,7 +7453,7 @@ def update_environments(config, args, runner, output):
         raise BinhostError(f"update failed for {len(failed)} of {len(rows)} row(s): {', '.join(failed)}")
 
 
-# ---- doctor ----------------------------------------------------------------------------------------
+# ---- doctor ------------------------------------------------------------------------------------
 
 OK, WARN, FAIL = "OK", "WARN", "FAIL"
 MIN_FREE_BYTES = 5 * 1024**3
@@ -7387,17 +7503,6 @@ def portage_variables(text):
         if equals:
             values[name.strip()] = shlex.split(value)[0] if value.strip() else ""
     return values
-
-
-def repository_locations(members):
-    """{name: location} from the repos.conf inside a configuration tar's members."""
-    parser = configparser.ConfigParser(interpolation=None)
-    for name, (kind, _mode, content) in sorted(members.items()):
-        if kind == "file" and (name == "etc/portage/repos.conf" or name.startswith("etc/portage/repos.conf/")):
-            with contextlib.suppress(configparser.Error):
-                parser.read_string(content.decode("utf-8", "replace"))
-    return {section: posixpath.normpath(parser[section]["location"]) for section in parser.sections()
-            if parser[section].get("location", "").startswith("/")}
 
 
 def configuration_fingerprint(members):
@@ -7453,51 +7558,6 @@ def doctor_build_method(doctor, env):
                                            f" setup-target moves it to {default_gpg_home(env.config_path)}")
 
 
-def doctor_configuration(doctor, env, target):
-    binhost_side, remote, binhost_tar, target_tar = fetch_both_configs(env, target)
-    target_tar = resolve_march_native_in(target_tar, env, target)
-    binhost, remote_members = config_members(binhost_tar), config_members(target_tar)
-    doctor.fingerprint = configuration_fingerprint(remote_members)
-    differing = sorted(name for name in set(binhost) | set(remote_members)
-                       if binhost.get(name) != remote_members.get(name))
-    config_files = [name for name in differing if name.startswith("etc/")]
-    if config_files:
-        doctor.report(FAIL, "configuration", f"differs from {target.name} in {', '.join(config_files)}:"
-                                             f" '{PROG} config diff' shows how, 'config pull' fixes it")
-    else:
-        doctor.report(OK, "configuration", f"identical to {target.name} (fingerprint"
-                                           f" {configuration_fingerprint(binhost)})")
-    world_lines = [set(as_text(members.get(f"var/lib/portage/{name}", ("", 0, b""))[2] or b"").split())
-                   for members in (binhost, remote_members) for name in ("world",)]
-    missing, extra = sorted(world_lines[1] - world_lines[0]), sorted(world_lines[0] - world_lines[1])
-    if missing or extra:
-        detail = "; ".join(part for part in (
-            f"not on the binhost: {' '.join(missing)}" if missing else "",
-            f"only on the binhost: {' '.join(extra)}" if extra else "") if part)
-        doctor.report(FAIL, "world", f"{detail}: run '{PROG} config pull'")
-    else:
-        doctor.report(OK, "world", f"{len(world_lines[1])} entries, the same on both")
-    profiles = [members.get("etc/portage/make.profile", ("", 0, "none"))[2] for members in (binhost, remote_members)]
-    profile_path = os.path.join(env.root, "etc/portage/make.profile")
-    if profiles[0] != profiles[1]:
-        doctor.report(FAIL, "profile", f"binhost {profiles[0]}, {target.name} {profiles[1]}: run '{PROG} config pull'")
-    elif not os.path.exists(resolved_under(env.host_chroot, profile_path)) and profile_repository(env.root) in \
-            kept_repositories(env).values():
-        doctor.report(WARN, "profile", f"{profile_path} -> {profiles[0]} resolves once"
-                                       f" {profile_repository(env.root)} is synced inside the binhost root:"
-                                       f" the next build or '{PROG} update' does it")
-    elif not os.path.exists(resolved_under(env.host_chroot, profile_path)):
-        doctor.report(FAIL, "profile", f"{profile_path} -> {profiles[0]} does not resolve on the binhost:"
-                                       f" '{PROG} config pull' links the repositories it points into"
-                                       " (the repository must exist on the build host)")
-    else:
-        doctor.report(OK, "profile", f"{profiles[1]}")
-    doctor_other_binhosts(doctor, remote_members, target)
-    doctor_repositories(doctor, binhost_side, remote, repository_locations(binhost),
-                       repository_locations(remote_members), target, env.packages.published_trees())
-    doctor_portage_variables(doctor, env, remote, target)
-
-
 def doctor_portage_variables(doctor, env, remote, target):
     names = ["CHOST", "ARCH", "USE"]
     ours, remote_values = (portage_variables(side.read(["portageq", "envvar", "-v"] + names, "portageq envvar"))
@@ -7550,6 +7610,75 @@ def doctor_repositories(doctor, binhost_side, remote, ours, theirs, target, publ
             doctor.report(FAIL, f"repository {name}", f"snapshot {mine} on the binhost, {other} on"
                                                       f" {target.name}: sync both to the same snapshot, or set"
                                                       f" tree = binhost in [target {target.name}]{built_from(name)}")
+
+
+def doctor_other_binhosts(doctor, members, target):
+    """Other binhosts the target uses (a stage3 names Gentoo's): Portage takes the best version
+    from any of them, and priority only decides between equal versions."""
+    others = []
+    for name, (kind, _mode, content) in sorted(members.items()):
+        if kind != "file" or not (name == "etc/portage/binrepos.conf"
+                                  or name.startswith("etc/portage/binrepos.conf/")):
+            continue
+        parser = configparser.ConfigParser(interpolation=None)
+        with contextlib.suppress(configparser.Error):
+            parser.read_string(content.decode("utf-8", "replace"))
+        for section in parser.sections():
+            uri = parser[section].get("sync-uri")
+            if section != BINREPOS_NAME and uri:
+                others.append(f"[{section}] {re.sub(r'//[^/@]*@', '//', uri)} in {name[len('etc/'):]}")
+    if others:
+        doctor.report(WARN, "other binhosts", f"{target.name} also fetches from {'; '.join(others)}: a"
+                                              " newer or equal-version generic build there can be"
+                                              " merged instead of ours (priority only breaks ties"
+                                              " between equal versions); remove those files on the"
+                                              f" target and run '{PROG} config pull', or keep them"
+                                              " for what this binhost does not build")
+
+
+def doctor_configuration(doctor, env, target):
+    binhost_side, remote, binhost_tar, target_tar = fetch_both_configs(env, target)
+    target_tar = resolve_march_native_in(target_tar, env, target)
+    binhost, remote_members = config_members(binhost_tar), config_members(target_tar)
+    doctor.fingerprint = configuration_fingerprint(remote_members)
+    differing = sorted(name for name in set(binhost) | set(remote_members)
+                       if binhost.get(name) != remote_members.get(name))
+    config_files = [name for name in differing if name.startswith("etc/")]
+    if config_files:
+        doctor.report(FAIL, "configuration", f"differs from {target.name} in {', '.join(config_files)}:"
+                                             f" '{PROG} config diff' shows how, 'config pull' fixes it")
+    else:
+        doctor.report(OK, "configuration", f"identical to {target.name} (fingerprint"
+                                           f" {configuration_fingerprint(binhost)})")
+    world_lines = [set(as_text(members.get(f"var/lib/portage/{name}", ("", 0, b""))[2] or b"").split())
+                   for members in (binhost, remote_members) for name in ("world",)]
+    missing, extra = sorted(world_lines[1] - world_lines[0]), sorted(world_lines[0] - world_lines[1])
+    if missing or extra:
+        detail = "; ".join(part for part in (
+            f"not on the binhost: {' '.join(missing)}" if missing else "",
+            f"only on the binhost: {' '.join(extra)}" if extra else "") if part)
+        doctor.report(FAIL, "world", f"{detail}: run '{PROG} config pull'")
+    else:
+        doctor.report(OK, "world", f"{len(world_lines[1])} entries, the same on both")
+    profiles = [members.get("etc/portage/make.profile", ("", 0, "none"))[2] for members in (binhost, remote_members)]
+    profile_path = os.path.join(env.root, "etc/portage/make.profile")
+    if profiles[0] != profiles[1]:
+        doctor.report(FAIL, "profile", f"binhost {profiles[0]}, {target.name} {profiles[1]}: run '{PROG} config pull'")
+    elif not os.path.exists(resolved_under(env.host_chroot, profile_path)) and profile_repository(env.root) in \
+            kept_repositories(env).values():
+        doctor.report(WARN, "profile", f"{profile_path} -> {profiles[0]} resolves once"
+                                       f" {profile_repository(env.root)} is synced inside the binhost root:"
+                                       f" the next build or '{PROG} update' does it")
+    elif not os.path.exists(resolved_under(env.host_chroot, profile_path)):
+        doctor.report(FAIL, "profile", f"{profile_path} -> {profiles[0]} does not resolve on the binhost:"
+                                       f" '{PROG} config pull' links the repositories it points into"
+                                       " (the repository must exist on the build host)")
+    else:
+        doctor.report(OK, "profile", f"{profiles[1]}")
+    doctor_other_binhosts(doctor, remote_members, target)
+    doctor_repositories(doctor, binhost_side, remote, repository_locations(binhost),
+                       repository_locations(remote_members), target, env.packages.published_trees())
+    doctor_portage_variables(doctor, env, remote, target)
 
 
 def doctor_tree(doctor, env, target):
@@ -7718,28 +7847,34 @@ def doctor_preflight(doctor, env, target, atoms):
         doctor.report(OK, "preflight", f"{len(plan.packages)} package(s) to install, all from the binhost")
 
 
-def doctor_other_binhosts(doctor, members, target):
-    """Other binhosts the target uses (a stage3 names Gentoo's): Portage takes the best version
-    from any of them, and priority only decides between equal versions."""
-    others = []
-    for name, (kind, _mode, content) in sorted(members.items()):
-        if kind != "file" or not (name == "etc/portage/binrepos.conf"
-                                  or name.startswith("etc/portage/binrepos.conf/")):
-            continue
-        parser = configparser.ConfigParser(interpolation=None)
-        with contextlib.suppress(configparser.Error):
-            parser.read_string(content.decode("utf-8", "replace"))
-        for section in parser.sections():
-            uri = parser[section].get("sync-uri")
-            if section != BINREPOS_NAME and uri:
-                others.append(f"[{section}] {re.sub(r'//[^/@]*@', '//', uri)} in {name[len('etc/'):]}")
-    if others:
-        doctor.report(WARN, "other binhosts", f"{target.name} also fetches from {'; '.join(others)}: a"
-                                              " newer or equal-version generic build there can be"
-                                              " merged instead of ours (priority only breaks ties"
-                                              " between equal versions); remove those files on the"
-                                              f" target and run '{PROG} config pull', or keep them"
-                                              " for what this binhost does not build")
+def parse_repository_timestamps(info_text):
+    """{repository: timestamp text} from emerge --info: its "Repositories:" block lists each
+    repository with an indented `timestamp:` line (metadata/timestamp.chk) when it has one."""
+    stamps = {name: stamp for name, stamp in
+              re.findall(r"^Timestamp of repository (\S+): (.+)$", info_text, re.MULTILINE)}  # older
+    lines = info_text.split("Repositories:", 1)[1].splitlines() if "Repositories:" in info_text else []
+    name = None
+    for line in lines:
+        if line and not line[0].isspace():
+            if "=" in line:  # the variables after the block
+                break
+            name = line.strip()
+        elif name and line.strip().startswith("timestamp:"):
+            stamps[name] = line.split(":", 1)[1].strip()
+    return stamps
+
+
+def repository_snapshots(host):
+    """{repository: snapshot datetime or None} of the build host's own repositories."""
+    emerge = host.program("emerge", "it comes with Portage")
+    result = host.read([emerge, "--info", "--verbose=n"], {"LC_ALL": "C"}, check=False)
+    snapshots = {}
+    for name, stamp in parse_repository_timestamps(result.stdout or "").items():
+        try:
+            snapshots[name] = email.utils.parsedate_to_datetime(stamp)
+        except (TypeError, ValueError):
+            snapshots[name] = None
+    return snapshots
 
 
 def doctor_host_chroot(doctor, env):
@@ -7805,7 +7940,7 @@ def run_doctor(env, target, atoms):
     return doctor
 
 
-# ---- init: the binhost root from a verified stage3 -----------------------------------------------
+# ---- init: the binhost root from a verified stage3 ---------------------------------------------
 
 DEFAULT_MIRROR = "https://distfiles.gentoo.org"
 GENTOO_RELEASE_KEYS = "/usr/share/openpgp-keys/gentoo-release.asc"
@@ -7918,6 +8053,28 @@ def fetch_small(url, what):
     return data
 
 
+class Progress:
+    """A one-line progress bar on a terminal, nothing otherwise."""
+
+    def __init__(self, output, name, total):
+        self.output, self.name, self.total = output, name, total
+        self.enabled = output.out.isatty() and output.verbosity > 0
+        self.shown = -1
+
+    def update(self, done):
+        if not self.enabled or not self.total:
+            return
+        percent = done * 100 // self.total
+        if percent != self.shown:
+            self.shown = percent
+            bar = "=" * (percent // 4)
+            self.output.progress(f">>> {self.name} [{bar:<25}] {percent:3d}% {done // 1048576} MiB")
+
+    def finish(self):
+        if self.enabled and self.shown >= 0:
+            self.output.progress("", done=True)
+
+
 def download(url, destination, runner, output, digests):
     """Download url to destination, resuming a previous partial download, hashing as the data
     arrives; returns {algorithm: hexdigest}. The partial file is renamed only when complete."""
@@ -7960,28 +8117,6 @@ def download(url, destination, runner, output, digests):
     return {algorithm: value.hexdigest() for algorithm, value in hashes.items()}
 
 
-class Progress:
-    """A one-line progress bar on a terminal, nothing otherwise."""
-
-    def __init__(self, output, name, total):
-        self.output, self.name, self.total = output, name, total
-        self.enabled = output.out.isatty() and output.verbosity > 0
-        self.shown = -1
-
-    def update(self, done):
-        if not self.enabled or not self.total:
-            return
-        percent = done * 100 // self.total
-        if percent != self.shown:
-            self.shown = percent
-            bar = "=" * (percent // 4)
-            self.output.progress(f">>> {self.name} [{bar:<25}] {percent:3d}% {done // 1048576} MiB")
-
-    def finish(self):
-        if self.enabled and self.shown >= 0:
-            self.output.progress("", done=True)
-
-
 def check_init_root(root, force):
     if os.path.lexists(root) and not os.path.isdir(root):
         raise BinhostError(f"{root} exists and is not a directory")
@@ -7990,46 +8125,121 @@ def check_init_root(root, force):
                            " replace it (the old one is kept beside it)")
 
 
-def init_binhost(config, args, runner, output):
-    env = config.environment_for_command(args.target)
-    root = env.root
-    check_init_root(root, args.force)
-    arch, variant = args.arch, args.variant
-    if args.like_target:
-        target = config.target(args.target)
-        probe = Remote(target, runner, output).script(TARGET_SYSTEM_SCRIPT, target.root, changes=False,
-                                                      what="asking the target what it runs")
-        facts = dict(line.split(" ", 1) for line in probe.stdout.splitlines() if " " in line)
-        like_arch, like_variant, reasons = stage3_variant(facts.get("machine", ""), facts.get("chost", ""),
-                                                          facts.get("init", ""), facts.get("profile", ""),
-                                                          facts.get("arch", "").strip())
-        arch, variant = arch or like_arch, variant or like_variant  # explicit options win
-        args.target_machine, args.target_chost = facts.get("machine"), facts.get("chost", "").strip()
-        output.info(f"{target.name}: stage3-{like_arch}-{like_variant}, because {', '.join(reasons)}")
-    arch = arch or GENTOO_ARCHES.get(os.uname().machine, os.uname().machine)
-    variant = variant or DEFAULT_VARIANT
-    # init --force replaces the root, but not the packages kept in it (the key lives outside).
-    keep = [os.path.relpath(path, root) for path in (env.pkgdir,)
-            if os.path.relpath(path, root).split(os.sep)[0] not in ("..", ".")]
-    installed = install_stage3(args, arch, variant, args.stage3, root, runner, output, keep)
-    if installed is None:  # --pretend
-        if not env.host_chroot and env.build_method != "root":
-            output.info("Would then sync inside the root, with its own Portage (emerge --sync NAME), each repository"
-                        " its configuration names that this machine lacks, when it builds with the chroot method"
-                        " (README: 'Build methods')")
+# uname -m -> the catalyst subarch Gentoo names that machine's stage3s by, when an arch has several.
+MACHINE_SUBARCHES = {"x86_64": "amd64", "aarch64": "arm64", "i686": "i686", "i586": "i486",
+                     "armv7l": "armv7a_hardfp", "armv6l": "armv6j_hardfp", "riscv64": "rv64_lp64d",
+                     "ppc64le": "ppc64le", "ppc64": "ppc64", "ppc": "ppc"}
+
+
+def chost_subarch(chost):
+    """The catalyst subarch of the stage3s for a CHOST whose first word names it: arm's
+    (armv7a-unknown-linux-gnueabihf: armv7a_hardfp). It decides over the kernel's machine, which
+    says aarch64 for a 32-bit userland on a 64-bit kernel."""
+    cpu = chost.split("-", 1)[0]
+    if re.fullmatch(r"armv\d+[a-z]*", cpu):
+        return cpu + ("_hardfp" if chost.endswith("hf") else "")
+    return None
+
+
+def stage3_subarch(base, arch, variant, machine, chost=""):
+    """The subarch of the stage3s of this variant that the arch's latest-stage3.txt lists, picked
+    for the target's CHOST, else its machine, when there are several. Only a name is taken from
+    this list; the stage3 itself is then found and verified through its own signed list."""
+    text = fetch_small(f"{base}/latest-stage3.txt", f"the list of {arch} stage3s").decode("utf-8", "replace")
+    subarches = sorted(set(re.findall(rf"stage3-([A-Za-z0-9_]+)-{re.escape(variant)}-\d{{8}}T\d{{6}}Z\.tar\.",
+                                      text)))
+    if len(subarches) == 1:
+        return subarches[0]
+    for wanted in (chost_subarch(chost), MACHINE_SUBARCHES.get(machine)):
+        if wanted in subarches:
+            return wanted
+    if not subarches:
+        raise BinhostError(f"{base}/latest-stage3.txt lists no {variant} stage3: choose --variant"
+                           " from what it lists, or give --stage3 URL")
+    raise BinhostError(f"{arch} has {variant} stage3s for {', '.join(subarches)}: give --stage3 URL"
+                       f" of the one for this machine ({chost or machine})")
+
+
+def stage3_url(args, arch, variant, stage3, keys, output):
+    if stage3:
+        return stage3
+    base = f"{args.mirror.rstrip('/')}/releases/{arch}/autobuilds"
+    file_arch = STAGE3_FILE_ARCH.get(arch, arch)
+    latest_url = f"{base}/latest-stage3-{file_arch}-{variant}.txt"
+    try:
+        latest = fetch_small(latest_url, f"the list of {arch} {variant} stage3s")
+    except BinhostError:
+        # Gentoo names stage3s by catalyst subarch (armv7a_hardfp, rv64_lp64d, ppc64le, i686):
+        # the arch directory's latest-stage3.txt lists what there is.
+        file_arch = stage3_subarch(base, arch, variant, getattr(args, "target_machine", None)
+                                   or os.uname().machine, getattr(args, "target_chost", ""))
+        latest_url = f"{base}/latest-stage3-{file_arch}-{variant}.txt"
+        latest = fetch_small(latest_url, f"the list of {file_arch} {variant} stage3s")
+    text = keys.verified_text(latest, latest_url) if keys else latest.decode("utf-8", "replace")
+    path, _size = parse_latest(text, file_arch, variant)
+    output.info(f"Newest stage3-{arch}-{variant}: {path}")
+    return f"{base}/{path}"
+
+
+def file_digests(path, algorithms):
+    hashes = {algorithm: hashlib.new(algorithm) for algorithm in algorithms}
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(DOWNLOAD_CHUNK), b""):
+            for value in hashes.values():
+                value.update(chunk)
+    return {algorithm: value.hexdigest() for algorithm, value in hashes.items()}
+
+
+def extract_stage3(tarball, root, runner, output, keep=()):
+    """Extract as the Handbook says, into a directory beside root that becomes root only when
+    complete: a failed init leaves nothing behind. What keep names (paths relative to root: the
+    signing key, PKGDIR) moves from a previous root into the new one."""
+    parent = os.path.dirname(root.rstrip("/")) or "/"
+    suffix = os.path.splitext(tarball)[1]
+    decompress = [DECOMPRESS_OPTIONS[suffix]] if suffix in DECOMPRESS_OPTIONS else []
+
+    def tar(directory):
+        return ["tar", "--extract", "--preserve-permissions", "--xattrs-include=*.*", "--numeric-owner",
+                *decompress, "--file", tarball, "--directory", directory]
+
+    if runner.pretend:
+        staging = os.path.join(parent, f".{os.path.basename(root.rstrip('/'))}.new.XXXXXX")
+        runner.run(tar(staging))
+        output.info(f"... then {staging} is renamed to {root}"
+                    + (f", keeping {', '.join(keep)} of the previous one" if keep and os.path.isdir(root) else ""))
         return
-    name, sha512 = installed
-    runner.make_directory(os.path.join(root, "var/cache/binpkgs"))
-    note = {"stage3": name, "stage3-sha512": sha512,
-            "stage3-installed": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")}
-    if env.root == config.binhost.root:  # the notes describe [binhost] root
-        runner.write_file(config.path, set_config_values(read_text(config.path), "binhost", note))
-    link_repositories_into(env)
-    try:  # the root is in place: what its repositories still lack, the first build syncs again
-        sync_repositories(env, missing_only=True)
-    except BinhostError as error:
-        output.warn(f"{error} (the stage3 is in place; the first build, update or add-target syncs again)")
-    output.info(f"Next: '{PROG} config pull' copies the target's Portage configuration into {root}")
+    staging = runner.make_staging_directory(parent, f".{os.path.basename(root.rstrip('/'))}.new.", 0o700)
+    argv = tar(staging)
+    output.action(f"Extracting {os.path.basename(tarball)} into {root}")
+    old, moved = None, []
+    try:
+        runner.run(argv, capture=True, describe=f"extracting {os.path.basename(tarball)}")
+        os.chmod(staging, 0o755)
+        if os.path.isdir(root) and os.listdir(root):
+            old = f"{root.rstrip('/')}.{timestamp()}.bak"
+            # Kept things move into the new tree first, so an error leaves the old root whole.
+            for relative in keep:
+                source, destination = os.path.join(root, relative), os.path.join(staging, relative)
+                if os.path.lexists(source):
+                    runner.make_directory(os.path.dirname(destination))
+                    if os.path.isdir(destination) and not os.path.islink(destination):
+                        runner.remove_tree(destination, ignore_errors=False)
+                    runner.rename(source, destination)
+                    moved.append((source, destination))
+                    output.info(f"Keeping {relative} (signing key or packages) in the new root")
+            runner.rename(root, old)
+            output.info(f"The previous {root} is kept as {old}")
+        elif os.path.isdir(root):
+            runner.remove_directory(root)
+        runner.rename(staging, root)
+    except BaseException:
+        if not os.path.exists(root) and old:
+            runner.rename(old, root)
+        for source, destination in reversed(moved):  # back where they were, before staging goes
+            if os.path.lexists(destination) and not os.path.lexists(source):
+                runner.rename(destination, source)
+        runner.remove_tree(staging)
+        raise
 
 
 def install_stage3(args, arch, variant, stage3, root, runner, output, keep=()):
@@ -8117,51 +8327,68 @@ def install_stage3(args, arch, variant, stage3, root, runner, output, keep=()):
     return name, expected["sha512"]
 
 
-def link_repositories_into(env):
-    """On a real system make.profile is a relative link into the ebuild repository
-    (../../var/db/repos/gentoo/profiles/...); copied into the binhost root, it points into the
-    binhost root, where a stage3 has no repository. Portage reads each repository where repos.conf
-    says, on the build host (in the host chroot, with one): so each one gets a link at its place
-    in the binhost root, and so does the profile's, to the build host's repository. The chroot
-    method binds each repository over its link for the build (chroot_build_binds)."""
-    chroot = env.host_chroot
-    repositories = configured_repositories(env.root)
-    wanted = {location.rstrip("/"): location.rstrip("/") for location in repositories.values() if safe_place(location)}
-    wanted.setdefault(DEFAULT_REPOSITORY, DEFAULT_REPOSITORY)
-    profile_dir = profile_repository(env.root)
-    if profile_dir and profile_dir not in wanted and safe_place(profile_dir):
-        # Its name inside the binhost root is the target's; the repository is the one of that name.
-        same_name = [location for location in repositories.values()
-                     if os.path.basename(location.rstrip("/")) == os.path.basename(profile_dir)]
-        wanted[profile_dir] = same_name[0] if same_name else profile_dir
-    for inside, location in sorted(wanted.items()):
-        link = under(env.root, inside)
-        check_no_symlink_below(env.root, os.path.dirname(link))  # a build in the root may have planted one
-        mount_point = (os.path.isdir(link) and not os.path.islink(link) and not os.path.ismount(link)
-                       and not os.listdir(link))
-        if mount_point:
-            env.runner.remove_directory(link)  # the empty mount point a chroot build left
-        # Gentoo's repository is linked before it is synced in a host chroot; a build machine
-        # without it keeps it inside the binhost root instead (repositories_kept_in_root).
-        on_build_host = os.path.isdir(under(env.host_chroot, location)) or (location == DEFAULT_REPOSITORY and chroot)
-        if (os.path.lexists(link) and not mount_point) or not on_build_host:
-            continue
-        if not os.path.isdir(os.path.dirname(link)):
-            env.runner.make_directory(os.path.dirname(link))
-        env.runner.symlink(location, link)
-        if not env.runner.pretend:  # --pretend showed the command
-            env.output.info(f"{link} -> {location} (the repository on {'the host chroot' if chroot else 'this machine'},"
-                            " so the copied make.profile resolves)")
-    profile = os.path.join(env.root, "etc/portage/make.profile")
-    if (os.path.islink(profile) and not env.runner.pretend
-            and not os.path.exists(resolved_under(env.host_chroot, profile))):
-        if profile_dir in kept_repositories(env).values():
-            env.output.info(f"{profile} -> {os.readlink(profile)} resolves once {profile_dir} is synced inside the"
-                            " binhost root, which comes before any build there")
-            return
-        env.output.warn(f"{profile} -> {os.readlink(profile)} does not resolve: the repository it points into"
-                        f" is not on {'the host chroot' if chroot else 'this machine'}; sync it there"
-                        f" ('{PROG} doctor' checks this)")
+def init_binhost(config, args, runner, output):
+    env = config.environment_for_command(args.target)
+    root = env.root
+    check_init_root(root, args.force)
+    arch, variant = args.arch, args.variant
+    if args.like_target:
+        target = config.target(args.target)
+        probe = Remote(target, runner, output).script(TARGET_SYSTEM_SCRIPT, target.root, changes=False,
+                                                      what="asking the target what it runs")
+        facts = dict(line.split(" ", 1) for line in probe.stdout.splitlines() if " " in line)
+        like_arch, like_variant, reasons = stage3_variant(facts.get("machine", ""), facts.get("chost", ""),
+                                                          facts.get("init", ""), facts.get("profile", ""),
+                                                          facts.get("arch", "").strip())
+        arch, variant = arch or like_arch, variant or like_variant  # explicit options win
+        args.target_machine, args.target_chost = facts.get("machine"), facts.get("chost", "").strip()
+        output.info(f"{target.name}: stage3-{like_arch}-{like_variant}, because {', '.join(reasons)}")
+    arch = arch or GENTOO_ARCHES.get(os.uname().machine, os.uname().machine)
+    variant = variant or DEFAULT_VARIANT
+    # init --force replaces the root, but not the packages kept in it (the key lives outside).
+    keep = [os.path.relpath(path, root) for path in (env.pkgdir,)
+            if os.path.relpath(path, root).split(os.sep)[0] not in ("..", ".")]
+    installed = install_stage3(args, arch, variant, args.stage3, root, runner, output, keep)
+    if installed is None:  # --pretend
+        if not env.host_chroot and env.build_method != "root":
+            output.info("Would then sync inside the root, with its own Portage (emerge --sync NAME), each repository"
+                        " its configuration names that this machine lacks, when it builds with the chroot method"
+                        " (README: 'Build methods')")
+        return
+    name, sha512 = installed
+    runner.make_directory(os.path.join(root, "var/cache/binpkgs"))
+    note = {"stage3": name, "stage3-sha512": sha512,
+            "stage3-installed": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")}
+    if env.root == config.binhost.root:  # the notes describe [binhost] root
+        runner.write_file(config.path, set_config_values(read_text(config.path), "binhost", note))
+    link_repositories_into(env)
+    try:  # the root is in place: what its repositories still lack, the first build syncs again
+        sync_repositories(env, missing_only=True)
+    except BinhostError as error:
+        output.warn(f"{error} (the stage3 is in place; the first build, update or add-target syncs again)")
+    output.info(f"Next: '{PROG} config pull' copies the target's Portage configuration into {root}")
+
+
+def sync_host_repository(host, how, runner, output):
+    """emerge-webrsync (a signed snapshot, the Handbook's first sync) or emerge --sync."""
+    argv = [host.program("emerge-webrsync", "it comes with Portage")] if how == "webrsync" \
+        else [host.program("emerge", "it comes with Portage"), "--sync"]
+    command = " ".join([os.path.basename(argv[0])] + argv[1:])
+    output.action(f"Syncing the ebuild repository in {host.where}: {command}")
+    result = host.run(argv, check=False, own_group=True)
+    if result is not None and result.returncode != 0:
+        raise BinhostError(f"{command} failed in {host.where}"
+                           f" (exit {result.returncode}): see its output above; run init --host-chroot"
+                           " again to retry")
+
+
+def report_snapshot(host, output):
+    snapshots = repository_snapshots(host)
+    if not snapshots:
+        output.warn(f"No repository in {host.where} has a snapshot date (metadata/timestamp.chk):"
+                    " is it synced?")
+    for name, when in sorted(snapshots.items()):
+        output.info(f"Repository {name} in {host.where}: snapshot of {describe_snapshot(when)}")
 
 
 def init_host_chroot(config, args, runner, output):
@@ -8212,217 +8439,9 @@ def init_host_chroot(config, args, runner, output):
     init_binhost(config, args, runner, output)
 
 
-def sync_host_repository(host, how, runner, output):
-    """emerge-webrsync (a signed snapshot, the Handbook's first sync) or emerge --sync."""
-    argv = [host.program("emerge-webrsync", "it comes with Portage")] if how == "webrsync" \
-        else [host.program("emerge", "it comes with Portage"), "--sync"]
-    command = " ".join([os.path.basename(argv[0])] + argv[1:])
-    output.action(f"Syncing the ebuild repository in {host.where}: {command}")
-    result = host.run(argv, check=False, own_group=True)
-    if result is not None and result.returncode != 0:
-        raise BinhostError(f"{command} failed in {host.where}"
-                           f" (exit {result.returncode}): see its output above; run init --host-chroot"
-                           " again to retry")
-
-
-def parse_repository_timestamps(info_text):
-    """{repository: timestamp text} from emerge --info: its "Repositories:" block lists each
-    repository with an indented `timestamp:` line (metadata/timestamp.chk) when it has one."""
-    stamps = {name: stamp for name, stamp in
-              re.findall(r"^Timestamp of repository (\S+): (.+)$", info_text, re.MULTILINE)}  # older
-    lines = info_text.split("Repositories:", 1)[1].splitlines() if "Repositories:" in info_text else []
-    name = None
-    for line in lines:
-        if line and not line[0].isspace():
-            if "=" in line:  # the variables after the block
-                break
-            name = line.strip()
-        elif name and line.strip().startswith("timestamp:"):
-            stamps[name] = line.split(":", 1)[1].strip()
-    return stamps
-
-
-def repository_snapshots(host):
-    """{repository: snapshot datetime or None} of the build host's own repositories."""
-    emerge = host.program("emerge", "it comes with Portage")
-    result = host.read([emerge, "--info", "--verbose=n"], {"LC_ALL": "C"}, check=False)
-    snapshots = {}
-    for name, stamp in parse_repository_timestamps(result.stdout or "").items():
-        try:
-            snapshots[name] = email.utils.parsedate_to_datetime(stamp)
-        except (TypeError, ValueError):
-            snapshots[name] = None
-    return snapshots
-
-
-def report_snapshot(host, output):
-    snapshots = repository_snapshots(host)
-    if not snapshots:
-        output.warn(f"No repository in {host.where} has a snapshot date (metadata/timestamp.chk):"
-                    " is it synced?")
-    for name, when in sorted(snapshots.items()):
-        output.info(f"Repository {name} in {host.where}: snapshot of {describe_snapshot(when)}")
-
-
-def describe_snapshot(when):
-    if when is None:
-        return "an unreadable date"
-    when = when.astimezone(datetime.timezone.utc) if when.tzinfo else when
-    return when.strftime("%Y-%m-%d %H:%M UTC")
-
-
-def stage3_url(args, arch, variant, stage3, keys, output):
-    if stage3:
-        return stage3
-    base = f"{args.mirror.rstrip('/')}/releases/{arch}/autobuilds"
-    file_arch = STAGE3_FILE_ARCH.get(arch, arch)
-    latest_url = f"{base}/latest-stage3-{file_arch}-{variant}.txt"
-    try:
-        latest = fetch_small(latest_url, f"the list of {arch} {variant} stage3s")
-    except BinhostError:
-        # Gentoo names stage3s by catalyst subarch (armv7a_hardfp, rv64_lp64d, ppc64le, i686):
-        # the arch directory's latest-stage3.txt lists what there is.
-        file_arch = stage3_subarch(base, arch, variant, getattr(args, "target_machine", None)
-                                   or os.uname().machine, getattr(args, "target_chost", ""))
-        latest_url = f"{base}/latest-stage3-{file_arch}-{variant}.txt"
-        latest = fetch_small(latest_url, f"the list of {file_arch} {variant} stage3s")
-    text = keys.verified_text(latest, latest_url) if keys else latest.decode("utf-8", "replace")
-    path, _size = parse_latest(text, file_arch, variant)
-    output.info(f"Newest stage3-{arch}-{variant}: {path}")
-    return f"{base}/{path}"
-
-
-# uname -m -> the catalyst subarch Gentoo names that machine's stage3s by, when an arch has several.
-MACHINE_SUBARCHES = {"x86_64": "amd64", "aarch64": "arm64", "i686": "i686", "i586": "i486",
-                     "armv7l": "armv7a_hardfp", "armv6l": "armv6j_hardfp", "riscv64": "rv64_lp64d",
-                     "ppc64le": "ppc64le", "ppc64": "ppc64", "ppc": "ppc"}
-
-
-def chost_subarch(chost):
-    """The catalyst subarch of the stage3s for a CHOST whose first word names it: arm's
-    (armv7a-unknown-linux-gnueabihf: armv7a_hardfp). It decides over the kernel's machine, which
-    says aarch64 for a 32-bit userland on a 64-bit kernel."""
-    cpu = chost.split("-", 1)[0]
-    if re.fullmatch(r"armv\d+[a-z]*", cpu):
-        return cpu + ("_hardfp" if chost.endswith("hf") else "")
-    return None
-
-
-def stage3_subarch(base, arch, variant, machine, chost=""):
-    """The subarch of the stage3s of this variant that the arch's latest-stage3.txt lists, picked
-    for the target's CHOST, else its machine, when there are several. Only a name is taken from
-    this list; the stage3 itself is then found and verified through its own signed list."""
-    text = fetch_small(f"{base}/latest-stage3.txt", f"the list of {arch} stage3s").decode("utf-8", "replace")
-    subarches = sorted(set(re.findall(rf"stage3-([A-Za-z0-9_]+)-{re.escape(variant)}-\d{{8}}T\d{{6}}Z\.tar\.",
-                                      text)))
-    if len(subarches) == 1:
-        return subarches[0]
-    for wanted in (chost_subarch(chost), MACHINE_SUBARCHES.get(machine)):
-        if wanted in subarches:
-            return wanted
-    if not subarches:
-        raise BinhostError(f"{base}/latest-stage3.txt lists no {variant} stage3: choose --variant"
-                           " from what it lists, or give --stage3 URL")
-    raise BinhostError(f"{arch} has {variant} stage3s for {', '.join(subarches)}: give --stage3 URL"
-                       f" of the one for this machine ({chost or machine})")
-
-
-def file_digests(path, algorithms):
-    hashes = {algorithm: hashlib.new(algorithm) for algorithm in algorithms}
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(DOWNLOAD_CHUNK), b""):
-            for value in hashes.values():
-                value.update(chunk)
-    return {algorithm: value.hexdigest() for algorithm, value in hashes.items()}
-
-
-def extract_stage3(tarball, root, runner, output, keep=()):
-    """Extract as the Handbook says, into a directory beside root that becomes root only when
-    complete: a failed init leaves nothing behind. What keep names (paths relative to root: the
-    signing key, PKGDIR) moves from a previous root into the new one."""
-    parent = os.path.dirname(root.rstrip("/")) or "/"
-    suffix = os.path.splitext(tarball)[1]
-    decompress = [DECOMPRESS_OPTIONS[suffix]] if suffix in DECOMPRESS_OPTIONS else []
-
-    def tar(directory):
-        return ["tar", "--extract", "--preserve-permissions", "--xattrs-include=*.*", "--numeric-owner",
-                *decompress, "--file", tarball, "--directory", directory]
-
-    if runner.pretend:
-        staging = os.path.join(parent, f".{os.path.basename(root.rstrip('/'))}.new.XXXXXX")
-        runner.run(tar(staging))
-        output.info(f"... then {staging} is renamed to {root}"
-                    + (f", keeping {', '.join(keep)} of the previous one" if keep and os.path.isdir(root) else ""))
-        return
-    staging = runner.make_staging_directory(parent, f".{os.path.basename(root.rstrip('/'))}.new.", 0o700)
-    argv = tar(staging)
-    output.action(f"Extracting {os.path.basename(tarball)} into {root}")
-    old, moved = None, []
-    try:
-        runner.run(argv, capture=True, describe=f"extracting {os.path.basename(tarball)}")
-        os.chmod(staging, 0o755)
-        if os.path.isdir(root) and os.listdir(root):
-            old = f"{root.rstrip('/')}.{timestamp()}.bak"
-            # Kept things move into the new tree first, so an error leaves the old root whole.
-            for relative in keep:
-                source, destination = os.path.join(root, relative), os.path.join(staging, relative)
-                if os.path.lexists(source):
-                    runner.make_directory(os.path.dirname(destination))
-                    if os.path.isdir(destination) and not os.path.islink(destination):
-                        runner.remove_tree(destination, ignore_errors=False)
-                    runner.rename(source, destination)
-                    moved.append((source, destination))
-                    output.info(f"Keeping {relative} (signing key or packages) in the new root")
-            runner.rename(root, old)
-            output.info(f"The previous {root} is kept as {old}")
-        elif os.path.isdir(root):
-            runner.remove_directory(root)
-        runner.rename(staging, root)
-    except BaseException:
-        if not os.path.exists(root) and old:
-            runner.rename(old, root)
-        for source, destination in reversed(moved):  # back where they were, before staging goes
-            if os.path.lexists(destination) and not os.path.lexists(source):
-                runner.rename(destination, source)
-        runner.remove_tree(staging)
-        raise
-
-
-# ---- onboarding: add-target and remove-target ----------------------------------------------------
+# ---- onboarding: add-target and remove-target --------------------------------------------------
 
 SSH_LOGIN_WAIT = 10  # seconds add-target waits for an answer before calling the host unreachable
-
-
-def ssh_login_problem(target, runner):
-    """None when ssh logs in to the target without asking anything, else what went wrong and
-    the step that fixes it, told apart by ssh's own messages."""
-    remote = Remote(target, runner, runner.output)
-    argv = remote.ssh_base() + ["-o", "BatchMode=yes", "-o", f"ConnectTimeout={SSH_LOGIN_WAIT}",
-                                "--", target.host, "true"]
-    result = runner.read(argv, check=False)
-    if result.returncode == 0:
-        return None
-    said = as_text(result.stderr or "")
-    host = target.host.rpartition("@")[2]
-    port = ssh_option_value(target, "port", "-p") or str(target.ssh_port)
-    last = last_line(said) or f"ssh exit {result.returncode}"
-    if re.search(r"Could not resolve hostname|Name or service not known|No address associated", said):
-        return f"{host} is not a host name this machine knows ({last}): check the spelling, or give its address"
-    if "Connection refused" in said:
-        return (f"nothing answers on port {port} of {host} ({last}): start sshd there, or give its"
-                " port with --ssh-port")
-    if re.search(r"timed out|No route to host|Network is unreachable", said):
-        return (f"{host} did not answer within {SSH_LOGIN_WAIT} s ({last}): check that it is on and"
-                f" the address is right, and that no firewall drops port {port}")
-    if "REMOTE HOST IDENTIFICATION HAS CHANGED" in said:
-        known = host if port == str(DEFAULT_SSH_PORT) else f"[{host}]:{port}"
-        return (f"{host}'s host key is not the one this machine knows: if it was reinstalled, run"
-                f" ssh-keygen -R {shlex.quote(known)} and log in once with ssh to accept the new key"
-                " (compare its fingerprint on the console)")
-    if "Host key verification failed" in said or "host key is known" in said:
-        return (f"{host}'s host key is not known yet ({last}): log in once with"
-                f" {format_command(ssh_login_command(target))} and accept it, comparing its fingerprint")
-    return f"cannot log in to {target.host} without a password ({last}): run {ssh_key_hint(target)}"
 
 
 def ssh_option_value(target, name, flag):
@@ -8467,6 +8486,38 @@ def ssh_key_hint(target):
     argv = ["ssh-copy-id", *(["-i", identity] if identity else []), *(["-p", port] if port else []), target.host]
     public = f"{identity}.pub" if identity else (keys[0] if keys else "~/.ssh/id_ed25519.pub")
     return f"{make_key}{format_command(argv)} (or append {public} to ~/.ssh/authorized_keys of the login user there)"
+
+
+def ssh_login_problem(target, runner):
+    """None when ssh logs in to the target without asking anything, else what went wrong and
+    the step that fixes it, told apart by ssh's own messages."""
+    remote = Remote(target, runner, runner.output)
+    argv = remote.ssh_base() + ["-o", "BatchMode=yes", "-o", f"ConnectTimeout={SSH_LOGIN_WAIT}",
+                                "--", target.host, "true"]
+    result = runner.read(argv, check=False)
+    if result.returncode == 0:
+        return None
+    said = as_text(result.stderr or "")
+    host = target.host.rpartition("@")[2]
+    port = ssh_option_value(target, "port", "-p") or str(target.ssh_port)
+    last = last_line(said) or f"ssh exit {result.returncode}"
+    if re.search(r"Could not resolve hostname|Name or service not known|No address associated", said):
+        return f"{host} is not a host name this machine knows ({last}): check the spelling, or give its address"
+    if "Connection refused" in said:
+        return (f"nothing answers on port {port} of {host} ({last}): start sshd there, or give its"
+                " port with --ssh-port")
+    if re.search(r"timed out|No route to host|Network is unreachable", said):
+        return (f"{host} did not answer within {SSH_LOGIN_WAIT} s ({last}): check that it is on and"
+                f" the address is right, and that no firewall drops port {port}")
+    if "REMOTE HOST IDENTIFICATION HAS CHANGED" in said:
+        known = host if port == str(DEFAULT_SSH_PORT) else f"[{host}]:{port}"
+        return (f"{host}'s host key is not the one this machine knows: if it was reinstalled, run"
+                f" ssh-keygen -R {shlex.quote(known)} and log in once with ssh to accept the new key"
+                " (compare its fingerprint on the console)")
+    if "Host key verification failed" in said or "host key is known" in said:
+        return (f"{host}'s host key is not known yet ({last}): log in once with"
+                f" {format_command(ssh_login_command(target))} and accept it, comparing its fingerprint")
+    return f"cannot log in to {target.host} without a password ({last}): run {ssh_key_hint(target)}"
 
 
 def fingerprint_of(side, configroot):
@@ -8903,30 +8954,14 @@ def nginx_server_block(env, bind, port):
     return "\n".join(lines + ["}"]) + "\n"
 
 
-def target_url(env, tunnel, with_credentials=True, port=None, quoted=False):
-    """The sync-uri a target uses: through the tunnel (plain HTTP: ssh encrypts it) or the
-    configured url (default: this host, the port served), with the auth file's credentials
-    (as they are: Portage does not decode them; quoted: percent-encoded, for wget and curl)."""
-    if tunnel:
-        url = f"http://127.0.0.1:{env.tunnel_port}/"
-    else:
-        scheme = "https" if env.tls_cert else "http"
-        url = env.url or f"{scheme}://{socket.gethostname()}:{port or env.port}/"
-    if env.env_name:
-        url += urllib.parse.quote(env.env_name) + "/"
-    credentials = read_credentials(env) if with_credentials else []
-    if credentials:
-        user, password = credentials[0]
-        if quoted:
-            user, password = urllib.parse.quote(user, safe=""), urllib.parse.quote(password, safe="")
-        scheme, _, rest = url.partition("://")
-        url = f"{scheme}://{user}:{password}@{rest}"
-    return url
-
-
 # ------------------------------------------------------------------------------------------------
 # Command line
 # ------------------------------------------------------------------------------------------------
+
+
+COMMANDS_IN_ORDER = ("add-target", "emerge", "update", "doctor", "serve", "install", "build", "list", "history",
+                     "rollback", "release", "clean", "config", "cpu", "setup-target", "keygen", "sign", "init",
+                     "remove-target")
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -8950,9 +8985,6 @@ class ArgumentParser(argparse.ArgumentParser):
 # Commands that use the key (sign, make, export it): they first move a gpg-home out of the builds'
 # reach (gpg would read a gpg.conf a build could have written there).
 COMMANDS_SIGNING = ("emerge", "update", "build", "sign", "keygen", "init", "setup-target", "add-target")
-COMMANDS_IN_ORDER = ("add-target", "emerge", "update", "doctor", "serve", "install", "build", "list", "history",
-                     "rollback", "release", "clean", "config", "cpu", "setup-target", "keygen", "sign", "init",
-                     "remove-target")
 #: What build, install and emerge take themselves, right after the command, before emerge's words.
 OWN_OPTIONS_HELP = {
     "build": (("--target NAME", "build in NAME's binhost environment"),
