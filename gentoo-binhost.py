@@ -82,16 +82,19 @@ import urllib.request
 #   lives there), signals, the HTTP server and the tunnel's watch.
 # - Pure parsers, text in and values out: make.conf, CPU flags, what emerge and our scripts print,
 #   the Packages index.
-# - The binhost environment: one Environment per binhost root (Config.environments()), with
-#   where Portage runs (env.host, one BuildHost per build method for the command, holding its
-#   mounts; confinement, emulation), its package store (env.packages: the index, publications,
-#   retired builds, holds, publish) and its build method (env.method: root or chroot from
-#   BUILD_METHODS, EMULATED_METHOD for a root of another architecture); building and signing.
-# - The targets: the two sides, one interface (script, read): a target's Remote (env.remote: ssh,
-#   how it reaches PKGDIR while serving() holds, what its emerge would merge: plan, a TargetPlan)
-#   and the binhost's LocalShell; the gate (build_until_covered), the tree a target follows
-#   (TargetTrees), installing and setting targets up.
-# - Capabilities: CPU flags, configuration parity, list and clean, update, doctor, init, add-target.
+# - The binhost environment: where Portage runs (BuildHost: mounts, confinement, emulation), the
+#   binhost root's configuration (make.conf, repositories), Portage's environment and the build
+#   lock, the package store (env.packages: the index, publications, retired builds, holds, the one
+#   publish), the build methods (env.method: root or chroot from BUILD_METHODS, EMULATED_METHOD for
+#   a root of another architecture), one Environment per binhost root (Config.environments()),
+#   holding one BuildHost per build method and its mounts for the command (env.host), signing,
+#   building.
+# - The targets: the two sides behind one interface (script, read): a target's Remote (env.remote:
+#   ssh, its route to PKGDIR while serving() holds, what its emerge would merge: plan, a
+#   TargetPlan) and the binhost's LocalShell; coverage, the tree a target follows (TargetTrees),
+#   the gate (build_until_covered), installing, setting targets up.
+# - Capabilities: CPU flags, configuration parity, list and clean, update, doctor, init,
+#   onboarding (add-target, remove-target).
 # - Serving, then the command line: build_parser, cmd_<verb>, main().
 # A new capability goes with its kind: a check of a target's plan in TargetPlan, what targets are
 # offered in PackageStore, a way to build beside the entries of BUILD_METHODS, a file change
@@ -502,7 +505,7 @@ class BinhostSettings:
         url = section.get("url", "")
         if url and not url.startswith(("http://", "https://")):
             raise UsageError(f"{config_path}: [binhost] url = {url}: use http://HOST:PORT/ or https://...")
-        # Without a url, the default follows the port actually served (see served_url).
+        # Without a url, the default follows the port actually served (see target_url).
         self.url = url if not url or url.endswith("/") else url + "/"
         self.signing_key = section.get("signing-key", "")
         # Beside the configuration, never inside a binhost root, where builds run as root.
@@ -754,7 +757,7 @@ def set_config_values(text, section, values):
 
 
 # ------------------------------------------------------------------------------------------------
-# Runner: the only caller of subprocess, and the only writer of files; signals
+# Runner: the only caller of subprocess, and the writer of every change --pretend shows; signals
 # ------------------------------------------------------------------------------------------------
 
 
@@ -1211,8 +1214,6 @@ class HttpDate:
 
 
 BODY_CHUNK = 4 * 1024 * 1024
-
-
 TLS_BODY_CHUNK = 256 * 1024
 
 
@@ -1959,6 +1960,7 @@ def make_conf_value(text, name):
 # Variables whose value can carry CPU flags, the first one preferred (stage3 make.conf layout).
 FLAGS_VARIABLES = ("COMMON_FLAGS", "CFLAGS", "CXXFLAGS", "FCFLAGS", "FFLAGS")
 
+
 def set_common_flags(make_conf_text, flags):
     """make.conf text with the CPU flags replaced by `flags` (a list of words, or a string).
 
@@ -2214,6 +2216,7 @@ ABI_OPTIONS = ("-m16", "-m32", "-m64", "-mx32", "-mlittle-endian", "-mbig-endian
 # [disabled]" as "-msse4 wanted" made resolve-march-native emit -msse4 on SSE4.1-only CPUs
 # (issues #177, #197): binaries then died with SIGILL on SSE4.2 instructions.
 SSE4_ALIASES = {"-msse4": "-msse4.2", "-mno-sse4": "-mno-sse4.1"}
+
 
 def resolve_native_flags(cc1_line, baseline_help="", native_help=""):
     """The explicit flags equivalent to -march=native (-mcpu=native), as resolve-march-native does.
@@ -3472,47 +3475,23 @@ def repository_states(env):
             if os.path.isdir(directory)}
 
 
-def make_conf_cpu_flags(root):
-    """The -m words (-march=..., -mavx2, ...) of the CFLAGS-like variables in root's make.conf."""
-    text, words = make_conf_texts(root), []
-    for assignment in _assignments(text):
-        if assignment.name in FLAGS_VARIABLES:
-            value = _unquote(text[assignment.start:assignment.end], assignment.quote)
-            words += [word for word in value.split() if word.startswith("-m") and word not in words]
-    return words
+def describe_snapshot(when):
+    if when is None:
+        return "an unreadable date"
+    when = when.astimezone(datetime.timezone.utc) if when.tzinfo else when
+    return when.strftime("%Y-%m-%d %H:%M UTC")
 
 
-def isa_this_cpu_lacks(flags, runner):
-    """The instruction-set macros (__AVX512F__, ...) gcc defines for flags but not for this CPU's
-    -march=native: code built with flags could die with SIGILL here. None if gcc cannot tell."""
-    gcc = shutil.which("gcc")
-    if not gcc:
-        return None
-
-    def macros(options):
-        result = runner.read([gcc, *options, "-dM", "-E", "-x", "c", "/dev/null"], check=False)
-        if result.returncode != 0:
-            return None
-        return {line.split()[1] for line in result.stdout.splitlines() if line.startswith("#define ")}
-
-    native = macros(["-march=native"])
-    wanted = macros(flags) if flags else set()
-    if native is None or wanted is None:
-        return None
-    # Feature macros are upper case (__AVX2__); arch and tuning names (__znver3__) are not.
-    return sorted(name for name in wanted - native
-                  if re.fullmatch(r"__[A-Z0-9_]+__|__ARM_FEATURE_[A-Z0-9_]+|__ARM_NEON[A-Z0-9_]*", name))
-
-
-def root_has_program(root, name):
-    return any(os.path.lexists(os.path.join(root, directory.lstrip("/"), name))
-               for directory in CHROOT_PATH.split(":"))
-
-
-# What a stage3 fills with programs, libraries and state: a writable download directory is never
-# bound over them.
-SYSTEM_CONTENT_PLACES = ("/etc", "/usr/bin", "/usr/sbin", "/usr/lib", "/usr/lib32", "/usr/lib64", "/usr/libexec",
-                         "/usr/include", "/usr/share", "/usr/src", "/var/db", "/var/lib", "/var/log")
+def describe_tree(states):
+    """gentoo@2026-12-01 03:45 UTC, overlay@1a2b3c4d5e6f (history's words for a publication's trees)."""
+    words = []
+    for name, state in sorted(states.items()):
+        kind, _, value = state.get("revision", "unknown").partition(" ")
+        if kind == "timestamp":
+            with contextlib.suppress(TypeError, ValueError):
+                value = describe_snapshot(email.utils.parsedate_to_datetime(value))
+        words.append(f"{name}@{value[:12] if kind == 'git' else value or 'unknown'}")
+    return ", ".join(words)
 
 
 def profile_repository(configroot):
@@ -3550,53 +3529,6 @@ def repositories_kept_in_root(env):
         configured.setdefault("gentoo", DEFAULT_REPOSITORY)
     return {name: location.rstrip("/") for name, location in configured.items()
             if safe_place(location) and not os.path.isdir(location)}
-
-
-def chroot_build_binds(env, trees_writable=False):
-    """(place inside the binhost root, build host directory, read-only) for a chroot build: each
-    repository the copied configuration names, at the place it names, and the profile's, read-only;
-    a repository kept inside the root, onto itself read-only (writable for its sync: trees_writable,
-    so a query that starts meanwhile finds it mounted and does not cover it read-only);
-    [binhost] distdir, when set, read-write at the target's DISTDIR. The places come from a target:
-    only what looks like what it claims is bound, and nothing it names is bound writable."""
-    repositories = set(configured_repositories(env.root).values()) | {DEFAULT_REPOSITORY}
-    profile_dir = profile_repository(env.root)
-    if profile_dir:
-        repositories.add(profile_dir)
-    binds = []
-    for place in sorted({place.rstrip("/") for place in repositories if safe_place(place)}):
-        source = under(env.host_chroot, place)
-        inside = under(env.root, place)
-        is_repository = any(os.path.exists(os.path.join(source, marker))
-                            for marker in ("profiles/repo_name", "metadata/layout.conf"))
-        # config pull links each repository in for the root method: the mount replaces that link
-        # (prepare_bind_points), which here resolves to the very source it names.
-        linked_for_root_method = os.path.islink(inside) and os.readlink(inside) == place
-        if os.path.isdir(source) and is_repository and (linked_for_root_method
-                                                        or os.path.realpath(source) != os.path.realpath(inside)):
-            binds.append((place, source, True))
-    for place in sorted(set(repositories_kept_in_root(env).values()) - {place for place, _, _ in binds}):
-        inside = under(env.root, place)
-        if symlink_below(env.root, inside) is None and holds_repository(inside):
-            binds.append((place, "{}", not trees_writable))  # "{}": the very mount point, as checked
-    if env.distdir:
-        text = make_conf_texts(env.root)
-        distdirs = [_unquote(text[a.start:a.end], a.quote) for a in _assignments(text) if a.name == "DISTDIR"]
-        distdir = (distdirs[-1] if distdirs else "/var/cache/distfiles").rstrip("/")
-        # A repository kept in the root is this machine's nowhere: a writable DISTDIR must not reach it.
-        kept_places = repositories_kept_in_root(env).values()
-        if (not safe_place(distdir) or distdir in {place for place, _, _ in binds}
-                or any(distdir.startswith(place + "/") or place.startswith(distdir + "/") for place in kept_places)
-                or any(distdir == place or distdir.startswith(place + "/") for place in SYSTEM_CONTENT_PLACES)):
-            raise BinhostError(f"DISTDIR = {distdir} in {env.root}/etc/portage/make.conf (the target's) is"
-                               f" not a place to bind [binhost] distdir = {env.distdir} at (a system"
-                               " directory, or a repository): set DISTDIR to a directory of its own on the"
-                               " target, e.g. /var/cache/distfiles, and run config pull")
-        if not os.path.isdir(env.distdir):
-            raise BinhostError(f"[binhost] distdir = {env.distdir} does not exist: create it, or remove"
-                               f" the key from {env.config_path}")
-        binds.append((distdir, env.distdir, False))
-    return binds
 
 
 # ---- Portage's environment for what runs there: ROOT, EMERGE_DEFAULT_OPTS, distcc --------------
@@ -4342,10 +4274,108 @@ class PendingPublication:
         return self.env.packages.publish(self.why, self.produced, self.removed, prune=False)
 
 
+def refresh_index(env, host=None):
+    """Rebuild PKGDIR/Packages; Portage trusts a stale index otherwise (pkgdir-index-trusted)."""
+    host = host or env.host
+    emaint = host.program("emaint", "put Portage's bin directory in PATH")
+    host.run([emaint, "binhost", "--fix"], portage_environment(env), capture=True,
+             describe="emaint binhost --fix")
+
+
 # ---- the build methods: where Portage runs for an environment, and what each one needs ---------
 # Each entry owns where its Portage runs (host), how the root's repositories reach that Portage
 # (links, or binds and repositories kept in the root), what its emerge gets, and what it checks
 # and prepares before a build; choose_build_method picks one per environment.
+
+def make_conf_cpu_flags(root):
+    """The -m words (-march=..., -mavx2, ...) of the CFLAGS-like variables in root's make.conf."""
+    text, words = make_conf_texts(root), []
+    for assignment in _assignments(text):
+        if assignment.name in FLAGS_VARIABLES:
+            value = _unquote(text[assignment.start:assignment.end], assignment.quote)
+            words += [word for word in value.split() if word.startswith("-m") and word not in words]
+    return words
+
+
+def isa_this_cpu_lacks(flags, runner):
+    """The instruction-set macros (__AVX512F__, ...) gcc defines for flags but not for this CPU's
+    -march=native: code built with flags could die with SIGILL here. None if gcc cannot tell."""
+    gcc = shutil.which("gcc")
+    if not gcc:
+        return None
+
+    def macros(options):
+        result = runner.read([gcc, *options, "-dM", "-E", "-x", "c", "/dev/null"], check=False)
+        if result.returncode != 0:
+            return None
+        return {line.split()[1] for line in result.stdout.splitlines() if line.startswith("#define ")}
+
+    native = macros(["-march=native"])
+    wanted = macros(flags) if flags else set()
+    if native is None or wanted is None:
+        return None
+    # Feature macros are upper case (__AVX2__); arch and tuning names (__znver3__) are not.
+    return sorted(name for name in wanted - native
+                  if re.fullmatch(r"__[A-Z0-9_]+__|__ARM_FEATURE_[A-Z0-9_]+|__ARM_NEON[A-Z0-9_]*", name))
+
+
+def root_has_program(root, name):
+    return any(os.path.lexists(os.path.join(root, directory.lstrip("/"), name))
+               for directory in CHROOT_PATH.split(":"))
+
+
+# What a stage3 fills with programs, libraries and state: a writable download directory is never
+# bound over them.
+SYSTEM_CONTENT_PLACES = ("/etc", "/usr/bin", "/usr/sbin", "/usr/lib", "/usr/lib32", "/usr/lib64", "/usr/libexec",
+                         "/usr/include", "/usr/share", "/usr/src", "/var/db", "/var/lib", "/var/log")
+
+
+def chroot_build_binds(env, trees_writable=False):
+    """(place inside the binhost root, build host directory, read-only) for a chroot build: each
+    repository the copied configuration names, at the place it names, and the profile's, read-only;
+    a repository kept inside the root, onto itself read-only (writable for its sync: trees_writable,
+    so a query that starts meanwhile finds it mounted and does not cover it read-only);
+    [binhost] distdir, when set, read-write at the target's DISTDIR. The places come from a target:
+    only what looks like what it claims is bound, and nothing it names is bound writable."""
+    repositories = set(configured_repositories(env.root).values()) | {DEFAULT_REPOSITORY}
+    profile_dir = profile_repository(env.root)
+    if profile_dir:
+        repositories.add(profile_dir)
+    binds = []
+    for place in sorted({place.rstrip("/") for place in repositories if safe_place(place)}):
+        source = under(env.host_chroot, place)
+        inside = under(env.root, place)
+        is_repository = any(os.path.exists(os.path.join(source, marker))
+                            for marker in ("profiles/repo_name", "metadata/layout.conf"))
+        # config pull links each repository in for the root method: the mount replaces that link
+        # (prepare_bind_points), which here resolves to the very source it names.
+        linked_for_root_method = os.path.islink(inside) and os.readlink(inside) == place
+        if os.path.isdir(source) and is_repository and (linked_for_root_method
+                                                        or os.path.realpath(source) != os.path.realpath(inside)):
+            binds.append((place, source, True))
+    for place in sorted(set(repositories_kept_in_root(env).values()) - {place for place, _, _ in binds}):
+        inside = under(env.root, place)
+        if symlink_below(env.root, inside) is None and holds_repository(inside):
+            binds.append((place, "{}", not trees_writable))  # "{}": the very mount point, as checked
+    if env.distdir:
+        text = make_conf_texts(env.root)
+        distdirs = [_unquote(text[a.start:a.end], a.quote) for a in _assignments(text) if a.name == "DISTDIR"]
+        distdir = (distdirs[-1] if distdirs else "/var/cache/distfiles").rstrip("/")
+        # A repository kept in the root is this machine's nowhere: a writable DISTDIR must not reach it.
+        kept_places = repositories_kept_in_root(env).values()
+        if (not safe_place(distdir) or distdir in {place for place, _, _ in binds}
+                or any(distdir.startswith(place + "/") or place.startswith(distdir + "/") for place in kept_places)
+                or any(distdir == place or distdir.startswith(place + "/") for place in SYSTEM_CONTENT_PLACES)):
+            raise BinhostError(f"DISTDIR = {distdir} in {env.root}/etc/portage/make.conf (the target's) is"
+                               f" not a place to bind [binhost] distdir = {env.distdir} at (a system"
+                               " directory, or a repository): set DISTDIR to a directory of its own on the"
+                               " target, e.g. /var/cache/distfiles, and run config pull")
+        if not os.path.isdir(env.distdir):
+            raise BinhostError(f"[binhost] distdir = {env.distdir} does not exist: create it, or remove"
+                               f" the key from {env.config_path}")
+        binds.append((distdir, env.distdir, False))
+    return binds
+
 
 def kept_repositories(env):
     """The repositories the build method in use keeps inside the binhost root (asked only without
@@ -4539,6 +4569,8 @@ def choose_build_method(env):
     return env.decisions[decided_by]
 
 
+# ---- the Environment: one per binhost root for the command (Config.environments()) -------------
+
 class Environment:
     """One binhost root as this command works on it, made once by Config.environments(): its
     settings ([binhost], with the root, PKGDIR and build-method of the targets built in it), read
@@ -4593,14 +4625,6 @@ class Environment:
         if self.remotes.get(target.name, (None,))[0] is not target:
             self.remotes[target.name] = (target, Remote(target, self.runner, self.output, self))
         return self.remotes[target.name][1]
-
-
-def refresh_index(env, host=None):
-    """Rebuild PKGDIR/Packages; Portage trusts a stale index otherwise (pkgdir-index-trusted)."""
-    host = host or env.host
-    emaint = host.program("emaint", "put Portage's bin directory in PATH")
-    host.run([emaint, "binhost", "--fix"], portage_environment(env), capture=True,
-             describe="emaint binhost --fix")
 
 
 # ---- signing -----------------------------------------------------------------------------------
@@ -5187,9 +5211,11 @@ def build_packages(env, emerge_args, publish_after=True):
 
 
 # ------------------------------------------------------------------------------------------------
-# The targets: ssh, how they reach PKGDIR, and what their emerge would merge
+# The targets: their side, coverage, the tree they follow, the gate, installing, setting up
 # ------------------------------------------------------------------------------------------------
 
+
+# ---- the two sides: a target's Remote (ssh, its route to PKGDIR, its plan), our LocalShell -----
 
 # Every remote step ends: a question (a plan of @world takes minutes on a small board) within an
 # hour, a change (an install, a first push of a tree) within four; a silent connection sooner
@@ -5734,10 +5760,6 @@ def user_emerge_only_pretends(args):
 
 # ---- coverage: everything the target merges comes from here ------------------------------------
 
-# Rounds of building what the target's binary-only plan still lacks, before giving up.
-GATE_ROUNDS = 3
-
-
 def usable_binary(entry, package):
     """A binary of the index is usable when it has every USE flag the target shows as it wants."""
     use = set(entry.get("USE", "").split())
@@ -5907,25 +5929,6 @@ def tree_lacks(env, packages):
                                 + (": sync the target" if newer_there else
                                    ": sync the binhost's repositories (emerge --sync there)"))
     return lacking
-
-
-def describe_snapshot(when):
-    if when is None:
-        return "an unreadable date"
-    when = when.astimezone(datetime.timezone.utc) if when.tzinfo else when
-    return when.strftime("%Y-%m-%d %H:%M UTC")
-
-
-def describe_tree(states):
-    """gentoo@2026-12-01 03:45 UTC, overlay@1a2b3c4d5e6f (history's words for a publication's trees)."""
-    words = []
-    for name, state in sorted(states.items()):
-        kind, _, value = state.get("revision", "unknown").partition(" ")
-        if kind == "timestamp":
-            with contextlib.suppress(TypeError, ValueError):
-                value = describe_snapshot(email.utils.parsedate_to_datetime(value))
-        words.append(f"{name}@{value[:12] if kind == 'git' else value or 'unknown'}")
-    return ", ".join(words)
 
 
 # ---- one tree: a target follows the binhost's snapshot -----------------------------------------
@@ -6240,6 +6243,10 @@ class TargetTrees:
 
 
 # ---- the gate: build until the target's binary-only plan takes everything ----------------------
+
+# Rounds of building what the target's binary-only plan still lacks, before giving up.
+GATE_ROUNDS = 3
+
 
 def package_arguments(emerge_args):
     """The positions of emerge_args that name packages or sets (not options, nor their values)."""
@@ -6817,6 +6824,7 @@ awk '/^(flags|Features)[ \t]*:/ { print; exit }' /proc/cpuinfo 2>/dev/null
 exit 0
 """
 
+
 class TargetCpu:
     """What the target's gcc and CPU report, resolved to flags for the binhost's make.conf."""
 
@@ -6839,10 +6847,9 @@ class TargetCpu:
         return "CPU_FLAGS_ARM" if self.machine.startswith(("arm", "aarch64")) else None
 
 
-def detect_target_cpu(target, runner, output):
-    remote = Remote(target, runner, output)
-    sections = parse_sections(remote.script(CPU_PROBE_SCRIPT, changes=False,
-                                            what="detecting the CPU").stdout)
+def detect_target_cpu(env, target):
+    sections = parse_sections(env.remote(target).script(CPU_PROBE_SCRIPT, changes=False,
+                                                        what="detecting the CPU").stdout)
     cc1 = sections.get("cc1", "").strip()
     if not cc1:
         raise BinhostError(f"gcc on target {target.name} printed no cc1 line for -march=native:"
@@ -6923,7 +6930,7 @@ def cpu_flags_location(env, variable="CPU_FLAGS_X86"):
 
 
 def cpu_report(env, target, apply=False):
-    cpu = detect_target_cpu(target, env.runner, env.output)
+    cpu = detect_target_cpu(env, target)
     cpu.common_flags = flags_the_binhost_gcc_accepts(cpu.common_flags, env)
     here = host_cpu_flags(cpu.cpu_flags_variable) if cpu.cpu_flags else None
     if here is not None:
@@ -7142,7 +7149,7 @@ def resolve_march_native_in(tar_bytes, env, target):
         if not NATIVE_CPU_FLAG.search(text):
             return text
         if flags is None:
-            resolved = detect_target_cpu(target, env.runner, env.output).common_flags
+            resolved = detect_target_cpu(env, target).common_flags
             flags = " ".join(flags_the_binhost_gcc_accepts(resolved, env))
         text = NATIVE_TUNE.sub("", text)
         return NATIVE_CPU_FLAG.sub(flags, text)
@@ -7163,8 +7170,6 @@ EXECUTED_CONFIG = re.compile(r"etc/portage/(bashrc|env(/|$)|patches(/|$)|package
 
 # What a target's configuration stream may hold: the rest is left out.
 CONFIG_TAR_PLACES = ("etc/portage", "var/lib/portage/world", "var/lib/portage/world_sets")
-
-
 # Each side keeps its own entry (setup-target writes it); the target's never travels.
 OWN_BINREPOS_MEMBER = f"etc/portage/binrepos.conf/{BINREPOS_NAME}.conf"
 
@@ -7940,7 +7945,7 @@ def run_doctor(env, target, atoms):
     return doctor
 
 
-# ---- init: the binhost root from a verified stage3 ---------------------------------------------
+# ---- init: the binhost root, or a host chroot, from a verified stage3 --------------------------
 
 DEFAULT_MIRROR = "https://distfiles.gentoo.org"
 GENTOO_RELEASE_KEYS = "/usr/share/openpgp-keys/gentoo-release.asc"
@@ -8334,8 +8339,8 @@ def init_binhost(config, args, runner, output):
     arch, variant = args.arch, args.variant
     if args.like_target:
         target = config.target(args.target)
-        probe = Remote(target, runner, output).script(TARGET_SYSTEM_SCRIPT, target.root, changes=False,
-                                                      what="asking the target what it runs")
+        probe = env.remote(target).script(TARGET_SYSTEM_SCRIPT, target.root, changes=False,
+                                          what="asking the target what it runs")
         facts = dict(line.split(" ", 1) for line in probe.stdout.splitlines() if " " in line)
         like_arch, like_variant, reasons = stage3_variant(facts.get("machine", ""), facts.get("chost", ""),
                                                           facts.get("init", ""), facts.get("profile", ""),
@@ -8569,17 +8574,9 @@ def target_reaches_us(env, target):
         raise BinhostError(f"port {env.port} here is answered by {program}, not by {PROG}: stop that"
                            f" program, or set port (and url) in [binhost] of {env.config_path}, then"
                            f" add-target {target.name} again")
-    server = None
-    if answer is None:
-        server = start_server({env.env_name: env}, env.output, env.bind, env.port,
-                              access_log=False)
-        threading.Thread(target=server.serve_forever, name="binhost-reach-check", daemon=True).start()
-    try:
+    with (background_server({env.env_name: env}, env.output, env.bind, env.port, tunnel=False)
+          if answer is None else contextlib.nullcontext()) as server:
         tool, code = remote.fetch_index()
-    finally:
-        if server:
-            server.shutdown()
-            server.server_close()
     if tool == "none":
         raise BinhostError(f"{target.name} has neither wget nor curl, which Portage fetches binary packages"
                            " with: install one there (emerge net-misc/wget), then add-target again")
@@ -8747,20 +8744,20 @@ def remove_config_section(text, section):
     return "\n".join(kept) + "\n"
 
 
-def give_back_own_tree(target, runner, output):
+def give_back_own_tree(env, target):
     """A target that followed the binhost's snapshot syncs its repositories as it did before: our
     repos.conf entry and the snapshot copies go; when it cannot be reached, what to remove there."""
     base = posixpath.join(target.root, TARGET_TREES)
     confdir = posixpath.join(target.portage_config_dir, "repos.conf")
     try:
-        Remote(target, runner, output).script(UNFOLLOW_SCRIPT, base, confdir, OWN_REPOS_ENTRY,
-                                              what="removing the binhost's repos.conf entry")
-        if not runner.pretend:
-            output.info(f"{target.name} syncs its repositories with its own settings again (removed"
-                        f" {confdir}/{OWN_REPOS_ENTRY} and {base})")
+        env.remote(target).script(UNFOLLOW_SCRIPT, base, confdir, OWN_REPOS_ENTRY,
+                                  what="removing the binhost's repos.conf entry")
+        if not env.runner.pretend:
+            env.output.info(f"{target.name} syncs its repositories with its own settings again (removed"
+                            f" {confdir}/{OWN_REPOS_ENTRY} and {base})")
     except BinhostError as error:
-        output.warn(f"{error}: {target.name} still syncs from the binhost's snapshot: on it, run"
-                    f" 'rm -f {shlex.quote(posixpath.join(confdir, OWN_REPOS_ENTRY))} && rm -rf {shlex.quote(base)}'")
+        env.output.warn(f"{error}: {target.name} still syncs from the binhost's snapshot: on it, run"
+                        f" 'rm -f {shlex.quote(posixpath.join(confdir, OWN_REPOS_ENTRY))} && rm -rf {shlex.quote(base)}'")
 
 
 def remove_target(config, args, runner, output):
@@ -8771,7 +8768,7 @@ def remove_target(config, args, runner, output):
     output.info(f"Removing [target {target.name}] from {config.path} (its binrepos.conf/{BINREPOS_NAME}.conf"
                 " stays until you remove it there)")
     if target.tree == "binhost":
-        give_back_own_tree(target, runner, output)
+        give_back_own_tree(env, target)
     purge = args.purge and not users and env.root != config.binhost.root
     if args.purge and not purge:
         why = (f"{', '.join(users)} {'uses' if len(users) == 1 else 'use'} it" if users
