@@ -8,7 +8,7 @@ fixture) is broken, not the script.
 import os
 import shlex
 
-from conftest import REPO, eroot, http_server, portage_env, run, write_portage_config
+from conftest import REPO, SCRIPT, eroot, http_server, portage_env, run, write_portage_config
 
 
 def test_build_serve_and_install_over_ssh(tmp_path, portage_bin, eprefix, host_portage, sshd):
@@ -78,3 +78,36 @@ def test_build_serve_and_install_over_ssh(tmp_path, portage_bin, eprefix, host_p
     assert "app-misc/hello-app" in (target_eroot / "var/lib/portage/world").read_text()
     # Installed from binaries, not built: the vdb records BINPKGMD5 for binpkgs.
     assert (target_eroot / "var/db/pkg/app-misc/hello-app-1.0/BINPKGMD5").is_file()
+
+
+def test_the_script_reads_low_level_to_high():
+    """README (Development): the file reads from low level to high, main() last, its first comment
+    a map of its layers. Every name a top-level definition uses is defined above it, but for the
+    factories that reach one layer up (Config makes Environments, an Environment its Remotes) and
+    format_command's abbreviation of the confinement program."""
+    import ast
+    source = SCRIPT.read_text()
+    tree = ast.parse(source)
+    defined = {}
+    for node in tree.body:
+        names = ([node.name] if isinstance(node, (ast.FunctionDef, ast.ClassDef)) else
+                 [target.id for target in getattr(node, "targets", []) if isinstance(target, ast.Name)])
+        for name in names:
+            defined.setdefault(name, node.lineno)
+    later = sorted({(name.id, node.name if hasattr(node, "name") else node.lineno)
+                    for node in tree.body for name in ast.walk(node)
+                    if isinstance(name, ast.Name) and defined.get(name.id, 0) > node.lineno})
+    assert later == [("CONFINE_PROGRAM", "format_command"), ("Environment", "Config"),
+                     ("Remote", "Environment")], later
+    functions = [node.name for node in tree.body if isinstance(node, ast.FunctionDef)]
+    assert functions[-1] == "main"
+    lines = source.splitlines()
+    layers = [line.split(":")[0][2:] for before, line in zip(lines, lines[1:])
+              if before.startswith("# ----------") and line.startswith("# ") and not line.startswith("# -")]
+    assert layers[:8] == ["Constants", "Errors", "Output", "File helpers", "Configuration", "Runner",
+                          "HTTP server", "Pure parsers"], layers
+    assert layers[8:] == ["The binhost environment", "The targets", "Capabilities", "Serving",
+                          "Command line"], layers
+    mapped = [line[4:].split(":")[0].split(",")[0] for line in source.splitlines() if line.startswith("# - ")]
+    assert mapped[:6] == ["Infrastructure", "Pure parsers", "The binhost environment", "The targets",
+                          "Capabilities", "Serving"], mapped
