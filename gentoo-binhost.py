@@ -226,9 +226,7 @@ class CannotSign(BinhostError):
 def color_wanted(choice, stream):
     if choice is not None:
         return choice
-    if os.environ.get("NO_COLOR"):
-        return False
-    if os.environ.get("NOCOLOR", "").lower() in ("yes", "true", "1"):
+    if os.environ.get("NO_COLOR") or os.environ.get("NOCOLOR", "").lower() in ("yes", "true", "1"):
         return False
     return stream.isatty() and os.environ.get("TERM") != "dumb"
 
@@ -250,9 +248,9 @@ class Output:
             return text
         return f"{self.COLORS[kind]}{text}{self.COLORS['reset']}"
 
-    def _write(self, stream, line):
+    def _write(self, stream, line, end="\n"):
         with self.lock:
-            stream.write(line + "\n")
+            stream.write(line + end)
             stream.flush()
 
     def info(self, message):
@@ -271,9 +269,7 @@ class Output:
 
     def progress(self, line, done=False):
         """Rewrite the current terminal line (download progress)."""
-        with self.lock:
-            self.out.write("\n" if done else f"\r{line}")
-            self.out.flush()
+        self._write(self.out, "\n" if done else f"\r{line}", end="")
 
     def check(self, status, name, detail):
         """One doctor line: OK, WARN or FAIL in Portage's colors, the check, what it found."""
@@ -287,9 +283,7 @@ class Output:
     def text(self, text, always=False):
         """Program output that is the point of the command (a key, a config entry, a command)."""
         if self.verbosity > 0 or always:
-            with self.lock:
-                self.out.write(text if text.endswith("\n") or not text else text + "\n")
-                self.out.flush()
+            self._write(self.out, text, end="" if text.endswith("\n") or not text else "\n")
 
 
 def format_command(argv, env=None):
@@ -418,8 +412,8 @@ def open_inside(root, parts, absolute_from_root=False):
             os.close(leftover)
 
 
-def read_bytes_inside(directory, relative, absolute_from_root=False):
-    """The first MiB of directory/relative (b"" when missing or not a regular file), never through
+def read_bytes_inside(directory, relative, absolute_from_root=False, size=1 << 20):
+    """The first size bytes (a MiB) of directory/relative (b"" when missing or not a regular file), never through
     a link that leads out of directory: a repository inside the binhost root is written by its
     sync, and a link there that is absolute means a path of the chroot, not of this machine."""
     try:
@@ -433,7 +427,7 @@ def read_bytes_inside(directory, relative, absolute_from_root=False):
         return b""
     with os.fdopen(descriptor, "rb") as handle:
         try:
-            return handle.read(1 << 20)
+            return handle.read(size)
         except OSError:
             return b""
 
@@ -492,9 +486,8 @@ def parse_port(value, config_path, section, key):
 
 
 class BinhostSettings:
-    def __init__(self, section, config_path, host=None):
+    def __init__(self, section, config_path, host):
         self.config_path = config_path
-        host = host or HostSettings({}, config_path)
         self.host_chroot, self.host_path = host.chroot, host.path
         default_root = (os.path.join(self.host_chroot, HOST_CHROOT_BINHOST) if self.host_chroot
                         else DEFAULT_ROOT)
@@ -571,9 +564,7 @@ class TargetSettings:
     @property
     def portage_environment(self):
         """ROOT and PORTAGE_CONFIGROOT for the target's emerge when its root is not /."""
-        if self.root.rstrip("/") == "":
-            return {}
-        return {"ROOT": self.root, "PORTAGE_CONFIGROOT": self.root}
+        return {"ROOT": self.root, "PORTAGE_CONFIGROOT": self.root} if self.root.rstrip("/") else {}
 
 
 class Config:
@@ -699,8 +690,7 @@ def load_config(path, runner, host_chroot=None):
     except configparser.Error as error:
         first_line = str(error).splitlines()[0]
         raise UsageError(f"{path}: {first_line}") from None
-    binhost_section, host_section = {}, {}
-    targets = {}
+    sections, targets = {"binhost": {}, "host": {}}, {}
     for section_name in parser.sections():
         kind, _, name = section_name.partition(" ")
         name = name.strip()
@@ -712,17 +702,16 @@ def load_config(path, runner, host_chroot=None):
             if key not in CONFIG_KEYS[kind]:
                 raise UsageError(f"{path}: [{section_name}] unknown key '{key}'"
                                  f" (known keys: {', '.join(CONFIG_KEYS[kind])})")
-        if kind == "binhost":
-            binhost_section = section
-        elif kind == "host":
-            host_section = section
-        else:
+        if kind == "target":
             targets[name] = section
+        else:
+            sections[kind] = section
     if host_chroot:
-        host_section = dict(host_section, chroot=host_chroot)
-    host = HostSettings(host_section, path)
+        sections["host"] = dict(sections["host"], chroot=host_chroot)
+    host = HostSettings(sections["host"], path)
     target_settings = {name: TargetSettings(name, section, path) for name, section in targets.items()}
-    config = Config(path, BinhostSettings(binhost_section, path, host), target_settings, runner, runner.output)
+    config = Config(path, BinhostSettings(sections["binhost"], path, host), target_settings, runner,
+                    runner.output)
     if host.chroot:
         check_inside_chroot(config)
     return config
@@ -731,16 +720,14 @@ def load_config(path, runner, host_chroot=None):
 def set_config_values(text, section, values):
     """Return the INI text with `key = value` set in [section], keeping comments and layout."""
     lines = text.splitlines()
-    header = f"[{section}]"
     start = next((i for i, line in enumerate(lines)
                   if (match := configparser.ConfigParser.SECTCRE.match(line.strip()))
                   and match.group("header").strip() == section), None)
     if start is None:
         if lines and lines[-1].strip():
             lines.append("")
-        lines.append(header)
-        lines.extend(f"{key} = {value}" for key, value in values.items())
-        return "\n".join(lines) + "\n"
+        lines.append(f"[{section}]")
+        start = len(lines) - 1
     end = next((i for i in range(start + 1, len(lines)) if lines[i].lstrip().startswith("[")), len(lines))
     pending = dict(values)
     for i in range(start + 1, end):
@@ -762,6 +749,19 @@ def set_config_values(text, section, values):
 
 
 FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+@contextlib.contextmanager
+def signal_handlers(numbers, handler):
+    """handler for the signals numbers while the block runs, their previous handlers after it
+    (outside the main thread nothing changes: Python sets handlers only there)."""
+    on_main_thread = threading.current_thread() is threading.main_thread()
+    previous = {number: signal.signal(number, handler) for number in numbers} if on_main_thread else {}
+    try:
+        yield
+    finally:
+        for number, restored in previous.items():
+            signal.signal(number, restored)
 
 
 class ProcessGroup:
@@ -807,36 +807,29 @@ class ProcessGroup:
         self.pgid = process.pid
         with contextlib.suppress(OSError):  # the parent's side of the race with enter()
             os.setpgid(self.pgid, self.pgid)
-            if self.terminal is not None:
-                self.take_terminal(self.pgid)
-        previous = {number: signal.signal(number, self.forward) for number in FORWARDED_SIGNALS}
-        try:
-            while True:
-                try:
-                    output = process.communicate(input, timeout=0.5)
-                    break
-                except subprocess.TimeoutExpired:
-                    input = None  # sent already: communicate() refuses it a second time
-                    # emerge waits for a job that ignores the signal passed on: all of it gets
-                    # SIGKILL once the grace period is over.
-                    if self.signalled_at and time.monotonic() > self.signalled_at + STOP_GRACE_SECONDS:
-                        with contextlib.suppress(ProcessLookupError, PermissionError):
-                            os.killpg(self.pgid, signal.SIGKILL)
-            self.drain()
-            return output
-        finally:
-            if self.terminal is not None:
-                with contextlib.suppress(OSError):
-                    self.take_terminal(os.getpgrp())
-            for number, handler in previous.items():
-                signal.signal(number, handler)
+            self.take_terminal(self.pgid)
+        with signal_handlers(FORWARDED_SIGNALS, self.forward):
+            try:
+                while True:
+                    try:
+                        output = process.communicate(input, timeout=0.5)
+                        break
+                    except subprocess.TimeoutExpired:
+                        input = None  # sent already: communicate() refuses it a second time
+                        # emerge waits for a job that ignores the signal passed on: all of it gets
+                        # SIGKILL once the grace period is over.
+                        if self.signalled_at and time.monotonic() > self.signalled_at + STOP_GRACE_SECONDS:
+                            with contextlib.suppress(ProcessLookupError, PermissionError):
+                                os.killpg(self.pgid, signal.SIGKILL)
+                self.drain()
+                return output
+            finally:
+                self.take_terminal(os.getpgrp())
 
     def take_terminal(self, pgid):
-        previous = signal.signal(signal.SIGTTOU, signal.SIG_IGN)
-        try:
-            os.tcsetpgrp(self.terminal, pgid)
-        finally:
-            signal.signal(signal.SIGTTOU, previous)
+        if self.terminal is not None:
+            with contextlib.suppress(OSError), signal_handlers((signal.SIGTTOU,), signal.SIG_IGN):
+                os.tcsetpgrp(self.terminal, pgid)
 
     def members(self):
         """Live processes of the group (zombies a container's init never reaps do not count)."""
@@ -926,11 +919,9 @@ class Runner:
             return self.masked(format_command(argv, env))
         named = []
         for name, script in shell_scripts().items():
-            quoted = shlex.quote(script)
-            if any(quoted in word for word in argv if word != script):
-                argv = [word.replace(quoted, f'"${name}"') if word != script else word for word in argv]
-                named.append(name)
-            if script in argv and name not in named:
+            quoted = shlex.quote(script)  # longer than the script (it has lines to quote): never in it
+            if script in argv or any(quoted in word for word in argv):
+                argv = [word.replace(quoted, f'"${name}"') for word in argv]
                 named.append(name)
         shown = self.masked(format_command(argv, env))
         for name in named:
@@ -958,11 +949,10 @@ class Runner:
         own, which SIGINT, SIGTERM and SIGHUP sent to this tool alone are passed on to; the call
         returns only when every process of that group is gone."""
         argv = [str(word) for word in argv]
-        shown = self.masked(format_command(argv, env))
         if self.pretend and changes:
             self.output.text(self.abbreviated(argv, env), always=True)
             return None
-        self.output.debug(f"Running: {shown}")
+        self.output.debug(f"Running: {self.masked(format_command(argv, env))}")
         full_env = dict(os.environ, **env) if env else None
         text = not binary and (isinstance(input, str) or (capture and not isinstance(input, bytes)))
         group = ProcessGroup() if own_group and threading.current_thread() is threading.main_thread() \
@@ -985,13 +975,11 @@ class Runner:
                     process.communicate()
                     raise BinhostError(f"{describe or argv[0]} did not finish within {timeout} s:"
                                        " stopped it") from None
-                except KeyboardInterrupt:
-                    # Ctrl-C reached the command too (SIGTERM is passed on): let it clean up.
-                    with contextlib.suppress(BaseException):
-                        process.wait(timeout=STOP_GRACE_SECONDS)
-                    process.kill()
-                    raise
-                except BaseException:
+                except BaseException as error:
+                    if isinstance(error, KeyboardInterrupt):
+                        # Ctrl-C reached the command too (SIGTERM is passed on): let it clean up.
+                        with contextlib.suppress(BaseException):
+                            process.wait(timeout=STOP_GRACE_SECONDS)
                     process.kill()
                     raise
                 finally:
@@ -1004,11 +992,8 @@ class Runner:
         if group:
             group.raise_if_interrupted(process.returncode)
         if check and result.returncode != 0:
-            what = describe or argv[0]
-            detail = ""
-            if capture and result.stderr:
-                detail = ": " + last_line(as_text(result.stderr))
-            raise BinhostError(f"{what} failed (exit {result.returncode}){detail}")
+            detail = ": " + last_line(as_text(result.stderr)) if capture and result.stderr else ""
+            raise BinhostError(f"{describe or argv[0]} failed (exit {result.returncode}){detail}")
         return result
 
     def start(self, argv):
@@ -1127,7 +1112,6 @@ class Runner:
         self.change(["mv", "-T", source, destination], lambda: os.replace(source, destination))
 
     def symlink(self, target, path):
-        """ln -s target path."""
         self.change(["ln", "-s", target, path], lambda: os.symlink(target, path))
 
 
@@ -1141,12 +1125,7 @@ def find_program(name, hint):
 TERMINATING_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
 
 
-@contextlib.contextmanager
 def terminate_as_interrupt(runner):
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
     def interrupt(signum, _frame):
         for number in TERMINATING_SIGNALS:
             signal.signal(number, signal.SIG_IGN)
@@ -1158,29 +1137,15 @@ def terminate_as_interrupt(runner):
             runner.terminate_running()
         raise Terminated(signum)
 
-    previous = {number: signal.signal(number, interrupt) for number in TERMINATING_SIGNALS}
-    try:
-        yield
-    finally:
-        for number, handler in previous.items():
-            signal.signal(number, handler)
+    return signal_handlers(TERMINATING_SIGNALS, interrupt)
 
 
 @contextlib.contextmanager
 def signals_deferred():
     """Ctrl-C, SIGTERM and SIGHUP wait until the block is done, then interrupt."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
     received = []
-    numbers = (signal.SIGINT,) + TERMINATING_SIGNALS
-    previous = {number: signal.signal(number, lambda signum, _frame: received.append(signum))
-                for number in numbers}
-    try:
+    with signal_handlers(FORWARDED_SIGNALS, lambda signum, _frame: received.append(signum)):
         yield
-    finally:
-        for number, handler in previous.items():
-            signal.signal(number, handler)
     if received:
         raise Terminated(received[0]) if received[0] != signal.SIGINT else KeyboardInterrupt()
 
@@ -1468,14 +1433,12 @@ class BinhostRequestHandler(http.server.BaseHTTPRequestHandler):
             # Built from the checked parts: `//evil.example` must not become an open redirect.
             self.send_head(301, [("Location", clean)], 0)
             return
-        entries = []
         with os.scandir(descriptor) as listing:
-            for entry in sorted(listing, key=lambda item: item.name):
-                if entry.name.startswith(".") or not (entry.is_file(follow_symlinks=False)
-                                                      or entry.is_dir(follow_symlinks=False)):
-                    continue
-                name = entry.name + ("/" if entry.is_dir(follow_symlinks=False) else "")
-                entries.append(f'<a href="{urllib.parse.quote(name)}">{html.escape(name)}</a>')
+            names = [entry.name + ("/" if entry.is_dir(follow_symlinks=False) else "")
+                     for entry in sorted(listing, key=lambda item: item.name)
+                     if not entry.name.startswith(".")
+                     and (entry.is_file(follow_symlinks=False) or entry.is_dir(follow_symlinks=False))]
+        entries = [f'<a href="{urllib.parse.quote(name)}">{html.escape(name)}</a>' for name in names]
         title = html.escape(urllib.parse.unquote(clean))
         body = (f"<!DOCTYPE html>\n<title>{title}</title>\n<h1>{title}</h1>\n<pre>\n"
                 + "\n".join(entries) + "\n</pre>\n").encode()
@@ -1490,8 +1453,6 @@ class BinhostRequestHandler(http.server.BaseHTTPRequestHandler):
         try:
             since = email.utils.parsedate_to_datetime(header)
         except (TypeError, ValueError, IndexError):
-            return False
-        if since is None:
             return False
         if since.tzinfo is None:
             since = since.replace(tzinfo=datetime.timezone.utc)
@@ -1596,25 +1557,20 @@ class BinhostServer(http.server.ThreadingHTTPServer):
         with self.watch_lock:
             return self.header_deadlines.pop(connection, None) is not None
 
-    def drop_longest_waiting(self):
+    def drop_waiting(self, chosen):
+        """Stop watching the connections chosen({connection: deadline}) lists, and shut them down."""
         with self.watch_lock:
-            if not self.header_deadlines:
-                return
-            connection = min(self.header_deadlines, key=self.header_deadlines.get)
-            del self.header_deadlines[connection]
-        with contextlib.suppress(OSError):
-            connection.shutdown(socket.SHUT_RDWR)
+            dropped = chosen(self.header_deadlines)
+            for connection in dropped:
+                del self.header_deadlines[connection]
+        for connection in dropped:  # the blocked read returns, and the handler gives up
+            with contextlib.suppress(OSError):
+                connection.shutdown(socket.SHUT_RDWR)
 
     def drop_slow_headers(self):
         while not self.closing.wait(HEADER_WATCH_INTERVAL):
             now = time.monotonic()
-            with self.watch_lock:
-                late = [connection for connection, deadline in self.header_deadlines.items() if deadline < now]
-                for connection in late:
-                    del self.header_deadlines[connection]
-            for connection in late:  # the blocked read returns, and the handler gives up
-                with contextlib.suppress(OSError):
-                    connection.shutdown(socket.SHUT_RDWR)
+            self.drop_waiting(lambda deadlines: [each for each in deadlines if deadlines[each] < now])
 
     def server_close(self):
         self.closing.set()
@@ -1638,7 +1594,7 @@ class BinhostServer(http.server.ThreadingHTTPServer):
         # for its request line or headers (idle keep-alive, or a slow client from elsewhere)
         # makes room. The accept loop never waits longer than that: with no room, a 503.
         if not self.slots.acquire(blocking=False):
-            self.drop_longest_waiting()
+            self.drop_waiting(lambda deadlines: [min(deadlines, key=deadlines.get)] if deadlines else [])
             if not self.slots.acquire(timeout=0.1):
                 self.refuse_busy(request)
                 self.forget_client(address)
@@ -1684,10 +1640,8 @@ class BinhostServer(http.server.ThreadingHTTPServer):
             return
         finally:
             self.header_complete(request)
-        try:
+        with tls:
             super().finish_request(tls, client_address)
-        finally:
-            tls.close()
 
 
 def make_server(bind, port, document_root, output, **options):
@@ -1754,11 +1708,8 @@ def stop_on_sigterm(server):
     def stop(_signum, _frame):
         threading.Thread(target=server.shutdown, name="binhost-stop", daemon=True).start()
 
-    previous = signal.signal(signal.SIGTERM, stop)
-    try:
+    with signal_handlers((signal.SIGTERM,), stop):
         yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 def start_server(environments, output, bind, port, access_log=True, listings=False, tunnel=False):
@@ -1850,6 +1801,11 @@ def _unquote(value, quote):
     return value[1:] if quote else value  # an unterminated quote: the file ends inside it
 
 
+def _appended(text, lines):
+    """text with lines added at its end, on a line of their own."""
+    return text + ("" if not text or text.endswith("\n") else "\n") + lines
+
+
 def _requote(inner, quote):
     """The value text for `inner`: the original quotes, or double quotes when it needs some."""
     if quote:
@@ -1919,22 +1875,19 @@ def _edit_words(inner, flags, mode):
             return inner
         stripped = inner.rstrip()
         return (stripped + " " if stripped else "") + " ".join(flags) + inner[len(stripped):]
-    first, gone = min(remove), set(remove)
+    first, gone, insert = min(remove), set(remove), mode != "strip" and flags
     for index in remove:
-        if index == first and mode != "strip" and flags:
+        if index == first and insert:
             continue
         # Take one neighbouring blank along, never a line break.
         for blank in (index - 1, index + 1):
             if 0 <= blank < len(pieces) and blank not in gone and "\n" not in pieces[blank]:
                 gone.add(blank)
                 break
-    out = []
-    for index, piece in enumerate(pieces):
-        if index == first and mode != "strip" and flags:
-            out.append(" ".join(flags))
-        elif index not in gone:
-            out.append(piece)
-    return "".join(out)
+    if insert:
+        pieces[first] = " ".join(flags)
+        gone.remove(first)
+    return "".join(piece for index, piece in enumerate(pieces) if index not in gone)
 
 
 def _has_cpu_words(inner):
@@ -1977,45 +1930,33 @@ def set_common_flags(make_conf_text, flags):
     and the four *FLAGS="${COMMON_FLAGS}") is appended. Quoting ("..." or '...') is kept; a
     value spanning lines keeps its line breaks. Applying the same flags twice changes nothing.
     """
-    if isinstance(flags, str):
-        flags = flags.split()
-    flags = list(flags)
+    flags = flags.split() if isinstance(flags, str) else list(flags)
     assignments = [a for a in _assignments(make_conf_text) if a.name in FLAGS_VARIABLES]
     primary = next((name for name in ("COMMON_FLAGS", "CFLAGS")
                     if any(a.name == name for a in assignments)), None)
     if primary is None:
-        block = ('COMMON_FLAGS="%s"\n' % " ".join(["-O2", "-pipe"] + flags)
-                 + "".join('%s="${COMMON_FLAGS}"\n' % name for name in FLAGS_VARIABLES[1:]))
-        separator = "" if not make_conf_text or make_conf_text.endswith("\n") else "\n"
-        return make_conf_text + separator + block
+        return _appended(make_conf_text, 'COMMON_FLAGS="%s"\n' % " ".join(["-O2", "-pipe"] + flags)
+                         + "".join('%s="${COMMON_FLAGS}"\n' % name for name in FLAGS_VARIABLES[1:]))
 
     inner_of = {id(a): _unquote(make_conf_text[a.start:a.end], a.quote) for a in assignments}
     own = [a for a in assignments if a.name == primary]
-    target = own[-1]
-    for index, assignment in enumerate(own):
-        reaches_end = all(_references(inner_of[id(a)], [primary]) for a in own[index + 1:])
-        if _has_cpu_words(inner_of[id(assignment)]) and reaches_end:
-            target = assignment
+    carrying = [a for index, a in enumerate(own) if _has_cpu_words(inner_of[id(a)])
+                and all(_references(inner_of[id(later)], [primary]) for later in own[index + 1:])]
+    target = (carrying or own)[-1]
     # Variables that get the primary's value, directly or through another one
     # (CXXFLAGS="${CFLAGS}" with CFLAGS="${COMMON_FLAGS}").
     inheriting, grown = {primary}, True
     while grown:
-        grown = False
-        for assignment in assignments:
-            if assignment.name not in inheriting and _references(
-                    inner_of[id(assignment)], sorted(inheriting - {assignment.name})):
-                inheriting.add(assignment.name)
-                grown = True
+        grown = {a.name for a in assignments if _references(inner_of[id(a)], sorted(inheriting))} - inheriting
+        inheriting |= grown
 
     edits = []
     for assignment in assignments:
         inner = inner_of[id(assignment)]
-        if assignment.name == primary:
-            new = _edit_words(inner, flags, "append" if assignment is target else "strip")
-        elif assignment.name in inheriting:
-            new = _edit_words(inner, flags, "strip")  # the flags reach it through the primary
-        else:
-            new = _edit_words(inner, flags, "replace")
+        # The primary's other assignments, and the variables inheriting it, get the flags through
+        # the target: they only lose their own CPU words.
+        mode = "append" if assignment is target else "strip" if assignment.name in inheriting else "replace"
+        new = _edit_words(inner, flags, mode)
         if new != inner:
             edits.append((assignment, _requote(new, assignment.quote)))
     for assignment, value in reversed(edits):
@@ -2032,18 +1973,14 @@ def set_cpu_flags(text, flags, kind, variable="CPU_FLAGS_X86"):
     `*/*` line is replaced (a leading -* reset is kept), or such a line is appended.
     Per-package lines (dev-libs/foo CPU_FLAGS_X86: -avx2) are the user's and stay.
     """
-    if isinstance(flags, str):
-        flags = flags.split()
+    flags = flags.split() if isinstance(flags, str) else list(flags)
     value = " ".join(flags)
     if kind == "make.conf":
         found = [a for a in _assignments(text) if a.name == variable]
         for assignment in reversed(found):
             text = (text[:assignment.start] + _requote(value, assignment.quote or '"')
                     + text[assignment.end:])
-        if found:
-            return text
-        separator = "" if not text or text.endswith("\n") else "\n"
-        return text + separator + f'{variable}="{value}"\n'
+        return text if found else _appended(text, f'{variable}="{value}"\n')
     if kind != "package.use":
         raise ValueError("unknown kind %r (make.conf or package.use)" % kind)
 
@@ -2058,14 +1995,11 @@ def set_cpu_flags(text, flags, kind, variable="CPU_FLAGS_X86"):
                    len(words))
         reset = ["-*"] if "-*" in words[group + 1:end] else []
         comment = " #" + body.split("#", 1)[1] if "#" in body else ""
-        new_words = words[:group + 1] + reset + list(flags) + words[end:]
+        new_words = words[:group + 1] + reset + flags + words[end:]
         lines[index] = " ".join(new_words) + comment + line[len(body):]
         replaced = True
     text = "".join(lines)
-    if replaced:
-        return text
-    separator = "" if not text or text.endswith("\n") else "\n"
-    return text + separator + f"*/* {variable}: {value}\n"
+    return text if replaced else _appended(text, f"*/* {variable}: {value}\n")
 
 
 # EMERGE_DEFAULT_OPTS travels with the target's make.conf into the binhost root. Every emerge we
@@ -2127,8 +2061,6 @@ def filter_emerge_default_opts(value, interactive=False):
                 if letters[-1] == "j" and following is not None and following.isdigit():
                     kept.append(following)
                     position += 1
-            elif word.endswith("j") and following is not None and following.isdigit():
-                position += 1
         else:
             kept.append(word)
     return shlex.join(kept)
@@ -2156,9 +2088,7 @@ def parse_cc1_flags(cc1_line):
     words = (found or lines)[0].split()
     flags = []
     for index, word in enumerate(words):
-        if word.startswith("-m"):
-            flags.append(word)
-        elif word.startswith("--param="):
+        if word.startswith(("-m", "--param=")):
             flags.append(word)
         elif word == "--param" and index + 1 < len(words):
             flags.append("--param=" + words[index + 1])
@@ -2258,14 +2188,10 @@ def resolve_native_flags(cc1_line, baseline_help="", native_help=""):
 
     result = []
     for flag in flags:
-        if flag.startswith(("-march=", "-mcpu=")):
+        if flag.startswith(("--param", *ABI_OPTIONS)) or flag == "-mtune=" + arch_name:
+            continue
+        if flag.startswith(("-march=", "-mcpu=", "-mtune=")):
             result.append(flag)
-            continue
-        if flag.startswith("--param") or flag.startswith(ABI_OPTIONS):
-            continue
-        if flag.startswith("-mtune="):
-            if flag.split("=", 1)[1] != arch_name:
-                result.append(flag)
             continue
         if flag in SSE4_ALIASES:
             # Never in real cc1 lines (the driver uses -msse4.1/-msse4.2); if present, keep its
@@ -2337,12 +2263,8 @@ def cpu_flags_x86_from_cpuinfo(flags_line):
         if name.strip() != "flags":
             return []
         flags_line = rest
-    names = set()
-    for flag in flags_line.split():
-        for mapped in CPUINFO_TO_CPU_FLAGS_X86.get(flag, (flag,)):
-            if mapped in CPU_FLAGS_X86_NAMES:
-                names.add(mapped)
-    return sorted(names)
+    mapped = {each for flag in flags_line.split() for each in CPUINFO_TO_CPU_FLAGS_X86.get(flag, (flag,))}
+    return sorted(mapped & CPU_FLAGS_X86_NAMES)
 
 
 # CPU_FLAGS_ARM as cpuid2cpuflags sets it (src/arm.c, 2025), from the kernel's names for the
@@ -2402,10 +2324,8 @@ def missing_isa(target_flags, host_flags):
     Non-empty means the binhost's CPU cannot run the target's code: anything a build runs
     (tests, code generators, an optimised python) may die with SIGILL.
     """
-    if isinstance(target_flags, str):
-        target_flags = target_flags.split()
-    if isinstance(host_flags, str):
-        host_flags = host_flags.split()
+    target_flags = target_flags.split() if isinstance(target_flags, str) else target_flags
+    host_flags = host_flags.split() if isinstance(host_flags, str) else host_flags
     return sorted(set(target_flags) - set(host_flags))
 
 
@@ -2425,18 +2345,15 @@ def parse_sections(text):
     Shell start-up files may print before the script: anything before the first marker is
     ignored. A section's text has no trailing newline; a repeated name keeps the last one.
     """
-    sections, name, lines = {}, None, []
+    sections, lines = {}, None
     for line in text.splitlines():
-        marker = _SECTION_MARKER.fullmatch(line.rstrip("\r"))
+        line = line.rstrip("\r")
+        marker = _SECTION_MARKER.fullmatch(line)
         if marker:
-            if name is not None:
-                sections[name] = "\n".join(lines).strip("\n")
-            name, lines = marker.group(1), []
-        elif name is not None:
-            lines.append(line.rstrip("\r"))
-    if name is not None:
-        sections[name] = "\n".join(lines).strip("\n")
-    return sections
+            lines = sections[marker.group(1)] = []
+        elif lines is not None:
+            lines.append(line)
+    return {name: "\n".join(lines).strip("\n") for name, lines in sections.items()}
 
 
 PLAN_LINE = re.compile(r"\[(?P<kind>ebuild|binary)(?P<marks>[^\]]*)\]\s+(?P<atom>\S+)(?P<rest>.*)$")
@@ -2665,13 +2582,12 @@ def cpv_version(cpv):
 def offered_builds(index_text):
     """What an index offers, as a set of builds (PATH, MD5): a field Portage drops or adds when it
     rewrites its index (REPO_REVISIONS, say) changes nothing for a target."""
-    return {(entry_path(fields), fields.get("MD5", "")) for fields, _ in index_blocks(index_text)[1]}
+    return {(entry_path(fields), fields.get("MD5", "")) for fields in index_entries(index_text)}
 
 
 def set_changes(old_text, new_text):
     """(added, updated, removed) CPVs of the index new_text compared with old_text."""
-    new = {fields["CPV"]: fields for fields, _ in index_blocks(new_text)[1]}
-    old = {fields["CPV"]: fields for fields, _ in index_blocks(old_text)[1]}
+    new, old = ({fields["CPV"]: fields for fields in index_entries(text)} for text in (new_text, old_text))
     updated = [cpv for cpv in set(new) & set(old)
                if (new[cpv].get("MD5"), new[cpv].get("BUILD_ID")) != (old[cpv].get("MD5"), old[cpv].get("BUILD_ID"))]
     return sorted(set(new) - set(old)), sorted(updated), sorted(set(old) - set(new))
@@ -2714,14 +2630,7 @@ def elf_architecture(header):
 
 def program_header(root, path, size=128):
     """The first bytes of a program in a root (its links resolved inside it), b"" if unreadable."""
-    descriptor = open_inside(root, path.strip("/").split("/"), absolute_from_root=True)
-    if descriptor is None:
-        return b""
-    with os.fdopen(descriptor, "rb") as handle:
-        with contextlib.suppress(OSError):
-            if stat.S_ISREG(os.fstat(handle.fileno()).st_mode):
-                return handle.read(size)
-    return b""
+    return read_bytes_inside(root, path.strip("/"), absolute_from_root=True, size=size)
 
 
 def foreign_architecture(root):
@@ -2815,27 +2724,19 @@ def mount_points():
 
 def mount_id(point):
     """The ID of the mount on top at point, or None."""
-    found = [identity for identity, mounted, _ in mount_table() if mounted == point]
-    return found[-1] if found else None
-
-
-def effective_capabilities(status_text=None):
-    """The CapEff bit mask of this process (from /proc/self/status), or None when unknown."""
-    if status_text is None:
-        status_text = read_text("/proc/self/status")
-    match = re.search(r"^CapEff:\s*([0-9a-fA-F]+)$", status_text, re.MULTILINE)
-    return int(match.group(1), 16) if match else None
+    return next((identity for identity, mounted, _ in reversed(mount_table()) if mounted == point), None)
 
 
 def check_chroot_privileges(chroot, euid=None, capabilities=None):
     """A host chroot needs root, CAP_SYS_CHROOT (chroot) and CAP_SYS_ADMIN (mount): say which
     one is missing instead of letting chroot or mount fail obscurely."""
-    euid = os.geteuid() if euid is None else euid
-    if euid != 0:
+    if (os.geteuid() if euid is None else euid) != 0:
         raise BinhostError(f"the chroot {chroot} needs root (chroot and mount): run {PROG} as root")
-    capabilities = effective_capabilities() if capabilities is None else capabilities
-    if capabilities is None:
-        return
+    if capabilities is None:  # this process's CapEff bit mask; when unknown, nothing is checked
+        match = re.search(r"^CapEff:\s*([0-9a-fA-F]+)$", read_text("/proc/self/status"), re.MULTILINE)
+        if not match:
+            return
+        capabilities = int(match.group(1), 16)
     for bit, name, use in ((CAP_SYS_CHROOT, "CAP_SYS_CHROOT", "chroot into"),
                            (CAP_SYS_ADMIN, "CAP_SYS_ADMIN", "mount /proc, /sys and /dev in")):
         if not capabilities & (1 << bit):
@@ -2902,9 +2803,6 @@ class HostMounts:
         return [(identity, point) for identity, point in recorded
                 if (point in allowed) == ours and (identity, point) in present]
 
-    def ours(self):
-        return self.recorded(ours=True)
-
     def record(self, mounts):
         """Records mounts, and keeps the records of other commands' places still mounted."""
         # Also under --pretend: the read-only queries it runs in the chroot mount for real.
@@ -2947,8 +2845,8 @@ class HostMounts:
     def mount_missing(self):
         with self.guard():
             if not self.in_use():  # what a killed command left is not used as it is (a sync's writable view)
-                self.record(self.unmount(self.ours()))
-            ours, new = self.ours(), []
+                self.record(self.unmount(self.recorded(ours=True)))
+            ours, new = self.recorded(ours=True), []
             present = set(mount_points())
             busy = [point for point in self.exclusive if point in present]
             if busy:  # the builds' read-only view, held by a query of ours, or a mount not ours
@@ -2984,7 +2882,7 @@ class HostMounts:
                 if self.in_use():
                     self.output.debug(f"Another build still uses the mounts in {self.chroot}")
                     return
-                self.record(self.unmount(self.ours()))
+                self.record(self.unmount(self.recorded(ours=True)))
             finally:
                 self.entered = None
 
@@ -3193,10 +3091,7 @@ class BuildHost:
     def __init__(self, env, method=None, trees_writable=False):
         self.env, self.runner, self.output = env, env.runner, env.output
         self.into_root = method is not None
-        if self.into_root:
-            self.chroot, self.extra_path = env.root, ""
-        else:
-            self.chroot, self.extra_path = env.host_chroot, env.host_path
+        self.chroot, self.extra_path = (env.root, "") if self.into_root else (env.host_chroot, env.host_path)
         binds = (lambda: method.binds(env, trees_writable)) if method else tuple
         self.mounts = HostMounts(self.chroot, env.runner, env.output, binds) if self.chroot else None
         self.method, self.really_mounted, self.shown = method, False, False
@@ -3342,8 +3237,7 @@ def chroot_session(env):
     """One mount of the chroot Portage runs in (the host chroot, or the binhost root with the
     chroot build method) for a series of commands in it, instead of a mount and an unmount
     around each (nothing to do when Portage runs on this machine)."""
-    host = env.host
-    return host.mounted() if host.chroot else contextlib.nullcontext()
+    return env.host.mounted()  # which does nothing without a chroot
 
 
 # ---- the binhost root as its configuration describes it: make.conf, repositories ---------------
@@ -3368,9 +3262,8 @@ def repos_conf_files(configroot):
     base = os.path.join(configroot, "etc/portage/repos.conf")
     paths = [base] if os.path.isfile(base) else sorted(
         os.path.join(directory, name) for directory, _dirs, names in os.walk(base) for name in names)
-    return {os.path.relpath(path, configroot): read_inside(configroot, os.path.relpath(path, configroot),
-                                                           absolute_from_root=True)
-            for path in paths}
+    relatives = (os.path.relpath(path, configroot) for path in paths)
+    return {relative: read_inside(configroot, relative, absolute_from_root=True) for relative in relatives}
 
 
 def repository_locations(members):
@@ -3445,13 +3338,11 @@ def repository_state(directory, root):
     if gitdir.startswith("gitdir: ") and not (confined and gitdir[len("gitdir: "):].startswith("/")):
         git = posixpath.normpath(gitdir[len("gitdir: "):].strip())  # a worktree's or submodule's
     head = read(os.path.join(git, "HEAD")).strip()
-    ref = head[len("ref: "):] if head.startswith("ref: ") else None
-    if ref is not None:
-        head = ""
-        if ref:
-            head = read(os.path.join(git, ref)).strip() or next(
-                (line.split()[0] for line in read(os.path.join(git, "packed-refs")).splitlines()
-                 if line.endswith(" " + ref)), "")
+    if head.startswith("ref: "):  # never an empty ref: head is stripped
+        ref = head[len("ref: "):]
+        head = read(os.path.join(git, ref)).strip() or next(
+            (line.split()[0] for line in read(os.path.join(git, "packed-refs")).splitlines()
+             if line.endswith(" " + ref)), "")
     stamp = read_inside(directory, "metadata/timestamp.chk").strip().splitlines()
     if re.fullmatch(r"[0-9a-f]{40,64}", head):
         state["revision"] = f"git {head}"
@@ -3695,40 +3586,43 @@ def build_lock_path(root):
     return os.path.join(os.path.dirname(real), f".{os.path.basename(real) or 'root'}.build.lock")
 
 
-def lock_at_once(lock_file):
-    """None when the lock was free and is ours now, else who holds it (as the holder wrote)."""
-    try:
-        fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        return None
-    except BlockingIOError:
-        lock_file.seek(0)
-        return lock_file.read().strip() or "another process"
-
-
 @contextlib.contextmanager
-def root_replacement_lock(root, output, what):
-    """The build lock of root, for init --force and remove-target --purge: taken at once or
-    refused (a build is running), then no mount of a build may be left inside (resolved paths)."""
-    lock_path = build_lock_path(root)
+def locked(lock_path, note, busy):
+    """The lock at lock_path for the duration, note written in it (what a waiting build says);
+    busy(holder) first when another process holds it: it refuses, or the lock is waited for."""
     os.makedirs(os.path.dirname(lock_path), exist_ok=True)
     with open(lock_path, "a+") as lock_file:
-        holder = lock_at_once(lock_file)
-        if holder:
-            raise BinhostError(f"a build is running on {root} ({holder}): {what} when it is done")
-        real = os.path.realpath(root)
-        inside = [point for point in mount_points() if point == real or point.startswith(real + "/")]
-        if inside:
-            raise BinhostError(f"{root} has mounts inside ({', '.join(inside)}): {what} once they are"
-                               " unmounted (doctor shows whose they are)")
+        try:
+            fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock_file.seek(0)
+            busy(lock_file.read().strip() or "another process")  # as the holder wrote
+            fcntl.flock(lock_file, fcntl.LOCK_EX)
         lock_file.seek(0)
         lock_file.truncate()
-        lock_file.write(f"pid {os.getpid()}, replacing or removing the root\n")  # what a waiting build says
+        lock_file.write(note)
         lock_file.flush()
         try:
             yield
         finally:
             lock_file.truncate(0)
             fcntl.flock(lock_file, fcntl.LOCK_UN)
+
+
+@contextlib.contextmanager
+def root_replacement_lock(root, output, what):
+    """The build lock of root, for init --force and remove-target --purge: taken at once or
+    refused (a build is running), then no mount of a build may be left inside (resolved paths)."""
+    def busy(holder):
+        raise BinhostError(f"a build is running on {root} ({holder}): {what} when it is done")
+
+    with locked(build_lock_path(root), f"pid {os.getpid()}, replacing or removing the root\n", busy):
+        real = os.path.realpath(root)
+        inside = [point for point in mount_points() if point == real or point.startswith(real + "/")]
+        if inside:
+            raise BinhostError(f"{root} has mounts inside ({', '.join(inside)}): {what} once they are"
+                               " unmounted (doctor shows whose they are)")
+        yield
 
 
 @contextlib.contextmanager
@@ -3739,17 +3633,9 @@ def build_lock(env):
     if env.runner.pretend or lock_path in HELD_BUILD_LOCKS:  # update holds it around its builds
         yield
         return
-    os.makedirs(os.path.dirname(lock_path), exist_ok=True)
-    with open(lock_path, "a+") as lock_file:
-        holder = lock_at_once(lock_file)
-        if holder:
-            env.output.warn(f"Another build is running on {env.root} ({holder}); waiting for it"
-                            f" to finish (lock {lock_path})")
-            fcntl.flock(lock_file, fcntl.LOCK_EX)
-        lock_file.seek(0)
-        lock_file.truncate()
-        lock_file.write(f"pid {os.getpid()}\n")
-        lock_file.flush()
+    with locked(lock_path, f"pid {os.getpid()}\n", lambda holder: env.output.warn(
+            f"Another build is running on {env.root} ({holder}); waiting for it"
+            f" to finish (lock {lock_path})")):
         before = env.packages.index_state()
         HELD_BUILD_LOCKS.add(lock_path)
         try:
@@ -3758,8 +3644,6 @@ def build_lock(env):
             HELD_BUILD_LOCKS.discard(lock_path)
             with signals_deferred():  # a half-advanced index would be worse than none
                 env.packages.advance_index(before)
-            lock_file.truncate(0)
-            fcntl.flock(lock_file, fcntl.LOCK_UN)
 
 
 # ---- the package store: PKGDIR, its index, publications, retired builds, holds -----------------
@@ -3798,9 +3682,9 @@ class StagedPublication:
         return read_text(os.path.join(self.directory, "Packages"))
 
 
-def all_packages(pkgdir):
+def all_packages(pkgdir, suffixes=(".gpkg.tar",)):
     return sorted(os.path.join(directory, name) for directory, _dirs, files in os.walk(pkgdir)
-                  for name in files if name.endswith(".gpkg.tar"))
+                  for name in files if name.endswith(suffixes))
 
 
 def package_in(pkgdir, relative):
@@ -3902,6 +3786,12 @@ class PackageStore:
     def publications_dir(self):
         return os.path.join(self.pkgdir, PUBLISHED_DIR)
 
+    def publication_text(self, publication):
+        """The index of a kept publication ("" for None: before the first one)."""
+        if publication is None:
+            return ""
+        return read_text(os.path.join(self.publications_dir(), str(publication), "Packages"))
+
     def publication_ids(self):
         """The IDs of the kept publications, oldest first."""
         try:
@@ -3920,8 +3810,8 @@ class PackageStore:
 
     def publication_entries(self, publication):
         """{CPV-BUILD_ID: fields} of a publication's index."""
-        text = read_text(os.path.join(self.publications_dir(), str(publication), "Packages"))
-        return {f"{fields['CPV']}-{fields.get('BUILD_ID', '0')}": fields for fields in index_entries(text)}
+        return {f"{fields['CPV']}-{fields.get('BUILD_ID', '0')}": fields
+                for fields in index_entries(self.publication_text(publication))}
 
     def publication_meta(self, publication):
         try:
@@ -3968,8 +3858,7 @@ class PackageStore:
             chosen = [(fields, block) for fields, block in in_pkgdir
                       if produced is None or entry_path(fields) in produced]
         else:
-            published_header, published = index_blocks(read_text(
-                os.path.join(self.publications_dir(), str(current), "Packages")))
+            published_header, published = index_blocks(self.publication_text(current))
             header = header or published_header
             chosen = [by_path.get(entry_path(fields)) or (fields, block) for fields, block in published
                       if entry_path(fields) in by_path or os.path.isfile(os.path.join(pkgdir, entry_path(fields)))]
@@ -3995,8 +3884,8 @@ class PackageStore:
         if not text:
             return None
         current = self.current_publication()
-        changed = index_text is not None or current is None or offered_builds(text) != offered_builds(
-            read_text(os.path.join(self.publications_dir(), str(current), "Packages")))
+        changed = (index_text is not None or current is None
+                   or offered_builds(text) != offered_builds(self.publication_text(current)))
         if self.env.runner.pretend:
             if changed:
                 self.env.output.info(f"Would publish the index of {self.pkgdir} ({why})")
@@ -4007,7 +3896,7 @@ class PackageStore:
         ids = self.publication_ids()
         # Later than every kept publication (a target may hold any of them) and than the index served
         # before the first one.
-        earlier = ([index_timestamp(read_text(os.path.join(directory, str(each), "Packages"))) for each in ids]
+        earlier = ([index_timestamp(self.publication_text(each)) for each in ids]
                    or [index_timestamp(read_text(os.path.join(self.pkgdir, "Packages")))])
         stamp = next_timestamp(int(time.time()), earlier)
         text = with_timestamp(text, stamp)
@@ -4015,9 +3904,8 @@ class PackageStore:
         staging = os.path.join(directory, STAGED_PREFIX + token)
         self.env.runner.make_directory(staging, 0o755)
         try:
-            self.env.runner.write_file(os.path.join(staging, "Packages"), text, backup=False, mtime=stamp)
-            self.env.runner.write_file(os.path.join(staging, "Packages.gz"), gzip_bytes(text, stamp), backup=False,
-                                       mtime=stamp)
+            for name, content in (("Packages", text), ("Packages.gz", gzip_bytes(text, stamp))):
+                self.env.runner.write_file(os.path.join(staging, name), content, backup=False, mtime=stamp)
         except BaseException:
             self.env.runner.remove_tree(staging)
             raise
@@ -4040,8 +3928,7 @@ class PackageStore:
         directory = self.publications_dir()
         ids, current = self.publication_ids(), self.current_publication()
         publication = (ids[-1] if ids else 0) + 1
-        previous = read_text(os.path.join(directory, str(current), "Packages")) if current is not None else ""
-        added, updated, removed = set_changes(previous, staged.text)
+        added, updated, removed = set_changes(self.publication_text(current), staged.text)
         meta = dict(staged.meta, id=publication, previous=current, added=added, updated=updated, removed=removed)
         self.env.runner.write_file(os.path.join(staged.directory, "meta.json"), json.dumps(meta) + "\n", backup=False)
         runner = self.env.runner
@@ -4095,10 +3982,8 @@ class PackageStore:
 
     def published_paths(self):
         """Every package file of a kept publication's set: clean never deletes those."""
-        paths = set()
-        for publication in self.publication_ids():
-            paths.update(entry_path(fields) for fields in self.publication_set(publication).values())
-        return paths
+        return {entry_path(fields) for publication in self.publication_ids()
+                for fields in self.publication_set(publication).values()}
 
     def publication_history(self):
         """[{id, published, why, current, packages, added, updated, removed, held, holds, trees}], newest
@@ -4114,10 +3999,8 @@ class PackageStore:
                 added, updated, removed = meta["added"], meta["updated"], meta["removed"]
             else:
                 previous = ids[index - 1] if index else None
-                added, updated, removed = set_changes(
-                    read_text(os.path.join(self.publications_dir(), str(previous), "Packages"))
-                    if previous is not None else "",
-                    read_text(os.path.join(self.publications_dir(), str(publication), "Packages")))
+                added, updated, removed = set_changes(self.publication_text(previous),
+                                                      self.publication_text(publication))
             hold = active.get(publication)
             history.append({
                 "id": publication, "current": publication == current, "why": meta.get("why", ""),
@@ -4153,7 +4036,7 @@ class PackageStore:
             raise BinhostError(f"publication {publication} names packages that are gone ({', '.join(missing[:5])}):"
                                " it cannot be published again")
         # Older builds that clean removed since are left out; the set's own builds are all there.
-        text = index_keeping(read_text(os.path.join(self.publications_dir(), str(publication), "Packages")),
+        text = index_keeping(self.publication_text(publication),
                              lambda fields: os.path.isfile(os.path.join(self.pkgdir, entry_path(fields))))
         chosen_paths = {entry_path(fields) for fields in chosen.values()}
         versions = {}
@@ -4196,8 +4079,7 @@ class PackageStore:
                   else atom.split(":")[0] for atom in atoms}
         kept, released_builds, released = [], [], []
         for hold in holds["holds"]:
-            names = set(hold["versions"])
-            ending = names if not atoms else names & wanted
+            ending = set(hold["versions"]) & wanted if atoms else set(hold["versions"])
             builds = hold["builds"]
             ending_builds = [path for path in builds if not atoms or "/".join(path.split("/")[:2]) in ending]
             released += [cpv for cpv in hold["cpvs"] if cpv_package_name(cpv) in ending]
@@ -4227,9 +4109,8 @@ class PackageStore:
     def published_index_text(self):
         """The index targets are offered now: the current publication's, else PKGDIR's."""
         current = self.current_publication()
-        if current is None:
-            return read_text(os.path.join(self.pkgdir, "Packages"))
-        return read_text(os.path.join(self.publications_dir(), str(current), "Packages"))
+        return (self.publication_text(current) if current is not None
+                else read_text(os.path.join(self.pkgdir, "Packages")))
 
     def indexed_packages(self):
         """The GPKGs PKGDIR's index names (not the empty file a failed build leaves behind)."""
@@ -4251,11 +4132,8 @@ class PackageStore:
 
     def published_trees(self):
         """The trees the newest kept publication with builds was built from ({} before any)."""
-        for publication in reversed(self.publication_ids()):
-            trees = self.publication_meta(publication).get("trees")
-            if trees:
-                return trees
-        return {}
+        return next(filter(None, (self.publication_meta(publication).get("trees")
+                                  for publication in reversed(self.publication_ids()))), {})
 
 
 class PendingPublication:
@@ -4463,14 +4341,12 @@ class ChrootMethod:
     def host(self, env, trees_writable=False):
         return BuildHost(env, self, trees_writable)
 
-    def binds(self, env, trees_writable=False):
-        return chroot_build_binds(env, trees_writable)
+    binds = staticmethod(chroot_build_binds)  # (env, trees_writable=False)
 
     def emulator(self, env):
         return None
 
-    def kept_repositories(self, env):
-        return repositories_kept_in_root(env)
+    kept_repositories = staticmethod(repositories_kept_in_root)  # (env)
 
     def check(self, env, host):
         relative = os.path.relpath(env.pkgdir, env.root)
@@ -4522,8 +4398,8 @@ def choose_build_method(env):
     make_conf = os.path.join(env.root, "etc/portage/make.conf")
     with contextlib.suppress(OSError):
         make_conf = os.stat(make_conf).st_mtime
-    decided_by = (env.root, env.build_method, env.pkgdir, make_conf,
-                  tuple(root_has_program(env.root, name) for name in ("emerge", "gcc")))
+    missing = [name for name in ("emerge", "gcc") if not root_has_program(env.root, name)]
+    decided_by = (env.root, env.build_method, env.pkgdir, make_conf, tuple(missing))
     chosen = env.decisions.get(decided_by)  # decided (and warned about) once
     if chosen:
         return chosen
@@ -4531,13 +4407,11 @@ def choose_build_method(env):
     foreign = foreign_architecture(env.root)
     if env.build_method in BUILD_METHODS:
         chosen = (env.build_method, f"build-method = {env.build_method} in {env.config_path}")
-    elif foreign and not foreign[4] and not outside and all(root_has_program(env.root, name)
-                                                            for name in ("emerge", "gcc")):
+    elif foreign and not foreign[4] and not outside and not missing:
         chosen = ("chroot", f"the binhost root is {foreign[0]}, this machine {foreign[3]}: builds run in it"
                             " emulated (qemu-user through binfmt_misc)")
     else:
         try:
-            missing = [name for name in ("emerge", "gcc") if not root_has_program(env.root, name)]
             flags = make_conf_cpu_flags(env.root)
         except OSError as error:  # the commands that need it say so more precisely
             missing, flags = [f"readable configuration ({error.strerror})"], []
@@ -4739,20 +4613,27 @@ GNUPG_KEY_FILES = ("pubring.kbx", "pubring.gpg", "secring.gpg", "trustdb.gpg")
 GNUPG_KEY_DIRECTORIES = {"private-keys-v1.d": ".key", "openpgp-revocs.d": ".rev"}
 
 
+def open_regular(path, what=None, fix="remove it and rebuild", symlink_fix=None):
+    """A regular file for reading (a package of PKGDIR, a key), never through a symlink (a build
+    writes where it lies); what: how an error names it (path), fix (symlink_fix): what it says to do."""
+    try:
+        handle = os.fdopen(os.open(path, os.O_RDONLY | os.O_NOFOLLOW), "rb")
+    except OSError as error:
+        raise BinhostError(f"{what or path}: {error.strerror} (a symlink?): {symlink_fix or fix}") from None
+    if not stat.S_ISREG(os.fstat(handle.fileno()).st_mode):
+        handle.close()
+        raise BinhostError(f"{what or path} is not a regular file: {fix}")
+    return handle
+
+
 def copy_key_material(home, destination, why):
     """Copy the keys of a GnuPG home builds could write, regular files only (never through a
     symlink: a build could have pointed one back into its root)."""
     def copy_file(source, target):
-        try:
-            descriptor = os.open(source, os.O_RDONLY | os.O_NOFOLLOW)
-        except OSError as error:
-            raise BinhostError(f"{why}; {source}: {error.strerror} (a symlink?): nothing was moved;"
-                               " check it, or make a new key with keygen --force") from None
-        with os.fdopen(descriptor, "rb") as handle:
-            if not stat.S_ISREG(os.fstat(handle.fileno()).st_mode):
-                raise BinhostError(f"{why}; {source} is not a regular file: nothing was moved")
-            with open(target, "wb", opener=lambda path, flags: os.open(path, flags, 0o600)) as out:
-                shutil.copyfileobj(handle, out)
+        with open_regular(source, f"{why}; {source}", "nothing was moved",
+                          "nothing was moved; check it, or make a new key with keygen --force") as handle, \
+                open(target, "wb", opener=lambda path, flags: os.open(path, flags, 0o600)) as out:
+            shutil.copyfileobj(handle, out)
 
     for name in GNUPG_KEY_FILES:
         if os.path.lexists(os.path.join(home, name)):
@@ -4919,18 +4800,6 @@ def copy_chunks(source, destination):
         yield chunk
 
 
-def open_package(path):
-    """A package file of PKGDIR for reading, never through a symlink (a build writes PKGDIR)."""
-    try:
-        handle = os.fdopen(os.open(path, os.O_RDONLY | os.O_NOFOLLOW), "rb")
-    except OSError as error:
-        raise BinhostError(f"{path}: {error.strerror} (a symlink?): remove it and rebuild") from None
-    if not stat.S_ISREG(os.fstat(handle.fileno()).st_mode):
-        handle.close()
-        raise BinhostError(f"{path} is not a regular file: remove it and rebuild")
-    return handle
-
-
 class PackageSigner:
     """Signs GPKGs with the binhost's key in gpg-home, here, outside every binhost root, and
     checks each signature against the public key alone before the signed file replaces the
@@ -4955,7 +4824,7 @@ class PackageSigner:
                                describe=f"gpg {how}").stdout
 
     def sign(self, path):
-        with open_package(path) as handle:
+        with open_regular(path) as handle:
             tar_format = gpkg_tar_format(handle)
             if tar_format is None:
                 raise BinhostError(f"{path} is not a GPKG (no tar file): remove it and rebuild")
@@ -5027,7 +4896,7 @@ class PackageSigner:
 def is_signed_gpkg(path):
     """A GPKG is signed when its Manifest is (checked without reading the image)."""
     try:
-        with open_package(path) as handle, tarfile.open(fileobj=handle) as archive:
+        with open_regular(path) as handle, tarfile.open(fileobj=handle) as archive:
             manifest = next((member for member in archive.getmembers() if member.name.endswith("/Manifest")), None)
             return manifest is not None and b"-----BEGIN PGP SIGNATURE-----" in archive.extractfile(manifest).read()
     except (tarfile.TarError, OSError) as error:
@@ -5062,9 +4931,7 @@ def sign_packages(env, resign=False):
         raise BinhostError(f"PKGDIR {env.pkgdir} does not exist: build something first")
     host = env.host
     packages = [path for path in env.packages.indexed_packages() if resign or not is_signed_gpkg(path)]
-    xpaks = sorted(os.path.relpath(os.path.join(directory, name), env.pkgdir)
-                   for directory, _dirs, files in os.walk(env.pkgdir)
-                   for name in files if name.endswith((".tbz2", ".xpak")))
+    xpaks = [os.path.relpath(path, env.pkgdir) for path in all_packages(env.pkgdir, (".tbz2", ".xpak"))]
     for xpak in xpaks:
         env.output.warn(f"Cannot sign {xpak}: the xpak format carries no signature, and targets that verify"
                         " signatures ignore remote xpak packages. Rebuild it as a GPKG"
@@ -5145,8 +5012,7 @@ def sync_repositories(env, missing_only=False):
     with build_lock(env):  # no build sees the tree half-written
         host = env.host_for(env.method[0], trees_writable=True)
         emerge = host.program("emerge", "the binhost root has no Portage: is it a stage3?")
-        host.mounts.exclusive = [os.path.realpath(under(env.root, kept[name]))
-                                 for name in names]
+        host.mounts.exclusive = [os.path.realpath(under(env.root, kept[name])) for name in names]
         env.output.action(f"Syncing {', '.join(names)} inside {host.where} (this machine has no such repository):"
                           f" emerge --sync {' '.join(names)}")
         result = host.run([emerge, "--sync"] + names, root_environment(env), check=False, own_group=True)
@@ -5477,13 +5343,11 @@ class TargetPlan:
     def fetch_problem(self):
         """Why the target cannot download our index, or None. Before the first build a 404 is
         what a running server answers."""
-        if self.fetch_code == "0":
+        answered = self.fetch_code in FETCH_ANSWERED.get(self.fetch_tool, ())
+        if self.fetch_code == "0" or (answered and not self.index_exists):
             return None
         if self.fetch_tool == "none":
             return f"{self.target.name} has neither wget nor curl, which Portage needs to download packages"
-        answered = self.fetch_code in FETCH_ANSWERED.get(self.fetch_tool, ())
-        if answered and not self.index_exists:
-            return None
         return (f"{self.target.name} cannot download {self.shown_url}Packages ({self.fetch_tool} exit"
                 f" {self.fetch_code}): {describe_fetch_failure(self.fetch_tool, self.fetch_code)}")
 
@@ -5526,39 +5390,32 @@ class Remote:
     def __init__(self, target, runner, output, env=None):
         self.target, self.runner, self.output, self.env = target, runner, output, env
         self.where = f"target {target.name}"
-        self._user = None
         self.tunnels_found = {}  # remote port -> held by a serve --tunnel of ours (asked once per command)
         self.forward = None  # while serving() holds a tunnel: ssh -R's (its port, ours)
         self.served = False  # whether serving() holds
 
     def ssh_base(self, tty=False):
-        argv = ["ssh"]
-        if tty:
-            argv.append("-t")
+        argv = ["ssh"] + (["-t"] if tty else [])
         if self.target.ssh_port != DEFAULT_SSH_PORT:
             argv += ["-p", str(self.target.ssh_port)]
         # After the user's options (ssh takes the first value given): a target that stops
         # answering ends the connection in about a minute instead of holding a nightly update.
         return argv + self.target.ssh_options + ["-o", "ServerAliveInterval=15", "-o", "ServerAliveCountMax=4"]
 
-    @property
+    @functools.cached_property
     def user(self):
         """The user ssh logs in as, as ssh itself resolves it (host string, -l, ssh_config)."""
-        if self._user is None:
-            user = self.target.host.rpartition("@")[0]
-            if not user:
-                result = self.runner.read(self.ssh_base() + ["-G", "--", self.target.host], check=False)
-                for line in result.stdout.splitlines():
-                    if line.startswith("user "):
-                        user = line.split(None, 1)[1].strip()
-            self._user = user or os.environ.get("USER", "root")
-        return self._user
+        user = self.target.host.rpartition("@")[0]
+        if not user:
+            result = self.runner.read(self.ssh_base() + ["-G", "--", self.target.host], check=False)
+            for line in result.stdout.splitlines():
+                if line.startswith("user "):
+                    user = line.split(None, 1)[1].strip()
+        return user or os.environ.get("USER", "root")
 
     def command_line(self, argv, env=None):
         """One string for the remote shell: every word quoted, so `>=cat/pkg-1` stays an atom."""
-        words = []
-        if self.user != "root":
-            words.append("sudo")
+        words = [] if self.user == "root" else ["sudo"]
         env = dict(env or {})
         if env or self.target.path:
             words.append("env")
@@ -5760,17 +5617,11 @@ def user_emerge_only_pretends(args):
 
 # ---- coverage: everything the target merges comes from here ------------------------------------
 
-def usable_binary(entry, package):
-    """A binary of the index is usable when it has every USE flag the target shows as it wants."""
-    use = set(entry.get("USE", "").split())
-    return all((flag in use) == enabled for flag, enabled in package.flags.items())
-
-
 def describe_use_difference(entry, package):
+    """The USE flags the target wants that a binary of the index has otherwise: "" (usable) when none."""
     use = set(entry.get("USE", "").split())
-    wanted = [("" if enabled else "-") + flag for flag, enabled in sorted(package.flags.items())
-              if (flag in use) != enabled]
-    return " ".join(wanted)
+    return " ".join(("" if enabled else "-") + flag for flag, enabled in sorted(package.flags.items())
+                    if (flag in use) != enabled)
 
 
 def installed_in_binhost(env):
@@ -5784,12 +5635,10 @@ def installed_in_binhost(env):
     if not eroot or not os.path.isdir(vdb):
         raise BinhostError(f"no package database at {vdb}: clean keeps only what the binhost root has"
                            " installed, so it refuses to judge without one")
-    installed = set()
-    for category in os.listdir(vdb):
-        directory = os.path.join(vdb, category)
-        if os.path.isdir(directory):
-            installed.update(f"{category}/{name}" for name in os.listdir(directory)
-                             if not name.startswith((".", "-MERGING-")))
+    installed = {f"{category}/{name}" for category in os.listdir(vdb)
+                 if os.path.isdir(os.path.join(vdb, category))
+                 for name in os.listdir(os.path.join(vdb, category))
+                 if not name.startswith((".", "-MERGING-"))}
     if not installed:
         raise BinhostError(f"nothing is installed in {eroot}: clean would remove every package")
     return installed
@@ -5797,7 +5646,7 @@ def installed_in_binhost(env):
 
 def binary_reason(env, package, entries, installed_cache):
     """Why PKGDIR offers no usable binary of package (None when it does)."""
-    if any(usable_binary(entry, package) for entry in entries):
+    if any(not describe_use_difference(entry, package) for entry in entries):
         return None
     if entries:
         return f"its binary has other USE (the target wants {describe_use_difference(entries[0], package)})"
@@ -5881,18 +5730,16 @@ def binary_plan_gaps(env, plan, index_text):
 def first_plan(env, target, emerge_args, binary=None, trees=None):
     """The first question of a command: a target that cannot fetch our index, or cannot resolve
     the arguments, stops it (under --pretend: a warning, and the rest is still shown)."""
+    plan = None
     try:
         plan = env.remote(target).plan(emerge_args, binary, trees)
         problem = plan.fetch_problem() or plan.problem()
+        if problem:
+            raise BinhostError(problem)
     except BinhostError as error:
         if not env.runner.pretend:
             raise
         env.output.warn(f"{error} (--pretend goes on)")
-        return None
-    if problem:
-        if not env.runner.pretend:
-            raise BinhostError(problem)
-        env.output.warn(f"{problem} (--pretend goes on)")
     return plan
 
 
@@ -5915,10 +5762,9 @@ def tree_lacks(env, packages):
             lacking[package.cpv] = (f"the binhost has no repository {package.repository}: add it there"
                                     " as the target has it")
             continue
-        with contextlib.suppress(OSError):
-            if os.path.isfile(os.path.join(directory, f"{name.split('/')[1]}-{version}.ebuild")):
-                continue
         prefix = name.split("/")[1] + "-"
+        if os.path.isfile(os.path.join(directory, f"{prefix}{version}.ebuild")):
+            continue
         versions = sorted((entry[len(prefix):-len(".ebuild")] for entry in (
             os.listdir(directory) if os.path.isdir(directory) else []) if entry.startswith(prefix)
             and entry.endswith(".ebuild") and VERSION_PARTS.fullmatch(entry[len(prefix):-len(".ebuild")])),
@@ -5998,16 +5844,13 @@ PROMOTE_SCRIPT = r"""
 set -e
 base=$1 confdir=$2 entry=$3
 shift 3
-checked=0
-for word in "$@"; do  # every staged copy first: nothing moves unless all are this run's
-    case $((checked % 3)) in 0) name=$word ;; 1)
-        if [ "$(head -n 1 "$base/$name.staged" 2>/dev/null)" != "$word" ]; then
-            echo "$base/staged/$name is not the snapshot this run built from (another run staged since)" >&2
-            exit 3
-        fi ;;
-    esac
-    checked=$((checked + 1))
-done
+(while [ $# -ge 3 ]; do  # every staged copy first: nothing moves unless all are this run's
+    if [ "$(head -n 1 "$base/$1.staged" 2>/dev/null)" != "$2" ]; then
+        echo "$base/staged/$1 is not the snapshot this run built from (another run staged since)" >&2
+        exit 3
+    fi
+    shift 3
+done)
 while [ $# -ge 3 ]; do
     name=$1 live=$3
     shift 3
@@ -6133,14 +5976,13 @@ class TargetTrees:
             ours = {name: directory for name, directory in binhost_repositories(self.env).items()
                     if safe_place(locations.get(name, "")) and os.path.isdir(directory)
                     and repository_name(directory) == name}
-            newer = {}
-            for name in theirs:
-                if name in ours:
-                    mine = read_inside(ours[name], "metadata/timestamp.chk").strip().splitlines()
-                    stamp = stamps.get(name, (False, ""))[1]
-                    target_date, binhost_date = snapshot_date(stamp), snapshot_date(mine[0] if mine else "")
-                    if target_date and binhost_date and target_date > binhost_date:
-                        newer[name] = (stamp, mine[0])
+            self.followed, newer = [name for name in theirs if name in ours], {}
+            for name in self.followed:
+                mine = (read_inside(ours[name], "metadata/timestamp.chk").strip().splitlines() or [""])[0]
+                stamp = stamps.get(name, (False, ""))[1]
+                target_date, binhost_date = snapshot_date(stamp), snapshot_date(mine)
+                if target_date and binhost_date and target_date > binhost_date:
+                    newer[name] = (stamp, mine)
             if not newer:
                 break
             which = ", ".join(f"{name} ({target} there, {binhost} here)" for name, (target, binhost) in newer.items())
@@ -6155,15 +5997,13 @@ class TargetTrees:
             self.output.warn(f"{self.target.name} has repositories the binhost does not: {', '.join(lacking)}:"
                              " they keep their own sync there, and what the target plans from them is reported"
                              " as not built (add them on the binhost as the target has them)")
-        self.followed = [name for name in theirs if name in ours]
         self.states = {name: repository_state(ours[name], self.env.root) for name in self.followed}
         if not self.followed:
             return self
         # As Portage's own sync trusts timestamp.chk: a staged copy at the binhost's snapshot
         # (its date and Manifest) is not walked again. A git checkout is: its HEAD does not say
         # whether its files were changed since.
-        pushed = [name for name in self.followed
-                  if private or not self.dated(name) or self.marks.get((name, "staged")) != self.revision(name)]
+        pushed = [name for name in self.followed if private or not self.current(name, "staged")]
         self.output.action(f"Staging the binhost's snapshot on {self.target.name} (not live):"
                            f" {describe_tree(self.states)}" + ("" if pushed else " (staged there already)"))
         # A push that is cut short leaves no mark claiming a revision.
@@ -6206,17 +6046,18 @@ class TargetTrees:
     def revision(self, name):
         return json.dumps(self.states.get(name, {}), sort_keys=True)
 
-    def dated(self, name):
-        """Whether the binhost's copy is a dated snapshot, which its revision describes whole."""
-        return self.states.get(name, {}).get("revision", "").startswith("timestamp ")
+    def current(self, name, mark):
+        """Whether the target's copy (mark: staged, live) is at the binhost's: only a dated snapshot's
+        revision describes it whole."""
+        return (self.states.get(name, {}).get("revision", "").startswith("timestamp ")
+                and self.marks.get((name, mark)) == self.revision(name))
 
     def move(self):
         """The live tree moves to the staged snapshot: published there first (our repos.conf entry
         points Portage at it), then emerge --sync of those repositories on the target."""
         if not self.followed:
             return
-        moving = [name for name in self.followed
-                  if not self.dated(name) or self.marks.get((name, "live")) != self.revision(name)]
+        moving = [name for name in self.followed if not self.current(name, "live")]
         if not moving:
             self.output.info(f"{self.target.name}'s live tree is at the published snapshot already")
             return
@@ -6293,12 +6134,16 @@ def build_until_covered(env, target, emerge_args, pending, trees):
     built, produced = set(), set()
     absent = {}  # {CPV: PlannedPackage} the binhost's tree lacks: reported, the rest still built
 
-    def incomplete(staged):
-        """The rest is built: offered (now, or at the command's end), then the stop."""
+    def offer(staged):
+        """What was built is offered: now, or with pending at the command's end."""
         if staged is not None and pending is None:
             env.packages.commit_publication(staged, prune=True)
         elif pending is not None:
             pending.produced |= produced
+
+    def incomplete(staged):
+        """The rest is built: offered, then the stop."""
+        offer(staged)
         raise BinhostError(f"{target.name}: incomplete: the binhost's tree lacks {len(absent)} package(s) of the"
                            f" plan: {describe_gaps(absent.values())};"
                            f" {'the rest was built and published' if built else 'the rest has binaries already'},"
@@ -6320,10 +6165,9 @@ def build_until_covered(env, target, emerge_args, pending, trees):
                 else:
                     plan = env.remote(target).plan(asked, staged, trees)
                     plan.check()
-                if staged is None:  # nothing to stage yet, or only shown: the next publication's bookkeeping
-                    gaps = packages_to_build(env, plan.packages)
-                else:
-                    gaps = binary_plan_gaps(env, plan, staged.text)
+                # staged None: nothing to stage yet, or only shown: the next publication's bookkeeping
+                gaps = (packages_to_build(env, plan.packages) if staged is None
+                        else binary_plan_gaps(env, plan, staged.text))
                 missing = [package for package in gaps if not package.held]
                 lacking, known = tree_lacks(env, missing), set(absent)
                 for package in missing:
@@ -6347,31 +6191,26 @@ def build_until_covered(env, target, emerge_args, pending, trees):
                     if set(lacking) - known:
                         env.output.action(f"Asking {target.name} again, without what the binhost's tree lacks")
                         continue
-                if all(package.cpv in absent for package in missing):  # what the tree lacks aside, done
-                    if absent and not only_shown:
-                        incomplete(staged)
-                    if staged is not None and pending is None:
-                        env.packages.commit_publication(staged, prune=True)
-                    elif pending is not None:
-                        pending.produced |= produced
+                done = all(package.cpv in absent for package in missing)  # what the tree lacks aside
+                if done and absent and not only_shown:
+                    incomplete(staged)
+                if done:
+                    offer(staged)
+                if done or emerge_pretends(emerge_args):
                     if emerge_pretends(emerge_args):
                         env.output.info("emerge's --pretend among the arguments: nothing is built")
                     return plan
-                if emerge_pretends(emerge_args):
-                    env.output.info("emerge's --pretend among the arguments: nothing is built")
-                    return plan
+                build_args = ["--oneshot", "--usepkg=n"] + [package.atom for package in buildable]
                 if env.runner.pretend:
                     if buildable:
-                        build_packages(env, ["--oneshot", "--usepkg=n"]
-                                       + [package.atom for package in buildable], publish_after=False)
+                        build_packages(env, build_args, publish_after=False)
                     return plan
                 if not buildable or round_number == GATE_ROUNDS + bool(absent):
                     raise BinhostError(f"{target.name} would not get everything from the binhost:"
                                        f" {describe_gaps(missing)}; nothing was published or installed")
                 before = env.packages.package_files()
                 try:
-                    produced |= build_packages(env, ["--oneshot", "--usepkg=n"]
-                                               + [package.atom for package in buildable], publish_after=False)
+                    produced |= build_packages(env, build_args, publish_after=False)
                 except BinhostError as error:
                     made = {fields.get("CPV") for fields, _ in index_blocks(read_text(
                         os.path.join(env.pkgdir, "Packages")))[1]
@@ -6456,23 +6295,15 @@ def held_names(holds):
     return sorted({name for hold in holds["holds"] for name in hold["versions"]})
 
 
-def installed_states(remote, cpvs, names=()):
-    """({CPV: binary|source|missing}, {installed CPVs of names}) (INSTALLED_SCRIPT), in one ssh
-    round trip."""
-    result = remote.script(INSTALLED_SCRIPT, *cpvs, "--", *names, changes=False,
+def installed_states(remote, cpvs, holds):
+    """({CPV: binary|source|missing}, [installed CPVs that holds hold back]) (INSTALLED_SCRIPT), in
+    one ssh round trip."""
+    result = remote.script(INSTALLED_SCRIPT, *cpvs, "--", *held_names(holds), changes=False,
                            what="checking what the target installed")
-    states, installed = {}, set()
-    for line in result.stdout.splitlines():
-        cpv, _, state = line.partition(" ")
-        if state == "installed":
-            installed.add(cpv)
-        elif state in ("binary", "source", "missing"):
-            states[cpv] = state
-    return states, installed
-
-
-def installed_held_versions(installed, holds):
-    return sorted(cpv for cpv in installed if hold_on(cpv, None, holds))
+    lines = [line.partition(" ") for line in result.stdout.splitlines()]
+    states = {cpv: state for cpv, _, state in lines if state in ("binary", "source", "missing")}
+    return states, sorted({cpv for cpv, _, state in lines
+                           if state == "installed" and hold_on(cpv, None, holds)})
 
 
 def check_installed(env, target, plan):
@@ -6483,8 +6314,7 @@ def check_installed(env, target, plan):
     holds = env.packages.read_holds()
     held = {package.cpv for package in plan.packages if held_back(package, holds)}
     wanted = [package.cpv for package in plan.packages if package.cpv not in held]
-    states, installed = installed_states(remote, wanted, held_names(holds))
-    installed_held = installed_held_versions(installed, holds)
+    states, installed_held = installed_states(remote, wanted, holds)
     missing = [cpv for cpv in wanted if states.get(cpv) != "binary"]
     if not missing:
         env.output.info(f"{target.name} has all {len(wanted)} package(s) of its plan, from binaries"
@@ -6545,25 +6375,21 @@ def install_packages(env, target, emerge_args, plan=None, asked=False):
             plan = first_plan(env, target, emerge_args)
         env.output.action(f"Installing on {target.name} ({target.host}): {format_command(argv)}")
         variables = remote_emerge_environment(env, target, interactive=tty)
-        forward = remote.forward
-        if env.runner.pretend and forward:
-            forward = (forward[0], "LOCALPORT")
+        forward = ((remote.forward[0], "LOCALPORT") if env.runner.pretend and remote.forward
+                   else remote.forward)
         result = remote.run(argv, variables, tty=tty, forward=forward)
         if result is None:
             holds = env.packages.read_holds()
             if plan is not None and held_names(holds):  # what the real run would bring back
-                bring_back_held(env, target, installed_held_versions(
-                    installed_states(remote, (), held_names(holds))[1], holds), tty)
+                bring_back_held(env, target, installed_states(remote, (), holds)[1], tty)
             return
         if install_answered_no(result, args, tty, variables["EMERGE_DEFAULT_OPTS"]):
             env.output.info(f"Nothing installed on {target.name}: emerge was told No")
             return
         if result.returncode != 0:
             cause = remote.cannot_fetch() if env.transport == "http" else None  # the usual one
-            if cause:
-                raise BinhostError(f"emerge failed on target {target.name}: {cause}")
-            raise BinhostError(f"emerge failed on target {target.name} (exit {result.returncode}):"
-                               " see its output above")
+            raise BinhostError(f"emerge failed on target {target.name}" + (
+                f": {cause}" if cause else f" (exit {result.returncode}): see its output above"))
         if plan is not None and not user_emerge_only_pretends(emerge_args):
             installed_held = check_installed(env, target, plan)
             if installed_held:
@@ -6718,8 +6544,7 @@ def trust_signing_key(env, remote):
 
 def setup_target(env, target, verify_signature=True):
     remote = env.remote(target)
-    config_dir = target.portage_config_dir
-    binrepos_dir = posixpath.join(config_dir, "binrepos.conf")
+    binrepos_dir = posixpath.join(target.portage_config_dir, "binrepos.conf")
     entry_path = posixpath.join(binrepos_dir, BINREPOS_NAME + ".conf")
     tunnel = env.transport == "tunnel"
     url = credentials_url(env, tunnel)
@@ -6829,11 +6654,8 @@ class TargetCpu:
     """What the target's gcc and CPU report, resolved to flags for the binhost's make.conf."""
 
     def __init__(self, machine, gcc_version, common_flags, cpu_flags, cpu_flags_source):
-        self.machine = machine
-        self.gcc_version = gcc_version
-        self.common_flags = common_flags
-        self.cpu_flags = cpu_flags  # of cpu_flags_variable
-        self.cpu_flags_source = cpu_flags_source
+        self.machine, self.gcc_version, self.common_flags = machine, gcc_version, common_flags
+        self.cpu_flags, self.cpu_flags_source = cpu_flags, cpu_flags_source  # flags of cpu_flags_variable
 
     @property
     def is_x86(self):
@@ -6850,22 +6672,22 @@ class TargetCpu:
 def detect_target_cpu(env, target):
     sections = parse_sections(env.remote(target).script(CPU_PROBE_SCRIPT, changes=False,
                                                         what="detecting the CPU").stdout)
-    cc1 = sections.get("cc1", "").strip()
+    cc1, gcc = sections.get("cc1", "").strip(), sections.get("gcc", "").strip()
     if not cc1:
         raise BinhostError(f"gcc on target {target.name} printed no cc1 line for -march=native:"
                            " is gcc installed there (and in path =)?")
     flags = resolve_native_flags(cc1, sections.get("baseline", ""), sections.get("native", ""))
     if not flags:
-        raise BinhostError(f"gcc {sections.get('gcc', '').strip()} on target {target.name} cannot name"
+        raise BinhostError(f"gcc {gcc} on target {target.name} cannot name"
                            " its CPU: set COMMON_FLAGS in the binhost's make.conf by hand")
-    cpu = TargetCpu(sections.get("arch", "").strip(), sections.get("gcc", "").strip(), flags, [], "")
-    features = set(sections.get("cpuinfo", "").partition(":")[2].split())
+    cpu = TargetCpu(sections.get("arch", "").strip(), gcc, flags, [], "")
+    cpuinfo = sections.get("cpuinfo", "")
+    features = set(cpuinfo.partition(":")[2].split())
     # Under a 64-bit kernel, cpuid2cpuflags reads a 32-bit userland's hwcap bits as 64-bit ones.
     if cpu.cpu_flags_variable and not (cpu.machine == "aarch64" and features and "asimd" not in features):
         cpu.cpu_flags, cpu.cpu_flags_source = parse_cpuid2cpuflags(
             sections.get("cpuid2cpuflags", ""), cpu.cpu_flags_variable), "cpuid2cpuflags"
     if cpu.cpu_flags_variable and not cpu.cpu_flags:
-        cpuinfo = sections.get("cpuinfo", "")
         cpu.cpu_flags, cpu.cpu_flags_source = (cpu_flags_x86_from_cpuinfo(cpuinfo) if cpu.is_x86 else
                                                cpu_flags_arm_from_cpuinfo(cpuinfo, cpu.machine)), "/proc/cpuinfo"
     return cpu
@@ -6888,27 +6710,25 @@ def flags_the_binhost_gcc_accepts(flags, env):
         if match is None:
             raise BinhostError(f"the binhost's gcc rejects the target's flags: {last_line(result.stderr)}")
         flag = f"{match.group(2)}{match.group(1)}" if match.group(1) else match.group(2)
-        if flag.startswith("-mno-") and flag in flags:
-            env.output.warn(f"Dropping {flag}: the binhost's gcc does not know that feature at all")
-            flags.remove(flag)
-            continue
-        raise BinhostError(f"the binhost's gcc does not know {flag} (from the target's gcc): use the"
-                           " same gcc version on both, or drop the flag from COMMON_FLAGS")
+        if not (flag.startswith("-mno-") and flag in flags):
+            raise BinhostError(f"the binhost's gcc does not know {flag} (from the target's gcc): use the"
+                               " same gcc version on both, or drop the flag from COMMON_FLAGS")
+        env.output.warn(f"Dropping {flag}: the binhost's gcc does not know that feature at all")
+        flags.remove(flag)
 
 
 def host_cpu_flags(variable):
     """This machine's CPU flags of variable (CPU_FLAGS_X86, CPU_FLAGS_ARM), or None when it is of
     another architecture than the variable's."""
-    machine = os.uname().machine
-    x86 = machine in ("x86_64", "i386", "i486", "i586", "i686")
-    if (variable == "CPU_FLAGS_X86") != x86 or (variable == "CPU_FLAGS_ARM") != machine.startswith(("arm", "aarch64")):
+    host = TargetCpu(os.uname().machine, "", [], [], "")
+    if host.cpu_flags_variable != variable:
         return None
     try:
         with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as handle:
             line = next((line for line in handle if line.startswith(("flags", "Features"))), "")
     except OSError:
         return []
-    return cpu_flags_x86_from_cpuinfo(line) if x86 else cpu_flags_arm_from_cpuinfo(line, machine)
+    return cpu_flags_x86_from_cpuinfo(line) if host.is_x86 else cpu_flags_arm_from_cpuinfo(line, host.machine)
 
 
 def cpu_flags_location(env, variable="CPU_FLAGS_X86"):
@@ -6924,21 +6744,19 @@ def cpu_flags_location(env, variable="CPU_FLAGS_X86"):
     if os.path.isfile(make_conf) and re.search(rf"^\s*{variable}\s*=",
                                                open(make_conf, encoding="utf-8").read(), re.M):
         return make_conf, "make.conf"
-    if os.path.isfile(package_use):
-        return package_use, "package.use"
-    return os.path.join(package_use, "00cpu-flags"), "package.use"
+    return (package_use if os.path.isfile(package_use) else os.path.join(package_use, "00cpu-flags"),
+            "package.use")
 
 
 def cpu_report(env, target, apply=False):
     cpu = detect_target_cpu(env, target)
     cpu.common_flags = flags_the_binhost_gcc_accepts(cpu.common_flags, env)
     here = host_cpu_flags(cpu.cpu_flags_variable) if cpu.cpu_flags else None
-    if here is not None:
-        beyond = missing_isa(cpu.cpu_flags, here)
-        if beyond:
-            env.output.warn(f"{target.name}'s CPU has {' '.join(beyond)}, this machine's does not: a"
-                            " program built and run during a build (tests, code generators) may die with"
-                            " SIGILL here")
+    beyond = missing_isa(cpu.cpu_flags, here) if here is not None else []
+    if beyond:
+        env.output.warn(f"{target.name}'s CPU has {' '.join(beyond)}, this machine's does not: a"
+                        " program built and run during a build (tests, code generators) may die with"
+                        " SIGILL here")
     make_conf = os.path.join(env.root, "etc/portage/make.conf")
     new_make_conf = set_common_flags("" if os.path.isdir(make_conf) else read_text(make_conf),
                                      cpu.common_flags)
@@ -7054,20 +6872,22 @@ echo "$configroot/etc/.portage.$stamp.bak"
 
 def read_config_tar(side, configroot):
     """The side's configuration as tar bytes (read-only, so it also runs under --pretend)."""
-    result = side.script(CONFIG_TAR_SCRIPT, configroot, BINREPOS_NAME + ".conf", OWN_REPOS_ENTRY, changes=False,
-                         what="reading the Portage configuration", binary=True)
-    return result.stdout
+    return side.script(CONFIG_TAR_SCRIPT, configroot, BINREPOS_NAME + ".conf", OWN_REPOS_ENTRY, changes=False,
+                       what="reading the Portage configuration", binary=True).stdout
+
+
+def open_config_tar(tar_bytes):
+    try:
+        return tarfile.open(fileobj=io.BytesIO(tar_bytes))
+    except tarfile.TarError:
+        raise BinhostError("the configuration stream is not a tar: does a shell start-up file"
+                           " (.bashrc) print something for non-interactive ssh sessions?") from None
 
 
 def config_members(tar_bytes):
     """{name: (kind, mode, content)} of a configuration tar, content being bytes or a link target."""
     members = {}
-    try:
-        archive = tarfile.open(fileobj=io.BytesIO(tar_bytes))
-    except tarfile.TarError:
-        raise BinhostError("the configuration stream is not a tar: does a shell start-up file"
-                           " (.bashrc) print something for non-interactive ssh sessions?") from None
-    with archive:
+    with open_config_tar(tar_bytes) as archive:
         for member in archive.getmembers():
             if member.isfile():
                 members[member.name] = ("file", member.mode, archive.extractfile(member).read())
@@ -7090,13 +6910,11 @@ def describe_config_changes(old, new, old_label, new_label):
         if before == after:
             continue
         if before is None or after is None:
-            kind = (after or before)[0]
-            lines.append(f"{'Only in ' + new_label if before is None else 'Only in ' + old_label}:"
-                         f" {name} ({kind})\n")
+            kind, _mode, content = after or before
+            lines.append(f"Only in {new_label if before is None else old_label}: {name} ({kind})\n")
             if kind == "file":
-                text = (after or before)[2].decode("utf-8", "replace")
-                old_text, new_text = ("", text) if before is None else (text, "")
-                lines.append(unified_diff(old_text, new_text, name))
+                text = content.decode("utf-8", "replace")
+                lines.append(unified_diff(*(("", text) if before is None else (text, "")), name))
             continue
         if before[0] != after[0]:
             lines.append(f"{name}: {before[0]} in {old_label}, {after[0]} in {new_label}\n")
@@ -7106,8 +6924,7 @@ def describe_config_changes(old, new, old_label, new_label):
             if before[1] != after[1]:
                 lines.append(f"{name}: mode {before[1]:04o} in {old_label}, {after[1]:04o} in {new_label}\n")
             if before[2] != after[2]:
-                lines.append(unified_diff(before[2].decode("utf-8", "replace"),
-                                          after[2].decode("utf-8", "replace"), name))
+                lines.append(unified_diff(as_text(before[2]), as_text(after[2]), name))
     return "".join(lines)
 
 
@@ -7151,8 +6968,7 @@ def resolve_march_native_in(tar_bytes, env, target):
         if flags is None:
             resolved = detect_target_cpu(env, target).common_flags
             flags = " ".join(flags_the_binhost_gcc_accepts(resolved, env))
-        text = NATIVE_TUNE.sub("", text)
-        return NATIVE_CPU_FLAG.sub(flags, text)
+        return NATIVE_CPU_FLAG.sub(flags, NATIVE_TUNE.sub("", text))
 
     new_tar, changed = rewrite_make_conf(tar_bytes, replace)
     for name in changed:
@@ -7181,11 +6997,7 @@ def sanitized_config_tar(tar_bytes, target_name, output):
     Only directories, regular files and symlinks pass; modes lose setuid, setgid and sticky bits
     and group and world write permission; everything is owned by root. etc/portage itself, or a
     member below a symlink, is refused."""
-    try:
-        source = tarfile.open(fileobj=io.BytesIO(tar_bytes))
-    except tarfile.TarError:
-        raise BinhostError("the configuration stream is not a tar: does a shell start-up file"
-                           " (.bashrc) print something for non-interactive ssh sessions?") from None
+    source = open_config_tar(tar_bytes)
     result, symlinks, seen, loosened = io.BytesIO(), set(), set(), []
     with source, tarfile.open(fileobj=result, mode="w", format=tarfile.PAX_FORMAT) as clean:
         for member in source.getmembers():
@@ -7249,13 +7061,13 @@ def sync_config(direction, env, target, show_only=False):
     """config pull (target -> binhost), push (binhost -> target) or diff (what pull would change)."""
     binhost_side, remote, binhost_tar, target_tar = fetch_both_configs(env, target)
     if direction in ("pull", "diff"):  # diff shows what a pull would change
-        target_tar = resolve_march_native_in(target_tar, env, target)
-        source, destination = (target_tar, config_members(target_tar)), config_members(binhost_tar)
+        stream, destination = resolve_march_native_in(target_tar, env, target), binhost_tar
         labels = (f"binhost:{env.root}", f"{target.name}:{target.root}")
     else:
-        source, destination = (binhost_tar, config_members(binhost_tar)), config_members(target_tar)
+        stream, destination = binhost_tar, target_tar
         labels = (f"{target.name}:{target.root}", f"binhost:{env.root}")
-    changes = describe_config_changes(destination, source[1], *labels)
+    source, destination = config_members(stream), config_members(destination)
+    changes = describe_config_changes(destination, source, *labels)
     if not changes:
         env.output.info(f"The Portage configuration of {target.name} and the binhost is identical")
         if direction == "pull":
@@ -7268,7 +7080,7 @@ def sync_config(direction, env, target, show_only=False):
     elif direction == "pull":
         def runs_commands(members):
             return {name: value for name, value in members.items() if EXECUTED_CONFIG.match(name)}
-        executed = describe_config_changes(runs_commands(destination), runs_commands(source[1]), *labels)
+        executed = describe_config_changes(runs_commands(destination), runs_commands(source), *labels)
         if executed:
             env.output.warn(f"What {target.name}'s configuration runs as root on the binhost during builds"
                             " changes (bashrc, env/, patches/, package.env, make.conf, hooks):")
@@ -7281,7 +7093,6 @@ def sync_config(direction, env, target, show_only=False):
         env.output.info(f"Would check the stream against its SHA-256, unpack it beside {configroot}/etc/portage,"
                         f" keep that side's gnupg/ and {BINREPOS_NAME} entry, and swap it in (the old one"
                         " kept as etc/.portage.<date>.bak), with:")
-    stream = source[0]
     result = writer.script(INSTALL_CONFIG_SCRIPT, configroot, hashlib.sha256(stream).hexdigest(),
                            timestamp(), BINREPOS_NAME + ".conf", OWN_REPOS_ENTRY, input=stream, binary=True,
                            what="installing the Portage configuration")
@@ -7304,7 +7115,6 @@ def human_size(size):
         if size < 1024 or unit == "GiB":
             return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
         size /= 1024
-    return ""
 
 
 def packages_to_clean(records, installed, keep, on_targets=frozenset()):
@@ -7352,13 +7162,13 @@ def clean_packages(env, keep, pending=None):
         retired.update({record["path"]: checksums.get(record["path"], "") for record, _ in doomed})
         env.packages.write_retired(retired)
         # What the publications kept until now name stays; only then the oldest may go.
+        removed, why = {record["path"] for record, _ in doomed}, f"clean: {len(doomed)} package(s) retired"
         if pending is not None:
-            pending.removed |= {record["path"] for record, _ in doomed}
-            pending.why += f"; clean: {len(doomed)} package(s) retired"
+            pending.removed |= removed
+            pending.why += f"; {why}"
             pending.publish()
         else:
-            env.packages.publish(f"clean: {len(doomed)} package(s) retired",
-                                 removed={record["path"] for record, _ in doomed}, prune=False)
+            env.packages.publish(why, removed=removed, prune=False)
         # Named before the prune: what the publication this clean replaced names stays until the
         # next clean (a target that fetched its index a moment ago may still be downloading).
         named = env.packages.published_paths()
@@ -7412,8 +7222,7 @@ def update_environments(config, args, runner, output):
                 for target in targets:  # a target asleep at night must not stop the others
                     target_started = time.monotonic()
                     try:
-                        plan = build_for_target(env, target, WORLD_UPDATE, pending=pending,
-                                                may_sync=False)
+                        plan = build_for_target(env, target, WORLD_UPDATE, pending=pending, may_sync=False)
                         rows.append((target.name, coverage_summary(plan), time.monotonic() - target_started))
                         if plan is not None and plan.trees is not None:
                             following.append((len(rows) - 1, plan.trees))
@@ -7477,8 +7286,7 @@ done
 class Doctor:
     """Runs the checks, one line each; any FAIL makes the exit code 1."""
 
-    def __init__(self, output):
-        self.output = output
+    def __init__(self):
         self.results = []
         self.fingerprint = None  # of the target's configuration (and resolved CPU flags)
         self.binrepos_ok = None  # whether the target's binrepos entry points to us
@@ -7646,17 +7454,16 @@ def doctor_configuration(doctor, env, target):
     target_tar = resolve_march_native_in(target_tar, env, target)
     binhost, remote_members = config_members(binhost_tar), config_members(target_tar)
     doctor.fingerprint = configuration_fingerprint(remote_members)
-    differing = sorted(name for name in set(binhost) | set(remote_members)
-                       if binhost.get(name) != remote_members.get(name))
-    config_files = [name for name in differing if name.startswith("etc/")]
+    config_files = sorted(name for name in set(binhost) | set(remote_members)
+                          if name.startswith("etc/") and binhost.get(name) != remote_members.get(name))
     if config_files:
         doctor.report(FAIL, "configuration", f"differs from {target.name} in {', '.join(config_files)}:"
                                              f" '{PROG} config diff' shows how, 'config pull' fixes it")
     else:
         doctor.report(OK, "configuration", f"identical to {target.name} (fingerprint"
                                            f" {configuration_fingerprint(binhost)})")
-    world_lines = [set(as_text(members.get(f"var/lib/portage/{name}", ("", 0, b""))[2] or b"").split())
-                   for members in (binhost, remote_members) for name in ("world",)]
+    world_lines = [set(as_text(members.get("var/lib/portage/world", ("", 0, b""))[2] or b"").split())
+                   for members in (binhost, remote_members)]
     missing, extra = sorted(world_lines[1] - world_lines[0]), sorted(world_lines[0] - world_lines[1])
     if missing or extra:
         detail = "; ".join(part for part in (
@@ -7669,17 +7476,16 @@ def doctor_configuration(doctor, env, target):
     profile_path = os.path.join(env.root, "etc/portage/make.profile")
     if profiles[0] != profiles[1]:
         doctor.report(FAIL, "profile", f"binhost {profiles[0]}, {target.name} {profiles[1]}: run '{PROG} config pull'")
-    elif not os.path.exists(resolved_under(env.host_chroot, profile_path)) and profile_repository(env.root) in \
-            kept_repositories(env).values():
+    elif os.path.exists(resolved_under(env.host_chroot, profile_path)):
+        doctor.report(OK, "profile", f"{profiles[1]}")
+    elif profile_repository(env.root) in kept_repositories(env).values():
         doctor.report(WARN, "profile", f"{profile_path} -> {profiles[0]} resolves once"
                                        f" {profile_repository(env.root)} is synced inside the binhost root:"
                                        f" the next build or '{PROG} update' does it")
-    elif not os.path.exists(resolved_under(env.host_chroot, profile_path)):
+    else:
         doctor.report(FAIL, "profile", f"{profile_path} -> {profiles[0]} does not resolve on the binhost:"
                                        f" '{PROG} config pull' links the repositories it points into"
                                        " (the repository must exist on the build host)")
-    else:
-        doctor.report(OK, "profile", f"{profiles[1]}")
     doctor_other_binhosts(doctor, remote_members, target)
     doctor_repositories(doctor, binhost_side, remote, repository_locations(binhost),
                        repository_locations(remote_members), target, env.packages.published_trees())
@@ -7746,7 +7552,7 @@ def doctor_binrepos(doctor, env, target):
         doctor.report(FAIL, "binrepos", f"{target.name}: binrepos.conf is a file; run setup-target for how to fix")
     elif uri is None:
         doctor.report(FAIL, "binrepos", f"{target.name} has no binrepos entry for us: run '{PROG} setup-target'")
-    elif uri.replace("%%", "%").rstrip("/") != expected.rstrip("/"):
+    elif not doctor.binrepos_ok:
         written = re.sub(r"//[^/@]*@", "//", uri.replace("%%", "%"))  # no password in reports
         doctor.report(FAIL, "binrepos", f"{target.name}'s sync-uri is {written}, not {shown}:"
                                         f" run '{PROG} setup-target'")
@@ -7811,9 +7617,8 @@ def doctor_pkgdir(doctor, env):
         else:
             doctor.report(OK, "publication", f"targets get publication {current}"
                                              f" ({len(env.packages.publication_entries(current))} packages)")
-    usage = shutil.disk_usage(env.pkgdir if os.path.isdir(env.pkgdir) else env.root)
-    free = f"{usage.free / 1024**3:.1f} GiB free"
-    doctor.report(OK if usage.free >= MIN_FREE_BYTES else WARN, "disk", free)
+    free = shutil.disk_usage(env.pkgdir if os.path.isdir(env.pkgdir) else env.root).free
+    doctor.report(OK if free >= MIN_FREE_BYTES else WARN, "disk", f"{free / 1024**3:.1f} GiB free")
 
 
 def doctor_preflight(doctor, env, target, atoms):
@@ -7855,8 +7660,7 @@ def doctor_preflight(doctor, env, target, atoms):
 def parse_repository_timestamps(info_text):
     """{repository: timestamp text} from emerge --info: its "Repositories:" block lists each
     repository with an indented `timestamp:` line (metadata/timestamp.chk) when it has one."""
-    stamps = {name: stamp for name, stamp in
-              re.findall(r"^Timestamp of repository (\S+): (.+)$", info_text, re.MULTILINE)}  # older
+    stamps = dict(re.findall(r"^Timestamp of repository (\S+): (.+)$", info_text, re.MULTILINE))  # older
     lines = info_text.split("Repositories:", 1)[1].splitlines() if "Repositories:" in info_text else []
     name = None
     for line in lines:
@@ -7890,7 +7694,7 @@ def doctor_host_chroot(doctor, env):
     check_chroot_privileges(chroot)
     mounts = HostMounts(chroot, env.runner, env.output)
     with mounts.guard():
-        ours, in_use = mounts.ours(), mounts.in_use()
+        ours, in_use = mounts.recorded(ours=True), mounts.in_use()
         others = [point for point in mount_points()
                   if point in {mounts.mount_point(name) for name, _ in CHROOT_MOUNTS}
                   and point not in {point for _, point in ours}]
@@ -7925,7 +7729,7 @@ def doctor_host_chroot(doctor, env):
 
 
 def run_doctor(env, target, atoms):
-    doctor = Doctor(env.output)
+    doctor = Doctor()
     if env.host_chroot:  # first: before anything of ours is mounted there
         doctor.run("host chroot", doctor_host_chroot, env)
     session = contextlib.nullcontext()
@@ -7991,22 +7795,15 @@ def stage3_variant(machine, chost, init, profile, portage_arch=""):
     else:
         said = f"Portage's ARCH is {arch}" if portage_arch else f"its CHOST {chost} is {arch}"
         reasons = [f"{said} (uname -m says {machine}: the kernel's)"]
-    parts = []
-    if "musl" in chost or "/musl" in profile:
-        parts.append("musl")
-        reasons.append(f"{chost or profile} is musl")
-    if arch == "amd64" and "no-multilib" in profile:
-        parts.append("nomultilib")
-        reasons.append("the profile is no-multilib")
-    if "hardened" in profile:
-        parts.append("hardened")
-        reasons.append("the profile is hardened")
-    if init == "systemd" or "systemd" in profile:
-        parts.append("systemd")
-        reasons.append("it boots with systemd")
-    else:
-        parts.append("openrc")
-        reasons.append("it boots with OpenRC")
+    systemd = init == "systemd" or "systemd" in profile
+    found = [(part, reason) for part, present, reason in (
+        ("musl", "musl" in chost or "/musl" in profile, f"{chost or profile} is musl"),
+        ("nomultilib", arch == "amd64" and "no-multilib" in profile, "the profile is no-multilib"),
+        ("hardened", "hardened" in profile, "the profile is hardened"),
+        ("systemd", systemd, "it boots with systemd"), ("openrc", not systemd, "it boots with OpenRC"))
+        if present]
+    parts = [part for part, _ in found]
+    reasons += [reason for _, reason in found]
     # Gentoo's names: hardened-nomultilib-openrc, musl (+OpenRC), musl-hardened, ...
     order = {"hardened": 0, "nomultilib": 1, "musl": -1}
     parts.sort(key=lambda part: order.get(part, 2))
@@ -8112,9 +7909,7 @@ def download(url, destination, runner, output, digests):
             if total > offset and done < total:
                 raise ConnectionResetError(f"connection closed after {done} of {total} bytes")
     except urllib.error.HTTPError as error:
-        if error.code == 416 and offset:  # already complete
-            pass
-        else:
+        if error.code != 416 or not offset:  # 416 to our Range: the file is complete already
             raise BinhostError(f"cannot download {url}: HTTP {error.code} {error.reason}") from None
     except (OSError, ValueError, http.client.HTTPException) as error:
         raise BinhostError(f"download of {url} interrupted ({error!r}): run init again to resume") from None
@@ -8214,11 +8009,10 @@ def extract_stage3(tarball, root, runner, output, keep=()):
                     + (f", keeping {', '.join(keep)} of the previous one" if keep and os.path.isdir(root) else ""))
         return
     staging = runner.make_staging_directory(parent, f".{os.path.basename(root.rstrip('/'))}.new.", 0o700)
-    argv = tar(staging)
     output.action(f"Extracting {os.path.basename(tarball)} into {root}")
     old, moved = None, []
     try:
-        runner.run(argv, capture=True, describe=f"extracting {os.path.basename(tarball)}")
+        runner.run(tar(staging), capture=True, describe=f"extracting {os.path.basename(tarball)}")
         os.chmod(staging, 0o755)
         if os.path.isdir(root) and os.listdir(root):
             old = f"{root.rstrip('/')}.{timestamp()}.bak"
@@ -8251,18 +8045,17 @@ def install_stage3(args, arch, variant, stage3, root, runner, output, keep=()):
     """Download (or take) a stage3, check its digests and PGP signature, extract it as root.
     Returns (file name, SHA-512), or None under --pretend."""
     keyring = args.keyring or GENTOO_RELEASE_KEYS
-    verify_pgp = not args.no_verify_pgp
-    if verify_pgp and not os.path.isfile(keyring):
+    keys = None
+    if args.no_verify_pgp:
+        output.warn("--no-verify-pgp: the stage3 is checked against its DIGESTS only, which came"
+                    " from the same server")
+    elif not os.path.isfile(keyring):
         raise BinhostError(f"Gentoo's release keys are not at {keyring}: pass --keyring FILE (on Gentoo:"
                            " emerge sec-keys/openpgp-keys-gentoo-release; elsewhere download them from"
                            f" {GENTOO_KEYS_URL} and check the fingerprints on"
                            " https://www.gentoo.org/downloads/signatures/), or --no-verify-pgp to trust"
                            " the digests alone")
-    if not verify_pgp:
-        output.warn("--no-verify-pgp: the stage3 is checked against its DIGESTS only, which came"
-                    " from the same server")
-    keys = None
-    if verify_pgp:
+    else:
         with open(keyring, "rb") as handle:
             keys = TrustedKeys(handle.read(), "Gentoo's release keys", runner)
     downloads = None
@@ -8322,10 +8115,8 @@ def install_stage3(args, arch, variant, stage3, root, runner, output, keep=()):
             keys.close()
         if downloads and os.path.isdir(downloads) and not os.listdir(downloads):
             runner.remove_directory(downloads)  # a refused download leaves nothing behind
-    if os.path.isdir(root) and os.listdir(root):  # --force: no build may run in the root it replaces
-        with root_replacement_lock(root, output, "init --force again"):
-            extract_stage3(tarball, root, runner, output, keep)
-    else:
+    replacing = os.path.isdir(root) and os.listdir(root)  # --force: no build may run in the root it replaces
+    with root_replacement_lock(root, output, "init --force again") if replacing else contextlib.nullcontext():
         extract_stage3(tarball, root, runner, output, keep)
     if remote:
         runner.remove_tree(downloads)
@@ -8525,11 +8316,6 @@ def ssh_login_problem(target, runner):
     return f"cannot log in to {target.host} without a password ({last}): run {ssh_key_hint(target)}"
 
 
-def fingerprint_of(side, configroot):
-    """The configuration fingerprint of one side (see configuration_fingerprint)."""
-    return configuration_fingerprint(config_members(read_config_tar(side, configroot)))
-
-
 def choose_environment(config, target, runner, output, known=False):
     """(root, why) of the binhost environment a new target gets: one whose configuration is the
     target's (by fingerprint, as doctor --all compares them), else one no other target uses, else
@@ -8547,7 +8333,8 @@ def choose_environment(config, target, runner, output, known=False):
             free = free or (environment.root, "a new binhost environment")
             continue
         with chroot_session(environment):
-            theirs = fingerprint_of(LocalShell(environment), environment.root)
+            theirs = configuration_fingerprint(config_members(read_config_tar(LocalShell(environment),
+                                                                              environment.root)))
         if theirs == wanted and known and environment.root == (target.binhost_root or env.root):
             return environment.root, f"{environment.root}, as before (fingerprint {wanted})"
         if theirs == wanted:
@@ -8605,23 +8392,17 @@ def show_first_pull(env, target):
                     f" '{PROG} --target {target.name} cpu' does")
 
 
-TARGET_KEYS_ADD_TARGET_SETS = {"host": "host", "ssh-port": "ssh_port", "ssh-options": "ssh_options", "root": "root",
-                               "path": "path"}
-
-
 def add_target(config, args, runner, output):
     """add-target NAME [USER@]HOST: every step from nothing to a target that installs from us,
     each said in one line, each skipped when done already."""
+    if args.ssh_port is not None and not 0 < args.ssh_port <= 65535:
+        raise UsageError(f"--ssh-port {args.ssh_port}: use a port number (1-65535)")
     name = args.name
     values = {"host": args.host}
-    if args.ssh_port is not None:
-        values["ssh-port"] = str(args.ssh_port)
-    if args.ssh_option:
-        values["ssh-options"] = " ".join(shlex.quote(option) for option in args.ssh_option)
-    if args.root:
-        values["root"] = args.root
-    if args.path:
-        values["path"] = args.path
+    values.update((key, value) for key, value in (
+        ("ssh-port", None if args.ssh_port is None else str(args.ssh_port)),
+        ("ssh-options", " ".join(shlex.quote(option) for option in args.ssh_option or ())),
+        ("root", args.root), ("path", args.path)) if value)
     existing = config.targets.get(name)
     if not existing:  # a new target follows the binhost's snapshot; one set up before keeps its choice
         values["tree"] = "binhost"
@@ -8636,8 +8417,9 @@ def add_target(config, args, runner, output):
     target, changed = wanted, {}
     if existing:  # a re-run corrects what the last one was given; what it is not given stays
         target = copy.copy(existing)
-        for key, attribute in TARGET_KEYS_ADD_TARGET_SETS.items():
-            if key in values and getattr(existing, attribute) != getattr(wanted, attribute):
+        for key in values:  # host, ssh-port, ssh-options, root, path (tree only for a new target)
+            attribute = key.replace("-", "_")
+            if getattr(existing, attribute) != getattr(wanted, attribute):
                 setattr(target, attribute, getattr(wanted, attribute))
                 changed[key] = values[key]
     output.action(f"1/5 ssh: logging in to {target.host} without a password (waiting up to {SSH_LOGIN_WAIT} s)")
@@ -9204,18 +8986,10 @@ def build_parser(config=None):
 def split_passthrough(argv):
     """Split argv at a build/install/emerge command: what follows belongs to emerge untouched."""
     index = 0
-    while index < len(argv):
-        word = argv[index]
-        if word == "--":
-            return argv, None
-        if word.startswith("-"):
-            if word in GLOBAL_OPTIONS_WITH_VALUE:
-                index += 1
-            index += 1
-            continue
-        if word in EMERGE_PASSTHROUGH:
-            return argv[:index + 1], argv[index + 1:]
-        return argv, None
+    while index < len(argv) and argv[index].startswith("-") and argv[index] != "--":
+        index += 2 if argv[index] in GLOBAL_OPTIONS_WITH_VALUE else 1
+    if index < len(argv) and argv[index] in EMERGE_PASSTHROUGH:
+        return argv[:index + 1], argv[index + 1:]
     return argv, None
 
 
@@ -9231,18 +9005,16 @@ def take_command_options(args, emerge_args, parser):
         if word == "--all":
             args.all = True
             words.pop(0)
-        elif word == "--target" and len(words) > 1:
-            chosen = words[1]
-            words[:2] = []
+            continue
+        if word == "--target" and len(words) > 1:
+            chosen, words = words[1], words[2:]
         elif word.startswith("--target="):
-            chosen = word.split("=", 1)[1]
-            words.pop(0)
+            chosen, words = word.split("=", 1)[1], words[1:]
         else:
             break
-        if word != "--all":
-            if args.target not in (None, chosen):
-                raise UsageError(f"--target {args.target} and --target {chosen}: choose one")
-            args.target = chosen
+        if args.target not in (None, chosen):
+            raise UsageError(f"--target {args.target} and --target {chosen}: choose one")
+        args.target = chosen
     for word in words:
         if word == "--all" or word == "--target" or word.startswith("--target="):
             option = word.split("=")[0]
@@ -9261,14 +9033,12 @@ def cmd_build(config, args, runner, output):
     if for_target:  # ours, like --distcc: what the target would merge, not these arguments
         emerge_args = emerge_args[1:]
     hosts = None
-    if emerge_args[:1] == ["--distcc"] or emerge_args[:1] and emerge_args[0].startswith("--distcc="):
-        # emerge has no --distcc: ours, taken before the rest
-        if "=" in emerge_args[0]:
-            hosts, emerge_args = emerge_args[0].split("=", 1)[1], emerge_args[1:]
-        else:
-            hosts, emerge_args = (emerge_args[1] if len(emerge_args) > 1 else ""), emerge_args[2:]
-        if not distcc_hosts(hosts):
-            raise UsageError("build --distcc needs the helper hosts, e.g. --distcc 'host1/8 host2/4'")
+    if emerge_args[:1] == ["--distcc"]:  # emerge has no --distcc: ours, taken before the rest
+        hosts, emerge_args = (emerge_args[1] if len(emerge_args) > 1 else ""), emerge_args[2:]
+    elif emerge_args[:1] and emerge_args[0].startswith("--distcc="):
+        hosts, emerge_args = emerge_args[0].split("=", 1)[1], emerge_args[1:]
+    if hosts is not None and not distcc_hosts(hosts):
+        raise UsageError("build --distcc needs the helper hosts, e.g. --distcc 'host1/8 host2/4'")
     if not emerge_args:
         raise UsageError("build needs emerge arguments after its own options")
     target = config.target(args.target) if for_target else None
@@ -9342,8 +9112,7 @@ def cmd_emerge(config, args, runner, output):
         env = config.environment_for(target)
         publishing = pending.setdefault(env.root, PendingPublication(
             env, f"emerge --all {' '.join(args.emerge_args)}"))
-        plans[target.name] = build_for_target(env, target, args.emerge_args,
-                                              pending=publishing)
+        plans[target.name] = build_for_target(env, target, args.emerge_args, pending=publishing)
 
     def publish_all():
         for publishing in pending.values():
@@ -9454,21 +9223,16 @@ def cmd_config(config, args, runner, output):
     target = config.target(args.target)
     env = config.environment_for(target)
     with chroot_session(env):
-        differs = sync_config(args.action, env, target,
-                              show_only=args.action == "diff")
+        differs = sync_config(args.action, env, target, show_only=args.action == "diff")
     if differs and args.exit_code:
         raise BinhostError(f"the configurations of {target.name} and the binhost differ (diff above)")
 
 
 def cmd_init(config, args, runner, output):
-    if args.host_stage3 or args.sync_with != "webrsync":
-        if not config.binhost.host_chroot:
-            raise UsageError("--host-stage3, --sync and --no-sync are for the host chroot: add"
-                             " --host-chroot DIR")
-    if config.binhost.host_chroot:
-        init_host_chroot(config, args, runner, output)
-    else:
-        init_binhost(config, args, runner, output)
+    if (args.host_stage3 or args.sync_with != "webrsync") and not config.binhost.host_chroot:
+        raise UsageError("--host-stage3, --sync and --no-sync are for the host chroot: add"
+                         " --host-chroot DIR")
+    (init_host_chroot if config.binhost.host_chroot else init_binhost)(config, args, runner, output)
 
 
 def cmd_list(config, args, runner, output):
@@ -9523,20 +9287,6 @@ def cmd_rollback(config, args, runner, output):
 
 def cmd_release(config, args, runner, output):
     config.environment_for_command(args.target).packages.release(args.atoms)
-
-
-def cmd_update(config, args, runner, output):
-    update_environments(config, args, runner, output)
-
-
-def cmd_add_target(config, args, runner, output):
-    if args.ssh_port is not None and not 0 < args.ssh_port <= 65535:
-        raise UsageError(f"--ssh-port {args.ssh_port}: use a port number (1-65535)")
-    add_target(config, args, runner, output)
-
-
-def cmd_remove_target(config, args, runner, output):
-    remove_target(config, args, runner, output)
 
 
 def cmd_cpu(config, args, runner, output):
@@ -9598,8 +9348,8 @@ COMMANDS = {
     "config": cmd_config,
     "build": cmd_build, "install": cmd_install, "emerge": cmd_emerge,
     "setup-target": cmd_setup_target, "serve": cmd_serve, "keygen": cmd_keygen, "sign": cmd_sign,
-    "add-target": cmd_add_target, "remove-target": cmd_remove_target,
-    "history": cmd_history, "rollback": cmd_rollback, "release": cmd_release, "update": cmd_update,
+    "add-target": add_target, "remove-target": remove_target,
+    "history": cmd_history, "rollback": cmd_rollback, "release": cmd_release, "update": update_environments,
 }
 
 
