@@ -486,8 +486,9 @@ def parse_port(value, config_path, section, key):
 
 
 class BinhostSettings:
-    def __init__(self, section, config_path, host):
+    def __init__(self, section, config_path, host=None):
         self.config_path = config_path
+        host = host or HostSettings({}, config_path)
         self.host_chroot, self.host_path = host.chroot, host.path
         default_root = (os.path.join(self.host_chroot, HOST_CHROOT_BINHOST) if self.host_chroot
                         else DEFAULT_ROOT)

@@ -221,8 +221,7 @@ def test_install_over_tls_through_portage(gb, world):
          "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", key, "-out", cert])
     wgetrc = tls / "wgetrc"
     wgetrc.write_text(f"ca_certificate = {cert}\n")
-    tls_world = gb.BinhostSettings({"tls-cert": str(cert), "tls-key": str(key)}, "test",
-                                    gb.HostSettings({}, "test"))
+    tls_world = gb.BinhostSettings({"tls-cert": str(cert), "tls-key": str(key)}, "test")
     with start_sshd(world.base / "sshd-tls", f"SetEnv SSL_CERT_FILE={cert} WGETRC={wgetrc}\n") as sshd:
         root, result, entry = install_from(gb, world, world.pkgdir, "tls", sshd=sshd, scheme="https",
                                            ssl_context=gb.tls_context(tls_world))
