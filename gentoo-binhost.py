@@ -5124,8 +5124,9 @@ def script_succeeded(result, what, where):
 
 
 def who_answers(host, port, tls=False, timeout=5):
-    """None when nothing listens on host:port; else the Server header of its answer to
-    HEAD /Packages ("" without one, or a description when it does not speak HTTP)."""
+    """None when nothing listens on host:port (a wildcard address: on 127.0.0.1); else the Server
+    header of its answer to HEAD /Packages ("" without one, or a description if it is not HTTP)."""
+    host = "127.0.0.1" if host in ("", "0.0.0.0", "::") else host
     try:
         if tls:
             context = ssl.create_default_context()
@@ -5157,6 +5158,9 @@ fi
 """
 
 
+# Exit codes with which wget and curl say the server answered with an HTTP error (a 404 before the
+# first build).
+FETCH_ANSWERED = {"wget": ("8",), "curl": ("22",)}
 # What wget's and curl's exit codes mean for fetching our index, and the fix (their man pages).
 FETCH_FAILURES = (
     ({"wget": ("4",), "curl": ("5", "6", "7", "28", "52", "55", "56")},
@@ -5168,7 +5172,7 @@ FETCH_FAILURES = (
     ({"wget": ("6",), "curl": ("67",)},
      "the server refused the credentials: check auth-file here, then run setup-target again so the"
      " target's entry has them"),
-    ({"wget": ("8",), "curl": ("22",)},
+    (FETCH_ANSWERED,
      "the server answered with an HTTP error (404: nothing published at that url, or another PKGDIR"
      " served there; 401: credentials): check url, auth-file and which PKGDIR is served"),
 )
@@ -5177,7 +5181,8 @@ FETCH_FAILURES = (
 def describe_fetch_failure(tool, code):
     """What a failed download of our index means, with its fix."""
     if tool == "none":
-        return "the target has neither wget nor curl, which Portage needs to download packages: install one"
+        return ("neither wget nor curl, which Portage needs to download packages: install one there"
+                " (emerge net-misc/wget)")
     for codes, meaning in FETCH_FAILURES:
         if code in codes.get(tool, ()):
             return meaning
@@ -5316,19 +5321,29 @@ def credentials_url(env, tunnel, quoted=False):
     return target_url(env, tunnel, quoted=quoted)
 
 
-# Exit codes with which wget and curl say the server answered with an HTTP error (a 404 before the
-# first build; wget says 6 for refused credentials).
-FETCH_ANSWERED = {"wget": ("8",), "curl": ("22",)}
+def fetch_problem(env, target, outcome):
+    """Why the target cannot download our index, with the fix, from its (tool, exit code); None
+    when it could."""
+    tool, code = outcome
+    if code == "0":
+        return None
+    if tool == "none":
+        return f"{target.name} has {describe_fetch_failure(tool, code)}"
+    hint = (f"{env.pkgdir} has no index yet: build something first ('{PROG} emerge -uDN @world')"
+            if code in FETCH_ANSWERED.get(tool, ()) and not os.path.isfile(os.path.join(env.pkgdir, "Packages"))
+            else describe_fetch_failure(tool, code))
+    return (f"{target.name} cannot download {target_url(env, env.transport == 'tunnel', with_credentials=False)}"
+            f"Packages ({tool} exit {code}): {hint}")
 
 
 class TargetPlan:
     """What the target answered: can it fetch our index, what would it merge from source (for
     its own ROOT), and what would its binary-only emerge say (the gate, doctor)."""
 
-    def __init__(self, env, target, text, shown_url):
+    def __init__(self, env, target, text):
         sections = parse_sections(text)
-        self.target, self.shown_url = target, shown_url
-        self.fetch_tool, self.fetch_code = fetch_outcome(sections.get("fetch", ""))
+        self.env, self.target = env, target
+        self.fetch = fetch_outcome(sections.get("fetch", ""))
         self.text = sections.get("plan", "")
         self.exit_code = section_status(sections, "plan")
         self.packages = for_root(parse_merge_list(self.text), target.root)
@@ -5344,13 +5359,10 @@ class TargetPlan:
     def fetch_problem(self):
         """Why the target cannot download our index, or None. Before the first build a 404 is
         what a running server answers."""
-        answered = self.fetch_code in FETCH_ANSWERED.get(self.fetch_tool, ())
-        if self.fetch_code == "0" or (answered and not self.index_exists):
+        tool, code = self.fetch
+        if code in FETCH_ANSWERED.get(tool, ()) and not self.index_exists:
             return None
-        if self.fetch_tool == "none":
-            return f"{self.target.name} has neither wget nor curl, which Portage needs to download packages"
-        return (f"{self.target.name} cannot download {self.shown_url}Packages ({self.fetch_tool} exit"
-                f" {self.fetch_code}): {describe_fetch_failure(self.fetch_tool, self.fetch_code)}")
+        return fetch_problem(self.env, self.target, self.fetch)
 
     def problem(self):
         """Why the arguments cannot be resolved on the target, in Portage's words, or None."""
@@ -5517,8 +5529,7 @@ class Remote:
                     self.forward = (env.tunnel_port, server.server_address[1])
                     yield
                 return
-            host = "127.0.0.1" if env.bind in ("", "0.0.0.0", "::") else env.bind
-            answer = who_answers(host, env.port, tls=bool(env.tls_cert))
+            answer = who_answers(env.bind, env.port, tls=bool(env.tls_cert))
             if answer is None and not os.path.isdir(env.pkgdir):
                 env.output.debug(f"Nothing serves port {env.port}, and there is no {env.pkgdir} to serve yet")
             elif answer is None and env.runner.pretend:
@@ -5547,12 +5558,9 @@ class Remote:
                           input=url + "\n", forward=self.forward)
         return fetch_outcome(result.stdout)
 
-    def cannot_fetch(self):
-        """Why the target cannot download our index now ("it cannot download URL/Packages ..."), or None."""
-        tool, code = self.fetch_index()
-        return None if code == "0" else (
-            f"it cannot download {target_url(self.env, bool(self.forward), with_credentials=False)}"
-            f"Packages ({tool} exit {code}): {describe_fetch_failure(tool, code)}")
+    def fetch_problem(self):
+        """Why the target cannot download our index now, or None."""
+        return fetch_problem(self.env, self.target, self.fetch_index())
 
     def plan(self, emerge_args, binary=None, trees=None):
         """One ssh round trip: the target's TargetPlan for emerge_args (within serving()). binary:
@@ -5574,7 +5582,7 @@ class Remote:
                           what="asking the target what it would merge", input=f"{fetch_url}\n{binary_url}\n",
                           forward=self.forward)
         script_succeeded(result, "asking what emerge would merge", self.where)
-        return TargetPlan(env, target, result.stdout, target_url(env, tunnel, with_credentials=False))
+        return TargetPlan(env, target, result.stdout)
 
 
 class LocalShell:
@@ -6324,7 +6332,7 @@ def check_installed(env, target, plan):
     compiled = [cpv for cpv in missing if states.get(cpv) == "source"]
     offered = offered_binaries(env, env.packages.published_index_text())
     unpublished = [cpv for cpv in missing if cpv not in offered]
-    cause = remote.cannot_fetch() if env.transport == "http" or remote.forward else None
+    cause = remote.fetch_problem() if env.transport == "http" or remote.forward else None
     cause = f": {cause}" if cause else ""
     if not cause and unpublished:
         cause = (f": not on the binhost yet ({', '.join(unpublished)}): '{PROG} emerge"
@@ -6388,7 +6396,7 @@ def install_packages(env, target, emerge_args, plan=None, asked=False):
             env.output.info(f"Nothing installed on {target.name}: emerge was told No")
             return
         if result.returncode != 0:
-            cause = remote.cannot_fetch() if env.transport == "http" else None  # the usual one
+            cause = remote.fetch_problem() if env.transport == "http" else None  # the usual one
             raise BinhostError(f"emerge failed on target {target.name}" + (
                 f": {cause}" if cause else f" (exit {result.returncode}): see its output above"))
         if plan is not None and not user_emerge_only_pretends(emerge_args):
@@ -7567,16 +7575,11 @@ def doctor_binrepos(doctor, env, target):
         if verify.lower() in ("false", "no", "0"):
             doctor.report(WARN, "verify-signature", f"{target.name} installs unsigned packages")
     with remote.serving(temporary=False):
-        tool, code = remote.fetch_index()
-    if code == "0":
-        doctor.report(OK, "fetch", f"{target.name} can download {shown}Packages")
+        problem = remote.fetch_problem()
+    if problem:
+        doctor.report(FAIL, "fetch", problem)
     else:
-        answered = code in FETCH_ANSWERED.get(tool, ())
-        hint = (f"{env.pkgdir} has no index yet: build something first ('{PROG} emerge -uDN @world')"
-                if answered and not os.path.isfile(os.path.join(env.pkgdir, "Packages"))
-                else describe_fetch_failure(tool, code))
-        doctor.report(FAIL, "fetch", f"{target.name} cannot download {shown}Packages ({tool} exit {code}):"
-                                     f" {hint}")
+        doctor.report(OK, "fetch", f"{target.name} can download {shown}Packages")
     if env.signing_key and enclosing_place(env.gpg_home, [env.root, env.host_chroot]):
         doctor.report(WARN, "signing key", f"not checked: gpg-home {env.gpg_home} lies where builds could"
                                            " write it (see the row above)")
@@ -8355,8 +8358,7 @@ def target_reaches_us(env, target):
     as reaching us only when it is ours (a 404 before the first build); another program on the
     port, or an answer our server never saw, does not."""
     remote = env.remote(target)
-    host = "127.0.0.1" if env.bind in ("", "0.0.0.0", "::") else env.bind
-    answer = who_answers(host, env.port, tls=bool(env.tls_cert))
+    answer = who_answers(env.bind, env.port, tls=bool(env.tls_cert))
     if answer is not None and not is_our_server(answer):
         program = answer or "a server that does not name itself"
         raise BinhostError(f"port {env.port} here is answered by {program}, not by {PROG}: stop that"
@@ -8366,8 +8368,7 @@ def target_reaches_us(env, target):
           if answer is None else contextlib.nullcontext()) as server:
         tool, code = remote.fetch_index()
     if tool == "none":
-        raise BinhostError(f"{target.name} has neither wget nor curl, which Portage fetches binary packages"
-                           " with: install one there (emerge net-misc/wget), then add-target again")
+        raise BinhostError(f"{fetch_problem(env, target, (tool, code))}, then add-target again")
     answered = code in FETCH_ANSWERED.get(tool, ()) or (tool, code) == ("wget", "6")  # 404, 401
     if answered and server is not None and not server.answered:
         return False, f"{tool} exit {code}: an HTTP error from a server that is not this one (check the url)"
