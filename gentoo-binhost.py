@@ -5321,17 +5321,18 @@ def credentials_url(env, tunnel, quoted=False):
     return target_url(env, tunnel, quoted=quoted)
 
 
-def fetch_problem(env, target, outcome):
+def fetch_problem(env, target, outcome, accept_unbuilt=False):
     """Why the target cannot download our index, with the fix, from its (tool, exit code); None
-    when it could."""
+    when it could. Before the first build an HTTP error (a 404) is what a running server answers:
+    accept_unbuilt takes it (a command's first question, before it builds)."""
     tool, code = outcome
-    if code == "0":
+    unbuilt = code in FETCH_ANSWERED.get(tool, ()) and not os.path.isfile(os.path.join(env.pkgdir, "Packages"))
+    if code == "0" or (unbuilt and accept_unbuilt):
         return None
     if tool == "none":
         return f"{target.name} has {describe_fetch_failure(tool, code)}"
     hint = (f"{env.pkgdir} has no index yet: build something first ('{PROG} emerge -uDN @world')"
-            if code in FETCH_ANSWERED.get(tool, ()) and not os.path.isfile(os.path.join(env.pkgdir, "Packages"))
-            else describe_fetch_failure(tool, code))
+            if unbuilt else describe_fetch_failure(tool, code))
     return (f"{target.name} cannot download {target_url(env, env.transport == 'tunnel', with_credentials=False)}"
             f"Packages ({tool} exit {code}): {hint}")
 
@@ -5354,15 +5355,11 @@ class TargetPlan:
                           if "installed" in sections else None)
         self.held = []  # the packages of the plan held back by a rollback
         self.trees = None  # the TargetTrees this plan was asked against (tree = binhost)
-        self.index_exists = os.path.isfile(os.path.join(env.pkgdir, "Packages"))
 
     def fetch_problem(self):
-        """Why the target cannot download our index, or None. Before the first build a 404 is
-        what a running server answers."""
-        tool, code = self.fetch
-        if code in FETCH_ANSWERED.get(tool, ()) and not self.index_exists:
-            return None
-        return fetch_problem(self.env, self.target, self.fetch)
+        """Why the target cannot download our index, or None: asked first, before anything is
+        built, it takes an HTTP error before the first build."""
+        return fetch_problem(self.env, self.target, self.fetch, accept_unbuilt=True)
 
     def problem(self):
         """Why the arguments cannot be resolved on the target, in Portage's words, or None."""

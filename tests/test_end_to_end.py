@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import (SCRIPT, eroot, free_port, install_from, is_signed, need, run, start_sshd, stop_process,
-                      wait_for_port, write_portage_config)
+from conftest import (SCRIPT, binhost_serving, eroot, free_port, install_from, is_signed, need, run, start_sshd,
+                      stop_process, wait_for_port, write_portage_config)
 
 
 def test_signed_install_end_to_end(world):
@@ -60,6 +60,36 @@ def test_use_mismatch_is_refused_not_silently_installed(world):
     assert result.returncode == 1
     assert "!!! emerge failed on target quiet" in result.stderr
     assert not world.installed(root, "usr/share/greet/use.txt").exists()
+
+
+def test_a_server_gone_during_the_install_is_named_as_the_cause(world):
+    """README (install): when the target's emerge fails and the target cannot download our
+    Packages, the error says so. serve answers the plan's question, then stops before the
+    target's real emerge --getbinpkgonly fetches anything."""
+    port = free_port()
+    root, config = world.new_target("gone", port=port, pkgdir=world.pkgdir)
+    with binhost_serving(config, port) as server:
+        world.cli("setup-target", config=config)
+        install = subprocess.Popen([sys.executable, str(SCRIPT), "-c", str(config), "install", "app-misc/hello"],
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                   env=dict(os.environ, PATH=f"{world.portage_bin}:{os.environ['PATH']}",
+                                            NO_COLOR="1"))
+        try:
+            shown = []
+            for line in install.stdout:  # Portage starts for seconds before its first download
+                shown.append(line)
+                if "Installing on gone" in line:
+                    stop_process(server)
+                    break
+            stdout, stderr = install.communicate(timeout=600)
+        finally:
+            stop_process(install)
+    assert "Installing on gone" in "".join(shown), "".join(shown) + stdout + stderr
+    assert install.returncode == 1, stdout + stderr
+    errors = [line for line in stderr.splitlines() if line.startswith("!!! ")]
+    assert errors[-1].startswith(f"!!! emerge failed on target gone: gone cannot download"
+                                 f" http://127.0.0.1:{port}/Packages (wget exit 4): a network failure"), stderr
+    assert not world.installed(root, "usr/bin/hello").exists()
 
 
 def test_tampered_package_is_refused(gb, world):
